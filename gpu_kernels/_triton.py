@@ -1,0 +1,43 @@
+"""Optional Triton import: CPU-only installs run the torch references and never touch a kernel."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # kernels below stay plain, never-called functions
+
+    class _TritonStub:
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    class _LanguageStub:
+        constexpr = object
+
+    triton = _TritonStub()
+    tl = _LanguageStub()
+    HAS_TRITON = False
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when every tensor lives on a CUDA device and Triton can compile for it."""
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8

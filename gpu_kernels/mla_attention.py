@@ -1,0 +1,179 @@
+"""DeepSeek multi-head latent attention (MLA) decode over the paged latent cache, in absorbed form.
+
+Shapes (N = query rows, H = heads, R = kv_lora_rank, P = rope dim):
+    q_latent      [N, H, R]   (q_nope already multiplied by the key up-projection)
+    q_pe          [N, H, P]
+    latent_cache  [num_blocks, block_size, R + P]   (c_kv then rotated k_pe)
+    block_tables  [N, max_blocks] int32;  seq_lens [N] int32
+    out           [N, H, R]   softmax(q_latent . c_kv + q_pe . k_pe) . c_kv; the caller applies W_UV
+
+All heads of a row share the latent, so one program reads a tile of the cache once for a block of
+heads; the context is split across programs and merged by log-sum-exp as in GQA decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import cdiv, next_pow2, tl, triton, use_triton
+from .paged_attention import _LOG2E, gather_kv, merge_splits, pick_partition
+
+
+def mla_decode_attention_reference(
+    q_latent, q_pe, latent_cache, block_tables, seq_lens, scale
+) -> torch.Tensor:
+    N, H, R = q_latent.shape
+    acc = torch.float64 if q_latent.dtype == torch.float64 else torch.float32
+    out = torch.empty(N, H, R, dtype=q_latent.dtype, device=q_latent.device)
+    for i in range(N):
+        c = gather_kv(latent_cache, block_tables[i], int(seq_lens[i])).to(acc)  # [n, R + P]
+        s = q_latent[i].to(acc) @ c[:, :R].T + q_pe[i].to(acc) @ c[:, R:].T  # [H, n]
+        out[i] = ((s * scale).softmax(-1) @ c[:, :R]).to(q_latent.dtype)
+    return out
+
+
+@triton.jit
+def _mla_decode_kernel(
+    ql_ptr,  # [N, H, R]
+    qp_ptr,  # [N, H, P]
+    c_ptr,  # [num_blocks * block_size, R + P]
+    bt_ptr,  # [N, max_blocks]
+    len_ptr,  # [N]
+    o_ptr,  # [N, H, S, R] float32
+    lse_ptr,  # [N, H, S] float32 (log2 domain)
+    qk_scale,
+    stride_qln,
+    stride_qlh,
+    stride_qpn,
+    stride_qph,
+    stride_btn,
+    partition,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(len_ptr + row)
+    start = split * partition
+    end = tl.minimum(start + partition, seq_len)
+
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    hmask = h < H
+    out_rows = (row * H + h) * S + split
+    if start >= end:
+        tl.store(lse_ptr + out_rows, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=hmask)
+        return
+
+    r = tl.arange(0, R)
+    p = tl.arange(0, P)
+    ql = tl.load(
+        ql_ptr + row * stride_qln + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0
+    )
+    qp = tl.load(
+        qp_ptr + row * stride_qpn + h[:, None] * stride_qph + p[None, :], mask=hmask[:, None], other=0.0
+    )
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + offs
+        tmask = t < end
+        blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
+        base = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (R + P)  # [BLOCK_N]
+        c = tl.load(c_ptr + base[:, None] + r[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, R]
+        kpe = tl.load(c_ptr + base[:, None] + R + p[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, P]
+        s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(kpe))  # [BLOCK_H, BLOCK_N]
+        s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        pr = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        denom = denom * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(c.dtype), c)
+        m = m_new
+
+    tl.store(o_ptr + out_rows[:, None] * R + r[None, :], acc / denom[:, None], mask=hmask[:, None])
+    tl.store(lse_ptr + out_rows, m + tl.log2(denom), mask=hmask)
+
+
+def _check_mla(q_latent, q_pe, latent_cache, block_tables, seq_lens) -> None:
+    N, H, R = q_latent.shape
+    P = q_pe.shape[-1]
+    assert q_pe.shape[:2] == (N, H), f"q_pe {tuple(q_pe.shape)} vs q_latent {tuple(q_latent.shape)}"
+    assert latent_cache.dim() == 3 and latent_cache.shape[2] == R + P and latent_cache.is_contiguous()
+    assert latent_cache.dtype == q_latent.dtype == q_pe.dtype
+    assert q_latent.stride(-1) == 1 and q_pe.stride(-1) == 1
+    assert block_tables.dim() == 2 and block_tables.shape[0] == N and block_tables.dtype == torch.int32
+    assert block_tables.stride(1) == 1
+    assert seq_lens.shape == (N,) and seq_lens.dtype == torch.int32
+
+
+def mla_decode_attention_triton(
+    q_latent, q_pe, latent_cache, block_tables, seq_lens, scale, max_seq_len=None, block_h=None, block_n=32
+) -> torch.Tensor:
+    _check_mla(q_latent, q_pe, latent_cache, block_tables, seq_lens)
+    N, H, R = q_latent.shape
+    P = q_pe.shape[-1]
+    assert R == next_pow2(R) and P == next_pow2(P) and P >= 16, "kernel tiles need power-of-two R and P"
+    bs = latent_cache.shape[1]
+    block_h = block_h or min(32, max(16, next_pow2(H)))
+    n_hb = cdiv(H, block_h)
+    max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
+    part = pick_partition(N, n_hb, max_ctx, block_n, q_latent.device)
+    S = cdiv(max_ctx, part)
+    o_part = torch.empty(N, H, S, R, dtype=torch.float32, device=q_latent.device)
+    lse_part = torch.empty(N, H, S, dtype=torch.float32, device=q_latent.device)
+    _mla_decode_kernel[(N, n_hb, S)](
+        q_latent,
+        q_pe,
+        latent_cache,
+        block_tables,
+        seq_lens,
+        o_part,
+        lse_part,
+        scale * _LOG2E,
+        q_latent.stride(0),
+        q_latent.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        block_tables.stride(0),
+        part,
+        H=H,
+        R=R,
+        P=P,
+        BLOCK_H=block_h,
+        BLOCK_SIZE=bs,
+        BLOCK_N=block_n,
+        S=S,
+        num_warps=8 if block_h >= 32 else 4,
+        num_stages=2,
+    )
+    out = torch.empty(N, H, R, dtype=q_latent.dtype, device=q_latent.device)
+    return merge_splits(o_part, lse_part, out)
+
+
+def mla_decode_attention(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode: q_latent [N, H, R], q_pe [N, H, P] -> [N, H, R] in latent space.
+
+    latent_cache [num_blocks, block_size, R + P]; block_tables [N, max_blocks] int32; seq_lens [N] int32.
+    """
+    if use_triton(q_latent, latent_cache):
+        return mla_decode_attention_triton(
+            q_latent, q_pe, latent_cache, block_tables, seq_lens, scale, max_seq_len
+        )
+    _check_mla(q_latent, q_pe, latent_cache, block_tables, seq_lens)
+    return mla_decode_attention_reference(q_latent, q_pe, latent_cache, block_tables, seq_lens, scale)

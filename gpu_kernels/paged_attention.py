@@ -1,0 +1,350 @@
+"""Decode and prefill attention over the paged GQA KV cache.
+
+Shapes (N = query rows, one decode token each; Hq = q heads, Hkv = kv heads, D = head dim):
+    q             [N, Hq, D]
+    k_cache       [num_blocks, block_size, Hkv, D]      (bf16/fp16/fp32, or int8 / float8_e4m3fn + scales)
+    v_cache       [num_blocks, block_size, Hkv, D]
+    k/v_scale     [num_blocks, block_size, Hkv] float32 (quantized caches only)
+    block_tables  [N, max_blocks] int32
+    seq_lens      [N] int32, tokens to attend to, the current one included (already written)
+    out           [N, Hq, D]
+
+Decode is split-K: the context of each row is cut into partitions handled by separate programs, each
+leaving an unnormalized partial output and its log-sum-exp; a second kernel merges them.
+Rows never look at each other, so speculative verification may pass several rows that share one
+block table with staggered seq_lens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import cdiv, next_pow2, num_sms, tl, triton, use_triton
+from .kv_write import dequantize_per_token, is_quantized
+
+_LOG2E = 1.4426950408889634
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, n_tokens: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The first n_tokens of one sequence: cache [num_blocks, block_size, ...] -> [n_tokens, ...]."""
+    bs = cache.shape[1]
+    pos = torch.arange(n_tokens, device=cache.device)  # [n]
+    slots = block_table.long()[pos // bs] * bs + pos % bs  # [n]
+    x = cache.reshape(-1, *cache.shape[2:])[slots]  # [n, ...]
+    if scale is not None:
+        x = dequantize_per_token(x, scale.reshape(-1, *scale.shape[2:])[slots], torch.float32)
+    return x
+
+
+def paged_decode_attention_reference(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=None, v_scale=None
+) -> torch.Tensor:
+    N, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    out = torch.empty(N, Hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for i in range(N):
+        n = int(seq_lens[i])
+        k = gather_kv(k_cache, block_tables[i], n, k_scale).to(acc)  # [n, Hkv, D]
+        v = gather_kv(v_cache, block_tables[i], n, v_scale).to(acc)  # [n, Hkv, Dv]
+        k = k.repeat_interleave(Hq // Hkv, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(Hq // Hkv, dim=1)  # [n, Hq, Dv]
+        s = torch.einsum("hd,nhd->hn", q[i].to(acc), k) * scale  # [Hq, n]
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _gqa_decode_kernel(
+    q_ptr,  # [N, Hq, D]
+    k_ptr,  # [num_blocks * block_size, Hkv, D]
+    v_ptr,  # [num_blocks * block_size, Hkv, Dv]
+    ks_ptr,  # [num_blocks * block_size, Hkv]
+    vs_ptr,
+    bt_ptr,  # [N, max_blocks]
+    len_ptr,  # [N]
+    o_ptr,  # [N, Hq, S, Dv] float32, unnormalized
+    lse_ptr,  # [N, Hq, S] float32 (log2 domain)
+    qk_scale,  # softmax scale * log2(e)
+    stride_qn,
+    stride_qh,
+    stride_btn,
+    partition,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    S: tl.constexpr,
+    QUANT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(len_ptr + row)
+    start = split * partition
+    end = tl.minimum(start + partition, seq_len)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    dv = tl.arange(0, DV_PAD)
+    heads = kvh * GROUP + g  # [G_PAD]
+    gmask = g < GROUP
+    out_rows = (row * (HKV * GROUP) + heads) * S + split  # [G_PAD]
+
+    if start >= end:
+        tl.store(lse_ptr + out_rows, tl.full([G_PAD], float("-inf"), tl.float32), mask=gmask)
+        return
+
+    q = tl.load(
+        q_ptr + row * stride_qn + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & (d[None, :] < D),
+        other=0.0,
+    )  # [G_PAD, D_PAD]
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    denom = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + offs  # [BLOCK_N]
+        tmask = t < end
+        blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
+        slot = blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE  # [BLOCK_N]
+        k = tl.load(
+            k_ptr + (slot[:, None] * HKV + kvh) * D + d[None, :],
+            mask=tmask[:, None] & (d[None, :] < D),
+            other=0.0,
+        )  # [BLOCK_N, D_PAD]
+        v = tl.load(
+            v_ptr + (slot[:, None] * HKV + kvh) * DV + dv[None, :],
+            mask=tmask[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )  # [BLOCK_N, DV_PAD]
+        if QUANT:
+            # per-token scales factor out of the dot; small integers / e4m3 values are exact in q's dtype
+            s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32)
+            ks = tl.load(ks_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
+            s = s * (ks * qk_scale)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [G_PAD, BLOCK_N]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])  # [G_PAD, BLOCK_N]
+        alpha = tl.exp2(m - m_new)
+        denom = denom * alpha + tl.sum(p, axis=1)
+        if QUANT:
+            vs = tl.load(vs_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
+            pv = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype))
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    tl.store(
+        o_ptr + out_rows[:, None] * DV + dv[None, :],
+        acc / denom[:, None],
+        mask=gmask[:, None] & (dv[None, :] < DV),
+    )
+    tl.store(lse_ptr + out_rows, m + tl.log2(denom), mask=gmask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_ptr,  # [R, S, D] float32 (each split already normalized by its own sum)
+    lse_ptr,  # [R, S] float32 (log2 domain)
+    out_ptr,  # [R, D]
+    n_splits,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
+    r = tl.program_id(0)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    smask = s < n_splits
+    lse = tl.load(lse_ptr + r * n_splits + s, mask=smask, other=float("-inf"))  # [S_PAD]
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits carry -inf and weigh 0
+    w = w / tl.sum(w, axis=0)
+    o = tl.load(
+        o_ptr + (r * n_splits + s[:, None]) * D + d[None, :],
+        mask=smask[:, None] & (w[:, None] > 0) & (d[None, :] < D),
+        other=0.0,
+    )  # [S_PAD, D_PAD]
+    tl.store(out_ptr + r * D + d, tl.sum(o * w[:, None], axis=0).to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """o_part [N, H, S, D] float32, lse_part [N, H, S] float32 -> out [N, H, D] (written in place)."""
+    N, H, S, D = o_part.shape
+    _merge_splits_kernel[(N * H,)](
+        o_part, lse_part, out, S, D=D, D_PAD=next_pow2(D), S_PAD=max(2, next_pow2(S)), num_warps=4
+    )
+    return out
+
+
+def pick_partition(n_rows: int, n_heads: int, max_ctx: int, block_n: int, device: torch.device) -> int:
+    """Partition length so that rows x heads x splits fills the GPU a few times over (at most 256 splits)."""
+    want_splits = max(1, cdiv(4 * num_sms(device), max(1, n_rows * n_heads)))
+    part = cdiv(max(1, max_ctx), want_splits)
+    part = max(part, cdiv(max_ctx, 256), 2 * block_n)
+    return cdiv(part, block_n) * block_n
+
+
+def _check_decode(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale) -> None:
+    N, Hq, D = q.shape
+    nb, bs, Hkv, Dk = k_cache.shape
+    assert Dk == D and Hq % Hkv == 0, f"q {tuple(q.shape)} vs k_cache {tuple(k_cache.shape)}"
+    assert v_cache.shape[:3] == (nb, bs, Hkv)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(-1) == 1
+    assert block_tables.dim() == 2 and block_tables.shape[0] == N and block_tables.dtype == torch.int32
+    assert block_tables.stride(1) == 1
+    assert seq_lens.shape == (N,) and seq_lens.dtype == torch.int32
+    if is_quantized(k_cache):
+        assert k_scale is not None and v_scale is not None and k_scale.shape == (nb, bs, Hkv)
+        assert v_scale.shape == (nb, bs, Hkv) and k_scale.is_contiguous() and v_scale.is_contiguous()
+        assert q.dtype in (torch.bfloat16, torch.float16), "quantized caches take bf16/fp16 queries"
+    else:
+        assert k_cache.dtype == q.dtype == v_cache.dtype, f"{q.dtype} vs {k_cache.dtype}"
+
+
+def paged_decode_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale,
+    k_scale=None,
+    v_scale=None,
+    max_seq_len=None,
+    block_n=None,
+) -> torch.Tensor:
+    _check_decode(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
+    N, Hq, D = q.shape
+    _, bs, Hkv, Dv = v_cache.shape
+    max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
+    block_n = block_n or (64 if D <= 128 else 32)
+    part = pick_partition(N, Hkv, max_ctx, block_n, q.device)
+    S = cdiv(max_ctx, part)
+    group = Hq // Hkv
+    o_part = torch.empty(N, Hq, S, Dv, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(N, Hq, S, dtype=torch.float32, device=q.device)
+    quant = is_quantized(k_cache)
+    _gqa_decode_kernel[(N, Hkv, S)](
+        q,
+        k_cache,
+        v_cache,
+        k_scale if quant else k_cache,
+        v_scale if quant else v_cache,
+        block_tables,
+        seq_lens,
+        o_part,
+        lse_part,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        part,
+        HKV=Hkv,
+        GROUP=group,
+        G_PAD=max(16, next_pow2(group)),
+        D=D,
+        D_PAD=max(16, next_pow2(D)),
+        DV=Dv,
+        DV_PAD=max(16, next_pow2(Dv)),
+        BLOCK_SIZE=bs,
+        BLOCK_N=block_n,
+        S=S,
+        QUANT=quant,
+        num_warps=4,
+        num_stages=3,
+    )
+    out = torch.empty(N, Hq, Dv, dtype=q.dtype, device=q.device)
+    return merge_splits(o_part, lse_part, out)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """One decode token per row against its paged context: q [N, Hq, D] -> [N, Hq, Dv].
+
+    k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [N, max_blocks] int32;
+    seq_lens [N] int32; k_scale/v_scale [num_blocks, block_size, Hkv] float32 for int8/fp8 caches.
+    max_seq_len (optional, a host-side bound on seq_lens) trims empty partitions; without it the
+    bound is max_blocks * block_size, which keeps the launch free of device-to-host syncs.
+    """
+    if use_triton(q, k_cache):
+        return paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, max_seq_len
+        )
+    _check_decode(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
+    return paged_decode_attention_reference(
+        q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale
+    )
+
+
+def _sdpa(q, k, v, scale, causal_offset: int | None) -> torch.Tensor:
+    """q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv]; query i sits at key position causal_offset + i."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # [S, Hq, D]
+    v = v.repeat_interleave(Hq // Hkv, dim=1)  # [S, Hq, Dv]
+    mask = None
+    if causal_offset is not None:
+        qpos = causal_offset + torch.arange(q.shape[0], device=q.device)  # [T]
+        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= qpos[:, None]  # [T, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )  # [Hq, T, Dv]
+    return out.transpose(0, 1)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True
+) -> torch.Tensor:
+    """Attention within one sequence: q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] -> [T, Hq, Dv]."""
+    T, Hq, D = q.shape
+    assert k.shape[0] == T and k.shape[2] == D and v.shape[:2] == k.shape[:2] and Hq % k.shape[1] == 0
+    return _sdpa(q, k, v, scale, 0 if causal else None)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    ctx_len: int,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of the last T of ctx_len cached tokens over all of them (prefix reuse, chunked prefill).
+
+    q [T, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] already holding all ctx_len tokens;
+    block_table [max_blocks] int32 -> [T, Hq, Dv].
+    """
+    T = q.shape[0]
+    assert T <= ctx_len <= block_table.shape[0] * k_cache.shape[1], f"T={T}, ctx_len={ctx_len}"
+    k = gather_kv(k_cache, block_table, ctx_len, k_scale).to(q.dtype)  # [ctx, Hkv, D]
+    v = gather_kv(v_cache, block_table, ctx_len, v_scale).to(q.dtype)  # [ctx, Hkv, Dv]
+    return _sdpa(q, k, v, scale, ctx_len - T)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,51 @@
+"""Tuned launch settings, stored as JSON next to the kernels and keyed by device name, shape and batch.
+
+File layout (`configs/<kernel>.json`)::
+
+    {"NVIDIA H100 80GB HBM3": {"E=64,N=1408": {"1": {"BLOCK_M": 16, ...}, "64": {...}}}}
+
+The entry whose batch size is nearest to the asked one wins; a missing device or shape falls back to
+the caller's defaults and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@functools.cache
+def _load(kernel: str) -> dict:
+    path = CONFIG_DIR / f"{kernel}.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+@functools.cache
+def _warn_once(kernel: str, device: str, shape_key: str) -> None:
+    log.info("no tuned %s config for %s on %s; using defaults", kernel, shape_key, device)
+
+
+def device_name(device: torch.device | None = None) -> str:
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def get_config(kernel: str, shape_key: str, batch: int, default: dict, device: str | None = None) -> dict:
+    """Launch settings for `kernel` at `shape_key` (e.g. "E=64,N=1408") and `batch` rows."""
+    device = device or device_name()
+    by_batch = _load(kernel).get(device, {}).get(shape_key)
+    if not by_batch:
+        _warn_once(kernel, device, shape_key)
+        return dict(default)
+    nearest = min(by_batch, key=lambda b: abs(int(b) - batch))
+    return {**default, **by_batch[nearest]}
