@@ -1,0 +1,318 @@
+"""Fused mixture-of-experts for GPU-resident experts: one launch for all experts per projection.
+
+Legend: T = tokens, K = experts per token (top-k), E = experts held here, H = hidden, I = expert intermediate.
+    x             [T, H]
+    w13           [E, 2I, H]  gate rows then up rows (Tensor or QuantWeight: bf16 / int8 / int4 / fp8)
+    w2            [E, H, I]   down projection (same choices)
+    topk_ids      [T, K] int32, -1 = slot not handled here (e.g. the expert runs on the CPU)
+    topk_weights  [T, K] float32
+    out           [T, H] = sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),  e = topk_ids[t, k]
+
+The (token, k) pairs are sorted by expert and each expert's run is padded to BLOCK_M
+(`moe_align_block_size`), so every BLOCK_M-row tile belongs to one expert and a program reads just that
+expert's weights. Kernel 1 writes silu(gate) * up to an intermediate [T*K, I]; kernel 2 applies the
+down projection and the routing weight; the K slots of a token are summed at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import cdiv, tl, triton, use_triton
+from .quant import (
+    _FMT_ID,
+    QuantWeight,
+    dequantize_weight,
+    fp8_supported,
+    load_weight_tile,
+    quantize_weight,
+)
+from .tuning import get_config
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, block_size: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, k) slots by expert, padding each expert's run to a multiple of block_size.
+
+    topk_ids [T, K] int -> (sorted_ids [P] int32, expert_ids [P / block_size] int32, num_padded [1] int32).
+    sorted_ids holds flat slot indices t * K + k, padding entries hold T * K; expert_ids is -1 for blocks past
+    num_padded. P is a host-side upper bound, so no device-to-host sync is needed.
+    """
+    TK = topk_ids.numel()
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()  # [TK]
+    key = torch.where(flat >= 0, flat, num_experts)  # [TK], skipped slots sort last
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(
+        0, key, torch.ones_like(key)
+    )
+    counts[num_experts] = 0  # skipped slots take no room
+    padded = (counts + block_size - 1) // block_size * block_size  # [E + 1]
+    pad_end = padded.cumsum(0)  # [E + 1]
+    pad_start = pad_end - padded
+    cnt_start = counts.cumsum(0) - counts
+
+    order = torch.argsort(key, stable=True)  # [TK]
+    sorted_key = key[order]  # [TK]
+    rank = torch.arange(TK, device=dev) - cnt_start[sorted_key]  # position inside the expert's run
+    max_padded = cdiv(TK + min(num_experts, TK) * (block_size - 1), block_size) * block_size
+    dest = torch.where(sorted_key < num_experts, pad_start[sorted_key] + rank, max_padded)  # [TK]
+    sorted_ids = torch.full((max_padded + 1,), TK, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+
+    block_starts = torch.arange(0, max_padded, block_size, device=dev)  # [P / block_size]
+    expert_ids = torch.searchsorted(pad_end[:num_experts], block_starts, right=True)  # [P / block_size]
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    return sorted_ids[:max_padded], expert_ids, pad_end[num_experts - 1 : num_experts].to(torch.int32)
+
+
+def _as_quant(w: QuantWeight | torch.Tensor) -> QuantWeight:
+    return w if isinstance(w, QuantWeight) else quantize_weight(w, "bf16")
+
+
+def _expert(qw: QuantWeight, e: int) -> QuantWeight:
+    scales = None if qw.scales is None else qw.scales[e]
+    return QuantWeight(qw.fmt, qw.data[e], scales, qw.group_size, tuple(qw.shape[1:]))
+
+
+def fused_moe_reference(x, w13, w2, topk_ids, topk_weights, block_size: int = 16) -> torch.Tensor:
+    """Torch version walking the same padded per-expert runs the kernels use."""
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    w13, w2 = _as_quant(w13), _as_quant(w2)
+    E, I2 = w13.shape[0], w13.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, block_size, E)
+    out = torch.zeros(T * K, H, dtype=acc, device=x.device)  # [T*K, H]
+    n_blocks = int(num_padded) // block_size
+    if n_blocks == 0:
+        return out.view(T, K, H).sum(1).to(x.dtype)
+    blocks = expert_ids[:n_blocks].tolist()
+    start = 0
+    while start < n_blocks:  # one expert's run of blocks at a time
+        end = start
+        while end < n_blocks and blocks[end] == blocks[start]:
+            end += 1
+        e = blocks[start]
+        rows = sorted_ids[start * block_size : end * block_size].long()  # [run]
+        rows = rows[rows < T * K]  # [n_e]
+        xe = x[rows // K].to(acc)  # [n_e, H]
+        gu = xe @ dequantize_weight(_expert(w13, e), acc).T  # [n_e, 2I]
+        h = F.silu(gu[:, : I2 // 2]) * gu[:, I2 // 2 :]  # [n_e, I]
+        out[rows] = (h @ dequantize_weight(_expert(w2, e), acc).T) * topk_weights.reshape(-1)[rows, None].to(
+            acc
+        )
+        start = end
+    return out.view(T, K, H).sum(1).to(x.dtype)  # [T, H]
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr,  # [T, H]
+    w_ptr,  # [E, 2I, H] (int4: [E, 2I, H / 2] bytes)
+    s_ptr,  # [E, 2I] or [E, 2I, H / GROUP] float32
+    sorted_ptr,  # [P] int32
+    expert_ptr,  # [P / BLOCK_M] int32
+    npad_ptr,  # [1] int32
+    h_ptr,  # [T * K, I] intermediate
+    TK,
+    inter_dim,
+    HID,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    TOPK: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(npad_ptr):
+        return
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] flat (t, k) slots
+    rmask = rows < TK
+    tok = rows // TOPK
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] intermediate columns
+    nmask = rn < inter_dim
+    we = w_ptr + e * stride_we
+    se = s_ptr + e * stride_se
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, HID, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + tok[:, None] * stride_xt + rk[None, :],
+            mask=rmask[:, None] & (rk[None, :] < HID),
+            other=0.0,
+        )
+        wg = load_weight_tile(
+            we, se, rn, k0, nmask, stride_wn, stride_sn, HID, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+        )
+        wu = load_weight_tile(
+            we,
+            se,
+            rn + inter_dim,
+            k0,
+            nmask,
+            stride_wn,
+            stride_sn,
+            HID,
+            x.dtype,
+            FMT,
+            GROUP,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        acc_g = tl.dot(x, tl.trans(wg), acc_g)
+        acc_u = tl.dot(x, tl.trans(wu), acc_u)
+    if FMT == 1 or FMT == 2:
+        acc_g = acc_g * tl.load(se + rn, mask=nmask, other=0.0)[None, :]
+        acc_u = acc_u * tl.load(se + inter_dim + rn, mask=nmask, other=0.0)[None, :]
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up
+    tl.store(
+        h_ptr + rows[:, None] * inter_dim + rn[None, :],
+        h.to(h_ptr.dtype.element_ty),
+        mask=rmask[:, None] & nmask[None, :],
+    )
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr,  # [T * K, I]
+    w_ptr,  # [E, H, I] (int4: [E, H, I / 2] bytes)
+    s_ptr,  # [E, H] or [E, H, I / GROUP] float32
+    sorted_ptr,
+    expert_ptr,
+    npad_ptr,
+    tw_ptr,  # [T * K] float32 routing weights
+    o_ptr,  # [T * K, H]
+    TK,
+    inter_dim,
+    HID,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(npad_ptr):
+        return
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    rmask = rows < TK
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] hidden columns
+    nmask = rn < HID
+    we = w_ptr + e * stride_we
+    se = s_ptr + e * stride_se
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, inter_dim, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(
+            h_ptr + rows[:, None] * inter_dim + rk[None, :],
+            mask=rmask[:, None] & (rk[None, :] < inter_dim),
+            other=0.0,
+        )
+        w = load_weight_tile(
+            we, se, rn, k0, nmask, stride_wn, stride_sn, inter_dim, h.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+        )
+        acc = tl.dot(h, tl.trans(w), acc)
+    if FMT == 1 or FMT == 2:
+        acc = acc * tl.load(se + rn, mask=nmask, other=0.0)[None, :]
+    acc = acc * tl.load(tw_ptr + rows, mask=rmask, other=0.0)[:, None]
+    tl.store(
+        o_ptr + rows[:, None] * HID + rn[None, :],
+        acc.to(o_ptr.dtype.element_ty),
+        mask=rmask[:, None] & nmask[None, :],
+    )
+
+
+_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+
+
+def fused_moe_config(T: int, E: int, inter_dim: int, fmt: str, group_size: int) -> dict:
+    default = dict(_DEFAULT)
+    if T >= 64:
+        default.update(BLOCK_M=32 if T < 256 else 64, BLOCK_N=64, BLOCK_K=64)
+    cfg = get_config("fused_moe", f"E={E},N={inter_dim},fmt={fmt}", T, default)
+    if fmt == "int4":
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+    return cfg
+
+
+def _check_moe(x, w13, w2, topk_ids, topk_weights) -> None:
+    T, H = x.shape
+    E, I2, H1 = w13.shape
+    assert H1 == H and I2 % 2 == 0, f"w13 {w13.shape} vs x {tuple(x.shape)}"
+    assert tuple(w2.shape) == (E, H, I2 // 2), f"w2 {w2.shape}, expected {(E, H, I2 // 2)}"
+    assert w13.fmt == w2.fmt, "gate/up and down weights share one format"
+    assert topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == T
+    assert topk_ids.dtype == torch.int32 and topk_weights.dtype == torch.float32
+    assert x.stride(-1) == 1 and w13.data.is_contiguous() and w2.data.is_contiguous()
+
+
+def _strides(qw: QuantWeight) -> tuple[int, int, int, int]:
+    """(expert stride, row stride) of data, then of scales; per-row scales only need the expert stride."""
+    s = qw.scales
+    if s is None:
+        return qw.data.stride(0), qw.data.stride(1), 0, 0
+    return qw.data.stride(0), qw.data.stride(1), s.stride(0), s.stride(1) if s.dim() == 3 else 0
+
+
+def fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config: dict | None = None) -> torch.Tensor:
+    w13, w2 = _as_quant(w13), _as_quant(w2)
+    _check_moe(x, w13, w2, topk_ids, topk_weights)
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    E, inter_dim = w13.shape[0], w13.shape[1] // 2
+    cfg = config or fused_moe_config(T, E, inter_dim, w13.fmt, w13.group_size)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, bm, E)
+    inter = torch.empty(T * K, inter_dim, dtype=x.dtype, device=x.device)  # [T*K, I]
+    out = torch.zeros(T * K, H, dtype=x.dtype, device=x.device)  # [T*K, H]; skipped slots stay 0
+    fmt = _FMT_ID[w13.fmt]
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    n_m = expert_ids.shape[0]
+    _moe_gate_up_kernel[(n_m, cdiv(inter_dim, bn))](
+        x, w13.data, w13.scales if w13.scales is not None else w13.data, sorted_ids, expert_ids, num_padded,
+        inter, T * K, inter_dim, H, x.stride(0), *_strides(w13),
+        TOPK=K, FMT=fmt, GROUP=w13.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )  # fmt: skip
+    _moe_down_kernel[(n_m, cdiv(H, bn))](
+        inter, w2.data, w2.scales if w2.scales is not None else w2.data, sorted_ids, expert_ids, num_padded,
+        topk_weights, out, T * K, inter_dim, H, *_strides(w2),
+        FMT=fmt, GROUP=w2.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, w2.group_size) if fmt == 3 else bk,
+        **launch,
+    )  # fmt: skip
+    return out.view(T, K, H).sum(1)  # [T, H]
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: QuantWeight | torch.Tensor,
+    w2: QuantWeight | torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts for T tokens: x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids/topk_weights [T, K] -> [T, H].
+
+    A plain Tensor weight counts as bf16; QuantWeight weights may be bf16, int8, int4 (group size 32/64/128)
+    or fp8 (sm_89+). topk_ids entries of -1 contribute nothing.
+    """
+    w13q, w2q = _as_quant(w13), _as_quant(w2)
+    if use_triton(x, w13q.data) and (w13q.fmt != "fp8" or fp8_supported(x.device)):
+        return fused_moe_triton(x, w13q, w2q, topk_ids, topk_weights)
+    _check_moe(x, w13q, w2q, topk_ids, topk_weights)
+    return fused_moe_reference(x, w13q, w2q, topk_ids, topk_weights)

@@ -1,0 +1,279 @@
+"""Weight-only quantized linear layers: bf16, fp8-e4m3, int8 (per output row) and int4 (grouped).
+
+Storage of a weight w [..., N, K] (leading dims stack experts; N = output rows, K = input dim):
+    bf16   data [..., N, K] bfloat16                 scales None
+    fp8    data [..., N, K] float8_e4m3fn            scales [..., N] float32        (sm_89+ on GPU)
+    int8   data [..., N, K] int8                     scales [..., N] float32
+    int4   data [..., N, K // 2] uint8 (two nibbles, even k in the low one, stored as q + 8)
+           scales [..., N, K // group_size] float32  symmetric, q in [-8, 7]
+Dequantized weight = q * scale. Kernels dequantize tiles in registers and multiply in x's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._triton import cdiv, tl, triton, use_triton
+from .tuning import get_config
+
+FORMATS = ("bf16", "fp8", "int8", "int4")
+_FMT_ID = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3}
+_EPS = 1e-8
+
+
+@dataclass
+class QuantWeight:
+    """A quantized weight of logical shape [..., N, K]; see the module docstring for the storage."""
+
+    fmt: str
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    group_size: int
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"unknown weight format {self.fmt!r}; expected one of {FORMATS}")
+        *lead, n, k = self.shape
+        if self.fmt == "int4":
+            assert k % self.group_size == 0 and self.group_size % 2 == 0, (k, self.group_size)
+            assert tuple(self.data.shape) == (*lead, n, k // 2) and self.data.dtype == torch.uint8
+            assert self.scales is not None and tuple(self.scales.shape) == (*lead, n, k // self.group_size)
+        else:
+            assert tuple(self.data.shape) == tuple(self.shape), (self.data.shape, self.shape)
+        if self.fmt in ("fp8", "int8"):
+            assert self.scales is not None and tuple(self.scales.shape) == (*lead, n)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def nbytes(self) -> int:
+        extra = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.data.numel() * self.data.element_size() + extra
+
+    def to(self, device: torch.device | str) -> QuantWeight:
+        scales = None if self.scales is None else self.scales.to(device)
+        return QuantWeight(self.fmt, self.data.to(device), scales, self.group_size, self.shape)
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 128) -> QuantWeight:
+    """w [..., N, K] float -> QuantWeight; int4 groups run along K."""
+    shape = tuple(w.shape)
+    if fmt == "bf16":
+        return QuantWeight(fmt, w.to(torch.bfloat16).contiguous(), None, group_size, shape)
+    w = w.float()
+    if fmt in ("fp8", "int8"):
+        qmax = 448.0 if fmt == "fp8" else 127.0
+        scales = w.abs().amax(dim=-1).clamp_min(_EPS) / qmax  # [..., N]
+        y = w / scales[..., None]
+        data = y.to(torch.float8_e4m3fn) if fmt == "fp8" else y.round().clamp(-127, 127).to(torch.int8)
+        return QuantWeight(fmt, data.contiguous(), scales.contiguous(), group_size, shape)
+    if fmt == "int4":
+        *lead, n, k = shape
+        if k % group_size:
+            raise ValueError(f"int4 needs the input dim ({k}) to be a multiple of group_size ({group_size})")
+        g = w.reshape(*lead, n, k // group_size, group_size)  # [..., N, G, group]
+        scales = g.abs().amax(dim=-1).clamp_min(_EPS) / 7.0  # [..., N, G]
+        q = (g / scales[..., None]).round().clamp(-8, 7).to(torch.int16) + 8  # [..., N, G, group]
+        q = q.reshape(*lead, n, k // 2, 2).to(torch.uint8)  # [..., N, K/2, 2]
+        data = q[..., 0] | (q[..., 1] << 4)  # [..., N, K/2]
+        return QuantWeight(fmt, data.contiguous(), scales.contiguous(), group_size, shape)
+    raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
+
+
+def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """QuantWeight -> dense [..., N, K] in `dtype`."""
+    if qw.fmt == "bf16":
+        return qw.data.to(dtype)
+    if qw.fmt in ("fp8", "int8"):
+        return (qw.data.float() * qw.scales[..., None]).to(dtype)
+    *lead, n, k = qw.shape
+    lo = (qw.data & 0xF).to(torch.int16) - 8  # [..., N, K/2]
+    hi = (qw.data >> 4).to(torch.int16) - 8
+    q = torch.stack([lo, hi], dim=-1).reshape(*lead, n, k // qw.group_size, qw.group_size)
+    return (q.float() * qw.scales[..., None]).reshape(qw.shape).to(dtype)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@triton.jit
+def load_weight_tile(
+    w_ptr,  # row n starts at w_ptr + n * stride_wn (int4: packed bytes)
+    s_ptr,  # int4 scales, row n at s_ptr + n * stride_sn, one per group
+    rn,  # [BLOCK_N] output rows
+    k0,  # first input column of the tile
+    nmask,  # [BLOCK_N]
+    stride_wn,
+    stride_sn,
+    K,
+    dtype: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_K] weight tile in `dtype`; fp8/int8 come back unscaled (their scale is per row)."""
+    if FMT == 3:
+        rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + rn[:, None] * stride_wn + rk2[None, :], mask=nmask[:, None], other=0x88)
+        lo = (packed & 0xF).to(tl.int8) - 8  # [BLOCK_N, BLOCK_K / 2]
+        hi = (packed >> 4).to(tl.int8) - 8
+        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # even k from lo, odd k from hi
+        s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
+        w = (q.to(tl.float32) * s[:, None]).to(dtype)
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        wmask = nmask[:, None] & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask)
+        w = tl.where(wmask, w.to(dtype), 0.0)  # masked lanes may hold fp8 NaN patterns
+    return w
+
+
+@triton.jit
+def _quant_linear_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # see module docstring
+    s_ptr,  # [N] or [N, K / GROUP] float32
+    b_ptr,  # [N]
+    o_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0
+        )
+        w = load_weight_tile(
+            w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+        )
+        acc = tl.dot(x, tl.trans(w), acc)
+    if FMT == 1 or FMT == 2:
+        acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        o_ptr + rm[:, None] * stride_om + rn[None, :],
+        acc.to(o_ptr.dtype.element_ty),
+        mask=mmask[:, None] & nmask[None, :],
+    )
+
+
+_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+
+
+def quant_linear_config(M: int, N: int, K: int, fmt: str, group_size: int) -> dict:
+    default = dict(_DEFAULT)
+    if M > 16:
+        default.update(BLOCK_M=min(64, 1 << (M - 1).bit_length()), BLOCK_N=64, BLOCK_K=128)
+    cfg = get_config("quant_linear", f"N={N},K={K},fmt={fmt}", M, default)
+    if fmt == "int4":
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)  # one scale per row per tile
+    return cfg
+
+
+def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, config=None):
+    N, K = qw.shape
+    assert x.shape[-1] == K, f"x {tuple(x.shape)} vs weight {qw.shape}"
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    cfg = config or quant_linear_config(M, N, K, qw.fmt, qw.group_size)
+    data = qw.data
+    assert data.stride(-1) == 1
+    scales = qw.scales if qw.scales is not None else data
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))
+    _quant_linear_kernel[grid](
+        x2,
+        data,
+        scales,
+        bias if bias is not None else x2,
+        out,
+        M,
+        N,
+        K,
+        x2.stride(0),
+        data.stride(0),
+        scales.stride(0) if qw.fmt == "int4" else 0,
+        out.stride(0),
+        FMT=_FMT_ID[qw.fmt],
+        GROUP=qw.group_size,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out.reshape(*x.shape[:-1], N)
+
+
+def quant_linear_reference(
+    x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return F.linear(x, dequantize_weight(qw, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(qw)^T (+ bias [N]) -> [..., N], for a 2-D QuantWeight of shape [N, K]."""
+    assert len(qw.shape) == 2 and x.shape[-1] == qw.shape[1], f"x {tuple(x.shape)} vs weight {qw.shape}"
+    if use_triton(x, qw.data) and (qw.fmt != "fp8" or fp8_supported(x.device)):
+        return quant_linear_triton(x, qw, bias)
+    return quant_linear_reference(x, qw, bias)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for nn.Linear whose weight is a QuantWeight (buffers, so .to() moves them)."""
+
+    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        assert len(qw.shape) == 2, f"QuantLinear takes a 2-D weight, got {qw.shape}"
+        self.out_features, self.in_features = qw.shape
+        self.fmt, self.group_size = qw.fmt, qw.group_size
+        self.register_buffer("qdata", qw.data)
+        self.register_buffer("qscales", qw.scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = 128) -> QuantLinear:
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(quantize_weight(linear.weight.detach(), fmt, group_size), bias)
+
+    @property
+    def qweight(self) -> QuantWeight:
+        shape = (self.out_features, self.in_features)
+        return QuantWeight(self.fmt, self.qdata, self.qscales, self.group_size, shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
