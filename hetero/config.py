@@ -84,7 +84,9 @@ class ModelSpec:
         if self.top_k > self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the {self.num_experts} experts")
         if not self.is_mla and self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{self.num_heads} attention heads do not split into {self.num_kv_heads} KV heads")
+            raise ConfigError(
+                f"{self.num_heads} attention heads do not split into {self.num_kv_heads} KV heads"
+            )
         if self.n_group > 1 and self.num_experts % self.n_group:
             raise ConfigError(f"{self.num_experts} experts do not split into n_group={self.n_group} groups")
 
@@ -126,7 +128,9 @@ class ModelSpec:
 
 def _need(cfg: dict[str, Any], key: str, source: str) -> Any:
     if key not in cfg or cfg[key] is None:
-        raise ConfigError(f"{source} lacks the key {key!r}, which a {cfg.get('model_type', '?')} config needs")
+        raise ConfigError(
+            f"{source} lacks the key {key!r}, which a {cfg.get('model_type', '?')} config needs"
+        )
     return cfg[key]
 
 
@@ -194,7 +198,7 @@ def _parse(cfg: dict[str, Any], source: str = "config") -> ModelSpec:
             head_dim=nope + rope,
             intermediate_size=int(need("intermediate_size")),
             moe_intermediate_size=int(need("moe_intermediate_size")),
-            num_experts=int(need("n_routed_experts")),
+            num_experts=int(cfg.get("n_routed_experts") or need("num_local_experts")),
             top_k=int(need("num_experts_per_tok")),
             moe_layers=tuple(i for i in range(layers) if i >= first_dense and i % freq == 0),
             scoring_func=cfg.get("scoring_func", "sigmoid" if v3 else "softmax"),
@@ -204,7 +208,8 @@ def _parse(cfg: dict[str, Any], source: str = "config") -> ModelSpec:
             # transformers' DeepSeek-V2 never renormalizes; V3 does when asked.
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) and v3,
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-            shared_intermediate_size=int(cfg.get("n_shared_experts") or 0) * int(need("moe_intermediate_size")),
+            shared_intermediate_size=int(cfg.get("n_shared_experts") or 0)
+            * int(need("moe_intermediate_size")),
             attention_bias=False,
             q_lora_rank=cfg.get("q_lora_rank"),
             kv_lora_rank=int(need("kv_lora_rank")),
@@ -229,7 +234,8 @@ def _parse(cfg: dict[str, Any], source: str = "config") -> ModelSpec:
         )
     step = int(cfg.get("decoder_sparse_step", 1))
     only_dense = set(cfg.get("mlp_only_layers") or [])
-    n_exp = int(need("num_experts"))
+    # Newer transformers write num_local_experts where the published configs say num_experts.
+    n_exp = int(cfg.get("num_experts") or need("num_local_experts"))
     moe = tuple(i for i in range(layers) if i not in only_dense and n_exp > 0 and (i + 1) % step == 0)
     qwen2 = fam == "qwen2_moe"
     return ModelSpec(

@@ -1,0 +1,182 @@
+"""Attention over the paged KV cache: grouped-query (Qwen, Mixtral) and DeepSeek's MLA.
+
+Legend: T = tokens in the step (all sequences, flattened), B = sequences, Hq = query heads,
+Hkv = key/value heads, D = head dim, R = MLA latent rank (kv_lora_rank), P = rope dim.
+
+MLA runs in the absorbed form of DeepSeek's inference code: the key up-projection is folded
+into the query and the value up-projection applied after attention, so the cache holds only
+the latent [R + P] per token and attention is multi-query over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.config import ModelSpec
+from hetero.layers import RMSNorm, Rotary, softmax_scale
+
+
+@dataclass
+class AttentionBatch:
+    """Where the tokens of one step sit: their positions and cache slots, per-sequence extents."""
+
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64, block * block_size + offset
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: cached tokens each sequence attends to, this step's included
+    query_lens: list[int]  # tokens of each sequence in this step
+    context_lens_list: list[int]  # context_lens on the host, to slice without a device sync
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n cached tokens of one sequence: cache [blocks, bs, ...] -> [n, ...]."""
+    bs = cache.shape[1]
+    blocks = block_table[: (n + bs - 1) // bs].long()
+    return cache[blocks].flatten(0, 1)[:n]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    v_dim: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached keys and values.
+
+    q [T, Hq, Dk]; k_cache [blocks, bs, Hkv, Dk]; v_cache [blocks, bs, Hkv, Dv'] -> [T, Hq, Dv]
+    where Dv = v_dim (a prefix of the value vectors, for MLA whose values are the latent) or Dv'.
+    """
+    if batch.is_decode and q.is_cuda and v_dim is None:
+        from gpu_kernels import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    out = []
+    start = 0
+    for i, (nq, nctx) in enumerate(zip(batch.query_lens, batch.context_lens_list)):
+        qs = q[start : start + nq].transpose(0, 1)  # [Hq, nq, Dk]
+        ks = _gather(k_cache, batch.block_tables[i], nctx).transpose(0, 1)  # [Hkv, nctx, Dk]
+        vs = _gather(v_cache, batch.block_tables[i], nctx).transpose(0, 1)  # [Hkv, nctx, Dv']
+        if v_dim is not None:
+            vs = vs[..., :v_dim]
+        # Query j sits at position nctx - nq + j and sees keys 0 .. nctx - nq + j.
+        mask = None
+        if nq > 1:
+            mask = torch.ones(nq, nctx, dtype=torch.bool, device=q.device).tril(nctx - nq)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
+        )  # [Hq, nq, Dv]
+        out.append(o.transpose(0, 1))
+        start += nq
+    return torch.cat(out, dim=0)  # [T, Hq, Dv]
+
+
+def write_cache(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+    """cache [blocks, bs, ...] at flat slots [T] <- values [T, ...]."""
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, values.to(cache.dtype))
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with optional q/k bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        bias = spec.attention_bias
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.rotary = Rotary(d, spec.rope_theta, spec.rope_scaling, interleaved=False)
+        self.scale = softmax_scale(spec)
+
+    def forward(
+        self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(batch.positions)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        k_cache, v_cache = cache
+        write_cache(k_cache, k, batch.slot_mapping)
+        write_cache(v_cache, v, batch.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, batch, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, -1))  # [T, H]
+
+
+class MLAttention(nn.Module):
+    """DeepSeek multi-head latent attention; the cache holds [normed latent R | rotated k_pe P]."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h = spec.hidden_size
+        self.num_heads = spec.num_heads
+        self.nope, self.rope, self.v_dim = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        self.rank = spec.kv_lora_rank
+        qk = self.nope + self.rope
+        if spec.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, spec.num_heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, spec.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(spec.q_lora_rank, spec.num_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, spec.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * self.v_dim, h, bias=False)
+        self.rotary = Rotary(self.rope, spec.rope_theta, spec.rope_scaling, interleaved=True)
+        self.scale = softmax_scale(spec)
+
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
+        return w[:, : self.nope], w[:, self.nope :]  # W_UK [Hq, nope, R], W_UV [Hq, v, R]
+
+    def forward(
+        self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.num_heads, self.nope + self.rope)  # [T, Hq, nope + P]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)  # [T, R + P]
+        latent, k_pe = kv.split([self.rank, self.rope], dim=-1)
+        cos, sin = self.rotary.cos_sin(batch.positions)
+        q_pe = self.rotary(q_pe, cos, sin)  # [T, Hq, P]
+        k_pe = self.rotary(k_pe[:, None, :], cos, sin)[:, 0]  # [T, P]
+        (latent_cache,) = cache
+        write_cache(latent_cache, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1), batch.slot_mapping)
+
+        w_uk, w_uv = self._absorbed()
+        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, Hq, R]
+        if batch.is_decode and x.is_cuda:
+            from gpu_kernels import mla_decode_attention
+
+            o_latent = mla_decode_attention(
+                q_latent, q_pe, latent_cache, batch.block_tables, batch.context_lens, self.scale
+            )
+        else:
+            qcat = torch.cat([q_latent, q_pe], dim=-1)  # [T, Hq, R + P]
+            kv_cache = latent_cache[:, :, None, :]  # one shared head: [blocks, bs, 1, R + P]
+            o_latent = paged_attention(qcat, kv_cache, kv_cache, batch, self.scale, v_dim=self.rank)
+        o = torch.einsum("thr,hvr->thv", o_latent, w_uv)  # [T, Hq, v]
+        return self.o_proj(o.reshape(t, -1))  # [T, H]

@@ -1,0 +1,120 @@
+"""Building blocks that read as the math: RMSNorm, rotary embeddings (plain and YaRN), gated MLP.
+
+Legend for shape comments: T = tokens in the step, H = hidden size, D = head dim,
+I = intermediate size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.config import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): dense layers and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, H]
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the factor that scales cos/sin (YaRN's attention factor)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim  # [dim/2]
+    inv_freq = 1.0 / theta**exponents
+    if scaling is None or scaling.get("rope_type") in (None, "default"):
+        return inv_freq, 1.0
+    if scaling["rope_type"] != "yarn":
+        raise ValueError(f"rope scaling {scaling['rope_type']!r} is not supported (only yarn)")
+    # YaRN (Peng et al. 2023, arXiv:2309.00071): interpolate the low frequencies, keep the high
+    # ones, with a linear ramp between the dimensions that rotate beta_fast and beta_slow times.
+    factor = float(scaling["factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(beta_fast)), 0)
+    high = min(math.ceil(dim_of(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(
+        0, 1
+    )  # [dim/2]
+    inv_freq = (inv_freq / factor) * ramp + inv_freq * (1 - ramp)
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if scaling.get("attention_factor") is not None:
+        attn = float(scaling["attention_factor"])
+    elif mscale and mscale_all:
+        attn = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+    else:
+        attn = yarn_mscale(factor)
+    return inv_freq, attn
+
+
+def softmax_scale(spec: ModelSpec) -> float:
+    """1/sqrt(d), times YaRN's mscale squared for DeepSeek (its mscale_all_dim)."""
+    scale = spec.head_dim**-0.5
+    sc = spec.rope_scaling
+    if sc and sc.get("rope_type") == "yarn" and sc.get("mscale_all_dim"):
+        m = yarn_mscale(float(sc["factor"]), float(sc["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class Rotary(nn.Module):
+    """Rotary embedding at arbitrary positions.
+
+    ``interleaved`` rotates pairs (x0, x1), (x2, x3), ... as DeepSeek does; the result is laid out
+    as [rotated evens, rotated odds], a permutation applied equally to q and k, so q.k is unchanged.
+    Otherwise pairs are (x_i, x_{i+D/2}) as in Llama-style models.
+    """
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None, interleaved: bool):
+        super().__init__()
+        # A plain attribute, not a buffer: it is derived from the config, never loaded.
+        self.inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
+        self.interleaved = interleaved
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] -> [T, heads, D]."""
+        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, D/2]
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,88 @@
+"""Mixture-of-Experts layer: router, routed experts behind a backend, shared experts.
+
+Legend: T = tokens, H = hidden, E = routed experts, K = experts per token (top-k).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.config import ModelSpec
+from hetero.experts import TorchExperts
+from hetero.layers import MLP
+
+
+class Router(nn.Module):
+    """Top-k expert choice of each family, as its reference implementation states it."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size))
+        if spec.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (ids [T, K] int64, weights [T, K] float32)."""
+        s = self.spec
+        if s.family in ("deepseek_v2", "deepseek_v3"):
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        else:
+            logits = F.linear(x, self.weight.to(x.dtype)).float()  # [T, E]
+        if s.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if s.topk_method == "noaux_tc":
+            # DeepSeek-V3: the bias only steers the choice; weights come from the raw scores.
+            choice = scores + self.e_score_correction_bias
+            grouped = choice.view(-1, s.n_group, s.num_experts // s.n_group)  # [T, G, E/G]
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            choice = self._keep_groups(choice, group_score, float("-inf"))
+            ids = choice.topk(s.top_k, dim=-1, sorted=False).indices  # [T, K]
+            weights = scores.gather(1, ids)
+        elif s.topk_method == "group_limited_greedy":
+            group_score = scores.view(-1, s.n_group, s.num_experts // s.n_group).amax(-1)  # [T, G]
+            weights, ids = self._keep_groups(scores, group_score, 0.0).topk(s.top_k, dim=-1, sorted=False)
+        else:
+            weights, ids = scores.topk(s.top_k, dim=-1)
+        if s.norm_topk_prob:
+            denom = weights.sum(-1, keepdim=True)
+            weights = weights / (denom + 1e-20 if s.family == "deepseek_v3" else denom)
+        return ids, weights * s.routed_scaling_factor
+
+    def _keep_groups(self, scores: torch.Tensor, group_score: torch.Tensor, fill: float) -> torch.Tensor:
+        s = self.spec
+        keep = torch.zeros_like(group_score, dtype=torch.bool)  # [T, G]
+        keep.scatter_(1, group_score.topk(s.topk_group, dim=-1, sorted=False).indices, True)
+        keep = (
+            keep[:, :, None].expand(-1, -1, s.num_experts // s.n_group).reshape(-1, s.num_experts)
+        )  # [T, E]
+        return scores.masked_fill(~keep, fill)
+
+
+class MoE(nn.Module):
+    """Routed experts (through a swappable backend) plus shared experts."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate = Router(spec)
+        self.experts = TorchExperts(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size)
+        self.shared = None
+        if spec.shared_intermediate_size:
+            self.shared = MLP(spec.hidden_size, spec.shared_intermediate_size)
+        self.shared_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)  # [T, K], [T, K]
+        # Routed experts may run elsewhere (the CPU); the shared expert runs here meanwhile.
+        handle = self.experts.submit(x, ids, weights)
+        shared = None
+        if self.shared is not None:
+            shared = self.shared(x)  # [T, H]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+        out = self.experts.wait(handle)  # [T, H]
+        return out if shared is None else out + shared
