@@ -54,7 +54,7 @@ def _mla_decode_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    S: tl.constexpr,
+    S,
 ):
     row = tl.program_id(0)
     hb = tl.program_id(1)

@@ -26,7 +26,6 @@ from .quant import (
     dequantize_weight,
     fp8_supported,
     load_weight_tile,
-    quantize_weight,
 )
 from .tuning import get_config
 
@@ -68,7 +67,8 @@ def moe_align_block_size(
 
 
 def _as_quant(w: QuantWeight | torch.Tensor) -> QuantWeight:
-    return w if isinstance(w, QuantWeight) else quantize_weight(w, "bf16")
+    # a plain tensor stays in its own dtype ("bf16" here means: not quantized)
+    return w if isinstance(w, QuantWeight) else QuantWeight("bf16", w, None, 128, tuple(w.shape))
 
 
 def _expert(qw: QuantWeight, e: int) -> QuantWeight:

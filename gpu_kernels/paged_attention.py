@@ -84,7 +84,7 @@ def _gqa_decode_kernel(
     DV_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    S: tl.constexpr,
+    S,
     QUANT: tl.constexpr,
 ):
     row = tl.program_id(0)

@@ -1,0 +1,417 @@
+"""gpu_kernels: torch references and paged-cache bookkeeping on the CPU; Triton kernels vs references on a GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpu_kernels as gk
+from gpu_kernels import kv_write, moe, paged_attention, quant, tuning
+from gpu_kernels.mla_attention import mla_decode_attention_triton
+from gpu_kernels.paged_attention import paged_decode_attention_triton
+
+# ---------------------------------------------------------------- helpers
+
+
+def make_block_tables(seq_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator):
+    """Disjoint random physical blocks per row: block_tables [N, max_blocks] int32 (unused entries 0)."""
+    need = [math.ceil(n / block_size) for n in seq_lens]
+    perm = torch.randperm(num_blocks, generator=gen)
+    assert sum(need) <= num_blocks
+    table = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[used : used + n].int()
+        used += n
+    return table
+
+
+def dense_attention(q, k, v, scale):
+    """q [Hq, D], k [n, Hkv, D], v [n, Hkv, Dv] in float64 -> [Hq, Dv]."""
+    g = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.einsum("hd,nhd->hn", q, k) * scale
+    return torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- CPU: attention references
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_write_then_paged_decode_matches_dense(block_size):
+    gen = torch.Generator().manual_seed(0)
+    Hq, Hkv, D, nb = 8, 2, 16, 64
+    seq_lens = [1, 17, 40] if block_size == 16 else [1, 5, 9]
+    table = make_block_tables(seq_lens, block_size, nb, gen)
+    kc = torch.full((nb, block_size, Hkv, D), float("nan"), dtype=torch.float64)
+    vc = kc.clone()
+    ks, vs = [], []
+    for i, n in enumerate(seq_lens):  # write token by token through slot_mapping, as the engine does
+        k = torch.randn(n, Hkv, D, generator=gen, dtype=torch.float64)
+        v = torch.randn(n, Hkv, D, generator=gen, dtype=torch.float64)
+        pos = torch.arange(n)
+        slots = table[i].long()[pos // block_size] * block_size + pos % block_size
+        slots[0] = -1 if n > 1 else slots[0]  # a skipped slot must leave the cache untouched
+        gk.write_kv(k, v, kc, vc, slots)
+        if n > 1:
+            gk.write_kv(k[:1], v[:1], kc, vc, table[i].long()[:1] * block_size)
+        ks.append(k)
+        vs.append(v)
+    q = torch.randn(len(seq_lens), Hq, D, generator=gen, dtype=torch.float64)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    out = gk.paged_decode_attention(q, kc, vc, table, lens, 0.3)
+    for i in range(len(seq_lens)):
+        torch.testing.assert_close(out[i], dense_attention(q[i], ks[i], vs[i], 0.3), rtol=1e-10, atol=1e-10)
+
+
+def test_staggered_rows_share_one_block_table():
+    """Speculative verification: rows over one sequence with seq_lens n-2, n-1, n see growing prefixes."""
+    gen = torch.Generator().manual_seed(1)
+    kc = torch.randn(8, 4, 2, 8, generator=gen, dtype=torch.float64)
+    vc = torch.randn(8, 4, 2, 8, generator=gen, dtype=torch.float64)
+    table = torch.tensor([[5, 2, 7, 0]], dtype=torch.int32).repeat(3, 1)
+    lens = torch.tensor([9, 10, 11], dtype=torch.int32)
+    q = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64)
+    out = gk.paged_decode_attention(q, kc, vc, table, lens, 0.5)
+    for i, n in enumerate(lens.tolist()):
+        k = paged_attention.gather_kv(kc, table[0], n)
+        v = paged_attention.gather_kv(vc, table[0], n)
+        torch.testing.assert_close(out[i], dense_attention(q[i], k, v, 0.5), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_quantized_cache_round_trip_and_decode(cache_dtype):
+    gen = torch.Generator().manual_seed(2)
+    nb, bs, Hkv, D = 6, 4, 2, 32
+    k = torch.randn(20, Hkv, D, generator=gen)
+    v = torch.randn(20, Hkv, D, generator=gen)
+    kc = torch.zeros(nb, bs, Hkv, D, dtype=cache_dtype)
+    vc = torch.zeros_like(kc)
+    ksc = torch.zeros(nb, bs, Hkv)
+    vsc = torch.zeros(nb, bs, Hkv)
+    table = torch.tensor([[3, 0, 5, 1, 4]], dtype=torch.int32)
+    pos = torch.arange(20)
+    slots = table[0].long()[pos // bs] * bs + pos % bs
+    gk.write_kv(k, v, kc, vc, slots, ksc, vsc)
+    k_back = paged_attention.gather_kv(kc, table[0], 20, ksc)  # [20, Hkv, D]
+    amax = k.abs().amax(-1, keepdim=True)
+    if cache_dtype == torch.int8:  # half a quantization step
+        assert ((k_back - k).abs() <= amax / 127 * 0.5 + 1e-6).all()
+    else:  # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 above the subnormal range
+        assert ((k_back - k).abs() <= k.abs() / 16 + amax / 448 * 2**-6 + 1e-6).all()
+    q = torch.randn(1, 4, D, generator=gen).bfloat16()
+    out = gk.paged_decode_attention(q, kc, vc, table, torch.tensor([20], dtype=torch.int32), 0.2, ksc, vsc)
+    v_back = paged_attention.gather_kv(vc, table[0], 20, vsc)
+    ref = dense_attention(q[0].double(), k_back.double(), v_back.double(), 0.2)
+    torch.testing.assert_close(out[0].double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_mla_reference_matches_expanded_attention():
+    """Absorbed MLA equals attention with keys [c_kv, k_pe] and values c_kv."""
+    gen = torch.Generator().manual_seed(3)
+    nb, bs, H, R, P = 10, 8, 4, 32, 8
+    cache = torch.randn(nb, bs, R + P, generator=gen, dtype=torch.float64)
+    seq_lens = [13, 1]
+    table = make_block_tables(seq_lens, bs, nb, gen)
+    ql = torch.randn(2, H, R, generator=gen, dtype=torch.float64)
+    qp = torch.randn(2, H, P, generator=gen, dtype=torch.float64)
+    out = gk.mla_decode_attention(ql, qp, cache, table, torch.tensor(seq_lens, dtype=torch.int32), 0.1)
+    for i, n in enumerate(seq_lens):
+        c = paged_attention.gather_kv(cache, table[i], n)  # [n, R + P]
+        q = torch.cat([ql[i], qp[i]], -1)  # [H, R + P]
+        ref = dense_attention(q, c[:, None, :], c[:, None, :R], 0.1)
+        torch.testing.assert_close(out[i], ref, rtol=1e-10, atol=1e-10)
+
+
+def test_write_latent_round_trip():
+    cache = torch.zeros(4, 4, 12)
+    lat = torch.randn(3, 12)
+    gk.write_latent(lat, cache, torch.tensor([5, -1, 14]))
+    flat = cache.view(-1, 12)
+    assert torch.equal(flat[5], lat[0]) and torch.equal(flat[14], lat[2])
+    assert (flat.abs().sum(-1) > 0).sum() == 2
+
+
+def test_prefill_and_paged_prefill_match_dense():
+    gen = torch.Generator().manual_seed(4)
+    T, ctx, Hq, Hkv, D, bs = 5, 13, 4, 2, 8, 4
+    q = torch.randn(T, Hq, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(ctx, Hkv, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(ctx, Hkv, D, generator=gen, dtype=torch.float64)
+    ref = torch.stack(
+        [dense_attention(q[i], k[: ctx - T + i + 1], v[: ctx - T + i + 1], 0.4) for i in range(T)]
+    )
+    out = gk.prefill_attention(q, k[-T:], v[-T:], 0.4)
+    ref_self = torch.stack(
+        [
+            dense_attention(q[i], k[ctx - T : ctx - T + i + 1], v[ctx - T : ctx - T + i + 1], 0.4)
+            for i in range(T)
+        ]
+    )
+    torch.testing.assert_close(out, ref_self)
+    table = torch.tensor([2, 0, 3, 1], dtype=torch.int32)
+    kc = torch.zeros(4, bs, Hkv, D, dtype=torch.float64)
+    vc = torch.zeros_like(kc)
+    pos = torch.arange(ctx)
+    gk.write_kv(k, v, kc, vc, table.long()[pos // bs] * bs + pos % bs)
+    torch.testing.assert_close(gk.paged_prefill_attention(q, kc, vc, table, ctx, 0.4), ref)
+
+
+# ---------------------------------------------------------------- CPU: quantized weights
+
+
+@pytest.mark.parametrize(
+    "fmt,group", [("bf16", 128), ("fp8", 128), ("int8", 128), ("int4", 32), ("int4", 128)]
+)
+def test_quantize_round_trip(fmt, group):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 24, 256, generator=gen)  # stacked experts
+    qw = gk.quantize_weight(w, fmt, group)
+    back = gk.dequantize_weight(qw, torch.float32)
+    assert back.shape == w.shape
+    if fmt == "bf16":
+        bound = w.abs() * 2**-8
+    elif fmt == "fp8":
+        bound = w.abs() / 16 + qw.scales[..., None] * 2**-6
+    elif fmt == "int8":
+        bound = qw.scales[..., None] * 0.5
+    else:
+        bound = qw.scales.repeat_interleave(group, -1) * 0.5
+    assert ((back - w).abs() <= bound * 1.001 + 1e-6).all()
+    again = gk.quantize_weight(back, fmt, group)  # quantized values are a fixed point
+    torch.testing.assert_close(gk.dequantize_weight(again, torch.float32), back, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8"])
+def test_quant_linear_module_matches_linear(fmt):
+    gen = torch.Generator().manual_seed(6)
+    lin = torch.nn.Linear(128, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 128, generator=gen) * 0.1)
+    ql = gk.QuantLinear.from_linear(lin, fmt, group_size=64)
+    x = torch.randn(2, 3, 128, generator=gen)
+    ref = F.linear(x, gk.dequantize_weight(ql.qweight, torch.float32), lin.bias)
+    torch.testing.assert_close(ql(x), ref, rtol=1e-5, atol=1e-5)
+    assert rel_err(ql(x), lin(x)) < {"bf16": 1e-2, "fp8": 6e-2, "int8": 1e-2, "int4": 0.15}[fmt]
+
+
+def test_quant_weight_rejects_bad_format():
+    with pytest.raises(ValueError):
+        gk.quantize_weight(torch.randn(4, 8), "int3")
+    with pytest.raises(ValueError):
+        gk.quantize_weight(torch.randn(4, 96), "int4", group_size=64)
+
+
+# ---------------------------------------------------------------- CPU: MoE
+
+
+@pytest.mark.parametrize("T,K,E,bs", [(1, 2, 4, 16), (7, 3, 5, 4), (33, 6, 8, 16), (4, 2, 64, 16)])
+def test_moe_align_block_size_invariants(T, K, E, bs):
+    gen = torch.Generator().manual_seed(T * 100 + E)
+    ids = torch.randint(-1, E, (T, K), generator=gen, dtype=torch.int32)
+    sorted_ids, expert_ids, npad = gk.moe_align_block_size(ids, bs, E)
+    n = int(npad)
+    assert n % bs == 0 and sorted_ids.numel() % bs == 0 and expert_ids.numel() == sorted_ids.numel() // bs
+    flat = ids.reshape(-1)
+    real = sorted_ids[:n][sorted_ids[:n] < T * K].long()
+    assert sorted(real.tolist()) == [i for i in range(T * K) if flat[i] >= 0]  # every kept slot once
+    assert (sorted_ids[n:] == T * K).all()
+    for b in range(sorted_ids.numel() // bs):
+        rows = sorted_ids[b * bs : (b + 1) * bs].long()
+        if b * bs >= n:
+            assert expert_ids[b] == -1
+            continue
+        rows = rows[rows < T * K]
+        assert (
+            rows.numel() > 0 and (flat[rows] == expert_ids[b]).all()
+        )  # one expert per block, no empty block
+    counts = torch.bincount(flat[flat >= 0].long(), minlength=E)
+    assert n == int(((counts + bs - 1) // bs * bs).sum())
+
+
+def moe_per_expert_loop(x, w13, w2, ids, weights):
+    """Mixtral-style loop over experts in float64; w13 [E, 2I, H], w2 [E, H, I] dense."""
+    out = torch.zeros_like(x)
+    inter = w13.shape[1] // 2
+    for e in range(w13.shape[0]):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gu = x[tok] @ w13[e].T
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        out.index_add_(0, tok, (h @ w2[e].T) * weights[tok, slot, None])
+    return out
+
+
+@pytest.mark.parametrize("T,K,E", [(1, 2, 4), (9, 3, 6), (40, 6, 8)])
+@pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
+def test_fused_moe_reference_matches_loop(T, K, E, fmt):
+    gen = torch.Generator().manual_seed(T + 10 * E)
+    H, inter = 64, 32
+    x = torch.randn(T, H, generator=gen, dtype=torch.float64)
+    w13 = torch.randn(E, 2 * inter, H, generator=gen, dtype=torch.float64) * 0.2
+    w2 = torch.randn(E, H, inter, generator=gen, dtype=torch.float64) * 0.2
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int()
+    ids[0, -1] = -1
+    weights = torch.rand(T, K, generator=gen)
+    if fmt == "dense":
+        out = gk.fused_moe(x, w13, w2, ids, weights)
+        ref = moe_per_expert_loop(x, w13, w2, ids, weights.double())
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    else:
+        q13, q2 = gk.quantize_weight(w13, fmt, 32), gk.quantize_weight(w2, fmt, 32)
+        out = gk.fused_moe(x, q13, q2, ids, weights)
+        d13, d2 = gk.dequantize_weight(q13, torch.float64), gk.dequantize_weight(q2, torch.float64)
+        torch.testing.assert_close(
+            out, moe_per_expert_loop(x, d13, d2, ids, weights.double()), rtol=1e-6, atol=1e-6
+        )
+
+
+def test_tuned_config_lookup(tmp_path, monkeypatch):
+    (tmp_path / "k.json").write_text('{"dev": {"E=8": {"1": {"BLOCK_N": 32}, "64": {"BLOCK_N": 128}}}}')
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    tuning._load.cache_clear()
+    assert tuning.get_config("k", "E=8", 2, {"BLOCK_N": 64, "w": 4}, device="dev") == {"BLOCK_N": 32, "w": 4}
+    assert tuning.get_config("k", "E=8", 50, {"BLOCK_N": 64}, device="dev")["BLOCK_N"] == 128
+    assert tuning.get_config("k", "E=9", 50, {"BLOCK_N": 64}, device="dev")["BLOCK_N"] == 64
+    tuning._load.cache_clear()
+
+
+def test_shipped_configs_parse():
+    for path in tuning.CONFIG_DIR.glob("*.json"):
+        for shapes in tuning._load(path.stem).values():
+            for by_batch in shapes.values():
+                assert all(int(b) > 0 and "BLOCK_N" in cfg for b, cfg in by_batch.items())
+
+
+# ---------------------------------------------------------------- GPU: Triton kernels vs references
+
+gpu = pytest.mark.gpu
+CUDA = "cuda"
+
+
+def _rand_cache(nb, bs, hkv, d, dtype, gen):
+    return torch.randn(nb, bs, hkv, d, generator=gen, device=CUDA).to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("cache", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_write_kv_kernel(cache, block_size):
+    gen = torch.Generator(CUDA).manual_seed(10)
+    T, Hkv, D, nb = 37, 4, 128, 8
+    k = torch.randn(T, Hkv, D, generator=gen, device=CUDA).bfloat16()
+    v = torch.randn(T, Hkv, D, generator=gen, device=CUDA).bfloat16()
+    slots = torch.randperm(nb * block_size, generator=gen, device=CUDA)[:T]
+    slots[3] = -1
+    dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cache]
+    outs = []
+    for fn in (kv_write.write_kv_triton, kv_write.write_kv_reference):
+        kc = torch.zeros(nb, block_size, Hkv, D, device=CUDA).to(dtype)
+        vc = kc.clone()
+        sc = (torch.zeros(nb, block_size, Hkv, device=CUDA), torch.zeros(nb, block_size, Hkv, device=CUDA))
+        sc = sc if cache != "bf16" else (None, None)
+        fn(k, v, kc, vc, slots, *sc)
+        outs.append(
+            [kv_write.dequantize_per_token(c, s, torch.float32) for c, s in zip((kc, vc), sc, strict=True)]
+        )
+    for a, b in zip(*outs, strict=True):
+        # one e4m3 step is 1/8 relative; ties may round differently between the two paths
+        tol = {"bf16": 0.0, "int8": 0.03, "fp8": 0.07}[cache]
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@gpu
+@pytest.mark.parametrize("N", [1, 5, 16])
+@pytest.mark.parametrize("lens", ["short", "long"])
+@pytest.mark.parametrize("heads", [(32, 4, 128), (16, 16, 64), (8, 1, 128)])
+@pytest.mark.parametrize("cache", ["bf16", "fp16", "int8", "fp8"])
+def test_paged_decode_kernel(N, lens, heads, cache):
+    gen = torch.Generator(CUDA).manual_seed(N * 7 + len(lens))
+    Hq, Hkv, D = heads
+    bs = 16
+    lo, hi = (1, 100) if lens == "short" else (1000, 5000)
+    seq_lens = torch.randint(lo, hi, (N,), generator=gen, device=CUDA).int()
+    nb = int(((seq_lens + bs - 1) // bs).sum()) + 3
+    table = make_block_tables(seq_lens.tolist(), bs, nb, torch.Generator().manual_seed(N)).to(CUDA)
+    qdt = torch.float16 if cache == "fp16" else torch.bfloat16
+    q = torch.randn(N, Hq, D, generator=gen, device=CUDA).to(qdt)
+    kc, vc = _rand_cache(nb, bs, Hkv, D, torch.float32, gen), _rand_cache(nb, bs, Hkv, D, torch.float32, gen)
+    ks = vs = None
+    if cache in ("int8", "fp8"):
+        cdt = torch.int8 if cache == "int8" else torch.float8_e4m3fn
+        (kc, ks), (vc, vs) = kv_write.quantize_per_token(kc, cdt), kv_write.quantize_per_token(vc, cdt)
+    else:
+        kc, vc = kc.to(qdt), vc.to(qdt)
+    scale = D**-0.5
+    out = paged_decode_attention_triton(q, kc, vc, table, seq_lens, scale, ks, vs)
+    ref = paged_attention.paged_decode_attention_reference(
+        q.float(), *((kc.float(), vc.float()) if ks is None else (kc, vc)), table, seq_lens, scale, ks, vs
+    )
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert rel_err(out, ref) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("N", [1, 4])
+@pytest.mark.parametrize("H", [16, 128])
+@pytest.mark.parametrize("max_len", [37, 3000])
+def test_mla_decode_kernel(N, H, max_len):
+    gen = torch.Generator(CUDA).manual_seed(N + H + max_len)
+    R, P, bs = 512, 64, 16
+    seq_lens = torch.randint(1, max_len + 1, (N,), generator=gen, device=CUDA).int()
+    seq_lens[0] = max_len
+    nb = int(((seq_lens + bs - 1) // bs).sum()) + 2
+    table = make_block_tables(seq_lens.tolist(), bs, nb, torch.Generator().manual_seed(H)).to(CUDA)
+    cache = torch.randn(nb, bs, R + P, generator=gen, device=CUDA).bfloat16()
+    ql = torch.randn(N, H, R, generator=gen, device=CUDA).bfloat16()
+    qp = torch.randn(N, H, P, generator=gen, device=CUDA).bfloat16()
+    scale = (128 + 64) ** -0.5
+    out = mla_decode_attention_triton(ql, qp, cache, table, seq_lens, scale)
+    ref = gk.mla_decode_attention_reference(ql.float(), qp.float(), cache.float(), table, seq_lens, scale)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert rel_err(out, ref) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 16, 64, 200])
+@pytest.mark.parametrize(
+    "fmt,group", [("bf16", 128), ("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)]
+)
+def test_quant_linear_kernel(M, fmt, group):
+    gen = torch.Generator(CUDA).manual_seed(M)
+    N, K = 320, 1024
+    w = torch.randn(N, K, generator=gen, device=CUDA) * 0.05
+    qw = gk.quantize_weight(w, fmt, group)
+    x = torch.randn(M, K, generator=gen, device=CUDA).bfloat16()
+    b = torch.randn(N, generator=gen, device=CUDA).bfloat16()
+    out = quant.quant_linear_triton(x, qw, b)
+    ref = F.linear(x.float(), gk.dequantize_weight(qw, torch.float32), b.float())
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert rel_err(out, ref) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+@pytest.mark.parametrize("E,K", [(8, 2), (64, 6)])
+@pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 64), ("fp8", 128)])
+def test_fused_moe_kernel(T, E, K, fmt, group):
+    gen = torch.Generator(CUDA).manual_seed(T + E)
+    H, inter = 512, 384
+    x = torch.randn(T, H, generator=gen, device=CUDA).bfloat16()
+    w13 = gk.quantize_weight(torch.randn(E, 2 * inter, H, generator=gen, device=CUDA) * 0.05, fmt, group)
+    w2 = gk.quantize_weight(torch.randn(E, H, inter, generator=gen, device=CUDA) * 0.05, fmt, group)
+    ids = torch.stack([torch.randperm(E, generator=gen, device=CUDA)[:K] for _ in range(T)]).int()
+    ids[0, 0] = -1
+    weights = torch.rand(T, K, generator=gen, device=CUDA)
+    out = moe.fused_moe_triton(x, w13, w2, ids, weights)
+    ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    assert rel_err(out, ref) < 2e-2
