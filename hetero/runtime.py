@@ -1,0 +1,103 @@
+"""From a model name to a ready engine: checkpoint, tokenizer, weights, KV cache.
+
+The CLI, the server and the benchmarks all start here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hetero.checkpoint import resolve_model_path
+from hetero.config import ModelSpec
+from hetero.engine import Engine, EngineConfig
+from hetero.kv_cache import KVCache
+from hetero.model import load_model
+from hetero.tokenizer import Tokenizer
+
+DEFAULT_PRESET = "deepseek-v3"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetero"
+
+
+def default_model_dir() -> Path:
+    """The embedded default: a tiny DeepSeek-V3 with the real tokenizer, made on first use."""
+    target = cache_dir() / "models" / f"{DEFAULT_PRESET}-tiny"
+    if (target / "model.safetensors.index.json").is_file():
+        return target
+    from hetero.make_model import make_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".making-", dir=target.parent))
+    try:
+        make_model(DEFAULT_PRESET, tmp, tiny=True, seed=0, progress=False)
+        # Rename last so an interrupted first run never leaves a half-written default behind.
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class RuntimeOptions:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    max_model_len: int = 4096
+    kv_tokens: int | None = None  # cache capacity; default: max_batch * max_model_len, capped
+    max_batch: int = 16
+    max_step_tokens: int = 512
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: choose auto, {', '.join(_DTYPES)}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+
+@dataclass
+class Runtime:
+    path: Path
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    engine: Engine
+
+
+def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions | None = None) -> Runtime:
+    """Load ``model`` (a directory or cached repo id; None = the embedded default) into an engine."""
+    opts = options or RuntimeOptions()
+    path = default_model_dir() if model is None else resolve_model_path(model)
+    spec = ModelSpec.from_pretrained(path)
+    tokenizer = Tokenizer.from_pretrained(path)
+    device = opts.torch_device()
+    dtype = opts.torch_dtype(device)
+    net = load_model(str(path), dtype=dtype, device=device, spec=spec)
+    max_len = min(opts.max_model_len, spec.max_position_embeddings)
+    kv_tokens = opts.kv_tokens or min(opts.max_batch * max_len, 1 << 16)
+    kv = KVCache.for_tokens(spec, kv_tokens, opts.block_size, dtype, device)
+    config = EngineConfig(
+        max_batch=opts.max_batch,
+        max_step_tokens=opts.max_step_tokens,
+        max_model_len=max_len,
+        block_size=opts.block_size,
+    )
+    engine = Engine(net, kv, config, eos_token_ids=tokenizer.eos_token_ids)
+    return Runtime(path, spec, tokenizer, engine)
