@@ -187,18 +187,18 @@ def write_tokenizer(family: str, preset: str, out_dir: Path) -> None:
         shutil.copyfile(src / "tokenizer_config.json", out_dir / "tokenizer_config.json")
     elif family in ("qwen2_moe", "qwen3_moe"):
         tok, cfg = _qwen_files(family)
-        _write(out_dir / "tokenizer.json", tok)
+        _write(out_dir / "tokenizer.json", tok, indent=None)  # indenting 300k entries is slow
         _write(out_dir / "tokenizer_config.json", cfg)
     elif family == "mixtral":
         tok, cfg = _mistral_files("v3" if "22b" in preset.lower() else "v1")
-        _write(out_dir / "tokenizer.json", tok)
+        _write(out_dir / "tokenizer.json", tok, indent=None)  # indenting 300k entries is slow
         _write(out_dir / "tokenizer_config.json", cfg)
     else:
         raise HeteroError(f"no tokenizer known for the {family} family")
 
 
-def _write(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _write(path: Path, obj: Any, indent: int | None = 2) -> None:
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -313,13 +313,11 @@ def _qwen_bpe() -> tuple[dict[str, int], list[list[str]]]:
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    table = _byte_to_unicode()
-    show = lambda b: "".join(table[x] for x in b)
-    vocab = {show(t): r for t, r in ranks.items()}
-    merges = [
-        [show(a), show(b)]
-        for a, b in (_last_merge(ranks, t) for t in sorted(ranks, key=ranks.get) if len(t) > 1)
-    ]
+    table = str.maketrans({chr(b): c for b, c in _byte_to_unicode().items()})
+    shown = {t: t.decode("latin-1").translate(table) for t in ranks}
+    vocab = {shown[t]: r for t, r in ranks.items()}
+    by_rank = sorted(ranks, key=ranks.get)
+    merges = [[shown[a], shown[b]] for a, b in (_last_merge(ranks, t) for t in by_rank if len(t) > 1)]
     return vocab, merges
 
 
