@@ -329,7 +329,7 @@ def test_write_kv_kernel(cache, block_size):
 
 
 @gpu
-@pytest.mark.parametrize("N", [1, 5, 16])
+@pytest.mark.parametrize("N", [1, 16])
 @pytest.mark.parametrize("lens", ["short", "long"])
 @pytest.mark.parametrize("heads", [(32, 4, 128), (16, 16, 64), (8, 1, 128)])
 @pytest.mark.parametrize("cache", ["bf16", "fp16", "int8", "fp8"])

@@ -1,0 +1,269 @@
+"""Achieved memory bandwidth of the gpu_kernels decode-path kernels, next to the device copy bandwidth.
+
+Run on a CUDA machine: python benchmarks/gpu_kernels.py [--out DIR]
+Prints one table last and writes gpu_kernels-<gpu>.json (card, CPU, every row) under --out
+(default benchmarks/results). Times are medians from triton.testing.do_bench, which flushes L2 between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+from pathlib import Path
+
+import torch
+import triton
+
+import gpu_kernels as gk
+from gpu_kernels import moe, quant
+from gpu_kernels.mla_attention import mla_decode_attention_triton
+from gpu_kernels.paged_attention import paged_decode_attention_triton
+
+DEV = "cuda"
+GB = 1e9
+
+
+def bench_ms(fn, *args, rep: int = 200, **kwargs) -> float:
+    """Median milliseconds of fn(*args, **kwargs)."""
+    fn(*args, **kwargs)  # compile outside the timed region
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=rep, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus bytes written, GB/s."""
+    src = torch.randn(256 * 2**20, device=DEV)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench_ms(dst.copy_, src)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / GB
+
+
+def paged_setup(N: int, ctx: int, bs: int = 16):
+    nblk = ctx // bs
+    table = torch.randperm(N * nblk, device=DEV).view(N, nblk).int()  # scattered blocks, as after churn
+    lens = torch.full((N,), ctx, dtype=torch.int32, device=DEV)
+    return table, lens, N * nblk
+
+
+def row(kind, shape, batch, nbytes, ms, ref_ms, copy_bw, extra=None):
+    bw = nbytes / (ms * 1e-3) / GB
+    r = {
+        "kernel": kind,
+        "shape": shape,
+        "batch": batch,
+        "bytes": nbytes,
+        "ms": ms,
+        "GB/s": bw,
+        "pct_copy": 100 * bw / copy_bw,
+        "ref_ms": ref_ms,
+        "speedup_vs_ref": None if ref_ms is None else ref_ms / ms,
+    }
+    r.update(extra or {})
+    print(
+        f"{kind:10s} {shape:34s} b={batch:<3d} {ms * 1e3:9.1f} us {bw:7.0f} GB/s {r['pct_copy']:5.1f}%",
+        flush=True,
+    )
+    return r
+
+
+def bench_gqa(copy_bw: float, rows: list) -> None:
+    Hq, Hkv, D = 32, 4, 128  # Qwen3-30B-A3B
+    for cache in ("bf16", "int8"):
+        for ctx in (4096, 32768):
+            for N in (1, 16):
+                table, lens, nb = paged_setup(N, ctx)
+                kc = torch.randn(nb, 16, Hkv, D, device=DEV)
+                vc = torch.randn(nb, 16, Hkv, D, device=DEV)
+                ks = vs = None
+                if cache == "int8":
+                    (kc, ks), (vc, vs) = (
+                        gk.kv_write.quantize_per_token(kc, torch.int8),
+                        gk.kv_write.quantize_per_token(vc, torch.int8),
+                    )
+                else:
+                    kc, vc = kc.bfloat16(), vc.bfloat16()
+                q = torch.randn(N, Hq, D, device=DEV).bfloat16()
+                args = (q, kc, vc, table, lens, D**-0.5, ks, vs)
+                ms = bench_ms(paged_decode_attention_triton, *args, max_seq_len=ctx)
+                ref_ms = bench_ms(gk.paged_decode_attention_reference, *args, rep=50)
+                nbytes = 2 * N * ctx * Hkv * D * kc.element_size() + (
+                    0 if ks is None else 2 * N * ctx * Hkv * 4
+                )
+                rows.append(
+                    row("gqa", f"Hq=32,Hkv=4,D=128,{cache},ctx={ctx}", N, nbytes, ms, ref_ms, copy_bw)
+                )
+
+
+def bench_mla(copy_bw: float, rows: list) -> None:
+    R, P = 512, 64
+    for H, name in ((16, "V2-Lite"), (128, "V3")):
+        for ctx in (4096, 32768):
+            for N in (1, 16):
+                table, lens, nb = paged_setup(N, ctx)
+                cache = torch.randn(nb, 16, R + P, device=DEV).bfloat16()
+                ql = torch.randn(N, H, R, device=DEV).bfloat16()
+                qp = torch.randn(N, H, P, device=DEV).bfloat16()
+                args = (ql, qp, cache, table, lens, 192**-0.5)
+                ms = bench_ms(mla_decode_attention_triton, *args, max_seq_len=ctx)
+                ref_ms = bench_ms(gk.mla_decode_attention_reference, *args, rep=50)
+                nbytes = N * ctx * (R + P) * 2
+                rows.append(row("mla", f"{name} H={H},R=512,P=64,ctx={ctx}", N, nbytes, ms, ref_ms, copy_bw))
+
+
+MOE_SHAPES = {"V2-Lite": (64, 2048, 1408, 6), "Qwen3-30B-A3B": (128, 2048, 768, 8)}
+
+
+def moe_weights(E, H, inter, fmt):
+    w13 = gk.quantize_weight(torch.randn(E, 2 * inter, H, device=DEV) * 0.02, fmt, 128)
+    w2 = gk.quantize_weight(torch.randn(E, H, inter, device=DEV) * 0.02, fmt, 128)
+    return w13, w2
+
+
+def moe_bytes(w13, w2, ids) -> int:
+    E = w13.shape[0]
+    touched = torch.unique(ids[ids >= 0]).numel()
+    return touched * (w13.nbytes() + w2.nbytes()) // E
+
+
+def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
+    for name, (E, H, inter, K) in MOE_SHAPES.items():
+        for fmt in ("bf16", "int8", "int4"):
+            w13, w2 = moe_weights(E, H, inter, fmt)
+            for T in (1, 16, 64):
+                x = torch.randn(T, H, device=DEV).bfloat16()
+                ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).int()
+                wts = torch.rand(T, K, device=DEV)
+                best = None
+                for cfg in moe_candidates(T, fmt):
+                    ms = bench_ms(moe.fused_moe_triton, x, w13, w2, ids, wts, cfg, rep=100)
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+                ms, cfg = best
+                tuned.setdefault("fused_moe", {}).setdefault(f"E={E},N={inter},fmt={fmt}", {})[str(T)] = cfg
+                ref_ms = bench_ms(moe.fused_moe_reference, x, w13, w2, ids, wts, rep=50)
+                rows.append(
+                    row(
+                        "fused_moe",
+                        f"{name} E={E},H={H},I={inter},K={K},{fmt}",
+                        T,
+                        moe_bytes(w13, w2, ids),
+                        ms,
+                        ref_ms,
+                        copy_bw,
+                        {"config": cfg},
+                    )
+                )
+
+
+def moe_candidates(T: int, fmt: str) -> list[dict]:
+    base = moe.fused_moe_config(T, 1, 1, fmt, 128)
+    out = [base]
+    for bn, bk, w, st in (
+        (32, 128, 4, 4),
+        (64, 256, 4, 3),
+        (128, 128, 4, 3),
+        (32, 256, 2, 4),
+        (64, 128, 8, 4),
+    ):
+        if fmt == "int4" and bk > 128:
+            continue
+        out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st})
+    return out
+
+
+def bench_quant_linear(copy_bw: float, rows: list, tuned: dict) -> None:
+    N, K = 8192, 4096
+    w = torch.randn(N, K, device=DEV) * 0.02
+    for fmt in ("bf16", "fp8", "int8", "int4"):
+        qw = gk.quantize_weight(w, fmt, 128)
+        for M in (1, 16, 64):
+            x = torch.randn(M, K, device=DEV).bfloat16()
+            best = None
+            for cfg in ql_candidates(M, N, K, fmt):
+                ms = bench_ms(quant.quant_linear_triton, x, qw, None, cfg, rep=100)
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            ms, cfg = best
+            tuned.setdefault("quant_linear", {}).setdefault(f"N={N},K={K},fmt={fmt}", {})[str(M)] = cfg
+            ref_ms = bench_ms(quant.quant_linear_reference, x, qw, rep=50)
+            rows.append(
+                row("qlinear", f"N={N},K={K},{fmt}", M, qw.nbytes(), ms, ref_ms, copy_bw, {"config": cfg})
+            )
+
+
+def ql_candidates(M, N, K, fmt) -> list[dict]:
+    base = quant.quant_linear_config(M, N, K, fmt, 128)
+    out = [base]
+    for bn, bk, w, st in ((16, 256, 4, 4), (64, 128, 4, 4)):
+        out.append(
+            {
+                **base,
+                "BLOCK_N": bn,
+                "BLOCK_K": min(bk, 128) if fmt == "int4" else bk,
+                "num_warps": w,
+                "num_stages": st,
+            }
+        )
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return re.search(r"model name\s*:\s*(.*)", text).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", default="gqa,mla,moe,qlinear")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    card = torch.cuda.get_device_name()
+    copy_bw = copy_bandwidth()
+    print(f"{card}: device-to-device copy {copy_bw:.0f} GB/s (read + write)", flush=True)
+    rows: list = []
+    tuned: dict = {}
+    only = args.only.split(",")
+    if "gqa" in only:
+        bench_gqa(copy_bw, rows)
+    if "mla" in only:
+        bench_mla(copy_bw, rows)
+    if "moe" in only:
+        bench_moe(copy_bw, rows, tuned)
+    if "qlinear" in only:
+        bench_quant_linear(copy_bw, rows, tuned)
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-")
+    out = Path(args.out) / f"gpu_kernels-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "card": card,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_GBps": copy_bw,
+        "rows": rows,
+        "tuned_configs": {k: {card: v} for k, v in tuned.items()},
+    }
+    out.write_text(json.dumps(result, indent=1))
+
+    print(f"\n{card} | {result['cpu']} | copy bandwidth {copy_bw:.0f} GB/s")
+    print(
+        f"{'kernel':10s} {'shape':40s} {'batch':>5s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s} {'ref us':>9s} {'x ref':>6s}"
+    )
+    for r in rows:
+        ref = "" if r["ref_ms"] is None else f"{r['ref_ms'] * 1e3:9.1f}"
+        sp = "" if r["speedup_vs_ref"] is None else f"{r['speedup_vs_ref']:6.1f}"
+        print(
+            f"{r['kernel']:10s} {r['shape']:40s} {r['batch']:5d} {r['ms'] * 1e3:9.1f} {r['GB/s']:7.0f} "
+            f"{r['pct_copy']:6.1f} {ref:>9s} {sp:>6s}"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
