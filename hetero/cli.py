@@ -12,7 +12,33 @@ def _commands() -> list:
     # Each module adds its own subcommand; imported here so `hetero --help` lists them all.
     from hetero import generate, make_model, planning
 
-    return [generate, make_model, planning]
+    return [generate, make_model, planning, _Serve]
+
+
+class _Serve:
+    """`hetero serve`: the HTTP server lives in the `server` package, imported only when asked for."""
+
+    @staticmethod
+    def register(sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+        p.add_argument(
+            "model", nargs="?", default=None, help="checkpoint directory (default: the demo model)"
+        )
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+        p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+        p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+        p.add_argument("--max-model-len", type=int, default=4096)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--served-model-name", default=None)
+        p.set_defaults(func=_Serve.run)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from server.main import serve
+
+        return serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

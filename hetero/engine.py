@@ -173,9 +173,10 @@ class Engine:
         self.scheduler.waiting.append(seq)
         return seq
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a sequence now (a client left, or a stop string matched) and free its blocks."""
         if not seq.finished:
-            self.scheduler.finish(seq, "abort")
+            self.scheduler.finish(seq, reason)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> StepOutput:
