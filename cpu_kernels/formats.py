@@ -1,0 +1,301 @@
+"""Expert weight formats: quantizers, exact dequantizers and the packed layout the kernels stream.
+
+E = experts, I = intermediate size, H = hidden size, Hp / Ip = H / I padded to a multiple of 128.
+Gate and up rows of the same output index are stored next to each other, so one pass over
+``gate_up[e]`` reads both projections that ``silu(gate) * up`` needs, in memory order.
+
+| fmt  | gate_up              | down             | scales                                   |
+|------|----------------------|------------------|------------------------------------------|
+| bf16 | uint16 [E, I, 2, Hp] | uint16 [E, H, Ip]| none                                     |
+| int8 | uint8 [E, I, 2, Hp]  | uint8 [E, H, Ip] | float32 per row [E, I, 2] / [E, H]       |
+| int4 | uint8 [E, I, 2, Hp/2]| uint8 [E, H, Ip/2]| float16 bits per group [E, I, 2, Hp/g] / [E, H, Ip/g] |
+
+int8 codes are ``q + 128`` (q in -127..127): unsigned codes feed vpdpbusd's unsigned operand.
+int8 row scales keep 16 significant bits so that ``q * scale`` is exact in float32, and the
+float32 dequantized weights are exactly what the kernel multiplies with.
+int4 codes are nibbles q in 0..15 with weight ``(q - z) * scale`` (z = 8 when symmetric, else a
+stored zero point per group); in each block of 128 inputs, byte j holds input j (low nibble) and
+input 64 + j (high nibble). Padding inputs are zero weights (code for 0) and zero activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+from numba import prange
+
+FORMATS = ("bf16", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+PAD = 128
+
+
+def padded(n: int) -> int:
+    return -(-n // PAD) * PAD
+
+
+@dataclass(slots=True)
+class PackedExperts:
+    """Experts of one layer in a kernel format; local expert ids are 0..E-1."""
+
+    fmt: str
+    group_size: int
+    E: int
+    H: int
+    I: int  # noqa: E741 - the model's name for the intermediate size
+    gate_up: np.ndarray
+    down: np.ndarray
+    gate_up_scale: np.ndarray
+    down_scale: np.ndarray
+    gate_up_zero: np.ndarray
+    down_zero: np.ndarray
+    symmetric: bool = True
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {self.fmt!r}")
+        arrays = (self.gate_up, self.down, self.gate_up_scale, self.down_scale)
+        self.nbytes = sum(a.nbytes for a in arrays) + (0 if self.symmetric else self.gate_up_zero.nbytes)
+        self.nbytes += 0 if self.symmetric else self.down_zero.nbytes
+
+    @property
+    def Hp(self) -> int:
+        return padded(self.H)
+
+    @property
+    def Ip(self) -> int:
+        return padded(self.I)
+
+    def expert_nbytes(self) -> int:
+        """Bytes one expert's weights (with scales) occupy: what a decode step reads per selected expert."""
+        return self.nbytes // max(self.E, 1)
+
+
+# ---------------------------------------------------------------- bf16
+
+
+def to_bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+# ---------------------------------------------------------------- int8
+
+
+def _trim_mantissa(s: np.ndarray) -> np.ndarray:
+    """Round float32 values to 16 significant bits so that (7-bit int) * s is exact in float32."""
+    bits = s.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x80)) & np.uint32(0xFFFFFF00)).view(np.float32)
+
+
+def int8_row_scales(w: np.ndarray) -> np.ndarray:
+    """w [R, n] float32 -> scales [R] float32 (symmetric, amax / 127)."""
+    amax = np.abs(w).max(axis=-1)
+    return _trim_mantissa(np.where(amax > 0, amax / np.float32(127), np.float32(1)))
+
+
+@numba.njit(parallel=True, cache=True)
+def _int8_codes(w, scales, codes):
+    # w [R, n] f32, scales [R] f32, codes [R, npad] u8 (may be a strided view)
+    R, n = w.shape
+    for r in prange(R):
+        s = scales[r]
+        for i in range(n):
+            q = min(max(np.rint(w[r, i] / s), -127.0), 127.0)
+            codes[r, i] = np.uint8(q + 128.0)
+        for i in range(n, codes.shape[1]):
+            codes[r, i] = 128
+
+
+def quantize_int8(w: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """w [R, n] float32 -> (codes uint8 [R, padded(n)], scales float32 [R])."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    scales = int8_row_scales(w)
+    codes = np.empty((w.shape[0], padded(w.shape[1])), np.uint8) if out is None else out
+    _int8_codes(w, scales, codes)
+    return codes, scales
+
+
+def dequantize_int8(codes: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
+    """codes [..., npad] uint8, scales [...] -> float32 [..., n] (exact)."""
+    q = codes[..., :n].astype(np.float32) - np.float32(128)
+    return q * scales[..., None]
+
+
+# ---------------------------------------------------------------- int4
+
+
+def int4_group_params(w: np.ndarray, g: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """w [R, npad] float32 (zero padded) -> (scales float16 [R, npad/g], zeros uint8 [R, npad/g])."""
+    wg = w.reshape(w.shape[0], -1, g)
+    if symmetric:
+        amax = np.abs(wg).max(axis=-1)
+        s = np.where(amax > 0, amax / 7, 1.0)
+        s16 = np.clip(s, 2.0**-24, 65504).astype(np.float16)
+        return s16, np.full(s16.shape, 8, np.uint8)
+    lo, hi = wg.min(axis=-1), wg.max(axis=-1)
+    s = (hi - lo) / 15
+    flat = s == 0
+    s = np.where(flat, np.where(hi == 0, 1.0, np.abs(hi) / 8), s)
+    s16 = np.clip(s, 2.0**-24, 65504).astype(np.float16)
+    z = np.clip(np.rint(-lo / s16.astype(np.float32)), 0, 15).astype(np.uint8)
+    return s16, z
+
+
+@numba.njit(parallel=True, cache=True)
+def _int4_codes(w, scales, zeros, g, packed):
+    # w [R, npad] f32, scales [R, npad/g] f32, zeros [R, npad/g] u8, packed [R, npad/2] u8
+    R, n = w.shape
+    for r in prange(R):
+        for b in range(n // 128):
+            for j in range(64):
+                i0 = b * 128 + j
+                i1 = i0 + 64
+                q0 = np.rint(w[r, i0] / scales[r, i0 // g]) + zeros[r, i0 // g]
+                q1 = np.rint(w[r, i1] / scales[r, i1 // g]) + zeros[r, i1 // g]
+                lo = np.uint8(min(max(q0, 0.0), 15.0))
+                hi = np.uint8(min(max(q1, 0.0), 15.0))
+                packed[r, b * 64 + j] = lo | (hi << 4)
+
+
+def quantize_int4(
+    w: np.ndarray, g: int, symmetric: bool = True, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w [R, n] float32 -> (packed uint8 [R, npad/2], scales float16 [R, npad/g], zeros uint8 [R, npad/g])."""
+    if g not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {g}")
+    R, n = w.shape
+    wp = np.zeros((R, padded(n)), np.float32)
+    wp[:, :n] = w
+    s16, z = int4_group_params(wp, g, symmetric)
+    packed = np.empty((R, padded(n) // 2), np.uint8) if out is None else out
+    _int4_codes(wp, s16.astype(np.float32), z, g, packed)
+    return packed, s16, z
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """packed [..., npad/2] uint8 -> nibbles [..., npad] uint8 in input order."""
+    blocks = packed.reshape(*packed.shape[:-1], -1, 64)
+    q = np.concatenate([blocks & 15, blocks >> 4], axis=-1)  # [..., nblk, 128]
+    return q.reshape(*packed.shape[:-1], -1)
+
+
+def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g: int, n: int) -> np.ndarray:
+    """packed [..., npad/2], scales float16 bits or float16 [..., npad/g], zeros [..., npad/g] or [1] -> float32 [..., n]."""
+    q = unpack_int4(packed).astype(np.float32)
+    s = scales.view(np.float16).astype(np.float32)
+    z = np.broadcast_to(zeros, s.shape).astype(np.float32)
+    w = (q.reshape(*s.shape, g) - z[..., None]) * s[..., None]
+    return w.reshape(*q.shape)[..., :n]
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _check_weights(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> tuple[int, int, int]:
+    for name, a in (("gate", gate), ("up", up), ("down", down)):
+        if not isinstance(a, np.ndarray) or a.ndim != 3:
+            raise ValueError(
+                f"{name} must be a 3-D numpy array, got {type(a).__name__} {getattr(a, 'shape', '')}"
+            )
+        if a.dtype != np.float32:
+            raise ValueError(f"{name} must be float32, got {a.dtype}")
+    E, I, H = gate.shape  # noqa: E741
+    if up.shape != (E, I, H):
+        raise ValueError(f"up must have gate's shape [E, I, H] = {gate.shape}, got {up.shape}")
+    if down.shape != (E, H, I):
+        raise ValueError(f"down must have shape [E, H, I] = {(E, H, I)}, got {down.shape}")
+    return E, I, H
+
+
+def pack_experts(
+    gate: np.ndarray,
+    up: np.ndarray,
+    down: np.ndarray,
+    fmt: str = "int4",
+    group_size: int = 64,
+    symmetric: bool = True,
+    expert_ids: np.ndarray | list[int] | None = None,
+) -> PackedExperts:
+    """Quantize and lay out experts once, at load time.
+
+    gate, up: float32 [E_all, I, H]; down: float32 [E_all, H, I].
+    expert_ids: which experts to pack (local id k = expert_ids[k]); all when None.
+    Works one expert at a time, so memory beyond the packed result stays at one expert.
+    """
+    E_all, I, H = _check_weights(gate, up, down)  # noqa: E741
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
+    ids = np.arange(E_all) if expert_ids is None else np.asarray(expert_ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= E_all):
+        raise ValueError(f"expert_ids must lie in [0, {E_all}), got min {ids.min()} max {ids.max()}")
+    E, Hp, Ip = len(ids), padded(H), padded(I)
+    g = group_size if fmt == "int4" else 0
+    if fmt == "bf16":
+        gu = np.zeros((E, I, 2, Hp), np.uint16)
+        dn = np.zeros((E, H, Ip), np.uint16)
+        for k, e in enumerate(ids):
+            gu[k, :, 0, :H] = to_bf16_bits(gate[e])
+            gu[k, :, 1, :H] = to_bf16_bits(up[e])
+            dn[k, :, :I] = to_bf16_bits(down[e])
+        empty = np.zeros(1, np.float32)
+        return PackedExperts(
+            fmt, 0, E, H, I, gu, dn, empty, empty, np.zeros(1, np.uint8), np.zeros(1, np.uint8)
+        )
+    if fmt == "int8":
+        gu = np.empty((E, I, 2, Hp), np.uint8)
+        dn = np.empty((E, H, Ip), np.uint8)
+        gus = np.empty((E, I, 2), np.float32)
+        dns = np.empty((E, H), np.float32)
+        for k, e in enumerate(ids):
+            _, gus[k, :, 0] = quantize_int8(gate[e], out=gu[k, :, 0, :])
+            _, gus[k, :, 1] = quantize_int8(up[e], out=gu[k, :, 1, :])
+            _, dns[k] = quantize_int8(down[e], out=dn[k])
+        zero = np.full(1, 128, np.uint8)
+        return PackedExperts(fmt, 0, E, H, I, gu, dn, gus, dns, zero, zero)
+    gu = np.empty((E, I, 2, Hp // 2), np.uint8)
+    dn = np.empty((E, H, Ip // 2), np.uint8)
+    gus = np.empty((E, I, 2, Hp // g), np.uint16)
+    dns = np.empty((E, H, Ip // g), np.uint16)
+    guz = np.empty((E, I, 2, Hp // g), np.uint8) if not symmetric else np.full(1, 8, np.uint8)
+    dnz = np.empty((E, H, Ip // g), np.uint8) if not symmetric else np.full(1, 8, np.uint8)
+    for k, e in enumerate(ids):
+        for j, w in enumerate((gate[e], up[e])):
+            _, s, z = quantize_int4(w, g, symmetric, out=gu[k, :, j, :])
+            gus[k, :, j] = s.view(np.uint16)
+            if not symmetric:
+                guz[k, :, j] = z
+        _, s, z = quantize_int4(down[e], g, symmetric, out=dn[k])
+        dns[k] = s.view(np.uint16)
+        if not symmetric:
+            dnz[k] = z
+    return PackedExperts(fmt, g, E, H, I, gu, dn, gus, dns, guz, dnz, symmetric)
+
+
+def dequantize(experts: PackedExperts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact float32 weights the kernel computes with: gate, up [E, I, H]; down [E, H, I]."""
+    x, H, I = experts, experts.H, experts.I  # noqa: E741
+    if x.fmt == "bf16":
+        return (
+            from_bf16_bits(x.gate_up[:, :, 0, :H]),
+            from_bf16_bits(x.gate_up[:, :, 1, :H]),
+            from_bf16_bits(x.down[..., :I]),
+        )
+    if x.fmt == "int8":
+        gu = dequantize_int8(x.gate_up, x.gate_up_scale, H)  # [E, I, 2, H]
+        return gu[:, :, 0], gu[:, :, 1], dequantize_int8(x.down, x.down_scale, I)
+    g = x.group_size
+    guz = x.gate_up_zero if not x.symmetric else np.full(x.gate_up_scale.shape, 8, np.uint8)
+    dnz = x.down_zero if not x.symmetric else np.full(x.down_scale.shape, 8, np.uint8)
+    gu = dequantize_int4(x.gate_up, x.gate_up_scale, guz, g, H)  # [E, I, 2, H]
+    return gu[:, :, 0], gu[:, :, 1], dequantize_int4(x.down, x.down_scale, dnz, g, I)

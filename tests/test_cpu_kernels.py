@@ -1,0 +1,224 @@
+"""cpu_kernels against a float64 numpy reference.
+
+bf16: the reference uses the bf16-rounded weights in float64; tolerance 1e-5 (float32 math).
+int8 / int4: the reference applies the kernel's quantization (dequantized weights, activations
+quantized per block of 64 to int8, the intermediate rounded to float32 and quantized again);
+tolerance 1e-4. The error against float weights and activations is reported and bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import cpu_kernels as ck
+from cpu_kernels import formats
+
+ODD = (200, 72)  # H, I: not multiples of 64 / 128
+
+
+def make_layer(E: int, H: int, I: int, seed: int = 0):  # noqa: E741
+    rng = np.random.default_rng(seed)
+    gate = (rng.standard_normal((E, I, H)) / np.sqrt(H)).astype(np.float32)
+    up = (rng.standard_normal((E, I, H)) / np.sqrt(H)).astype(np.float32)
+    down = (rng.standard_normal((E, H, I)) / np.sqrt(I)).astype(np.float32)
+    return gate, up, down
+
+
+def make_batch(T: int, K: int, E: int, H: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(0, E, (T, K)).astype(np.int32)
+    w = rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)
+    return x, ids, w
+
+
+def quant_act(v: np.ndarray) -> np.ndarray:
+    """Kernel's activation quantization, written independently: int8 per block of 64, dequantized."""
+    n = v.shape[0]
+    vp = np.zeros(-(-n // 128) * 128, np.float32)
+    vp[:n] = v
+    blocks = vp.reshape(-1, 64)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    s = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(blocks / s), -127, 127)
+    return (q.astype(np.float64) * s.astype(np.float64)).reshape(-1)[:n]
+
+
+def reference(x, ids, w, gate, up, down, quantized: bool) -> np.ndarray:
+    T, K = ids.shape
+    out = np.zeros(x.shape, np.float64)
+    g64, u64, d64 = (a.astype(np.float64) for a in (gate, up, down))
+    for t in range(T):
+        xt = quant_act(x[t]) if quantized else x[t].astype(np.float64)
+        for k in range(K):
+            e = ids[t, k]
+            if e < 0:
+                continue
+            g, u = g64[e] @ xt, u64[e] @ xt
+            h = (g / (1.0 + np.exp(-g)) * u).astype(np.float32)
+            ht = quant_act(h) if quantized else h.astype(np.float64)
+            out[t] += np.float64(w[t, k]) * (d64[e] @ ht)
+    return out
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+LAYERS: dict = {}
+
+
+def packed(fmt: str, g: int, sym: bool, E: int, H: int, I: int):  # noqa: E741
+    key = (fmt, g, sym, E, H, I)
+    if key not in LAYERS:
+        w = make_layer(E, H, I)
+        LAYERS[key] = (w, ck.pack_experts(*w, fmt=fmt, group_size=g, symmetric=sym))
+    return LAYERS[key]
+
+
+FORMATS = [("bf16", 0, True), ("int8", 0, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True)]
+SHAPES = [(1, 1, 4), (3, 2, 8), (64, 8, 64), (64, 2, 16)]  # T, K, E
+
+
+@pytest.mark.parametrize("fmt,g,sym", FORMATS)
+@pytest.mark.parametrize("T,K,E", SHAPES)
+def test_fused_moe_matches_reference(fmt, g, sym, T, K, E):
+    H, I = ODD  # noqa: E741
+    (gate, up, down), experts = packed(fmt, g, sym, E, H, I)
+    x, ids, w = make_batch(T, K, E, H, seed=T * 100 + K)
+    if T > 1:
+        ids[1, 0] = -1  # not on this backend
+        ids[2 % T, :] = ids[2 % T, 0]  # one expert repeated within a token
+    out = ck.fused_moe(x, ids, w, experts)
+    dg, du, dd = ck.dequantize(experts)
+    quantized = fmt != "bf16"
+    err = rel_err(out, reference(x, ids, w, dg, du, dd, quantized))
+    assert err < (1e-4 if quantized else 1e-5), f"{fmt} g={g}: relative error {err:.2e}"
+    if fmt == "int8":
+        err_float = rel_err(out, reference(x, ids, w, gate, up, down, False))
+        print(f"int8 error vs float weights and activations: {err_float:.3e}")
+        assert err_float < 2e-2
+
+
+@pytest.mark.parametrize("fmt,g,sym", FORMATS)
+def test_paths_agree(fmt, g, sym):
+    """Portable path, prefill blocking, one thread and out= give the same numbers as the default."""
+    H, I = 130, 200  # noqa: E741
+    _, experts = packed(fmt, g, sym, 6, H, I)
+    x, ids, w = make_batch(40, 3, 6, H, seed=7)
+    base = ck.fused_moe(x, ids, w, experts, prefer="decode")
+    buf = np.full_like(base, np.nan)
+    ck.fused_moe(x, ids, w, experts, prefer="prefill", out=buf)
+    np.testing.assert_allclose(buf, base, rtol=1e-6, atol=1e-6)
+    ck.set_vnni(False)
+    try:
+        portable = ck.fused_moe(x, ids, w, experts, threads=1)
+    finally:
+        ck.set_vnni(True)
+    np.testing.assert_allclose(portable, base, rtol=1e-6, atol=1e-6)
+
+
+def test_all_skipped_and_empty():
+    _, experts = packed("int8", 0, True, 4, *ODD)
+    x, ids, w = make_batch(3, 2, 4, ODD[0])
+    out = ck.fused_moe(x, np.full_like(ids, -1), w, experts)
+    assert np.all(out == 0)
+    assert ck.fused_moe(x[:0], ids[:0], w[:0], experts).shape == (0, ODD[0])
+
+
+@pytest.mark.parametrize("fmt,g", [("int8", 0), ("int4", 64)])
+def test_quantizer_round_trip(fmt, g):
+    """Dequantized weights are exactly representable: packing them again gives the same bytes."""
+    w = make_layer(3, *ODD)
+    p = ck.pack_experts(*w, fmt=fmt, group_size=g)
+    again = ck.pack_experts(*ck.dequantize(p), fmt=fmt, group_size=g)
+    for name in ("gate_up", "down", "gate_up_scale", "down_scale"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(p, name), err_msg=name)
+    gate, deq = w[0], ck.dequantize(p)[0]
+    step = np.abs(gate).max(axis=-1, keepdims=True) / (127 if fmt == "int8" else 7)
+    assert np.all(np.abs(deq - gate) <= step)
+
+
+def test_expert_subset_and_nbytes():
+    w = make_layer(6, 128, 64)
+    sub = ck.pack_experts(*w, fmt="int4", group_size=32, expert_ids=[4, 1])
+    full = ck.pack_experts(*w, fmt="int4", group_size=32)
+    np.testing.assert_array_equal(sub.gate_up, full.gate_up[[4, 1]])
+    assert sub.E == 2 and sub.nbytes == full.nbytes // 3
+    # I = 64 pads to 128: gate_up 64x2x64 B, down 128x64 B, fp16 scales per group of 32
+    assert full.nbytes == 6 * (64 * 2 * 64 + 128 * 64 + (64 * 2 * 4 + 128 * 4) * 2)
+
+
+def test_numa_partition_matches_single():
+    E, (H, I) = 10, ODD  # noqa: E741
+    w = make_layer(E, H, I)
+    single = ck.pack_experts(*w, fmt="int8")
+    numa = ck.pack_experts_numa(*w, nodes=[[0], [ck.moe.numba.config.NUMBA_NUM_THREADS - 1]], fmt="int8")
+    assert [len(p) for p in numa.ids] == [5, 5]
+    x, ids, wt = make_batch(5, 3, E, H)
+    ids[0, 1] = -1
+    np.testing.assert_allclose(
+        ck.fused_moe_numa(x, ids, wt, numa), ck.fused_moe(x, ids, wt, single), rtol=1e-5
+    )
+    assert [len(p) for p in ck.partition_experts(7, 3)] == [3, 2, 2]
+
+
+def test_gil_released():
+    _, experts = packed("bf16", 0, True, 64, 512, 512)
+    x, ids, w = make_batch(64, 8, 64, 512)
+    ck.fused_moe(x, ids, w, experts)
+    t0 = time.perf_counter()
+    ck.fused_moe(x, ids, w, experts)
+    once = time.perf_counter() - t0
+    ticks = 0
+    worker = threading.Thread(target=lambda: [ck.fused_moe(x, ids, w, experts) for _ in range(5)])
+    worker.start()
+    while worker.is_alive():
+        ticks += 1
+        time.sleep(once / 20)
+    assert ticks > 20, f"main thread ran only {ticks} times during 5 kernel calls"
+
+
+def _bad_calls():
+    _, experts = packed("int8", 0, True, 4, *ODD)
+    x, ids, w = make_batch(3, 2, 4, ODD[0])
+    yield "x must be", (x.astype(np.float64), ids, w, experts), {}
+    yield "hidden size", (x[:, :-1].copy(), ids, w, experts), {}
+    yield "topk_ids must be", (x, ids.astype(np.int64), w, experts), {}
+    yield r"\[0, 4\)", (x, ids + 4, w, experts), {}
+    yield r"-1 \(skip\)", (x, ids - 3, w, experts), {}
+    yield "topk_weights", (x, ids, w[:, :1].copy(), experts), {}
+    yield "PackedExperts", (x, ids, w, {"fmt": "int8"}), {}
+    yield "out must", (x, ids, w, experts), {"out": np.empty((2, ODD[0]), np.float32)}
+    yield "prefer", (x, ids, w, experts), {"prefer": "fast"}
+
+
+@pytest.mark.parametrize("match,args,kw", list(_bad_calls()))
+def test_bad_input_raises(match, args, kw):
+    with pytest.raises(ValueError, match=match):
+        ck.fused_moe(*args, **kw)
+
+
+def test_bad_pack_raises():
+    gate, up, down = make_layer(2, 64, 32)
+    with pytest.raises(ValueError, match="fmt"):
+        ck.pack_experts(gate, up, down, fmt="int3")
+    with pytest.raises(ValueError, match="group_size"):
+        ck.pack_experts(gate, up, down, fmt="int4", group_size=48)
+    with pytest.raises(ValueError, match="down must have shape"):
+        ck.pack_experts(gate, up, down[:, :, :-1], fmt="int8")
+    with pytest.raises(ValueError, match="float32"):
+        ck.pack_experts(gate.astype(np.float64), up, down)
+    with pytest.raises(ValueError, match="expert_ids"):
+        ck.pack_experts(gate, up, down, expert_ids=[2])
+
+
+def test_bf16_bits_round_to_nearest_even():
+    v = np.array([1.0, 1.00390625, 1.01171875, -2.5e-3], np.float32)
+    back = formats.from_bf16_bits(formats.to_bf16_bits(v))
+    np.testing.assert_array_equal(back[:3], np.array([1.0, 1.0, 1.015625], np.float32))
+    assert abs(back[3] - v[3]) <= abs(v[3]) * 2**-8
