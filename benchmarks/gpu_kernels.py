@@ -11,15 +11,19 @@ import argparse
 import json
 import platform
 import re
+import sys
 from pathlib import Path
 
-import torch
-import triton
+# run as a script, this file's folder leads sys.path and its name would shadow the gpu_kernels package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import gpu_kernels as gk
-from gpu_kernels import moe, quant
-from gpu_kernels.mla_attention import mla_decode_attention_triton
-from gpu_kernels.paged_attention import paged_decode_attention_triton
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import gpu_kernels as gk  # noqa: E402
+from gpu_kernels import moe, quant  # noqa: E402
+from gpu_kernels.mla_attention import mla_decode_attention_triton  # noqa: E402
+from gpu_kernels.paged_attention import paged_decode_attention_triton  # noqa: E402
 
 DEV = "cuda"
 GB = 1e9
