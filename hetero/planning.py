@@ -1,0 +1,161 @@
+"""`hetero plan` and `hetero profile`, and `make_plan`, the planner entry point of the engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import placement
+from placement import HardwareProfile, Plan, PlanError, PlanOptions, parse_rate, parse_size
+from placement.units import fmt_bytes
+
+from hetero.config import PRESETS, ModelSpec, preset
+from hetero.errors import HeteroError
+from hetero.inventory import build_inventory
+
+
+def make_plan(
+    spec: ModelSpec, profile: HardwareProfile | None = None, name: str = "", **options: Any
+) -> Plan:
+    """Plan ``spec`` on ``profile`` (this machine's, probed once and cached, when None).
+
+    ``options`` are PlanOptions fields (gpu_mem, cpu_mem, context, batch, experts, ...). Without
+    CUDA the GPU is a pretend 24 GiB card unless ``gpu_mem`` says otherwise.
+    """
+    try:
+        opts = PlanOptions(**options)
+        return placement.make_plan(build_inventory(spec, name), profile or placement.detect(), opts)
+    except TypeError as e:
+        raise HeteroError(f"unknown plan option: {e}") from None
+    except PlanError as e:
+        raise HeteroError(str(e)) from None
+
+
+def load_spec(model: str | None) -> tuple[ModelSpec, str]:
+    """A preset name or a checkpoint directory; DeepSeek-V3 when nothing is named."""
+    model = model or "deepseek-v3"
+    if model.lower() in PRESETS:
+        return preset(model), model.lower()
+    if Path(model).exists():
+        return ModelSpec.from_pretrained(model), Path(model).name
+    raise HeteroError(
+        f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory holding config.json"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="decide where each weight goes and predict the speed, loading nothing")
+    p.add_argument("model", nargs="?", help="a preset name or a checkpoint directory (default deepseek-v3)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to use (multiplies the GPU budget for now)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--experts", default="int4", choices=("int4", "int8", "bf16"), help="routed expert format")
+    p.add_argument("--group-size", type=int, default=128, help="int4 quantization group")
+    p.add_argument("--gpu-weights", default="auto", choices=("auto", "bf16", "fp8", "int8", "int4"))
+    p.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp16", "fp8", "fp32"))
+    p.add_argument("--freq", help='expert-activation counts, JSON {"layer": {"expert": count}}')
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="prompt length of the prefill prediction")
+    p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    p.add_argument("-o", "--output", help="also write the plan JSON to this file")
+    _hardware_args(p)
+    p.set_defaults(func=_plan_cmd)
+
+    q = sub.add_parser("profile", help="show the detected hardware (probed once, then cached)")
+    q.add_argument("--json", action="store_true")
+    _hardware_args(q)
+    q.set_defaults(func=_profile_cmd)
+
+
+def _hardware_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hardware (override what was detected, to plan for another machine)")
+    g.add_argument("--gpu-mem", help="GPU memory to use, e.g. 24GiB, 24GB, 80000MiB (G = GiB)")
+    g.add_argument("--cpu-mem", help="RAM to use, e.g. 512GiB")
+    g.add_argument("--gpu-name", help="plan for this card (known: H100, H200, A100, L40S, RTX 4090, ...)")
+    g.add_argument("--gpu-bw", help="GPU memory bandwidth, GB/s")
+    g.add_argument("--gpu-tflops", type=float, help="GPU dense bf16 TFLOP/s")
+    g.add_argument("--cpu-bw", help="CPU memory read bandwidth, GB/s")
+    g.add_argument("--cpu-tflops", type=float, help="CPU fp32 FMA peak, TFLOP/s")
+    g.add_argument("--cpu-cores", type=int, help="physical cores")
+    g.add_argument("--numa-nodes", type=int, help="NUMA nodes (cores and RAM split evenly)")
+    g.add_argument("--pcie-bw", help="host-to-GPU bandwidth from pinned memory, GB/s")
+    g.add_argument("--no-probe", action="store_true", help="skip measurements; use table values and defaults")
+    g.add_argument("--refresh-profile", action="store_true", help="measure again instead of using the cache")
+
+
+def profile_from_args(args: argparse.Namespace) -> tuple[HardwareProfile, dict[str, int | None]]:
+    """The profile with command-line overrides, and the byte budgets the flags name."""
+    try:
+        gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+        cpu_mem = parse_size(args.cpu_mem) if args.cpu_mem else None
+        prof = placement.detect(probe=not args.no_probe, refresh=args.refresh_profile)
+        prof = prof.with_overrides(
+            gpu_mem=gpu_mem,
+            gpu_name=args.gpu_name,
+            gpu_bw=parse_rate(args.gpu_bw) if args.gpu_bw else None,
+            gpu_tflops=args.gpu_tflops,
+            cpu_mem=cpu_mem,
+            cpu_bw=parse_rate(args.cpu_bw) if args.cpu_bw else None,
+            cpu_tflops=args.cpu_tflops,
+            cpu_cores=args.cpu_cores,
+            numa_nodes=args.numa_nodes,
+            pcie_bw=parse_rate(args.pcie_bw) if args.pcie_bw else None,
+        )
+    except ValueError as e:
+        raise HeteroError(str(e)) from None
+    return prof, {"gpu_mem": gpu_mem, "cpu_mem": cpu_mem}
+
+
+def _plan_cmd(args: argparse.Namespace) -> int:
+    spec, name = load_spec(args.model)
+    prof, budgets = profile_from_args(args)
+    plan = make_plan(
+        spec,
+        prof,
+        name=name,
+        **budgets,
+        gpus=args.gpus,
+        context=args.context,
+        batch=args.batch,
+        experts=args.experts,
+        group_size=args.group_size,
+        gpu_weights=args.gpu_weights,
+        kv_dtype=args.kv_dtype,
+        freq=args.freq,
+        prefill_tokens=args.prefill_tokens,
+    )
+    if args.output:
+        Path(args.output).write_text(plan.to_json())
+    print(plan.to_json(indent=1) if args.json else placement.format_plan(plan))
+    return 0
+
+
+def _profile_cmd(args: argparse.Namespace) -> int:
+    prof, _ = profile_from_args(args)
+    if args.json:
+        print(json.dumps(prof.to_dict(), indent=1))
+        return 0
+    g = prof.gpu
+    rows = [
+        ("CPU", f"{prof.cpu_model}, {prof.physical_cores} physical cores"),
+        ("ISA", " ".join(prof.isa) or "(none of interest)"),
+        (
+            "NUMA",
+            "; ".join(f"node {n.id}: {len(n.cpus)} CPUs, {fmt_bytes(n.mem_bytes)}" for n in prof.numa_nodes),
+        ),
+        ("RAM", f"{fmt_bytes(prof.ram_bytes)} total, {fmt_bytes(prof.ram_available)} available"),
+        ("CPU read bandwidth", f"{prof.cpu_read_bw / 1e9:.1f} GB/s"),
+        ("CPU fp32 FMA peak", f"{prof.cpu_flops / 1e12:.2f} TFLOP/s"),
+        ("GPU", f"{g.name}, {fmt_bytes(g.total_bytes)} ({fmt_bytes(g.free_bytes)} free)"),
+        ("GPU memory bandwidth", f"{g.hbm_bw / 1e9:.0f} GB/s"),
+        ("GPU bf16", f"{g.bf16_flops / 1e12:.0f} TFLOP/s"),
+        ("host->GPU pinned", f"{prof.h2d_pinned_bw / 1e9:.1f} GB/s"),
+        ("host->GPU pageable", f"{prof.h2d_pageable_bw / 1e9:.1f} GB/s"),
+        ("measured", ", ".join(prof.measured) or "nothing (defaults and tables)"),
+    ]
+    if prof.overridden:
+        rows.append(("overridden", ", ".join(prof.overridden)))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0

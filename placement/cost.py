@@ -1,0 +1,270 @@
+"""Roofline cost model of one decode step and one prefill.
+
+Every module's time on a device is max(bytes read / bandwidth, FLOPs / compute rate), with
+rates from the hardware profile scaled by the fraction of peak real kernels reach. Within a
+layer the GPU first runs attention and the router; then the CPU's routed experts and the GPU's
+shared / resident experts run side by side, so the layer costs the slower of the two branches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Fractions of peak that kernels reach. GPU: decode GEMVs read ~80% of HBM peak and prefill GEMMs
+# reach ~60% of dense tensor FLOP/s. CPU: the probe already measures achievable read bandwidth; the
+# expert kernels dequantize while they read and reach ~70% of it (the reference machine's naive
+# int8 GEMV: 55 of 93 GB/s); for compute, JIT-compiled kernels without AMX reach ~30% of FMA peak.
+GPU_BW_EFF = 0.8
+GPU_FLOP_EFF = 0.6
+CPU_BW_EFF = 0.7
+CPU_FLOP_EFF = 0.3
+# Per layer and step: kernel launches and Python dispatch on the GPU side.
+LAYER_OVERHEAD_S = 30e-6
+# Per layer that sends work to the CPU: event waits and wake-up of the worker thread.
+HANDOFF_S = 20e-6
+
+RESOURCES = ("gpu-memory", "gpu-compute", "cpu-memory", "cpu-compute", "pcie", "overhead")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Effective rates, already scaled by the efficiency factors (bytes/s, FLOP/s)."""
+
+    gpu_bw: float
+    gpu_flops: float
+    cpu_bw: float
+    cpu_flops: float
+    pcie_bw: float
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"rate {f.name} must be positive")
+
+    @classmethod
+    def from_profile(cls, profile: Any, gpus: int = 1) -> Rates:
+        g = profile.gpu
+        return cls(
+            gpu_bw=g.hbm_bw * GPU_BW_EFF * gpus,
+            gpu_flops=g.bf16_flops * GPU_FLOP_EFF * gpus,
+            cpu_bw=profile.cpu_read_bw * CPU_BW_EFF,
+            cpu_flops=profile.cpu_flops * CPU_FLOP_EFF,
+            pcie_bw=profile.h2d_pinned_bw,
+        )
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer. Bytes are read once per step; FLOPs are per token."""
+
+    pre_bytes: float  # attention, norms, router
+    pre_flops: float
+    mlp_bytes: float  # shared experts or the dense MLP (GPU)
+    mlp_flops: float
+    expert_bytes: float  # one routed expert in the expert format
+    expert_flops: float  # per token routed to it
+    gpu_probs: tuple[float, ...]  # per-token hit probability of each GPU-resident routed expert
+    cpu_probs: tuple[float, ...]
+    kv_bytes_per_pos: float
+    attn_flops_decode: float  # per token per cached position
+    attn_flops_prefill: float
+
+
+@dataclass(frozen=True)
+class CostInputs:
+    layers: tuple[LayerCost, ...]
+    head_bytes: float  # final norm + lm_head
+    head_flops: float
+    hidden_size: int
+    rates: Rates
+    context: int  # cached tokens per sequence at which a decode step is priced
+    batch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for layer in d["layers"]:
+            layer["gpu_probs"] = [round(p, 6) for p in layer["gpu_probs"]]
+            layer["cpu_probs"] = [round(p, 6) for p in layer["cpu_probs"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CostInputs:
+        layers = tuple(
+            LayerCost(**{**x, "gpu_probs": tuple(x["gpu_probs"]), "cpu_probs": tuple(x["cpu_probs"])})
+            for x in d["layers"]
+        )
+        return cls(**{**d, "layers": layers, "rates": Rates(**d["rates"])})
+
+
+@dataclass
+class StepTime:
+    seconds: float
+    tokens: int
+    by_resource: dict[str, float] = field(default_factory=dict)
+    layers: list[float] = field(default_factory=list)
+    expert_mode: list[str] = field(default_factory=list)  # prefill: "cpu" or "stream" per MoE layer
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def bound(self) -> str:
+        return max(self.by_resource, key=self.by_resource.get) if self.by_resource else "overhead"
+
+
+# --------------------------------------------------------------------------- expert hits
+
+
+def expected_unique_experts(
+    n_tokens: float,
+    top_k: int = 0,
+    num_experts: int = 0,
+    probs: list[float] | tuple[float, ...] | None = None,
+) -> float:
+    """Experts touched by ``n_tokens`` tokens routed top-k of E.
+
+    Uniform routing: E * (1 - (1 - k/E)^n). With ``probs`` (each expert's per-token hit
+    probability, summing to k): sum of 1 - (1 - p)^n.
+    """
+    if probs is not None:
+        return sum(touch_probability(p, n_tokens) for p in probs)
+    if num_experts <= 0 or not 0 < top_k <= num_experts:
+        raise ValueError(f"need 0 < top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+    return num_experts * touch_probability(top_k / num_experts, n_tokens)
+
+
+def touch_probability(p: float, n_tokens: float) -> float:
+    """Chance that at least one of n tokens picks an expert each picks with probability p."""
+    return 1.0 - (1.0 - min(max(p, 0.0), 1.0)) ** n_tokens
+
+
+@dataclass
+class Branch:
+    """Running sums over a set of experts, so the planner can move one at a time in O(1)."""
+
+    n: float
+    touched: float = 0.0  # expected experts read per step
+    load: float = 0.0  # expected experts per token
+    log_none: float = 0.0  # log P(no expert of the set is touched)
+
+    def add(self, p: float, sign: int = 1) -> None:
+        self.touched += sign * touch_probability(p, self.n)
+        self.load += sign * p
+        self.log_none += sign * self.n * math.log1p(-min(p, 1 - 1e-12))
+
+    @classmethod
+    def of(cls, probs: tuple[float, ...], n: float) -> Branch:
+        b = cls(n)
+        for p in probs:
+            b.add(p)
+        return b
+
+
+def _roof(nbytes: float, flops: float, bw: float, rate: float, dev: str) -> tuple[float, str]:
+    tm, tc = nbytes / bw, flops / rate
+    return (tm, f"{dev}-memory") if tm >= tc else (tc, f"{dev}-compute")
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def decode_layer_time(
+    lc: LayerCost, gpu: Branch, cpu: Branch, r: Rates, hidden: int, batch: int, context: int
+) -> tuple[float, dict[str, float]]:
+    """Seconds of one layer for ``gpu.n`` tokens (``batch`` sequences at ``context`` cached tokens)."""
+    n = gpu.n
+    kv = lc.kv_bytes_per_pos * context * batch
+    t_pre, res_pre = _roof(
+        lc.pre_bytes + kv, n * (lc.pre_flops + lc.attn_flops_decode * context), r.gpu_bw, r.gpu_flops, "gpu"
+    )
+    t_g, res_g = _roof(
+        lc.mlp_bytes + gpu.touched * lc.expert_bytes,
+        n * (lc.mlp_flops + gpu.load * lc.expert_flops),
+        r.gpu_bw,
+        r.gpu_flops,
+        "gpu",
+    )
+    t_c, res_c = _roof(
+        cpu.touched * lc.expert_bytes, n * cpu.load * lc.expert_flops, r.cpu_bw, r.cpu_flops, "cpu"
+    )
+    p_any = 1.0 - math.exp(cpu.log_none)
+    hand = p_any * (HANDOFF_S + 2 * n * hidden * 2 / r.pcie_bw)  # activations there and back, bf16
+    parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
+    if t_c + hand > t_g:
+        parts[res_c] = parts.get(res_c, 0.0) + t_c
+        parts["pcie"] = hand
+    else:
+        parts[res_g] = parts.get(res_g, 0.0) + t_g
+    return sum(parts.values()), parts
+
+
+def decode_step_time(
+    inputs: Any, tokens_per_step: int = 1, batch: int | None = None, context: int | None = None
+) -> StepTime:
+    """One decode step: ``batch`` sequences each adding ``tokens_per_step`` tokens (a speculative
+    verify of k drafted tokens is tokens_per_step = k + 1). ``inputs``: CostInputs or a Plan."""
+    ci: CostInputs = getattr(inputs, "cost_inputs", inputs)
+    if tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be at least 1, got {tokens_per_step}")
+    batch = batch or ci.batch
+    context = ci.context if context is None else context
+    n = batch * tokens_per_step
+    r = ci.rates
+    out = StepTime(0.0, n, dict.fromkeys(RESOURCES, 0.0))
+    for lc in ci.layers:
+        t, parts = decode_layer_time(
+            lc, Branch.of(lc.gpu_probs, n), Branch.of(lc.cpu_probs, n), r, ci.hidden_size, batch, context
+        )
+        out.layers.append(t)
+        for k, v in parts.items():
+            out.by_resource[k] += v
+    t_head, res = _roof(ci.head_bytes, n * ci.head_flops, r.gpu_bw, r.gpu_flops, "gpu")
+    out.by_resource[res] += t_head
+    out.seconds = sum(out.layers) + t_head
+    return out
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+def prefill_time(inputs: Any, tokens: int) -> StepTime:
+    """A prompt of ``tokens`` tokens, layer by layer. Per layer the CPU-resident experts either run
+    on the CPU or have their weights streamed over PCIe to run on the GPU, whichever is faster."""
+    ci: CostInputs = getattr(inputs, "cost_inputs", inputs)
+    if tokens < 1:
+        raise ValueError(f"tokens must be at least 1, got {tokens}")
+    r, T = ci.rates, tokens
+    out = StepTime(0.0, T, dict.fromkeys(RESOURCES, 0.0))
+    for lc in ci.layers:
+        attn = T * lc.pre_flops + lc.attn_flops_prefill * T * T / 2  # causal: half the score matrix
+        t_pre, res_pre = _roof(lc.pre_bytes + lc.kv_bytes_per_pos * T, attn, r.gpu_bw, r.gpu_flops, "gpu")
+        gpu, cpu = Branch.of(lc.gpu_probs, T), Branch.of(lc.cpu_probs, T)
+        gb, gf = lc.mlp_bytes + gpu.touched * lc.expert_bytes, T * (lc.mlp_flops + gpu.load * lc.expert_flops)
+        cb, cf = cpu.touched * lc.expert_bytes, T * cpu.load * lc.expert_flops
+        t_g, res_g = _roof(gb, gf, r.gpu_bw, r.gpu_flops, "gpu")
+        t_c, res_c = _roof(cb, cf, r.cpu_bw, r.cpu_flops, "cpu")
+        t_c += 2 * T * ci.hidden_size * 2 / r.pcie_bw if cb else 0.0
+        # Streaming: the GPU also runs the CPU's experts while their weights cross PCIe.
+        t_gs, res_gs = _roof(gb, gf + cf, r.gpu_bw, r.gpu_flops, "gpu")
+        t_pcie = cb / r.pcie_bw
+        parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
+        if not lc.cpu_probs or max(t_g, t_c) <= max(t_gs, t_pcie):
+            slow, res = (t_c, res_c) if t_c > t_g else (t_g, res_g)
+            out.expert_mode.append("cpu" if lc.cpu_probs else "gpu")
+        else:
+            slow, res = (t_pcie, "pcie") if t_pcie > t_gs else (t_gs, res_gs)
+            out.expert_mode.append("stream")
+        parts[res] = parts.get(res, 0.0) + slow
+        out.layers.append(sum(parts.values()))
+        for k, v in parts.items():
+            out.by_resource[k] += v
+    t_head, res = _roof(
+        ci.head_bytes, ci.head_flops, r.gpu_bw, r.gpu_flops, "gpu"
+    )  # last token's logits only
+    out.by_resource[res] += t_head
+    out.seconds = sum(out.layers) + t_head
+    return out
