@@ -7,9 +7,8 @@ exclude them.
 
 from __future__ import annotations
 
-from placement.inventory import Inventory, Tensor
-
 from hetero.config import ModelSpec
+from placement.inventory import Inventory, Tensor
 
 
 def build_inventory(spec: ModelSpec, name: str = "") -> Inventory:

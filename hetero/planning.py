@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import placement
-from placement import HardwareProfile, Plan, PlanError, PlanOptions, parse_rate, parse_size
-from placement.units import fmt_bytes
-
 from hetero.config import PRESETS, ModelSpec, preset
 from hetero.errors import HeteroError
 from hetero.inventory import build_inventory
+from placement import HardwareProfile, Plan, PlanError, PlanOptions, parse_rate, parse_size
+from placement.units import fmt_bytes
 
 
 def make_plan(
