@@ -1,0 +1,278 @@
+import json
+
+import pytest
+
+from placement import (
+    HardwareProfile,
+    Inventory,
+    NumaNode,
+    Plan,
+    PlanError,
+    PlanOptions,
+    Tensor,
+    decode_step_time,
+    detect,
+    expected_unique_experts,
+    format_plan,
+    make_plan,
+    parse_rate,
+    parse_size,
+    prefill_time,
+)
+from placement.formats import tensor_bytes
+from placement.hardware import GpuInfo
+from placement.units import GiB, MiB
+
+H, INTER, E, K, LAYERS = 256, 512, 16, 2, 6
+
+
+def toy_inventory(layers: int = LAYERS, experts: int = E, top_k: int = K) -> Inventory:
+    """A small DeepSeek-like model: layer 0 dense, the rest MoE with one shared expert."""
+    t = [Tensor("model.embed_tokens.weight", "embed", (1000, H))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t += [
+            Tensor(p + "input_layernorm.weight", "norm", (H,), i, fixed="bf16"),
+            Tensor(p + "self_attn.q_proj.weight", "attention", (H, H), i),
+            Tensor(p + "self_attn.kv_proj.weight", "attention", (2 * H, H), i),
+            Tensor(p + "self_attn.o_proj.weight", "attention", (H, H), i),
+        ]
+        mlp = [(n, (INTER, H) if n != "down" else (H, INTER)) for n in ("gate", "up", "down")]
+        if i == 0:
+            t += [Tensor(f"{p}mlp.{n}_proj.weight", "dense_mlp", s, i) for n, s in mlp]
+            continue
+        t.append(Tensor(p + "mlp.gate.weight", "router", (experts, H), i, fixed="bf16"))
+        t += [Tensor(f"{p}mlp.shared_experts.{n}_proj.weight", "shared_expert", s, i) for n, s in mlp]
+        for e in range(experts):
+            t += [Tensor(f"{p}mlp.experts.{e}.{n}_proj.weight", "routed_expert", s, i, e) for n, s in mlp]
+    t += [
+        Tensor("model.norm.weight", "norm", (H,), fixed="bf16"),
+        Tensor("lm_head.weight", "lm_head", (1000, H)),
+    ]
+    return Inventory(
+        model="toy",
+        tensors=tuple(t),
+        num_layers=layers,
+        moe_layers=tuple(range(1, layers)),
+        num_experts=experts,
+        top_k=top_k,
+        hidden_size=H,
+        vocab_size=1000,
+        kv_elems_per_token=2 * H,
+        attn_flops_per_pos_decode=4 * H,
+        attn_flops_per_pos_prefill=4 * H,
+    )
+
+
+def toy_profile(numa: int = 1, cores: int = 8) -> HardwareProfile:
+    per = cores // numa
+    return HardwareProfile(
+        cpu_model="test CPU",
+        physical_cores=cores,
+        isa=("avx2", "fma"),
+        numa_nodes=tuple(NumaNode(i, tuple(range(i * per, (i + 1) * per)), 64 * GiB) for i in range(numa)),
+        ram_bytes=64 * GiB * numa,
+        ram_available=64 * GiB * numa,
+        cpu_read_bw=50e9,
+        cpu_flops=1e12,
+        gpus=(GpuInfo("test GPU", 8 * GiB, 8 * GiB, 1e12, 100e12),),
+        h2d_pinned_bw=25e9,
+    )
+
+
+INV = toy_inventory()
+EXPERT_BYTES = sum(t.nbytes("int4", 128) for t in INV.experts()[(1, 0)])
+# Small fixed workspace so that a few MiB of budget make a visible difference on the toy model.
+OPTS = dict(workspace=1 * MiB, context=256, cpu_mem=4 * GiB)
+
+
+def fixed_gpu_bytes(fmt: str = "int4") -> int:
+    plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=1 * GiB, gpu_weights=fmt, **OPTS))
+    return plan.gpu_bytes - plan.gpu_breakdown.get("routed_expert", 0)
+
+
+@pytest.mark.parametrize("extra_experts", [0, 1, 7, 30, 75, 1000])
+@pytest.mark.parametrize("fmt", ["auto", "bf16", "int4"])
+def test_budgets_never_exceeded(extra_experts, fmt):
+    gpu = fixed_gpu_bytes("bf16" if fmt == "auto" else fmt) + extra_experts * EXPERT_BYTES + 1234
+    plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=gpu, gpu_weights=fmt, **OPTS))
+    assert plan.gpu_bytes <= plan.gpu_budget == gpu
+    assert plan.cpu_bytes <= plan.cpu_budget
+    on_gpu = sum(len(v) for v in plan.experts_on_gpu.values())
+    assert on_gpu == min(extra_experts, E * (LAYERS - 1))
+    # Every tensor is placed, and the byte totals agree with the placement.
+    assert set(plan.placement) == {t.name for t in INV.tensors}
+    gpu_weights = sum(
+        t.nbytes(plan.expert_format if t.kind == "routed_expert" else plan.gpu_weights, plan.group_size)
+        for t in INV.tensors
+        if plan.placement[t.name] == "gpu"
+    )
+    assert gpu_weights + plan.kv_cache_bytes + plan.workspace_bytes == plan.gpu_bytes
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_more_gpu_memory_never_lowers_decode_speed(fmt, batch):
+    base = fixed_gpu_bytes(fmt) + batch * 256 * 2 * H * 2 * LAYERS  # KV grows with the batch
+    speeds = []
+    for extra in range(0, E * (LAYERS - 1) + 5, 3):
+        opts = PlanOptions(gpu_mem=base + extra * EXPERT_BYTES, gpu_weights=fmt, batch=batch, **OPTS)
+        speeds.append(make_plan(INV, toy_profile(), opts).predicted["decode_tok_s"])
+    assert all(b >= a * (1 - 1e-12) for a, b in zip(speeds, speeds[1:]))
+    assert speeds[-1] > speeds[0]
+
+
+def test_auto_picks_the_most_precise_format_that_fits():
+    # int8 (a scale per row) is never smaller than fp8 (a scale per 128x128 block), so auto skips it.
+    for fmt in ("bf16", "fp8", "int4"):
+        plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes(fmt), **OPTS))
+        assert plan.gpu_weights == fmt
+
+
+def test_frequency_file_moves_hottest_experts_first(tmp_path):
+    freq = {str(layer): {str(e): 1 for e in range(E)} for layer in range(1, LAYERS)}
+    hot = {(3, 11): 500, (5, 2): 400, (1, 7): 300}
+    for (layer, e), c in hot.items():
+        freq[str(layer)][str(e)] = c
+    path = tmp_path / "freq.json"
+    path.write_text(json.dumps(freq))
+    gpu = fixed_gpu_bytes() + 3 * EXPERT_BYTES
+    plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=gpu, gpu_weights="int4", freq=str(path), **OPTS))
+    placed = {(layer, e) for layer, es in plan.experts_on_gpu.items() for e in es}
+    assert placed == set(hot)
+    assert plan.placement["model.layers.3.mlp.experts.11.down_proj.weight"] == "gpu"
+    # Uniform routing instead spreads the same budget over three different layers.
+    uniform = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=gpu, gpu_weights="int4", **OPTS))
+    assert sorted(len(v) for v in uniform.experts_on_gpu.values()) == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("numa", [2, 3, 4])
+def test_numa_split_is_balanced(numa):
+    gpu = fixed_gpu_bytes() + 5 * EXPERT_BYTES
+    plan = make_plan(
+        INV, toy_profile(numa=numa, cores=12), PlanOptions(gpu_mem=gpu, gpu_weights="int4", **OPTS)
+    )
+    per_node = plan.cpu_bytes_per_node
+    assert len(per_node) == numa
+    assert max(per_node.values()) - min(per_node.values()) <= EXPERT_BYTES
+    assert sum(per_node.values()) == plan.cpu_breakdown["routed_expert"]
+    nodes = {v for v in plan.placement.values() if v.startswith("cpu:")}
+    assert nodes == {f"cpu:{i}" for i in range(numa)}
+    assert sum(plan.cpu_threads_per_node.values()) == 12 - 1  # one core drives the GPU
+
+
+def test_json_round_trip():
+    plan = make_plan(
+        INV, toy_profile(numa=2), PlanOptions(gpu_mem=fixed_gpu_bytes() + 9 * EXPERT_BYTES, **OPTS)
+    )
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    assert again.experts_on_gpu[1] == plan.experts_on_gpu[1]
+    assert decode_step_time(again).seconds == pytest.approx(decode_step_time(plan).seconds)
+    assert "routed experts on GPU" in format_plan(plan)
+
+
+def test_plan_that_does_not_fit_says_what_is_missing():
+    with pytest.raises(PlanError, match=r"GPU: .* missing\. What would fit: .*--gpu-weights int4"):
+        make_plan(
+            INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes("int4") + 1, gpu_weights="bf16", **OPTS)
+        )
+    with pytest.raises(PlanError, match=r"RAM: .* missing\. What would fit: --experts int4"):
+        opts = {**OPTS, "cpu_mem": 2 * GiB + 30 * MiB}
+        make_plan(INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes(), experts="bf16", **opts))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(experts="fp8"), "expert format"),
+        (dict(gpu_weights="int3"), "GPU weight format"),
+        (dict(kv_dtype="int8"), "KV-cache dtype"),
+        (dict(group_size=100), "group size"),
+        (dict(context=0), "context"),
+        (dict(batch=-1), "batch"),
+        (dict(gpu_mem=-5), "gpu_mem"),
+        (dict(freq={"1": [1, 2]}), "must map expert ids"),
+        (dict(freq={"1": {"0": -1}}), "non-negative"),
+        (dict(freq="/nonexistent/freq.json"), "cannot read"),
+    ],
+)
+def test_bad_options_raise_clear_errors(bad, match):
+    with pytest.raises(PlanError, match=match):
+        PlanOptions(**bad)
+
+
+def test_frequency_file_must_match_the_model():
+    with pytest.raises(PlanError, match="not a MoE layer"):
+        make_plan(INV, toy_profile(), PlanOptions(freq={"0": {"1": 3}}, **OPTS))
+    with pytest.raises(PlanError, match="names expert 99"):
+        make_plan(INV, toy_profile(), PlanOptions(freq={"2": {"99": 3}}, **OPTS))
+
+
+def test_inventory_validation():
+    with pytest.raises(ValueError, match="unknown kind"):
+        Tensor("x", "mystery", (2, 2))
+    with pytest.raises(ValueError, match="expert id"):
+        Tensor("x", "attention", (2, 2), 0, 3)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("24GiB", 24 * 2**30),
+        ("24GB", 24 * 10**9),
+        ("512G", 512 * 2**30),
+        ("80000MiB", 80000 * 2**20),
+        ("1.5 TiB", int(1.5 * 2**40)),
+        ("4096", 4096),
+    ],
+)
+def test_size_parsing(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "12 parsecs", "-3G", "1e"])
+def test_size_parsing_rejects(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_rate_parsing():
+    assert parse_rate("90") == 90e9
+    assert parse_rate("1.5TB/s") == 1.5e12
+    with pytest.raises(ValueError):
+        parse_rate("fast")
+
+
+def test_formats():
+    assert tensor_bytes((256, 512), "bf16") == 256 * 512 * 2
+    assert tensor_bytes((256, 512), "int8") == 256 * 512 + 4 * 256
+    assert tensor_bytes((256, 512), "int4", 128) == 256 * 256 + 256 * 4 * 2
+    assert tensor_bytes((256, 512), "fp8") == 256 * 512 + 4 * 2 * 4
+
+
+def test_expected_unique_experts():
+    assert expected_unique_experts(1, 8, 256) == pytest.approx(8)
+    assert expected_unique_experts(10_000, 8, 256) == pytest.approx(256)
+    assert expected_unique_experts(4, 8, 256) == pytest.approx(256 * (1 - (1 - 8 / 256) ** 4))
+    # Skewed routing touches fewer distinct experts than uniform routing with the same top-k.
+    skew = [0.9, 0.9] + [0.2 / 14] * 14
+    assert expected_unique_experts(4, probs=skew) < expected_unique_experts(4, 2, 16)
+
+
+def test_cost_model_prices_verification_and_prefill():
+    plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes(), **OPTS))
+    one, five = decode_step_time(plan, 1), decode_step_time(plan, 5)
+    # Verifying 5 tokens reads more distinct experts but costs less than 5 single steps.
+    assert one.seconds < five.seconds < 5 * one.seconds
+    pre = prefill_time(plan, 256)
+    assert pre.tok_s > one.tok_s
+    assert plan.predicted["decode_bound"] in one.by_resource
+
+
+def test_detection_runs_without_probing():
+    prof = detect(probe=False)
+    assert prof.physical_cores >= 1 and prof.ram_bytes > 0 and prof.numa_nodes
+    assert HardwareProfile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
+    bigger = prof.with_overrides(gpu_mem=48 * GiB, numa_nodes=1, cpu_bw=parse_rate("90"))
+    assert bigger.gpu.total_bytes == 48 * GiB and bigger.cpu_read_bw == 90e9
