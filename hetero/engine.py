@@ -179,6 +179,7 @@ class Engine:
             self.scheduler.finish(seq, reason)
 
     # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
     def step(self) -> StepOutput:
         scheduled = self.scheduler.schedule()
         if not scheduled:
@@ -188,7 +189,6 @@ class Engine:
             hook(scheduled)
         return self.postprocess(scheduled, hidden, sample_rows)
 
-    @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
         """One forward over all scheduled tokens; returns the hidden rows to sample from."""
         ids, positions, slots, query_lens, ctx_lens, rows = [], [], [], [], [], []

@@ -58,3 +58,200 @@ class TorchExperts(nn.Module):
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
+
+
+# ----------------------------------------------------------------------------- GPU-resident
+
+
+class GPUExperts:
+    """The experts a plan keeps on the compute device, in its format (bf16 tensors or quantized)."""
+
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        fmt: str = "bf16",
+        group_size: int = 128,
+    ):
+        # gate, up [E, I, H]; down [E, H, I] on the compute device.
+        self.fmt = fmt
+        if fmt in ("bf16", "fp32", "fp16"):
+            self.w13 = torch.cat([gate, up], dim=1).contiguous()  # [E, 2I, H]
+            self.w2 = down.contiguous()  # [E, H, I]
+        else:
+            from gpu_kernels import quantize_weight
+
+            self.w13 = quantize_weight(torch.cat([gate, up], dim=1), fmt, group_size)
+            self.w2 = quantize_weight(down, fmt, group_size)
+        self.num_experts = gate.shape[0]
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from gpu_kernels import fused_moe
+
+        return fused_moe(x, self.w13, self.w2, ids.to(torch.int32), weights.float())
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
+
+# ----------------------------------------------------------------------------- CPU (RAM-resident)
+
+
+class CPUExperts:
+    """Experts packed for the CPU kernels; computed on the CPU worker thread."""
+
+    def __init__(self, packed, handoff):
+        self.packed = packed  # cpu_kernels.PackedExperts
+        self.handoff = handoff  # hetero.pipeline.CPUHandoff
+
+    def _kernel(self, x, ids, weights, out) -> None:
+        import cpu_kernels
+
+        cpu_kernels.fused_moe(x, ids, weights, self.packed, out=out)
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        return self.handoff.submit(self._kernel, x, ids, weights)
+
+    def wait(self, handle) -> torch.Tensor:
+        return self.handoff.wait(handle)
+
+
+# ----------------------------------------------------------------------------- streamed to the GPU
+
+
+def unpack_experts(
+    arrays: dict[str, torch.Tensor], fmt: str, group_size: int, h: int, i: int, symmetric: bool = True
+):
+    """Packed CPU-kernel layout (see cpu_kernels.formats) -> gate, up [n, I, H], down [n, H, I] float32, on any device.
+
+    The GPU uses this to run experts whose packed bytes it received over PCIe.
+    """
+    gu, dn = arrays["gate_up"], arrays["down"]
+    if fmt == "bf16":
+        gu = gu.view(torch.bfloat16).float()  # [n, I, 2, Hp]
+        dn = dn.view(torch.bfloat16).float()  # [n, H, Ip]
+    elif fmt == "int8":
+        gu = (gu.int() - 128).float() * arrays["gate_up_scale"][..., None]
+        dn = (dn.int() - 128).float() * arrays["down_scale"][..., None]
+    else:
+        gu = _unpack_int4(
+            gu, arrays["gate_up_scale"], arrays.get("gate_up_zero") if not symmetric else None, group_size
+        )
+        dn = _unpack_int4(
+            dn, arrays["down_scale"], arrays.get("down_zero") if not symmetric else None, group_size
+        )
+    return gu[:, :, 0, :h], gu[:, :, 1, :h], dn[..., :i]
+
+
+def _unpack_int4(
+    packed: torch.Tensor, scale_bits: torch.Tensor, zeros: torch.Tensor | None, g: int
+) -> torch.Tensor:
+    # Within each block of 128 inputs, byte j holds input j (low nibble) and input 64 + j (high nibble).
+    *lead, half = packed.shape
+    blocks = packed.view(*lead, half // 64, 64).int()  # [..., Hp/128, 64]
+    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(*lead, half * 2).float()  # [..., Hp]
+    scale = scale_bits.view(torch.float16).float().repeat_interleave(g, dim=-1)  # [..., Hp]
+    zero = 8.0 if zeros is None else zeros.float().repeat_interleave(g, dim=-1)
+    return (q - zero) * scale
+
+
+class StreamedExperts:
+    """For large prefill batches: copy only the hit experts' packed bytes to the GPU and run them there."""
+
+    def __init__(self, packed, device: torch.device):
+        self.packed, self.device = packed, device
+        p = packed
+        names = ["gate_up", "down", "gate_up_scale", "down_scale"]
+        if not p.symmetric:
+            names += ["gate_up_zero", "down_zero"]
+        pin = device.type == "cuda"
+        # Views of the CPU kernels' own arrays: no second copy of the weights in RAM.
+        self.host = {n: _as_torch(getattr(p, n), pin=False) for n in names}
+        self.pin = pin
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        hit = torch.unique(ids[ids >= 0]).cpu()  # experts this batch uses
+        if hit.numel() == 0:
+            return torch.zeros_like(x)
+        arrays = {}
+        for name, t in self.host.items():
+            rows = t[hit] if t.shape[0] == p.E else t
+            arrays[name] = rows.to(self.device, non_blocking=self.pin)
+        gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric)
+        remap = torch.full((p.E,), -1, dtype=torch.long)
+        remap[hit] = torch.arange(hit.numel())
+        local = torch.where(ids >= 0, remap.to(ids.device)[ids.clamp(min=0)], -1)
+        dt = x.dtype
+        return torch_moe(x, local, weights, gate.to(dt), up.to(dt), down.to(dt))
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
+
+def _as_torch(a, pin: bool) -> torch.Tensor:
+    import numpy as np
+
+    if a.dtype == np.uint16:
+        a = a.view(np.int16)  # torch reads int16; the bits are reinterpreted as bf16/fp16 later
+    return torch.from_numpy(a)
+
+
+# ----------------------------------------------------------------------------- a layer's mix
+
+
+class HybridExperts:
+    """One layer's routed experts split across backends; the outputs are summed.
+
+    ``gpu_ids`` live on the compute device, the rest in RAM. RAM experts run on the CPU
+    worker, or, when a batch is large enough that the cost model prefers it, are streamed
+    over PCIe and run on the GPU.
+    """
+
+    def __init__(
+        self, num_experts: int, gpu_ids: list[int], gpu=None, cpu=None, streamed=None, stream_min_tokens=None
+    ):
+        self.num_experts = num_experts
+        self.gpu, self.cpu, self.streamed = gpu, cpu, streamed
+        self.stream_min_tokens = stream_min_tokens
+        on_gpu = torch.zeros(num_experts, dtype=torch.bool)
+        on_gpu[list(gpu_ids)] = True
+        gpu_local = torch.full((num_experts,), -1, dtype=torch.long)
+        gpu_local[on_gpu] = torch.arange(int(on_gpu.sum()))
+        cpu_local = torch.full((num_experts,), -1, dtype=torch.long)
+        cpu_local[~on_gpu] = torch.arange(int((~on_gpu).sum()))
+        self.gpu_local, self.cpu_local = gpu_local, cpu_local
+        self._device = None
+
+    def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._device != device:
+            self.gpu_local, self.cpu_local, self._device = (
+                self.gpu_local.to(device),
+                self.cpu_local.to(device),
+                device,
+            )
+        return self.gpu_local, self.cpu_local
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        gpu_local, cpu_local = self._maps(ids.device)
+        handles = []
+        if self.cpu is not None:
+            ram = self.cpu
+            if (
+                self.streamed is not None
+                and self.stream_min_tokens is not None
+                and x.shape[0] >= self.stream_min_tokens
+            ):
+                ram = self.streamed
+            handles.append((ram, ram.submit(x, cpu_local[ids], weights)))
+        if self.gpu is not None:
+            handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
+        return handles
+
+    def wait(self, handles) -> torch.Tensor:
+        outs = [backend.wait(h) for backend, h in reversed(handles)]
+        total = outs[0]
+        for o in outs[1:]:
+            total = total + o.to(total.dtype)
+        return total

@@ -110,7 +110,7 @@ def load_tensor(ckpt: Checkpoint, spec: ModelSpec, name: str, dtype: torch.dtype
     return torch.stack([ckpt.get(s, dtype) for s in sources])
 
 
-def _keep_fp32(name: str) -> bool:
+def keep_fp32(name: str) -> bool:
     # Routing decides discrete choices; keep it in float32 as the reference does.
     return name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
 
@@ -129,12 +129,13 @@ def load_model(
     model.to_empty(device=device)
     with torch.no_grad():
         for name, t in named_tensors(model):
-            want = torch.float32 if _keep_fp32(name) else dtype
+            want = torch.float32 if keep_fp32(name) else dtype
             value = load_tensor(ckpt, spec, name, want)
             if tuple(value.shape) != tuple(t.shape):
                 raise CheckpointError(
                     f"{name}: checkpoint holds shape {tuple(value.shape)}, config.json implies {tuple(t.shape)}"
                 )
             t.data = value.to(device)
+            t.requires_grad_(False)
     model.eval()
     return model

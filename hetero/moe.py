@@ -84,5 +84,5 @@ class MoE(nn.Module):
             shared = self.shared(x)  # [T, H]
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
-        out = self.experts.wait(handle)  # [T, H]
+        out = self.experts.wait(handle).to(x.dtype)  # [T, H]
         return out if shared is None else out + shared

@@ -1,0 +1,143 @@
+"""Overlap of GPU work, PCIe copies and CPU expert kernels.
+
+One MoE layer on the CPU side goes:
+
+    GPU stream:   router ──record(ready)──> shared experts, GPU experts ...      wait(done) ─> add
+    copy stream:            wait(ready) ─> D2H hidden/ids/weights ─> record(copied)
+    CPU worker:                             copied.synchronize() ─> fused_moe ─> H2D out ─> record(done)
+
+The CPU worker is one Python thread calling Numba kernels compiled ``nogil``, so the main
+thread keeps issuing GPU work for the whole time the CPU computes. Buffers are pinned so the
+copies are asynchronous DMA. On a machine without CUDA the same code runs with the "GPU" on
+torch's CPU device (copies become views), which keeps the pipeline testable anywhere.
+
+Legend: T = tokens, H = hidden, K = top-k.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Timings:
+    """Seconds spent per kind of work, summed over a run (for `hetero bench`)."""
+
+    cpu_experts: float = 0.0
+    copies: float = 0.0
+    wait: float = 0.0  # time the GPU side blocked on the CPU: the part that did not overlap
+    calls: int = 0
+    per_layer: dict[int, float] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.cpu_experts = self.copies = self.wait = 0.0
+        self.calls = 0
+        self.per_layer.clear()
+
+
+class CPUWorker:
+    """The one thread that runs CPU expert kernels, in submission order."""
+
+    def __init__(self, threads: int | None = None):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-cpu-experts")
+        self.timings = Timings()
+        if threads is not None:
+            import cpu_kernels
+
+            cpu_kernels.set_num_threads(threads)
+
+    def submit(self, fn, *args) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class HostBuffers:
+    """Pinned staging buffers for one layer's hand-off, grown on demand."""
+
+    def __init__(self, hidden: int, top_k: int, dtype: torch.dtype, pin: bool):
+        self.hidden, self.top_k, self.dtype, self.pin = hidden, top_k, dtype, pin
+        self.capacity = 0
+        self._alloc(16)
+
+    def _alloc(self, tokens: int) -> None:
+        def buf(*shape, dtype):
+            return torch.empty(*shape, dtype=dtype, pin_memory=self.pin)
+
+        self.capacity = tokens
+        self.x = buf(tokens, self.hidden, dtype=torch.float32)  # [T, H]
+        self.ids = buf(tokens, self.top_k, dtype=torch.int32)  # [T, K]
+        self.weights = buf(tokens, self.top_k, dtype=torch.float32)  # [T, K]
+        self.out = buf(tokens, self.hidden, dtype=torch.float32)  # [T, H]
+
+    def ensure(self, tokens: int) -> None:
+        if tokens > self.capacity:
+            self._alloc(max(tokens, 2 * self.capacity))
+
+
+class CPUHandoff:
+    """Runs ``kernel(x, ids, weights, out)`` on the CPU worker for tensors living on the compute device."""
+
+    def __init__(self, worker: CPUWorker, device: torch.device, hidden: int, top_k: int, layer: int = -1):
+        self.worker, self.device, self.layer = worker, device, layer
+        self.cuda = device.type == "cuda"
+        self.buffers = HostBuffers(hidden, top_k, torch.float32, pin=self.cuda)
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def submit(self, kernel, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
+        t = x.shape[0]
+        b = self.buffers
+        b.ensure(t)
+        hx, hids, hw, hout = b.x[:t], b.ids[:t], b.weights[:t], b.out[:t]
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(ready)
+                hx.copy_(x, non_blocking=True)
+                hids.copy_(ids, non_blocking=True)
+                hw.copy_(weights, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+        else:
+            hx.copy_(x)
+            hids.copy_(ids)
+            hw.copy_(weights)
+            copied = None
+        return self.worker.submit(self._run, kernel, copied, hx, hids, hw, hout)
+
+    def _run(self, kernel, copied, hx, hids, hw, hout):
+        timings = self.worker.timings
+        t0 = time.perf_counter()
+        if copied is not None:
+            copied.synchronize()
+        t1 = time.perf_counter()
+        kernel(hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
+        t2 = time.perf_counter()
+        if not self.cuda:
+            out, done = hout.clone(), None
+        else:
+            with torch.cuda.stream(self.copy_stream):
+                out = hout.to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+        timings.copies += t1 - t0
+        timings.cpu_experts += t2 - t1
+        timings.calls += 1
+        timings.per_layer[self.layer] = timings.per_layer.get(self.layer, 0.0) + (t2 - t1)
+        return out, done
+
+    def wait(self, future: Future) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out, done = future.result()
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+            # The buffer is reused by the next call: keep the copy alive until the GPU has read it.
+            out.record_stream(torch.cuda.current_stream(self.device))
+        self.worker.timings.wait += time.perf_counter() - t0
+        return out
