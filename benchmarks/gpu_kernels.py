@@ -36,6 +36,23 @@ def bench_ms(fn, *args, rep: int = 200, **kwargs) -> float:
     return triton.testing.do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=rep, return_mode="median")
 
 
+def graph_ms(fn, *args, **kwargs) -> float:
+    """Median milliseconds of one CUDA-graph replay of fn: the launch gaps a decode step's graph removes."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(*args, **kwargs)
+        return bench_ms(graph.replay)
+    except RuntimeError as err:  # a capture failure should not cost the rest of the run
+        print(f"graph capture failed: {err}", flush=True)
+        return float("nan")
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus bytes written, GB/s."""
     src = torch.randn(256 * 2**20, device=DEV)  # 1 GiB
@@ -51,8 +68,11 @@ def paged_setup(N: int, ctx: int, bs: int = 16):
     return table, lens, N * nblk
 
 
-def row(kind, shape, batch, nbytes, ms, ref_ms, copy_bw, extra=None):
+def row(kind, shape, batch, nbytes, ms, ref_ms, copy_bw, extra=None, g_ms=None):
     bw = nbytes / (ms * 1e-3) / GB
+    extra = dict(extra or {})
+    if g_ms is not None:
+        extra.update(graph_ms=g_ms, graph_pct_copy=100 * nbytes / (g_ms * 1e-3) / GB / copy_bw)
     r = {
         "kernel": kind,
         "shape": shape,
@@ -113,7 +133,10 @@ def bench_mla(copy_bw: float, rows: list) -> None:
                 ms = bench_ms(mla_decode_attention_triton, *args, max_seq_len=ctx)
                 ref_ms = bench_ms(gk.mla_decode_attention_reference, *args, rep=50)
                 nbytes = N * ctx * (R + P) * 2
-                rows.append(row("mla", f"{name} H={H},R=512,P=64,ctx={ctx}", N, nbytes, ms, ref_ms, copy_bw))
+                g = graph_ms(mla_decode_attention_triton, *args, max_seq_len=ctx)
+                rows.append(
+                    row("mla", f"{name} H={H},R=512,P=64,ctx={ctx}", N, nbytes, ms, ref_ms, copy_bw, g_ms=g)
+                )
 
 
 MOE_SHAPES = {"V2-Lite": (64, 2048, 1408, 6), "Qwen3-30B-A3B": (128, 2048, 768, 8)}
@@ -156,7 +179,11 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                         ms,
                         ref_ms,
                         copy_bw,
-                        {"config": cfg},
+                        {
+                            "config": cfg,
+                            "align_ms": bench_ms(gk.moe_align_block_size, ids, cfg["BLOCK_M"], E),
+                        },
+                        g_ms=graph_ms(moe.fused_moe_triton, x, w13, w2, ids, wts, cfg),
                     )
                 )
 
@@ -193,7 +220,17 @@ def bench_quant_linear(copy_bw: float, rows: list, tuned: dict) -> None:
             tuned.setdefault("quant_linear", {}).setdefault(f"N={N},K={K},fmt={fmt}", {})[str(M)] = cfg
             ref_ms = bench_ms(quant.quant_linear_reference, x, qw, rep=50)
             rows.append(
-                row("qlinear", f"N={N},K={K},{fmt}", M, qw.nbytes(), ms, ref_ms, copy_bw, {"config": cfg})
+                row(
+                    "qlinear",
+                    f"N={N},K={K},{fmt}",
+                    M,
+                    qw.nbytes(),
+                    ms,
+                    ref_ms,
+                    copy_bw,
+                    {"config": cfg},
+                    g_ms=graph_ms(quant.quant_linear_triton, x, qw, None, cfg),
+                )
             )
 
 
@@ -258,13 +295,14 @@ def main() -> None:
     print(f"\n{card} | {result['cpu']} | copy bandwidth {copy_bw:.0f} GB/s")
     print(
         f"{'kernel':10s} {'shape':40s} {'batch':>5s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s} {'ref us':>9s} {'x ref':>6s}"
+        f" {'graph us':>9s} {'%copy':>6s}"
     )
     for r in rows:
         ref = "" if r["ref_ms"] is None else f"{r['ref_ms'] * 1e3:9.1f}"
         sp = "" if r["speedup_vs_ref"] is None else f"{r['speedup_vs_ref']:6.1f}"
         print(
             f"{r['kernel']:10s} {r['shape']:40s} {r['batch']:5d} {r['ms'] * 1e3:9.1f} {r['GB/s']:7.0f} "
-            f"{r['pct_copy']:6.1f} {ref:>9s} {sp:>6s}"
+            f"{r['pct_copy']:6.1f} {ref:>9s} {sp:>6s} {r['graph_ms'] * 1e3:9.1f} {r['graph_pct_copy']:6.1f}"
         )
     print(f"wrote {out}")
 
