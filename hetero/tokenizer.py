@@ -520,7 +520,9 @@ def _mistral_files(version: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "model_max_length": 1000000000000000019884624838656,
         "pad_token": None,
         "spaces_between_special_tokens": False,
-        "tokenizer_class": "LlamaTokenizer",
+        # Not "LlamaTokenizer": transformers 5 rebuilds that class with a Metaspace pre-tokenizer,
+        # which drops a space from leading whitespace runs where SentencePiece keeps it.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": unk,
         "use_default_system_prompt": False,
     }
