@@ -1,0 +1,78 @@
+"""`hetero serve`, and a server in a background thread for tests and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from types import TracebackType
+
+import uvicorn
+from fastapi import FastAPI
+
+from hetero.checkpoint import resolve_model_path
+from hetero.runtime import RuntimeOptions, load_runtime
+from server.app import ServerConfig, create_app
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Bind (loopback unless told otherwise), load the model in the background, serve until interrupted."""
+    # Resolve the path now, so a wrong name fails at once rather than after the server is up.
+    model = None if args.model is None else resolve_model_path(args.model)
+    options = RuntimeOptions(
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_batch=args.max_batch,
+        max_step_tokens=max(512, args.max_batch),
+    )
+    config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(lambda: load_runtime(model, options), config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
+    state = app.state.hetero
+    state.on_load_error = lambda: setattr(server, "should_exit", True)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"hetero serve: http://{host}:{args.port}/v1 (the model is loading; GET /health says when it is ready)"
+    )
+    server.run()
+    if state.load_error:
+        print(f"hetero serve: error: {state.load_error}")
+        return 2
+    return 0
+
+
+class BackgroundServer:
+    """uvicorn in a daemon thread on a free loopback port; a context manager that shuts it down."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.host = host
+        self.port = port
+        self._thread = threading.Thread(target=self.server.run, name="hetero-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
