@@ -144,9 +144,9 @@ def _place_layer(ckpt, spec, i, p: Placement, device, dtype, worker) -> HybridEx
     if on_gpu:
         gate, up, down = (_expert_stack(ckpt, spec, prefix, w, on_gpu, dtype).to(device) for w in _PROJ)
         fmt = "bf16" if p.gpu_weights == "bf16" else p.expert_format
-        gpu = GPUExperts(
-            gate, up, down, fmt=fmt if fmt != "bf16" else "bf16", group_size=max(p.group_size, 32)
-        )
+        widths = (spec.hidden_size, spec.moe_intermediate_size)
+        group = next((g for g in (p.group_size, 64, 32, 16) if all(w % g == 0 for w in widths)), 16)
+        gpu = GPUExperts(gate, up, down, fmt=fmt, group_size=group)
     if on_cpu:
         packed = _pack_cpu_experts(ckpt, spec, prefix, on_cpu, p)
         cpu = CPUExperts(packed, CPUHandoff(worker, device, spec.hidden_size, spec.top_k, layer=i))

@@ -57,6 +57,14 @@ class RuntimeOptions:
     max_batch: int = 16
     max_step_tokens: int = 512
     block_size: int = 16
+    # Offloading: plan the split between the device and RAM (default: when CUDA is present).
+    offload: bool | None = None
+    gpu_mem: int | None = None  # bytes of device memory to use; None = what is free
+    cpu_mem: int | None = None
+    experts: str = "int4"  # format of the routed experts: bf16 | int8 | int4
+    group_size: int = 64
+    gpu_weights: str = "auto"
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -79,6 +87,18 @@ class Runtime:
     spec: ModelSpec
     tokenizer: Tokenizer
     engine: Engine
+    plan: object | None = None  # placement.Plan when offloading
+
+
+def stream_threshold(plan) -> int | None:
+    """Smallest prompt chunk for which the cost model prefers streaming RAM experts over PCIe."""
+    from placement.cost import prefill_time
+
+    for tokens in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192):
+        modes = prefill_time(plan, tokens).expert_mode
+        if modes and modes.count("stream") * 2 > len(modes):
+            return tokens
+    return None
 
 
 def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions | None = None) -> Runtime:
@@ -89,9 +109,29 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
     tokenizer = Tokenizer.from_pretrained(path)
     device = opts.torch_device()
     dtype = opts.torch_dtype(device)
-    net = load_model(str(path), dtype=dtype, device=device, spec=spec)
     max_len = min(opts.max_model_len, spec.max_position_embeddings)
     kv_tokens = opts.kv_tokens or min(opts.max_batch * max_len, 1 << 16)
+    plan = None
+    if opts.offload if opts.offload is not None else device.type == "cuda":
+        from hetero.apply import Placement, load_placed
+        from hetero.planning import make_plan
+
+        plan = make_plan(
+            spec,
+            name=path.name,
+            gpu_mem=opts.gpu_mem,
+            cpu_mem=opts.cpu_mem,
+            context=max_len,
+            batch=opts.max_batch,
+            experts=opts.experts,
+            group_size=opts.group_size,
+            gpu_weights=opts.gpu_weights,
+        )
+        placement = Placement.from_plan(plan, stream_threshold(plan))
+        net = load_placed(path, placement, device, dtype, progress=opts.progress, spec=spec)
+        kv_tokens = min(kv_tokens, plan.kv_tokens) if opts.kv_tokens is None else kv_tokens
+    else:
+        net = load_model(str(path), dtype=dtype, device=device, spec=spec)
     kv = KVCache.for_tokens(spec, kv_tokens, opts.block_size, dtype, device)
     config = EngineConfig(
         max_batch=opts.max_batch,
@@ -100,4 +140,4 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
         block_size=opts.block_size,
     )
     engine = Engine(net, kv, config, eos_token_ids=tokenizer.eos_token_ids)
-    return Runtime(path, spec, tokenizer, engine)
+    return Runtime(path, spec, tokenizer, engine, plan)

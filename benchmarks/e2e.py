@@ -1,0 +1,150 @@
+"""End-to-end decode and prefill of an offloaded checkpoint against its rooflines and the plan.
+
+    python benchmarks/e2e.py MODEL_DIR --gpu-mem 6GiB [--experts int4 int8]
+
+Per expert format, in one process: decode tokens/s (batch 1, 512-token prompt, 128 tokens) over
+the roofline (routed-expert bytes read from RAM per token / measured CPU read bandwidth, the GPU
+part taken as overlapped), prefill tokens/s of a 2048-token prompt over the bound (per layer the
+faster of streaming its RAM experts over PCIe and computing them on the CPU), and the planner's
+predictions next to both. Prints a table last; writes JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+# benchmarks/gpu_kernels.py would shadow the gpu_kernels package for scripts run from here.
+sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from hetero.bench import cap_device_memory, run_bench  # noqa: E402
+from hetero.experts import HybridExperts  # noqa: E402
+from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
+from placement import detect  # noqa: E402
+from placement.units import parse_size  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def ram_expert_bytes_per_token(model, top_k: int) -> float:
+    """Bytes of RAM-resident expert weights one decoded token reads (uniform routing)."""
+    total = 0.0
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if isinstance(experts, HybridExperts) and experts.cpu is not None:
+            packed = experts.cpu.packed
+            total += top_k * (packed.E / experts.num_experts) * packed.expert_nbytes()
+    return total
+
+
+def prefill_bound_s(model, spec, tokens: int, rates) -> float:
+    """Sum over layers of min(stream the layer's RAM experts, compute them on the CPU)."""
+    total = 0.0
+    flops_per_pair = 2 * 3 * spec.hidden_size * spec.moe_intermediate_size
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if not (isinstance(experts, HybridExperts) and experts.cpu is not None):
+            continue
+        packed = experts.cpu.packed
+        frac = packed.E / experts.num_experts
+        pairs = tokens * spec.top_k * frac
+        stream = max(packed.nbytes / rates["pcie"], pairs * flops_per_pair / rates["gpu_flops"])
+        cpu = max(packed.nbytes / rates["cpu_bw"], pairs * flops_per_pair / rates["cpu_flops"])
+        total += min(stream, cpu)
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--gpu-mem", default="6GiB")
+    ap.add_argument("--experts", nargs="+", default=["int4", "int8"])
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    gpu_mem = parse_size(args.gpu_mem)
+    cap_device_memory(gpu_mem)
+    prof = detect()
+    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    rates = {
+        "cpu_bw": prof.cpu_read_bw,
+        "cpu_flops": prof.cpu_flops,
+        "pcie": prof.h2d_pinned_bw,
+        "gpu_flops": prof.gpu.bf16_flops if prof.gpu else 1e12,
+    }
+    rows = []
+    for fmt in args.experts:
+        opts = RuntimeOptions(
+            offload=True,
+            gpu_mem=gpu_mem,
+            experts=fmt,
+            max_batch=1,
+            max_model_len=max(args.prompt_len + args.gen, args.prefill_len) + 16,
+            max_step_tokens=args.prefill_len,
+        )
+        rt = load_runtime(args.model, opts)
+        dec = run_bench(rt, args.prompt_len, args.gen, 1)
+        pre = run_bench(rt, args.prefill_len, 2, 1)
+        per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
+        roof = rates["cpu_bw"] / per_token if per_token else float("inf")
+        bound_s = prefill_bound_s(rt.engine.model, rt.spec, args.prefill_len, rates)
+        bound = args.prefill_len / bound_s if bound_s else float("inf")
+        pred = rt.plan.predicted
+        rows.append(
+            {
+                "experts": fmt,
+                "decode_tok_s": dec.decode_tok_s,
+                "decode_roofline_tok_s": roof,
+                "decode_over_roofline": dec.decode_tok_s / roof,
+                "decode_predicted_tok_s": pred["decode_tok_s"],
+                "decode_measured_over_predicted": dec.decode_tok_s / pred["decode_tok_s"],
+                "prefill_tok_s": pre.prefill_tok_s,
+                "prefill_bound_tok_s": bound,
+                "prefill_over_bound": pre.prefill_tok_s / bound,
+                "prefill_predicted_tok_s": pred["prefill_tok_s"],
+                "prefill_measured_over_predicted": pre.prefill_tok_s / pred["prefill_tok_s"],
+                "ttft_512_s": dec.prefill_s,
+                "ram_expert_bytes_per_token": per_token,
+                "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
+                "decode_detail": asdict(dec),
+                "prefill_detail": asdict(pre),
+            }
+        )
+        del rt
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    machine = {
+        "gpu": gpu_name,
+        "gpu_mem_cap": args.gpu_mem,
+        "cpu": prof.cpu_model,
+        "cores": prof.physical_cores,
+        "cpu_read_bw_GBs": prof.cpu_read_bw / 1e9,
+        "pcie_pinned_GBs": prof.h2d_pinned_bw / 1e9,
+        "host": platform.node(),
+    }
+    name = Path(args.model).name + (f"-{args.tag}" if args.tag else "")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"e2e-{name}-{gpu_name.replace(' ', '_')}.json"
+    out.write_text(json.dumps({"model": name, "machine": machine, "rows": rows}, indent=2))
+    print(f"\nmachine: {machine}")
+    hdr = f"{'experts':8} {'decode':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
+    print(hdr)
+    for r in rows:
+        print(
+            f"{r['experts']:8} {r['decode_tok_s']:8.2f} {r['decode_roofline_tok_s']:8.2f} "
+            f"{r['decode_over_roofline']:6.2f} {r['decode_predicted_tok_s']:8.2f} {r['prefill_tok_s']:9.1f} "
+            f"{r['prefill_bound_tok_s']:9.1f} {r['prefill_over_bound']:6.2f} {r['prefill_predicted_tok_s']:9.1f}"
+        )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""`hetero bench`: measured prefill and decode speed next to the plan's prediction."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from hetero.runtime import Runtime, RuntimeOptions, load_runtime
+from hetero.sampling import SamplingParams
+from placement.units import parse_size
+
+
+@dataclass
+class BenchResult:
+    prompt_len: int
+    gen: int
+    batch: int
+    prefill_s: float
+    prefill_tok_s: float
+    decode_s: float
+    decode_tok_s: float
+    predicted: dict = field(default_factory=dict)
+    cpu_experts_s: float = 0.0  # CPU expert kernels during decode
+    copies_s: float = 0.0  # waiting for device-to-host copies on the CPU side
+    not_overlapped_s: float = 0.0  # time the device side waited on the CPU
+    per_layer_cpu_ms: dict = field(default_factory=dict)
+
+
+def _sync(rt: Runtime) -> None:
+    if rt.engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0, trace: str | None = None):
+    """Prefill ``batch`` random prompts of ``prompt_len`` tokens, then decode ``gen`` tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    engine = rt.engine
+    worker = getattr(engine.model, "worker", None)
+    # Warm up kernels and JIT compilation outside the timed region.
+    engine.generate([prompts[0][:32]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    seqs = [engine.add_request(p, params) for p in prompts]
+    _sync(rt)
+    t0 = time.perf_counter()
+    while not all(s.output_ids for s in seqs):
+        engine.step()
+    _sync(rt)
+    t1 = time.perf_counter()
+    if worker is not None:
+        worker.timings.reset()
+    steps = 0
+    prof = None
+    if trace:
+        prof = torch.profiler.profile(record_shapes=False)
+        prof.__enter__()
+    while engine.scheduler.has_work:
+        engine.step()
+        steps += 1
+    _sync(rt)
+    t2 = time.perf_counter()
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        prof.export_chrome_trace(trace)
+    decoded = sum(len(s.output_ids) - 1 for s in seqs)
+    res = BenchResult(
+        prompt_len=prompt_len,
+        gen=gen,
+        batch=batch,
+        prefill_s=t1 - t0,
+        prefill_tok_s=prompt_len * batch / (t1 - t0),
+        decode_s=t2 - t1,
+        decode_tok_s=decoded / max(t2 - t1, 1e-9),
+        predicted=dict(getattr(rt.plan, "predicted", {}) or {}),
+    )
+    if worker is not None:
+        tm = worker.timings
+        res.cpu_experts_s, res.copies_s, res.not_overlapped_s = tm.cpu_experts, tm.copies, tm.wait
+        res.per_layer_cpu_ms = {k: 1000 * v / max(steps, 1) for k, v in sorted(tm.per_layer.items())}
+    return res
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure prefill and decode speed against the plan's prediction")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--gpu-mem", default=None, help="device memory to use, e.g. 6GiB (enforced in-process)")
+    p.add_argument("--cpu-mem", default=None)
+    p.add_argument("--experts", choices=["bf16", "int8", "int4"], default="int4")
+    p.add_argument("--gpu-weights", default="auto")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+    cap_device_memory(gpu_mem)
+    opts = RuntimeOptions(
+        device=args.device,
+        offload=True,
+        gpu_mem=gpu_mem,
+        cpu_mem=parse_size(args.cpu_mem) if args.cpu_mem else None,
+        experts=args.experts,
+        gpu_weights=args.gpu_weights,
+        max_batch=args.batch,
+        max_model_len=args.prompt_len + args.gen + 8,
+        max_step_tokens=max(512, args.prompt_len),
+    )
+    rt = load_runtime(args.model, opts)
+    res = run_bench(rt, args.prompt_len, args.gen, args.batch, trace=args.trace)
+    if args.json:
+        print(json.dumps(asdict(res)))
+        return 0
+    pred = res.predicted
+    print(
+        f"prefill: {res.prefill_tok_s:10.1f} tok/s   predicted {pred.get('prefill_tok_s', float('nan')):10.1f}"
+    )
+    print(
+        f"decode:  {res.decode_tok_s:10.2f} tok/s   predicted {pred.get('decode_tok_s', float('nan')):10.2f}"
+    )
+    print(
+        f"decode time {res.decode_s:.2f}s: CPU experts {res.cpu_experts_s:.2f}s, copies {res.copies_s:.2f}s, "
+        f"device waited on CPU {res.not_overlapped_s:.2f}s"
+    )
+    for layer, ms in res.per_layer_cpu_ms.items():
+        print(f"  layer {layer:3d}: CPU experts {ms:7.3f} ms/step")
+    return 0
+
+
+def cap_device_memory(nbytes: int | None) -> None:
+    """Hold this process to ``nbytes`` of device memory, as a smaller card would."""
+    if nbytes and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total))
