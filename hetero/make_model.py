@@ -314,12 +314,16 @@ def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor,
     """
     rows, cols = w.shape
     br, bc = -(-rows // block), -(-cols // block)
-    padded = torch.zeros(br * block, bc * block, dtype=torch.float32)
-    padded[:rows, :cols] = w
+    if rows % block or cols % block:
+        padded = torch.zeros(br * block, bc * block, dtype=torch.float32)
+        padded[:rows, :cols] = w
+    else:
+        padded = w.to(torch.float32)
     tiles = padded.view(br, block, bc, block)  # [BR, block, BC, block]
-    scale = tiles.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX  # [BR, BC]
-    q = (tiles / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
-    return q.to(torch.float8_e4m3fn), scale
+    scale = tiles.abs().amax(dim=(1, 3)).clamp_min_(1e-12).div_(FP8_MAX)  # [BR, BC]
+    tiles.div_(scale[:, None, :, None])
+    q = padded[:rows, :cols].to(torch.float8_e4m3fn)
+    return q, scale
 
 
 def _shard_tensors(
