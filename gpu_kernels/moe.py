@@ -43,10 +43,9 @@ def moe_align_block_size(
     dev = topk_ids.device
     flat = topk_ids.reshape(-1).long()  # [TK]
     key = torch.where(flat >= 0, flat, num_experts)  # [TK], skipped slots sort last
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(
-        0, key, torch.ones_like(key)
-    )
-    counts[num_experts] = 0  # skipped slots take no room
+    # skipped slots add 0, so they take no room; no host scalar is written, which keeps this graph-capturable
+    ones = (flat >= 0).long()  # [TK]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, ones)  # [E + 1]
     padded = (counts + block_size - 1) // block_size * block_size  # [E + 1]
     pad_end = padded.cumsum(0)  # [E + 1]
     pad_start = pad_end - padded
