@@ -103,6 +103,17 @@ def _half_to_f64(builder: ir.IRBuilder, v: ir.Value, hi: bool) -> ir.Value:
     return builder.sitofp(part, V8F64)
 
 
+def _folded_f64(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Lanes l and l + 8 of a <16 x i32> added, as <8 x double>: one conversion where both halves share a scale."""
+    lo = builder.shuffle_vector(
+        v, ir.Constant(V16I32, ir.Undefined), ir.Constant(ir.VectorType(I32, 8), list(range(8)))
+    )
+    hi = builder.shuffle_vector(
+        v, ir.Constant(V16I32, ir.Undefined), ir.Constant(ir.VectorType(I32, 8), list(range(8, 16)))
+    )
+    return builder.sitofp(builder.add(lo, hi), V8F64)
+
+
 def _hsum(builder: ir.IRBuilder, vecs: list[ir.Value], zero: ir.Value) -> ir.Value:
     acc = vecs[0]
     for v in vecs[1:]:
@@ -163,9 +174,7 @@ def _make_dot_q8(vnni: bool):
                 av = _load_vec(builder, ap, builder.mul(blk, _c(I64, 64)), V64I8)  # [64] s8
                 d = _mac_u8s8(builder, wv, av, vnni)  # [16] i32
                 s = _splat(builder, builder.fpext(_load(builder, sp, blk), F64), 8)
-                lo = _fmuladd(builder, _half_to_f64(builder, d, False), s, accs[0])
-                hi = _fmuladd(builder, _half_to_f64(builder, d, True), s, accs[1])
-                return [lo, hi]
+                return [_fmuladd(builder, _folded_f64(builder, d), s, accs[0])]
 
             unroll = 4
             zero = ir.Constant(V8F64, None)
@@ -174,12 +183,12 @@ def _make_dot_q8(vnni: bool):
                 out = []
                 base = builder.mul(it, _c(I64, unroll))
                 for u in range(unroll):
-                    out += step(builder.add(base, _c(I64, u)), accs[2 * u : 2 * u + 2])
+                    out += step(builder.add(base, _c(I64, u)), accs[u : u + 1])
                 return out
 
             nmain = builder.sdiv(n, _c(I64, unroll))
-            accs = _counted_loop(builder, _c(I64, 0), nmain, [zero] * (2 * unroll), body4)
-            tail = _counted_loop(builder, builder.mul(nmain, _c(I64, unroll)), n, [zero, zero], step)
+            accs = _counted_loop(builder, _c(I64, 0), nmain, [zero] * unroll, body4)
+            tail = _counted_loop(builder, builder.mul(nmain, _c(I64, unroll)), n, [zero], step)
             return _hsum(builder, list(accs) + list(tail), _c(F64, 0.0))
 
         return sig, codegen
@@ -187,14 +196,15 @@ def _make_dot_q8(vnni: bool):
     return dot_q8
 
 
-def _make_dot_q4(vnni: bool):
+def _make_dot_q4(vnni: bool, wide: bool):
     """Dot of one packed int4 row with int8 activations, per-group scales and zero points.
 
     w  uint8   packed, block b of 128 inputs is 64 bytes: low nibble = input j, high = input 64 + j
     s  uint16  float16 bits of the group scales, [n / g]
     z  uint8   zero points [n / g] read with stride z_stride (0: one shared zero, e.g. 8 = symmetric)
     a32 float64 [n / 32] sum of dequantized activations per 32 inputs (for the zero-point term)
-    g = 32 << g_shift. Returns sum_g s_g * sum_{i in g} (q_i - z_g) * sa_i * a_i.
+    g = 32 << g_shift, and wide must equal g >= 64 (one conversion per 64 inputs instead of two).
+    Returns sum_g s_g * sum_{i in g} (q_i - z_g) * sa_i * a_i.
     """
 
     @intrinsic
@@ -233,6 +243,18 @@ def _make_dot_q4(vnni: bool):
                     av = _load_vec(builder, ap, builder.mul(ablk, _c(I64, 64)), V64I8)  # [64] s8
                     d = _mac_u8s8(builder, q[half], av, vnni)  # [16] i32
                     sa_ = builder.fpext(_load(builder, sap, ablk), F64)
+                    if wide:  # g >= 64: the whole 64-input half shares one weight group
+                        gi = builder.add(builder.mul(blk, ngrp), builder.lshr(_c(I64, 2 * half), shift))
+                        sg = builder.fpext(_load(builder, sp, gi), F64)
+                        zg = builder.uitofp(_load(builder, zp, builder.mul(gi, zstride)), F64)
+                        scale = _splat(builder, builder.fmul(sg, sa_), 8)
+                        out[half] = _fmuladd(builder, _folded_f64(builder, d), scale, out[half])
+                        k = builder.add(builder.mul(blk, _c(I64, 4)), _c(I64, 2 * half))
+                        a64 = builder.fadd(
+                            _load(builder, a32p, k), _load(builder, a32p, builder.add(k, _c(I64, 1)))
+                        )
+                        out[4 + half] = builder.fadd(out[4 + half], builder.fmul(builder.fmul(sg, zg), a64))
+                        continue
                     for quarter in range(2):
                         j = 2 * half + quarter
                         gi = builder.add(builder.mul(blk, ngrp), builder.lshr(_c(I64, j), shift))
@@ -285,5 +307,7 @@ def dot_bf16(typingctx, w, w_off, x, x_off, nvec):
 
 dot_q8_vnni = _make_dot_q8(True)
 dot_q8_portable = _make_dot_q8(False)
-dot_q4_vnni = _make_dot_q4(True)
-dot_q4_portable = _make_dot_q4(False)
+dot_q4_vnni = _make_dot_q4(True, False)
+dot_q4_portable = _make_dot_q4(False, False)
+dot_q4w_vnni = _make_dot_q4(True, True)
+dot_q4w_portable = _make_dot_q4(False, True)

@@ -24,7 +24,15 @@ from numba import prange
 
 from . import tuning
 from .cpu_info import has_avx512_vnni
-from .dot_ir import dot_bf16, dot_q4_portable, dot_q4_vnni, dot_q8_portable, dot_q8_vnni
+from .dot_ir import (
+    dot_bf16,
+    dot_q4_portable,
+    dot_q4_vnni,
+    dot_q4w_portable,
+    dot_q4w_vnni,
+    dot_q8_portable,
+    dot_q8_vnni,
+)
 from .formats import PackedExperts
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
@@ -125,6 +133,24 @@ def _task(task, nblk, active, start, rows, rb):
     return e, r0, min(r0 + rb, rows), start[e], start[e + 1]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _dot_q4(vnni, g_shift, w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, nblk):
+    if g_shift == 0:
+        if vnni:
+            return dot_q4_vnni(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
+        return dot_q4_portable(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
+    if vnni:
+        return dot_q4w_vnni(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
+    return dot_q4w_portable(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _dot_q8(vnni, w, wo, a, ao, sa, sao, nvec):
+    if vnni:
+        return dot_q8_vnni(w, wo, a, ao, sa, sao, nvec)
+    return dot_q8_portable(w, wo, a, ao, sa, sao, nvec)
+
+
 # ---------------------------------------------------------------- entry points
 
 
@@ -151,8 +177,10 @@ def _moe_quant(x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, g_shift, rb, tb,
     xq = np.empty((T, Hp), np.int8)  # [T, Hp]
     xs = np.empty((T, Hp // 64), np.float32)  # [T, Hp/64]
     xa = np.empty((T, Hp // 32), np.float64)  # [T, Hp/32]
+    xcorr = np.empty(T)  # [T] sum of dequantized activations: int8 codes carry a +128 offset
     for t in prange(T):
         _quantize_row(x[t], H, xq[t], xs[t], xa[t])
+        xcorr[t] = xa[t].sum()
 
     h = np.zeros((P, Ip), np.float32)  # [P, Ip]
     nbi = (I + rb - 1) // rb
@@ -169,31 +197,18 @@ def _moe_quant(x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, g_shift, rb, tb,
                         for j in range(2):
                             wo = (row + j) * (Hp // 2)
                             go = (row + j) * ngh
-                            if vnni:
-                                d = dot_q4_vnni(
-                                    gu, wo, xq, t * Hp, xs, t * (Hp // 64), gus, go, guz, go * zs_gu,
-                                    zs_gu, xa, t * (Hp // 32), g_shift, Hp // 128,
-                                )  # fmt: skip
-                            else:
-                                d = dot_q4_portable(
-                                    gu, wo, xq, t * Hp, xs, t * (Hp // 64), gus, go, guz, go * zs_gu,
-                                    zs_gu, xa, t * (Hp // 32), g_shift, Hp // 128,
-                                )  # fmt: skip
+                            d = _dot_q4(
+                                vnni, g_shift, gu, wo, xq, t * Hp, xs, t * (Hp // 64), gus, go, guz,
+                                go * zs_gu, zs_gu, xa, t * (Hp // 32), Hp // 128,
+                            )  # fmt: skip
                             if j == 0:
                                 gv = d
                             else:
                                 uv = d
                     else:
-                        corr = 0.0
-                        for j in range(Hp // 32):
-                            corr += xa[t, j]
+                        corr = xcorr[t]
                         for j in range(2):
-                            if vnni:
-                                d = dot_q8_vnni(gu, (row + j) * Hp, xq, t * Hp, xs, t * (Hp // 64), Hp // 64)
-                            else:
-                                d = dot_q8_portable(
-                                    gu, (row + j) * Hp, xq, t * Hp, xs, t * (Hp // 64), Hp // 64
-                                )
+                            d = _dot_q8(vnni, gu, (row + j) * Hp, xq, t * Hp, xs, t * (Hp // 64), Hp // 64)
                             d = (d - 128.0 * corr) * np.float64(gus[row + j])
                             if j == 0:
                                 gv = d
@@ -204,8 +219,10 @@ def _moe_quant(x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, g_shift, rb, tb,
     hq = np.empty((P, Ip), np.int8)  # [P, Ip]
     hs = np.empty((P, Ip // 64), np.float32)  # [P, Ip/64]
     ha = np.empty((P, Ip // 32), np.float64)  # [P, Ip/32]
+    hcorr = np.empty(P)  # [P]
     for s in prange(P):
         _quantize_row(h[s], I, hq[s], hs[s], ha[s])
+        hcorr[s] = ha[s].sum()
 
     y = np.empty((P, H), np.float32)  # [P, H]
     nbh = (H + rb - 1) // rb
@@ -217,24 +234,13 @@ def _moe_quant(x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, g_shift, rb, tb,
                 for s in range(tb0, min(tb0 + tb, s1)):
                     if is_int4:
                         go = row * ngi
-                        if vnni:
-                            d = dot_q4_vnni(
-                                dn, row * (Ip // 2), hq, s * Ip, hs, s * (Ip // 64), dns, go, dnz, go * zs_dn,
-                                zs_dn, ha, s * (Ip // 32), g_shift, Ip // 128,
-                            )  # fmt: skip
-                        else:
-                            d = dot_q4_portable(
-                                dn, row * (Ip // 2), hq, s * Ip, hs, s * (Ip // 64), dns, go, dnz, go * zs_dn,
-                                zs_dn, ha, s * (Ip // 32), g_shift, Ip // 128,
-                            )  # fmt: skip
+                        d = _dot_q4(
+                            vnni, g_shift, dn, row * (Ip // 2), hq, s * Ip, hs, s * (Ip // 64), dns, go, dnz,
+                            go * zs_dn, zs_dn, ha, s * (Ip // 32), Ip // 128,
+                        )  # fmt: skip
                     else:
-                        corr = 0.0
-                        for j in range(Ip // 32):
-                            corr += ha[s, j]
-                        if vnni:
-                            d = dot_q8_vnni(dn, row * Ip, hq, s * Ip, hs, s * (Ip // 64), Ip // 64)
-                        else:
-                            d = dot_q8_portable(dn, row * Ip, hq, s * Ip, hs, s * (Ip // 64), Ip // 64)
+                        corr = hcorr[s]
+                        d = _dot_q8(vnni, dn, row * Ip, hq, s * Ip, hs, s * (Ip // 64), Ip // 64)
                         d = (d - 128.0 * corr) * np.float64(dns[row])
                     y[s, r] = np.float32(d)
 

@@ -1,0 +1,263 @@
+"""CPU expert kernels: decode weight bandwidth against the machine's read bandwidth, prefill
+tokens/s against torch's CPU bf16 matmuls, on DeepSeek-V2-Lite and DeepSeek-V3 layer shapes.
+
+Decode calls use fresh random expert ids each time and cycle over enough layers (>= 4x the
+last-level cache) that weights come from DRAM, as in a real decode step.
+Effective bandwidth = bytes of the selected experts' packed weights (with scales) / call time.
+
+    python benchmarks/cpu_experts.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from common import cpu_count, cpu_model, format_table, machine_name, write_json
+from numba import prange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import cpu_kernels as ck  # noqa: E402
+from cpu_kernels.formats import PackedExperts, padded  # noqa: E402
+
+GiB = 1 << 30
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable"):
+                return int(line.split()[1]) * 1024
+    return 16 * GiB
+
+
+def llc_bytes() -> int:
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(size.rstrip("K")) * 1024 if size.endswith("K") else int(size.rstrip("M")) * (1 << 20)
+    except (OSError, ValueError):
+        return 64 << 20
+
+
+# ---------------------------------------------------------------- read bandwidth
+
+
+@numba.njit(fastmath=True, cache=True)
+def _sum(v):
+    # fastmath lets LLVM vectorize the reduction; inside a prange body it would not
+    s = np.float32(0.0)
+    for i in range(v.size):
+        s += v[i]
+    return s
+
+
+@numba.njit(parallel=True, cache=True)
+def _sum_chunks(a, nchunks):
+    # a [n] float32, one streaming chunk per task
+    step = a.size // nchunks
+    parts = np.zeros(nchunks, np.float32)
+    for c in prange(nchunks):
+        parts[c] = _sum(a[c * step : (c + 1) * step])
+    return parts.sum()
+
+
+def read_bandwidth(nbytes: int, reps: int) -> float:
+    a = np.ones(nbytes // 4, np.float32)
+    chunks = numba.get_num_threads() * 16
+    _sum_chunks(a, chunks)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        _sum_chunks(a, chunks)
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+# ---------------------------------------------------------------- random packed layers
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill(a, seed, keep, force):
+    # a [n] uint64: hashed index bits, masked so values are valid for the format
+    for i in prange(a.size):
+        z = np.uint64(i + seed) * np.uint64(0x9E3779B97F4A7C15)
+        z ^= z >> np.uint64(29)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(32)
+        a[i] = (z & keep) | force
+
+
+def _random(shape: tuple[int, ...], dtype, seed: int, keep: int = ~0 & (2**64 - 1), force: int = 0):
+    a = np.empty(shape, dtype)
+    flat = a.reshape(-1).view(np.uint8)
+    n8 = flat.size // 8
+    _fill(flat[: n8 * 8].view(np.uint64), seed, np.uint64(keep), np.uint64(force))
+    flat[n8 * 8 :] = 0
+    return a
+
+
+def random_layer(fmt: str, E: int, H: int, I: int, seed: int, g: int = 64) -> PackedExperts:  # noqa: E741
+    """A packed layer with random codes and plausible scales, without quantizing float weights."""
+    Hp, Ip = padded(H), padded(I)
+    if fmt == "bf16":
+        # bf16 in [2^-15, 2^-7): keep sign and mantissa, fix the exponent high bits (no NaN / denormals)
+        keep, force = 0x87FF87FF87FF87FF, 0x3800380038003800
+        gu = _random((E, I, 2, Hp), np.uint16, seed, keep, force)
+        dn = _random((E, H, Ip), np.uint16, seed + 1, keep, force)
+        z = np.zeros(1, np.uint8)
+        return PackedExperts(fmt, 0, E, H, I, gu, dn, np.zeros(1, np.float32), np.zeros(1, np.float32), z, z)
+    if fmt == "int8":
+        gu = _random((E, I, 2, Hp), np.uint8, seed)
+        dn = _random((E, H, Ip), np.uint8, seed + 1)
+        z = np.full(1, 128, np.uint8)
+        gus, dns = np.full((E, I, 2), 1e-3, np.float32), np.full((E, H), 1e-3, np.float32)
+        return PackedExperts(fmt, 0, E, H, I, gu, dn, gus, dns, z, z)
+    gu = _random((E, I, 2, Hp // 2), np.uint8, seed)
+    dn = _random((E, H, Ip // 2), np.uint8, seed + 1)
+    half_keep, half_force = 0x03FF03FF03FF03FF, 0x1400140014001400  # float16 scales near 1e-3
+    gus = _random((E, I, 2, Hp // g), np.uint16, seed + 2, half_keep, half_force)
+    dns = _random((E, H, Ip // g), np.uint16, seed + 3, half_keep, half_force)
+    z = np.full(1, 8, np.uint8)
+    return PackedExperts(fmt, g, E, H, I, gu, dn, gus, dns, z, z)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def topk_ids(rng, T: int, E: int, K: int) -> np.ndarray:
+    return np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+
+
+def time_decode(layers: list[PackedExperts], T: int, K: int, min_s: float, rng) -> tuple[float, float]:
+    """-> (effective weight GB/s, ms per call) over fresh ids, cycling through the layers."""
+    E, H = layers[0].E, layers[0].H
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    w = rng.random((T, K)).astype(np.float32)
+    out = np.empty((T, H), np.float32)
+    ck.fused_moe(x, topk_ids(rng, T, E, K), w, layers[0], out=out)
+    nbytes, spent, n = 0, 0.0, 0
+    while n < 2 * len(layers) or spent < min_s:
+        layer = layers[n % len(layers)]
+        ids = topk_ids(rng, T, E, K)
+        t0 = time.perf_counter()
+        ck.fused_moe(x, ids, w, layer, out=out)
+        spent += time.perf_counter() - t0
+        nbytes += np.unique(ids).size * layer.expert_nbytes()
+        n += 1
+    return nbytes / spent / 1e9, spent / n * 1e3
+
+
+def time_prefill(layer: PackedExperts, T: int, K: int, reps: int, rng) -> float:
+    x = rng.standard_normal((T, layer.H)).astype(np.float32)
+    ids, w = topk_ids(rng, T, layer.E, K), rng.random((T, K)).astype(np.float32)
+    ck.fused_moe(x, ids, w, layer)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        ck.fused_moe(x, ids, w, layer)
+    return T * reps / (time.perf_counter() - t0)
+
+
+def torch_prefill(layer: PackedExperts, T: int, K: int, reps: int, rng) -> float:
+    """Same bf16 bytes through torch.nn.functional.linear per expert (oneDNN; AMX where present)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(numba.get_num_threads())
+    E, H, I, Hp = layer.E, layer.H, layer.I, layer.Hp  # noqa: E741
+    gu = torch.from_numpy(layer.gate_up.view(np.int16)).view(torch.bfloat16)  # [E, I, 2, Hp]
+    dn = torch.from_numpy(layer.down.view(np.int16)).view(torch.bfloat16)  # [E, H, Ip]
+    x = torch.zeros(T, Hp, dtype=torch.bfloat16)  # [T, Hp]
+    x[:, :H] = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32))
+    ids = torch.from_numpy(topk_ids(rng, T, E, K).astype(np.int64))
+    w = torch.from_numpy(rng.random((T, K)).astype(np.float32))
+
+    def run():
+        out = torch.zeros(T, H)
+        for e in torch.unique(ids).tolist():
+            rows, ks = torch.nonzero(ids == e, as_tuple=True)
+            gate_up = F.linear(x[rows], gu[e].reshape(2 * I, Hp)).view(-1, I, 2)  # [n, I, 2]
+            h = F.silu(gate_up[..., 0]) * gate_up[..., 1]  # [n, I]
+            h = F.pad(h, (0, layer.Ip - I))  # [n, Ip]
+            y = F.linear(h, dn[e]).float()  # [n, H]
+            out.index_add_(0, rows, y * w[rows, ks, None])
+        return out
+
+    with torch.inference_mode():
+        run()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+    return T * reps / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timings, smaller read-bandwidth buffer")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)"
+    )
+    ap.add_argument("--formats", default="int4,int8,bf16")
+    ap.add_argument("--no-prefill", action="store_true")
+    args = ap.parse_args()
+    min_s = 0.6 if args.quick else 1.5
+    reps = 1 if args.quick else 2
+    rng = np.random.default_rng(0)
+    threads = numba.get_num_threads()
+    print(f"machine {machine_name()}: {cpu_model()}, {cpu_count()} cpus, numba threads {threads}, "
+          f"VNNI {ck.has_avx512_vnni()}, AMX {ck.has_amx()}", flush=True)  # fmt: skip
+
+    bw = read_bandwidth((1 if args.quick else 4) * GiB, 3 if args.quick else 5)
+    print(f"read bandwidth {bw:.1f} GB/s", flush=True)
+
+    big_ram = mem_available() > 64 * GiB
+    shapes = {
+        "v2-lite": dict(E=64, H=2048, I=1408, K=6),
+        "v3": dict(E=256 if big_ram else 64, H=7168, I=2048, K=8),
+    }
+    target = max(4 * llc_bytes(), 512 << 20)
+    rows, prefill = [], []
+    for name, s in shapes.items():
+        for fmt in args.formats.split(","):
+            probe = random_layer(fmt, 1, s["H"], s["I"], 0)
+            per_layer = probe.nbytes * s["E"]
+            nlayers = max(1, math.ceil(target / per_layer))
+            layers = [random_layer(fmt, s["E"], s["H"], s["I"], 1000 * i) for i in range(nlayers)]
+            for T in (1, 4, 16):
+                gbs, ms = time_decode(layers, T, s["K"], min_s, rng)
+                rows.append(dict(shape=name, fmt=fmt, T=T, E=s["E"], layers=nlayers, ms=round(ms, 3),
+                                 GBps=round(gbs, 1), ratio=round(gbs / bw, 3)))  # fmt: skip
+                print(rows[-1], flush=True)
+            if not args.no_prefill:
+                tps = time_prefill(layers[0], 512, s["K"], reps, rng)
+                prefill.append(dict(shape=name, fmt=fmt, T=512, tokens_per_s=round(tps, 1)))
+                if fmt == "bf16":
+                    ttps = torch_prefill(layers[0], 512, s["K"], reps, rng)
+                    prefill.append(dict(shape=name, fmt="torch-bf16", T=512, tokens_per_s=round(ttps, 1)))
+                print(prefill[-1], flush=True)
+            del layers
+    for p in prefill:
+        base = next((q for q in prefill if q["shape"] == p["shape"] and q["fmt"] == "torch-bf16"), None)
+        p["vs_torch_bf16"] = round(p["tokens_per_s"] / base["tokens_per_s"], 2) if base else ""
+
+    data = dict(machine=machine_name(), cpu=cpu_model(), cpus=cpu_count(), threads=threads,
+                vnni=ck.has_avx512_vnni(), amx=ck.has_amx(), read_GBps=round(bw, 1), quick=args.quick,
+                decode=rows, prefill=prefill)  # fmt: skip
+    path = write_json("cpu_experts", data, args.out)
+    print(f"\nwrote {path}")
+    print(f"\n{cpu_model()} ({cpu_count()} cpus), read bandwidth {bw:.1f} GB/s\n")
+    print(format_table(rows, ["shape", "fmt", "T", "E", "layers", "ms", "GBps", "ratio"]))
+    if prefill:
+        print()
+        print(format_table(prefill, ["shape", "fmt", "T", "tokens_per_s", "vs_torch_bf16"]))
+
+
+if __name__ == "__main__":
+    main()
