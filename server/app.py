@@ -369,9 +369,10 @@ class _Run:
         chat: ChatShape | None,
         prompt_tokens: int,
     ):
+        self.state, self._held = state, 0
         runtime, worker = state.ready()
         _admit(state, runtime, len(choices))
-        self.state, self.runtime, self.worker = state, runtime, worker
+        self.runtime, self.worker = runtime, worker
         self.choices, self.stops, self.chat = choices, stops, chat
         self.prompt_tokens = prompt_tokens
         self.arrival = time.perf_counter()

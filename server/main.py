@@ -46,7 +46,7 @@ class BackgroundServer:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.app, self.server = app, uvicorn.Server(config)
         self.host = host
         self.port = port
         self._thread = threading.Thread(target=self.server.run, name="hetero-uvicorn", daemon=True)
