@@ -329,7 +329,8 @@ def _sampling(
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            # Below float32's resolution top_p rounds to 0 and would drop every token; 1e-6 keeps the top one.
+            top_p=1.0 if body.top_p is None else max(body.top_p, 1e-6),
             top_k=max(0, body.top_k or 0),
             # Each choice gets its own stream of random numbers, all reproducible from one seed.
             seed=None if body.seed is None else (body.seed + index) % 2**64,
