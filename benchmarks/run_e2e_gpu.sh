@@ -6,7 +6,7 @@ out=${1:-/tmp/hetero-out}; preset=${2:-deepseek-v2-lite}; gpu_mem=${3:-6GiB}; dt
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1 || true
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -m pytest -q -m gpu tests/test_hybrid.py 2>&1 | tail -3
+python3 -m pytest -q -m gpu -x --tb=short tests/test_hybrid.py 2>&1 | tail -30 || true
 ckpt=/tmp/ckpt-$preset-$dtype
 if [ ! -f "$ckpt/config.json" ]; then
   /usr/bin/time -f "make-model %e s" python3 -m hetero.cli make-model "$preset" "$ckpt" --dtype "$dtype" 2>&1 | tail -2

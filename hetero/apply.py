@@ -142,17 +142,22 @@ def _place_layer(ckpt, spec, i, p: Placement, device, dtype, worker) -> HybridEx
     on_cpu = [e for e in range(spec.num_experts) if e not in set(on_gpu)]
     gpu = cpu = streamed = None
     if on_gpu:
-        gate, up, down = (_expert_stack(ckpt, spec, prefix, w, on_gpu, dtype).to(device) for w in _PROJ)
-        fmt = "bf16" if p.gpu_weights == "bf16" else p.expert_format
+        gate, up, down = (_expert_stack(ckpt, spec, prefix, w, on_gpu, dtype) for w in _PROJ)
+        # The plan priced device experts in the expert format; bf16 only when that is the format.
+        fmt = p.expert_format if p.expert_format != "bf16" else dtype_name(dtype)
         widths = (spec.hidden_size, spec.moe_intermediate_size)
         group = next((g for g in (p.group_size, 64, 32, 16) if all(w % g == 0 for w in widths)), 16)
-        gpu = GPUExperts(gate, up, down, fmt=fmt, group_size=group)
+        gpu = GPUExperts(gate, up, down, fmt=fmt, device=device, group_size=group)
     if on_cpu:
         packed = _pack_cpu_experts(ckpt, spec, prefix, on_cpu, p)
         cpu = CPUExperts(packed, CPUHandoff(worker, device, spec.hidden_size, spec.top_k, layer=i))
         if p.stream_min_tokens is not None:
             streamed = StreamedExperts(packed, device)
     return HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:

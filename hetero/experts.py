@@ -64,29 +64,38 @@ class TorchExperts(nn.Module):
 
 
 class GPUExperts:
-    """The experts a plan keeps on the compute device, in its format (bf16 tensors or quantized)."""
+    """The experts a plan keeps on the compute device, in the plan's expert format.
+
+    Weights are quantized where they were read (host memory) and only the packed result moves
+    to the device, so loading never needs room for a bf16 copy there.
+    """
 
     def __init__(
         self,
         gate: torch.Tensor,
         up: torch.Tensor,
         down: torch.Tensor,
-        fmt: str = "bf16",
+        fmt: str,
+        device: torch.device,
         group_size: int = 128,
     ):
-        # gate, up [E, I, H]; down [E, H, I] on the compute device.
+        # gate, up [E, I, H]; down [E, H, I], on the host.
         self.fmt = fmt
+        w13 = torch.cat([gate, up], dim=1)  # [E, 2I, H]
         if fmt in ("bf16", "fp32", "fp16"):
-            self.w13 = torch.cat([gate, up], dim=1).contiguous()  # [E, 2I, H]
-            self.w2 = down.contiguous()  # [E, H, I]
+            self.w13, self.w2 = w13.to(device).contiguous(), down.to(device).contiguous()
         else:
             from gpu_kernels import quantize_weight
 
-            self.w13 = quantize_weight(torch.cat([gate, up], dim=1), fmt, group_size)
-            self.w2 = quantize_weight(down, fmt, group_size)
+            self.w13 = quantize_weight(w13.float(), fmt, group_size).to(device)
+            self.w2 = quantize_weight(down.float(), fmt, group_size).to(device)
         self.num_experts = gate.shape[0]
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.w13, torch.Tensor) and self.w13.dtype == torch.float32:
+            # Full-precision weights are a testing configuration; the kernel's tiles are sized for 16 bits.
+            i = self.w2.shape[-1]
+            return torch_moe(x, ids, weights, self.w13[:, :i], self.w13[:, i:], self.w2)
         from gpu_kernels import fused_moe
 
         return fused_moe(x, self.w13, self.w2, ids.to(torch.int32), weights.float())
