@@ -168,7 +168,7 @@ def _unpack_int4(
 class StreamedExperts:
     """For large prefill batches: copy only the hit experts' packed bytes to the GPU and run them there."""
 
-    def __init__(self, packed, device: torch.device):
+    def __init__(self, packed, device: torch.device, chunk: int = 8):
         self.packed, self.device = packed, device
         p = packed
         names = ["gate_up", "down", "gate_up_scale", "down_scale"]
@@ -178,22 +178,26 @@ class StreamedExperts:
         # Views of the CPU kernels' own arrays: no second copy of the weights in RAM.
         self.host = {n: _as_torch(getattr(p, n), pin=False) for n in names}
         self.pin = pin
+        self.chunk = chunk
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         p = self.packed
         hit = torch.unique(ids[ids >= 0]).cpu()  # experts this batch uses
-        if hit.numel() == 0:
-            return torch.zeros_like(x)
-        arrays = {}
-        for name, t in self.host.items():
-            rows = t[hit] if t.shape[0] == p.E else t
-            arrays[name] = rows.to(self.device, non_blocking=self.pin)
-        gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric)
-        remap = torch.full((p.E,), -1, dtype=torch.long)
-        remap[hit] = torch.arange(hit.numel())
-        local = torch.where(ids >= 0, remap.to(ids.device)[ids.clamp(min=0)], -1)
-        dt = x.dtype
-        return torch_moe(x, local, weights, gate.to(dt), up.to(dt), down.to(dt))
+        out = torch.zeros_like(x)
+        # A few experts at a time: device memory holds one chunk of unpacked weights, not the layer.
+        for chunk in hit.split(self.chunk):
+            arrays = {}
+            for name, t in self.host.items():
+                rows = t[chunk] if t.shape[0] == p.E else t
+                arrays[name] = rows.to(self.device, non_blocking=self.pin)
+            gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric)
+            remap = torch.full((p.E,), -1, dtype=torch.long)
+            remap[chunk] = torch.arange(chunk.numel())
+            local = torch.where(ids >= 0, remap.to(ids.device)[ids.clamp(min=0)], -1)
+            dt = x.dtype
+            out += torch_moe(x, local, weights, gate.to(dt), up.to(dt), down.to(dt))
+            del gate, up, down, arrays
+        return out
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
