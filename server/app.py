@@ -445,7 +445,8 @@ def _first_error(per_choice: list[list[Piece]]) -> None:
     for pieces in per_choice:
         for p in pieces:
             if p.error is not None:
-                raise APIError(400 if "exceeds" in p.error else 500, p.error, type="server_error")
+                kind = "invalid_request_error" if p.error_status == 400 else "server_error"
+                raise APIError(p.error_status, p.error, type=kind)
 
 
 def _sse(obj: Any) -> str:

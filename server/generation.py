@@ -27,6 +27,7 @@ class Piece:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_status: int = 500
     num_tokens: int = 0  # tokens this piece stands for, shown or not
 
 
@@ -58,7 +59,9 @@ class ChoiceOutput:
     def feed(self, delta: Delta) -> Piece:
         if delta.error is not None:
             self.finish_reason = "error"
-            return Piece(self.index, finish_reason="error", error=delta.error)
+            return Piece(
+                self.index, finish_reason="error", error=delta.error, error_status=delta.error_status
+            )
         self.num_tokens += len(delta.token_ids)
         text = "".join(self.decoder.feed(t) for t in delta.token_ids)
         finish = delta.finish_reason

@@ -31,6 +31,7 @@ class Delta:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" once the engine has finished it
     error: str | None = None  # the request could not run; nothing more will come
+    error_status: int = 500  # 400 when the request itself was at fault
 
 
 @dataclass
@@ -111,7 +112,7 @@ class EngineWorker:
             try:
                 handle.seq = self.engine.add_request(handle.prompt_ids, handle.params)
             except (RequestError, HeteroError, ValueError) as e:
-                return handle, Delta(handle.tag, error=str(e))
+                return handle, Delta(handle.tag, error=str(e), error_status=400)
             self._live[handle.seq.id] = handle
         elif handle.seq is not None:
             self._live.pop(handle.seq.id, None)

@@ -435,7 +435,26 @@ def test_tools_and_thinking_switch_end_to_end(guarded):
     assert c.chat.completions.create(model="tiny-qwen", messages=history, tools=tools, max_tokens=2).choices
 
 
+def test_serve_command_fails_fast_on_a_missing_model(tmp_path, capsys):
+    from hetero.cli import main
+
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- batching and resilience
+
+
+def test_engine_failure_ends_requests_with_an_error_and_the_server_recovers(ds):
+    def explode(scheduled):
+        ds.runtime.engine.on_step.remove(explode)
+        raise RuntimeError("injected")
+
+    ds.runtime.engine.on_step.append(explode)
+    r = httpx.post(f"{ds.url}/v1/completions", json={"model": "tiny-ds", "prompt": "hi", "max_tokens": 4})
+    assert r.status_code == 500 and "injected" in r.json()["error"]["message"]
+    assert wait_until_idle(ds)["hetero_kv_blocks_in_use"] == 0
+    assert client(ds).completions.create(model="tiny-ds", prompt="hi", max_tokens=2).choices[0].text
 
 
 PROMPTS = [
