@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the tiny demo model)")
     ap.add_argument("--levels", default="1,4,16", help="comma-separated client counts")
-    ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument(
         "--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)"
     )
