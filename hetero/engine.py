@@ -40,6 +40,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     generator: torch.Generator | None = None
+    draft: list[int] = field(default_factory=list)  # speculated tokens to verify this step
 
     @property
     def token_ids(self) -> list[int]:
@@ -84,11 +85,16 @@ class Scheduler:
         budget = self.config.max_step_tokens
         chosen: list[tuple[Sequence, int]] = []
         mgr = self.kv.manager
-        # Running sequences first: each needs the tokens it has not computed yet (1 when decoding).
+        # Running sequences first: each needs the tokens it has not computed yet (1 when decoding,
+        # 1 + k when verifying k drafted tokens).
         for seq in list(self.running):
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens + len(seq.draft) - seq.num_computed, budget)
             if seq.status is not Status.RUNNING or n <= 0:
                 continue
+            if seq.draft and not mgr.can_grow(seq.table, seq.num_computed + n):
+                seq.draft.clear()  # drop the speculation before preempting anyone for it
+                n = min(seq.num_tokens - seq.num_computed, budget)
+            del seq.draft[max(0, n - (seq.num_tokens - seq.num_computed)) :]
             while not mgr.can_grow(seq.table, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -118,6 +124,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.manager.release(seq.table)
         seq.num_computed = 0
+        seq.draft.clear()
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
@@ -152,6 +159,11 @@ class Engine:
         self.device = next(model.parameters()).device
         self._ids = itertools.count()
         self.on_step: list[Callable[[list[tuple[Sequence, int]]], None]] = []
+        self.speculate = None  # hetero.speculative.Speculation: a drafter and k, or None
+
+    @property
+    def spec_stats(self) -> dict[str, float] | None:
+        return self.speculate.stats.summary() if self.speculate is not None else None
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
@@ -181,6 +193,8 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
     def step(self) -> StepOutput:
+        if self.speculate is not None:
+            self.speculate.draft(self)
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -190,17 +204,18 @@ class Engine:
         return self.postprocess(scheduled, hidden, sample_rows)
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
-        """One forward over all scheduled tokens; returns the hidden rows to sample from."""
+        """One forward over all scheduled tokens; returns the hidden rows to sample from: per
+        sequence its last 1 + len(seq.draft) rows (the verify rows when speculating)."""
         ids, positions, slots, query_lens, ctx_lens, rows = [], [], [], [], [], []
         mgr = self.kv.manager
         for seq, n in scheduled:
             start = seq.num_computed
-            ids += seq.token_ids[start : start + n]
+            ids += (seq.token_ids + seq.draft)[start : start + n]
             positions += range(start, start + n)
             slots += mgr.slots(seq.table, start, start + n)
             query_lens.append(n)
             ctx_lens.append(start + n)
-            rows.append(len(ids) - 1)
+            rows += range(len(ids) - 1 - len(seq.draft), len(ids))
         width = max(len(seq.table.blocks) for seq, _ in scheduled)
         tables = torch.tensor([s.table.blocks + [0] * (width - len(s.table.blocks)) for s, _ in scheduled])
         dev = self.device
@@ -219,12 +234,24 @@ class Engine:
         self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor, rows: list[int]
     ) -> StepOutput:
         out: StepOutput = []
-        sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed + n == seq.num_tokens]
-        logits = self.model.logits(hidden[sampling]) if sampling else None  # [S, V]
+        starts = list(itertools.accumulate((1 + len(s.draft) for s, _ in scheduled), initial=0))
+        sampling = [
+            i
+            for i, (seq, n) in enumerate(scheduled)
+            if seq.num_computed + n == seq.num_tokens + len(seq.draft)
+        ]
+        sel = [r for i in sampling for r in range(starts[i], starts[i + 1])]
+        logits = self.model.logits(hidden[sel]) if sampling else None  # [S, V]
         for seq, n in scheduled:
             seq.num_computed += n
-        for row, i in enumerate(sampling):
+        row = 0
+        for i in sampling:
             seq = scheduled[i][0]
+            if seq.draft:
+                k = len(seq.draft)
+                out.append((seq, self._verify(seq, logits[row : row + k + 1])))
+                row += k + 1
+                continue
             lg = apply_penalties(logits[row], seq.output_ids, seq.params)
             token = sample(lg, seq.params, seq.generator)
             if seq.params.logprobs is not None:
@@ -232,7 +259,31 @@ class Engine:
             seq.output_ids.append(token)
             out.append((seq, [token]))
             self._check_stop(seq, token)
+            row += 1
+        for seq, _ in scheduled:
+            seq.draft.clear()
         return out
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """Accept a prefix of seq.draft against the model's logits [k + 1, V], append it and the
+        model's next token (cut at a stop), and roll the cache back past the rejected tokens."""
+        draft = seq.draft
+        tokens = self.speculate.accept(logits, draft, seq)
+        accepted = len(tokens) - 1
+        # The cache holds the last token and the drafts; keep it up to the last accepted one.
+        seq.num_computed -= len(draft) - accepted
+        self.kv.manager.truncate(seq.table, seq.num_computed)
+        new: list[int] = []
+        for j, token in enumerate(tokens):
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(top_logprobs(logits[j], token, seq.params.logprobs))
+            seq.output_ids.append(token)
+            new.append(token)
+            self._check_stop(seq, token)
+            if seq.finished:
+                break
+        self.speculate.record(seq, len(draft), accepted, len(new))
+        return new
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -29,6 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print prompt tokens, tokens and text as JSON")
+    p.add_argument(
+        "--speculate",
+        default=None,
+        metavar="ngram|draft:DIR",
+        help="speculative decoding: n-gram or a draft model",
+    )
+    p.add_argument(
+        "--spec-k", default="4", help="drafted tokens per step: N, or auto (adaptive per sequence)"
+    )
     p.set_defaults(func=run)
 
 
@@ -46,7 +55,21 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    if args.speculate:
+        from hetero.speculative import parse_speculate
+
+        kv = rt.engine.kv
+        rt.engine.speculate = parse_speculate(
+            args.speculate,
+            args.spec_k,
+            model_kv_tokens=kv.num_tokens_capacity,
+            dtype=kv.dtype,
+            device=rt.engine.device,
+            plan=rt.plan,
+        )
     (seq,) = rt.engine.generate([prompt_ids], params)
+    if rt.engine.spec_stats is not None:
+        print(f"speculation: {rt.engine.spec_stats}", file=sys.stderr)
     text = tok.decode(seq.output_ids, skip_special_tokens=True)
     if args.json:
         json.dump({"prompt_tokens": prompt_ids, "tokens": seq.output_ids, "text": text}, sys.stdout)

@@ -1,0 +1,332 @@
+"""Speculative decoding: a cheap drafter proposes k tokens, the target model verifies them in one pass.
+
+Each decode step a running sequence feeds its last token plus k drafted ones; the target's logits
+at those k + 1 positions decide how many drafts survive (``accept``), and the cache is rolled back
+past the rest. The acceptance rule keeps the output distribution exactly the target's:
+  greedy:   keep the longest prefix where draft == argmax, then the target's own next token.
+  sampling: keep draft d with probability min(1, p(d) / q(d)); on the first rejection draw from
+            norm(max(0, p - q)). A deterministic drafter has q = one-hot(d): keep with p(d), else
+            draw from p with d removed. If all k survive, draw one more token from p.
+Drafters share one method, ``propose(seq, k) -> list[int]``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from hetero.attention import AttentionBatch
+from hetero.kv_cache import BlockTable, KVCache
+from hetero.sampling import apply_penalties, probabilities
+
+if TYPE_CHECKING:
+    from hetero.engine import Engine, Sequence
+    from hetero.model import Transformer
+
+
+class Drafter(Protocol):
+    def propose(self, seq: Sequence, k: int) -> list[int]: ...
+
+
+# ----------------------------------------------------------------------------- drafters
+
+
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n = max_n .. min_n)
+    in prompt + output and propose the tokens that followed it."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        tokens = seq.token_ids
+        if k <= 0:
+            return []
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            tail = tokens[-n:]
+            for i in range(len(tokens) - n - 1, -1, -1):  # i + n <= len - 1: not the tail itself
+                if tokens[i : i + n] == tail:
+                    return tokens[i + n : i + n + k]
+        return []
+
+
+class ReplayDrafter:
+    """For benchmarks: proposes a known continuation of each prompt, each token wrong with
+    probability ``error_rate`` (replaced by another random id)."""
+
+    def __init__(self, continuations: dict[tuple[int, ...], list[int]], vocab_size: int,
+                 error_rate: float = 0.0, seed: int = 0):  # fmt: skip
+        self.continuations, self.vocab = continuations, vocab_size
+        self.error_rate, self.rng = error_rate, random.Random(seed)
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        done = len(seq.output_ids)
+        cont = self.continuations.get(tuple(seq.prompt_ids), [])[done : done + k]
+        out = []
+        for t in cont:
+            if self.rng.random() < self.error_rate:
+                t = (t + self.rng.randrange(1, self.vocab)) % self.vocab
+            out.append(t)
+        return out
+
+
+def forward_one(
+    model: Transformer, kv: KVCache, table: BlockTable, start: int, ids: list[int]
+) -> torch.Tensor:
+    """Run ``ids`` at positions start.. of one sequence through ``model``; returns last-row logits [V]."""
+    dev = next(model.parameters()).device
+    end = start + len(ids)
+    kv.manager.grow(table, end)
+    batch = AttentionBatch(
+        positions=torch.arange(start, end, device=dev),
+        slot_mapping=torch.tensor(kv.manager.slots(table, start, end), device=dev),
+        block_tables=torch.tensor([table.blocks], device=dev, dtype=torch.int32),
+        context_lens=torch.tensor([end], device=dev, dtype=torch.int32),
+        query_lens=[len(ids)],
+        context_lens_list=[end],
+    )
+    hidden = model(torch.tensor(ids, device=dev), batch, kv.layers)  # [T, H]
+    return model.logits(hidden[-1:])[0]  # [V]
+
+
+@dataclass
+class _DraftState:
+    table: BlockTable = field(default_factory=BlockTable)
+    tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the draft cache
+
+
+class DraftModelDrafter:
+    """A small model sharing the tokenizer drafts greedily with its own paged cache. Each call it
+    keeps the cache prefix that still matches the sequence (rollback after rejections), catches up
+    on the new tokens, then rolls out k tokens."""
+
+    def __init__(self, model: Transformer, kv: KVCache):
+        self.model, self.kv = model, kv
+        self.states: dict[int, _DraftState] = {}
+
+    @classmethod
+    def load(cls, path: str, kv_tokens: int, dtype: torch.dtype, device: torch.device | str,
+             block_size: int = 16) -> DraftModelDrafter:  # fmt: skip
+        from hetero.model import load_model
+
+        model = load_model(str(path), dtype=dtype, device=device)
+        return cls(model, KVCache.for_tokens(model.spec, kv_tokens, block_size, dtype, device))
+
+    @torch.inference_mode()
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        if k <= 0:
+            return []
+        st = self.states.setdefault(seq.id, _DraftState())
+        tokens = seq.token_ids
+        keep = 0
+        limit = min(len(st.tokens), len(tokens) - 1)  # always recompute at least the last token
+        while keep < limit and st.tokens[keep] == tokens[keep]:
+            keep += 1
+        self.kv.manager.truncate(st.table, keep)
+        st.tokens = st.tokens[:keep]
+        out: list[int] = []
+        new = tokens[keep:]
+        if not self.kv.manager.can_grow(st.table, len(tokens) + k - 1):
+            return []  # the draft cache is full: skip speculation for this sequence
+        for _ in range(k):
+            logits = forward_one(self.model, self.kv, st.table, len(st.tokens), new)
+            st.tokens += new
+            new = [int(logits.argmax())]
+            out += new
+        return out
+
+    def forget(self, seq_id: int) -> None:
+        st = self.states.pop(seq_id, None)
+        if st is not None:
+            self.kv.manager.release(st.table)
+
+
+# ----------------------------------------------------------------------------- acceptance
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    return float(torch.rand(1, generator=generator))
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def accept_sampled(
+    p: torch.Tensor, draft: list[int], q: torch.Tensor | None, generator: torch.Generator | None
+) -> list[int]:
+    """Rejection sampling over target probs p [k + 1, V] and draft probs q [k, V] (None = the
+    drafts are deterministic, q one-hot). Returns the accepted drafts plus one token from the target."""
+    for i, d in enumerate(draft):
+        pi = p[i]
+        qd = 1.0 if q is None else float(q[i, d])
+        if _uniform(generator) < min(1.0, float(pi[d]) / max(qd, 1e-30)):
+            continue
+        if q is None:
+            residual = pi.clone()
+            residual[d] = 0.0
+        else:
+            residual = (pi - q[i]).clamp_min(0.0)
+        total = float(residual.sum())
+        # p == q (up to rounding) cannot reject; fall back to p if rounding makes the residual empty.
+        residual = residual / total if total > 0 else pi
+        return draft[:i] + [_draw(residual, generator)]
+    return list(draft) + [_draw(p[len(draft)], generator)]
+
+
+def accept_greedy(logits: torch.Tensor, draft: list[int]) -> list[int]:
+    """logits [k + 1, V]: drafts up to the first mismatch with argmax, then the argmax there."""
+    best = logits.argmax(-1).tolist()  # [k + 1]
+    for i, d in enumerate(draft):
+        if best[i] != d:
+            return draft[:i] + [best[i]]
+    return list(draft) + [best[len(draft)]]
+
+
+def accept(logits: torch.Tensor, draft: list[int], seq: Sequence) -> list[int]:
+    """The engine's verify for one sequence: logits [k + 1, V] at its last token and each draft."""
+    rows = []
+    for i in range(len(draft) + 1):  # penalties see the drafts before each row as generated
+        rows.append(apply_penalties(logits[i], seq.output_ids + draft[:i], seq.params))
+    lg = torch.stack(rows)  # [k + 1, V]
+    if seq.params.greedy:
+        return accept_greedy(lg, draft)
+    p = torch.stack([probabilities(r, seq.params) for r in lg])  # [k + 1, V]
+    return accept_sampled(p, draft, None, seq.generator)
+
+
+# ----------------------------------------------------------------------------- adaptive k
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens per verify step with k drafts, each accepted with probability a: (1 - a^(k+1)) / (1 - a)."""
+    return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def best_k(a: float, k_max: int, cost: Callable[[int], float]) -> int:
+    """The k in 0..k_max with the most expected tokens per unit of step cost."""
+    return max(range(k_max + 1), key=lambda k: expected_tokens(a, k) / cost(k))
+
+
+def linear_cost(c: float = 0.1) -> Callable[[int], float]:
+    return lambda k: 1.0 + c * k
+
+
+def plan_cost(plan: object) -> Callable[[int], float]:
+    """Step cost from the placement cost model: a verify of k drafts is k + 1 tokens per sequence."""
+    from placement.cost import decode_step_time
+
+    base = decode_step_time(plan, tokens_per_step=1).seconds
+    return lambda k: decode_step_time(plan, tokens_per_step=k + 1).seconds / base
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0  # sequence-steps that verified drafts
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0  # tokens emitted by those steps
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "tokens": self.tokens,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "tokens_per_step": self.tokens / self.steps if self.steps else 0.0,
+        }
+
+
+@dataclass
+class Speculation:
+    """What the engine speculates with: ``engine.speculate = Speculation(NgramDrafter(), k=4)``.
+    k: a fixed draft length, or "auto" to pick 0..k_max per sequence from its acceptance rate."""
+
+    drafter: Drafter
+    k: int | str = 4
+    k_max: int = 8
+    cost: Callable[[int], float] = field(default_factory=linear_cost)
+    stats: SpecStats = field(default_factory=SpecStats)
+    seen: dict[int, tuple[int, int]] = field(default_factory=dict)  # seq id -> (accepted, drafted)
+
+    def __post_init__(self) -> None:
+        if self.k != "auto" and (not isinstance(self.k, int) or self.k < 0):
+            raise ValueError(f"spec k must be a non-negative int or 'auto', got {self.k!r}")
+
+    def k_for(self, seq: Sequence) -> int:
+        if self.k != "auto":
+            return int(self.k)
+        acc, drafted = self.seen.get(seq.id, (0, 0))
+        a = (acc + 1) / (drafted + 2)  # Laplace prior: a fresh sequence starts at 1/2
+        return best_k(a, self.k_max, self.cost)
+
+    def draft(self, engine: Engine) -> None:
+        """Before scheduling: give every decoding sequence its drafts (seq.draft)."""
+        from hetero.engine import Status
+
+        vocab = engine.model.spec.vocab_size
+        for seq in engine.scheduler.running:
+            if seq.status is not Status.RUNNING or seq.num_computed != seq.num_tokens - 1:
+                continue
+            room = min(
+                seq.params.max_tokens - len(seq.output_ids) - 1,  # the verify adds one more token
+                engine.config.max_model_len - seq.num_tokens - 1,
+            )
+            k = min(self.k_for(seq), room)
+            seq.draft = [t for t in self.drafter.propose(seq, k)[:k] if 0 <= t < vocab] if k > 0 else []
+        forget = getattr(self.drafter, "forget", None)
+        if forget is not None:
+            live = {s.id for s in engine.scheduler.running} | {s.id for s in engine.scheduler.waiting}
+            for sid in [sid for sid in getattr(self.drafter, "states", {}) if sid not in live]:
+                forget(sid)
+
+    def accept(self, logits: torch.Tensor, draft: list[int], seq: Sequence) -> list[int]:
+        return accept(logits, draft, seq)
+
+    def record(self, seq: Sequence, drafted: int, accepted: int, emitted: int) -> None:
+        s = self.stats
+        s.steps, s.drafted, s.accepted, s.tokens = (
+            s.steps + 1, s.drafted + drafted, s.accepted + accepted, s.tokens + emitted,
+        )  # fmt: skip
+        acc, d = self.seen.get(seq.id, (0, 0))
+        self.seen[seq.id] = (acc + accepted, d + drafted)
+        if seq.finished:
+            self.seen.pop(seq.id, None)
+            forget = getattr(self.drafter, "forget", None)
+            if forget is not None:
+                forget(seq.id)
+
+
+def parse_speculate(spec: str, k: str, *, model_kv_tokens: int, dtype: torch.dtype,
+                    device: torch.device, plan: object | None = None) -> Speculation:  # fmt: skip
+    """The CLI's ``--speculate ngram|draft:DIR`` and ``--spec-k N|auto``."""
+    if spec == "ngram":
+        drafter: Drafter = NgramDrafter()
+    elif spec.startswith("draft:"):
+        drafter = DraftModelDrafter.load(spec[len("draft:") :], model_kv_tokens, dtype, device)
+    else:
+        raise ValueError(f"--speculate {spec!r}: choose ngram or draft:DIR")
+    cost = plan_cost(plan) if plan is not None else linear_cost()
+    kk: int | str = "auto" if k == "auto" else int(k)
+    return Speculation(drafter, k=kk, cost=cost)
+
+
+__all__ = [
+    "DraftModelDrafter",
+    "NgramDrafter",
+    "ReplayDrafter",
+    "Speculation",
+    "SpecStats",
+    "accept",
+    "accept_greedy",
+    "accept_sampled",
+    "best_k",
+    "expected_tokens",
+]

@@ -1,0 +1,212 @@
+"""Speculative decoding: lossless against plain decoding, all-accept with the model as its own
+drafter, rejection sampling that keeps the target distribution, and rollback of the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetero.engine import Engine, EngineConfig
+from hetero.kv_cache import KVCache
+from hetero.make_model import make_model
+from hetero.model import load_model
+from hetero.sampling import SamplingParams
+from hetero.speculative import (
+    DraftModelDrafter,
+    NgramDrafter,
+    ReplayDrafter,
+    Speculation,
+    accept_greedy,
+    accept_sampled,
+    best_k,
+    expected_tokens,
+)
+
+FAMILIES = ["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    made = {}
+
+    def get(preset):
+        if preset not in made:
+            path = make_model(preset, tmp_path_factory.mktemp(preset), tiny=True, seed=1, progress=False)
+            made[preset] = (path, load_model(str(path), dtype=torch.float32))
+        return made[preset]
+
+    return get
+
+
+def engine_for(model, max_batch=4):
+    kv = KVCache.for_tokens(model.spec, 1024, 8, torch.float32, "cpu")
+    cfg = EngineConfig(max_batch=max_batch, max_step_tokens=64, max_model_len=128, block_size=8)
+    return Engine(model, kv, cfg)
+
+
+def prompts():
+    a = [5, 6, 7, 8, 9] * 4  # repetition: the n-gram drafter has something to propose
+    b = list(range(100, 112)) + list(range(100, 108))
+    c = [42, 43, 44, 42, 43]
+    return [a, b, c]
+
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+def echo_prompts(model):
+    """prompt + its greedy continuation + prompt again: random tiny models echo, so n-grams match."""
+    outs = [s.output_ids for s in engine_for(model).generate(prompts(), GREEDY)]
+    return [p + o + p for p, o in zip(prompts(), outs)]
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_ngram_greedy_matches_plain(tiny, preset):
+    _, model = tiny(preset)
+    qs = echo_prompts(model)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    ref = [s.output_ids for s in engine_for(model).generate(qs, params)]
+    eng = engine_for(model)
+    eng.speculate = Speculation(NgramDrafter(), k=4)
+    got = [s.output_ids for s in eng.generate(qs, params)]
+    assert got == ref
+    stats = eng.spec_stats
+    assert stats["drafted"] > 0 and stats["tokens_per_step"] >= 1.0
+    assert eng.kv.manager.num_used == 0  # every block went back
+
+
+def test_auto_k_and_stops_match_plain(tiny):
+    _, model = tiny("deepseek-v3")
+    ref_seqs = engine_for(model).generate(prompts(), GREEDY)
+    stop = ref_seqs[0].output_ids[5]
+    params = [
+        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop_token_ids=[stop]),
+        SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+    ]
+    ref = [s.output_ids for s in engine_for(model).generate(prompts(), params)]
+    eng = engine_for(model)
+    eng.speculate = Speculation(NgramDrafter(), k="auto", k_max=6)
+    seqs = eng.generate(prompts(), params)
+    assert [s.output_ids for s in seqs] == ref
+    assert ref[0][-1] == stop and len(ref[1]) == 7
+    assert [s.finish_reason for s in seqs] == ["stop", "length", "length"]
+
+
+def test_draft_model_self_accepts_everything(tiny):
+    path, model = tiny("qwen3-30b-a3b")
+    k = 3
+    ref = [s.output_ids for s in engine_for(model).generate(prompts(), GREEDY)]
+    eng = engine_for(model)
+    eng.speculate = Speculation(DraftModelDrafter.load(str(path), 1024, torch.float32, "cpu", 8), k=k)
+    got = [s.output_ids for s in eng.generate(prompts(), GREEDY)]
+    assert got == ref
+    stats = eng.spec_stats
+    assert stats["acceptance_rate"] == 1.0
+    # After the prefill's token, each verify emits k + 1 = 4 tokens until max_tokens caps k: 15 = 4+4+4+3.
+    assert stats["steps"] == 3 * 4 and stats["tokens"] == 3 * 15
+    assert eng.speculate.drafter.states == {}  # finished sequences' draft caches are released
+
+
+def test_wrong_drafts_are_all_rejected(tiny):
+    _, model = tiny("mixtral-8x7b")
+    ref_seqs = engine_for(model).generate(prompts(), GREEDY)
+    conts = {tuple(p): s.output_ids for p, s in zip(prompts(), ref_seqs)}
+    for err, want in ((1.0, 0.0), (0.0, 1.0)):
+        eng = engine_for(model)
+        eng.speculate = Speculation(ReplayDrafter(conts, model.spec.vocab_size, err), k=4)
+        got = [s.output_ids for s in eng.generate(prompts(), GREEDY)]
+        assert got == [s.output_ids for s in ref_seqs]
+        assert eng.spec_stats["acceptance_rate"] == want
+
+
+class PartlyRight:
+    """Drafts two right tokens, then wrong ones."""
+
+    def __init__(self, ref, vocab):
+        self.ref, self.vocab = ref, vocab
+
+    def propose(self, seq, k):
+        done = len(seq.output_ids)
+        cont = self.ref[done : done + k]
+        return cont[:2] + [(t + 1) % self.vocab for t in cont[2:]]
+
+
+def test_rollback_leaves_cache_as_plain_decoding(tiny):
+    _, model = tiny("deepseek-v3")
+    prompt = prompts()[0]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ref = engine_for(model, 1).generate([prompt], params)[0].output_ids
+    plain, spec = engine_for(model, 1), engine_for(model, 1)
+    ps, ss = plain.add_request(prompt, params), spec.add_request(prompt, params)
+    spec.speculate = Speculation(PartlyRight(ref, model.spec.vocab_size), k=6)
+    for _ in range(3):  # the prefill, then two verifies that keep 2 of 6 drafts
+        spec.step()
+    assert ss.num_tokens == len(prompt) + 1 + 2 * 3
+    spec.speculate = None
+    while ps.num_tokens < ss.num_tokens:
+        plain.step()
+    assert ps.token_ids == ss.token_ids and ps.num_computed == ss.num_computed
+    assert len(ps.table.blocks) == len(ss.table.blocks) and ps.table.num_tokens == ss.table.num_tokens
+    assert plain.kv.manager.num_used == spec.kv.manager.num_used
+    logits = []
+    for eng in (plain, spec):
+        hidden, _ = eng.run(eng.scheduler.schedule())
+        logits.append(eng.model.logits(hidden))
+    torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_sampling_is_reproducible_and_valid(tiny):
+    _, model = tiny("deepseek-v3")
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        eng = engine_for(model)
+        eng.speculate = Speculation(NgramDrafter(), k=3)
+        runs.append([s.output_ids for s in eng.generate(prompts(), params)])
+    assert runs[0] == runs[1] and all(len(o) == 12 for o in runs[0])
+
+
+# ----------------------------------------------------------------------------- the acceptance rule
+
+
+def _tv(counts: torch.Tensor, p: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - p).abs().sum())
+
+
+@pytest.mark.parametrize("with_q", [False, True])
+def test_rejection_sampling_keeps_target_distribution(with_q):
+    g = torch.Generator().manual_seed(0)
+    V, N = 6, 20000
+    p = torch.tensor([[0.05, 0.4, 0.1, 0.2, 0.15, 0.1], [0.3, 0.1, 0.2, 0.1, 0.2, 0.1]])  # [2, V]
+    q = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])  # [1, V]
+    first = torch.zeros(V)
+    second_given = torch.zeros(V)  # second token, when the draft was accepted
+    n_acc = 0
+    for _ in range(N):
+        d = int(torch.multinomial(q[0], 1, generator=g)) if with_q else 1
+        out = accept_sampled(p, [d], q if with_q else None, g)
+        first[out[0]] += 1
+        if len(out) == 2:
+            n_acc += 1
+            second_given[out[1]] += 1
+    assert _tv(first, p[0]) < 0.015
+    assert _tv(second_given, p[1]) < 0.03
+    if not with_q:
+        assert abs(n_acc / N - 0.4) < 0.015  # a one-hot draft survives with p(d)
+
+
+def test_greedy_rule():
+    lg = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    assert accept_greedy(lg, [1, 0]) == [1, 0, 2]
+    assert accept_greedy(lg, [1, 2]) == [1, 0]
+    assert accept_greedy(lg, [0, 0]) == [1]
+
+
+def test_adaptive_k():
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 3) == 4.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-9
+    cost = lambda k: 1.0 + 0.1 * k  # noqa: E731
+    assert best_k(0.05, 8, cost) == 0
+    assert best_k(0.95, 8, cost) >= 6
+    assert best_k(0.6, 8, cost) < best_k(0.9, 8, cost)
