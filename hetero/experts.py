@@ -168,7 +168,7 @@ def _unpack_int4(
 class StreamedExperts:
     """For large prefill batches: copy only the hit experts' packed bytes to the GPU and run them there."""
 
-    def __init__(self, packed, device: torch.device, chunk: int = 8):
+    def __init__(self, packed, device: torch.device, chunk: int = 2):
         self.packed, self.device = packed, device
         p = packed
         names = ["gate_up", "down", "gate_up_scale", "down_scale"]
