@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in args.experts:
         opts = RuntimeOptions(
             offload=True,
-            gpu_mem=gpu_mem,
+            # The plan gets the cap less 1 GiB: headroom for streamed-expert chunks and the allocator.
+            gpu_mem=gpu_mem - (1 << 30),
             experts=fmt,
             max_batch=1,
             max_model_len=max(args.prompt_len + args.gen, args.prefill_len) + 16,
