@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import re
 from pathlib import Path
 
+# One definition of the machine's name, shared with the kernels' tuning tables.
+from cpu_kernels.cpu_info import cpu_model, machine_name
+from cpu_kernels.cpu_info import num_cpus as cpu_count
+
+__all__ = ["cpu_count", "cpu_model", "format_table", "machine_name", "write_json"]
+
 RESULTS = Path(__file__).with_name("results")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def machine_name() -> str:
-    """File-name-safe id such as ``amd-epyc-2c`` or ``intel-xeon-platinum-8480-16c``."""
-    model = re.sub(r"\((r|tm)\)|cpu|processor|@.*$", "", cpu_model().lower())
-    return f"{re.sub(r'[^a-z0-9]+', '-', model).strip('-')}-{cpu_count()}c"
 
 
 def write_json(stem: str, data: dict, out_dir: Path | None = None) -> Path:
