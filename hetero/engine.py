@@ -198,12 +198,12 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        hidden, sample_rows = self.run(scheduled)
+        hidden = self.run(scheduled)
         for hook in self.on_step:
             hook(scheduled)
-        return self.postprocess(scheduled, hidden, sample_rows)
+        return self.postprocess(scheduled, hidden)
 
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward over all scheduled tokens; returns the hidden rows to sample from: per
         sequence its last 1 + len(seq.draft) rows (the verify rows when speculating)."""
         ids, positions, slots, query_lens, ctx_lens, rows = [], [], [], [], [], []
@@ -228,11 +228,9 @@ class Engine:
             context_lens_list=ctx_lens,
         )
         hidden = self.model(torch.tensor(ids, device=dev), batch, self.kv.layers)  # [T, H]
-        return hidden[rows], rows
+        return hidden[rows]
 
-    def postprocess(
-        self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor, rows: list[int]
-    ) -> StepOutput:
+    def postprocess(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> StepOutput:
         out: StepOutput = []
         starts = list(itertools.accumulate((1 + len(s.draft) for s, _ in scheduled), initial=0))
         sampling = [

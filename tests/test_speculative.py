@@ -151,7 +151,7 @@ def test_rollback_leaves_cache_as_plain_decoding(tiny):
     assert plain.kv.manager.num_used == spec.kv.manager.num_used
     logits = []
     for eng in (plain, spec):
-        hidden, _ = eng.run(eng.scheduler.schedule())
+        hidden = eng.run(eng.scheduler.schedule())
         logits.append(eng.model.logits(hidden))
     torch.testing.assert_close(logits[0], logits[1])
 
