@@ -1,0 +1,126 @@
+"""Where a decode step of an offloaded model spends its time.
+
+    python benchmarks/decode_profile.py MODEL_DIR --gpu-mem 6GiB [--experts int4] [--steps 16]
+
+Profiles a few decode steps (torch profiler, CPU and CUDA), then times one layer's CPU expert
+kernel alone: called from the main thread, and from the engine's worker thread with nothing else
+running. Prints the top operators and a table last; writes JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# benchmarks/gpu_kernels.py would shadow the gpu_kernels package for scripts run from here.
+sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hetero.bench import cap_device_memory  # noqa: E402
+from hetero.experts import HybridExperts  # noqa: E402
+from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
+from hetero.sampling import SamplingParams  # noqa: E402
+from placement.units import parse_size  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_cpu_layer(experts: HybridExperts, hidden: int, top_k: int, calls: int = 50) -> dict[str, float]:
+    """ms per call of one layer's CPU kernel for one token, from the main and the worker thread."""
+    import cpu_kernels
+
+    packed = experts.cpu.packed
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, hidden), dtype=np.float32)
+    w = np.full((1, top_k), 1.0 / top_k, np.float32)
+    out = np.empty((1, hidden), np.float32)
+    local = experts.cpu_local.cpu().numpy()
+
+    def ids():
+        chosen = rng.choice(experts.num_experts, top_k, replace=False)
+        return local[chosen].astype(np.int32)[None]  # -1 where the expert is on the device
+
+    def run():
+        cpu_kernels.fused_moe(x, ids(), w, packed, out=out)
+
+    run()
+    t = time.perf_counter()
+    for _ in range(calls):
+        run()
+    main_ms = (time.perf_counter() - t) / calls * 1e3
+    worker = experts.cpu.handoff.worker
+    worker.submit(run).result()
+    t = time.perf_counter()
+    for _ in range(calls):
+        worker.submit(run).result()
+    worker_ms = (time.perf_counter() - t) / calls * 1e3
+    return {"main_thread_ms": main_ms, "worker_thread_ms": worker_ms, "bytes": packed.expert_nbytes() * top_k}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--gpu-mem", default="6GiB")
+    ap.add_argument("--experts", default="int4")
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args(argv)
+    cap = parse_size(args.gpu_mem)
+    cap_device_memory(cap)
+    opts = RuntimeOptions(
+        offload=True, gpu_mem=cap - (1 << 30), experts=args.experts, max_batch=1, max_model_len=1024
+    )
+    rt = load_runtime(args.model, opts)
+    engine = rt.engine
+    prompt = list(range(1000, 1064))
+    engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    seq = engine.add_request(
+        prompt, SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
+    )
+    while not seq.output_ids:
+        engine.step()
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    )
+    with torch.profiler.profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t) / args.steps * 1e3
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    if cuda:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=20))
+    layers = [
+        m.mlp.experts
+        for m in engine.model.model.layers
+        if isinstance(getattr(m.mlp, "experts", None), HybridExperts)
+    ]
+    cpu = time_cpu_layer(layers[0], rt.spec.hidden_size, rt.spec.top_k) if layers and layers[0].cpu else {}
+    timings = engine.model.worker.timings
+    row = {
+        "decode_step_ms": step_ms,
+        "moe_layers": len(layers),
+        "cpu_layer_main_ms": cpu.get("main_thread_ms"),
+        "cpu_layer_worker_ms": cpu.get("worker_thread_ms"),
+        "cpu_layer_GBs": cpu.get("bytes", 0) / (cpu.get("main_thread_ms") or 1) / 1e6,
+        "engine_cpu_experts_ms_per_step": timings.cpu_experts / max(timings.calls, 1) * len(layers) * 1e3,
+        "engine_wait_ms_per_step": timings.wait * 1e3 / (args.steps + 10),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = Path(args.model).name
+    gpu = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
+    (RESULTS / f"decode_profile-{name}-{gpu}.json").write_text(json.dumps(row, indent=2))
+    print("\n".join(f"{k:34s} {v}" for k, v in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
