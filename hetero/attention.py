@@ -10,7 +10,7 @@ the latent [R + P] per token and attention is multi-query over it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ class AttentionBatch:
     context_lens: torch.Tensor  # [B] int32: cached tokens each sequence attends to, this step's included
     query_lens: list[int]  # tokens of each sequence in this step
     context_lens_list: list[int]  # context_lens on the host, to slice without a device sync
+    rope: dict = field(default_factory=dict)  # rotary cos/sin of this step, shared by all layers
 
     @property
     def is_decode(self) -> bool:
@@ -112,7 +113,7 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.cos_sin(batch.positions)
+        cos, sin = self.rotary.cos_sin(batch.positions, q.dtype, batch.rope)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         k_cache, v_cache = cache
         write_cache(k_cache, k, batch.slot_mapping)
@@ -160,7 +161,7 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         kv = self.kv_a_proj_with_mqa(x)  # [T, R + P]
         latent, k_pe = kv.split([self.rank, self.rope], dim=-1)
-        cos, sin = self.rotary.cos_sin(batch.positions)
+        cos, sin = self.rotary.cos_sin(batch.positions, q_pe.dtype, batch.rope)
         q_pe = self.rotary(q_pe, cos, sin)  # [T, Hq, P]
         k_pe = self.rotary(k_pe[:, None, :], cos, sin)[:, 0]  # [T, P]
         (latent_cache,) = cache

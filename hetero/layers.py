@@ -22,10 +22,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalize in float32, scale in the input's dtype (as the reference models do).
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -104,15 +103,28 @@ class Rotary(nn.Module):
         self.inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
         self.interleaved = interleaved
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, memo: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D/2] in ``dtype``. Every layer rotates by the same angles, so a step computes
+        them once: ``memo`` (one per step) holds them for the layers after the first."""
+        key = (self.inv_freq.shape[0], self.attention_factor, dtype)
+        if memo is not None and key in memo:
+            return memo[key]
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        cs = (
+            (freqs.cos() * self.attention_factor).to(dtype),
+            (freqs.sin() * self.attention_factor).to(dtype),
+        )
+        if memo is not None:
+            memo[key] = cs
+        return cs
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D] -> [T, heads, D]."""
-        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, D/2]
+        """x [T, heads, D], cos/sin [T, D/2] -> [T, heads, D]."""
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
