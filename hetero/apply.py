@@ -8,7 +8,7 @@ no full copy of the checkpoint is ever held in RAM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -72,17 +72,21 @@ def _expert_stack(
     return torch.stack([ckpt.get(names[e], dtype) for e in ids])
 
 
-def _pack_cpu_experts(
-    ckpt: Checkpoint, spec: ModelSpec, prefix: str, ids: list[int], p: Placement, chunk: int = 8
+def pack_expert_floats(
+    read, ids: list[int], fmt: str, group_size: int, symmetric: bool = True, chunk: int = 8
 ):
-    """Pack experts ``ids`` a few at a time (float32 never held for the whole layer)."""
+    """Pack experts ``ids`` a few at a time (float32 never held for the whole layer).
+
+    read(sub_ids) -> (gate, up [n, I, H], down [n, H, I]) float32 numpy for those experts.
+    """
     import cpu_kernels
 
     parts = []
     for s in range(0, len(ids), chunk):
-        sub = ids[s : s + chunk]
-        gate, up, down = (_expert_stack(ckpt, spec, prefix, w, sub, torch.float32).numpy() for w in _PROJ)
-        parts.append(cpu_kernels.pack_experts(gate, up, down, fmt=p.expert_format, group_size=p.group_size))
+        gate, up, down = read(ids[s : s + chunk])
+        parts.append(
+            cpu_kernels.pack_experts(gate, up, down, fmt=fmt, group_size=group_size, symmetric=symmetric)
+        )
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
@@ -99,6 +103,79 @@ def _pack_cpu_experts(
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
+class CheckpointSource:
+    """Weights from a Hugging Face checkpoint: dense by name, experts read and packed at load."""
+
+    def __init__(self, path):
+        self.ckpt = Checkpoint(path)
+        self.path = self.ckpt.path
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_pretrained(self.path)
+
+    def dense(self, spec: ModelSpec, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        return load_tensor(self.ckpt, spec, name, dtype)
+
+    def is_quantized(self, spec: ModelSpec, name: str) -> bool:
+        first = checkpoint_names(spec, name)[0]
+        return first in self.ckpt and self.ckpt.raw(first).dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+    def expert_floats(self, spec: ModelSpec, layer: int, ids: list[int], dtype) -> tuple[torch.Tensor, ...]:
+        prefix = f"model.layers.{layer}"
+        return tuple(_expert_stack(self.ckpt, spec, prefix, w, ids, dtype) for w in _PROJ)
+
+    def cpu_experts(self, spec: ModelSpec, layer: int, ids: list[int], p: Placement):
+        """(PackedExperts, whether its local ids are the global expert ids)."""
+
+        def read(sub):
+            return tuple(t.numpy() for t in self.expert_floats(spec, layer, sub, torch.float32))
+
+        return pack_expert_floats(read, ids, p.expert_format, p.group_size), False
+
+
+class ConvertedSource:
+    """Weights from a converted model: dense mmapped, packed experts mapped with no repacking."""
+
+    def __init__(self, path, verify: bool = False):
+        from hetero.packed import PackedModel
+
+        self.model = PackedModel(path, verify=verify)
+        self.path = self.model.path
+        self.expert_format = self.model.expert_format
+        self.group_size = self.model.group_size
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_pretrained(self.path)
+
+    def dense(self, spec: ModelSpec, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        t = self.model.tensor(name)
+        return t if dtype is None else t.to(dtype)
+
+    def expert_floats(self, spec: ModelSpec, layer: int, ids: list[int], dtype) -> tuple[torch.Tensor, ...]:
+        from hetero.packed import dequantize_packed
+
+        return dequantize_packed(self.model.experts(layer), ids, dtype)
+
+    def cpu_experts(self, spec: ModelSpec, layer: int, ids: list[int], p: Placement):
+        # All experts stay mapped and the layer addresses them by global id: experts that run
+        # elsewhere are never touched, so their pages are never read.
+        return self.model.experts(layer), True
+
+
+def open_source(path, verify: bool = False):
+    """The weight source behind ``path``: a converted dir, a GGUF file, or an HF checkpoint."""
+    from hetero.packed import is_converted
+
+    text = str(path)
+    if text.endswith(".gguf"):
+        from hetero.gguf import GGUFSource
+
+        return GGUFSource(path)
+    if is_converted(path):
+        return ConvertedSource(path, verify=verify)
+    return CheckpointSource(path)
+
+
 def load_placed(
     path,
     placement: Placement,
@@ -107,10 +184,15 @@ def load_placed(
     worker: CPUWorker | None = None,
     progress: bool = True,
     spec: ModelSpec | None = None,
+    verify: bool = False,
 ) -> Transformer:
-    """Build the model from the checkpoint at ``path`` with its tensors where ``placement`` says."""
-    ckpt = Checkpoint(path)
-    spec = spec or ModelSpec.from_pretrained(ckpt.path)
+    """Build the model from ``path`` (checkpoint, converted dir or GGUF) with its tensors where ``placement`` says."""
+    source = open_source(path, verify=verify)
+    spec = spec or source.spec()
+    fixed = getattr(source, "expert_format", None)
+    if fixed is not None and (fixed, source.group_size) != (placement.expert_format, placement.group_size):
+        # The file already fixes the experts' format; the plan's is only what it assumed.
+        placement = replace(placement, expert_format=fixed, group_size=source.group_size)
     with torch.device("meta"):
         model = Transformer(spec)
     worker = worker or CPUWorker(placement.cpu_threads)
@@ -120,7 +202,7 @@ def load_placed(
     with torch.no_grad():
         for name in dense:
             want = torch.float32 if keep_fp32(name) else dtype
-            value = load_tensor(ckpt, spec, name, want).to(device)
+            value = source.dense(spec, name, want).to(device)
             _set(model, name, value)
             bar.update()
         _quantize_dense(model, placement)
@@ -128,7 +210,7 @@ def load_placed(
             moe = model.model.layers[i].mlp
             assert isinstance(moe, MoE)
             del moe.experts
-            moe.experts = _place_layer(ckpt, spec, i, placement, device, dtype, worker)
+            moe.experts = _place_layer(source, spec, i, placement, device, dtype, worker)
             bar.update()
     bar.close()
     model.worker = worker
@@ -136,24 +218,28 @@ def load_placed(
     return model
 
 
-def _place_layer(ckpt, spec, i, p: Placement, device, dtype, worker) -> HybridExperts:
-    prefix = f"model.layers.{i}"
+def _place_layer(source, spec, i, p: Placement, device, dtype, worker) -> HybridExperts:
     on_gpu = p.experts_on_gpu.get(i, [])
     on_cpu = [e for e in range(spec.num_experts) if e not in set(on_gpu)]
     gpu = cpu = streamed = None
+    global_ids = False
     if on_gpu:
-        gate, up, down = (_expert_stack(ckpt, spec, prefix, w, on_gpu, dtype) for w in _PROJ)
+        gate, up, down = source.expert_floats(spec, i, on_gpu, dtype)
         # The plan priced device experts in the expert format; bf16 only when that is the format.
         fmt = p.expert_format if p.expert_format != "bf16" else dtype_name(dtype)
         widths = (spec.hidden_size, spec.moe_intermediate_size)
         group = next((g for g in (p.group_size, 64, 32, 16) if all(w % g == 0 for w in widths)), 16)
         gpu = GPUExperts(gate, up, down, fmt=fmt, device=device, group_size=group)
     if on_cpu:
-        packed = _pack_cpu_experts(ckpt, spec, prefix, on_cpu, p)
+        packed, global_ids = source.cpu_experts(spec, i, on_cpu, p)
         cpu = CPUExperts(packed, CPUHandoff(worker, device, spec.hidden_size, spec.top_k, layer=i))
         if p.stream_min_tokens is not None:
             streamed = StreamedExperts(packed, device)
-    return HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens)
+    hybrid = HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens)
+    if global_ids:
+        # The packed layer holds every expert: RAM experts keep their global ids.
+        hybrid.cpu_local = torch.where(hybrid.cpu_local >= 0, torch.arange(spec.num_experts), -1)
+    return hybrid
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -10,9 +10,9 @@ from hetero.errors import HeteroError
 
 def _commands() -> list:
     # Each module adds its own subcommand; imported here so `hetero --help` lists them all.
-    from hetero import bench, generate, make_model, planning
+    from hetero import bench, convert, generate, make_model, planning
 
-    return [generate, make_model, planning, bench, _Serve]
+    return [generate, make_model, planning, bench, convert, _Serve]
 
 
 class _Serve:

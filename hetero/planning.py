@@ -37,6 +37,10 @@ def load_spec(model: str | None) -> tuple[ModelSpec, str]:
     model = model or "deepseek-v3"
     if model.lower() in PRESETS:
         return preset(model), model.lower()
+    if model.endswith(".gguf") and Path(model).is_file():
+        from hetero.gguf import GGUFSource
+
+        return GGUFSource(model).spec(), Path(model).name
     if Path(model).exists():
         return ModelSpec.from_pretrained(model), Path(model).name
     raise HeteroError(
@@ -44,9 +48,30 @@ def load_spec(model: str | None) -> tuple[ModelSpec, str]:
     )
 
 
+def model_formats(model: str | None) -> tuple[str, int] | None:
+    """The expert format and group size a converted model or GGUF file was written in, if any."""
+    if not model:
+        return None
+    if model.endswith(".gguf") and Path(model).is_file():
+        from hetero.gguf import GGUFSource
+
+        src = GGUFSource(model)
+        return src.expert_format, src.group_size
+    from hetero.packed import PackedModel, is_converted
+
+    if is_converted(model):
+        packed = PackedModel(model)
+        return packed.expert_format, packed.group_size
+    return None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="decide where each weight goes and predict the speed, loading nothing")
-    p.add_argument("model", nargs="?", help="a preset name or a checkpoint directory (default deepseek-v3)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="a preset name, checkpoint or converted directory, or .gguf file (default deepseek-v3)",
+    )
     p.add_argument("--gpus", type=int, default=1, help="GPUs to use (multiplies the GPU budget for now)")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
@@ -108,6 +133,8 @@ def profile_from_args(args: argparse.Namespace) -> tuple[HardwareProfile, dict[s
 
 def _plan_cmd(args: argparse.Namespace) -> int:
     spec, name = load_spec(args.model)
+    # A converted model or GGUF file holds its experts in one format already: plan with that one.
+    experts, group_size = model_formats(args.model) or (args.experts, args.group_size)
     prof, budgets = profile_from_args(args)
     plan = make_plan(
         spec,
@@ -117,8 +144,8 @@ def _plan_cmd(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         context=args.context,
         batch=args.batch,
-        experts=args.experts,
-        group_size=args.group_size,
+        experts=experts,
+        group_size=group_size,
         gpu_weights=args.gpu_weights,
         kv_dtype=args.kv_dtype,
         freq=args.freq,

@@ -16,6 +16,7 @@ import torch
 from hetero.checkpoint import resolve_model_path
 from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
+from hetero.errors import HeteroError
 from hetero.kv_cache import KVCache
 from hetero.model import load_model
 from hetero.tokenizer import Tokenizer
@@ -101,12 +102,45 @@ def stream_threshold(plan) -> int | None:
     return None
 
 
+def _resolve(model: str | os.PathLike) -> Path:
+    """A model directory, or a .gguf file (the first part of a split one)."""
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise HeteroError(f"GGUF file {path} not found")
+        return path
+    return resolve_model_path(model)
+
+
+def _fixed_formats(path: Path) -> tuple[str, int] | None:
+    if path.suffix == ".gguf":
+        from hetero.gguf import GGUFSource
+
+        src = GGUFSource(path)
+        return src.expert_format, src.group_size
+    from hetero.packed import PackedModel, is_converted
+
+    if is_converted(path):
+        packed = PackedModel(path)
+        return packed.expert_format, packed.group_size
+    return None
+
+
 def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions | None = None) -> Runtime:
     """Load ``model`` (a directory or cached repo id; None = the embedded default) into an engine."""
     opts = options or RuntimeOptions()
-    path = default_model_dir() if model is None else resolve_model_path(model)
-    spec = ModelSpec.from_pretrained(path)
-    tokenizer = Tokenizer.from_pretrained(path)
+    path = default_model_dir() if model is None else _resolve(model)
+    gguf = path.suffix == ".gguf"
+    if gguf:
+        from hetero.gguf import GGUFSource
+
+        source = GGUFSource(path)
+        spec, tokenizer = source.spec(), source.tokenizer()
+    else:
+        spec = ModelSpec.from_pretrained(path)
+        tokenizer = Tokenizer.from_pretrained(path)
+    fixed = _fixed_formats(path)  # a converted model or GGUF file already fixes the expert format
+    experts, group_size = fixed or (opts.experts, opts.group_size)
     device = opts.torch_device()
     dtype = opts.torch_dtype(device)
     max_len = min(opts.max_model_len, spec.max_position_embeddings)
@@ -123,13 +157,19 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
             cpu_mem=opts.cpu_mem,
             context=max_len,
             batch=opts.max_batch,
-            experts=opts.experts,
-            group_size=opts.group_size,
+            experts=experts,
+            group_size=group_size,
             gpu_weights=opts.gpu_weights,
         )
         placement = Placement.from_plan(plan, stream_threshold(plan))
         net = load_placed(path, placement, device, dtype, progress=opts.progress, spec=spec)
         kv_tokens = min(kv_tokens, plan.kv_tokens) if opts.kv_tokens is None else kv_tokens
+    elif fixed is not None:
+        # Packed or GGUF experts run on the CPU kernels as they are; there is no float copy to load.
+        from hetero.apply import Placement, load_placed
+
+        placement = Placement(expert_format=experts, group_size=group_size)
+        net = load_placed(path, placement, device, dtype, progress=opts.progress, spec=spec)
     else:
         net = load_model(str(path), dtype=dtype, device=device, spec=spec)
     kv = KVCache.for_tokens(spec, kv_tokens, opts.block_size, dtype, device)
