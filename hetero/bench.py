@@ -96,6 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--defer-experts",
+        type=int,
+        default=0,
+        help="finish each token's N lightest experts during the next layer",
+    )
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run)
@@ -116,6 +122,10 @@ def _run(args: argparse.Namespace) -> int:
         max_step_tokens=max(512, args.prompt_len),
     )
     rt = load_runtime(args.model, opts)
+    if args.defer_experts:
+        from hetero.moe import defer_experts
+
+        defer_experts(rt.engine.model, args.defer_experts)
     res = run_bench(rt, args.prompt_len, args.gen, args.batch, trace=args.trace)
     if args.json:
         print(json.dumps(asdict(res)))

@@ -230,10 +230,11 @@ class HybridExperts:
         self.stream_min_tokens = stream_min_tokens
         on_gpu = torch.zeros(num_experts, dtype=torch.bool)
         on_gpu[list(gpu_ids)] = True
-        gpu_local = torch.full((num_experts,), -1, dtype=torch.long)
-        gpu_local[on_gpu] = torch.arange(int(on_gpu.sum()))
-        cpu_local = torch.full((num_experts,), -1, dtype=torch.long)
-        cpu_local[~on_gpu] = torch.arange(int((~on_gpu).sum()))
+        # One extra entry, -1: an id of -1 (not routed) indexes it and stays -1 on every backend.
+        gpu_local = torch.full((num_experts + 1,), -1, dtype=torch.long)
+        gpu_local[:num_experts][on_gpu] = torch.arange(int(on_gpu.sum()))
+        cpu_local = torch.full((num_experts + 1,), -1, dtype=torch.long)
+        cpu_local[:num_experts][~on_gpu] = torch.arange(int((~on_gpu).sum()))
         self.gpu_local, self.cpu_local = gpu_local, cpu_local
         self._device = None
 
@@ -268,3 +269,47 @@ class HybridExperts:
         for o in outs[1:]:
             total = total + o.to(total.dtype)
         return total
+
+
+# ----------------------------------------------------------------------------- expert deferral
+
+
+class Deferral:
+    """The deferred experts still running for the previous MoE layer of this forward."""
+
+    def __init__(self):
+        self.pending = None  # (backend, handle) or None
+
+
+class DeferredExperts:
+    """Runs each token's ``defer`` lowest-weight experts late: they finish while the next layer's
+    attention runs, and their output joins the next MoE layer's (as KTransformers does).
+
+    This changes the model's numbers slightly (the next layer does not see those experts'
+    contribution in its input), so it is off unless asked for.
+    """
+
+    def __init__(self, inner: HybridExperts, state: Deferral, defer: int, last: bool):
+        self.inner, self.state, self.defer, self.last = inner, state, defer, last
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        late = None
+        if not self.last and self.defer > 0 and ids.shape[1] > self.defer:
+            order = weights.argsort(dim=1)  # ascending: the first `defer` columns are the lightest
+            lightest = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, order[:, : self.defer], True)
+            now_ids = ids.masked_fill(lightest, -1)
+            late = (x, ids.masked_fill(~lightest, -1), weights)
+            return self.inner.submit(x, now_ids, weights), late
+        return self.inner.submit(x, ids, weights), late
+
+    def wait(self, handle) -> torch.Tensor:
+        now, late = handle
+        out = self.inner.wait(now)
+        prev = self.state.pending
+        self.state.pending = None
+        if late is not None:
+            self.state.pending = (self.inner, self.inner.submit(*late))
+        if prev is not None:
+            backend, h = prev
+            out = out + backend.wait(h).to(out.dtype)
+        return out

@@ -86,3 +86,16 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
         out = self.experts.wait(handle).to(x.dtype)  # [T, H]
         return out if shared is None else out + shared
+
+
+def defer_experts(model: nn.Module, defer: int) -> None:
+    """Let each MoE layer but the last finish its tokens' ``defer`` lightest experts during the next layer."""
+    from hetero.experts import Deferral, DeferredExperts
+
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    state = Deferral()
+    for k, moe in enumerate(layers):
+        inner = moe.experts.inner if isinstance(moe.experts, DeferredExperts) else moe.experts
+        if isinstance(inner, nn.Module):
+            del moe.experts  # a registered submodule cannot be replaced by a plain object
+        moe.experts = DeferredExperts(inner, state, defer, last=k == len(layers) - 1) if defer else inner

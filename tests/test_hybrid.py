@@ -117,3 +117,60 @@ def test_hybrid_on_cuda_matches_cpu_reference(tiny, preset):
     assert float((logits[0] - ref_logits[0]).norm() / ref_logits[0].norm()) < 0.1
     assert len(seq.output_ids) == 4
     assert model.worker.timings.calls > 0
+
+
+def test_deferred_experts_move_the_lightest_to_the_next_layer():
+    """What a layer defers arrives, whole, with the next layer's output; nothing is lost or doubled."""
+    from hetero.experts import Deferral, DeferredExperts, TorchExperts
+
+    torch.manual_seed(0)
+    e, h, i, k = 8, 16, 12, 3
+    inner = TorchExperts(e, h, i)
+    for p in inner.parameters():
+        p.data.normal_()
+    hybrid = HybridExperts(e, list(range(e)), gpu=_Sync(inner))
+    state = Deferral()
+    first, second = (
+        DeferredExperts(hybrid, state, 1, last=False),
+        DeferredExperts(hybrid, state, 1, last=True),
+    )
+    x = torch.randn(5, h)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(5)])
+    w = torch.rand(5, k)
+    full = hybrid.wait(hybrid.submit(x, ids, w))
+    a = first.wait(first.submit(x, ids, w))
+    b = second.wait(second.submit(x, ids, w))
+    lightest = w.argmin(dim=1, keepdim=True)
+    only_light = hybrid.wait(hybrid.submit(x, torch.where(torch.arange(k) == lightest, ids, -1), w))
+    torch.testing.assert_close(a, full - only_light, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, full + only_light, rtol=1e-5, atol=1e-5)
+    assert state.pending is None
+
+
+class _Sync:
+    def __init__(self, experts):
+        self.experts = experts
+
+    def submit(self, x, ids, w):
+        return self.experts.submit(x, ids, w)
+
+    def wait(self, handle):
+        return handle
+
+
+def test_expert_deferral_is_off_by_default_and_switches_back(tiny):
+    from hetero.moe import defer_experts
+
+    path = tiny("deepseek-v3")
+    spec = ModelSpec.from_pretrained(path)
+    prompt = list(range(3000, 3016))
+    _, ref_logits = decode(load_model(str(path), dtype=torch.float32), prompt, steps=3)
+    model = load_placed(
+        path, Placement(split(spec), expert_format="bf16"), torch.device("cpu"), torch.float32, progress=False
+    )
+    defer_experts(model, 1)
+    _, logits = decode(model, prompt, steps=1)
+    assert float((logits[0] - ref_logits[0]).norm() / ref_logits[0].norm()) > 1e-3  # it is active
+    defer_experts(model, 0)
+    _, exact = decode(model, prompt, steps=3)
+    assert all(float((a - b).norm() / b.norm()) < 1e-4 for a, b in zip(exact, ref_logits))
