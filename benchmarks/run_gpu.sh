@@ -9,6 +9,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 preset=${PRESET:-deepseek-v2-lite}; dtype=${DTYPE:-fp8}; gpu_mem=${GPU_MEM:-6GiB}
 ckpt=/tmp/ckpt-$preset-$dtype
+start=$(mktemp)  # results written after this are the ones to bring back (8 files at most)
 
 checkpoint() {
   [ -f "$ckpt/config.json" ] || /usr/bin/time -f "make-model %e s" python3 -m hetero.cli make-model "$preset" "$ckpt" --dtype "$dtype" 2>&1 | tail -2
@@ -25,4 +26,4 @@ for stage in "$@"; do
     *) echo "unknown stage $stage" ;;
   esac
 done
-cp benchmarks/results/*.json "$out"/ 2>/dev/null || true
+find benchmarks/results -name "*.json" -newer "$start" -exec cp {} "$out"/ \;
