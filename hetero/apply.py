@@ -238,7 +238,7 @@ def _place_layer(source, spec, i, p: Placement, device, dtype, worker) -> Hybrid
     hybrid = HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens)
     if global_ids:
         # The packed layer holds every expert: RAM experts keep their global ids.
-        hybrid.cpu_local = torch.where(hybrid.cpu_local >= 0, torch.arange(spec.num_experts), -1)
+        hybrid.cpu_local = torch.where(hybrid.cpu_local >= 0, torch.arange(spec.num_experts + 1), -1)
     return hybrid
 
 
