@@ -28,6 +28,7 @@ class BenchResult:
     copies_s: float = 0.0  # waiting for device-to-host copies on the CPU side
     not_overlapped_s: float = 0.0  # time the device side waited on the CPU
     per_layer_cpu_ms: dict = field(default_factory=dict)
+    speculation: dict | None = None  # acceptance rate and tokens per step when speculating
 
 
 def _sync(rt: Runtime) -> None:
@@ -77,6 +78,7 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
         decode_s=t2 - t1,
         decode_tok_s=decoded / max(t2 - t1, 1e-9),
         predicted=dict(getattr(rt.plan, "predicted", {}) or {}),
+        speculation=engine.spec_stats,
     )
     if worker is not None:
         tm = worker.timings
@@ -102,6 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="finish each token's N lightest experts during the next layer",
     )
+    p.add_argument("--speculate", default=None, metavar="ngram|draft:DIR", help="speculative decoding")
+    p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run)
@@ -126,6 +130,10 @@ def _run(args: argparse.Namespace) -> int:
         from hetero.moe import defer_experts
 
         defer_experts(rt.engine.model, args.defer_experts)
+    if args.speculate:
+        from hetero.speculative import enable_speculation
+
+        enable_speculation(rt, args.speculate, args.spec_k)
     res = run_bench(rt, args.prompt_len, args.gen, args.batch, trace=args.trace)
     if args.json:
         print(json.dumps(asdict(res)))
@@ -141,6 +149,8 @@ def _run(args: argparse.Namespace) -> int:
         f"decode time {res.decode_s:.2f}s: CPU experts {res.cpu_experts_s:.2f}s, copies {res.copies_s:.2f}s, "
         f"device waited on CPU {res.not_overlapped_s:.2f}s"
     )
+    if res.speculation:
+        print(f"speculation: {res.speculation}")
     for layer, ms in res.per_layer_cpu_ms.items():
         print(f"  layer {layer:3d}: CPU experts {ms:7.3f} ms/step")
     return 0

@@ -56,17 +56,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.speculate:
-        from hetero.speculative import parse_speculate
+        from hetero.speculative import enable_speculation
 
-        kv = rt.engine.kv
-        rt.engine.speculate = parse_speculate(
-            args.speculate,
-            args.spec_k,
-            model_kv_tokens=kv.num_tokens_capacity,
-            dtype=kv.dtype,
-            device=rt.engine.device,
-            plan=rt.plan,
-        )
+        enable_speculation(rt, args.speculate, args.spec_k)
     (seq,) = rt.engine.generate([prompt_ids], params)
     if rt.engine.spec_stats is not None:
         print(f"speculation: {rt.engine.spec_stats}", file=sys.stderr)

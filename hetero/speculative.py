@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from hetero.attention import AttentionBatch
+from hetero.errors import HeteroError
 from hetero.kv_cache import BlockTable, KVCache
 from hetero.sampling import apply_penalties, probabilities
 
@@ -312,10 +313,23 @@ def parse_speculate(spec: str, k: str, *, model_kv_tokens: int, dtype: torch.dty
     elif spec.startswith("draft:"):
         drafter = DraftModelDrafter.load(spec[len("draft:") :], model_kv_tokens, dtype, device)
     else:
-        raise ValueError(f"--speculate {spec!r}: choose ngram or draft:DIR")
+        raise HeteroError(f"--speculate {spec!r}: choose ngram or draft:DIR")
     cost = plan_cost(plan) if plan is not None else linear_cost()
     kk: int | str = "auto" if k == "auto" else int(k)
     return Speculation(drafter, k=kk, cost=cost)
+
+
+def enable_speculation(runtime, spec: str, k: str) -> None:
+    """Turn on speculative decoding for a loaded runtime (``hetero generate/bench --speculate``)."""
+    kv = runtime.engine.kv
+    runtime.engine.speculate = parse_speculate(
+        spec,
+        k,
+        model_kv_tokens=kv.num_tokens_capacity,
+        dtype=kv.dtype,
+        device=runtime.engine.device,
+        plan=runtime.plan,
+    )
 
 
 __all__ = [
