@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--tag", default="")
+    ap.add_argument(
+        "--hf-baseline", action="store_true", help="also time transformers + accelerate (16 tokens)"
+    )
     args = ap.parse_args(argv)
     gpu_mem = parse_size(args.gpu_mem)
     cap_device_memory(gpu_mem)
@@ -121,6 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         del rt
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if args.hf_baseline:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "hf_baseline", Path(__file__).with_name("hf_baseline.py")
+        )
+        hf_baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(hf_baseline)
+        hf = hf_baseline.hf_decode_tok_s(args.model, args.gpu_mem, args.prompt_len, 16)
+        for r in rows:
+            r["hf_decode_tok_s"] = hf["decode_tok_s"]
+            r["decode_over_hf"] = r["decode_tok_s"] / hf["decode_tok_s"]
     machine = {
         "gpu": gpu_name,
         "gpu_mem_cap": args.gpu_mem,
@@ -135,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"e2e-{name}-{gpu_name.replace(' ', '_')}.json"
     out.write_text(json.dumps({"model": name, "machine": machine, "rows": rows}, indent=2))
     print(f"\nmachine: {machine}")
+    if args.hf_baseline:
+        print("transformers + accelerate decode: " + ", ".join(f"{r['decode_over_hf']:.1f}x" for r in rows))
     hdr = f"{'experts':8} {'decode':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
     print(hdr)
     for r in rows:
