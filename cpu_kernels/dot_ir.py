@@ -8,14 +8,16 @@ Every intrinsic reads one weight row and one activation row through
 ``(array, flat element offset)`` pairs; the caller guarantees the offsets and
 lengths stay inside the arrays (the Numba wrapper checks shapes once).
 
-Quantized dots return float64: the integer products are exact and the scale
-combination in float64 is exact up to the last bit, which keeps the kernel
-reproducible by a numpy reference (rounding the intermediate activation
-before its own quantization then agrees bit for bit).
+Both quantized dots accumulate int32 per vector (one vpdpbusd per 64 inputs) and convert
+each vector once. int8 scales and sums in float64: its unsigned codes carry a +128 offset
+whose correction cancels most of the sum, so float32 would lose the last bits of the
+result and, through the intermediate's requantization, agreement with a float64 reference.
+int4 scales and sums in float32 (codes 0..15 cancel far less; relative rounding near 1e-7).
 
 Activation layout shared by the quantized dots (n = padded input length):
   a  int8    [n]        activations, quantized per block of 64
   sa float32 [n // 64]  one scale per block of 64
+  aq float32 [n // 32]  sa * sum of a per 32 inputs (int4 zero-point term)
 Weights are stored as unsigned codes so that ``vpdpbusd`` (u8 x s8) takes
 them as its unsigned operand and the signed activations as the other one.
 """
@@ -95,14 +97,6 @@ def _mac_u8s8(builder: ir.IRBuilder, w: ir.Value, a: ir.Value, vnni: bool) -> ir
     return acc
 
 
-def _half_to_f64(builder: ir.IRBuilder, v: ir.Value, hi: bool) -> ir.Value:
-    """Lanes 0..7 (or 8..15) of a <16 x i32> as <8 x double>."""
-    start = 8 if hi else 0
-    mask = ir.Constant(ir.VectorType(I32, 8), list(range(start, start + 8)))
-    part = builder.shuffle_vector(v, ir.Constant(V16I32, ir.Undefined), mask)
-    return builder.sitofp(part, V8F64)
-
-
 def _folded_f64(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
     """Lanes l and l + 8 of a <16 x i32> added, as <8 x double>: one conversion where both halves share a scale."""
     lo = builder.shuffle_vector(
@@ -115,13 +109,23 @@ def _folded_f64(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
 
 
 def _hsum(builder: ir.IRBuilder, vecs: list[ir.Value], zero: ir.Value) -> ir.Value:
+    """Sum of all lanes of the vectors (same type): vector adds, then a halving tree (no serial lane chain)."""
     acc = vecs[0]
     for v in vecs[1:]:
         acc = builder.fadd(acc, v)
-    total = zero
-    for lane in range(acc.type.count):
-        total = builder.fadd(total, builder.extract_element(acc, _c(I32, lane)))
-    return total
+    n = acc.type.count
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(
+            acc, ir.Constant(acc.type, ir.Undefined), ir.Constant(ir.VectorType(I32, n), list(range(n)))
+        )
+        hi = builder.shuffle_vector(
+            acc,
+            ir.Constant(acc.type, ir.Undefined),
+            ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))),
+        )
+        acc = builder.fadd(lo, hi)
+    return builder.fadd(zero, builder.extract_element(acc, _c(I32, 0)))
 
 
 def _counted_loop(builder: ir.IRBuilder, start: ir.Value, stop: ir.Value, inits: list[ir.Value], body):
@@ -196,24 +200,44 @@ def _make_dot_q8(vnni: bool):
     return dot_q8
 
 
-def _make_dot_q4(vnni: bool, wide: bool):
-    """Dot of one packed int4 row with int8 activations, per-group scales and zero points.
+def _quarters(builder: ir.IRBuilder, base: ir.Value, blk: ir.Value, g: int, conv) -> ir.Value:
+    """Per-group values of one block of 128 inputs spread to its four quarters of 32: <4 x float>."""
+    per_blk = 128 // g  # groups per block: 4, 2 or 1
+    vty = ir.VectorType(base.type.pointee, per_blk)
+    v = conv(_load_vec(builder, base, builder.mul(blk, _c(I64, per_blk)), vty))  # [per_blk] float
+    mask = [j * per_blk // 4 for j in range(4)]
+    return builder.shuffle_vector(
+        v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, 4), mask)
+    )
+
+
+def _quarters16(builder: ir.IRBuilder, base: ir.Value, it: ir.Value, g: int, conv) -> ir.Value:
+    """Per-group values of blocks 4it..4it+3 spread to their 16 quarters of 32: <16 x float>."""
+    per4 = 4 * (128 // g)  # groups in four blocks: 16, 8 or 4
+    vty = ir.VectorType(base.type.pointee, per4)
+    v = conv(_load_vec(builder, base, builder.mul(it, _c(I64, per4)), vty))  # [per4] float
+    if per4 == 16:
+        return v
+    mask = ir.Constant(ir.VectorType(I32, 16), [k * per4 // 16 for k in range(16)])
+    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask)
+
+
+def _make_dot_q4(vnni: bool, g: int, symmetric: bool):
+    """Dot of one packed int4 row with int8 activations, per-group scales and zero points; float32.
 
     w  uint8   packed, block b of 128 inputs is 64 bytes: low nibble = input j, high = input 64 + j
     s  uint16  float16 bits of the group scales, [n / g]
-    z  uint8   zero points [n / g] read with stride z_stride (0: one shared zero, e.g. 8 = symmetric)
-    a32 float64 [n / 32] sum of dequantized activations per 32 inputs (for the zero-point term)
-    g = 32 << g_shift, and wide must equal g >= 64 (one conversion per 64 inputs instead of two).
+    z  uint8   zero points [n / g] (ignored when symmetric: 8)
+    aq float32 [n / 32] sa * sum of the int8 activations per 32 inputs (for the zero-point term)
+    Each 64-input half is one vpdpbusd; its int32 lanes are converted once and scaled by
+    s_g * sa (lanes 0..7 hold inputs 0..31, lanes 8..15 inputs 32..63, so a group of 32 scales
+    half a vector). The zero-point term sum_g s_g * z_g * aq_g is accumulated per block, 4 wide.
     Returns sum_g s_g * sum_{i in g} (q_i - z_g) * sa_i * a_i.
     """
 
     @intrinsic
-    def dot_q4(
-        typingctx, w, w_off, a, a_off, sa, sa_off, s, s_off, z, z_off, z_stride, a32, a32_off, g_shift, nblk
-    ):
-        sig = types.float64(
-            w, w_off, a, a_off, sa, sa_off, s, s_off, z, z_off, z_stride, a32, a32_off, g_shift, nblk
-        )
+    def dot_q4(typingctx, w, w_off, a, a_off, sa, sa_off, s, s_off, z, z_off, aq, aq_off, nblk):
+        sig = types.float32(w, w_off, a, a_off, sa, sa_off, s, s_off, z, z_off, aq, aq_off, nblk)
 
         def codegen(context, builder, sig, args):
             ty = sig.args
@@ -226,50 +250,94 @@ def _make_dot_q4(vnni: bool, wide: bool):
             sap = _ptr(context, builder, ty[4], args[4], i64(5), F32)
             sp = _ptr(context, builder, ty[6], args[6], i64(7), F16)
             zp = _ptr(context, builder, ty[8], args[8], i64(9), I8)
-            zstride = i64(10)
-            a32p = _ptr(context, builder, ty[11], args[11], i64(12), F64)
-            shift = i64(13)
-            n = i64(14)
-            ngrp = builder.lshr(_c(I64, 4), shift)  # groups per block of 128
+            aqp = _ptr(context, builder, ty[10], args[10], i64(11), F32)
+            n = i64(12)
             mask15 = ir.Constant(V64I8, [15] * 64)
             four = ir.Constant(V64I8, [4] * 64)
+            v4f = ir.VectorType(F32, 4)
+            eight = ir.Constant(v4f, [8.0] * 4)
 
             def step(blk, accs):
                 p = _load_vec(builder, wp, builder.mul(blk, _c(I64, 64)), V64I8)  # [64] two nibbles
-                q = [builder.and_(p, mask15), builder.lshr(p, four)]  # 2 x [64] in 0..15
+                q = [builder.and_(p, mask15), builder.and_(builder.lshr(p, four), mask15)]  # 2 x [64]
+                s4 = _quarters(
+                    builder, sp, blk, g, lambda v: builder.fpext(v, ir.VectorType(F32, v.type.count))
+                )
+                if symmetric:
+                    z4 = eight
+                else:
+                    z4 = _quarters(
+                        builder, zp, blk, g, lambda v: builder.uitofp(v, ir.VectorType(F32, v.type.count))
+                    )
+                sa2 = _load_vec(builder, sap, builder.mul(blk, _c(I64, 2)), ir.VectorType(F32, 2))
+                sa4 = builder.shuffle_vector(
+                    sa2, ir.Constant(sa2.type, ir.Undefined), ir.Constant(ir.VectorType(I32, 4), [0, 0, 1, 1])
+                )
+                c4 = builder.fmul(s4, sa4)  # [4] scale of each quarter's int32 lanes
+                aq4 = _load_vec(builder, aqp, builder.mul(blk, _c(I64, 4)), v4f)  # [4]
                 out = list(accs)
+                out[2] = _fmuladd(builder, builder.fmul(s4, z4), aq4, accs[2])
                 for half in range(2):
-                    ablk = builder.add(builder.mul(blk, _c(I64, 2)), _c(I64, half))
-                    av = _load_vec(builder, ap, builder.mul(ablk, _c(I64, 64)), V64I8)  # [64] s8
-                    d = _mac_u8s8(builder, q[half], av, vnni)  # [16] i32
-                    sa_ = builder.fpext(_load(builder, sap, ablk), F64)
-                    if wide:  # g >= 64: the whole 64-input half shares one weight group
-                        gi = builder.add(builder.mul(blk, ngrp), builder.lshr(_c(I64, 2 * half), shift))
-                        sg = builder.fpext(_load(builder, sp, gi), F64)
-                        zg = builder.uitofp(_load(builder, zp, builder.mul(gi, zstride)), F64)
-                        scale = _splat(builder, builder.fmul(sg, sa_), 8)
-                        out[half] = _fmuladd(builder, _folded_f64(builder, d), scale, out[half])
-                        k = builder.add(builder.mul(blk, _c(I64, 4)), _c(I64, 2 * half))
-                        a64 = builder.fadd(
-                            _load(builder, a32p, k), _load(builder, a32p, builder.add(k, _c(I64, 1)))
-                        )
-                        out[4 + half] = builder.fadd(out[4 + half], builder.fmul(builder.fmul(sg, zg), a64))
-                        continue
-                    for quarter in range(2):
-                        j = 2 * half + quarter
-                        gi = builder.add(builder.mul(blk, ngrp), builder.lshr(_c(I64, j), shift))
-                        sg = builder.fpext(_load(builder, sp, gi), F64)
-                        zg = builder.uitofp(_load(builder, zp, builder.mul(gi, zstride)), F64)
-                        scale = _splat(builder, builder.fmul(sg, sa_), 8)
-                        out[j] = _fmuladd(builder, _half_to_f64(builder, d, quarter == 1), scale, out[j])
-                        a32 = _load(builder, a32p, builder.add(builder.mul(blk, _c(I64, 4)), _c(I64, j)))
-                        out[4 + j] = builder.fadd(out[4 + j], builder.fmul(builder.fmul(sg, zg), a32))
+                    av = _load_vec(
+                        builder,
+                        ap,
+                        builder.mul(builder.add(builder.mul(blk, _c(I64, 2)), _c(I64, half)), _c(I64, 64)),
+                        V64I8,
+                    )
+                    d = builder.sitofp(_mac_u8s8(builder, q[half], av, vnni), V16F32)  # [16]
+                    lanes = ir.Constant(ir.VectorType(I32, 16), [2 * half] * 8 + [2 * half + 1] * 8)
+                    sc = builder.shuffle_vector(c4, ir.Constant(v4f, ir.Undefined), lanes)  # [16]
+                    out[half] = _fmuladd(builder, d, sc, accs[half])
                 return out
 
-            inits = [ir.Constant(V8F64, None)] * 4 + [_c(F64, 0.0)] * 4
-            accs = _counted_loop(builder, _c(I64, 0), n, inits, step)
-            dots = _hsum(builder, list(accs[:4]), _c(F64, 0.0))
-            corr = builder.fadd(builder.fadd(accs[4], accs[5]), builder.fadd(accs[6], accs[7]))
+            def step4(it, accs):
+                """Blocks 4it..4it+3: scales of all 16 quarters handled as one vector."""
+                blk0 = builder.mul(it, _c(I64, 4))
+                s16 = _quarters16(
+                    builder, sp, it, g, lambda v: builder.fpext(v, ir.VectorType(F32, v.type.count))
+                )
+                if symmetric:
+                    sz16 = builder.fmul(s16, ir.Constant(V16F32, [8.0] * 16))
+                else:
+                    z16 = _quarters16(
+                        builder, zp, it, g, lambda v: builder.uitofp(v, ir.VectorType(F32, v.type.count))
+                    )
+                    sz16 = builder.fmul(s16, z16)
+                sa8 = _load_vec(builder, sap, builder.mul(it, _c(I64, 8)), ir.VectorType(F32, 8))
+                sa16 = builder.shuffle_vector(
+                    sa8,
+                    ir.Constant(sa8.type, ir.Undefined),
+                    ir.Constant(ir.VectorType(I32, 16), [k // 2 for k in range(16)]),
+                )
+                c16 = builder.fmul(s16, sa16)  # [16] scale of each quarter's int32 lanes
+                aq16 = _load_vec(builder, aqp, builder.mul(it, _c(I64, 16)), V16F32)
+                out = list(accs)
+                out[4] = _fmuladd(builder, sz16, aq16, accs[4])
+                for b in range(4):
+                    blk = builder.add(blk0, _c(I64, b))
+                    p = _load_vec(builder, wp, builder.mul(blk, _c(I64, 64)), V64I8)
+                    q = [builder.and_(p, mask15), builder.and_(builder.lshr(p, four), mask15)]
+                    for half in range(2):
+                        k = 2 * b + half  # half index within the 4 blocks
+                        aoff = builder.mul(
+                            builder.add(builder.mul(blk, _c(I64, 2)), _c(I64, half)), _c(I64, 64)
+                        )
+                        av = _load_vec(builder, ap, aoff, V64I8)
+                        d = builder.sitofp(_mac_u8s8(builder, q[half], av, vnni), V16F32)
+                        lanes = ir.Constant(ir.VectorType(I32, 16), [2 * k] * 8 + [2 * k + 1] * 8)
+                        sc = builder.shuffle_vector(c16, ir.Constant(V16F32, ir.Undefined), lanes)
+                        out[k % 4] = _fmuladd(builder, d, sc, out[k % 4])
+                return out
+
+            zero16 = ir.Constant(V16F32, None)
+            zero4 = ir.Constant(v4f, None)
+            nmain = builder.sdiv(n, _c(I64, 4))
+            accs = _counted_loop(builder, _c(I64, 0), nmain, [zero16] * 5, step4)
+            tail = _counted_loop(builder, builder.mul(nmain, _c(I64, 4)), n, [zero16, zero16, zero4], step)
+            dots = _hsum(builder, [accs[0], accs[1], accs[2], accs[3], tail[0], tail[1]], _c(F32, 0.0))
+            corr = builder.fadd(
+                _hsum(builder, [accs[4]], _c(F32, 0.0)), _hsum(builder, [tail[2]], _c(F32, 0.0))
+            )
             return builder.fsub(dots, corr)
 
         return sig, codegen
@@ -307,7 +375,29 @@ def dot_bf16(typingctx, w, w_off, x, x_off, nvec):
 
 dot_q8_vnni = _make_dot_q8(True)
 dot_q8_portable = _make_dot_q8(False)
-dot_q4_vnni = _make_dot_q4(True, False)
-dot_q4_portable = _make_dot_q4(False, False)
-dot_q4w_vnni = _make_dot_q4(True, True)
-dot_q4w_portable = _make_dot_q4(False, True)
+# int4 dots by group size, symmetric (zero point 8) or not, vpdpbusd or portable
+dot_q4_g32 = _make_dot_q4(True, 32, False)
+dot_q4_g32s = _make_dot_q4(True, 32, True)
+dot_q4_g64 = _make_dot_q4(True, 64, False)
+dot_q4_g64s = _make_dot_q4(True, 64, True)
+dot_q4_g128 = _make_dot_q4(True, 128, False)
+dot_q4_g128s = _make_dot_q4(True, 128, True)
+dot_q4_g32_p = _make_dot_q4(False, 32, False)
+dot_q4_g32s_p = _make_dot_q4(False, 32, True)
+dot_q4_g64_p = _make_dot_q4(False, 64, False)
+dot_q4_g64s_p = _make_dot_q4(False, 64, True)
+dot_q4_g128_p = _make_dot_q4(False, 128, False)
+dot_q4_g128s_p = _make_dot_q4(False, 128, True)
+
+
+@intrinsic
+def fetch_add(typingctx, arr, idx, val):
+    """Atomically arr[idx] += val for an int64 array; returns the old value (work-item claiming)."""
+    sig = types.int64(arr, idx, val)
+
+    def codegen(context, builder, sig, args):
+        ty = sig.args
+        p = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I64)
+        return builder.atomic_rmw("add", p, _as_i64(context, builder, args[2], ty[2]), "monotonic")
+
+    return sig, codegen

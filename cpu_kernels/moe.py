@@ -5,18 +5,32 @@ P = (token, expert) pairs kept (ids >= 0), A = experts with at least one pair,
 Hp / Ip = H / I padded to 128.
 
 One Numba entry point per format, compiled nogil so the caller's other Python threads
-keep running for the whole call. Inside it:
-  1. pairs are grouped by expert (counting sort), so each expert's weights are read once;
-  2. activations are quantized to int8 per block of 64 (int8 / int4 weights);
-  3. gate+up: parallel over (expert, block of I rows); each weight row is used for every
+keep running for the whole call. Inside it, four parallel regions:
+  1. activations are quantized to int8, one work item per block of 64 (int8 / int4 weights);
+  2. gate+up: work items are (expert, block of I rows); each weight row is used for every
      token of that expert while it sits in L1, token blocks keep activations in L2 (prefill);
-  4. the intermediate h is quantized like the input, then down: parallel over (expert, block of H rows);
-  5. each token's outputs are summed with its routing weights.
+  3. the intermediate h is quantized like the input, one work item per (pair, block of 64);
+  4. down and the weighted sum: work items are blocks of H rows over all active experts, so
+     each item owns its output rows and adds every pair's contribution directly.
+Pairs are grouped by expert first (counting sort), so each expert's weights are read once.
+
+Regions 2 and 4 hand out work items through an atomic counter instead of a static split:
+a thread that the OS deschedules (e.g. the core shared with the caller's GPU-launch
+thread) delays only the item it holds, and the others take the rest.
+
+Scratch buffers live per calling thread and per layer shape, grown on demand, so a decode
+step allocates nothing but the pair grouping.
+
+Threads: set_num_threads() fixes the count; by default a call from the main thread uses every
+Numba thread and a call from any other thread leaves one core free (when there are at least
+four), because that other thread's caller is busy on a core of its own (the engine's main
+thread launching GPU work) and a team member sharing that core would run at half speed.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -26,29 +40,45 @@ from . import tuning
 from .cpu_info import has_avx512_vnni
 from .dot_ir import (
     dot_bf16,
-    dot_q4_portable,
-    dot_q4_vnni,
-    dot_q4w_portable,
-    dot_q4w_vnni,
+    dot_q4_g32,
+    dot_q4_g32_p,
+    dot_q4_g32s,
+    dot_q4_g32s_p,
+    dot_q4_g64,
+    dot_q4_g64_p,
+    dot_q4_g64s,
+    dot_q4_g64s_p,
+    dot_q4_g128,
+    dot_q4_g128_p,
+    dot_q4_g128s,
+    dot_q4_g128s_p,
     dot_q8_portable,
     dot_q8_vnni,
+    fetch_add,
 )
 from .formats import PackedExperts
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
+ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
 
-_state = {"threads": numba.config.NUMBA_NUM_THREADS, "vnni": has_avx512_vnni()}
+_state = {"threads": 0, "vnni": has_avx512_vnni()}  # threads 0: default (see module doc)
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by later fused_moe calls (from whichever thread calls them)."""
-    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(f"threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {n}")
+    """Threads used by later fused_moe calls (from whichever thread calls them); 0 restores the default."""
+    if not 0 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"threads must be in [0, {numba.config.NUMBA_NUM_THREADS}], got {n}")
     _state["threads"] = n
 
 
 def get_num_threads() -> int:
-    return _state["threads"]
+    """Threads a call from the current thread uses."""
+    if _state["threads"]:
+        return _state["threads"]
+    n = numba.config.NUMBA_NUM_THREADS
+    if n >= 4 and threading.current_thread() is not threading.main_thread():
+        return n - 1
+    return n
 
 
 def set_vnni(enabled: bool) -> None:
@@ -60,8 +90,8 @@ def set_vnni(enabled: bool) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _group_pairs(ids, E):
-    """ids [T, K] int32 -> start [E + 1], slot_tok [P], pair_slot [T * K] (-1 skipped), active [A]."""
+def _group_pairs(ids, wts, E):
+    """ids [T, K] int32 -> start [E + 1], slot_tok [P], slot_wt [P] float32, active [A]."""
     T, K = ids.shape
     start = np.zeros(E + 1, np.int64)
     for t in range(T):
@@ -69,11 +99,14 @@ def _group_pairs(ids, E):
             e = ids[t, k]
             if e >= 0:
                 start[e + 1] += 1
+    nact = 0
     for e in range(E):
+        if start[e + 1] > 0:
+            nact += 1
         start[e + 1] += start[e]
     pos = start[:E].copy()
     slot_tok = np.empty(start[E], np.int64)
-    pair_slot = np.full(T * K, -1, np.int64)
+    slot_wt = np.empty(start[E], np.float32)
     for t in range(T):
         for k in range(K):
             e = ids[t, k]
@@ -81,43 +114,51 @@ def _group_pairs(ids, E):
                 s = pos[e]
                 pos[e] += 1
                 slot_tok[s] = t
-                pair_slot[t * K + k] = s
-    nact = 0
-    for e in range(E):
-        if start[e + 1] > start[e]:
-            nact += 1
+                slot_wt[s] = wts[t, k]
     active = np.empty(nact, np.int64)
     nact = 0
     for e in range(E):
         if start[e + 1] > start[e]:
             active[nact] = e
             nact += 1
-    return start, slot_tok, pair_slot, active
+    return start, slot_tok, slot_wt, active
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _quantize_row(v, n, q, qs, a32):
-    """v [>= n] float32 -> q [npad] int8, qs [npad/64] float32 block scales, a32 [npad/32] float64.
+def _quantize_block(v, n, b, q, qs, qa, qb):
+    """Block b (inputs 64b..64b+63) of v [>= n] float32 -> int8 codes q[64b:64b+64], scale qs[b],
+    qa[2b + j] = float32(s * sum of q over the j-th 32), qb[b] = s * sum of q (float64).
 
-    q = rint(v / s) with s = amax / 127 per block of 64 (1 for an all-zero block);
-    a32[j] = s * sum of q over inputs 32j..32j+31; entries past n are zero.
+    q = rint(v / s) with s = amax / 127 per block (1 for an all-zero block); inputs past n are zero.
     """
-    npad = q.shape[0]
-    for b in range(npad // 64):
-        amax = np.float32(0.0)
-        for i in range(b * 64, min(b * 64 + 64, n)):
-            amax = max(amax, abs(v[i]))
-        s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
-        qs[b] = s
-        for half in range(2):
-            tot = 0
-            for i in range(b * 64 + half * 32, b * 64 + half * 32 + 32):
-                qi = 0
-                if i < n:
-                    qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
-                q[i] = qi
-                tot += qi
-            a32[2 * b + half] = np.float64(s) * tot
+    amax = np.float32(0.0)
+    for i in range(b * 64, min(b * 64 + 64, n)):
+        amax = max(amax, abs(v[i]))
+    s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+    qs[b] = s
+    both = 0
+    for half in range(2):
+        tot = 0
+        for i in range(b * 64 + half * 32, b * 64 + half * 32 + 32):
+            qi = 0
+            if i < n:
+                qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
+            q[i] = qi
+            tot += qi
+        qa[2 * b + half] = np.float32(np.float64(s) * tot)
+        both += tot
+    qb[b] = np.float64(s) * both
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rows_per_item(rows, rb, nthr):
+    """Rows per work item: about ITEMS_PER_THREAD items per thread, at least rb, a multiple of 8.
+
+    Long items keep each weight stream going long enough for the hardware prefetcher (a
+    fresh stream every 16 rows cost ~15% at one thread); several items per thread still let
+    the others absorb a slow or descheduled one.
+    """
+    return max(rb, rows // (ITEMS_PER_THREAD * nthr) // 8 * 8)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -127,21 +168,31 @@ def _silu_mul(g, u):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _task(task, nblk, active, start, rows, rb):
-    e = active[task // nblk]
-    r0 = (task % nblk) * rb
-    return e, r0, min(r0 + rb, rows), start[e], start[e + 1]
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _dot_q4(vnni, g_shift, w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, nblk):
-    if g_shift == 0:
-        if vnni:
-            return dot_q4_vnni(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
-        return dot_q4_portable(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
+def _dot_q4(vnni, gsel, sym, w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk):
+    """gsel 0 / 1 / 2: group size 32 / 64 / 128."""
     if vnni:
-        return dot_q4w_vnni(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
-    return dot_q4w_portable(w, wo, a, ao, sa, sao, s, so, z, zo, zs, a32, a32o, g_shift, nblk)
+        if gsel == 0:
+            if sym:
+                return dot_q4_g32s(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+            return dot_q4_g32(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+        if gsel == 1:
+            if sym:
+                return dot_q4_g64s(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+            return dot_q4_g64(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+        if sym:
+            return dot_q4_g128s(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+        return dot_q4_g128(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+    if gsel == 0:
+        if sym:
+            return dot_q4_g32s_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+        return dot_q4_g32_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+    if gsel == 1:
+        if sym:
+            return dot_q4_g64s_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+        return dot_q4_g64_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+    if sym:
+        return dot_q4_g128s_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+    return dot_q4_g128_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -155,152 +206,214 @@ def _dot_q8(vnni, w, wo, a, ao, sa, sao, nvec):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _moe_quant(x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, g_shift, rb, tb, vnni, is_int4):  # noqa: E741
+def _moe_quant(
+    x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr
+):
     """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32.
 
     Scales and zero points come flattened (1-D views of the packed arrays):
     int8: gu u8 [E, I, 2, Hp], gus f32 [E * I * 2], dn u8 [E, H, Ip], dns f32 [E * H].
-    int4: gu u8 [E, I, 2, Hp/2], gus u16 [E * I * 2 * Hp/g], guz u8 same or [1],
-          dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same or [1]; g = 32 << g_shift.
+    int4: gu u8 [E, I, 2, Hp/2], gus u16 [E * I * 2 * Hp/g], guz u8 same (or [1] when sym),
+          dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same (or [1]); g = 32 << gsel.
+    bufs: scratch (xq, xs, xa, xb, h, hq, hs, ha, hb) with at least T / P rows; ctr int64 [2];
+    nthr: the Numba thread count of this call.
     """
+    I = inter  # noqa: E741
+    xq, xs, xa, xb, h, hq, hs, ha, hb = bufs
     T, H = x.shape
     E = gu.shape[0]
     Hp = gu.shape[3] * (2 if is_int4 else 1)
     Ip = dn.shape[2] * (2 if is_int4 else 1)
-    start, slot_tok, pair_slot, active = _group_pairs(ids, E)
+    start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
     P = slot_tok.shape[0]
-    zs_gu = 0 if guz.shape[0] == 1 else 1  # stride 0: one shared zero point (symmetric)
-    zs_dn = 0 if dnz.shape[0] == 1 else 1
-    ngh = (Hp // 32) >> g_shift  # groups per gate/up row
-    ngi = (Ip // 32) >> g_shift
+    ngh = (Hp // 32) >> gsel  # groups per gate/up row
+    ngi = (Ip // 32) >> gsel
+    nbx, nbh64 = Hp // 64, Ip // 64
+    ctr[0] = 0
+    ctr[1] = 0
 
-    xq = np.empty((T, Hp), np.int8)  # [T, Hp]
-    xs = np.empty((T, Hp // 64), np.float32)  # [T, Hp/64]
-    xa = np.empty((T, Hp // 32), np.float64)  # [T, Hp/32]
-    xcorr = np.empty(T)  # [T] sum of dequantized activations: int8 codes carry a +128 offset
-    for t in prange(T):
-        _quantize_row(x[t], H, xq[t], xs[t], xa[t])
-        xcorr[t] = xa[t].sum()
+    for item in prange(T * nbx):
+        t = item // nbx
+        _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xb[t])
 
-    h = np.zeros((P, Ip), np.float32)  # [P, Ip]
-    nbi = (I + rb - 1) // rb
-    for task in prange(active.shape[0] * nbi):
-        e, r0, r1, s0, s1 = _task(task, nbi, active, start, I, rb)
-        for tb0 in range(s0, s1, tb):
-            for i in range(r0, r1):
-                row = (e * I + i) * 2  # gate row; up row follows
-                for s in range(tb0, min(tb0 + tb, s1)):
-                    t = slot_tok[s]
-                    gv = 0.0
-                    uv = 0.0
-                    if is_int4:
-                        for j in range(2):
-                            wo = (row + j) * (Hp // 2)
-                            go = (row + j) * ngh
-                            d = _dot_q4(
-                                vnni, g_shift, gu, wo, xq, t * Hp, xs, t * (Hp // 64), gus, go, guz,
-                                go * zs_gu, zs_gu, xa, t * (Hp // 32), Hp // 128,
+    xc = np.zeros(T)  # [T] 128 * sum of dequantized activations: int8 codes carry a +128 offset
+    if not is_int4:
+        for t in range(T):
+            for b in range(nbx):
+                xc[t] += xb[t, b]
+            xc[t] *= 128.0
+
+    rbg = min(_rows_per_item(active.shape[0] * I, rb, nthr), I)
+    nbi = (I + rbg - 1) // rbg
+    ntask = active.shape[0] * nbi
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 0, 1)
+            if task >= ntask:
+                break
+            e = active[task // nbi]
+            r0 = (task % nbi) * rbg
+            r1 = min(r0 + rbg, I)
+            s0, s1 = start[e], start[e + 1]
+            for tb0 in range(s0, s1, tb):
+                for i in range(r0, r1):
+                    row = (e * I + i) * 2  # gate row; up row follows
+                    for s in range(tb0, min(tb0 + tb, s1)):
+                        t = slot_tok[s]
+                        if is_int4:
+                            go = row * ngh
+                            gv = _dot_q4(
+                                vnni, gsel, sym, gu, row * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
+                                guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
                             )  # fmt: skip
-                            if j == 0:
-                                gv = d
+                            go += ngh
+                            uv = _dot_q4(
+                                vnni, gsel, sym, gu, (row + 1) * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
+                                guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
+                            )  # fmt: skip
+                            h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
+                        else:
+                            corr = xc[t]
+                            gv = _dot_q8(vnni, gu, row * Hp, xq, t * Hp, xs, t * nbx, nbx)
+                            uv = _dot_q8(vnni, gu, (row + 1) * Hp, xq, t * Hp, xs, t * nbx, nbx)
+                            gd = (np.float64(gv) - corr) * np.float64(gus[row])
+                            ud = (np.float64(uv) - corr) * np.float64(gus[row + 1])
+                            h[s, i] = _silu_mul(gd, ud)
+
+    for item in prange(P * nbh64):
+        s = item // nbh64
+        _quantize_block(h[s], I, item % nbh64, hq[s], hs[s], ha[s], hb[s])
+    hc = np.zeros(P)  # [P] as xc, for the intermediate
+    if not is_int4:
+        for s in range(P):
+            for b in range(nbh64):
+                hc[s] += hb[s, b]
+            hc[s] *= 128.0
+
+    rbd = _rows_per_item(H, rb, nthr)
+    nbh = (H + rbd - 1) // rbd
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 1, 1)
+            if task >= nbh:
+                break
+            r0 = task * rbd
+            r1 = min(r0 + rbd, H)
+            for t in range(T):
+                for r in range(r0, r1):
+                    out[t, r] = 0.0
+            for ai in range(active.shape[0]):
+                e = active[ai]
+                s0, s1 = start[e], start[e + 1]
+                for tb0 in range(s0, s1, tb):
+                    for r in range(r0, r1):
+                        row = e * H + r
+                        for s in range(tb0, min(tb0 + tb, s1)):
+                            if is_int4:
+                                go = row * ngi
+                                d = _dot_q4(
+                                    vnni, gsel, sym, dn, row * (Ip // 2), hq, s * Ip, hs, s * nbh64, dns, go,
+                                    dnz, 0 if sym else go, ha, s * (Ip // 32), Ip // 128,
+                                )  # fmt: skip
+                                y = np.float64(d)
                             else:
-                                uv = d
-                    else:
-                        corr = xcorr[t]
-                        for j in range(2):
-                            d = _dot_q8(vnni, gu, (row + j) * Hp, xq, t * Hp, xs, t * (Hp // 64), Hp // 64)
-                            d = (d - 128.0 * corr) * np.float64(gus[row + j])
-                            if j == 0:
-                                gv = d
-                            else:
-                                uv = d
-                    h[s, i] = _silu_mul(gv, uv)
-
-    hq = np.empty((P, Ip), np.int8)  # [P, Ip]
-    hs = np.empty((P, Ip // 64), np.float32)  # [P, Ip/64]
-    ha = np.empty((P, Ip // 32), np.float64)  # [P, Ip/32]
-    hcorr = np.empty(P)  # [P]
-    for s in prange(P):
-        _quantize_row(h[s], I, hq[s], hs[s], ha[s])
-        hcorr[s] = ha[s].sum()
-
-    y = np.empty((P, H), np.float32)  # [P, H]
-    nbh = (H + rb - 1) // rb
-    for task in prange(active.shape[0] * nbh):
-        e, r0, r1, s0, s1 = _task(task, nbh, active, start, H, rb)
-        for tb0 in range(s0, s1, tb):
-            for r in range(r0, r1):
-                row = e * H + r
-                for s in range(tb0, min(tb0 + tb, s1)):
-                    if is_int4:
-                        go = row * ngi
-                        d = _dot_q4(
-                            vnni, g_shift, dn, row * (Ip // 2), hq, s * Ip, hs, s * (Ip // 64), dns, go, dnz,
-                            go * zs_dn, zs_dn, ha, s * (Ip // 32), Ip // 128,
-                        )  # fmt: skip
-                    else:
-                        corr = hcorr[s]
-                        d = _dot_q8(vnni, dn, row * Ip, hq, s * Ip, hs, s * (Ip // 64), Ip // 64)
-                        d = (d - 128.0 * corr) * np.float64(dns[row])
-                    y[s, r] = np.float32(d)
-
-    K = wts.shape[1]
-    for t in prange(T):
-        for j in range(H):
-            out[t, j] = 0.0
-        for k in range(K):
-            s = pair_slot[t * K + k]
-            if s >= 0:
-                w = wts[t, k]
-                for j in range(H):
-                    out[t, j] += w * y[s, j]
+                                d = _dot_q8(vnni, dn, row * Ip, hq, s * Ip, hs, s * nbh64, nbh64)
+                                y = (np.float64(d) - hc[s]) * np.float64(dns[row])
+                            out[slot_tok[s], r] += slot_wt[s] * np.float32(y)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb):  # noqa: E741
-    """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; gu u16 [E, I, 2, Hp]; dn u16 [E, H, Ip]; out [T, H] f32."""
+def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E741
+    """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; gu u16 [E, I, 2, Hp]; dn u16 [E, H, Ip]; out [T, H] f32.
+
+    xp [>= T, Hp], h [>= P, Ip] float32 scratch (padding columns zero); ctr int64 [2]; nthr threads.
+    """
     T, H = x.shape
     E, _, _, Hp = gu.shape
     Ip = dn.shape[2]
-    start, slot_tok, pair_slot, active = _group_pairs(ids, E)
-    P = slot_tok.shape[0]
-    xp = np.zeros((T, Hp), np.float32)  # [T, Hp]
+    start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    ctr[0] = 0
+    ctr[1] = 0
     for t in prange(T):
         for j in range(H):
             xp[t, j] = x[t, j]
 
-    h = np.zeros((P, Ip), np.float32)  # [P, Ip]
-    nbi = (I + rb - 1) // rb
-    for task in prange(active.shape[0] * nbi):
-        e, r0, r1, s0, s1 = _task(task, nbi, active, start, I, rb)
-        for tb0 in range(s0, s1, tb):
-            for i in range(r0, r1):
-                row = (e * I + i) * 2
-                for s in range(tb0, min(tb0 + tb, s1)):
-                    t = slot_tok[s]
-                    gv = dot_bf16(gu, row * Hp, xp, t * Hp, Hp // 64)
-                    uv = dot_bf16(gu, (row + 1) * Hp, xp, t * Hp, Hp // 64)
-                    h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
+    rbg = min(_rows_per_item(active.shape[0] * I, rb, nthr), I)
+    nbi = (I + rbg - 1) // rbg
+    ntask = active.shape[0] * nbi
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 0, 1)
+            if task >= ntask:
+                break
+            e = active[task // nbi]
+            r0 = (task % nbi) * rbg
+            r1 = min(r0 + rbg, I)
+            s0, s1 = start[e], start[e + 1]
+            for tb0 in range(s0, s1, tb):
+                for i in range(r0, r1):
+                    row = (e * I + i) * 2
+                    for s in range(tb0, min(tb0 + tb, s1)):
+                        t = slot_tok[s]
+                        gv = dot_bf16(gu, row * Hp, xp, t * Hp, Hp // 64)
+                        uv = dot_bf16(gu, (row + 1) * Hp, xp, t * Hp, Hp // 64)
+                        h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
 
-    y = np.empty((P, H), np.float32)  # [P, H]
-    nbh = (H + rb - 1) // rb
-    for task in prange(active.shape[0] * nbh):
-        e, r0, r1, s0, s1 = _task(task, nbh, active, start, H, rb)
-        for tb0 in range(s0, s1, tb):
-            for r in range(r0, r1):
-                for s in range(tb0, min(tb0 + tb, s1)):
-                    y[s, r] = dot_bf16(dn, (e * H + r) * Ip, h, s * Ip, Ip // 64)
+    rbd = _rows_per_item(H, rb, nthr)
+    nbh = (H + rbd - 1) // rbd
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 1, 1)
+            if task >= nbh:
+                break
+            r0 = task * rbd
+            r1 = min(r0 + rbd, H)
+            for t in range(T):
+                for r in range(r0, r1):
+                    out[t, r] = 0.0
+            for ai in range(active.shape[0]):
+                e = active[ai]
+                s0, s1 = start[e], start[e + 1]
+                for tb0 in range(s0, s1, tb):
+                    for r in range(r0, r1):
+                        for s in range(tb0, min(tb0 + tb, s1)):
+                            y = dot_bf16(dn, (e * H + r) * Ip, h, s * Ip, Ip // 64)
+                            out[slot_tok[s], r] += slot_wt[s] * y
 
-    K = wts.shape[1]
-    for t in prange(T):
-        for j in range(H):
-            out[t, j] = 0.0
-        for k in range(K):
-            s = pair_slot[t * K + k]
-            if s >= 0:
-                w = wts[t, k]
-                for j in range(H):
-                    out[t, j] += w * y[s, j]
+
+# ---------------------------------------------------------------- scratch
+
+
+_local = threading.local()
+
+
+def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
+    """Per-thread scratch for one layer shape, grown to at least T token rows and P pair rows."""
+    cache = getattr(_local, "bufs", None)
+    if cache is None:
+        cache = _local.bufs = {}
+    key = (kind, Hp, Ip)
+    got = cache.get(key)
+    if got is not None and got[0] >= T and got[1] >= P:
+        return got[2]
+    T, P = max(T, 1, got[0] if got else 0), max(P, 1, got[1] if got else 0)
+    if kind == "bf16":
+        bufs = (np.zeros((T, Hp), np.float32), np.zeros((P, Ip), np.float32), np.zeros(2, np.int64))
+    else:
+        bufs = (
+            (
+                np.empty((T, Hp), np.int8), np.empty((T, Hp // 64), np.float32),
+                np.empty((T, Hp // 32), np.float32), np.empty((T, Hp // 64), np.float64),
+                np.zeros((P, Ip), np.float32), np.empty((P, Ip), np.int8),
+                np.empty((P, Ip // 64), np.float32), np.empty((P, Ip // 32), np.float32),
+                np.empty((P, Ip // 64), np.float64),
+            ),
+            np.zeros(2, np.int64),
+        )  # fmt: skip
+    if len(cache) >= 8:  # many layer shapes in one thread: drop the oldest
+        cache.pop(next(iter(cache)))
+    cache[key] = (T, P, bufs)
+    return bufs
 
 
 # ---------------------------------------------------------------- wrapper
@@ -324,10 +437,10 @@ def _check_inputs(x, topk_ids, topk_weights, experts, out) -> None:
         raise ValueError(
             f"topk_ids {topk_ids.shape} and topk_weights {topk_weights.shape} must both be [T={T}, K]"
         )
-    if topk_ids.size and (topk_ids.min() < -1 or topk_ids.max() >= experts.E):
-        raise ValueError(
-            f"topk_ids must be -1 (skip) or in [0, {experts.E}), got min {topk_ids.min()} max {topk_ids.max()}"
-        )
+    if topk_ids.size:
+        lo, hi = topk_ids.min(), topk_ids.max()
+        if lo < -1 or hi >= experts.E:
+            raise ValueError(f"topk_ids must be -1 (skip) or in [0, {experts.E}), got min {lo} max {hi}")
     if out is not None:
         if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (T, H):
             raise ValueError(
@@ -335,6 +448,22 @@ def _check_inputs(x, topk_ids, topk_weights, experts, out) -> None:
             )
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
+
+
+_settings: dict = {}
+
+
+def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
+    key = (fmt, H, I)
+    got = _settings.get(key)
+    if got is None:
+        c = tuning.settings(fmt, H, I)
+        got = _settings[key] = (
+            c["prefill_tokens_per_expert"],
+            (c["decode_row_block"], c["decode_token_block"]),
+            (c["prefill_row_block"], c["prefill_token_block"]),
+        )
+    return got
 
 
 def fused_moe(
@@ -352,34 +481,40 @@ def fused_moe(
     topk_weights: float32 [T, K]; out: optional float32 [T, H] C-contiguous buffer written in place.
     prefer: "decode" (stream each expert's rows once, all its tokens per row), "prefill"
     (token blocks sized for L2), or "auto" (picked from tokens per expert with tuned settings).
-    threads: Numba threads for this call (default: set_num_threads()).
+    threads: Numba threads for this call (default: get_num_threads() of the calling thread).
     The GIL is released for the whole computation.
     """
     _check_inputs(x, topk_ids, topk_weights, experts, out)
     if prefer not in ("auto", "decode", "prefill"):
         raise ValueError(f"prefer must be 'auto', 'decode' or 'prefill', got {prefer!r}")
-    x = np.ascontiguousarray(x)
-    ids = np.ascontiguousarray(topk_ids)
-    wts = np.ascontiguousarray(topk_weights)
+    ex = experts
+    x = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    ids = topk_ids if topk_ids.flags.c_contiguous else np.ascontiguousarray(topk_ids)
+    wts = topk_weights if topk_weights.flags.c_contiguous else np.ascontiguousarray(topk_weights)
     if out is None:
         out = np.empty_like(x)
-    cfg = tuning.settings(experts.fmt, experts.H, experts.I)
-    pairs = int((ids >= 0).sum())
+    T, K = ids.shape
+    thresh, decode, prefill = _cfg(ex.fmt, ex.H, ex.I)
     mode = prefer
     if mode == "auto":
-        per_expert = pairs / max(1, min(experts.E, pairs))
-        mode = "prefill" if per_expert >= cfg["prefill_tokens_per_expert"] else "decode"
-    rb = cfg[f"{mode}_row_block"]
-    tb = cfg[f"{mode}_token_block"]
-    numba.set_num_threads(threads or _state["threads"])  # thread-local in Numba: set by the calling thread
-    ex = experts
+        mode = "decode"
+        if T * K >= thresh * min(ex.E, T * K):  # cheap bound first: decode steps never count pairs
+            pairs = int(np.count_nonzero(ids >= 0))
+            if pairs / max(1, min(ex.E, pairs)) >= thresh:
+                mode = "prefill"
+    rb, tb = decode if mode == "decode" else prefill
+    nthr = threads or get_num_threads()
+    numba.set_num_threads(nthr)  # thread-local in Numba: set by the calling thread
     if ex.fmt == "bf16":
-        _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb)
+        xp, h, ctr = _scratch("bf16", ex.Hp, ex.Ip, T, T * K)
+        _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
     else:
         is4 = ex.fmt == "int4"
-        shift = int(math.log2(ex.group_size // 32)) if is4 else 0
+        gsel = (ex.group_size // 64) if is4 else 0  # 32 / 64 / 128 -> 0 / 1 / 2
+        bufs, ctr = _scratch("q", ex.Hp, ex.Ip, T, T * K)
         _moe_quant(
             x, ids, wts, ex.gate_up, ex.gate_up_scale.reshape(-1), ex.gate_up_zero.reshape(-1), ex.down,
-            ex.down_scale.reshape(-1), ex.down_zero.reshape(-1), out, ex.I, shift, rb, tb, _state["vnni"], is4,
+            ex.down_scale.reshape(-1), ex.down_zero.reshape(-1), out, ex.I, gsel, rb, tb, _state["vnni"], is4,
+            ex.symmetric, bufs, ctr, nthr,
         )  # fmt: skip
     return out
