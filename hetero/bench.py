@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="finish each token's N lightest experts during the next layer",
     )
-    p.add_argument("--speculate", default=None, metavar="ngram|draft:DIR", help="speculative decoding")
+    p.add_argument("--speculate", default=None, metavar="ngram|draft:DIR|mtp", help="speculative decoding")
     p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
     p.add_argument("--json", action="store_true")

@@ -228,6 +228,8 @@ class Engine:
             context_lens_list=ctx_lens,
         )
         hidden = self.model(torch.tensor(ids, device=dev), batch, self.kv.layers)  # [T, H]
+        if self.speculate is not None:
+            self.speculate.observe(scheduled, hidden)
         return hidden[rows]
 
     def postprocess(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> StepOutput:

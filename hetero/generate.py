@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--speculate",
         default=None,
-        metavar="ngram|draft:DIR",
-        help="speculative decoding: n-gram or a draft model",
+        metavar="ngram|draft:DIR|mtp",
+        help="speculative decoding: n-gram, a draft model, or DeepSeek-V3 MTP",
     )
     p.add_argument(
         "--spec-k", default="4", help="drafted tokens per step: N, or auto (adaptive per sequence)"

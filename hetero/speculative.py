@@ -288,6 +288,16 @@ class Speculation:
             for sid in [sid for sid in getattr(self.drafter, "states", {}) if sid not in live]:
                 forget(sid)
 
+    def observe(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
+        """After a forward: hand the main model's hidden states [T, H] to drafters that read them (MTP)."""
+        observe = getattr(self.drafter, "observe", None)
+        if observe is None:
+            return
+        offset = 0
+        for seq, n in scheduled:
+            observe(seq, seq.num_computed, hidden[offset : offset + n])
+            offset += n
+
     def accept(self, logits: torch.Tensor, draft: list[int], seq: Sequence) -> list[int]:
         return accept(logits, draft, seq)
 
@@ -306,14 +316,19 @@ class Speculation:
 
 
 def parse_speculate(spec: str, k: str, *, model_kv_tokens: int, dtype: torch.dtype,
-                    device: torch.device, plan: object | None = None) -> Speculation:  # fmt: skip
-    """The CLI's ``--speculate ngram|draft:DIR`` and ``--spec-k N|auto``."""
+                    device: torch.device, plan: object | None = None,
+                    model_path: str | None = None, model_spec: object | None = None) -> Speculation:  # fmt: skip
+    """The CLI's ``--speculate ngram|draft:DIR|mtp`` and ``--spec-k N|auto``."""
     if spec == "ngram":
         drafter: Drafter = NgramDrafter()
     elif spec.startswith("draft:"):
         drafter = DraftModelDrafter.load(spec[len("draft:") :], model_kv_tokens, dtype, device)
+    elif spec == "mtp" and model_path is not None:
+        from hetero.mtp import MTPDrafter
+
+        drafter = MTPDrafter.load(model_path, model_spec, model_kv_tokens, dtype, device)
     else:
-        raise HeteroError(f"--speculate {spec!r}: choose ngram or draft:DIR")
+        raise HeteroError(f"--speculate {spec!r}: choose ngram, draft:DIR or mtp")
     cost = plan_cost(plan) if plan is not None else linear_cost()
     kk: int | str = "auto" if k == "auto" else int(k)
     return Speculation(drafter, k=kk, cost=cost)
@@ -329,6 +344,8 @@ def enable_speculation(runtime, spec: str, k: str) -> None:
         dtype=kv.dtype,
         device=runtime.engine.device,
         plan=runtime.plan,
+        model_path=str(runtime.path),
+        model_spec=runtime.spec,
     )
 
 
