@@ -161,7 +161,8 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
             group_size=group_size,
             gpu_weights=opts.gpu_weights,
         )
-        placement = Placement.from_plan(plan, stream_threshold(plan))
+        # Streaming means copying over PCIe; with no GPU the "device" already is the CPU.
+        placement = Placement.from_plan(plan, stream_threshold(plan) if device.type == "cuda" else None)
         net = load_placed(path, placement, device, dtype, progress=opts.progress, spec=spec)
         kv_tokens = min(kv_tokens, plan.kv_tokens) if opts.kv_tokens is None else kv_tokens
     elif fixed is not None:
