@@ -5,7 +5,12 @@ Decode calls use fresh random expert ids each time and cycle over enough layers 
 last-level cache) that weights come from DRAM, as in a real decode step.
 Effective bandwidth = bytes of the selected experts' packed weights (with scales) / call time.
 
-    python benchmarks/cpu_experts.py [--quick] [--out DIR]
+--engine adds decode rows (mode "engine") timed the way the engine calls the kernel: from a
+worker thread, while the main thread keeps one core busy with small torch matmuls (standing
+in for the Python loop that launches GPU work). Those calls use the kernel's default thread
+count for a non-main thread.
+
+    python benchmarks/cpu_experts.py [--quick] [--engine] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +32,13 @@ import cpu_kernels as ck  # noqa: E402
 from cpu_kernels.formats import PackedExperts, padded  # noqa: E402
 
 GiB = 1 << 30
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
 
 
 def mem_available() -> int:
@@ -152,6 +165,37 @@ def time_decode(layers: list[PackedExperts], T: int, K: int, min_s: float, rng) 
     return nbytes / spent / 1e9, spent / n * 1e3
 
 
+def busy_main_thread(done: threading.Event) -> int:
+    """Small single-threaded torch matmuls until done is set; returns how many ran."""
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    n = 0
+    while not done.is_set():
+        a = torch.tanh(a @ a * 0.01)
+        n += 1
+    return n
+
+
+def time_decode_engine(layers: list[PackedExperts], T: int, K: int, min_s: float, rng) -> tuple[float, float]:
+    """time_decode from a worker thread while the main thread is busy in torch."""
+    result: list = []
+    done = threading.Event()
+
+    def work():
+        try:
+            result.append(time_decode(layers, T, K, min_s, rng))
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    busy_main_thread(done)
+    worker.join()
+    return result[0]
+
+
 def time_prefill(layer: PackedExperts, T: int, K: int, reps: int, rng) -> float:
     x = rng.standard_normal((T, layer.H)).astype(np.float32)
     ids, w = topk_ids(rng, T, layer.E, K), rng.random((T, K)).astype(np.float32)
@@ -206,16 +250,20 @@ def main() -> None:
     )
     ap.add_argument("--formats", default="int4,int8,bf16")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument(
+        "--engine", action="store_true", help="also time T=1 from a worker thread beside a busy main thread"
+    )
     args = ap.parse_args()
     min_s = 0.6 if args.quick else 1.5
     reps = 1 if args.quick else 2
     rng = np.random.default_rng(0)
     threads = numba.get_num_threads()
+    load = loadavg()  # before this run adds its own load: the machine may be shared
     print(f"machine {machine_name()}: {cpu_model()}, {cpu_count()} cpus, numba threads {threads}, "
           f"VNNI {ck.has_avx512_vnni()}, AMX {ck.has_amx()}", flush=True)  # fmt: skip
 
     bw = read_bandwidth((1 if args.quick else 4) * GiB, 3 if args.quick else 5)
-    print(f"read bandwidth {bw:.1f} GB/s", flush=True)
+    print(f"read bandwidth {bw:.1f} GB/s, load average before the run {load}", flush=True)
 
     big_ram = mem_available() > 64 * GiB
     shapes = {
@@ -230,9 +278,11 @@ def main() -> None:
             per_layer = probe.nbytes * s["E"]
             nlayers = max(1, math.ceil(target / per_layer))
             layers = [random_layer(fmt, s["E"], s["H"], s["I"], 1000 * i) for i in range(nlayers)]
-            for T in (1, 4, 16):
-                gbs, ms = time_decode(layers, T, s["K"], min_s, rng)
-                rows.append(dict(shape=name, fmt=fmt, T=T, E=s["E"], layers=nlayers, ms=round(ms, 3),
+            runs = [("alone", T) for T in (1, 4, 16)] + ([("engine", 1)] if args.engine else [])
+            for mode, T in runs:
+                timer = time_decode_engine if mode == "engine" else time_decode
+                gbs, ms = timer(layers, T, s["K"], min_s, rng)
+                rows.append(dict(shape=name, fmt=fmt, mode=mode, T=T, E=s["E"], layers=nlayers, ms=round(ms, 3),
                                  GBps=round(gbs, 1), ratio=round(gbs / bw, 3)))  # fmt: skip
                 print(rows[-1], flush=True)
             if not args.no_prefill:
@@ -247,13 +297,13 @@ def main() -> None:
         base = next((q for q in prefill if q["shape"] == p["shape"] and q["fmt"] == "torch-bf16"), None)
         p["vs_torch_bf16"] = round(p["tokens_per_s"] / base["tokens_per_s"], 2) if base else ""
 
-    data = dict(machine=machine_name(), cpu=cpu_model(), cpus=cpu_count(), threads=threads,
+    data = dict(machine=machine_name(), cpu=cpu_model(), cpus=cpu_count(), threads=threads, loadavg=load,
                 vnni=ck.has_avx512_vnni(), amx=ck.has_amx(), read_GBps=round(bw, 1), quick=args.quick,
                 decode=rows, prefill=prefill)  # fmt: skip
     path = write_json("cpu_experts", data, args.out)
     print(f"\nwrote {path}")
     print(f"\n{cpu_model()} ({cpu_count()} cpus), read bandwidth {bw:.1f} GB/s\n")
-    print(format_table(rows, ["shape", "fmt", "T", "E", "layers", "ms", "GBps", "ratio"]))
+    print(format_table(rows, ["shape", "fmt", "mode", "T", "E", "layers", "ms", "GBps", "ratio"]))
     if prefill:
         print()
         print(format_table(prefill, ["shape", "fmt", "T", "tokens_per_s", "vs_torch_bf16"]))

@@ -5,12 +5,14 @@ P = (token, expert) pairs kept (ids >= 0), A = experts with at least one pair,
 Hp / Ip = H / I padded to 128.
 
 One Numba entry point per format, compiled nogil so the caller's other Python threads
-keep running for the whole call. Inside it, four parallel regions:
-  1. activations are quantized to int8, one work item per block of 64 (int8 / int4 weights);
+keep running for the whole call. Inside it, two parallel regions (three for long prefills):
+  1. activations are quantized to int8 per block of 64 (int8 / int4 weights), serially for a
+     decode step, else in parallel;
   2. gate+up: work items are (expert, block of I rows); each weight row is used for every
      token of that expert while it sits in L1, token blocks keep activations in L2 (prefill);
-  3. the intermediate h is quantized like the input, one work item per (pair, block of 64);
-  4. down and the weighted sum: work items are blocks of H rows over all active experts, so
+     quantized weights: an item's rows are whole blocks of 64, so it also quantizes the
+     intermediate h it wrote (like the input), with no region of its own;
+  3. down and the weighted sum: work items are blocks of H rows over all active experts, so
      each item owns its output rows and adds every pair's contribution directly.
 Pairs are grouped by expert first (counting sort), so each expert's weights are read once.
 
@@ -60,6 +62,7 @@ from .formats import PackedExperts
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
 ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
+SERIAL_BLOCKS = 256  # input blocks of 64 quantized serially (no parallel region) up to this many
 
 _state = {"threads": 0, "vnni": has_avx512_vnni()}  # threads 0: default (see module doc)
 
@@ -232,9 +235,14 @@ def _moe_quant(
     ctr[0] = 0
     ctr[1] = 0
 
-    for item in prange(T * nbx):
-        t = item // nbx
-        _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xb[t])
+    if T * nbx <= SERIAL_BLOCKS:  # a decode step: cheaper than starting a parallel region
+        for item in range(T * nbx):
+            t = item // nbx
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xb[t])
+    else:
+        for item in prange(T * nbx):
+            t = item // nbx
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xb[t])
 
     xc = np.zeros(T)  # [T] 128 * sum of dequantized activations: int8 codes carry a +128 offset
     if not is_int4:
@@ -243,7 +251,7 @@ def _moe_quant(
                 xc[t] += xb[t, b]
             xc[t] *= 128.0
 
-    rbg = min(_rows_per_item(active.shape[0] * I, rb, nthr), I)
+    rbg = -(-_rows_per_item(active.shape[0] * I, rb, nthr) // 64) * 64  # whole blocks of h
     nbi = (I + rbg - 1) // rbg
     ntask = active.shape[0] * nbi
     for _ in prange(nthr):
@@ -279,10 +287,11 @@ def _moe_quant(
                             gd = (np.float64(gv) - corr) * np.float64(gus[row])
                             ud = (np.float64(uv) - corr) * np.float64(gus[row + 1])
                             h[s, i] = _silu_mul(gd, ud)
-
-    for item in prange(P * nbh64):
-        s = item // nbh64
-        _quantize_block(h[s], I, item % nbh64, hq[s], hs[s], ha[s], hb[s])
+            # this item wrote whole blocks of 64 of h (the last item of an expert: up to Ip)
+            bend = nbh64 if r1 == I else r1 // 64
+            for s in range(s0, s1):
+                for b in range(r0 // 64, bend):
+                    _quantize_block(h[s], I, b, hq[s], hs[s], ha[s], hb[s])
     hc = np.zeros(P)  # [P] as xc, for the intermediate
     if not is_int4:
         for s in range(P):
@@ -334,9 +343,14 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
     start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
     ctr[0] = 0
     ctr[1] = 0
-    for t in prange(T):
-        for j in range(H):
-            xp[t, j] = x[t, j]
+    if T * H <= SERIAL_BLOCKS * 64:
+        for t in range(T):
+            for j in range(H):
+                xp[t, j] = x[t, j]
+    else:
+        for t in prange(T):
+            for j in range(H):
+                xp[t, j] = x[t, j]
 
     rbg = min(_rows_per_item(active.shape[0] * I, rb, nthr), I)
     nbi = (I + rbg - 1) // rbg
