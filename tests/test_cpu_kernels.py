@@ -104,6 +104,59 @@ def test_fused_moe_matches_reference(fmt, g, sym, T, K, E):
         assert err_float < 2e-2
 
 
+@pytest.mark.parametrize(
+    "fmt,g,sym", [("int8", 0, True), ("int4", 32, False), ("int4", 64, True), ("int4", 128, False)]
+)
+def test_long_rows_match_reference(fmt, g, sym):
+    """Rows of 5 blocks of 128: the int4 dot's four-block loop and its one-block tail both run."""
+    H, I, E = 640, 584, 4  # noqa: E741
+    (gate, up, down), experts = packed(fmt, g, sym, E, H, I)
+    x, ids, w = make_batch(5, 2, E, H, seed=11)
+    ids[3, 1] = -1
+    out = ck.fused_moe(x, ids, w, experts)
+    err = rel_err(out, reference(x, ids, w, *ck.dequantize(experts), quantized=True))
+    assert err < 1e-4, f"{fmt} g={g}: relative error {err:.2e}"
+
+
+def test_scratch_reuse_and_concurrent_calls():
+    """Scratch grows and shrinks with T; calls from two threads at once keep their own buffers."""
+    H, I, E = 640, 584, 4  # noqa: E741
+    _, experts = packed("int4", 64, True, E, H, I)
+    batches = [make_batch(T, 2, E, H, seed=T) for T in (2, 9, 1, 9)]
+    want = [ck.fused_moe(*b, experts).copy() for b in batches]
+    again = [ck.fused_moe(*b, experts) for b in reversed(batches)][::-1]
+    for a, b in zip(again, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    got: dict = {}
+
+    def work(k):
+        got[k] = [ck.fused_moe(*batches[k], experts, threads=1) for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        for out in got[k]:
+            np.testing.assert_allclose(out, want[k], rtol=1e-6, atol=1e-6)
+
+
+def test_default_threads_leave_a_core_for_other_callers():
+    n = ck.moe.numba.config.NUMBA_NUM_THREADS
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(ck.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert ck.get_num_threads() == n
+    assert seen == [n - 1 if n >= 4 else n]
+    ck.set_num_threads(1)
+    try:
+        assert ck.get_num_threads() == 1
+    finally:
+        ck.set_num_threads(0)
+
+
 @pytest.mark.parametrize("fmt,g,sym", FORMATS)
 def test_paths_agree(fmt, g, sym):
     """Portable path, prefill blocking, one thread and out= give the same numbers as the default."""
