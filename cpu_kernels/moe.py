@@ -94,12 +94,17 @@ def set_vnni(enabled: bool) -> None:
 
 @numba.njit(cache=True, nogil=True)
 def _group_pairs(ids, wts, E):
-    """ids [T, K] int32 -> start [E + 1], slot_tok [P], slot_wt [P] float32, active [A]."""
+    """ids [T, K] int32 -> ok, start [E + 1], slot_tok [P], slot_wt [P] float32, active [A].
+
+    ok is False (and nothing else is meaningful) when an id lies outside -1..E-1.
+    """
     T, K = ids.shape
     start = np.zeros(E + 1, np.int64)
     for t in range(T):
         for k in range(K):
             e = ids[t, k]
+            if e < -1 or e >= E:
+                return False, start, start, np.empty(0, np.float32), start
             if e >= 0:
                 start[e + 1] += 1
     nact = 0
@@ -124,7 +129,7 @@ def _group_pairs(ids, wts, E):
         if start[e + 1] > start[e]:
             active[nact] = e
             nact += 1
-    return start, slot_tok, slot_wt, active
+    return True, start, slot_tok, slot_wt, active
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -227,7 +232,9 @@ def _moe_quant(
     E = gu.shape[0]
     Hp = gu.shape[3] * (2 if is_int4 else 1)
     Ip = dn.shape[2] * (2 if is_int4 else 1)
-    start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    if not ok:
+        return False
     P = slot_tok.shape[0]
     ngh = (Hp // 32) >> gsel  # groups per gate/up row
     ngi = (Ip // 32) >> gsel
@@ -329,6 +336,7 @@ def _moe_quant(
                                 d = _dot_q8(vnni, dn, row * Ip, hq, s * Ip, hs, s * nbh64, nbh64)
                                 y = (np.float64(d) - hc[s]) * np.float64(dns[row])
                             out[slot_tok[s], r] += slot_wt[s] * np.float32(y)
+    return True
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -340,7 +348,9 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
     T, H = x.shape
     E, _, _, Hp = gu.shape
     Ip = dn.shape[2]
-    start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    if not ok:
+        return False
     ctr[0] = 0
     ctr[1] = 0
     if T * H <= SERIAL_BLOCKS * 64:
@@ -393,6 +403,7 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
                         for s in range(tb0, min(tb0 + tb, s1)):
                             y = dot_bf16(dn, (e * H + r) * Ip, h, s * Ip, Ip // 64)
                             out[slot_tok[s], r] += slot_wt[s] * y
+    return True
 
 
 # ---------------------------------------------------------------- scratch
@@ -433,7 +444,13 @@ def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
 # ---------------------------------------------------------------- wrapper
 
 
+def _bad_ids(topk_ids, E: int) -> ValueError:
+    lo, hi = topk_ids.min(), topk_ids.max()
+    return ValueError(f"topk_ids must be -1 (skip) or in [0, {E}), got min {lo} max {hi}")
+
+
 def _check_inputs(x, topk_ids, topk_weights, experts, out) -> None:
+    """Types and shapes; the ids' range is checked by the kernel's first pass over them."""
     if not isinstance(experts, PackedExperts):
         raise ValueError(f"experts must be PackedExperts (from pack_experts), got {type(experts).__name__}")
     for name, a, dt, nd in (("x", x, np.float32, 2), ("topk_ids", topk_ids, np.int32, 2)):
@@ -451,10 +468,6 @@ def _check_inputs(x, topk_ids, topk_weights, experts, out) -> None:
         raise ValueError(
             f"topk_ids {topk_ids.shape} and topk_weights {topk_weights.shape} must both be [T={T}, K]"
         )
-    if topk_ids.size:
-        lo, hi = topk_ids.min(), topk_ids.max()
-        if lo < -1 or hi >= experts.E:
-            raise ValueError(f"topk_ids must be -1 (skip) or in [0, {experts.E}), got min {lo} max {hi}")
     if out is not None:
         if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (T, H):
             raise ValueError(
@@ -521,14 +534,16 @@ def fused_moe(
     numba.set_num_threads(nthr)  # thread-local in Numba: set by the calling thread
     if ex.fmt == "bf16":
         xp, h, ctr = _scratch("bf16", ex.Hp, ex.Ip, T, T * K)
-        _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
+        ok = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
     else:
         is4 = ex.fmt == "int4"
         gsel = (ex.group_size // 64) if is4 else 0  # 32 / 64 / 128 -> 0 / 1 / 2
         bufs, ctr = _scratch("q", ex.Hp, ex.Ip, T, T * K)
-        _moe_quant(
+        ok = _moe_quant(
             x, ids, wts, ex.gate_up, ex.gate_up_scale.reshape(-1), ex.gate_up_zero.reshape(-1), ex.down,
             ex.down_scale.reshape(-1), ex.down_zero.reshape(-1), out, ex.I, gsel, rb, tb, _state["vnni"], is4,
             ex.symmetric, bufs, ctr, nthr,
         )  # fmt: skip
+    if not ok:
+        raise _bad_ids(ids, ex.E)
     return out
