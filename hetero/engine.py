@@ -19,6 +19,7 @@ from hetero.attention import AttentionBatch
 from hetero.errors import HeteroError
 from hetero.kv_cache import BlockTable, KVCache
 from hetero.model import Transformer
+from hetero.prefix_cache import BlockHash, extend_block_hashes
 from hetero.sampling import SamplingParams, apply_penalties, sample, top_logprobs
 
 
@@ -41,6 +42,9 @@ class Sequence:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     generator: torch.Generator | None = None
     draft: list[int] = field(default_factory=list)  # speculated tokens to verify this step
+    priority: int = 0  # lower is served first; ties go by arrival
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of its full blocks, so far
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
 
     @property
     def token_ids(self) -> list[int]:
@@ -54,17 +58,30 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.priority, self.id
+
 
 @dataclass
 class EngineConfig:
     max_batch: int = 16  # sequences decoded together
-    max_step_tokens: int = 512  # prefill chunk budget per step (decode tokens count too)
+    max_step_tokens: int = 512  # tokens per step: decode tokens first, prefill chunks share the rest
     max_model_len: int = 4096
     block_size: int = 16
+    prefix_caching: bool = True  # share the KV blocks of common prompt prefixes across requests
+    host_kv_blocks: int = 0  # RAM tier for evicted prefix blocks; 0 = off
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_step_tokens < 1 or self.max_model_len < 2:
+        if (
+            self.max_batch < 1
+            or self.max_step_tokens < 1
+            or self.max_model_len < 2
+            or self.host_kv_blocks < 0
+        ):
             raise ValueError(f"invalid engine config {self}")
+        if self.host_kv_blocks and not self.prefix_caching:
+            raise ValueError("the host KV tier keeps prefix-cache blocks: it needs prefix_caching on")
         if self.max_step_tokens < self.max_batch:
             raise ValueError("max_step_tokens must be at least max_batch, or decoding sequences would starve")
 
@@ -73,21 +90,41 @@ class RequestError(HeteroError):
     """A request the engine cannot serve as asked."""
 
 
+@dataclass
+class EngineStats:
+    """Counters since the engine started (prompt tokens count again when a preempted one resumes)."""
+
+    prompt_tokens: int = 0  # tokens of sequences as they were admitted
+    cached_tokens: int = 0  # of those, served from the device prefix cache
+    host_tokens: int = 0  # of those, copied back from the host tier
+    computed_tokens: int = 0  # tokens run through the model (prefill and decode)
+    preemptions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return (self.cached_tokens + self.host_tokens) / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
 class Scheduler:
     """Who runs this step, and with how many tokens."""
 
     def __init__(self, config: EngineConfig, kv: KVCache):
         self.config, self.kv = config, kv
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # in (priority, arrival) order
         self.running: list[Sequence] = []
+        self.stats = EngineStats()
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.config.max_step_tokens
         chosen: list[tuple[Sequence, int]] = []
         mgr = self.kv.manager
-        # Running sequences first: each needs the tokens it has not computed yet (1 when decoding,
-        # 1 + k when verifying k drafted tokens).
-        for seq in list(self.running):
+        preemptions = self.stats.preemptions
+        # Running sequences first, decoding ones before those still in prefill so that a long prompt
+        # never delays the next token of a stream; each needs the tokens it has not computed yet
+        # (1 when decoding, 1 + k when verifying k drafted tokens). Better priorities go first, so
+        # whoever must give up its blocks is among the worst.
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.order))
+        for seq in order:
             n = min(seq.num_tokens + len(seq.draft) - seq.num_computed, budget)
             if seq.status is not Status.RUNNING or n <= 0:
                 continue
@@ -95,8 +132,9 @@ class Scheduler:
                 seq.draft.clear()  # drop the speculation before preempting anyone for it
                 n = min(seq.num_tokens - seq.num_computed, budget)
             del seq.draft[max(0, n - (seq.num_tokens - seq.num_computed)) :]
+            taken = {s.id for s, _ in chosen}
             while not mgr.can_grow(seq.table, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = max((s for s in self.running if s.id not in taken), key=lambda s: s.order)
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -105,28 +143,66 @@ class Scheduler:
             mgr.grow(seq.table, seq.num_computed + n)
             chosen.append((seq, n))
             budget -= n
-        # Then admit waiting sequences, in arrival order, with a prompt chunk each.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch:
+        # Then admit waiting sequences, best first, with a prompt chunk each; not in a step that
+        # had to preempt, or the blocks just freed would go straight back and the two would thrash.
+        admit = self.stats.preemptions == preemptions
+        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
+            on_device, from_host = self._reuse_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not mgr.can_grow(seq.table, seq.num_computed + n):
+                # No room after all: hand the shared blocks back (they stay cached); retry later.
+                mgr.release(seq.table)
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
+            self.stats.prompt_tokens += seq.num_tokens
+            self.stats.cached_tokens += on_device
+            self.stats.host_tokens += from_host
+            if not seq.output_ids:
+                seq.num_cached_tokens = seq.num_computed
             mgr.grow(seq.table, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             chosen.append((seq, n))
             budget -= n
+        self.stats.computed_tokens += sum(n for _, n in chosen)
         return chosen
 
+    def _reuse_prefix(self, seq: Sequence) -> tuple[int, int]:
+        """Start ``seq`` from its longest cached prefix: device blocks first, then the host tier;
+        returns the tokens found in each. At least the last token is left to compute, so the step
+        that ends the prompt has logits to sample from, and its block, which gets written, is
+        never a shared one."""
+        if not self.config.prefix_caching:
+            return 0, 0
+        bs, mgr = self.kv.block_size, self.kv.manager
+        usable = (seq.num_tokens - 1) // bs
+        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, usable)
+        hashes = seq.block_hashes[:usable]
+        mgr.share(seq.table, mgr.lookup(hashes))
+        on_device = len(seq.table.blocks)
+        if self.kv.host is not None:
+            self.kv.fetch_from_host(seq.table, hashes)
+        seq.num_computed = len(seq.table.blocks) * bs
+        return on_device * bs, seq.num_computed - on_device * bs
+
     def _preempt(self, seq: Sequence) -> None:
-        # Recompute later rather than fail: drop its cache, put it first in line.
+        # Recompute later rather than fail: drop its cache (full blocks stay in the prefix cache,
+        # so resuming is mostly a hit) and put it back in line by priority and arrival.
         self.running.remove(seq)
         self.kv.manager.release(seq.table)
         seq.num_computed = 0
         seq.draft.clear()
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        self.enqueue(seq)
+        self.stats.preemptions += 1
+
+    def enqueue(self, seq: Sequence) -> None:
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].order > seq.order:
+            i -= 1
+        self.waiting.insert(i, seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
@@ -155,6 +231,10 @@ class Engine:
         self.model, self.kv = model, kv
         self.config = config or EngineConfig(block_size=kv.block_size)
         self.eos_token_ids = set(eos_token_ids)
+        if self.config.block_size != kv.block_size:
+            raise ValueError(f"engine block_size {self.config.block_size} != the cache's {kv.block_size}")
+        if self.config.host_kv_blocks and kv.host is None:
+            kv.attach_host_tier(self.config.host_kv_blocks)
         self.scheduler = Scheduler(self.config, kv)
         self.device = next(model.parameters()).device
         self._ids = itertools.count()
@@ -162,11 +242,29 @@ class Engine:
         self.speculate = None  # hetero.speculative.Speculation: a drafter and k, or None
 
     @property
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats
+
+    def cache_blocks(self) -> dict[str, int]:
+        """KV blocks by tier: held by sequences, cached on the device, kept in host memory."""
+        mgr, host = self.kv.manager, self.kv.host
+        return {
+            "device_used": mgr.num_used,
+            "device_cached": mgr.num_cached,
+            "device_total": mgr.num_blocks,
+            "host_cached": len(host) if host is not None else 0,
+            "host_total": host.num_blocks if host is not None else 0,
+        }
+
+    @property
     def spec_stats(self) -> dict[str, float] | None:
         return self.speculate.stats.summary() if self.speculate is not None else None
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0
+    ) -> Sequence:
+        """Queue a prompt; ``priority``: lower runs first (and is preempted last), ties by arrival."""
         params = params or SamplingParams()
         if not prompt_ids:
             raise RequestError("the prompt is empty")
@@ -179,10 +277,12 @@ class Engine:
         vocab = self.model.spec.vocab_size
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
             raise RequestError(f"prompt holds token ids outside the vocabulary of {vocab}")
-        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        if not isinstance(priority, int):
+            raise RequestError(f"priority must be an integer, got {priority!r}")
+        seq = Sequence(next(self._ids), list(prompt_ids), params, priority=priority)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        self.scheduler.waiting.append(seq)
+        self.scheduler.enqueue(seq)
         return seq
 
     def abort(self, seq: Sequence, reason: str = "abort") -> None:
@@ -244,6 +344,8 @@ class Engine:
         logits = self.model.logits(hidden[sel]) if sampling else None  # [S, V]
         for seq, n in scheduled:
             seq.num_computed += n
+            if not seq.draft:
+                self._cache_blocks(seq, seq.token_ids)
         row = 0
         for i in sampling:
             seq = scheduled[i][0]
@@ -273,6 +375,7 @@ class Engine:
         # The cache holds the last token and the drafts; keep it up to the last accepted one.
         seq.num_computed -= len(draft) - accepted
         self.kv.manager.truncate(seq.table, seq.num_computed)
+        self._cache_blocks(seq, seq.token_ids + draft[:accepted])
         new: list[int] = []
         for j, token in enumerate(tokens):
             if seq.params.logprobs is not None:
@@ -284,6 +387,14 @@ class Engine:
                 break
         self.speculate.record(seq, len(draft), accepted, len(new))
         return new
+
+    def _cache_blocks(self, seq: Sequence, tokens: list[int]) -> None:
+        """Offer the sequence's newly completed blocks (all tokens computed and final) to the prefix cache."""
+        full = seq.num_computed // self.kv.block_size
+        if not self.config.prefix_caching or full <= seq.table.num_cached:
+            return
+        extend_block_hashes(seq.block_hashes, tokens, self.kv.block_size, full)
+        self.kv.manager.register(seq.table, seq.block_hashes, full)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -369,13 +369,14 @@ class _Run:
         stops: list[str],
         chat: ChatShape | None,
         prompt_tokens: int,
+        priority: int = 0,
     ):
         self.state, self._held = state, 0
         runtime, worker = state.ready()
         _admit(state, runtime, len(choices))
         self.runtime, self.worker = runtime, worker
         self.choices, self.stops, self.chat = choices, stops, chat
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens, self.priority = prompt_tokens, priority
         self.arrival = time.perf_counter()
         self.completion_tokens = 0
         self._held = len(choices)
@@ -400,6 +401,7 @@ class _Run:
                 self.stops,
                 self.chat,
                 self.arrival,
+                self.priority,
             ):
                 self.completion_tokens += piece.num_tokens
                 yield piece
@@ -469,7 +471,9 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
         (prompt_ids, _sampling(runtime, state, body, len(prompt_ids), logprobs, i)) for i in range(body.n)
     ]
     parse_tools = bool(body.tools) and body.tool_choice != "none"
-    run = _Run(state, choices, body.stop_strings, ChatShape(prompt_text, parse_tools), len(prompt_ids))
+    run = _Run(
+        state, choices, body.stop_strings, ChatShape(prompt_text, parse_tools), len(prompt_ids), body.priority
+    )
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     tok = runtime.tokenizer
     if body.stream:
@@ -576,7 +580,7 @@ async def _completion(state: ServerState, body: CompletionRequest, request: Requ
         prompt_tokens += len(ids)
         for _ in range(body.n):
             choices.append((ids, _sampling(runtime, state, body, len(ids), body.logprobs, len(choices))))
-    run = _Run(state, choices, body.stop_strings, None, prompt_tokens)
+    run = _Run(state, choices, body.stop_strings, None, prompt_tokens, body.priority)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

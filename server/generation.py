@@ -108,6 +108,7 @@ async def generate(
     stops: list[str],
     chat: ChatShape | None,
     arrival: float,
+    priority: int = 0,
 ) -> AsyncIterator[Piece]:
     """Run every choice as its own sequence and yield their pieces as the engine makes them.
 
@@ -116,7 +117,7 @@ async def generate(
     """
     queue: asyncio.Queue[Delta] = asyncio.Queue()
     outputs = [ChoiceOutput(i, tokenizer, stops, chat) for i in range(len(choices))]
-    handles = [worker.submit(ids, params, queue, i) for i, (ids, params) in enumerate(choices)]
+    handles = [worker.submit(ids, params, queue, i, priority) for i, (ids, params) in enumerate(choices)]
     remaining = len(handles)
     try:
         while remaining:

@@ -45,6 +45,25 @@ class Metrics:
             "hetero_max_batch_size", "Most sequences seen in one engine step", registry=r
         )
         self._max_batch = 0
+        # Prefix cache and preemption: read from the engine's counters at scrape time.
+        self.prefix_prompt_tokens = Gauge(
+            "hetero_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hit_tokens = Gauge(
+            "hetero_prefix_cache_hit_tokens",
+            "Prompt tokens served from the prefix cache",
+            ["tier"],
+            registry=r,
+        )
+        self.prefix_hit_rate = Gauge(
+            "hetero_prefix_cache_hit_ratio", "Share of prompt tokens served from the prefix cache", registry=r
+        )
+        self.cached_blocks = Gauge(
+            "hetero_kv_blocks_cached", "KV blocks holding a reusable prefix", ["tier"], registry=r
+        )
+        self.preemptions = Gauge(
+            "hetero_preemptions", "Sequences preempted (to be recomputed) since start", registry=r
+        )
 
     def attach(self, engine: Engine, pending: Callable[[], int]) -> Callable[[], None]:
         """Read the engine's state at scrape time and record each step; returns the detach function."""
@@ -53,6 +72,14 @@ class Metrics:
         self.waiting.set_function(lambda: len(sched.waiting) + pending())
         self.kv_usage.set_function(engine.kv.usage)
         self.kv_blocks.set_function(lambda: mgr.num_used)
+        stats = engine.stats
+        self.prefix_prompt_tokens.set_function(lambda: stats.prompt_tokens)
+        self.prefix_hit_tokens.labels("device").set_function(lambda: stats.cached_tokens)
+        self.prefix_hit_tokens.labels("host").set_function(lambda: stats.host_tokens)
+        self.prefix_hit_rate.set_function(lambda: stats.hit_rate)
+        self.cached_blocks.labels("device").set_function(lambda: mgr.num_cached)
+        self.cached_blocks.labels("host").set_function(lambda: engine.cache_blocks()["host_cached"])
+        self.preemptions.set_function(lambda: stats.preemptions)
         engine.on_step.append(self.on_step)
         return lambda: engine.on_step.remove(self.on_step)
 

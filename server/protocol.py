@@ -36,6 +36,12 @@ class _GenerationRequest(_Open):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
     user: str | None = None
+    priority: int = Field(
+        0,
+        ge=-(2**31),
+        lt=2**31,
+        description="lower is served first (an extension to OpenAI's API, as in vLLM)",
+    )
 
     @model_validator(mode="after")
     def _check_stop(self) -> _GenerationRequest:

@@ -42,6 +42,7 @@ class Handle:
     params: SamplingParams
     queue: asyncio.Queue[Delta]
     tag: Any
+    priority: int = 0  # lower runs first; see Engine.add_request
     seq: Sequence | None = None  # set by the engine thread once admitted
     done: bool = False  # no more deltas will be delivered
 
@@ -72,8 +73,10 @@ class EngineWorker:
         """Requests handed in that the engine thread has not picked up yet."""
         return sum(1 for kind, _ in list(self._inbox) if kind == "add")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, tag: Any) -> Handle:
-        handle = Handle(list(prompt_ids), params, queue, tag)
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, tag: Any, priority: int = 0
+    ) -> Handle:
+        handle = Handle(list(prompt_ids), params, queue, tag, priority)
         self._post("add", handle)
         return handle
 
@@ -110,7 +113,7 @@ class EngineWorker:
             if handle.done:  # cancelled before it was ever admitted
                 return None
             try:
-                handle.seq = self.engine.add_request(handle.prompt_ids, handle.params)
+                handle.seq = self.engine.add_request(handle.prompt_ids, handle.params, handle.priority)
             except (RequestError, HeteroError, ValueError) as e:
                 return handle, Delta(handle.tag, error=str(e), error_status=400)
             self._live[handle.seq.id] = handle
