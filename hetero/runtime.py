@@ -17,8 +17,9 @@ from hetero.checkpoint import resolve_model_path
 from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
 from hetero.errors import HeteroError
-from hetero.kv_cache import KVCache
+from hetero.kv_cache import KVCache, kv_bytes_per_token
 from hetero.model import load_model
+from hetero.prefix_cache import TierRates
 from hetero.tokenizer import Tokenizer
 
 DEFAULT_PRESET = "deepseek-v3"
@@ -58,6 +59,8 @@ class RuntimeOptions:
     max_batch: int = 16
     max_step_tokens: int = 512
     block_size: int = 16
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    host_kv_mem: int = 0  # bytes of host memory that keep prefix blocks evicted from the device; 0 = off
     # Offloading: plan the split between the device and RAM (default: when CUDA is present).
     offload: bool | None = None
     gpu_mem: int | None = None  # bytes of device memory to use; None = what is free
@@ -70,6 +73,8 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose auto, {', '.join(_DTYPES)}")
+        if self.host_kv_mem < 0 or (self.host_kv_mem and not self.prefix_caching):
+            raise ValueError("host_kv_mem must be >= 0 and needs prefix_caching on")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -174,11 +179,17 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
     else:
         net = load_model(str(path), dtype=dtype, device=device, spec=spec)
     kv = KVCache.for_tokens(spec, kv_tokens, opts.block_size, dtype, device)
+    host_blocks = opts.host_kv_mem // (kv_bytes_per_token(spec, dtype) * opts.block_size)
+    if host_blocks:
+        # With a plan, copy-back versus recompute is judged at its PCIe and prefill rates.
+        kv.attach_host_tier(host_blocks, TierRates.from_plan(plan) if plan is not None else None)
     config = EngineConfig(
         max_batch=opts.max_batch,
         max_step_tokens=opts.max_step_tokens,
         max_model_len=max_len,
         block_size=opts.block_size,
+        prefix_caching=opts.prefix_caching,
+        host_kv_blocks=host_blocks,
     )
     engine = Engine(net, kv, config, eos_token_ids=tokenizer.eos_token_ids)
     return Runtime(path, spec, tokenizer, engine, plan)
