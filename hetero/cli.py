@@ -32,6 +32,10 @@ class _Serve:
         p.add_argument("--max-model-len", type=int, default=4096)
         p.add_argument("--device", default="auto")
         p.add_argument("--served-model-name", default=None)
+        p.add_argument(
+            "--speculate", default=None, metavar="ngram|draft:DIR|mtp", help="speculative decoding"
+        )
+        p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
         p.set_defaults(func=_Serve.run)
 
     @staticmethod

@@ -15,6 +15,15 @@ from hetero.runtime import RuntimeOptions, load_runtime
 from server.app import ServerConfig, create_app
 
 
+def _load(model, options: RuntimeOptions, args: argparse.Namespace):
+    runtime = load_runtime(model, options)
+    if getattr(args, "speculate", None):
+        from hetero.speculative import enable_speculation
+
+        enable_speculation(runtime, args.speculate, args.spec_k)
+    return runtime
+
+
 def serve(args: argparse.Namespace) -> int:
     """Bind (loopback unless told otherwise), load the model in the background, serve until interrupted."""
     # Resolve the path now, so a wrong name fails at once rather than after the server is up.
@@ -26,7 +35,7 @@ def serve(args: argparse.Namespace) -> int:
         max_step_tokens=max(512, args.max_batch),
     )
     config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue)
-    app = create_app(lambda: load_runtime(model, options), config)
+    app = create_app(lambda: _load(model, options, args), config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
     state = app.state.hetero
     state.on_load_error = lambda: setattr(server, "should_exit", True)

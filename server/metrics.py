@@ -64,6 +64,9 @@ class Metrics:
         self.preemptions = Gauge(
             "hetero_preemptions", "Sequences preempted (to be recomputed) since start", registry=r
         )
+        self.spec = Gauge(
+            "hetero_speculation", "Speculative decoding since start (0 when off)", ["stat"], registry=r
+        )
 
     def attach(self, engine: Engine, pending: Callable[[], int]) -> Callable[[], None]:
         """Read the engine's state at scrape time and record each step; returns the detach function."""
@@ -80,6 +83,8 @@ class Metrics:
         self.cached_blocks.labels("device").set_function(lambda: mgr.num_cached)
         self.cached_blocks.labels("host").set_function(lambda: engine.cache_blocks()["host_cached"])
         self.preemptions.set_function(lambda: stats.preemptions)
+        for stat in ("drafted", "accepted", "acceptance_rate", "tokens_per_step"):
+            self.spec.labels(stat).set_function(lambda s=stat: (engine.spec_stats or {}).get(s, 0.0))
         engine.on_step.append(self.on_step)
         return lambda: engine.on_step.remove(self.on_step)
 

@@ -685,3 +685,26 @@ def test_extract_json():
     assert extract_json(' {"a": 1} ') == '{"a": 1}'
     assert extract_json('Here you go:\n```json\n{"a": [1, 2]}\n```') == '{"a": [1, 2]}'
     assert extract_json("no json at all") == "no json at all"
+
+
+def test_speculative_server_matches_plain_and_reports_acceptance(ds, deepseek_dir):
+    """A server drafting with the model's MTP layer returns the plain server's greedy text."""
+    from hetero.speculative import enable_speculation
+
+    server, runtime = _serve(deepseek_dir, ServerConfig(model_name="tiny-ds"))
+    try:
+        enable_speculation(runtime, "mtp", "2")
+        body = dict(model="tiny-ds", messages=user("count to five"), max_tokens=12, temperature=0)
+        spec_text = client(server).chat.completions.create(**body).choices[0].message.content
+        plain_text = client(ds).chat.completions.create(**body).choices[0].message.content
+        assert spec_text == plain_text
+        text = httpx.get(f"{server.url}/metrics").text
+        drafted = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "hetero_speculation" and s.labels.get("stat") == "drafted"
+        ]
+        assert drafted and drafted[0] > 0
+    finally:
+        _stop(server)
