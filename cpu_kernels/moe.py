@@ -272,30 +272,31 @@ def _moe_quant(
             r0 = (task % nbi) * rbg
             r1 = min(r0 + rbg, I)
             s0, s1 = start[e], start[e + 1]
-            for tb0 in range(s0, s1, tb):
-                for i in range(r0, r1):
-                    row = (e * I + i) * 2  # gate row; up row follows
-                    for s in range(tb0, min(tb0 + tb, s1)):
-                        t = slot_tok[s]
-                        if is_int4:
-                            go = row * ngh
-                            gv = _dot_q4(
-                                vnni, gsel, sym, gu, row * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
-                                guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
-                            )  # fmt: skip
-                            go += ngh
-                            uv = _dot_q4(
-                                vnni, gsel, sym, gu, (row + 1) * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
-                                guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
-                            )  # fmt: skip
-                            h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
-                        else:
-                            corr = xc[t]
-                            gv = _dot_q8(vnni, gu, row * Hp, xq, t * Hp, xs, t * nbx, nbx)
-                            uv = _dot_q8(vnni, gu, (row + 1) * Hp, xq, t * Hp, xs, t * nbx, nbx)
-                            gd = (np.float64(gv) - corr) * np.float64(gus[row])
-                            ud = (np.float64(uv) - corr) * np.float64(gus[row + 1])
-                            h[s, i] = _silu_mul(gd, ud)
+            for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+                for tb0 in range(s0, s1, tb):
+                    for i in range(c0, min(c0 + rb, r1)):
+                        row = (e * I + i) * 2  # gate row; up row follows
+                        for s in range(tb0, min(tb0 + tb, s1)):
+                            t = slot_tok[s]
+                            if is_int4:
+                                go = row * ngh
+                                gv = _dot_q4(
+                                    vnni, gsel, sym, gu, row * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
+                                    guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
+                                )  # fmt: skip
+                                go += ngh
+                                uv = _dot_q4(
+                                    vnni, gsel, sym, gu, (row + 1) * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
+                                    guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
+                                )  # fmt: skip
+                                h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
+                            else:
+                                corr = xc[t]
+                                gv = _dot_q8(vnni, gu, row * Hp, xq, t * Hp, xs, t * nbx, nbx)
+                                uv = _dot_q8(vnni, gu, (row + 1) * Hp, xq, t * Hp, xs, t * nbx, nbx)
+                                gd = (np.float64(gv) - corr) * np.float64(gus[row])
+                                ud = (np.float64(uv) - corr) * np.float64(gus[row + 1])
+                                h[s, i] = _silu_mul(gd, ud)
             # this item wrote whole blocks of 64 of h (the last item of an expert: up to Ip)
             bend = nbh64 if r1 == I else r1 // 64
             for s in range(s0, s1):
@@ -323,21 +324,22 @@ def _moe_quant(
             for ai in range(active.shape[0]):
                 e = active[ai]
                 s0, s1 = start[e], start[e + 1]
-                for tb0 in range(s0, s1, tb):
-                    for r in range(r0, r1):
-                        row = e * H + r
-                        for s in range(tb0, min(tb0 + tb, s1)):
-                            if is_int4:
-                                go = row * ngi
-                                d = _dot_q4(
-                                    vnni, gsel, sym, dn, row * (Ip // 2), hq, s * Ip, hs, s * nbh64, dns, go,
-                                    dnz, 0 if sym else go, ha, s * (Ip // 32), Ip // 128,
-                                )  # fmt: skip
-                                y = np.float64(d)
-                            else:
-                                d = _dot_q8(vnni, dn, row * Ip, hq, s * Ip, hs, s * nbh64, nbh64)
-                                y = (np.float64(d) - hc[s]) * np.float64(dns[row])
-                            out[slot_tok[s], r] += slot_wt[s] * np.float32(y)
+                for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+                    for tb0 in range(s0, s1, tb):
+                        for r in range(c0, min(c0 + rb, r1)):
+                            row = e * H + r
+                            for s in range(tb0, min(tb0 + tb, s1)):
+                                if is_int4:
+                                    go = row * ngi
+                                    d = _dot_q4(
+                                        vnni, gsel, sym, dn, row * (Ip // 2), hq, s * Ip, hs, s * nbh64, dns, go,
+                                        dnz, 0 if sym else go, ha, s * (Ip // 32), Ip // 128,
+                                    )  # fmt: skip
+                                    y = np.float64(d)
+                                else:
+                                    d = _dot_q8(vnni, dn, row * Ip, hq, s * Ip, hs, s * nbh64, nbh64)
+                                    y = (np.float64(d) - hc[s]) * np.float64(dns[row])
+                                out[slot_tok[s], r] += slot_wt[s] * np.float32(y)
     return True
 
 
@@ -376,14 +378,15 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
             r0 = (task % nbi) * rbg
             r1 = min(r0 + rbg, I)
             s0, s1 = start[e], start[e + 1]
-            for tb0 in range(s0, s1, tb):
-                for i in range(r0, r1):
-                    row = (e * I + i) * 2
-                    for s in range(tb0, min(tb0 + tb, s1)):
-                        t = slot_tok[s]
-                        gv = dot_bf16(gu, row * Hp, xp, t * Hp, Hp // 64)
-                        uv = dot_bf16(gu, (row + 1) * Hp, xp, t * Hp, Hp // 64)
-                        h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
+            for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+                for tb0 in range(s0, s1, tb):
+                    for i in range(c0, min(c0 + rb, r1)):
+                        row = (e * I + i) * 2
+                        for s in range(tb0, min(tb0 + tb, s1)):
+                            t = slot_tok[s]
+                            gv = dot_bf16(gu, row * Hp, xp, t * Hp, Hp // 64)
+                            uv = dot_bf16(gu, (row + 1) * Hp, xp, t * Hp, Hp // 64)
+                            h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
 
     rbd = _rows_per_item(H, rb, nthr)
     nbh = (H + rbd - 1) // rbd
@@ -400,11 +403,12 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
             for ai in range(active.shape[0]):
                 e = active[ai]
                 s0, s1 = start[e], start[e + 1]
-                for tb0 in range(s0, s1, tb):
-                    for r in range(r0, r1):
-                        for s in range(tb0, min(tb0 + tb, s1)):
-                            y = dot_bf16(dn, (e * H + r) * Ip, h, s * Ip, Ip // 64)
-                            out[slot_tok[s], r] += slot_wt[s] * y
+                for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+                    for tb0 in range(s0, s1, tb):
+                        for r in range(c0, min(c0 + rb, r1)):
+                            for s in range(tb0, min(tb0 + tb, s1)):
+                                y = dot_bf16(dn, (e * H + r) * Ip, h, s * Ip, Ip // 64)
+                                out[slot_tok[s], r] += slot_wt[s] * y
     return True
 
 
