@@ -113,6 +113,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # in (priority, arrival) order
         self.running: list[Sequence] = []
         self.stats = EngineStats()
+        self.reuse_prefixes = True  # off while a drafter needs the hidden states of every position
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.config.max_step_tokens
@@ -174,7 +175,7 @@ class Scheduler:
         returns the tokens found in each. At least the last token is left to compute, so the step
         that ends the prompt has logits to sample from, and its block, which gets written, is
         never a shared one."""
-        if not self.config.prefix_caching:
+        if not (self.config.prefix_caching and self.reuse_prefixes):
             return 0, 0
         bs, mgr = self.kv.block_size, self.kv.manager
         usable = (seq.num_tokens - 1) // bs
@@ -295,6 +296,9 @@ class Engine:
     def step(self) -> StepOutput:
         if self.speculate is not None:
             self.speculate.draft(self)
+        # An MTP drafter reads the model's hidden state at every position; cached ones have none.
+        observes = self.speculate is not None and getattr(self.speculate.drafter, "observe", None) is not None
+        self.scheduler.reuse_prefixes = not observes
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []

@@ -14,6 +14,16 @@ from hetero.sampling import SamplingParams
 
 BS = 8
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+SHORT = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from more threads, and on a shared machine they spin against others.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,7 @@ def admission_order(eng: Engine) -> list[int]:
 def test_fcfs_by_default(model):
     eng = engine_for(model, max_batch=1)
     order = admission_order(eng)
-    seqs = [eng.add_request([10 + i] * 5, GREEDY) for i in range(4)]
+    seqs = [eng.add_request([10 + i] * 5, SHORT) for i in range(4)]
     while eng.scheduler.has_work:
         eng.step()
     assert order == [s.id for s in seqs]
@@ -53,7 +63,7 @@ def test_priority_decides_who_joins(model):
     eng = engine_for(model, max_batch=1)
     order = admission_order(eng)
     prios = [3, 1, 2, 0, 1]
-    seqs = [eng.add_request([20 + i] * 5, GREEDY, priority=p) for i, p in enumerate(prios)]
+    seqs = [eng.add_request([20 + i] * 5, SHORT, priority=p) for i, p in enumerate(prios)]
     while eng.scheduler.has_work:
         eng.step()
     # Lower value first; equal priorities by arrival.
@@ -76,11 +86,11 @@ def test_preempted_requests_resume_with_unchanged_output(model, caching):
 
 
 def test_worst_priority_is_preempted(model):
-    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    eng = engine_for(model, blocks=14)
-    high = eng.add_request(list(range(300, 330)), params, priority=0)
-    low = eng.add_request(list(range(400, 430)), params, priority=5)
-    mid = eng.add_request(list(range(500, 530)), params, priority=2)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    eng = engine_for(model, blocks=12)  # all three start (3 blocks each), not all can finish (5 each)
+    high = eng.add_request(list(range(300, 320)), params, priority=0)
+    low = eng.add_request(list(range(400, 420)), params, priority=5)
+    mid = eng.add_request(list(range(500, 520)), params, priority=2)
     preempted: list[int] = []
     real = eng.scheduler._preempt
 
@@ -109,3 +119,23 @@ def test_decode_first_and_prefill_capped(model):
     for step in steps:
         assert step[0] == (streaming.id, 1)  # the stream gets its token every step
         assert sum(n for _, n in step) <= 16
+
+
+def test_server_passes_priority_through(model):
+    import asyncio
+
+    from server.protocol import ChatCompletionRequest, CompletionRequest
+    from server.worker import EngineWorker
+
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], priority=-3)
+    assert body.priority == -3 and CompletionRequest(model="m", prompt="x").priority == 0
+    eng = engine_for(model)
+    loop = asyncio.new_event_loop()
+    try:
+        worker = EngineWorker(eng, loop)
+        handle = worker.submit([1, 2, 3], GREEDY, asyncio.Queue(), 0, priority=7)
+        for kind, h in list(worker._inbox):
+            worker._apply(kind, h)
+        assert handle.seq.priority == 7 and eng.scheduler.waiting[0] is handle.seq
+    finally:
+        loop.close()
