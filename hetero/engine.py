@@ -119,6 +119,7 @@ class Scheduler:
         budget = self.config.max_step_tokens
         chosen: list[tuple[Sequence, int]] = []
         mgr = self.kv.manager
+        self._yield_to_waiting()
         preemptions = self.stats.preemptions
         # Running sequences first, decoding ones before those still in prefill so that a long prompt
         # never delays the next token of a stream; each needs the tokens it has not computed yet
@@ -169,6 +170,23 @@ class Scheduler:
             budget -= n
         self.stats.computed_tokens += sum(n for _, n in chosen)
         return chosen
+
+    def _yield_to_waiting(self) -> None:
+        """Preempt running sequences of worse priority than the best waiting one while it could
+        not join: the batch is full, or its first chunk would find too few free blocks (counted
+        without prefix hits, so this may free a little more than needed). Equal priorities never
+        preempt each other: first come, first served."""
+        if not self.waiting:
+            return
+        head, mgr = self.waiting[0], self.kv.manager
+        need = -(-min(head.num_tokens, self.config.max_step_tokens) // self.kv.block_size)
+        while self.running:
+            worst = max(self.running, key=lambda s: s.order)
+            if worst.order[0] <= head.priority:
+                return
+            if len(self.running) < self.config.max_batch and need <= mgr.num_free:
+                return
+            self._preempt(worst)
 
     def _reuse_prefix(self, seq: Sequence) -> tuple[int, int]:
         """Start ``seq`` from its longest cached prefix: device blocks first, then the host tier;

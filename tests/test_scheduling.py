@@ -139,3 +139,25 @@ def test_server_passes_priority_through(model):
         assert handle.seq.priority == 7 and eng.scheduler.waiting[0] is handle.seq
     finally:
         loop.close()
+
+
+def test_better_priority_preempts_a_running_worse_one(model):
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    low_prompt, high_prompt = list(range(900, 912)), list(range(950, 960))
+    alone = {
+        tuple(p): engine_for(model).generate([p], params)[0].output_ids for p in (low_prompt, high_prompt)
+    }
+    eng = engine_for(model, max_batch=1)
+    low = eng.add_request(low_prompt, params, priority=3)
+    for _ in range(4):
+        eng.step()
+    same = eng.add_request(list(range(970, 975)), params, priority=3)  # equal priority waits its turn
+    eng.step()
+    assert eng.scheduler.running == [low]
+    high = eng.add_request(high_prompt, params, priority=0)
+    eng.step()
+    assert eng.scheduler.running == [high] and eng.stats.preemptions == 1
+    while eng.scheduler.has_work:
+        eng.step()
+    assert low.output_ids == alone[tuple(low_prompt)] and high.output_ids == alone[tuple(high_prompt)]
+    assert same.finished and eng.kv.manager.num_used == 0
