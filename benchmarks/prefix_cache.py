@@ -217,7 +217,9 @@ def main() -> None:
     rows = []
     rows += run_workload("chat", model, *chat_workload(args, random.Random(0), vocab), args)
     rows += run_workload("agent", model, *agent_workload(args, random.Random(1), vocab), args)
-    config = {k: v for k, v in vars(args).items() if k != "dtype"}
+    config = {
+        k: v for k, v in vars(args).items() if k not in ("dtype", "model")
+    }  # the path may be a temp dir
     path = write_json(
         "prefix_cache",
         {"machine": machine_name(), "cpu": cpu_model(), "model": model_name, "config": config, "rows": rows},
