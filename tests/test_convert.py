@@ -13,24 +13,14 @@ from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
 from hetero.convert import convert
 from hetero.errors import HeteroError
-from hetero.make_model import make_model
 from hetero.packed import PackedModel, layer_file, verify_manifest
 
 FAMILIES = ["deepseek-v2", "deepseek-v3", "qwen2-57b-a14b", "qwen3-30b-a3b", "mixtral-8x7b"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(preset):
-        if preset not in made:
-            made[preset] = make_model(
-                preset, tmp_path_factory.mktemp(preset), tiny=True, seed=3, progress=False
-            )
-        return made[preset]
-
-    return get
+def tiny(tiny_checkpoint):
+    return lambda preset: tiny_checkpoint(preset, seed=3)
 
 
 def last_logits(model, prompt: list[int]) -> torch.Tensor:

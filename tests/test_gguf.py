@@ -15,7 +15,6 @@ from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
 from hetero.errors import HeteroError
 from hetero.gguf import _EXPERTS, _LAYER_NAMES, _TOP_NAMES, GGUFSource
-from hetero.make_model import make_model
 from hetero.model import Transformer, load_model, named_tensors
 
 ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
@@ -124,17 +123,8 @@ def write_gguf(src, out, expert_type=Q.BF16, split_kv_b=False):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(preset):
-        if preset not in made:
-            made[preset] = make_model(
-                preset, tmp_path_factory.mktemp(preset), tiny=True, seed=4, progress=False
-            )
-        return made[preset]
-
-    return get
+def tiny(tiny_checkpoint):
+    return lambda preset: tiny_checkpoint(preset, seed=4)
 
 
 def logits(model, prompt):

@@ -10,7 +10,6 @@ from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
 from hetero.experts import HybridExperts
 from hetero.kv_cache import KVCache
-from hetero.make_model import make_model
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
 
@@ -18,17 +17,8 @@ FAMILIES = ["deepseek-v2", "deepseek-v3", "qwen2-57b-a14b", "qwen3-30b-a3b", "mi
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(preset):
-        if preset not in made:
-            made[preset] = make_model(
-                preset, tmp_path_factory.mktemp(preset), tiny=True, seed=5, progress=False
-            )
-        return made[preset]
-
-    return get
+def tiny(tiny_checkpoint):
+    return lambda preset: tiny_checkpoint(preset, seed=5)
 
 
 def decode(model, prompt, steps=10, device="cpu"):

@@ -13,7 +13,6 @@ from hetero.checkpoint import Checkpoint, CheckpointError, resolve_model_path
 from hetero.config import ConfigError, ModelSpec
 from hetero.engine import Engine, EngineConfig
 from hetero.kv_cache import KVCache
-from hetero.make_model import make_model
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
 
@@ -31,18 +30,8 @@ PROMPT_LEN, STEPS = 32, 16
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(preset: str, dtype: str = "bf16"):
-        key = (preset, dtype)
-        if key not in made:
-            made[key] = make_model(
-                preset, tmp_path_factory.mktemp(preset), tiny=True, seed=3, dtype=dtype, progress=False
-            )
-        return made[key]
-
-    return get
+def tiny(tiny_checkpoint):
+    return lambda preset, dtype="bf16": tiny_checkpoint(preset, seed=3, dtype=dtype)
 
 
 def reference_decode(path, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:

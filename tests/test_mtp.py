@@ -9,7 +9,6 @@ from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
 from hetero.errors import HeteroError
 from hetero.kv_cache import KVCache
-from hetero.make_model import make_model
 from hetero.model import load_model
 from hetero.mtp import MTPDrafter, load_mtp
 from hetero.sampling import SamplingParams
@@ -17,8 +16,8 @@ from hetero.speculative import Speculation
 
 
 @pytest.fixture(scope="module")
-def v3(tmp_path_factory):
-    return make_model("deepseek-v3", tmp_path_factory.mktemp("v3"), tiny=True, seed=2, progress=False)
+def v3(tiny_checkpoint):
+    return tiny_checkpoint("deepseek-v3", seed=2)
 
 
 def engine_for(model, drafter=None, k=3):
@@ -61,7 +60,7 @@ def test_mtp_incremental_drafts_equal_a_full_recompute(v3):
     assert a == b
 
 
-def test_mtp_needs_a_deepseek_v3_checkpoint(tmp_path):
-    path = make_model("qwen3-30b-a3b", tmp_path / "q", tiny=True, progress=False)
+def test_mtp_needs_a_deepseek_v3_checkpoint(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3-30b-a3b")
     with pytest.raises(HeteroError, match="multi-token-prediction"):
         load_mtp(path, ModelSpec.from_pretrained(path), torch.float32, "cpu")

@@ -9,7 +9,6 @@ import torch
 
 from hetero.engine import Engine, EngineConfig
 from hetero.kv_cache import BlockManager, BlockTable, KVCache
-from hetero.make_model import make_model
 from hetero.model import load_model
 from hetero.prefix_cache import TierRates, extend_block_hashes
 from hetero.sampling import SamplingParams
@@ -29,13 +28,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_checkpoint):
     made = {}
 
     def get(preset):
         if preset not in made:
-            path = make_model(preset, tmp_path_factory.mktemp(preset), tiny=True, seed=1, progress=False)
-            made[preset] = load_model(str(path), dtype=torch.float32)
+            made[preset] = load_model(str(tiny_checkpoint(preset, seed=1)), dtype=torch.float32)
         return made[preset]
 
     return get

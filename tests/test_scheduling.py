@@ -8,7 +8,6 @@ import torch
 
 from hetero.engine import Engine, EngineConfig, RequestError
 from hetero.kv_cache import KVCache
-from hetero.make_model import make_model
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
 
@@ -27,8 +26,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = make_model("deepseek-v3", tmp_path_factory.mktemp("ds"), tiny=True, seed=2, progress=False)
+def model(tiny_checkpoint):
+    path = tiny_checkpoint("deepseek-v3", seed=2)
     return load_model(str(path), dtype=torch.float32)
 
 

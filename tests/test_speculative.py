@@ -8,7 +8,6 @@ import torch
 
 from hetero.engine import Engine, EngineConfig
 from hetero.kv_cache import KVCache
-from hetero.make_model import make_model
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
 from hetero.speculative import (
@@ -26,12 +25,12 @@ FAMILIES = ["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_checkpoint):
     made = {}
 
     def get(preset):
         if preset not in made:
-            path = make_model(preset, tmp_path_factory.mktemp(preset), tiny=True, seed=1, progress=False)
+            path = tiny_checkpoint(preset, seed=1)
             made[preset] = (path, load_model(str(path), dtype=torch.float32))
         return made[preset]
 
