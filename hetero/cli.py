@@ -32,6 +32,10 @@ class _Serve:
         p.add_argument("--max-model-len", type=int, default=4096)
         p.add_argument("--device", default="auto")
         p.add_argument("--served-model-name", default=None)
+        p.add_argument("--no-prefix-cache", action="store_true", help="recompute shared prompt prefixes")
+        p.add_argument(
+            "--host-kv-mem", default="0", help="host memory for KV blocks evicted from the GPU, e.g. 16GiB"
+        )
         p.add_argument(
             "--speculate", default=None, metavar="ngram|draft:DIR|mtp", help="speculative decoding"
         )

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from hetero.checkpoint import resolve_model_path
 from hetero.runtime import RuntimeOptions, load_runtime
+from placement.units import parse_size
 from server.app import ServerConfig, create_app
 
 
@@ -33,6 +34,8 @@ def serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_batch=args.max_batch,
         max_step_tokens=max(512, args.max_batch),
+        prefix_caching=not getattr(args, "no_prefix_cache", False),
+        host_kv_mem=parse_size(getattr(args, "host_kv_mem", "0") or "0"),
     )
     config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue)
     app = create_app(lambda: _load(model, options, args), config)
