@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,6 +61,52 @@ def prefill_bound_s(model, spec, tokens: int, rates) -> float:
     return total
 
 
+def cpu_layer_probe(model, spec, calls: int = 100) -> dict:
+    """One MoE layer's CPU kernel alone, one token whose experts all sit in RAM: ms per call and GB/s
+    of weights read, with the arrays as loaded and as a fresh copy, at all and at half the threads."""
+    import dataclasses
+
+    import numpy as np
+
+    import cpu_kernels
+
+    layer = next(
+        (
+            m.mlp.experts
+            for m in model.model.layers
+            if isinstance(getattr(m.mlp, "experts", None), HybridExperts)
+        ),
+        None,
+    )
+    if layer is None or layer.cpu is None:
+        return {}
+    packed = layer.cpu.packed
+    fresh = dataclasses.replace(
+        packed, **{f: np.copy(getattr(packed, f)) for f in ("gate_up", "down", "gate_up_scale", "down_scale")}
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, spec.hidden_size), dtype=np.float32)
+    w = np.full((1, spec.top_k), 1.0 / spec.top_k, np.float32)
+    out = np.empty_like(x)
+    k = min(spec.top_k, packed.E)
+    nbytes = k * packed.expert_nbytes()
+    res = {"experts_read": k, "bytes": nbytes}
+    full = cpu_kernels.get_num_threads()
+    for name, p, threads in (
+        ("loaded", packed, full),
+        ("copy", fresh, full),
+        ("loaded_half", packed, max(1, full // 2)),
+    ):
+        ids = [rng.choice(packed.E, k, replace=False).astype(np.int32)[None] for _ in range(calls)]
+        cpu_kernels.fused_moe(x, ids[0], w, p, out=out, threads=threads)
+        t = time.perf_counter()
+        for i in range(calls):
+            cpu_kernels.fused_moe(x, ids[i], w, p, out=out, threads=threads)
+        ms = (time.perf_counter() - t) / calls * 1e3
+        res[name] = {"threads": threads, "ms": ms, "GBs": nbytes / ms / 1e6}
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -97,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         rt = load_runtime(args.model, opts)
         dec = run_bench(rt, args.prompt_len, args.gen, 1)
         pre = run_bench(rt, args.prefill_len, 2, 1)
+        graphs, rt.engine.graphs = rt.engine.graphs, None  # the same decode, kernels launched one by one
+        eager = run_bench(rt, args.prompt_len, min(args.gen, 32), 1)
+        rt.engine.graphs = graphs
+        probe = cpu_layer_probe(rt.engine.model, rt.spec)
         per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
         roof = rates["cpu_bw"] / per_token if per_token else float("inf")
         bound_s = prefill_bound_s(rt.engine.model, rt.spec, args.prefill_len, rates)
@@ -108,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_tok_s": dec.decode_tok_s,
                 "decode_roofline_tok_s": roof,
                 "decode_over_roofline": dec.decode_tok_s / roof,
+                "decode_eager_tok_s": eager.decode_tok_s,
+                "graphs_over_eager": dec.decode_tok_s / eager.decode_tok_s,
                 "decode_predicted_tok_s": pred["decode_tok_s"],
                 "decode_measured_over_predicted": dec.decode_tok_s / pred["decode_tok_s"],
                 "prefill_tok_s": pre.prefill_tok_s,
@@ -118,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ttft_512_s": dec.prefill_s,
                 "ram_expert_bytes_per_token": per_token,
                 "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
+                "cpu_layer_probe": probe,
                 "decode_detail": asdict(dec),
                 "prefill_detail": asdict(pre),
             }
@@ -152,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmachine: {machine}")
     if args.hf_baseline:
         print("transformers + accelerate decode: " + ", ".join(f"{r['decode_over_hf']:.1f}x" for r in rows))
-    hdr = f"{'experts':8} {'decode':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
+    for r in rows:
+        print(f"{r['experts']} CPU layer probe: {r['cpu_layer_probe']}")
+        if r["decode_detail"]["eager_reasons"]:
+            print(f"{r['experts']} decode ran eagerly: {r['decode_detail']['eager_reasons']}")
+    hdr = f"{'experts':8} {'decode':>8} {'eager':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
     print(hdr)
     for r in rows:
         print(
-            f"{r['experts']:8} {r['decode_tok_s']:8.2f} {r['decode_roofline_tok_s']:8.2f} "
+            f"{r['experts']:8} {r['decode_tok_s']:8.2f} {r['decode_eager_tok_s']:8.2f} {r['decode_roofline_tok_s']:8.2f} "
             f"{r['decode_over_roofline']:6.2f} {r['decode_predicted_tok_s']:8.2f} {r['prefill_tok_s']:9.1f} "
             f"{r['prefill_bound_tok_s']:9.1f} {r['prefill_over_bound']:6.2f} {r['prefill_predicted_tok_s']:9.1f}"
         )

@@ -29,6 +29,8 @@ class BenchResult:
     not_overlapped_s: float = 0.0  # time the device side waited on the CPU
     per_layer_cpu_ms: dict = field(default_factory=dict)
     speculation: dict | None = None  # acceptance rate and tokens per step when speculating
+    cuda_graphs: list[int] = field(default_factory=list)  # batch sizes decoded through CUDA graphs
+    eager_reasons: dict = field(default_factory=dict)  # batch size -> why its capture failed
 
 
 def _sync(rt: Runtime) -> None:
@@ -80,6 +82,9 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
         predicted=dict(getattr(rt.plan, "predicted", {}) or {}),
         speculation=engine.spec_stats,
     )
+    if engine.graphs is not None:
+        res.cuda_graphs = sorted(engine.graphs.entries)
+        res.eager_reasons = dict(engine.graphs.failed)
     if worker is not None:
         tm = worker.timings
         res.cpu_experts_s, res.copies_s, res.not_overlapped_s = tm.cpu_experts, tm.copies, tm.wait
@@ -106,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--speculate", default=None, metavar="ngram|draft:DIR|mtp", help="speculative decoding")
     p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
+    p.add_argument("--eager", action="store_true", help="launch decode kernels one by one (no CUDA graphs)")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run)
@@ -124,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         max_batch=args.batch,
         max_model_len=args.prompt_len + args.gen + 8,
         max_step_tokens=max(512, args.prompt_len),
+        cuda_graphs=not args.eager,
     )
     rt = load_runtime(args.model, opts)
     if args.defer_experts:
@@ -151,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     if res.speculation:
         print(f"speculation: {res.speculation}")
+    if res.eager_reasons:
+        print(f"decode ran eagerly for batch sizes {res.eager_reasons}")
     for layer, ms in res.per_layer_cpu_ms.items():
         print(f"  layer {layer:3d}: CPU experts {ms:7.3f} ms/step")
     return 0

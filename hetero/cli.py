@@ -34,6 +34,9 @@ class _Serve:
         p.add_argument("--served-model-name", default=None)
         p.add_argument("--no-prefix-cache", action="store_true", help="recompute shared prompt prefixes")
         p.add_argument(
+            "--eager", action="store_true", help="launch decode kernels one by one (no CUDA graphs)"
+        )
+        p.add_argument(
             "--host-kv-mem", default="0", help="host memory for KV blocks evicted from the GPU, e.g. 16GiB"
         )
         p.add_argument(

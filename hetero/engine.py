@@ -259,6 +259,7 @@ class Engine:
         self._ids = itertools.count()
         self.on_step: list[Callable[[list[tuple[Sequence, int]]], None]] = []
         self.speculate = None  # hetero.speculative.Speculation: a drafter and k, or None
+        self.graphs = None  # hetero.graphs.DecodeGraphs: decode steps as CUDA graphs, or None (eager)
 
     @property
     def stats(self) -> EngineStats:
@@ -338,6 +339,12 @@ class Engine:
             query_lens.append(n)
             ctx_lens.append(start + n)
             rows += range(len(ids) - 1 - len(seq.draft), len(ids))
+        if self.graphs is not None and len(ids) == len(scheduled):  # one token per sequence: decode
+            hidden = self.graphs.run(ids, positions, slots, ctx_lens, [s.table.blocks for s, _ in scheduled])
+            if hidden is not None:
+                if self.speculate is not None:
+                    self.speculate.observe(scheduled, hidden)
+                return hidden[rows]
         width = max(len(seq.table.blocks) for seq, _ in scheduled)
         tables = torch.tensor([s.table.blocks + [0] * (width - len(s.table.blocks)) for s, _ in scheduled])
         dev = self.device

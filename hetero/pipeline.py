@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hetero import graphs
+
 
 @dataclass
 class Timings:
@@ -80,6 +82,13 @@ class HostBuffers:
             self._alloc(max(tokens, 2 * self.capacity))
 
 
+@dataclass
+class _Captured:
+    """A hand-off recorded into a decode graph: the pinned buffer its CPU kernel writes."""
+
+    out: torch.Tensor
+
+
 class CPUHandoff:
     """Runs ``kernel(x, ids, weights, out)`` on the CPU worker for tensors living on the compute device."""
 
@@ -94,6 +103,16 @@ class CPUHandoff:
         b = self.buffers
         b.ensure(t)
         hx, hids, hw, hout = b.x[:t], b.ids[:t], b.weights[:t], b.out[:t]
+        program = graphs.capturing()
+        if program is not None:
+            # Recording a decode graph: the copies join the graph being captured, the kernel
+            # runs between graphs on the pinned buffers (their storage stays referenced here).
+            hx.copy_(x, non_blocking=True)
+            hids.copy_(ids, non_blocking=True)
+            hw.copy_(weights, non_blocking=True)
+            args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
+            program.handoff(kernel, args, self.worker.timings, self.layer)
+            return _Captured(hout)
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()
@@ -132,7 +151,10 @@ class CPUHandoff:
         timings.per_layer[self.layer] = timings.per_layer.get(self.layer, 0.0) + (t2 - t1)
         return out, done
 
-    def wait(self, future: Future) -> torch.Tensor:
+    def wait(self, future: Future | _Captured) -> torch.Tensor:
+        if isinstance(future, _Captured):
+            graphs.capturing().join()
+            return future.out.to(self.device, non_blocking=True)
         t0 = time.perf_counter()
         out, done = future.result()
         if done is not None:

@@ -68,6 +68,7 @@ class RuntimeOptions:
     experts: str = "int4"  # format of the routed experts: bf16 | int8 | int4
     group_size: int = 64
     gpu_weights: str = "auto"
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only; --eager turns them off)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -192,4 +193,9 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
         host_kv_blocks=host_blocks,
     )
     engine = Engine(net, kv, config, eos_token_ids=tokenizer.eos_token_ids)
+    if opts.cuda_graphs and device.type == "cuda":
+        from hetero.graphs import DecodeGraphs
+
+        max_blocks = -(-max_len // opts.block_size)
+        engine.graphs = DecodeGraphs(net, kv.layers, max_blocks, max_batch=opts.max_batch, device=device)
     return Runtime(path, spec, tokenizer, engine, plan)

@@ -36,6 +36,7 @@ def serve(args: argparse.Namespace) -> int:
         max_step_tokens=max(512, args.max_batch),
         prefix_caching=not getattr(args, "no_prefix_cache", False),
         host_kv_mem=parse_size(getattr(args, "host_kv_mem", "0") or "0"),
+        cuda_graphs=not getattr(args, "eager", False),
     )
     config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue)
     app = create_app(lambda: _load(model, options, args), config)

@@ -1,0 +1,263 @@
+"""CUDA graphs for decode steps, broken at each CPU hand-off.
+
+A decode step of a small batch launches a few thousand small kernels; launched one by one
+from Python, the host, not the GPU, sets the pace. Here the step runs as a short program:
+
+    graph 0: embed, layers up to the first CPU MoE layer's router, copy hidden/ids/weights to pinned RAM
+    graph 1: that layer's shared and GPU-resident experts          } the CPU kernel runs meanwhile
+    join:    wait for graph 0's copy, run the CPU experts on the pinned buffers
+    graph 2: copy the CPU result back, add it, go on to the next CPU MoE layer's router ...
+
+The program is recorded by running the model's own forward once under capture: when a
+CPU hand-off (``hetero.pipeline.CPUHandoff``) is reached it ends the graph being captured
+and starts the next one (``handoff``/``join`` below), so graph and eager steps share one
+piece of model code and give the same numbers. All graphs of all batch sizes share one
+memory pool and replay in capture order, so a tensor that one graph writes and a later one
+reads stays valid.
+
+Legend: B = sequences in the step (one token each), H = hidden, W = block-table width.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hetero.attention import AttentionBatch
+
+_capture: _Program | None = None  # the program being recorded, if any
+
+
+def capturing() -> _Program | None:
+    """The decode program being captured right now (CPU hand-offs consult this), or None."""
+    return _capture
+
+
+@dataclass
+class _Program:
+    """A decode step: graphs, and between them CPU kernels with their pinned buffers."""
+
+    pool: tuple
+    ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", fn, args, timings, layer) | ("join",)
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def begin(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+
+    def end(self) -> None:
+        assert self.graph is not None
+        self.graph.capture_end()
+        self.ops.append(("graph", self.graph))
+        self.graph = None
+
+    def handoff(self, fn, args: tuple, timings, layer: int) -> None:
+        """Called after the device-to-host copies of a CPU hand-off were captured."""
+        if self.ops and self.ops[-1][0] == "cpu":
+            raise RuntimeError("a second CPU hand-off before the first was joined (expert deferral?)")
+        self.end()
+        self.ops.append(("cpu", fn, args, timings, layer))
+        self.begin()
+
+    def join(self) -> None:
+        """Called before the host-to-device copy of the CPU result is captured."""
+        self.end()
+        self.ops.append(("join",))
+        self.begin()
+
+
+@dataclass
+class _Entry:
+    """Everything captured for one batch size."""
+
+    program: _Program
+    ids: torch.Tensor  # [B] int64
+    batch: AttentionBatch
+    hidden: torch.Tensor  # [B, H] the step's output, written by the last graph
+    staging: torch.Tensor  # pinned [4, B] int64: ids, positions, slots, context lengths
+    tables: torch.Tensor  # pinned [B, W] int32
+
+
+class DecodeGraphs:
+    """Captures and replays decode steps of up to ``max_batch`` sequences (one graph set per size).
+
+    ``run`` returns None when a step does not qualify (no CUDA, a multi-token sequence, a batch
+    over ``max_batch``, a layer that would stream experts at this size, or a size whose capture
+    failed); the caller then runs the step eagerly.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_layers: list,
+        max_blocks: int,
+        max_batch: int = 32,
+        device: torch.device | None = None,
+    ):
+        self.model, self.kv_layers = model, kv_layers
+        self.max_blocks, self.max_batch = max_blocks, max_batch
+        self.device = device or next(model.parameters()).device
+        self.entries: dict[int, _Entry] = {}
+        self.failed: dict[int, str] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self.event = torch.cuda.Event() if self.device.type == "cuda" else None
+        self.stream_min = _stream_min_tokens(model)
+
+    def usable(self, batch_size: int) -> bool:
+        return (
+            self.device.type == "cuda"
+            and 0 < batch_size <= self.max_batch
+            and batch_size < self.stream_min
+            and batch_size not in self.failed
+        )
+
+    @torch.inference_mode()
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        context_lens: list[int],
+        tables: list[list[int]],
+    ) -> torch.Tensor | None:
+        """One decode step; returns the final hidden states [B, H] (a view overwritten by the next step)."""
+        b = len(ids)
+        if not self.usable(b):
+            return None
+        entry = self.entries.get(b)
+        if entry is None:
+            entry = self._capture(b, ids, positions, slots, context_lens, tables)
+            if entry is None:
+                return None
+        self._load(entry, ids, positions, slots, context_lens, tables)
+        self._replay(entry.program)
+        return entry.hidden
+
+    # ------------------------------------------------------------------ internals
+    def _static(self, b: int) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor, torch.Tensor]:
+        dev = self.device
+        ids = torch.zeros(b, dtype=torch.long, device=dev)
+        batch = AttentionBatch(
+            positions=torch.zeros(b, dtype=torch.long, device=dev),
+            slot_mapping=torch.zeros(b, dtype=torch.long, device=dev),
+            block_tables=torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
+            context_lens=torch.ones(b, dtype=torch.int32, device=dev),
+            query_lens=[1] * b,
+            context_lens_list=[1] * b,
+        )
+        staging = torch.empty(4, b, dtype=torch.long, pin_memory=True)
+        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, pin_memory=True)
+        return ids, batch, staging, tables
+
+    def _load(self, e: _Entry, ids, positions, slots, context_lens, tables) -> None:
+        width = max(len(t) for t in tables)
+        if width > self.max_blocks:
+            raise ValueError(f"a block table of {width} blocks exceeds the captured width {self.max_blocks}")
+        st = e.staging.numpy()
+        st[0], st[1], st[2], st[3] = ids, positions, slots, context_lens
+        tb = e.tables.numpy()
+        for i, t in enumerate(tables):
+            tb[i, : len(t)] = t
+        # Pinned sources: both copies are asynchronous and ordered before the graphs on this stream.
+        staged = e.staging.to(self.device, non_blocking=True)
+        e.ids.copy_(staged[0])
+        e.batch.positions.copy_(staged[1])
+        e.batch.slot_mapping.copy_(staged[2])
+        e.batch.context_lens.copy_(staged[3])
+        e.batch.block_tables[:, :width].copy_(e.tables[:, :width], non_blocking=True)
+        e.batch.context_lens_list = list(context_lens)
+        # The pinned staging buffers are rewritten next step only after this step's sync (the
+        # CPU hand-offs inside the step, or the caller reading the result).
+
+    def _capture(self, b, ids, positions, slots, context_lens, tables) -> _Entry | None:
+        global _capture
+        if _defers(self.model):  # a deferred expert joins a later layer: not a straight-line program
+            self.failed[b] = "expert deferral is on"
+            return None
+        static_ids, batch, staging, host_tables = self._static(b)
+        entry = _Entry(_Program(self.pool), static_ids, batch, None, staging, host_tables)
+        self._load(entry, ids, positions, slots, context_lens, tables)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
+                # Eager warm-up on these very tensors: compiles every kernel, moves lazily placed
+                # tables to the device. It writes the same cache slots the replay writes again.
+                warm = AttentionBatch(**{**batch.__dict__, "rope": {}})
+                self.model(static_ids, warm, self.kv_layers)
+                side.synchronize()
+                # A fresh per-step memo, so the rotary angles are computed inside the first graph.
+                batch.rope = {}
+                prog = entry.program
+                _capture = prog
+                try:
+                    prog.begin()
+                    entry.hidden = self.model(static_ids, batch, self.kv_layers)
+                    prog.end()
+                finally:
+                    _capture = None
+                    if prog.graph is not None:  # capture failed midway: close it
+                        try:
+                            prog.graph.capture_end()
+                        except RuntimeError:
+                            pass
+                        prog.graph = None
+        except RuntimeError as err:  # an operation that cannot be captured: this size stays eager
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            self.failed[b] = str(err).splitlines()[0][:200]
+            return None
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self.entries[b] = entry
+        return entry
+
+    def _replay(self, program: _Program) -> None:
+        pending = None
+        for op in program.ops:
+            kind = op[0]
+            if kind == "graph":
+                op[1].replay()
+            elif kind == "cpu":
+                self.event.record()  # after the graph that ends with the device-to-host copies
+                pending = op
+            else:
+                _, fn, args, timings, layer = pending
+                t0 = time.perf_counter()
+                self.event.synchronize()
+                t1 = time.perf_counter()
+                fn(*args)
+                t2 = time.perf_counter()
+                if timings is not None:
+                    timings.copies += t1 - t0
+                    timings.cpu_experts += t2 - t1
+                    timings.wait += t2 - t1  # the GPU is idle once the layer's own GPU work is done
+                    timings.calls += 1
+                    timings.per_layer[layer] = timings.per_layer.get(layer, 0.0) + (t2 - t1)
+                pending = None
+
+
+def _stream_min_tokens(model: torch.nn.Module) -> float:
+    """Smallest batch at which some layer streams its RAM experts instead of running them on the CPU."""
+    from hetero.experts import HybridExperts
+
+    mins = [
+        m.stream_min_tokens
+        for m in _experts(model)
+        if isinstance(m, HybridExperts) and m.streamed is not None and m.stream_min_tokens is not None
+    ]
+    return min(mins) if mins else float("inf")
+
+
+def _defers(model: torch.nn.Module) -> bool:
+    from hetero.experts import DeferredExperts
+
+    return any(isinstance(m, DeferredExperts) for m in _experts(model))
+
+
+def _experts(model: torch.nn.Module) -> list:
+    from hetero.moe import MoE
+
+    return [m.experts for m in model.modules() if isinstance(m, MoE)]
