@@ -130,72 +130,113 @@ class CPUExperts:
 
 
 def unpack_experts(
-    arrays: dict[str, torch.Tensor], fmt: str, group_size: int, h: int, i: int, symmetric: bool = True
+    arrays: dict[str, torch.Tensor],
+    fmt: str,
+    group_size: int,
+    h: int,
+    i: int,
+    symmetric: bool = True,
+    dtype: torch.dtype = torch.float32,
 ):
-    """Packed CPU-kernel layout (see cpu_kernels.formats) -> gate, up [n, I, H], down [n, H, I] float32, on any device.
+    """Packed CPU-kernel layout (see cpu_kernels.formats) -> gate, up [n, I, H], down [n, H, I] in ``dtype``, on any device.
 
-    The GPU uses this to run experts whose packed bytes it received over PCIe.
+    The GPU uses this to run experts whose packed bytes it received over PCIe. Codes and zero
+    points are small integers, exact in bf16; only the scale product rounds to ``dtype``.
     """
-    gu, dn = arrays["gate_up"], arrays["down"]
-    if fmt == "bf16":
-        gu = gu.view(torch.bfloat16).float()  # [n, I, 2, Hp]
-        dn = dn.view(torch.bfloat16).float()  # [n, H, Ip]
-    elif fmt == "int8":
-        gu = (gu.int() - 128).float() * arrays["gate_up_scale"][..., None]
-        dn = (dn.int() - 128).float() * arrays["down_scale"][..., None]
-    else:
-        gu = _unpack_int4(
-            gu, arrays["gate_up_scale"], arrays.get("gate_up_zero") if not symmetric else None, group_size
-        )
-        dn = _unpack_int4(
-            dn, arrays["down_scale"], arrays.get("down_zero") if not symmetric else None, group_size
-        )
+    gu, dn = (
+        _unpack(arrays, "gate_up", fmt, group_size, symmetric, dtype),
+        _unpack(arrays, "down", fmt, group_size, symmetric, dtype),
+    )  # [n, I, 2, Hp], [n, H, Ip]
     return gu[:, :, 0, :h], gu[:, :, 1, :h], dn[..., :i]
 
 
-def _unpack_int4(
-    packed: torch.Tensor, scale_bits: torch.Tensor, zeros: torch.Tensor | None, g: int
-) -> torch.Tensor:
-    # Within each block of 128 inputs, byte j holds input j (low nibble) and input 64 + j (high nibble).
+def _unpack(arrays, name: str, fmt: str, g: int, symmetric: bool, dtype: torch.dtype) -> torch.Tensor:
+    packed = arrays[name]
+    if fmt == "bf16":
+        return packed.view(torch.bfloat16).to(dtype)
+    scale = arrays[f"{name}_scale"]
+    if fmt == "int8":
+        return (packed.to(dtype) - 128) * scale.to(dtype)[..., None]
+    # int4: within each block of 128 inputs, byte j holds input j (low nibble) and 64 + j (high nibble).
     *lead, half = packed.shape
-    blocks = packed.view(*lead, half // 64, 64).int()  # [..., Hp/128, 64]
-    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(*lead, half * 2).float()  # [..., Hp]
-    scale = scale_bits.view(torch.float16).float().repeat_interleave(g, dim=-1)  # [..., Hp]
-    zero = 8.0 if zeros is None else zeros.float().repeat_interleave(g, dim=-1)
-    return (q - zero) * scale
+    blocks = packed.view(*lead, half // 64, 64)  # [..., Hp/128, 64] uint8
+    q = (
+        torch.cat([blocks & 15, blocks >> 4], dim=-1).view(*lead, half * 2 // g, g).to(dtype)
+    )  # [..., Hp/g, g]
+    zero = 8 if symmetric else arrays[f"{name}_zero"].to(dtype)[..., None]
+    w = (q - zero) * scale.view(torch.float16).to(dtype)[..., None]
+    return w.view(*lead, half * 2)
 
 
 class StreamedExperts:
-    """For large prefill batches: copy only the hit experts' packed bytes to the GPU and run them there."""
+    """For large prefill batches: copy the hit experts' packed bytes to the GPU and run them there.
 
-    def __init__(self, packed, device: torch.device, chunk: int = 2):
+    Experts go over in chunks of consecutive ids (about ``chunk_bytes`` of packed weights), read
+    straight from the CPU kernels' arrays (page-locked on first use, so the copies are DMA at full
+    PCIe speed); the next chunk's copy runs on its own stream while the current one is unpacked
+    and computed.
+    """
+
+    def __init__(self, packed, device: torch.device, chunk_bytes: int = 32 << 20):
         self.packed, self.device = packed, device
         p = packed
         names = ["gate_up", "down", "gate_up_scale", "down_scale"]
         if not p.symmetric:
             names += ["gate_up_zero", "down_zero"]
-        pin = device.type == "cuda"
         # Views of the CPU kernels' own arrays: no second copy of the weights in RAM.
-        self.host = {n: _as_torch(getattr(p, n), pin=False) for n in names}
-        self.pin = pin
-        self.chunk = chunk
+        self.host = {n: _as_torch(getattr(p, n)) for n in names}
+        self.chunk = max(1, chunk_bytes // max(1, p.expert_nbytes()))
+        self.cuda = device.type == "cuda"
+        self.pinned = False
+        self.copy_stream = None
+
+    def _pin(self) -> None:
+        """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
+        self.pinned = True
+        self.copy_stream = torch.cuda.Stream(self.device)
+        for t in self.host.values():
+            pin_in_place(t)
+
+    def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """Start copying experts lo..hi-1 to the device; returns the device arrays and a ready event."""
+        E = self.packed.E
+        if not self.cuda:
+            return {n: (t[lo:hi] if t.shape[0] == E else t) for n, t in self.host.items()}, None
+        with torch.cuda.stream(self.copy_stream):
+            arrays = {
+                n: (t[lo:hi] if t.shape[0] == E else t).to(self.device, non_blocking=True)
+                for n, t in self.host.items()
+            }
+            ready = torch.cuda.Event()
+            ready.record()
+        return arrays, ready
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         p = self.packed
-        hit = torch.unique(ids[ids >= 0]).cpu()  # experts this batch uses
+        if self.cuda and not self.pinned:
+            self._pin()
+        used = torch.bincount(ids[ids >= 0].flatten(), minlength=p.E)[: p.E].cpu()  # tokens per expert
+        spans = [(lo, min(lo + self.chunk, p.E)) for lo in range(0, p.E, self.chunk)]
+        spans = [(lo, hi) for lo, hi in spans if bool(used[lo:hi].any())]
         out = torch.zeros_like(x)
-        # A few experts at a time: device memory holds one chunk of unpacked weights, not the layer.
-        for chunk in hit.split(self.chunk):
-            arrays = {}
-            for name, t in self.host.items():
-                rows = t[chunk] if t.shape[0] == p.E else t
-                arrays[name] = rows.to(self.device, non_blocking=self.pin)
-            gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric)
-            remap = torch.full((p.E,), -1, dtype=torch.long)
-            remap[chunk] = torch.arange(chunk.numel())
-            local = torch.where(ids >= 0, remap.to(ids.device)[ids.clamp(min=0)], -1)
-            dt = x.dtype
-            out += torch_moe(x, local, weights, gate.to(dt), up.to(dt), down.to(dt))
+        nxt = self._fetch(*spans[0]) if spans else None
+        compute = torch.cuda.current_stream(self.device) if self.cuda else None
+        for k, (lo, hi) in enumerate(spans):
+            arrays, ready = nxt
+            nxt = self._fetch(*spans[k + 1]) if k + 1 < len(spans) else None  # overlaps this chunk's math
+            if ready is not None:
+                compute.wait_event(ready)
+                for a in arrays.values():
+                    a.record_stream(compute)  # allocated on the copy stream, read here
+            gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric, x.dtype)
+            local = torch.where((ids >= lo) & (ids < hi), ids - lo, -1)
+            if self.cuda:
+                from gpu_kernels import fused_moe
+
+                w13 = torch.cat([gate, up], dim=1)  # [n, 2I, H]
+                out += fused_moe(x, w13, down.contiguous(), local.to(torch.int32), weights.float())
+            else:
+                out += torch_moe(x, local, weights, gate, up, down)
             del gate, up, down, arrays
         return out
 
@@ -203,7 +244,24 @@ class StreamedExperts:
         return handle
 
 
-def _as_torch(a, pin: bool) -> torch.Tensor:
+def pin_in_place(t: torch.Tensor) -> bool:
+    """Page-lock a host tensor's memory where it lies (cudaHostRegister); False when the driver refuses.
+
+    The memory is unregistered when the tensor object is freed (it keeps the memory alive until then).
+    """
+    import weakref
+
+    if t.is_pinned() or t.numel() == 0:
+        return True
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    if int(getattr(err, "value", err)) != 0:
+        return False
+    weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, ptr)
+    return True
+
+
+def _as_torch(a) -> torch.Tensor:
     import numpy as np
 
     if a.dtype == np.uint16:

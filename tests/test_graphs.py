@@ -63,7 +63,7 @@ def test_graphs_decline_off_cuda(tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b", "qwen2-57b-a14b"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_graph_decode_matches_eager(tiny, preset, fmt):
     path = tiny(preset)

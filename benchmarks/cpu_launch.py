@@ -1,0 +1,93 @@
+"""What a one-token expert call costs beyond reading its weights: parallel-region launch and scaling.
+
+One token, one V2-Lite-shaped MoE layer (H=2048, I=1408, 6 experts from 64, int4), called back
+to back as in a decode step, at several thread counts; next to it the time to start and join an
+empty Numba parallel region. Cycles over enough layers that the weights come from DRAM.
+Run it under different NUMBA_THREADING_LAYER / OMP_WAIT_POLICY settings to compare them.
+
+    python benchmarks/cpu_launch.py [--tag NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from common import format_table, machine_name, write_json
+from numba import prange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cpu_kernels as ck  # noqa: E402
+
+
+@numba.njit(parallel=True, nogil=True)
+def _empty(out, n):
+    for i in prange(n):
+        out[i] += 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--calls", type=int, default=300)
+    args = ap.parse_args(argv)
+    H, I, E, K = 2048, 1408, 64, 6  # noqa: E741
+    rng = np.random.default_rng(0)
+    g = (rng.standard_normal((E, I, H), dtype=np.float32) * 0.02).astype(np.float32)
+    packed = ck.pack_experts(g, g, g.transpose(0, 2, 1).copy(), fmt="int4", group_size=64)
+    del g
+    layers = [packed] + [
+        ck.PackedExperts(**{**{f: getattr(packed, f) for f in _FIELDS}, **_copies(packed)}) for _ in range(3)
+    ]
+    x = rng.standard_normal((1, H), dtype=np.float32)
+    w = np.full((1, K), 1.0 / K, np.float32)
+    out = np.empty_like(x)
+    nbytes = K * packed.expert_nbytes()
+    rows = []
+    top = numba.config.NUMBA_NUM_THREADS
+    for threads in sorted({1, 2, 4, 8, max(1, top - 1), top}):
+        if threads > top:
+            continue
+        numba.set_num_threads(threads)
+        buf = np.zeros(threads)
+        _empty(buf, threads)
+        t = time.perf_counter()
+        for _ in range(args.calls):
+            _empty(buf, threads)
+        empty_us = (time.perf_counter() - t) / args.calls * 1e6
+        ids = [rng.choice(E, K, replace=False).astype(np.int32)[None] for _ in range(args.calls)]
+        ck.fused_moe(x, ids[0], w, packed, out=out, threads=threads)
+        t = time.perf_counter()
+        for i in range(args.calls):
+            ck.fused_moe(x, ids[i], w, layers[i % len(layers)], out=out, threads=threads)
+        ms = (time.perf_counter() - t) / args.calls * 1e3
+        rows.append(
+            {
+                "threads": threads,
+                "empty_region_us": round(empty_us, 1),
+                "call_ms": round(ms, 3),
+                "GBs": round(nbytes / ms / 1e6, 1),
+            }
+        )
+    env = {k: os.environ.get(k, "") for k in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    data = {"machine": machine_name(), "layer": numba.threading_layer(), "env": env, "rows": rows}
+    write_json(f"cpu_launch-{machine_name()}{'-' + args.tag if args.tag else ''}", data)
+    print(f"threading layer {data['layer']}, env {env}")
+    print(format_table(rows, ["threads", "empty_region_us", "call_ms", "GBs"]))
+    return 0
+
+
+_FIELDS = ("fmt", "group_size", "E", "H", "I", "gate_up_zero", "down_zero", "symmetric")
+
+
+def _copies(p) -> dict:
+    return {f: np.copy(getattr(p, f)) for f in ("gate_up", "down", "gate_up_scale", "down_scale")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
