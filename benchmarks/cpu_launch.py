@@ -35,7 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="")
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument(
+        "--gap-us", type=float, default=300.0, help="busy main thread between calls (after_gap_ms)"
+    )
+    ap.add_argument(
+        "--torch-threads", type=int, default=0, help="import torch first and set its thread count"
+    )
     args = ap.parse_args(argv)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+        torch.ones(1 << 20).sum()  # start torch's own thread pool, as an engine process has
     H, I, E, K = 2048, 1408, 64, 6  # noqa: E741
     rng = np.random.default_rng(0)
     g = (rng.standard_normal((E, I, H), dtype=np.float32) * 0.02).astype(np.float32)
@@ -66,20 +77,36 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.calls):
             ck.fused_moe(x, ids[i], w, layers[i % len(layers)], out=out, threads=threads)
         ms = (time.perf_counter() - t) / args.calls * 1e3
+        # As in a decode step: the main thread launches GPU work for a while between two calls.
+        total = 0.0
+        for i in range(args.calls):
+            _spin(args.gap_us * 1e-6)
+            t = time.perf_counter()
+            ck.fused_moe(x, ids[i], w, layers[i % len(layers)], out=out, threads=threads)
+            total += time.perf_counter() - t
+        gap_ms = total / args.calls * 1e3
         rows.append(
             {
                 "threads": threads,
                 "empty_region_us": round(empty_us, 1),
                 "call_ms": round(ms, 3),
                 "GBs": round(nbytes / ms / 1e6, 1),
+                "after_gap_ms": round(gap_ms, 3),
             }
         )
     env = {k: os.environ.get(k, "") for k in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["torch_threads"] = str(args.torch_threads or "")
     data = {"machine": machine_name(), "layer": numba.threading_layer(), "env": env, "rows": rows}
     write_json(f"cpu_launch-{machine_name()}{'-' + args.tag if args.tag else ''}", data)
     print(f"threading layer {data['layer']}, env {env}")
-    print(format_table(rows, ["threads", "empty_region_us", "call_ms", "GBs"]))
+    print(format_table(rows, ["threads", "empty_region_us", "call_ms", "GBs", "after_gap_ms"]))
     return 0
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 _FIELDS = ("fmt", "group_size", "E", "H", "I", "gate_up_zero", "down_zero", "symmetric")

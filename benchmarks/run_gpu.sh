@@ -22,10 +22,11 @@ for stage in "$@"; do
     tests) python3 -m pytest -q -m gpu --tb=short tests/ 2>&1 | tail -30 ;;
     kernels) python3 benchmarks/gpu_kernels.py 2>&1 | tail -40 ;;
     cpu) python3 benchmarks/cpu_experts.py --quick 2>&1 | tail -30 ;;
-    launch) for env in "" NUMBA_THREADING_LAYER=workqueue NUMBA_THREADING_LAYER=omp "NUMBA_THREADING_LAYER=omp OMP_WAIT_POLICY=ACTIVE" NUMBA_THREADING_LAYER=tbb; do
-        tag=$(echo "${env:-default}" | tr -c 'A-Za-z0-9\n' - | tr 'A-Z' 'a-z')
-        env $env python3 benchmarks/cpu_launch.py --tag "$tag" --calls 200 2>&1 | tail -9
-      done ;;
+    launch) for combo in ${LAUNCH:--:0 -:16 10000000:16}; do  # GOMP_SPINCOUNT (- = unset) : torch threads
+        spin=${combo%%:*}; tt=${combo##*:}
+        if [ "$spin" = - ]; then unset GOMP_SPINCOUNT; else export GOMP_SPINCOUNT=$spin; fi
+        python3 benchmarks/cpu_launch.py --tag "spin$spin-torch$tt" --calls 100 --torch-threads "$tt" 2>&1 | tail -9
+      done; unset GOMP_SPINCOUNT ;;
     e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" 2>&1 | grep -v "^loading" | tail -20 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
     hf) checkpoint && python3 benchmarks/hf_baseline.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | tail -5 ;;

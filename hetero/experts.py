@@ -228,17 +228,32 @@ class StreamedExperts:
                 compute.wait_event(ready)
                 for a in arrays.values():
                     a.record_stream(compute)  # allocated on the copy stream, read here
-            gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric, x.dtype)
             local = torch.where((ids >= lo) & (ids < hi), ids - lo, -1)
             if self.cuda:
                 from gpu_kernels import fused_moe
 
-                w13 = torch.cat([gate, up], dim=1)  # [n, 2I, H]
-                out += fused_moe(x, w13, down.contiguous(), local.to(torch.int32), weights.float())
+                w13, w2 = self._unpack_gpu(arrays, x.dtype)
+                out += fused_moe(x, w13, w2, local.to(torch.int32), weights.float())
+                del w13, w2
             else:
+                gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric, x.dtype)
                 out += torch_moe(x, local, weights, gate, up, down)
-            del gate, up, down, arrays
+            del arrays
         return out
+
+    def _unpack_gpu(self, arrays: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device arrays of a chunk -> w13 [n, 2I, H], w2 [n, H, I] for the fused MoE kernel."""
+        p = self.packed
+        if p.fmt == "int4":
+            from gpu_kernels.unpack import unpack_int4
+
+            scales = (arrays["gate_up_scale"], arrays["down_scale"])
+            zeros = None if p.symmetric else (arrays["gate_up_zero"], arrays["down_zero"])
+            return unpack_int4(
+                arrays["gate_up"], arrays["down"], scales, zeros, p.group_size, p.H, p.I, dtype
+            )
+        gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric, dtype)
+        return torch.cat([gate, up], dim=1), down.contiguous()
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle

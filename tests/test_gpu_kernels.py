@@ -415,3 +415,29 @@ def test_fused_moe_kernel(T, E, K, fmt, group):
     ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
     assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_unpack_int4_matches_the_cpu_layout_reference(sym, group):
+    """The CPU kernels' int4 layout unpacked on the GPU equals the torch unpacking, exactly in float32."""
+    import numpy as np
+
+    import cpu_kernels
+    from gpu_kernels.unpack import unpack_int4
+    from hetero.experts import _as_torch, unpack_experts
+
+    rng = np.random.default_rng(group + sym)
+    e, h, i = 3, 200, 96  # widths that are not multiples of 128: padding columns are dropped
+    w = [rng.standard_normal((e, *s), dtype=np.float32) for s in ((i, h), (i, h), (h, i))]
+    p = cpu_kernels.pack_experts(*w, fmt="int4", group_size=group, symmetric=sym)
+    names = ["gate_up", "down", "gate_up_scale", "down_scale", "gate_up_zero", "down_zero"]
+    dev = {n: _as_torch(getattr(p, n)).cuda() for n in names}
+    gate, up, down = unpack_experts(dev, "int4", group, h, i, sym)
+    zeros = None if sym else (dev["gate_up_zero"], dev["down_zero"])
+    scales = (dev["gate_up_scale"], dev["down_scale"])
+    w13, w2 = unpack_int4(dev["gate_up"], dev["down"], scales, zeros, group, h, i, torch.float32)
+    assert torch.equal(w13, torch.cat([gate, up], dim=1)) and torch.equal(w2, down)
+    b13, _ = unpack_int4(dev["gate_up"], dev["down"], scales, zeros, group, h, i, torch.bfloat16)
+    assert torch.equal(b13, w13.to(torch.bfloat16))
