@@ -107,6 +107,34 @@ def cpu_layer_probe(model, spec, calls: int = 100) -> dict:
     return res
 
 
+def profile_tables(rt, prefill_len: int, prompt_len: int) -> None:
+    """Top operators by device and by host time: one prefill, then 16 decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hetero.sampling import SamplingParams
+
+    vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
+    g = torch.Generator().manual_seed(1)
+    engine = rt.engine
+    for name, plen, gen in (("prefill", prefill_len, 1), ("decode", prompt_len, 17)):
+        seq = engine.add_request(
+            torch.randint(0, vocab, (plen,), generator=g).tolist(),
+            SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True),
+        )
+        if name == "decode":
+            engine.step()  # the prompt, outside the profile
+        cuda = torch.cuda.is_available()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            while not seq.finished:
+                engine.step()
+            if cuda:
+                torch.cuda.synchronize()
+        avg = prof.key_averages()
+        for key in ("self_cuda_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",):
+            print(f"-- {name}: top operators by {key}")
+            print(avg.table(sort_by=key, row_limit=12, max_name_column_width=48))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -118,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument(
         "--hf-baseline", action="store_true", help="also time transformers + accelerate (16 tokens)"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="print the top operators of a prefill and of decode steps"
     )
     args = ap.parse_args(argv)
     gpu_mem = parse_size(args.gpu_mem)
@@ -148,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         eager = run_bench(rt, args.prompt_len, min(args.gen, 32), 1)
         rt.engine.graphs = graphs
         probe = cpu_layer_probe(rt.engine.model, rt.spec)
+        streamed = [
+            m.mlp.experts.streamed
+            for m in rt.engine.model.model.layers
+            if isinstance(getattr(m.mlp, "experts", None), HybridExperts)
+            and m.mlp.experts.streamed is not None
+        ]
+        pinned = sum(s.pinned_bytes for s in streamed), sum(s.packed.nbytes for s in streamed)
+        if args.profile and fmt == args.experts[0]:
+            profile_tables(rt, args.prefill_len, args.prompt_len)
         per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
         roof = rates["cpu_bw"] / per_token if per_token else float("inf")
         bound_s = prefill_bound_s(rt.engine.model, rt.spec, args.prefill_len, rates)
@@ -172,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ram_expert_bytes_per_token": per_token,
                 "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
                 "cpu_layer_probe": probe,
+                "streamed_bytes_pinned": pinned[0],
+                "streamed_bytes": pinned[1],
                 "decode_detail": asdict(dec),
                 "prefill_detail": asdict(pre),
             }
@@ -208,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         print("transformers + accelerate decode: " + ", ".join(f"{r['decode_over_hf']:.1f}x" for r in rows))
     for r in rows:
         print(f"{r['experts']} CPU layer probe: {r['cpu_layer_probe']}")
+        print(
+            f"{r['experts']} streamed bytes page-locked: {r['streamed_bytes_pinned']} of {r['streamed_bytes']}"
+        )
         if r["decode_detail"]["eager_reasons"]:
             print(f"{r['experts']} decode ran eagerly: {r['decode_detail']['eager_reasons']}")
     hdr = f"{'experts':8} {'decode':>8} {'eager':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"

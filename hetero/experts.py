@@ -188,14 +188,14 @@ class StreamedExperts:
         self.chunk = max(1, chunk_bytes // max(1, p.expert_nbytes()))
         self.cuda = device.type == "cuda"
         self.pinned = False
+        self.pinned_bytes = 0  # host bytes page-locked for DMA (0 until the first streamed batch)
         self.copy_stream = None
 
     def _pin(self) -> None:
         """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
         self.pinned = True
         self.copy_stream = torch.cuda.Stream(self.device)
-        for t in self.host.values():
-            pin_in_place(t)
+        self.pinned_bytes = sum(t.numel() * t.element_size() for t in self.host.values() if pin_in_place(t))
 
     def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Start copying experts lo..hi-1 to the device; returns the device arrays and a ready event."""
