@@ -12,6 +12,7 @@ predictions next to both. Prints a table last; writes JSON under benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -162,6 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_flops": prof.gpu.bf16_flops if prof.gpu else 1e12,
     }
     rows = []
+    machine = {
+        "gpu": gpu_name,
+        "gpu_mem_cap": args.gpu_mem,
+        "cpu": prof.cpu_model,
+        "cores": prof.physical_cores,
+        "cpu_read_bw_GBs": prof.cpu_read_bw / 1e9,
+        "pcie_pinned_GBs": prof.h2d_pinned_bw / 1e9,
+        "host": platform.node(),
+    }
+    name = Path(args.model).name + (f"-{args.tag}" if args.tag else "")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"e2e-{name}-{gpu_name.replace(' ', '_')}.json"
     for fmt in args.experts:
         opts = RuntimeOptions(
             offload=True,
@@ -218,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                 "prefill_detail": asdict(pre),
             }
         )
+        out.write_text(json.dumps({"model": name, "machine": machine, "rows": rows}, indent=2))  # so far
+        # Captured graphs and their memory pool go with the engine; free them before the next load.
+        rt.engine.graphs = None
         del rt
+        gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.hf_baseline:
         import importlib.util
@@ -232,18 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["hf_decode_tok_s"] = hf["decode_tok_s"]
             r["decode_over_hf"] = r["decode_tok_s"] / hf["decode_tok_s"]
-    machine = {
-        "gpu": gpu_name,
-        "gpu_mem_cap": args.gpu_mem,
-        "cpu": prof.cpu_model,
-        "cores": prof.physical_cores,
-        "cpu_read_bw_GBs": prof.cpu_read_bw / 1e9,
-        "pcie_pinned_GBs": prof.h2d_pinned_bw / 1e9,
-        "host": platform.node(),
-    }
-    name = Path(args.model).name + (f"-{args.tag}" if args.tag else "")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"e2e-{name}-{gpu_name.replace(' ', '_')}.json"
     out.write_text(json.dumps({"model": name, "machine": machine, "rows": rows}, indent=2))
     print(f"\nmachine: {machine}")
     if args.hf_baseline:
