@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         graphs, rt.engine.graphs = rt.engine.graphs, None  # the same decode, kernels launched one by one
         eager = run_bench(rt, args.prompt_len, min(args.gen, 32), 1)
         rt.engine.graphs = graphs
+        del graphs
         probe = cpu_layer_probe(rt.engine.model, rt.spec)
         streamed = [
             m.mlp.experts.streamed

@@ -11,6 +11,10 @@ thread keeps issuing GPU work for the whole time the CPU computes. Buffers are p
 copies are asynchronous DMA. On a machine without CUDA the same code runs with the "GPU" on
 torch's CPU device (copies become views), which keeps the pipeline testable anywhere.
 
+Decode steps on CUDA go another way (``hetero.graphs``): the copies are captured into CUDA
+graphs and the main thread itself runs the kernel between two graph replays; ``submit`` and
+``wait`` below record that when a capture is in progress.
+
 Legend: T = tokens, H = hidden, K = top-k.
 """
 
