@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hetero.experts import HybridExperts
 from hetero.runtime import Runtime, RuntimeOptions, load_runtime
 from hetero.sampling import SamplingParams
 from placement.units import parse_size
@@ -29,6 +30,9 @@ class BenchResult:
     not_overlapped_s: float = 0.0  # time the device side waited on the CPU
     per_layer_cpu_ms: dict = field(default_factory=dict)
     speculation: dict | None = None  # acceptance rate and tokens per step when speculating
+    prefill_ram_experts: dict = field(
+        default_factory=dict
+    )  # layer forwards of the timed prefill: cpu / stream
     cuda_graphs: list[int] = field(default_factory=list)  # batch sizes decoded through CUDA graphs
     eager_reasons: dict = field(default_factory=dict)  # batch size -> why its capture failed
 
@@ -46,15 +50,21 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
     engine = rt.engine
     worker = getattr(engine.model, "worker", None)
     # Warm up kernels and JIT compilation outside the timed region.
-    engine.generate([prompts[0][:32]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    # Its prompt shares no prefix with the timed ones: the prefix cache must not shorten their prefill.
+    warm = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    engine.generate([warm], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     seqs = [engine.add_request(p, params) for p in prompts]
+    hybrid = [m for m in engine.model.modules() if isinstance(getattr(m, "experts", None), HybridExperts)]
+    for m in hybrid:
+        m.experts.ram_calls = {"cpu": 0, "stream": 0}
     _sync(rt)
     t0 = time.perf_counter()
     while not all(s.output_ids for s in seqs):
         engine.step()
     _sync(rt)
     t1 = time.perf_counter()
+    ram_paths = {k: sum(m.experts.ram_calls[k] for m in hybrid) for k in ("cpu", "stream")}
     if worker is not None:
         worker.timings.reset()
     steps = 0
@@ -81,6 +91,7 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
         decode_tok_s=decoded / max(t2 - t1, 1e-9),
         predicted=dict(getattr(rt.plan, "predicted", {}) or {}),
         speculation=engine.spec_stats,
+        prefill_ram_experts=ram_paths,
     )
     if engine.graphs is not None:
         res.cuda_graphs = sorted(engine.graphs.entries)
@@ -149,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"prefill: {res.prefill_tok_s:10.1f} tok/s   predicted {pred.get('prefill_tok_s', float('nan')):10.1f}"
     )
+    if any(res.prefill_ram_experts.values()):
+        print(f"prefill RAM experts, layer forwards: {res.prefill_ram_experts}")
     print(
         f"decode:  {res.decode_tok_s:10.2f} tok/s   predicted {pred.get('decode_tok_s', float('nan')):10.2f}"
     )

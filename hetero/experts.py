@@ -310,6 +310,7 @@ class HybridExperts:
         cpu_local[:num_experts][~on_gpu] = torch.arange(int((~on_gpu).sum()))
         self.gpu_local, self.cpu_local = gpu_local, cpu_local
         self._device = None
+        self.ram_calls = {"cpu": 0, "stream": 0}  # how this layer's RAM experts ran, per forward
 
     def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device != device:
@@ -331,6 +332,7 @@ class HybridExperts:
                 and x.shape[0] >= self.stream_min_tokens
             ):
                 ram = self.streamed
+            self.ram_calls["stream" if ram is self.streamed else "cpu"] += 1
             handles.append((ram, ram.submit(x, cpu_local[ids], weights)))
         if self.gpu is not None:
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))

@@ -190,3 +190,26 @@ def test_streamed_experts_compute_the_packed_weights(fmt, sym, device):
     out = streamed.wait(streamed.submit(x.to(dev, dtype), ids.to(dev), weights.to(dev))).float().cpu()
     tol = 1e-5 if device == "cpu" else 3e-2
     assert float((out - ref).norm() / ref.norm()) < tol
+
+
+def test_bench_reports_how_ram_experts_ran(tiny):
+    """`hetero bench` times prefill and decode and says how the RAM experts of the prefill ran."""
+    from hetero.bench import run_bench
+    from hetero.runtime import Runtime
+    from hetero.tokenizer import Tokenizer
+
+    path = tiny("deepseek-v2")
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="bf16", stream_min_tokens=24)
+    model = load_placed(path, placement, torch.device("cpu"), torch.float32, progress=False)
+    kv = KVCache.for_tokens(spec, 256, 8, torch.float32, "cpu")
+    engine = Engine(model, kv, EngineConfig(max_batch=2, max_step_tokens=16, max_model_len=128, block_size=8))
+    rt = Runtime(path, spec, Tokenizer.from_pretrained(path), engine)
+    res = run_bench(rt, prompt_len=40, gen=3, batch=1)
+    # 40 tokens in chunks of 16: 16 and 16 stay below the threshold of 24, as does the last 8.
+    assert res.prefill_ram_experts == {"cpu": 3 * len(spec.moe_layers), "stream": 0}
+    assert res.decode_tok_s > 0 and res.prefill_tok_s > 0
+    engine.config.max_step_tokens = engine.scheduler.config.max_step_tokens = 32
+    res = run_bench(rt, prompt_len=40, gen=2, batch=1, seed=5)  # new prompts: nothing cached
+    # Chunks of 32 and 8: the first streams its RAM experts, the second runs them on the CPU.
+    assert res.prefill_ram_experts == {"cpu": len(spec.moe_layers), "stream": len(spec.moe_layers)}
