@@ -143,10 +143,8 @@ def unpack_experts(
     The GPU uses this to run experts whose packed bytes it received over PCIe. Codes and zero
     points are small integers, exact in bf16; only the scale product rounds to ``dtype``.
     """
-    gu, dn = (
-        _unpack(arrays, "gate_up", fmt, group_size, symmetric, dtype),
-        _unpack(arrays, "down", fmt, group_size, symmetric, dtype),
-    )  # [n, I, 2, Hp], [n, H, Ip]
+    gu = _unpack(arrays, "gate_up", fmt, group_size, symmetric, dtype)  # [n, I, 2, Hp]
+    dn = _unpack(arrays, "down", fmt, group_size, symmetric, dtype)  # [n, H, Ip]
     return gu[:, :, 0, :h], gu[:, :, 1, :h], dn[..., :i]
 
 
