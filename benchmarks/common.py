@@ -9,7 +9,7 @@ from pathlib import Path
 from cpu_kernels.cpu_info import cpu_model, machine_name
 from cpu_kernels.cpu_info import num_cpus as cpu_count
 
-__all__ = ["cpu_count", "cpu_model", "format_table", "machine_name", "write_json"]
+__all__ = ["cpu_count", "cpu_model", "format_table", "gpu_name", "machine_name", "write_json"]
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -20,6 +20,13 @@ def write_json(stem: str, data: dict, out_dir: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name, or None without one (torch imported only when asked)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import cpu_model, format_table, machine_name, write_json
+from common import cpu_model, format_table, gpu_name, machine_name, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from hetero.engine import Engine, EngineConfig  # noqa: E402
@@ -88,7 +88,7 @@ def make_engine(model, mode: str, args, device_blocks: int) -> Engine:
         prefix_caching=mode != "off",
         host_kv_blocks=args.host_blocks if mode == "ram" else 0,
     )
-    kv = KVCache(model.spec, device_blocks, args.block_size, args.dtype, "cpu")
+    kv = KVCache(model.spec, device_blocks, args.block_size, args.dtype, args.device)
     return Engine(model, kv, cfg)
 
 
@@ -124,6 +124,25 @@ def run_mode(model, mode: str, starts, reqs: list[Request], args, device_blocks:
     res.host_tokens, res.preemptions = eng.stats.host_tokens, eng.stats.preemptions
     res.hit_tokens = eng.stats.cached_tokens + eng.stats.host_tokens
     return res
+
+
+def load_offloaded(args):
+    """The model as `hetero serve` places it on a GPU: the plan's split, RAM experts on the CPU."""
+    from hetero.bench import offload_options
+    from hetero.runtime import load_runtime
+
+    opts = offload_options(
+        args.gpu_mem,
+        device=args.device,
+        experts=args.experts,
+        max_batch=4,
+        max_model_len=args.max_len,
+        max_step_tokens=args.step_tokens,
+        cuda_graphs=False,
+    )
+    rt = load_runtime(args.model, opts)
+    args.device = str(rt.engine.device)
+    return rt.engine.model
 
 
 def blocks_for(tokens: int, bs: int) -> int:
@@ -200,9 +219,12 @@ def main() -> None:
     ap.add_argument("--tool-tokens", type=int, default=32)
     ap.add_argument("--host-blocks", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the model placed by the plan, offloading")
+    ap.add_argument("--gpu-mem", default=None, help="device memory cap with --device cuda, e.g. 6GiB")
+    ap.add_argument("--experts", default="int4", choices=["bf16", "int8", "int4"], help="RAM experts")
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode; each request's best TTFT counts")
     args = ap.parse_args()
-    args.dtype = torch.float32
+    args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
@@ -212,17 +234,24 @@ def main() -> None:
         model_name = "deepseek-v3-tiny"
     else:
         model_name = Path(args.model).name
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype) if args.device == "cpu" else load_offloaded(args)
     vocab = model.spec.vocab_size
     rows = []
     rows += run_workload("chat", model, *chat_workload(args, random.Random(0), vocab), args)
     rows += run_workload("agent", model, *agent_workload(args, random.Random(1), vocab), args)
     config = {
-        k: v for k, v in vars(args).items() if k not in ("dtype", "model")
+        k: v for k, v in vars(args).items() if k not in ("dtype", "model", "device")
     }  # the path may be a temp dir
     path = write_json(
-        "prefix_cache",
-        {"machine": machine_name(), "cpu": cpu_model(), "model": model_name, "config": config, "rows": rows},
+        "prefix_cache" if args.device == "cpu" else f"prefix_cache-{model_name}-{args.experts}",
+        {
+            "machine": machine_name(),
+            "cpu": cpu_model(),
+            "device": gpu_name() or "cpu",
+            "model": model_name,
+            "config": config,
+            "rows": rows,
+        },
     )
     print(f"wrote {path}")
     columns = [

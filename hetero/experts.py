@@ -183,6 +183,7 @@ class StreamedExperts:
             names += ["gate_up_zero", "down_zero"]
         # Views of the CPU kernels' own arrays: no second copy of the weights in RAM.
         self.host = {n: _as_torch(getattr(p, n)) for n in names}
+        self.read_only = {n: not getattr(p, n).flags.writeable for n in names}  # a converted model's mmap
         self.chunk = max(1, chunk_bytes // max(1, p.expert_nbytes()))
         self.cuda = device.type == "cuda"
         self.pinned = False
@@ -193,7 +194,9 @@ class StreamedExperts:
         """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
         self.pinned = True
         self.copy_stream = torch.cuda.Stream(self.device)
-        self.pinned_bytes = sum(t.numel() * t.element_size() for t in self.host.values() if pin_in_place(t))
+        self.pinned_bytes = sum(
+            t.numel() * t.element_size() for n, t in self.host.items() if pin_in_place(t, self.read_only[n])
+        )
 
     def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Start copying experts lo..hi-1 to the device; returns the device arrays and a ready event."""
@@ -257,7 +260,7 @@ class StreamedExperts:
         return handle
 
 
-def pin_in_place(t: torch.Tensor) -> bool:
+def pin_in_place(t: torch.Tensor, read_only: bool = False) -> bool:
     """Page-lock a host tensor's memory where it lies (cudaHostRegister); False when the driver refuses.
 
     The memory is unregistered when the tensor object is freed (it keeps the memory alive until then).
@@ -267,7 +270,8 @@ def pin_in_place(t: torch.Tensor) -> bool:
     if t.is_pinned() or t.numel() == 0:
         return True
     ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    # A read-only mapping (a converted model's mmap'd files) takes cudaHostRegisterReadOnly (8).
+    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 8 if read_only else 0)
     if int(getattr(err, "value", err)) != 0:
         return False
     weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, ptr)

@@ -1,10 +1,11 @@
 """Where every weight goes and how fast the result will run, decided before loading a byte.
 
 The GPU first gets what every token needs: attention, norms, routers, shared experts, dense
-layers, the output head, the KV cache and a workspace. The input embedding stays in RAM, as in
-llama.cpp: a token reads one row of it, so keeping it on the GPU would spend ~2 GB of VRAM
-(DeepSeek-V3) to save a ~14 KB copy per token. Routed experts then fill the rest of the GPU,
-most frequently hit first; the remainder lives in RAM, spread evenly over the NUMA nodes.
+layers, the input embedding and output head, the KV cache and a workspace. The embedding costs
+VRAM (~1.9 GB for DeepSeek-V3) for a one-row lookup per token, but a lookup in RAM would put a
+host round trip at the start of every decode step, which CUDA graphs cannot hold. Routed experts
+then fill the rest of the GPU, most frequently hit first; the remainder lives in RAM, spread
+evenly over the NUMA nodes.
 """
 
 from __future__ import annotations
@@ -322,14 +323,14 @@ def profile_summary(p: HardwareProfile) -> dict[str, Any]:
 
 
 def _on_gpu_always(t: Tensor, inv: Inventory) -> bool:
-    return t.kind in GPU_KINDS or (t.kind == "embed" and inv.tied_embeddings)
+    return t.kind in GPU_KINDS or t.kind == "embed"
 
 
 def _fmt_for(t: Tensor, gpu_fmt: str, opts: PlanOptions) -> str:
     if t.kind == "routed_expert":
         return opts.experts
     if t.kind == "embed":
-        return "bf16"  # looked up from RAM, never multiplied: no reason to lose precision
+        return "bf16"  # looked up, never multiplied: no reason to lose precision
     return gpu_fmt
 
 

@@ -84,6 +84,8 @@ class ServerState:
         self.model_name = self.config.model_name or runtime.path.name
         worker = EngineWorker(runtime.engine, loop)
         self._detach = self.metrics.attach(runtime.engine, lambda: worker.num_pending)
+        if runtime.plan is not None:
+            self.metrics.show_plan(runtime.plan.predicted, runtime.engine.config.max_batch)
         worker.start()
         self.runtime, self.worker = runtime, worker
         log.info("model %s ready", self.model_name)

@@ -10,6 +10,7 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
+from hetero.bench import cap_device_memory
 from hetero.checkpoint import resolve_model_path
 from hetero.runtime import RuntimeOptions, load_runtime
 from placement.units import parse_size
@@ -29,8 +30,13 @@ def serve(args: argparse.Namespace) -> int:
     """Bind (loopback unless told otherwise), load the model in the background, serve until interrupted."""
     # Resolve the path now, so a wrong name fails at once rather than after the server is up.
     model = None if args.model is None else resolve_model_path(args.model)
+    gpu_mem = parse_size(args.gpu_mem) if getattr(args, "gpu_mem", None) else None
+    cap_device_memory(gpu_mem)
     options = RuntimeOptions(
         device=args.device,
+        gpu_mem=gpu_mem,
+        cpu_mem=parse_size(args.cpu_mem) if getattr(args, "cpu_mem", None) else None,
+        experts=getattr(args, "experts", "int4"),
         max_model_len=args.max_model_len,
         max_batch=args.max_batch,
         max_step_tokens=max(512, args.max_batch),

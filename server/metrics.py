@@ -67,6 +67,12 @@ class Metrics:
         self.spec = Gauge(
             "hetero_speculation", "Speculative decoding since start (0 when off)", ["stat"], registry=r
         )
+        self.predicted = Gauge(
+            "hetero_plan_predicted",
+            "The placement plan's predicted speed (tokens/s; decode at the plan's batch size)",
+            ["stat"],
+            registry=r,
+        )
 
     def attach(self, engine: Engine, pending: Callable[[], int]) -> Callable[[], None]:
         """Read the engine's state at scrape time and record each step; returns the detach function."""
@@ -87,6 +93,13 @@ class Metrics:
             self.spec.labels(stat).set_function(lambda s=stat: (engine.spec_stats or {}).get(s, 0.0))
         engine.on_step.append(self.on_step)
         return lambda: engine.on_step.remove(self.on_step)
+
+    def show_plan(self, predicted: dict, batch: int) -> None:
+        """Publish the plan's prediction, so a benchmark can set measured speed beside it."""
+        for stat in ("decode_tok_s", "prefill_tok_s"):
+            if stat in predicted:
+                self.predicted.labels(stat).set(float(predicted[stat]))
+        self.predicted.labels("batch").set(batch)
 
     def on_step(self, scheduled: list[tuple[Sequence, int]]) -> None:
         size = len(scheduled)

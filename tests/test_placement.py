@@ -102,8 +102,9 @@ def test_budgets_never_exceeded(extra_experts, fmt):
     assert on_gpu == min(extra_experts, E * (LAYERS - 1))
     # Every tensor is placed, and the byte totals agree with the placement.
     assert set(plan.placement) == {t.name for t in INV.tensors}
+    fmt_of = {"routed_expert": plan.expert_format, "embed": "bf16"}  # the embedding is looked up, kept bf16
     gpu_weights = sum(
-        t.nbytes(plan.expert_format if t.kind == "routed_expert" else plan.gpu_weights, plan.group_size)
+        t.nbytes(fmt_of.get(t.kind, plan.gpu_weights), plan.group_size)
         for t in INV.tensors
         if plan.placement[t.name] == "gpu"
     )
