@@ -126,6 +126,16 @@ def init_parallel(
     return Parallel(rank, world_size)
 
 
+def rank0_first(par: Parallel, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, then on the others: for work whose result rank 0 caches on disk
+    (the hardware profile), so the ranks do not all measure the machine at once."""
+    if par.world_size == 1:
+        return fn()
+    out = fn() if par.is_first else None
+    torch.distributed.barrier(group=par.group)
+    return out if par.is_first else fn()
+
+
 def close_parallel(par: Parallel) -> None:
     if par.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
