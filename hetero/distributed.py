@@ -60,6 +60,7 @@ class Parallel:
     rank: int = 0
     world_size: int = 1
     group: Any = None  # a torch.distributed ProcessGroup; None = the default group
+    control: Any = None  # a gloo group for Python objects (the server's requests), if any
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -79,6 +80,14 @@ class Parallel:
         if self.world_size > 1:
             torch.distributed.all_reduce(x, group=self.group)
         return x
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (over the control group: it may wait idle for long)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
 
     def own_experts(self, experts_on_gpu: dict[int, list[int]]) -> dict[int, list[int]]:
         """This rank's share of the device experts: dealt round-robin over all layers' experts."""
@@ -123,7 +132,9 @@ def init_parallel(
         world_size=world_size,
         timeout=timedelta(minutes=10),
     )
-    return Parallel(rank, world_size)
+    # A server's followers wait here between requests, however long the server sits idle.
+    control = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=30))
+    return Parallel(rank, world_size, control=control)
 
 
 def rank0_first(par: Parallel, fn: Callable[[], Any]) -> Any:

@@ -96,6 +96,7 @@ class Runtime:
     tokenizer: Tokenizer
     engine: Engine
     plan: object | None = None  # placement.Plan when offloading
+    parallel: Parallel = SINGLE  # this rank's place when the GPU part is split over several GPUs
 
 
 def stream_threshold(plan) -> int | None:
@@ -232,4 +233,4 @@ def load_runtime(
 
         max_blocks = -(-max_len // opts.block_size)
         engine.graphs = DecodeGraphs(net, kv.layers, max_blocks, max_batch=opts.max_batch, device=device)
-    return Runtime(path, spec, tokenizer, engine, plan)
+    return Runtime(path, spec, tokenizer, engine, plan, parallel)

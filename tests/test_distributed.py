@@ -133,3 +133,39 @@ def test_two_gpus_with_nccl_match_one_gpu(paths):
         for k, p in enumerate(picked):
             for a, b in zip(got[rank][k][0], ref[k]):
                 assert float((a - b).norm() / b.norm()) < 5e-2, f"{p.name} rank {rank}"
+
+
+def _serve_ranks(par: Parallel, path) -> list[str] | None:
+    """Rank 0 serves two completions over HTTP; the other rank follows its engine."""
+    import json
+    import urllib.request
+
+    from hetero.runtime import RuntimeOptions, load_runtime
+    from server import BackgroundServer, create_app
+    from server.worker import follow
+
+    torch.set_num_threads(1)
+    runtime = load_runtime(path, RuntimeOptions(device="cpu", max_model_len=64, max_batch=2), par)
+    if not par.is_first:
+        follow(runtime.engine, par)
+        return None
+    texts = []
+    with BackgroundServer(create_app(runtime)) as server:
+        for prompt in ("The cat", "Two ranks"):
+            body = {"model": path.name, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+            req = urllib.request.Request(
+                f"{server.url}/v1/completions",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                texts.append(json.loads(r.read())["choices"][0]["text"])
+    return texts
+
+
+def test_split_server_answers_as_one_process(paths):
+    """`hetero serve --gpus 2`: rank 0's requests reach rank 1 each step, and the text is the same."""
+    path = paths[FAMILIES.index("qwen3-30b-a3b")]
+    (one,) = launch(_serve_ranks, 1, path, timeout=TIMEOUT_S)
+    two = launch(_serve_ranks, 2, path, backend="gloo", timeout=TIMEOUT_S)
+    assert two[0] == one and two[1] is None and len(one) == 2
