@@ -37,6 +37,7 @@ import io
 import os
 import queue
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -122,7 +123,8 @@ def init_parallel(
         return SINGLE
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        # NVLink multicast (NVLS) reserves device memory and fails on partitioned or shared hosts.
+        # NVLink multicast (NVLS) stays off: all-reduces of a few hidden states gain nothing from
+        # it, and on hosts whose GPUs others share it can leave them unusable.
         os.environ["NCCL_NVLS_ENABLE"] = "0"
         torch.cuda.set_device(rank)
     torch.distributed.init_process_group(
@@ -161,6 +163,8 @@ def _rank_main(
         buf = io.BytesIO()
         torch.save(fn(par, *args), buf)
         results.put((rank, buf.getvalue()))
+    except HeteroError as e:  # a user's error: its message says it all
+        results.put((rank, ParallelError(f"rank {rank}: {e}")))
     except BaseException as e:
         results.put((rank, ParallelError(f"rank {rank}: {type(e).__name__}: {e}")))
         raise
@@ -177,7 +181,7 @@ def launch(
 ) -> list[Any]:
     """Run ``fn(parallel, *args)`` in ``world_size`` fresh processes (spawned, so CUDA works in
     each) and return what each rank returned, by rank. ``fn`` must be importable (module level).
-    A rank that fails, or all of them not done within ``timeout`` seconds, raises ParallelError."""
+    A rank that fails or dies, or ranks not done within ``timeout`` seconds, raise ParallelError."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -188,14 +192,22 @@ def launch(
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while len(out) < world_size:
             try:
-                rank, value = results.get(timeout=timeout)
+                rank, value = results.get(timeout=1.0)
             except queue.Empty:
-                raise ParallelError(
-                    f"ranks {sorted(set(range(world_size)) - set(out))} did not finish within {timeout} s"
-                ) from None
+                # A rank killed outright (out of memory, a signal) reports nothing: look for it.
+                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+                if dead:
+                    raise ParallelError(
+                        f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})"
+                    ) from None
+                if deadline is not None and time.monotonic() > deadline:
+                    left = sorted(set(range(world_size)) - set(out))
+                    raise ParallelError(f"ranks {left} did not finish within {timeout} s") from None
+                continue
             if isinstance(value, ParallelError):
                 raise value
             out[rank] = torch.load(io.BytesIO(value), weights_only=False)
@@ -305,10 +317,10 @@ def _rows(lin: nn.Module, keep: slice) -> None:
 def _cols(lin: nn.Module, keep: slice) -> None:
     """Keep input features ``keep``: the layer then gives a partial sum (its bias, if any, once)."""
     _check_plain(lin)
+    if lin.bias is not None:
+        raise ParallelError("a linear split by its inputs would add its bias once per rank")
     lin.weight = nn.Parameter(lin.weight.data[:, keep].clone(), requires_grad=False)
     lin.in_features = lin.weight.shape[1]
-    if lin.bias is not None:
-        raise ParallelError("a row-split linear with a bias would add it on every rank")
 
 
 def _check_plain(lin: nn.Module) -> None:
@@ -322,6 +334,7 @@ def shard_experts(model: nn.Module, par: Parallel) -> None:
     For a model placed in one process (``load_placed`` without ``parallel``) or loaded whole
     (``load_model``: all experts in one stacked tensor, treated as all on the device).
     """
+    from hetero.apply import dtype_name
     from hetero.experts import GPUExperts, HybridExperts, TorchExperts
     from hetero.moe import MoE
 
@@ -345,10 +358,10 @@ def shard_experts(model: nn.Module, par: Parallel) -> None:
             keep = torch.tensor(mine[i], dtype=torch.long)
             gate, up, down = ex.gate_proj.data[keep], ex.up_proj.data[keep], ex.down_proj.data[keep]
             del moe.experts  # a registered submodule cannot be replaced by a plain object
-            gpu = GPUExperts(gate, up, down, "fp32", gate.device) if mine[i] else ZeroExperts()
+            fmt = dtype_name(gate.dtype)
+            gpu = GPUExperts(gate, up, down, fmt, gate.device) if mine[i] else ZeroExperts()
             moe.experts = HybridExperts(n, mine[i], gpu=gpu)
             continue
-        ram = [e for e in range(ex.num_experts) if e not in set(on_gpu[i])] if par.is_first else []
         gpu = ZeroExperts()
         if mine[i]:
             w13, w2 = ex.gpu.w13, ex.gpu.w2
@@ -356,22 +369,15 @@ def shard_experts(model: nn.Module, par: Parallel) -> None:
                 isinstance(w13, torch.Tensor) and w13.dtype in (torch.float32, torch.bfloat16, torch.float16)
             ):
                 raise ParallelError("quantized device experts cannot be split: load with parallel= instead")
-            from hetero.apply import dtype_name
-
             local = ex.gpu_local[torch.tensor(mine[i])].to(w13.device)  # their rows in the layer's stack
             inter = w2.shape[-1]
             gate, up = w13[local, :inter], w13[local, inter:]  # [n, I, H] each
             gpu = GPUExperts(gate, up, w2[local], dtype_name(w13.dtype), w13.device)
+        # RAM experts: rank 0 alone computes them, so one CPU worker serves every rank.
+        ram, streamed = (ex.cpu, ex.streamed) if par.is_first else (None, None)
         cpu_local = ex.cpu_local.clone()
-        moe.experts = HybridExperts(
-            ex.num_experts,
-            mine[i],
-            gpu,
-            ex.cpu if ram else None,
-            ex.streamed if ram else None,
-            ex.stream_min_tokens,
-        )
-        moe.experts.cpu_local = cpu_local  # RAM experts keep their numbering on rank 0
+        moe.experts = HybridExperts(ex.num_experts, mine[i], gpu, ram, streamed, ex.stream_min_tokens)
+        moe.experts.cpu_local = cpu_local  # they keep their numbering
 
 
 class ZeroExperts:

@@ -94,19 +94,32 @@ def test_two_ranks_match_one_process(paths, two_ranks, k):
             assert rel < 1e-4, f"rank {rank} step {step}: relative logit error {rel:.2e}"
 
 
-def test_split_of_a_whole_model_matches(paths):
-    """shard_model on a model loaded whole (all experts in one stack) leaves its numbers alone
-    when the ranks' partial outputs are summed; checked here with no process group, by summing
-    the two ranks' MLP outputs by hand."""
-    path = paths[FAMILIES.index("qwen3-30b-a3b")]  # grouped-query attention, MoE in every layer
-    whole = load_model(str(path), dtype=torch.float32)
-    halves = [shard_model(load_model(str(path), dtype=torch.float32), Parallel(r, 2)) for r in range(2)]
+def _placed(path):
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="bf16", cpu_threads=1)
+    return load_placed(path, placement, torch.device("cpu"), torch.float32, progress=False)
+
+
+@pytest.mark.parametrize("load", ["whole", "placed"])
+@pytest.mark.parametrize("family", ["qwen2-57b-a14b", "deepseek-v3"])
+def test_shard_model_splits_a_built_model(paths, family, load):
+    """shard_model on a model built in one process (loaded whole, all experts in one stack, or
+    placed, some experts on the CPU kernels): the two ranks' MoE partials add up to the whole
+    layer. Summed by hand here, with no process group."""
+    path = paths[FAMILIES.index(family)]
+    build = (lambda: load_model(str(path), dtype=torch.float32)) if load == "whole" else lambda: _placed(path)
+    whole = build()
+    halves = [shard_model(build(), Parallel(r, 2)) for r in range(2)]
+    layer = whole.spec.moe_layers[-1]
     x = torch.randn(5, whole.spec.hidden_size, generator=torch.Generator().manual_seed(0))
-    mlp = [h.model.layers[0].mlp for h in halves]
-    for m in mlp:
+    moe = [h.model.layers[layer].mlp for h in halves]
+    for m in moe:
         m._forward_hooks.clear()  # sum by hand instead of by all-reduce
-    torch.testing.assert_close(mlp[0](x) + mlp[1](x), whole.model.layers[0].mlp(x), rtol=1e-5, atol=1e-5)
-    assert halves[1].model.layers[0].self_attn.num_kv_heads == whole.spec.num_kv_heads // 2
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            moe[0](x) + moe[1](x), whole.model.layers[layer].mlp(x), rtol=1e-5, atol=1e-5
+        )
+    assert halves[1].model.layers[0].self_attn.num_heads == whole.spec.num_heads // 2
 
 
 def test_heads_that_do_not_divide_raise_a_clear_error(paths):
