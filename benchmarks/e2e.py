@@ -1,12 +1,15 @@
 """End-to-end decode and prefill of an offloaded checkpoint against its rooflines and the plan.
 
-    python benchmarks/e2e.py MODEL_DIR --gpu-mem 6GiB [--experts int4 int8]
+    python benchmarks/e2e.py MODEL_DIR --gpu-mem 6GiB [--experts int4 int8] [--gpus 2]
 
 Per expert format, in one process: decode tokens/s (batch 1, 512-token prompt, 128 tokens) over
 the roofline (routed-expert bytes read from RAM per token / measured CPU read bandwidth, the GPU
 part taken as overlapped), prefill tokens/s of a 2048-token prompt over the bound (per layer the
 faster of streaming its RAM experts over PCIe and computing them on the CPU), and the planner's
 predictions next to both. Prints a table last; writes JSON under benchmarks/results/.
+
+``--gpus N`` splits the GPU part over N GPUs (one process each, ``--gpu-mem`` per GPU); rank 0
+measures, prints and writes ``e2e-MODEL-gpusN-GPU.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve()
 import torch  # noqa: E402
 
 from hetero.bench import cap_device_memory, run_bench  # noqa: E402
+from hetero.distributed import SINGLE, Parallel, launch, rank0_first  # noqa: E402
 from hetero.experts import HybridExperts  # noqa: E402
 from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
 from placement import detect  # noqa: E402
@@ -108,8 +112,8 @@ def cpu_layer_probe(model, spec, calls: int = 100) -> dict:
     return res
 
 
-def profile_tables(rt, prefill_len: int, prompt_len: int) -> None:
-    """Top operators by device and by host time: one prefill, then 16 decode steps."""
+def profile_tables(rt, prefill_len: int, prompt_len: int, show: bool = True) -> None:
+    """Top operators by device and by host time: one prefill, then 16 decode steps (printed if ``show``)."""
     from torch.profiler import ProfilerActivity, profile
 
     from hetero.sampling import SamplingParams
@@ -130,6 +134,8 @@ def profile_tables(rt, prefill_len: int, prompt_len: int) -> None:
                 engine.step()
             if cuda:
                 torch.cuda.synchronize()
+        if not show:
+            continue
         avg = prof.key_averages()
         for key in ("self_cuda_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",):
             print(f"-- {name}: top operators by {key}")
@@ -151,10 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile", action="store_true", help="print the top operators of a prefill and of decode steps"
     )
+    ap.add_argument(
+        "--gpus", type=int, default=1, help="split the GPU part over N GPUs (--gpu-mem is per GPU)"
+    )
     args = ap.parse_args(argv)
+    if args.gpus > 1:
+        return launch(measure, args.gpus, args)[0]
+    return measure(SINGLE, args)
+
+
+def measure(par: Parallel, args: argparse.Namespace) -> int:
+    """Every rank loads and runs the same steps; rank 0 alone probes, prints and writes."""
     gpu_mem = parse_size(args.gpu_mem)
-    cap_device_memory(gpu_mem)
-    prof = detect()
+    cap_device_memory(gpu_mem, par.rank)
+    prof = rank0_first(par, detect)  # measured once, cached for the other ranks
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     rates = {
         "cpu_bw": prof.cpu_read_bw,
@@ -171,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_read_bw_GBs": prof.cpu_read_bw / 1e9,
         "pcie_pinned_GBs": prof.h2d_pinned_bw / 1e9,
         "host": platform.node(),
+        "gpus": args.gpus,
     }
-    name = Path(args.model).name + (f"-{args.tag}" if args.tag else "")
+    name = (
+        Path(args.model).name
+        + (f"-gpus{args.gpus}" if args.gpus > 1 else "")
+        + (f"-{args.tag}" if args.tag else "")
+    )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"e2e-{name}-{gpu_name.replace(' ', '_')}.json"
     for fmt in args.experts:
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=max(args.prompt_len + args.gen, args.prefill_len) + 16,
             max_step_tokens=args.prefill_len,
         )
-        rt = load_runtime(args.model, opts)
+        rt = load_runtime(args.model, opts, par)
         dec = run_bench(rt, args.prompt_len, args.gen, 1)
         pre = run_bench(rt, args.prefill_len, 2, 1)
         graphs, rt.engine.graphs = rt.engine.graphs, None  # the same decode, kernels launched one by one
@@ -201,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         pinned = sum(s.pinned_bytes for s in streamed), sum(s.packed.nbytes for s in streamed)
         if args.profile and fmt == args.experts[0]:
-            profile_tables(rt, args.prefill_len, args.prompt_len)
+            profile_tables(rt, args.prefill_len, args.prompt_len, show=par.is_first)
         per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
         roof = rates["cpu_bw"] / per_token if per_token else float("inf")
         bound_s = prefill_bound_s(rt.engine.model, rt.spec, args.prefill_len, rates)
@@ -232,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
                 "prefill_detail": asdict(pre),
             }
         )
-        out.write_text(json.dumps({"model": name, "machine": machine, "rows": rows}, indent=2))  # so far
+        if par.is_first:
+            out.write_text(json.dumps({"model": name, "machine": machine, "rows": rows}, indent=2))  # so far
         # Captured graphs and their memory pool go with the engine; free them before the next load.
         rt.engine.graphs = None
         del rt
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if not par.is_first:
+        return 0
     if args.hf_baseline:
         import importlib.util
 

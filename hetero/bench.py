@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hetero.distributed import SINGLE, Parallel, launch
+from hetero.errors import HeteroError
 from hetero.experts import HybridExperts
 from hetero.runtime import Runtime, RuntimeOptions, load_runtime
 from hetero.sampling import SamplingParams
@@ -125,13 +127,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
     p.add_argument("--eager", action="store_true", help="launch decode kernels one by one (no CUDA graphs)")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="split the GPU part over N GPUs (one process each; --gpu-mem is per GPU)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.gpus < 1:
+        raise HeteroError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpus == 1:
+        return _bench(SINGLE, args)
+    backend = "gloo" if args.device == "cpu" else None
+    return launch(_bench, args.gpus, args, backend=backend)[0]  # rank 0 printed; all ran the same steps
+
+
+def _bench(par: Parallel, args: argparse.Namespace) -> int:
     opts = offload_options(
         args.gpu_mem,
+        par.rank,
         device=args.device,
         cpu_mem=parse_size(args.cpu_mem) if args.cpu_mem else None,
         experts=args.experts,
@@ -141,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
         max_step_tokens=max(512, args.prompt_len),
         cuda_graphs=not args.eager,
     )
-    rt = load_runtime(args.model, opts)
+    rt = load_runtime(args.model, opts, par)
     if args.defer_experts:
         from hetero.moe import defer_experts
 
@@ -151,6 +169,8 @@ def _run(args: argparse.Namespace) -> int:
 
         enable_speculation(rt, args.speculate, args.spec_k)
     res = run_bench(rt, args.prompt_len, args.gen, args.batch, trace=args.trace)
+    if not par.is_first:
+        return 0
     if args.json:
         print(json.dumps(asdict(res)))
         return 0
@@ -176,15 +196,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def offload_options(gpu_mem: str | None, **options) -> RuntimeOptions:
-    """Options of an offloaded run under a device cap such as "6GiB" (enforced in this process)."""
+def offload_options(gpu_mem: str | None, cuda_index: int = 0, **options) -> RuntimeOptions:
+    """Options of an offloaded run under a device cap such as "6GiB" (enforced in this process on
+    CUDA device ``cuda_index``)."""
     nbytes = parse_size(gpu_mem) if gpu_mem else None
-    cap_device_memory(nbytes)
+    cap_device_memory(nbytes, cuda_index)
     return RuntimeOptions(offload=True, gpu_mem=nbytes, **options)
 
 
-def cap_device_memory(nbytes: int | None) -> None:
-    """Hold this process to ``nbytes`` of device memory, as a smaller card would."""
+def cap_device_memory(nbytes: int | None, device: int = 0) -> None:
+    """Hold this process to ``nbytes`` of memory on CUDA device ``device``, as a smaller card would."""
     if nbytes and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total))
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), device)

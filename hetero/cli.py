@@ -50,6 +50,9 @@ class _Serve:
             "--speculate", default=None, metavar="ngram|draft:DIR|mtp", help="speculative decoding"
         )
         p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
+        p.add_argument(
+            "--gpus", type=int, default=1, help="split the GPU part over N GPUs (one process each)"
+        )
         p.set_defaults(func=_Serve.run)
 
     @staticmethod

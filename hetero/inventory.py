@@ -35,6 +35,7 @@ def build_inventory(spec: ModelSpec, name: str = "") -> Inventory:
         attn_flops_per_pos_decode=_attn_flops(spec, absorbed=True),
         attn_flops_per_pos_prefill=_attn_flops(spec, absorbed=False),
         tied_embeddings=spec.tie_word_embeddings,
+        kv_per_head=not spec.is_mla,
     )
 
 

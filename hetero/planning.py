@@ -72,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         help="a preset name, checkpoint or converted directory, or .gguf file (default deepseek-v3)",
     )
-    p.add_argument("--gpus", type=int, default=1, help="GPUs to use (multiplies the GPU budget for now)")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="GPUs to split the GPU part over (--gpu-mem is per GPU)"
+    )
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--experts", default="int4", choices=("int4", "int8", "bf16"), help="routed expert format")

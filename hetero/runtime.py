@@ -15,6 +15,7 @@ import torch
 
 from hetero.checkpoint import resolve_model_path
 from hetero.config import ModelSpec
+from hetero.distributed import SINGLE, Parallel, local_spec, rank0_first
 from hetero.engine import Engine, EngineConfig
 from hetero.errors import HeteroError
 from hetero.kv_cache import KVCache, kv_bytes_per_token
@@ -95,6 +96,7 @@ class Runtime:
     tokenizer: Tokenizer
     engine: Engine
     plan: object | None = None  # placement.Plan when offloading
+    parallel: Parallel = SINGLE  # this rank's place when the GPU part is split over several GPUs
 
 
 def stream_threshold(plan) -> int | None:
@@ -132,8 +134,17 @@ def _fixed_formats(path: Path) -> tuple[str, int] | None:
     return None
 
 
-def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions | None = None) -> Runtime:
-    """Load ``model`` (a directory or cached repo id; None = the embedded default) into an engine."""
+def load_runtime(
+    model: str | os.PathLike | None = None,
+    options: RuntimeOptions | None = None,
+    parallel: Parallel = SINGLE,
+) -> Runtime:
+    """Load ``model`` (a directory or cached repo id; None = the embedded default) into an engine.
+
+    With ``parallel`` over several ranks (see ``hetero.distributed``) this is one rank's engine,
+    on cuda:rank; every rank must then run the same requests. ``gpu_mem`` is per GPU. CUDA
+    graphs are off: the all-reduces would have to be captured between the graphs' CPU hand-offs.
+    """
     opts = options or RuntimeOptions()
     path = default_model_dir() if model is None else _resolve(model)
     gguf = path.suffix == ".gguf"
@@ -148,16 +159,22 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
     fixed = _fixed_formats(path)  # a converted model or GGUF file already fixes the expert format
     experts, group_size = fixed or (opts.experts, opts.group_size)
     device = opts.torch_device()
+    split = parallel.world_size > 1
+    if split and device.type == "cuda":
+        device = torch.device("cuda", parallel.rank)
     dtype = opts.torch_dtype(device)
     max_len = min(opts.max_model_len, spec.max_position_embeddings)
     kv_tokens = opts.kv_tokens or min(opts.max_batch * max_len, 1 << 16)
     plan = None
     if opts.offload if opts.offload is not None else device.type == "cuda":
+        import placement as hardware
         from hetero.apply import Placement, load_placed
         from hetero.planning import make_plan
 
+        profile = rank0_first(parallel, hardware.detect)  # measured once, cached for the other ranks
         plan = make_plan(
             spec,
+            profile,
             name=path.name,
             gpu_mem=opts.gpu_mem,
             cpu_mem=opts.cpu_mem,
@@ -166,20 +183,38 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
             experts=experts,
             group_size=group_size,
             gpu_weights=opts.gpu_weights,
+            gpus=parallel.world_size,
         )
         # Streaming means copying over PCIe; with no GPU the "device" already is the CPU.
         placement = Placement.from_plan(plan, stream_threshold(plan) if device.type == "cuda" else None)
-        net = load_placed(path, placement, device, dtype, progress=opts.progress, spec=spec)
+        net = load_placed(
+            path,
+            placement,
+            device,
+            dtype,
+            progress=opts.progress and parallel.is_first,
+            spec=spec,
+            parallel=parallel,
+        )
         kv_tokens = min(kv_tokens, plan.kv_tokens) if opts.kv_tokens is None else kv_tokens
     elif fixed is not None:
         # Packed or GGUF experts run on the CPU kernels as they are; there is no float copy to load.
         from hetero.apply import Placement, load_placed
 
         placement = Placement(expert_format=experts, group_size=group_size)
-        net = load_placed(path, placement, device, dtype, progress=opts.progress, spec=spec)
+        net = load_placed(
+            path, placement, device, dtype, progress=opts.progress, spec=spec, parallel=parallel
+        )
+    elif split:
+        # Every expert on the devices, dealt out over the ranks; loaded through the host, split there.
+        from hetero.apply import Placement, load_placed
+
+        every = {i: list(range(spec.num_experts)) for i in spec.moe_layers}
+        placement = Placement(every, expert_format="bf16")
+        net = load_placed(path, placement, device, dtype, progress=False, spec=spec, parallel=parallel)
     else:
         net = load_model(str(path), dtype=dtype, device=device, spec=spec)
-    kv = KVCache.for_tokens(spec, kv_tokens, opts.block_size, dtype, device)
+    kv = KVCache.for_tokens(local_spec(spec, parallel), kv_tokens, opts.block_size, dtype, device)
     host_blocks = opts.host_kv_mem // (kv_bytes_per_token(spec, dtype) * opts.block_size)
     if host_blocks:
         # With a plan, copy-back versus recompute is judged at its PCIe and prefill rates.
@@ -193,9 +228,9 @@ def load_runtime(model: str | os.PathLike | None = None, options: RuntimeOptions
         host_kv_blocks=host_blocks,
     )
     engine = Engine(net, kv, config, eos_token_ids=tokenizer.eos_token_ids)
-    if opts.cuda_graphs and device.type == "cuda":
+    if opts.cuda_graphs and device.type == "cuda" and not split:
         from hetero.graphs import DecodeGraphs
 
         max_blocks = -(-max_len // opts.block_size)
         engine.graphs = DecodeGraphs(net, kv.layers, max_blocks, max_batch=opts.max_batch, device=device)
-    return Runtime(path, spec, tokenizer, engine, plan)
+    return Runtime(path, spec, tokenizer, engine, plan, parallel)

@@ -26,7 +26,12 @@ LAYER_OVERHEAD_S = 30e-6
 # Per layer that sends work to the CPU: event waits and wake-up of the worker thread.
 HANDOFF_S = 20e-6
 
-RESOURCES = ("gpu-memory", "gpu-compute", "cpu-memory", "cpu-compute", "pcie", "overhead")
+# Several GPUs: two all-reduces of the hidden states per layer (attention, then MLP / MoE), each
+# priced as its bf16 bytes over an assumed GPU-to-GPU bandwidth plus a fixed launch latency.
+LINK_BW = 100e9
+ALL_REDUCE_S = 10e-6
+
+RESOURCES = ("gpu-memory", "gpu-compute", "cpu-memory", "cpu-compute", "pcie", "link", "overhead")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class Rates:
 
     @classmethod
     def from_profile(cls, profile: Any, gpus: int = 1) -> Rates:
+        """With ``gpus`` > 1 the GPU rates add up: the GPU part is split evenly over them (the
+        replicated router, norms and output head are priced as if split too; they are small)."""
         g = profile.gpu
         return cls(
             gpu_bw=g.hbm_bw * GPU_BW_EFF * gpus,
@@ -82,6 +89,14 @@ class CostInputs:
     rates: Rates
     context: int  # cached tokens per sequence at which a decode step is priced
     batch: int
+    gpus: int = 1  # GPUs the GPU part is split over; more than one adds the all-reduces
+    link_bw: float = LINK_BW  # bytes/s between GPUs, for the all-reduces
+
+    def link_time(self, tokens: int) -> float:
+        """One layer's two all-reduces of ``tokens`` hidden states (bf16); 0 on one GPU."""
+        if self.gpus == 1:
+            return 0.0
+        return 2 * (ALL_REDUCE_S + self.hidden_size * tokens * 2 / self.link_bw)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -219,6 +234,9 @@ def decode_step_time(
         t, parts = decode_layer_time(
             lc, Branch.of(lc.gpu_probs, n), Branch.of(lc.cpu_probs, n), r, ci.hidden_size, batch, context
         )
+        if ci.gpus > 1:
+            parts["link"] = ci.link_time(n)
+            t += parts["link"]
         out.layers.append(t)
         for k, v in parts.items():
             out.by_resource[k] += v
@@ -259,6 +277,8 @@ def prefill_time(inputs: Any, tokens: int) -> StepTime:
             slow, res = (t_pcie, "pcie") if t_pcie > t_gs else (t_gs, res_gs)
             out.expert_mode.append("stream")
         parts[res] = parts.get(res, 0.0) + slow
+        if ci.gpus > 1:
+            parts["link"] = ci.link_time(T)
         out.layers.append(sum(parts.values()))
         for k, v in parts.items():
             out.by_resource[k] += v

@@ -67,6 +67,9 @@ class Inventory:
     attn_flops_per_pos_decode: int
     attn_flops_per_pos_prefill: int
     tied_embeddings: bool = False
+    # The KV cache holds keys and values per head, so tensor parallelism splits it with the heads;
+    # False for a cache that all heads share (MLA's latent), which every GPU keeps whole.
+    kv_per_head: bool = True
     _by_name: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -6,6 +6,13 @@ VRAM (~1.9 GB for DeepSeek-V3) for a one-row lookup per token, but a lookup in R
 host round trip at the start of every decode step, which CUDA graphs cannot hold. Routed experts
 then fill the rest of the GPU, most frequently hit first; the remainder lives in RAM, spread
 evenly over the NUMA nodes.
+
+With several GPUs (``gpus`` > 1) the budget is per GPU and the GPU part is split as the runtime
+splits it: attention, shared experts and dense MLPs are divided over the GPUs (so is the KV
+cache, unless all heads share it, as MLA's latent), norms, routers and the output head are
+replicated on each, and the routed experts on the GPUs are dealt out over them, so they get N
+times the room. The GPU side runs N times as fast, plus two all-reduces a layer
+(``placement.cost.CostInputs.link_time``). Byte counts in the plan's GPU table are per GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from placement.inventory import Inventory, Tensor
 from placement.units import GiB, MiB, fmt_bytes
 
 GPU_KINDS = ("attention", "router", "shared_expert", "dense_mlp", "lm_head", "norm")
+# Kinds whose weights several GPUs split between them; the other GPU kinds are replicated.
+SPLIT_KINDS = ("attention", "shared_expert", "dense_mlp")
 # CUDA context, cuBLAS workspaces and allocator slack.
 GPU_BASE_RESERVE = 768 * MiB
 # Python, torch, numba and pinned hand-off buffers of the process itself.
@@ -52,7 +61,7 @@ class PlanError(ValueError):
 class PlanOptions:
     gpu_mem: int | None = None  # GPU bytes to use; None: the free memory of the profile's GPU
     cpu_mem: int | None = None  # RAM bytes to use; None: what is available now
-    gpus: int = 1  # budgets and GPU rates multiply (tensor / expert parallel comes later)
+    gpus: int = 1  # GPUs the GPU part is split over; gpu_mem is per GPU
     context: int = 4096  # tokens per sequence the KV cache is reserved for
     batch: int = 1  # sequences decoded together
     experts: str = "int4"  # routed expert format: bf16 | int8 | int4
@@ -167,24 +176,27 @@ class Plan:
 
 def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None = None) -> Plan:
     opts = opts or PlanOptions()
-    gpu_budget = (opts.gpu_mem if opts.gpu_mem is not None else profile.gpu.free_bytes) * opts.gpus
+    gpu_budget = opts.gpu_mem if opts.gpu_mem is not None else profile.gpu.free_bytes  # per GPU
     cpu_budget = opts.cpu_mem if opts.cpu_mem is not None else min(profile.ram_available, profile.ram_bytes)
     probs = expert_probs(inv, opts.expert_freq)
     experts = inv.experts()
     eb = _expert_bytes(experts, opts.experts, opts.group_size)
     kv_bytes = inv.kv_elems_per_token * KV_DTYPES[opts.kv_dtype] * inv.num_layers * opts.context * opts.batch
+    kv_gpu = -(-kv_bytes // opts.gpus) if inv.kv_per_head else kv_bytes  # on each GPU
     workspace = opts.workspace if opts.workspace is not None else workspace_bytes(inv, opts, eb)
     fixed = [t for t in inv.tensors if _on_gpu_always(t, inv)]
-    fmt, mandatory = _pick_gpu_format(inv, fixed, opts, gpu_budget, kv_bytes, workspace)
+    fmt, mandatory = _pick_gpu_format(inv, fixed, opts, gpu_budget, kv_gpu, workspace)
 
     rates = Rates.from_profile(profile, opts.gpus)
     ctx = max(
         1, opts.context // 2
     )  # a sequence growing to `context` spends its decode at half of it on average
     base = _layer_costs(inv, fmt, opts, probs, eb)
-    on_gpu = _fill_experts(
-        inv, base, probs, eb, gpu_budget - mandatory - kv_bytes - workspace, rates, opts, ctx
-    )
+    room = gpu_budget - mandatory - kv_gpu - workspace
+    if opts.gpus > 1 and eb:
+        # Experts are dealt out evenly: each GPU must have room for its whole share.
+        room = opts.gpus * (max(room, 0) // eb) * eb
+    on_gpu = _fill_experts(inv, base, probs, eb, room, rates, opts, ctx)
 
     placement: dict[str, str] = {t.name: "gpu" for t in fixed}
     cpu_nodes = [n.id for n in profile.numa_nodes]
@@ -206,7 +218,11 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
         placement.setdefault(t.name, "cpu")
 
     gpu_br, cpu_br = _breakdown(inv, placement, fmt, opts)
-    gpu_br.update(kv_cache=kv_bytes, workspace=workspace)
+    if opts.gpus > 1 and "routed_expert" in gpu_br:
+        gpu_br["routed_expert"] = (
+            -(-sum(len(v) for v in on_gpu.values()) // opts.gpus) * eb
+        )  # the fullest GPU
+    gpu_br.update(kv_cache=kv_gpu, workspace=workspace)
     cpu_br["runtime_reserve"] = CPU_RESERVE
     gpu_bytes, cpu_bytes = sum(gpu_br.values()), sum(cpu_br.values())
     assert gpu_bytes <= gpu_budget, "expert filling overran the GPU budget"
@@ -222,7 +238,14 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
         for i, lc in enumerate(base)
     )
     ci = CostInputs(
-        layers, _head_bytes(inv, fmt, opts), _head_flops(inv), inv.hidden_size, rates, ctx, opts.batch
+        layers,
+        _head_bytes(inv, fmt, opts),
+        _head_flops(inv),
+        inv.hidden_size,
+        rates,
+        ctx,
+        opts.batch,
+        gpus=opts.gpus,
     )
     dec = decode_step_time(ci, 1)
     pre = prefill_time(ci, min(opts.prefill_tokens, opts.context))
@@ -251,7 +274,7 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
         expert_format=opts.experts,
         group_size=opts.group_size,
         kv_dtype=opts.kv_dtype,
-        kv_cache_bytes=kv_bytes,
+        kv_cache_bytes=kv_gpu,
         kv_tokens=opts.context * opts.batch,
         workspace_bytes=workspace,
         experts_on_gpu={i: sorted(on_gpu[i]) for i in inv.moe_layers},
@@ -340,6 +363,12 @@ def _tensor_bytes(t: Tensor, inv: Inventory, gpu_fmt: str, opts: PlanOptions) ->
     return t.nbytes(_fmt_for(t, gpu_fmt, opts), opts.group_size)
 
 
+def _per_gpu_bytes(t: Tensor, inv: Inventory, gpu_fmt: str, opts: PlanOptions) -> int:
+    """Bytes of a GPU-resident non-expert tensor on each GPU: split kinds divided, the rest whole."""
+    n = _tensor_bytes(t, inv, gpu_fmt, opts)
+    return -(-n // opts.gpus) if t.kind in SPLIT_KINDS else n
+
+
 def _expert_bytes(experts: dict[tuple[int, int], list[Tensor]], fmt: str, gs: int) -> int:
     sizes = {sum(t.nbytes(fmt, gs) for t in ts) for ts in experts.values()}
     if len(sizes) > 1:
@@ -355,20 +384,22 @@ def _pick_gpu_format(
     candidates = WEIGHT_FORMATS if opts.gpu_weights == "auto" else (opts.gpu_weights,)
     need = {}
     for fmt in candidates:
-        need[fmt] = sum(_tensor_bytes(t, inv, fmt, opts) for t in fixed)
+        need[fmt] = sum(_per_gpu_bytes(t, inv, fmt, opts) for t in fixed)
         if need[fmt] + kv + ws <= budget:
             return fmt, need[fmt]
     fmt = candidates[-1]
     total = need[fmt] + kv + ws
     lines = [
-        f"GPU: {inv.model} needs {fmt_bytes(total)} on the GPU ({fmt} attention/shared/dense weights "
+        f"GPU: {inv.model} needs {fmt_bytes(total)} on "
+        + ("the GPU" if opts.gpus == 1 else f"each of {opts.gpus} GPUs")
+        + f" ({fmt} attention/shared/dense weights "
         f"{fmt_bytes(need[fmt])} + KV cache {fmt_bytes(kv)} for {opts.context} tokens x {opts.batch} "
         f"sequences in {opts.kv_dtype} + workspace {fmt_bytes(ws)}), but the GPU budget is "
         f"{fmt_bytes(budget)}: {fmt_bytes(total - budget)} missing."
     ]
     fits = []
     if fmt != "int4":
-        n4 = sum(_tensor_bytes(t, inv, "int4", opts) for t in fixed)
+        n4 = sum(_per_gpu_bytes(t, inv, "int4", opts) for t in fixed)
         if n4 + kv + ws <= budget:
             fits.append(f"--gpu-weights int4 (needs {fmt_bytes(n4 + kv + ws)})")
     per_token = kv / (opts.context * opts.batch)
@@ -492,8 +523,10 @@ def _breakdown(
     gpu: dict[str, int] = {}
     cpu: dict[str, int] = {}
     for t in inv.tensors:
-        side = gpu if placement[t.name] == "gpu" else cpu
-        side[t.kind] = side.get(t.kind, 0) + _tensor_bytes(t, inv, fmt, opts)
+        on_gpu = placement[t.name] == "gpu"
+        side = gpu if on_gpu else cpu
+        n = _per_gpu_bytes(t, inv, fmt, opts) if on_gpu else _tensor_bytes(t, inv, fmt, opts)
+        side[t.kind] = side.get(t.kind, 0) + n
     return gpu, cpu
 
 

@@ -21,6 +21,9 @@ def format_plan(plan: Plan) -> str:
         + f", KV cache {plan.kv_dtype}",
         "",
     ]
+    gpus = plan.options.get("gpus", 1)
+    if gpus > 1:
+        lines.append(f"  {gpus} GPUs: attention and MLPs split, routed experts dealt out; bytes per GPU")
     lines += _device_table("GPU", plan.gpu_breakdown, plan.gpu_bytes, plan.gpu_budget)
     lines += _device_table("RAM", plan.cpu_breakdown, plan.cpu_bytes, plan.cpu_budget)
     nodes = ", ".join(

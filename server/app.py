@@ -82,7 +82,7 @@ class ServerState:
 
     def attach(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
         self.model_name = self.config.model_name or runtime.path.name
-        worker = EngineWorker(runtime.engine, loop)
+        worker = EngineWorker(runtime.engine, loop, runtime.parallel)
         self._detach = self.metrics.attach(runtime.engine, lambda: worker.num_pending)
         if runtime.plan is not None:
             self.metrics.show_plan(runtime.plan.predicted, runtime.engine.config.max_batch)

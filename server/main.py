@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 import time
 from types import TracebackType
@@ -12,13 +13,15 @@ from fastapi import FastAPI
 
 from hetero.bench import cap_device_memory
 from hetero.checkpoint import resolve_model_path
+from hetero.distributed import SINGLE, Parallel, launch
 from hetero.runtime import RuntimeOptions, load_runtime
 from placement.units import parse_size
 from server.app import ServerConfig, create_app
+from server.worker import follow
 
 
-def _load(model, options: RuntimeOptions, args: argparse.Namespace):
-    runtime = load_runtime(model, options)
+def _load(model, options: RuntimeOptions, args: argparse.Namespace, parallel: Parallel = SINGLE):
+    runtime = load_runtime(model, options, parallel)
     if getattr(args, "speculate", None):
         from hetero.speculative import enable_speculation
 
@@ -27,12 +30,31 @@ def _load(model, options: RuntimeOptions, args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Bind (loopback unless told otherwise), load the model in the background, serve until interrupted."""
-    # Resolve the path now, so a wrong name fails at once rather than after the server is up.
+    """Bind (loopback unless told otherwise), load the model in the background, serve until interrupted.
+
+    With ``--gpus N`` one process per GPU: rank 0 serves HTTP, the others follow its engine.
+    """
+    gpus = getattr(args, "gpus", 1)
+    if gpus > 1:
+        backend = "gloo" if args.device == "cpu" else None
+        return launch(_serve_rank, gpus, args, backend=backend)[0]
+    return _serve(args)
+
+
+def _serve_rank(parallel: Parallel, args: argparse.Namespace) -> int:
+    if parallel.is_first:
+        return _serve(args, parallel)
+    # Rank 0 handles Ctrl-C and then tells this rank to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     model = None if args.model is None else resolve_model_path(args.model)
+    follow(_load(model, _options(args, parallel), args, parallel).engine, parallel)
+    return 0
+
+
+def _options(args: argparse.Namespace, parallel: Parallel = SINGLE) -> RuntimeOptions:
     gpu_mem = parse_size(args.gpu_mem) if getattr(args, "gpu_mem", None) else None
-    cap_device_memory(gpu_mem)
-    options = RuntimeOptions(
+    cap_device_memory(gpu_mem, parallel.rank)
+    return RuntimeOptions(
         device=args.device,
         gpu_mem=gpu_mem,
         cpu_mem=parse_size(args.cpu_mem) if getattr(args, "cpu_mem", None) else None,
@@ -44,8 +66,14 @@ def serve(args: argparse.Namespace) -> int:
         host_kv_mem=parse_size(getattr(args, "host_kv_mem", "0") or "0"),
         cuda_graphs=not getattr(args, "eager", False),
     )
+
+
+def _serve(args: argparse.Namespace, parallel: Parallel = SINGLE) -> int:
+    # Resolve the path now, so a wrong name fails at once rather than after the server is up.
+    model = None if args.model is None else resolve_model_path(args.model)
+    options = _options(args, parallel)
     config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue)
-    app = create_app(lambda: _load(model, options, args), config)
+    app = create_app(lambda: _load(model, options, args, parallel), config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
     state = app.state.hetero
     state.on_load_error = lambda: setattr(server, "should_exit", True)

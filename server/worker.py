@@ -4,6 +4,10 @@ Requests go in through a locked inbox that the thread drains before every step, 
 sequences join the running batch at the next step and ``Engine.add_request`` / ``abort`` are
 only ever called from this thread. Tokens come out with one ``call_soon_threadsafe`` per
 step, which fans them out to per-request ``asyncio.Queue``s on the event loop.
+
+With the GPU part split over several GPUs (``hetero.distributed``) this worker runs on rank 0,
+and before every step it broadcasts the requests it just admitted or ended; the other ranks
+(``follow``) apply the same commands to their engines and run the same step.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from hetero.distributed import SINGLE, Parallel
 from hetero.engine import Engine, RequestError, Sequence
 from hetero.errors import HeteroError
 from hetero.sampling import SamplingParams
@@ -50,8 +55,10 @@ class Handle:
 class EngineWorker:
     """Runs ``engine.step()`` in one dedicated thread while there is work, sleeping otherwise."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, parallel: Parallel = SINGLE):
         self.engine, self.loop = engine, loop
+        self.parallel = parallel
+        self._applied: list[tuple] = []  # this round's commands, for the other ranks
         self._cond = threading.Condition()
         self._inbox: deque[tuple[str, Handle]] = deque()
         self._live: dict[int, Handle] = {}  # sequence id -> handle, touched by the engine thread only
@@ -99,10 +106,13 @@ class EngineWorker:
                 while not self._inbox and not scheduler.has_work and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
+                    self.parallel.broadcast(None)  # the other ranks stop too
                     return
                 commands = list(self._inbox)
                 self._inbox.clear()
             out = [d for kind, h in commands if (d := self._apply(kind, h)) is not None]
+            self.parallel.broadcast(self._applied)
+            self._applied = []
             if scheduler.has_work:
                 out += self._step()
             if out:
@@ -112,12 +122,15 @@ class EngineWorker:
         if kind == "add":
             if handle.done:  # cancelled before it was ever admitted
                 return None
+            # The other ranks add it too, and fail it the same way if it is bad.
+            self._applied.append(("add", handle.prompt_ids, handle.params, handle.priority))
             try:
                 handle.seq = self.engine.add_request(handle.prompt_ids, handle.params, handle.priority)
             except (RequestError, HeteroError, ValueError) as e:
                 return handle, Delta(handle.tag, error=str(e), error_status=400)
             self._live[handle.seq.id] = handle
         elif handle.seq is not None:
+            self._applied.append(("end", handle.seq.id, kind))
             self._live.pop(handle.seq.id, None)
             self.engine.abort(handle.seq, "stop" if kind == "stop" else "abort")
         return None
@@ -143,6 +156,7 @@ class EngineWorker:
         failed = list(self._live.values())
         self._live.clear()
         for handle in failed:
+            self._applied.append(("end", handle.seq.id, "abort"))
             self.engine.abort(handle.seq)
         return [(h, Delta(h.tag, error=message)) for h in failed]
 
@@ -151,6 +165,30 @@ class EngineWorker:
             self.loop.call_soon_threadsafe(_fan_out, out)
         except RuntimeError:  # the event loop is gone: the server is shutting down
             pass
+
+
+def follow(engine: Engine, parallel: Parallel) -> None:
+    """A rank other than 0 of a split server: apply rank 0's commands, run the same steps, until
+    rank 0 stops. Sequence ids agree across ranks because every rank adds in the same order."""
+    live: dict[int, Sequence] = {}
+    while (commands := parallel.broadcast(None)) is not None:
+        for cmd in commands:
+            if cmd[0] == "add":
+                try:
+                    seq = engine.add_request(*cmd[1:])
+                    live[seq.id] = seq
+                except (RequestError, HeteroError, ValueError):
+                    pass
+            elif (seq := live.pop(cmd[1], None)) is not None:
+                engine.abort(seq, "stop" if cmd[2] == "stop" else "abort")
+        if engine.scheduler.has_work:
+            try:
+                done = [seq.id for seq, _ in engine.step() if seq.finished]
+            except Exception:  # rank 0's step failed too: it ends every sequence, and says so
+                log.exception("engine step failed")
+                continue
+            for i in done:
+                live.pop(i, None)
 
 
 def _fan_out(out: list[tuple[Handle, Delta]]) -> None:

@@ -123,6 +123,29 @@ def test_more_gpu_memory_never_lowers_decode_speed(fmt, batch):
     assert speeds[-1] > speeds[0]
 
 
+def test_two_gpus_split_the_gpu_part_and_share_the_experts():
+    """Per-GPU budget: split kinds and the KV cache halve, the rest is whole on each GPU, the
+    device experts get twice the room, and every layer pays for its all-reduces."""
+    budget = fixed_gpu_bytes("bf16") + 7 * EXPERT_BYTES + 1234
+    one, two = (
+        make_plan(INV, toy_profile(), PlanOptions(gpu_mem=budget, gpu_weights="bf16", gpus=n, **OPTS))
+        for n in (1, 2)
+    )
+    assert two.gpu_budget == one.gpu_budget == budget and two.gpu_bytes <= budget
+    for kind in ("attention", "shared_expert", "dense_mlp"):
+        assert 0 <= 2 * two.gpu_breakdown[kind] - one.gpu_breakdown[kind] <= 3 * LAYERS  # rounded up
+    for kind in ("norm", "router", "lm_head"):
+        assert two.gpu_breakdown[kind] == one.gpu_breakdown[kind]
+    assert two.kv_cache_bytes * 2 == one.kv_cache_bytes
+    n_one = sum(map(len, one.experts_on_gpu.values()))
+    n_two = sum(map(len, two.experts_on_gpu.values()))
+    assert n_one == 7 and n_two >= 2 * n_one
+    assert two.gpu_breakdown["routed_expert"] == -(-n_two // 2) * EXPERT_BYTES
+    assert two.predicted["decode_seconds_by_resource"]["link"] > 0
+    assert "link" not in one.predicted["decode_seconds_by_resource"]
+    assert Plan.from_json(two.to_json()).cost_inputs.gpus == 2
+
+
 def test_auto_picks_the_most_precise_format_that_fits():
     # int8 (a scale per row) is never smaller than fp8 (a scale per 128x128 block), so auto skips it.
     for fmt in ("bf16", "fp8", "int4"):
