@@ -137,15 +137,16 @@ def test_experts_are_dealt_round_robin_over_all_layers():
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_with_nccl_match_one_gpu(tiny_checkpoint):
-    """bf16 on two GPUs (NCCL) against bf16 on one: the same math, summed in another order, which
-    bf16 rounds differently (a few parts in a thousand; more where a router's choice flips)."""
+    """Two GPUs (NCCL) against one, in float32: the same math summed in another order. In bf16 a
+    random tiny model's router flips an expert choice on such rounding, which hides real errors."""
     picked = [tiny_checkpoint(f, seed=5) for f in ("deepseek-v3", "qwen3-30b-a3b")]  # MLA and GQA
-    ref = [decode(p, Parallel(), "cuda:0", torch.bfloat16) for p in picked]
-    got = launch(_ranks, 2, picked, "cuda", torch.bfloat16, backend="nccl", timeout=300)
+    ref = [decode(p, Parallel(), "cuda:0", torch.float32) for p in picked]
+    got = launch(_ranks, 2, picked, "cuda", torch.float32, backend="nccl", timeout=300)
     for rank in range(2):
         for k, p in enumerate(picked):
-            for a, b in zip(got[rank][k][0], ref[k]):
-                assert float((a - b).norm() / b.norm()) < 5e-2, f"{p.name} rank {rank}"
+            for step, (a, b) in enumerate(zip(got[rank][k][0], ref[k])):
+                rel = float((a - b).norm() / b.norm())
+                assert rel < 1e-3, f"{p.name} rank {rank} step {step}: relative logit error {rel:.2e}"
 
 
 def _serve_ranks(par: Parallel, path) -> list[str] | None:
