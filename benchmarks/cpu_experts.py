@@ -29,7 +29,8 @@ from numba import prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import cpu_kernels as ck  # noqa: E402
-from cpu_kernels.formats import PackedExperts, padded  # noqa: E402
+from cpu_kernels.formats import PackedExperts  # noqa: E402
+from cpu_kernels.probe import llc_bytes, random_layer, time_decode, topk_ids  # noqa: E402
 
 GiB = 1 << 30
 
@@ -47,14 +48,6 @@ def mem_available() -> int:
             if line.startswith("MemAvailable"):
                 return int(line.split()[1]) * 1024
     return 16 * GiB
-
-
-def llc_bytes() -> int:
-    try:
-        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        return int(size.rstrip("K")) * 1024 if size.endswith("K") else int(size.rstrip("M")) * (1 << 20)
-    except (OSError, ValueError):
-        return 64 << 20
 
 
 # ---------------------------------------------------------------- read bandwidth
@@ -92,77 +85,6 @@ def read_bandwidth(nbytes: int, reps: int) -> float:
 
 
 # ---------------------------------------------------------------- random packed layers
-
-
-@numba.njit(parallel=True, cache=True)
-def _fill(a, seed, keep, force):
-    # a [n] uint64: hashed index bits, masked so values are valid for the format
-    for i in prange(a.size):
-        z = np.uint64(i + seed) * np.uint64(0x9E3779B97F4A7C15)
-        z ^= z >> np.uint64(29)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(32)
-        a[i] = (z & keep) | force
-
-
-def _random(shape: tuple[int, ...], dtype, seed: int, keep: int = ~0 & (2**64 - 1), force: int = 0):
-    a = np.empty(shape, dtype)
-    flat = a.reshape(-1).view(np.uint8)
-    n8 = flat.size // 8
-    _fill(flat[: n8 * 8].view(np.uint64), seed, np.uint64(keep), np.uint64(force))
-    flat[n8 * 8 :] = 0
-    return a
-
-
-def random_layer(fmt: str, E: int, H: int, I: int, seed: int, g: int = 64) -> PackedExperts:  # noqa: E741
-    """A packed layer with random codes and plausible scales, without quantizing float weights."""
-    Hp, Ip = padded(H), padded(I)
-    if fmt == "bf16":
-        # bf16 in [2^-15, 2^-7): keep sign and mantissa, fix the exponent high bits (no NaN / denormals)
-        keep, force = 0x87FF87FF87FF87FF, 0x3800380038003800
-        gu = _random((E, I, 2, Hp), np.uint16, seed, keep, force)
-        dn = _random((E, H, Ip), np.uint16, seed + 1, keep, force)
-        z = np.zeros(1, np.uint8)
-        return PackedExperts(fmt, 0, E, H, I, gu, dn, np.zeros(1, np.float32), np.zeros(1, np.float32), z, z)
-    if fmt == "int8":
-        gu = _random((E, I, 2, Hp), np.uint8, seed)
-        dn = _random((E, H, Ip), np.uint8, seed + 1)
-        z = np.full(1, 128, np.uint8)
-        gus, dns = np.full((E, I, 2), 1e-3, np.float32), np.full((E, H), 1e-3, np.float32)
-        return PackedExperts(fmt, 0, E, H, I, gu, dn, gus, dns, z, z)
-    gu = _random((E, I, 2, Hp // 2), np.uint8, seed)
-    dn = _random((E, H, Ip // 2), np.uint8, seed + 1)
-    half_keep, half_force = 0x03FF03FF03FF03FF, 0x1400140014001400  # float16 scales near 1e-3
-    gus = _random((E, I, 2, Hp // g), np.uint16, seed + 2, half_keep, half_force)
-    dns = _random((E, H, Ip // g), np.uint16, seed + 3, half_keep, half_force)
-    z = np.full(1, 8, np.uint8)
-    return PackedExperts(fmt, g, E, H, I, gu, dn, gus, dns, z, z)
-
-
-# ---------------------------------------------------------------- timing
-
-
-def topk_ids(rng, T: int, E: int, K: int) -> np.ndarray:
-    return np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
-
-
-def time_decode(layers: list[PackedExperts], T: int, K: int, min_s: float, rng) -> tuple[float, float]:
-    """-> (effective weight GB/s, ms per call) over fresh ids, cycling through the layers."""
-    E, H = layers[0].E, layers[0].H
-    x = rng.standard_normal((T, H)).astype(np.float32)
-    w = rng.random((T, K)).astype(np.float32)
-    out = np.empty((T, H), np.float32)
-    ck.fused_moe(x, topk_ids(rng, T, E, K), w, layers[0], out=out)
-    nbytes, spent, n = 0, 0.0, 0
-    while n < 2 * len(layers) or spent < min_s:
-        layer = layers[n % len(layers)]
-        ids = topk_ids(rng, T, E, K)
-        t0 = time.perf_counter()
-        ck.fused_moe(x, ids, w, layer, out=out)
-        spent += time.perf_counter() - t0
-        nbytes += np.unique(ids).size * layer.expert_nbytes()
-        n += 1
-    return nbytes / spent / 1e9, spent / n * 1e3
 
 
 def busy_main_thread(done: threading.Event) -> int:

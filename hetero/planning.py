@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,28 @@ def make_plan(
     """
     try:
         opts = PlanOptions(**options)
-        return placement.make_plan(build_inventory(spec, name), profile or placement.detect(), opts)
+        profile = profile or with_kernel_rate(placement.detect(), opts.experts)
+        return placement.make_plan(build_inventory(spec, name), profile, opts)
     except TypeError as e:
         raise HeteroError(f"unknown plan option: {e}") from None
     except PlanError as e:
         raise HeteroError(str(e)) from None
+
+
+def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwareProfile:
+    """``profile`` with the decode bandwidth of the CPU expert kernels in ``expert_format``,
+    measured here once (a second or two, plus compiling the kernel the first time) and cached
+    with the profile. Profiles that were not probed (``--no-probe``) stay estimates."""
+    if not profile.measured or expert_format in profile.cpu_kernel_bw:
+        return profile
+    from cpu_kernels.probe import decode_bandwidth
+
+    cores = profile.physical_cores
+    threads = cores - 1 if cores > 2 else cores  # as the plan leaves one core to drive the GPU
+    rates = {**profile.cpu_kernel_bw, expert_format: decode_bandwidth(expert_format, threads)}
+    profile = dataclasses.replace(profile, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw"))
+    placement.save_profile(profile)
+    return profile
 
 
 def load_spec(model: str | None) -> tuple[ModelSpec, str]:
@@ -110,12 +128,16 @@ def _hardware_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refresh-profile", action="store_true", help="measure again instead of using the cache")
 
 
-def profile_from_args(args: argparse.Namespace) -> tuple[HardwareProfile, dict[str, int | None]]:
-    """The profile with command-line overrides, and the byte budgets the flags name."""
+def profile_from_args(
+    args: argparse.Namespace, expert_format: str = "int4"
+) -> tuple[HardwareProfile, dict[str, int | None]]:
+    """The profile (with the CPU kernels' rate in ``expert_format``) with command-line overrides,
+    and the byte budgets the flags name."""
     try:
         gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
         cpu_mem = parse_size(args.cpu_mem) if args.cpu_mem else None
         prof = placement.detect(probe=not args.no_probe, refresh=args.refresh_profile)
+        prof = with_kernel_rate(prof, expert_format)
         prof = prof.with_overrides(
             gpu_mem=gpu_mem,
             gpu_name=args.gpu_name,
@@ -137,7 +159,7 @@ def _plan_cmd(args: argparse.Namespace) -> int:
     spec, name = load_spec(args.model)
     # A converted model or GGUF file holds its experts in one format already: plan with that one.
     experts, group_size = model_formats(args.model) or (args.experts, args.group_size)
-    prof, budgets = profile_from_args(args)
+    prof, budgets = profile_from_args(args, experts)
     plan = make_plan(
         spec,
         prof,
@@ -175,6 +197,13 @@ def _profile_cmd(args: argparse.Namespace) -> int:
         ("RAM", f"{fmt_bytes(prof.ram_bytes)} total, {fmt_bytes(prof.ram_available)} available"),
         ("CPU read bandwidth", f"{prof.cpu_read_bw / 1e9:.1f} GB/s"),
         ("CPU fp32 FMA peak", f"{prof.cpu_flops / 1e12:.2f} TFLOP/s"),
+        *(
+            (
+                f"CPU {fmt} expert kernels",
+                f"{bw / 1e9:.1f} GB/s in decode ({bw / prof.cpu_read_bw:.0%} of read)",
+            )
+            for fmt, bw in sorted(prof.cpu_kernel_bw.items())
+        ),
         ("GPU", f"{g.name}, {fmt_bytes(g.total_bytes)} ({fmt_bytes(g.free_bytes)} free)"),
         ("GPU memory bandwidth", f"{g.hbm_bw / 1e9:.0f} GB/s"),
         ("GPU bf16", f"{g.bf16_flops / 1e12:.0f} TFLOP/s"),

@@ -8,7 +8,7 @@ from placement.cost import (
     expected_unique_experts,
     prefill_time,
 )
-from placement.hardware import GpuInfo, HardwareProfile, NumaNode, detect
+from placement.hardware import GpuInfo, HardwareProfile, NumaNode, detect, save_profile
 from placement.inventory import KINDS, Inventory, Tensor
 from placement.planner import Plan, PlanError, PlanOptions, make_plan
 from placement.report import format_plan
@@ -35,4 +35,5 @@ __all__ = [
     "parse_rate",
     "parse_size",
     "prefill_time",
+    "save_profile",
 ]

@@ -50,14 +50,17 @@ class Rates:
                 raise ValueError(f"rate {f.name} must be positive")
 
     @classmethod
-    def from_profile(cls, profile: Any, gpus: int = 1) -> Rates:
+    def from_profile(cls, profile: Any, gpus: int = 1, expert_format: str | None = None) -> Rates:
         """With ``gpus`` > 1 the GPU rates add up: the GPU part is split evenly over them (the
-        replicated router, norms and output head are priced as if split too; they are small)."""
+        replicated router, norms and output head are priced as if split too; they are small).
+        The CPU's bandwidth is what the expert kernels were measured to stream in
+        ``expert_format`` when the profile has it, else a fixed share of the read bandwidth."""
         g = profile.gpu
+        measured = getattr(profile, "cpu_kernel_bw", {}).get(expert_format)
         return cls(
             gpu_bw=g.hbm_bw * GPU_BW_EFF * gpus,
             gpu_flops=g.bf16_flops * GPU_FLOP_EFF * gpus,
-            cpu_bw=profile.cpu_read_bw * CPU_BW_EFF,
+            cpu_bw=measured or profile.cpu_read_bw * CPU_BW_EFF,
             cpu_flops=profile.cpu_flops * CPU_FLOP_EFF,
             pcie_bw=profile.h2d_pinned_bw,
         )

@@ -103,6 +103,9 @@ class HardwareProfile:
     key: str = ""
     probed_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Bytes/s of expert weights the runtime's CPU kernels stream in decode, by expert format,
+    # measured by the runtime on this machine (empty: estimated from cpu_read_bw).
+    cpu_kernel_bw: dict[str, float] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.physical_cores <= 0:
@@ -170,6 +173,10 @@ class HardwareProfile:
             changes.update(ram_bytes=cpu_mem, ram_available=cpu_mem)
         if cpu_bw is not None:
             changes["cpu_read_bw"] = cpu_bw
+            # The kernels' measured share of the read bandwidth carries over to the other machine.
+            changes["cpu_kernel_bw"] = {
+                f: v * cpu_bw / self.cpu_read_bw for f, v in self.cpu_kernel_bw.items()
+            }
         if cpu_cores is not None or numa_nodes is not None:
             cores = cpu_cores or self.physical_cores
             nodes = numa_nodes or len(self.numa_nodes)
@@ -225,12 +232,18 @@ def detect(probe: bool = True, use_cache: bool = True, refresh: bool = False) ->
         return base
     prof = _probe(base)
     if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(prof.to_dict(), indent=1))
-        except OSError:
-            pass  # a read-only home only costs a re-probe next time
+        save_profile(prof)
     return prof
+
+
+def save_profile(prof: HardwareProfile) -> None:
+    """Cache a probed profile (one with facts added since it was detected, too)."""
+    path = _cache_path(prof.key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(prof.to_dict(), indent=1))
+    except OSError:
+        pass  # a read-only home only costs a re-probe next time
 
 
 def _cache_path(key: str) -> Path:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -300,3 +301,22 @@ def test_detection_runs_without_probing():
     assert HardwareProfile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
     bigger = prof.with_overrides(gpu_mem=48 * GiB, numa_nodes=1, cpu_bw=parse_rate("90"))
     assert bigger.gpu.total_bytes == 48 * GiB and bigger.cpu_read_bw == 90e9
+
+
+def test_measured_kernel_rate_prices_cpu_experts():
+    """With the CPU kernels measured at a fraction of the read bandwidth, the CPU-bound decode
+    step takes correspondingly longer; a rate for another format changes nothing."""
+    opts = PlanOptions(gpu_mem=fixed_gpu_bytes(), gpu_weights="int4", **OPTS)
+    base = toy_profile()
+    estimated = make_plan(INV, base, opts)
+    slow = dataclasses.replace(base, cpu_kernel_bw={"int4": 0.1 * base.cpu_read_bw})
+    other = dataclasses.replace(base, cpu_kernel_bw={"int8": 0.1 * base.cpu_read_bw})
+    measured = make_plan(INV, slow, opts)
+    assert make_plan(INV, other, opts).predicted["decode_tok_s"] == estimated.predicted["decode_tok_s"]
+    assert measured.predicted["decode_bound"] == "cpu-memory"
+    cpu_s = [p.predicted["decode_seconds_by_resource"]["cpu-memory"] for p in (estimated, measured)]
+    assert cpu_s[1] / cpu_s[0] == pytest.approx(7)  # 0.7 -> 0.1 of the read bandwidth
+    assert measured.predicted["decode_tok_s"] < estimated.predicted["decode_tok_s"] / 2
+    # Planning for another machine's bandwidth carries the kernels' measured share over.
+    moved = slow.with_overrides(cpu_bw=2 * base.cpu_read_bw)
+    assert moved.cpu_kernel_bw["int4"] == pytest.approx(0.2 * base.cpu_read_bw)

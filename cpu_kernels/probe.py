@@ -1,0 +1,131 @@
+"""What the expert kernels reach on this machine: random packed layers, timed decode calls.
+
+Random codes with plausible scales stand in for quantized weights (packing real floats would
+take far longer than the measurement), and the calls cycle over enough layers (>= 4x the
+last-level cache) with fresh random expert ids each time, so weights come from DRAM as in a
+real decode step. The runtime records ``decode_bandwidth`` in the hardware profile, where the
+planner prices CPU experts with it; benchmarks/cpu_experts.py reports the same measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import prange
+
+from . import moe as _moe
+from .formats import PackedExperts, padded
+from .moe import fused_moe, set_num_threads
+
+__all__ = ["decode_bandwidth", "llc_bytes", "random_layer", "time_decode", "topk_ids"]
+
+
+def llc_bytes() -> int:
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(size.rstrip("K")) * 1024 if size.endswith("K") else int(size.rstrip("M")) * (1 << 20)
+    except (OSError, ValueError):
+        return 64 << 20
+
+
+# ---------------------------------------------------------------- random packed layers
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill(a, seed, keep, force):
+    # a [n] uint64: hashed index bits, masked so values are valid for the format
+    for i in prange(a.size):
+        z = np.uint64(i + seed) * np.uint64(0x9E3779B97F4A7C15)
+        z ^= z >> np.uint64(29)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(32)
+        a[i] = (z & keep) | force
+
+
+def _random(shape: tuple[int, ...], dtype, seed: int, keep: int = ~0 & (2**64 - 1), force: int = 0):
+    a = np.empty(shape, dtype)
+    flat = a.reshape(-1).view(np.uint8)
+    n8 = flat.size // 8
+    _fill(flat[: n8 * 8].view(np.uint64), seed, np.uint64(keep), np.uint64(force))
+    flat[n8 * 8 :] = 0
+    return a
+
+
+def random_layer(fmt: str, E: int, H: int, I: int, seed: int, g: int = 64) -> PackedExperts:  # noqa: E741
+    """A packed layer with random codes and plausible scales, without quantizing float weights."""
+    Hp, Ip = padded(H), padded(I)
+    if fmt == "bf16":
+        # bf16 in [2^-15, 2^-7): keep sign and mantissa, fix the exponent high bits (no NaN / denormals)
+        keep, force = 0x87FF87FF87FF87FF, 0x3800380038003800
+        gu = _random((E, I, 2, Hp), np.uint16, seed, keep, force)
+        dn = _random((E, H, Ip), np.uint16, seed + 1, keep, force)
+        z = np.zeros(1, np.uint8)
+        return PackedExperts(fmt, 0, E, H, I, gu, dn, np.zeros(1, np.float32), np.zeros(1, np.float32), z, z)
+    if fmt == "int8":
+        gu = _random((E, I, 2, Hp), np.uint8, seed)
+        dn = _random((E, H, Ip), np.uint8, seed + 1)
+        z = np.full(1, 128, np.uint8)
+        gus, dns = np.full((E, I, 2), 1e-3, np.float32), np.full((E, H), 1e-3, np.float32)
+        return PackedExperts(fmt, 0, E, H, I, gu, dn, gus, dns, z, z)
+    gu = _random((E, I, 2, Hp // 2), np.uint8, seed)
+    dn = _random((E, H, Ip // 2), np.uint8, seed + 1)
+    half_keep, half_force = 0x03FF03FF03FF03FF, 0x1400140014001400  # float16 scales near 1e-3
+    gus = _random((E, I, 2, Hp // g), np.uint16, seed + 2, half_keep, half_force)
+    dns = _random((E, H, Ip // g), np.uint16, seed + 3, half_keep, half_force)
+    z = np.full(1, 8, np.uint8)
+    return PackedExperts(fmt, g, E, H, I, gu, dn, gus, dns, z, z)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def topk_ids(rng, T: int, E: int, K: int) -> np.ndarray:
+    return np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+
+
+def time_decode(layers: list[PackedExperts], T: int, K: int, min_s: float, rng) -> tuple[float, float]:
+    """-> (effective weight GB/s, ms per call) over fresh ids, cycling through the layers."""
+    E, H = layers[0].E, layers[0].H
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    w = rng.random((T, K)).astype(np.float32)
+    out = np.empty((T, H), np.float32)
+    fused_moe(x, topk_ids(rng, T, E, K), w, layers[0], out=out)
+    nbytes, spent, n = 0, 0.0, 0
+    while n < 2 * len(layers) or spent < min_s:
+        layer = layers[n % len(layers)]
+        ids = topk_ids(rng, T, E, K)
+        t0 = time.perf_counter()
+        fused_moe(x, ids, w, layer, out=out)
+        spent += time.perf_counter() - t0
+        nbytes += np.unique(ids).size * layer.expert_nbytes()
+        n += 1
+    return nbytes / spent / 1e9, spent / n * 1e3
+
+
+def decode_bandwidth(
+    fmt: str,
+    threads: int = 0,
+    shape: tuple[int, int, int, int] = (32, 2048, 1408, 6),
+    seconds: float = 0.5,
+    max_bytes: int = 2 << 30,
+) -> float:
+    """Bytes/s of expert weights one decode token (T=1) streams through ``fused_moe`` in ``fmt``,
+    with ``threads`` threads (0: the kernels' default). ``shape``: experts, hidden, intermediate,
+    experts per token (default: a DeepSeek-V2-Lite layer with half its experts, which
+    keeps the layers that overflow the cache small)."""
+    E, H, I, K = shape  # noqa: E741
+    one = random_layer(fmt, 1, H, I, seed=0).expert_nbytes() * E
+    n = int(min(max(2, -(-8 * llc_bytes() // one)), max(2, max_bytes // one)))
+    layers = [random_layer(fmt, E, H, I, seed=7 * i) for i in range(n)]
+    before = _moe._state["threads"]
+    if threads:
+        set_num_threads(threads)
+    try:
+        gbps, _ = time_decode(layers, 1, K, seconds, np.random.default_rng(0))
+    finally:
+        if threads:
+            set_num_threads(before)
+    return gbps * 1e9
