@@ -7,9 +7,10 @@ streams already running. The CLI, the server and the benchmarks all drive this l
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -431,6 +432,19 @@ class Engine:
             self.scheduler.finish(seq, "stop")
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
             self.scheduler.finish(seq, "length")
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        """Decode once at each batch size, so the CUDA graphs of decode are captured now, not
+        while the first requests that reach a size wait. Prompts shorter than a block leave
+        nothing in the prefix cache; the counters are put back as they were."""
+        if self.graphs is None:
+            return
+        before = dataclasses.asdict(self.stats)
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        for b in batch_sizes:
+            self.generate([[1 + i, 2] for i in range(b)], params)  # one prefill step, one decode step of b
+        for name, value in before.items():
+            setattr(self.stats, name, value)
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]

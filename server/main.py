@@ -22,6 +22,8 @@ from server.worker import follow
 
 def _load(model, options: RuntimeOptions, args: argparse.Namespace, parallel: Parallel = SINGLE):
     runtime = load_runtime(model, options, parallel)
+    # Capture every batch size's decode graphs before serving, not under the first requests.
+    runtime.engine.warm_up(range(1, options.max_batch + 1))
     if getattr(args, "speculate", None):
         from hetero.speculative import enable_speculation
 

@@ -62,6 +62,36 @@ def test_graphs_decline_off_cuda(tiny):
     assert not engine.graphs.entries and not engine.graphs.usable(1)
 
 
+def test_warm_up_decodes_each_batch_size_and_leaves_no_trace(tiny):
+    """A server decodes once at every batch size before serving (capturing graphs on CUDA); the
+    cache, the prefix cache and the counters are as before, and later requests are unaffected."""
+    path = tiny("qwen3-30b-a3b")
+    spec = ModelSpec.from_pretrained(path)
+    model = load_placed(
+        path, Placement(split(spec), expert_format="bf16"), torch.device("cpu"), torch.float32, progress=False
+    )
+
+    class Recorder:  # stands in for DecodeGraphs: notes each decode step, then lets it run eagerly
+        sizes: list[int] = []
+
+        def run(self, ids, positions, slots, context_lens, tables):
+            self.sizes.append(len(ids))
+
+    kv = KVCache.for_tokens(spec, 512, 8, torch.float32, "cpu")
+    engine = Engine(model, kv, EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8))
+    engine.warm_up([1, 2, 4])  # no graphs: nothing to do
+    assert engine.stats.prompt_tokens == 0
+    engine.graphs = Recorder()
+    engine.warm_up([1, 2, 4])
+    assert sorted(set(Recorder.sizes)) == [1, 2, 4]
+    assert engine.stats.prompt_tokens == engine.stats.computed_tokens == 0
+    assert kv.manager.num_used == 0 and kv.manager.num_cached == 0
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    fresh = Engine(model, KVCache.for_tokens(spec, 512, 8, torch.float32, "cpu"), engine.config)
+    got, ref = engine.generate(PROMPTS, params), fresh.generate(PROMPTS, params)
+    assert [s.output_ids for s in got] == [s.output_ids for s in ref]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b", "qwen2-57b-a14b"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
