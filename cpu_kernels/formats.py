@@ -141,10 +141,11 @@ def int4_group_params(w: np.ndarray, g: int, symmetric: bool) -> tuple[np.ndarra
         s = np.where(amax > 0, amax / 7, 1.0)
         s16 = np.clip(s, 2.0**-24, 65504).astype(np.float16)
         return s16, np.full(s16.shape, 8, np.uint8)
-    lo, hi = wg.min(axis=-1), wg.max(axis=-1)
+    # The zero point is a whole level in 0..15, so the grid always holds 0: a group of one sign
+    # spans from 0 to its far end (else its far values would clip).
+    lo, hi = np.minimum(wg.min(axis=-1), 0), np.maximum(wg.max(axis=-1), 0)
     s = (hi - lo) / 15
-    flat = s == 0
-    s = np.where(flat, np.where(hi == 0, 1.0, np.abs(hi) / 8), s)
+    s = np.where(s == 0, 1.0, s)  # an all-zero group
     s16 = np.clip(s, 2.0**-24, 65504).astype(np.float16)
     z = np.clip(np.rint(-lo / s16.astype(np.float32)), 0, 15).astype(np.uint8)
     return s16, z

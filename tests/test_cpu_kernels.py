@@ -275,3 +275,18 @@ def test_bf16_bits_round_to_nearest_even():
     back = formats.from_bf16_bits(formats.to_bf16_bits(v))
     np.testing.assert_array_equal(back[:3], np.array([1.0, 1.0, 1.015625], np.float32))
     assert abs(back[3] - v[3]) <= abs(v[3]) * 2**-8
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int4_zero_points_cover_groups_of_one_sign(sign):
+    """Asymmetric int4 keeps 0 on the grid (its zero point is a whole level), so a group whose
+    values all share a sign spans 0 to its far end: the error stays within half a step."""
+    from cpu_kernels.formats import dequantize_int4, quantize_int4
+
+    rng = np.random.default_rng(3)
+    w = sign * rng.uniform(1.0, 2.0, (4, 128)).astype(np.float32)
+    w[1, :64] = -w[1, :64]  # groups of both signs and of one sign side by side
+    packed, scales, zeros = quantize_int4(w, 32, False)
+    err = np.abs(dequantize_int4(packed, scales, zeros, 32, 128) - w)
+    step = np.maximum(np.abs(w).reshape(4, -1, 32).max(-1), 0) / 15 * 2  # the widest a group's step can be
+    assert (err.reshape(4, -1, 32).max(-1) <= step / 2 * 1.01).all()
