@@ -273,7 +273,9 @@ class GGUFSource:
                 w = _unpermute_rope(w, heads)
             if name.endswith("mlp.shared_gate.weight"):
                 w = w.reshape(1, -1)
-        t = torch.from_numpy(np.ascontiguousarray(w))
+        w = np.ascontiguousarray(w)
+        # F32 tensors come straight from the read-only file mapping; a weight must own its memory.
+        t = torch.from_numpy(w if w.flags.writeable else w.copy())
         return t if dtype is None else t.to(dtype)
 
     def _kv_b_from_split(self, spec: ModelSpec, kv_b: str) -> np.ndarray:
