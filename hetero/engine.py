@@ -87,6 +87,10 @@ class EngineConfig:
             raise ValueError("max_step_tokens must be at least max_batch, or decoding sequences would starve")
 
 
+# Longest per-sequence query that runs as single-token rows: a verify step of up to 15 drafts.
+PER_TOKEN_MAX_QUERY = 16
+
+
 class RequestError(HeteroError):
     """A request the engine cannot serve as asked."""
 
@@ -261,6 +265,9 @@ class Engine:
         self.on_step: list[Callable[[list[tuple[Sequence, int]]], None]] = []
         self.speculate = None  # hetero.speculative.Speculation: a drafter and k, or None
         self.graphs = None  # hetero.graphs.DecodeGraphs: decode steps as CUDA graphs, or None (eager)
+        # Short multi-token steps as one attention row per token (see run); on by default where the
+        # decode kernels and graphs are, on CUDA. The CPU's reference attention loops over rows.
+        self.per_token_rows = self.device.type == "cuda"
 
     @property
     def stats(self) -> EngineStats:
@@ -340,19 +347,27 @@ class Engine:
             query_lens.append(n)
             ctx_lens.append(start + n)
             rows += range(len(ids) - 1 - len(seq.draft), len(ids))
-        if self.graphs is not None and len(ids) == len(scheduled):  # one token per sequence: decode
-            hidden = self.graphs.run(ids, positions, slots, ctx_lens, [s.table.blocks for s, _ in scheduled])
+        tables = [s.table.blocks for s, _ in scheduled]
+        if self.per_token_rows and len(ids) > len(scheduled) and max(query_lens) <= PER_TOKEN_MAX_QUERY:
+            # A verify step (or a short chunk): every token becomes a row of its own that attends to
+            # the cache up to itself, so decode kernels and decode graphs serve it as they serve a
+            # batch of single tokens. Its own key/value is written before attention reads it.
+            tables = [t for t, n in zip(tables, query_lens) for _ in range(n)]
+            ctx_lens = [c - n + j + 1 for c, n in zip(ctx_lens, query_lens) for j in range(n)]
+            query_lens = [1] * len(ids)
+        if self.graphs is not None and len(ids) == len(query_lens):  # one token per row: decode
+            hidden = self.graphs.run(ids, positions, slots, ctx_lens, tables)
             if hidden is not None:
                 if self.speculate is not None:
                     self.speculate.observe(scheduled, hidden)
                 return hidden[rows]
-        width = max(len(seq.table.blocks) for seq, _ in scheduled)
-        tables = torch.tensor([s.table.blocks + [0] * (width - len(s.table.blocks)) for s, _ in scheduled])
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         dev = self.device
         batch = AttentionBatch(
             positions=torch.tensor(positions, device=dev),
             slot_mapping=torch.tensor(slots, device=dev),
-            block_tables=tables.to(dev, torch.int32),
+            block_tables=padded.to(dev, torch.int32),
             context_lens=torch.tensor(ctx_lens, device=dev, dtype=torch.int32),
             query_lens=query_lens,
             context_lens_list=ctx_lens,

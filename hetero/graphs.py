@@ -15,7 +15,9 @@ piece of model code and give the same numbers. All graphs of all batch sizes sha
 memory pool and replay in capture order, so a tensor that one graph writes and a later one
 reads stays valid.
 
-Legend: B = sequences in the step (one token each), H = hidden, W = block-table width.
+Legend: B = rows of the step, one token each (a sequence's next token, or one token of a short
+verify step with its own block table and context length: ``Engine.run``), H = hidden,
+W = block-table width.
 """
 
 from __future__ import annotations
@@ -81,10 +83,9 @@ class _Entry:
 
 
 class DecodeGraphs:
-    """Captures and replays decode steps of up to ``max_batch`` sequences (one graph set per size).
+    """Captures and replays decode steps of up to ``max_batch`` rows (one graph set per size).
 
-    ``run`` returns None when a step does not qualify (no CUDA, a multi-token sequence, a batch
-    over ``max_batch``, a layer that would stream experts at this size, or a size whose capture
+    ``run`` returns None when a step does not qualify (no CUDA, a batch over ``max_batch``, a layer that would stream experts at this size, or a size whose capture
     failed); the caller then runs the step eagerly.
     """
 

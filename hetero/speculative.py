@@ -347,6 +347,12 @@ def enable_speculation(runtime, spec: str, k: str) -> None:
         model_path=str(runtime.path),
         model_spec=runtime.spec,
     )
+    graphs = runtime.engine.graphs
+    if graphs is not None:
+        # A verify step runs as single-token rows (Engine.run): up to k + 1 rows per sequence.
+        sp = runtime.engine.speculate
+        per_seq = 1 + (sp.k_max if sp.k == "auto" else int(sp.k))
+        graphs.max_batch = max(graphs.max_batch, runtime.engine.config.max_batch * per_seq)
 
 
 __all__ = [

@@ -209,3 +209,40 @@ def test_adaptive_k():
     assert best_k(0.05, 8, cost) == 0
     assert best_k(0.95, 8, cost) >= 6
     assert best_k(0.6, 8, cost) < best_k(0.9, 8, cost)
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "qwen3-30b-a3b"])
+def test_verify_steps_as_single_token_rows(tiny, preset):
+    """On CUDA a verify step runs as one attention row per token (decode kernels, decode graphs);
+    forced on here: the same logits as the multi-token form, the same tokens as plain decoding,
+    and the steps reach the graph runner as rows of single tokens."""
+    _, model = tiny(preset)
+    qs = echo_prompts(model)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    ref = [s.output_ids for s in engine_for(model).generate(qs, params)]
+
+    class Rows:  # stands in for DecodeGraphs: notes the rows offered, then lets the step run eagerly
+        sizes: list[int] = []
+
+        def run(self, ids, positions, slots, context_lens, tables):
+            assert len(ids) == len(positions) == len(slots) == len(context_lens) == len(tables)
+            self.sizes.append(len(ids))
+
+    logits = {}
+    full = model.logits
+    try:
+        for per_token in (False, True):
+            eng = engine_for(model)
+            eng.per_token_rows = per_token
+            eng.graphs = Rows()
+            eng.speculate = Speculation(NgramDrafter(), k=3)
+            seen = logits[per_token] = []
+            model.logits = lambda h, seen=seen: seen.append(full(h)) or seen[-1]
+            got = [s.output_ids for s in eng.generate(qs, params)]
+            assert got == ref
+    finally:
+        model.logits = full
+    assert len(logits[True]) == len(logits[False])
+    for a, b in zip(logits[True], logits[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert max(Rows.sizes) > len(qs)  # verify steps of several tokens per sequence came as rows
