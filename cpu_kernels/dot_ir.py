@@ -414,7 +414,6 @@ def fetch_add(typingctx, arr, idx, val):
 # row at the end. R, the group size, symmetry and the vpdpbusd switch are compile-time
 # literals, so one intrinsic covers every variant.
 
-PREFETCH_GROUPS = 2  # weight prefetch distance, in groups of R rows
 SEG = 32  # blocks of 128 inputs whose combined int4 scales one pre-pass writes to the stack
 
 
@@ -445,24 +444,14 @@ def _pairs_sum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return builder.fadd(ev, od)
 
 
-def _prefetch(builder: ir.IRBuilder, p: ir.Value) -> None:
-    """Prefetch the cache line at p (i8*) into L2 and outer levels (prefetcht1), for reading."""
-    fn = _intrin(builder, "llvm.prefetch.p0i8", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
-    builder.call(fn, [p, _c(I32, 0), _c(I32, 2), _c(I32, 1)])
-
-
-def _linear_prefetch_offsets(builder: ir.IRBuilder, w_step: ir.Value, R: int) -> list[ir.Value]:
-    """Offsets from row 0's start of the R lines to prefetch at each block of 64 weight bytes.
-
-    R rows read side by side are R interleaved streams, which hardware prefetchers follow
-    poorly (one core read 7 GB/s of four interleaved 1 KB rows against 17 GB/s of one stream).
-    The rows of one call are adjacent (w_step = row length), so block b prefetches lines
-    b * R .. b * R + R - 1 of the region PREFETCH_GROUPS calls of R rows ahead, in linear order:
-    every line arrives, in memory order, before its row group is read. Into L2 (prefetcht1):
-    to L1 measured 10-20% slower, one group ahead (instead of two) 10-30% slower.
-    """
-    ahead = builder.mul(w_step, _c(I64, R * PREFETCH_GROUPS))
-    return [builder.add(ahead, _c(I64, 64 * r)) for r in range(R)]
+def _row_offsets(
+    builder: ir.IRBuilder, off: ir.Value, step: ir.Value, pair: ir.Value, R: int
+) -> list[ir.Value]:
+    """Start of row r: off + (r % 2) * step + (r // 2) * pair."""
+    return [
+        builder.add(off, builder.add(builder.mul(step, _c(I64, r % 2)), builder.mul(pair, _c(I64, r // 2))))
+        for r in range(R)
+    ]
 
 
 def _imin(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
@@ -475,6 +464,7 @@ def dot_q4_rows(
     w,
     w_off,
     w_step,
+    w_pair,
     a,
     a_off,
     sa,
@@ -484,6 +474,7 @@ def dot_q4_rows(
     s,
     s_off,
     s_step,
+    s_pair,
     z,
     nblk,
     nrows,
@@ -493,8 +484,10 @@ def dot_q4_rows(
 ):
     """Dots of R packed int4 rows with one int8 activation vector: UniTuple(float32, R).
 
-    Row r: weights w[w_off + r * w_step:], group scales (float16 bits) s[s_off + r * s_step:],
-    zero points z at the same offsets as the scales (ignored when sym: 8). Activations a [n] int8,
+    Row r starts at w_off + (r % 2) * w_step + (r // 2) * w_pair in w (bytes) and at
+    s_off + (r % 2) * s_step + (r // 2) * s_pair in s (group scales, float16 bits) and z (zero
+    points, ignored when sym: 8): two pairs of rows, each pair usually adjacent rows (gate and
+    up) and the pairs far apart, so the rows are read as two long sequential streams. Activations a [n] int8,
     sa [n / 64] float32 scales, aq [n / 32] float32 (sa * sum of a per 32); n = 128 * nblk.
     nrows, gsize (32 / 64 / 128), sym and vnni must be literals.
     Row r's value: sum_g s_g * sum_{i in g} (q_i - z_g) * sa_i * a_i, float32 accumulation.
@@ -511,7 +504,26 @@ def dot_q4_rows(
     if R not in (1, 2, 4) or g not in (32, 64, 128):
         return None
     sig = types.UniTuple(types.float32, R)(
-        w, w_off, w_step, a, a_off, sa, sa_off, aq, aq_off, s, s_off, s_step, z, nblk, nrows, gsize, sym, vnni
+        w,
+        w_off,
+        w_step,
+        w_pair,
+        a,
+        a_off,
+        sa,
+        sa_off,
+        aq,
+        aq_off,
+        s,
+        s_off,
+        s_step,
+        s_pair,
+        z,
+        nblk,
+        nrows,
+        gsize,
+        sym,
+        vnni,
     )
 
     def codegen(context, builder, sig, args):
@@ -523,21 +535,18 @@ def dot_q4_rows(
         def ptr(k, off, elt):
             return _ptr(context, builder, ty[k], args[k], off, elt)
 
-        w0, wst, s0, sst = i64(1), i64(2), i64(10), i64(11)
-        wps = [ptr(0, builder.add(w0, builder.mul(wst, _c(I64, r))), I8) for r in range(R)]
-        sofs = [builder.add(s0, builder.mul(sst, _c(I64, r))) for r in range(R)]
-        sps = [ptr(9, o, F16) for o in sofs]
-        zps = None if symv else [ptr(12, o, I8) for o in sofs]
-        ap, sap, aqp = ptr(3, i64(4), I8), ptr(5, i64(6), F32), ptr(7, i64(8), F32)
-        n = i64(13)
+        wps = [ptr(0, o, I8) for o in _row_offsets(builder, i64(1), i64(2), i64(3), R)]
+        sofs = _row_offsets(builder, i64(11), i64(12), i64(13), R)
+        sps = [ptr(10, o, F16) for o in sofs]
+        zps = None if symv else [ptr(14, o, I8) for o in sofs]
+        ap, sap, aqp = ptr(4, i64(5), I8), ptr(6, i64(7), F32), ptr(8, i64(9), F32)
+        n = i64(15)
         cw = 2 if g == 32 else 1  # combined scales per half
         segh = 2 * SEG * cw  # scratch floats per row
         scratch = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(F32, R * segh)), F32.as_pointer())
         mask15 = ir.Constant(V64I8, [15] * 64)
         mask240 = ir.Constant(V64I8, [240] * 64)
         unroll = 2 if R == 1 else 1  # blocks per main-loop iteration (independent FMA chains)
-        spf = builder.mul(sst, _c(I64, R))
-        pf = _linear_prefetch_offsets(builder, wst, R)
 
         def prepass(babs, jloc, nbk, corrs):
             """Blocks babs..babs+nbk-1 (segment-local jloc..): store combined scales, add zero-point terms."""
@@ -552,11 +561,6 @@ def dot_q4_rows(
             goff = builder.mul(babs, _c(I64, 128 // g))
             out = []
             for r in range(R):
-                if nbk > 1:  # the next R rows' scales, ahead of their pre-pass
-                    _prefetch(
-                        builder,
-                        builder.bitcast(builder.gep(sps[r], [builder.add(goff, spf)]), I8.as_pointer()),
-                    )
                 sv = builder.fpext(_load_vec(builder, sps[r], goff, _vec(ng, F16)), _vec(ng))
                 s_m = _spread(builder, sv, m)
                 dst = builder.gep(
@@ -575,9 +579,6 @@ def dot_q4_rows(
             av = [_load_vec(builder, ap, builder.mul(builder.add(builder.mul(babs, _c(I64, 2)), _c(I64, h)), _c(I64, 64)), V64I8) for h in range(2)]  # fmt: skip
             for r in range(R):
                 woff = builder.mul(babs, _c(I64, 64))
-                _prefetch(
-                    builder, builder.gep(wps[0], [builder.add(builder.mul(babs, _c(I64, 64 * R)), pf[r])])
-                )
                 p = _load_vec(builder, wps[r], woff, V64I8)
                 q = [builder.and_(p, mask15), builder.and_(p, mask240)]  # q_lo, 16 * q_hi
                 for h in range(2):
@@ -649,10 +650,10 @@ def dot_q4_rows(
 
 
 @intrinsic
-def dot_q8_rows(typingctx, w, w_off, w_step, a, a_off, sa, sa_off, ac, ac_off, nblk, nrows, vnni):
+def dot_q8_rows(typingctx, w, w_off, w_step, w_pair, a, a_off, sa, sa_off, ac, ac_off, nblk, nrows, vnni):
     """Dots of R int8 rows (codes q + 128) with one int8 activation vector: UniTuple(float32, R).
 
-    Row r: codes w[w_off + r * w_step:], n = 64 * nblk. Activations a [n] int8, sa [n / 64]
+    Row r: codes w[w_off + (r % 2) * w_step + (r // 2) * w_pair:], n = 64 * nblk. Activations a [n] int8, sa [n / 64]
     float32 scales, ac [n / 4] int32: -128 * the sum of a over each 4 inputs, which seeds
     vpdpbusd's accumulator so each block's int32 lanes are exactly sum (code - 128) * a (no
     large offset to cancel later, so float32 accumulation keeps its relative precision).
@@ -665,7 +666,7 @@ def dot_q8_rows(typingctx, w, w_off, w_step, a, a_off, sa, sa_off, ac, ac_off, n
     if R not in (1, 2, 4):
         return None
     sig = types.UniTuple(types.float32, R)(
-        w, w_off, w_step, a, a_off, sa, sa_off, ac, ac_off, nblk, nrows, vnni
+        w, w_off, w_step, w_pair, a, a_off, sa, sa_off, ac, ac_off, nblk, nrows, vnni
     )
 
     def codegen(context, builder, sig, args):
@@ -674,14 +675,13 @@ def dot_q8_rows(typingctx, w, w_off, w_step, a, a_off, sa, sa_off, ac, ac_off, n
         def i64(k):
             return _as_i64(context, builder, args[k], ty[k])
 
-        w0, wst = i64(1), i64(2)
-        wps = [_ptr(context, builder, ty[0], args[0], builder.add(w0, builder.mul(wst, _c(I64, r))), I8) for r in range(R)]  # fmt: skip
-        ap = _ptr(context, builder, ty[3], args[3], i64(4), I8)
-        sap = _ptr(context, builder, ty[5], args[5], i64(6), F32)
-        acp = _ptr(context, builder, ty[7], args[7], i64(8), I32)
-        n = i64(9)
+        offs = _row_offsets(builder, i64(1), i64(2), i64(3), R)
+        wps = [_ptr(context, builder, ty[0], args[0], o, I8) for o in offs]
+        ap = _ptr(context, builder, ty[4], args[4], i64(5), I8)
+        sap = _ptr(context, builder, ty[6], args[6], i64(7), F32)
+        acp = _ptr(context, builder, ty[8], args[8], i64(9), I32)
+        n = i64(10)
         unroll = 4 // R
-        pf = _linear_prefetch_offsets(builder, wst, R)
 
         def block(b, accs, u):
             out = list(accs)
@@ -690,7 +690,6 @@ def dot_q8_rows(typingctx, w, w_off, w_step, a, a_off, sa, sa_off, ac, ac_off, n
             cv = _load_vec(builder, acp, builder.mul(b, _c(I64, 16)), V16I32)
             sb = _splat(builder, _load(builder, sap, b), 16)
             for r in range(R):
-                _prefetch(builder, builder.gep(wps[0], [builder.add(builder.mul(b, _c(I64, 64 * R)), pf[r])]))
                 d = _mac_u8s8(builder, _load_vec(builder, wps[r], off, V64I8), av, vn, cv)
                 out[r * unroll + u] = _fmuladd(builder, builder.sitofp(d, V16F32), sb, out[r * unroll + u])
             return out

@@ -165,46 +165,102 @@ def _silu_mul(g, u):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk):
-    """R (a literal) adjacent int4 rows from w[wo:], wst bytes apart: UniTuple(float32, R).
-
-    gsel 0 / 1 / 2: group size 32 / 64 / 128; scales (and zero points unless sym) from
-    s[so:] / z[so:], sst groups per row.
+    """R (a literal) int4 rows, row r at w[wo + r * wst:] (scales, zero points at s, z[so + r * sst:]):
+    UniTuple(float32, R). gsel 0 / 1 / 2: group size 32 / 64 / 128.
     """
     if vnni:
         if gsel == 0:
             if sym:
                 return dot_q4_rows(
-                    w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 32, True, True
+                    w,
+                    wo,
+                    wst,
+                    2 * wst,
+                    a,
+                    ao,
+                    sa,
+                    sao,
+                    aq,
+                    aqo,
+                    s,
+                    so,
+                    sst,
+                    2 * sst,
+                    z,
+                    nblk,
+                    R,
+                    32,
+                    True,
+                    True,
                 )
-            return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 32, False, True)
+            return dot_q4_rows(
+                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 32, False, True
+            )
         if gsel == 1:
             if sym:
                 return dot_q4_rows(
-                    w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 64, True, True
+                    w,
+                    wo,
+                    wst,
+                    2 * wst,
+                    a,
+                    ao,
+                    sa,
+                    sao,
+                    aq,
+                    aqo,
+                    s,
+                    so,
+                    sst,
+                    2 * sst,
+                    z,
+                    nblk,
+                    R,
+                    64,
+                    True,
+                    True,
                 )
-            return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 64, False, True)
+            return dot_q4_rows(
+                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 64, False, True
+            )
         if sym:
-            return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 128, True, True)
-        return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 128, False, True)
+            return dot_q4_rows(
+                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, True, True
+            )
+        return dot_q4_rows(
+            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, False, True
+        )
     if gsel == 0:
         if sym:
-            return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 32, True, False)
-        return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 32, False, False)
+            return dot_q4_rows(
+                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 32, True, False
+            )
+        return dot_q4_rows(
+            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 32, False, False
+        )
     if gsel == 1:
         if sym:
-            return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 64, True, False)
-        return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 64, False, False)
+            return dot_q4_rows(
+                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 64, True, False
+            )
+        return dot_q4_rows(
+            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 64, False, False
+        )
     if sym:
-        return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 128, True, False)
-    return dot_q4_rows(w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk, R, 128, False, False)
+        return dot_q4_rows(
+            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, True, False
+        )
+    return dot_q4_rows(
+        w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, False, False
+    )
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _q8_rows(vnni, R, w, wo, wst, a, ao, sa, sao, ac, aco, nblk):
-    """R (a literal) adjacent int8 rows from w[wo:], wst bytes apart: UniTuple(float32, R)."""
+    """R (a literal) int8 rows, row r at w[wo + r * wst:]: UniTuple(float32, R)."""
     if vnni:
-        return dot_q8_rows(w, wo, wst, a, ao, sa, sao, ac, aco, nblk, R, True)
-    return dot_q8_rows(w, wo, wst, a, ao, sa, sao, ac, aco, nblk, R, False)
+        return dot_q8_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, nblk, R, True)
+    return dot_q8_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, nblk, R, False)
 
 
 # ---------------------------------------------------------------- entry points
@@ -261,48 +317,61 @@ def _moe_quant(
             r0 = (task % nbi) * rbg
             r1 = min(r0 + rbg, I)
             s0, s1 = start[e], start[e + 1]
-            for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
-                ce = min(c0 + rb, r1)
+            # one token block: the whole item in one pass, so its weights stream in long runs
+            rstep = rb if s1 - s0 > tb else r1 - r0
+            pre = np.empty((s1 - s0, 2 * (r1 - r0)))  # gate, up values of rows r0..r1-1, interleaved
+            for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+                ce = min(c0 + rstep, r1)
+                # packed rows p0.. (gate, up of each row) in four streams, one per quarter
+                p0, npk = (e * I + c0) * 2, 2 * (ce - c0)
+                q = npk // 4
                 for tb0 in range(s0, s1, tb):
-                    for i in range(c0, ce - 1, 2):  # gate, up of rows i and i + 1: four adjacent rows
-                        row = (e * I + i) * 2
+                    for k in range(q):
+                        p, j = p0 + k, 2 * (c0 - r0) + k  # packed row, its column in pre
                         for s in range(tb0, min(tb0 + tb, s1)):
                             t = slot_tok[s]
                             if is_int4:
                                 v = _q4_rows(
-                                    vnni, gsel, sym, 4, gu, row * (Hp // 2), Hp // 2, xq, t * Hp, xs, t * nbx,
-                                    xa, t * (Hp // 32), gus, row * ngh, ngh, guz, Hp // 128,
+                                    vnni, gsel, sym, 4, gu, p * (Hp // 2), q * (Hp // 2), xq, t * Hp, xs,
+                                    t * nbx, xa, t * (Hp // 32), gus, p * ngh, q * ngh, guz, Hp // 128,
                                 )  # fmt: skip
-                                h[s, i] = _silu_mul(np.float64(v[0]), np.float64(v[1]))
-                                h[s, i + 1] = _silu_mul(np.float64(v[2]), np.float64(v[3]))
+                                for m in range(4):
+                                    pre[s - s0, j + m * q] = v[m]
                             else:
                                 v = _q8_rows(
-                                    vnni, 4, gu, row * Hp, Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx
+                                    vnni,
+                                    4,
+                                    gu,
+                                    p * Hp,
+                                    q * Hp,
+                                    xq,
+                                    t * Hp,
+                                    xs,
+                                    t * nbx,
+                                    xc,
+                                    t * (Hp // 4),
+                                    nbx,
                                 )
-                                h[s, i] = _silu_mul(
-                                    np.float64(v[0]) * gus[row], np.float64(v[1]) * gus[row + 1]
-                                )
-                                h[s, i + 1] = _silu_mul(
-                                    np.float64(v[2]) * gus[row + 2], np.float64(v[3]) * gus[row + 3]
-                                )
-                    if (ce - c0) % 2:  # an odd last row: its gate and up rows
-                        i = ce - 1
-                        row = (e * I + i) * 2
+                                for m in range(4):
+                                    pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
+                    for k in range(4 * q, npk):  # the rest one at a time
+                        p, j = p0 + k, 2 * (c0 - r0) + k
                         for s in range(tb0, min(tb0 + tb, s1)):
                             t = slot_tok[s]
                             if is_int4:
-                                v2 = _q4_rows(
-                                    vnni, gsel, sym, 2, gu, row * (Hp // 2), Hp // 2, xq, t * Hp, xs, t * nbx,
-                                    xa, t * (Hp // 32), gus, row * ngh, ngh, guz, Hp // 128,
+                                v1 = _q4_rows(
+                                    vnni, gsel, sym, 1, gu, p * (Hp // 2), 0, xq, t * Hp, xs,
+                                    t * nbx, xa, t * (Hp // 32), gus, p * ngh, 0, guz, Hp // 128,
                                 )  # fmt: skip
-                                h[s, i] = _silu_mul(np.float64(v2[0]), np.float64(v2[1]))
+                                pre[s - s0, j] = v1[0]
                             else:
-                                v2 = _q8_rows(
-                                    vnni, 2, gu, row * Hp, Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx
+                                v1 = _q8_rows(
+                                    vnni, 1, gu, p * Hp, 0, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx
                                 )
-                                h[s, i] = _silu_mul(
-                                    np.float64(v2[0]) * gus[row], np.float64(v2[1]) * gus[row + 1]
-                                )
+                                pre[s - s0, j] = np.float64(v1[0]) * gus[p]
+            for s in range(s0, s1):
+                for i in range(r0, r1):
+                    h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
             # this item wrote whole blocks of 64 of h (the last item of an expert: up to Ip)
             bend = nbh64 if r1 == I else r1 // 64
             for s in range(s0, s1):
@@ -324,17 +393,18 @@ def _moe_quant(
             for ai in range(active.shape[0]):
                 e = active[ai]
                 s0, s1 = start[e], start[e + 1]
-                for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
-                    ce = min(c0 + rb, r1)
-                    c4 = c0 + (ce - c0) // 4 * 4
+                rstep = rb if s1 - s0 > tb else r1 - r0  # one token block: one pass, long weight streams
+                for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+                    ce = min(c0 + rstep, r1)
+                    q = (ce - c0) // 4  # rows c0 + k + m * q (m < 4) together: four sequential streams
                     for tb0 in range(s0, s1, tb):
-                        for r in range(c0, c4, 4):  # four adjacent rows
+                        for r in range(c0, c0 + q):
                             row = e * H + r
                             for s in range(tb0, min(tb0 + tb, s1)):
                                 if is_int4:
                                     v = _q4_rows(
-                                        vnni, gsel, sym, 4, dn, row * (Ip // 2), Ip // 2, hq, s * Ip, hs, s * nbh64,
-                                        ha, s * (Ip // 32), dns, row * ngi, ngi, dnz, Ip // 128,
+                                        vnni, gsel, sym, 4, dn, row * (Ip // 2), q * (Ip // 2), hq, s * Ip, hs,
+                                        s * nbh64, ha, s * (Ip // 32), dns, row * ngi, q * ngi, dnz, Ip // 128,
                                     )  # fmt: skip
                                     y0, y1, y2, y3 = v[0], v[1], v[2], v[3]
                                 else:
@@ -343,7 +413,7 @@ def _moe_quant(
                                         4,
                                         dn,
                                         row * Ip,
-                                        Ip,
+                                        q * Ip,
                                         hq,
                                         s * Ip,
                                         hs,
@@ -353,21 +423,21 @@ def _moe_quant(
                                         nbh64,
                                     )
                                     y0 = np.float32(np.float64(v[0]) * dns[row])
-                                    y1 = np.float32(np.float64(v[1]) * dns[row + 1])
-                                    y2 = np.float32(np.float64(v[2]) * dns[row + 2])
-                                    y3 = np.float32(np.float64(v[3]) * dns[row + 3])
+                                    y1 = np.float32(np.float64(v[1]) * dns[row + q])
+                                    y2 = np.float32(np.float64(v[2]) * dns[row + 2 * q])
+                                    y3 = np.float32(np.float64(v[3]) * dns[row + 3 * q])
                                 o, wt = slot_tok[s], slot_wt[s]
                                 out[o, r] += wt * y0
-                                out[o, r + 1] += wt * y1
-                                out[o, r + 2] += wt * y2
-                                out[o, r + 3] += wt * y3
-                        for r in range(c4, ce):  # the rest one at a time
+                                out[o, r + q] += wt * y1
+                                out[o, r + 2 * q] += wt * y2
+                                out[o, r + 3 * q] += wt * y3
+                        for r in range(c0 + 4 * q, ce):  # the rest one at a time
                             row = e * H + r
                             for s in range(tb0, min(tb0 + tb, s1)):
                                 if is_int4:
                                     v1 = _q4_rows(
-                                        vnni, gsel, sym, 1, dn, row * (Ip // 2), Ip // 2, hq, s * Ip, hs, s * nbh64,
-                                        ha, s * (Ip // 32), dns, row * ngi, ngi, dnz, Ip // 128,
+                                        vnni, gsel, sym, 1, dn, row * (Ip // 2), 0, hq, s * Ip, hs, s * nbh64,
+                                        ha, s * (Ip // 32), dns, row * ngi, 0, dnz, Ip // 128,
                                     )  # fmt: skip
                                     y = v1[0]
                                 else:
@@ -376,7 +446,7 @@ def _moe_quant(
                                         1,
                                         dn,
                                         row * Ip,
-                                        Ip,
+                                        0,
                                         hq,
                                         s * Ip,
                                         hs,
