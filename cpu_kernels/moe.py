@@ -164,95 +164,33 @@ def _silu_mul(g, u):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, ao, sa, sao, aq, aqo, s, so, sst, z, nblk):
+def _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, z, nblk):
     """R (a literal) int4 rows, row r at w[wo + r * wst:] (scales, zero points at s, z[so + r * sst:]):
     UniTuple(float32, R). gsel 0 / 1 / 2: group size 32 / 64 / 128.
     """
     if vnni:
         if gsel == 0:
             if sym:
-                return dot_q4_rows(
-                    w,
-                    wo,
-                    wst,
-                    2 * wst,
-                    a,
-                    ao,
-                    sa,
-                    sao,
-                    aq,
-                    aqo,
-                    s,
-                    so,
-                    sst,
-                    2 * sst,
-                    z,
-                    nblk,
-                    R,
-                    32,
-                    True,
-                    True,
-                )
-            return dot_q4_rows(
-                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 32, False, True
-            )
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, True)  # fmt: skip
         if gsel == 1:
             if sym:
-                return dot_q4_rows(
-                    w,
-                    wo,
-                    wst,
-                    2 * wst,
-                    a,
-                    ao,
-                    sa,
-                    sao,
-                    aq,
-                    aqo,
-                    s,
-                    so,
-                    sst,
-                    2 * sst,
-                    z,
-                    nblk,
-                    R,
-                    64,
-                    True,
-                    True,
-                )
-            return dot_q4_rows(
-                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 64, False, True
-            )
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, True)  # fmt: skip
         if sym:
-            return dot_q4_rows(
-                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, True, True
-            )
-        return dot_q4_rows(
-            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, False, True
-        )
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, True)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, True)  # fmt: skip
     if gsel == 0:
         if sym:
-            return dot_q4_rows(
-                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 32, True, False
-            )
-        return dot_q4_rows(
-            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 32, False, False
-        )
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, False)  # fmt: skip
     if gsel == 1:
         if sym:
-            return dot_q4_rows(
-                w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 64, True, False
-            )
-        return dot_q4_rows(
-            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 64, False, False
-        )
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, False)  # fmt: skip
     if sym:
-        return dot_q4_rows(
-            w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, True, False
-        )
-    return dot_q4_rows(
-        w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, s, so, sst, 2 * sst, z, nblk, R, 128, False, False
-    )
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, False)  # fmt: skip
+    return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, False)  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -278,8 +216,10 @@ def _moe_quant(
           dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same (or [1]); g = 32 << gsel.
     bufs: scratch (xq, xs, xa, xc, h, hq, hs, ha, hc) with at least T / P rows; ctr int64 [2];
     nthr: the Numba thread count of this call.
-    Row dots take four adjacent packed rows at a time (gate and up of two intermediate rows;
-    four down rows), so each activation vector is loaded once for four rows.
+    Row dots take four packed rows at a time, one from each quarter of a work item's rows
+    (gate/up: its 2 * rows packed rows; down: its block of H rows), so each activation vector
+    is loaded once for four rows and the weights stream as four long sequential runs. The gate
+    and up values meet in a per-item buffer before silu(gate) * up.
     """
     I = inter  # noqa: E741
     xq, xs, xa, xc, h, hq, hs, ha, hc = bufs
@@ -333,7 +273,7 @@ def _moe_quant(
                             if is_int4:
                                 v = _q4_rows(
                                     vnni, gsel, sym, 4, gu, p * (Hp // 2), q * (Hp // 2), xq, t * Hp, xs,
-                                    t * nbx, xa, t * (Hp // 32), gus, p * ngh, q * ngh, guz, Hp // 128,
+                                    t * nbx, xa, t * (Hp // 32), xc, t * (Hp // 4), gus, p * ngh, q * ngh, guz, Hp // 128,
                                 )  # fmt: skip
                                 for m in range(4):
                                     pre[s - s0, j + m * q] = v[m]
@@ -361,7 +301,7 @@ def _moe_quant(
                             if is_int4:
                                 v1 = _q4_rows(
                                     vnni, gsel, sym, 1, gu, p * (Hp // 2), 0, xq, t * Hp, xs,
-                                    t * nbx, xa, t * (Hp // 32), gus, p * ngh, 0, guz, Hp // 128,
+                                    t * nbx, xa, t * (Hp // 32), xc, t * (Hp // 4), gus, p * ngh, 0, guz, Hp // 128,
                                 )  # fmt: skip
                                 pre[s - s0, j] = v1[0]
                             else:
@@ -404,7 +344,7 @@ def _moe_quant(
                                 if is_int4:
                                     v = _q4_rows(
                                         vnni, gsel, sym, 4, dn, row * (Ip // 2), q * (Ip // 2), hq, s * Ip, hs,
-                                        s * nbh64, ha, s * (Ip // 32), dns, row * ngi, q * ngi, dnz, Ip // 128,
+                                        s * nbh64, ha, s * (Ip // 32), hc, s * (Ip // 4), dns, row * ngi, q * ngi, dnz, Ip // 128,
                                     )  # fmt: skip
                                     y0, y1, y2, y3 = v[0], v[1], v[2], v[3]
                                 else:
@@ -437,7 +377,7 @@ def _moe_quant(
                                 if is_int4:
                                     v1 = _q4_rows(
                                         vnni, gsel, sym, 1, dn, row * (Ip // 2), 0, hq, s * Ip, hs, s * nbh64,
-                                        ha, s * (Ip // 32), dns, row * ngi, 0, dnz, Ip // 128,
+                                        ha, s * (Ip // 32), hc, s * (Ip // 4), dns, row * ngi, 0, dnz, Ip // 128,
                                     )  # fmt: skip
                                     y = v1[0]
                                 else:
