@@ -48,6 +48,10 @@ from .formats import PackedExperts
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
 ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
 SERIAL_BLOCKS = 256  # input blocks of 64 quantized serially (no parallel region) up to this many
+# Quantized down projection: H rows per work item at least this many, so each item's four weight
+# streams (one per quarter of its rows, per expert) run 16+ rows: with 16 threads and H = 2048,
+# ITEMS_PER_THREAD alone gives 16-row items, four interleaved streams of 4 rows each.
+DOWN_ROWS = 64
 
 _state = {"threads": 0, "vnni": has_avx512_vnni()}  # threads 0: default (see module doc)
 
@@ -318,7 +322,7 @@ def _moe_quant(
                 for b in range(r0 // 64, bend):
                     _quantize_block(h[s], I, b, hq[s], hs[s], ha[s], hc[s])
 
-    rbd = _rows_per_item(H, rb, nthr)
+    rbd = max(_rows_per_item(H, rb, nthr), min(DOWN_ROWS, H))  # four streams of >= DOWN_ROWS / 4 rows
     nbh = (H + rbd - 1) // rbd
     for _ in prange(nthr):
         while True:
