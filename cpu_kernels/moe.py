@@ -283,19 +283,8 @@ def _moe_quant(
                                     pre[s - s0, j + m * q] = v[m]
                             else:
                                 v = _q8_rows(
-                                    vnni,
-                                    4,
-                                    gu,
-                                    p * Hp,
-                                    q * Hp,
-                                    xq,
-                                    t * Hp,
-                                    xs,
-                                    t * nbx,
-                                    xc,
-                                    t * (Hp // 4),
-                                    nbx,
-                                )
+                                    vnni, 4, gu, p * Hp, q * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
+                                )  # fmt: skip
                                 for m in range(4):
                                     pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
                     for k in range(4 * q, npk):  # the rest one at a time
@@ -353,19 +342,8 @@ def _moe_quant(
                                     y0, y1, y2, y3 = v[0], v[1], v[2], v[3]
                                 else:
                                     v = _q8_rows(
-                                        vnni,
-                                        4,
-                                        dn,
-                                        row * Ip,
-                                        q * Ip,
-                                        hq,
-                                        s * Ip,
-                                        hs,
-                                        s * nbh64,
-                                        hc,
-                                        s * (Ip // 4),
-                                        nbh64,
-                                    )
+                                        vnni, 4, dn, row * Ip, q * Ip, hq, s * Ip, hs, s * nbh64, hc, s * (Ip // 4), nbh64,
+                                    )  # fmt: skip
                                     y0 = np.float32(np.float64(v[0]) * dns[row])
                                     y1 = np.float32(np.float64(v[1]) * dns[row + q])
                                     y2 = np.float32(np.float64(v[2]) * dns[row + 2 * q])
@@ -386,19 +364,8 @@ def _moe_quant(
                                     y = v1[0]
                                 else:
                                     v1 = _q8_rows(
-                                        vnni,
-                                        1,
-                                        dn,
-                                        row * Ip,
-                                        0,
-                                        hq,
-                                        s * Ip,
-                                        hs,
-                                        s * nbh64,
-                                        hc,
-                                        s * (Ip // 4),
-                                        nbh64,
-                                    )
+                                        vnni, 1, dn, row * Ip, 0, hq, s * Ip, hs, s * nbh64, hc, s * (Ip // 4), nbh64,
+                                    )  # fmt: skip
                                     y = np.float32(np.float64(v1[0]) * dns[row])
                                 out[slot_tok[s], r] += slot_wt[s] * y
     return True
