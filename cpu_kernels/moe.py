@@ -270,38 +270,30 @@ def _moe_quant(
                 p0, npk = (e * I + c0) * 2, 2 * (ce - c0)
                 q = npk // 4
                 for tb0 in range(s0, s1, tb):
-                    for k in range(q):
-                        p, j = p0 + k, 2 * (c0 - r0) + k  # packed row, its column in pre
+                    # k < q: packed rows p0 + k + m * q (m < 4); then the npk % 4 left, each alone
+                    # (as four copies of itself: one call site, so one compiled copy of the dots)
+                    for k in range(q + npk - 4 * q):
+                        kk = k if k < q else 3 * q + k
+                        p, j, st = (
+                            p0 + kk,
+                            2 * (c0 - r0) + kk,
+                            q if k < q else 0,
+                        )  # packed row, column, stride
                         for s in range(tb0, min(tb0 + tb, s1)):
                             t = slot_tok[s]
                             if is_int4:
                                 v = _q4_rows(
-                                    vnni, gsel, sym, 4, gu, p * (Hp // 2), q * (Hp // 2), xq, t * Hp, xs,
-                                    t * nbx, xa, t * (Hp // 32), xc, t * (Hp // 4), gus, p * ngh, q * ngh, guz, Hp // 128,
+                                    vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
+                                    t * nbx, xa, t * (Hp // 32), xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
                                 )  # fmt: skip
-                                for m in range(4):
+                                for m in range(4 if k < q else 1):
                                     pre[s - s0, j + m * q] = v[m]
                             else:
                                 v = _q8_rows(
-                                    vnni, 4, gu, p * Hp, q * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
+                                    vnni, 4, gu, p * Hp, st * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
                                 )  # fmt: skip
-                                for m in range(4):
+                                for m in range(4 if k < q else 1):
                                     pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
-                    for k in range(4 * q, npk):  # the rest one at a time
-                        p, j = p0 + k, 2 * (c0 - r0) + k
-                        for s in range(tb0, min(tb0 + tb, s1)):
-                            t = slot_tok[s]
-                            if is_int4:
-                                v1 = _q4_rows(
-                                    vnni, gsel, sym, 1, gu, p * (Hp // 2), 0, xq, t * Hp, xs,
-                                    t * nbx, xa, t * (Hp // 32), xc, t * (Hp // 4), gus, p * ngh, 0, guz, Hp // 128,
-                                )  # fmt: skip
-                                pre[s - s0, j] = v1[0]
-                            else:
-                                v1 = _q8_rows(
-                                    vnni, 1, gu, p * Hp, 0, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx
-                                )
-                                pre[s - s0, j] = np.float64(v1[0]) * gus[p]
             for s in range(s0, s1):
                 for i in range(r0, r1):
                     h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
@@ -331,43 +323,30 @@ def _moe_quant(
                     ce = min(c0 + rstep, r1)
                     q = (ce - c0) // 4  # rows c0 + k + m * q (m < 4) together: four sequential streams
                     for tb0 in range(s0, s1, tb):
-                        for r in range(c0, c0 + q):
-                            row = e * H + r
+                        for k in range(q + ce - c0 - 4 * q):  # as in gate/up: the rest alone, as four copies
+                            r = c0 + (k if k < q else 3 * q + k)
+                            row, st = e * H + r, q if k < q else 0
                             for s in range(tb0, min(tb0 + tb, s1)):
                                 if is_int4:
                                     v = _q4_rows(
-                                        vnni, gsel, sym, 4, dn, row * (Ip // 2), q * (Ip // 2), hq, s * Ip, hs,
-                                        s * nbh64, ha, s * (Ip // 32), hc, s * (Ip // 4), dns, row * ngi, q * ngi, dnz, Ip // 128,
+                                        vnni, gsel, sym, 4, dn, row * (Ip // 2), st * (Ip // 2), hq, s * Ip, hs,
+                                        s * nbh64, ha, s * (Ip // 32), hc, s * (Ip // 4), dns, row * ngi, st * ngi, dnz, Ip // 128,
                                     )  # fmt: skip
                                     y0, y1, y2, y3 = v[0], v[1], v[2], v[3]
                                 else:
                                     v = _q8_rows(
-                                        vnni, 4, dn, row * Ip, q * Ip, hq, s * Ip, hs, s * nbh64, hc, s * (Ip // 4), nbh64,
+                                        vnni, 4, dn, row * Ip, st * Ip, hq, s * Ip, hs, s * nbh64, hc, s * (Ip // 4), nbh64,
                                     )  # fmt: skip
                                     y0 = np.float32(np.float64(v[0]) * dns[row])
-                                    y1 = np.float32(np.float64(v[1]) * dns[row + q])
-                                    y2 = np.float32(np.float64(v[2]) * dns[row + 2 * q])
-                                    y3 = np.float32(np.float64(v[3]) * dns[row + 3 * q])
+                                    y1 = np.float32(np.float64(v[1]) * dns[row + st])
+                                    y2 = np.float32(np.float64(v[2]) * dns[row + 2 * st])
+                                    y3 = np.float32(np.float64(v[3]) * dns[row + 3 * st])
                                 o, wt = slot_tok[s], slot_wt[s]
                                 out[o, r] += wt * y0
-                                out[o, r + q] += wt * y1
-                                out[o, r + 2 * q] += wt * y2
-                                out[o, r + 3 * q] += wt * y3
-                        for r in range(c0 + 4 * q, ce):  # the rest one at a time
-                            row = e * H + r
-                            for s in range(tb0, min(tb0 + tb, s1)):
-                                if is_int4:
-                                    v1 = _q4_rows(
-                                        vnni, gsel, sym, 1, dn, row * (Ip // 2), 0, hq, s * Ip, hs, s * nbh64,
-                                        ha, s * (Ip // 32), hc, s * (Ip // 4), dns, row * ngi, 0, dnz, Ip // 128,
-                                    )  # fmt: skip
-                                    y = v1[0]
-                                else:
-                                    v1 = _q8_rows(
-                                        vnni, 1, dn, row * Ip, 0, hq, s * Ip, hs, s * nbh64, hc, s * (Ip // 4), nbh64,
-                                    )  # fmt: skip
-                                    y = np.float32(np.float64(v1[0]) * dns[row])
-                                out[slot_tok[s], r] += slot_wt[s] * y
+                                if k < q:
+                                    out[o, r + q] += wt * y1
+                                    out[o, r + 2 * q] += wt * y2
+                                    out[o, r + 3 * q] += wt * y3
     return True
 
 
