@@ -10,7 +10,10 @@ worker thread, while the main thread keeps one core busy with small torch matmul
 in for the Python loop that launches GPU work). Those calls use the kernel's default thread
 count for a non-main thread.
 
-    python benchmarks/cpu_experts.py [--quick] [--engine] [--out DIR]
+--threads N runs the kernels (and the read-bandwidth probe) on N threads, e.g. 1 for the
+per-core rates that decide how many cores a layer needs; its JSON is cpu_experts-Nt-<machine>.
+
+    python benchmarks/cpu_experts.py [--quick] [--engine] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -179,7 +182,11 @@ def main() -> None:
     ap.add_argument(
         "--engine", action="store_true", help="also time T=1 from a worker thread beside a busy main thread"
     )
+    ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all Numba threads)")
     args = ap.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+        ck.set_num_threads(args.threads)
     min_s = 0.6 if args.quick else 1.5
     reps = 1 if args.quick else 2
     rng = np.random.default_rng(0)
@@ -226,7 +233,7 @@ def main() -> None:
     data = dict(machine=machine_name(), cpu=cpu_model(), cpus=cpu_count(), threads=threads, loadavg=load,
                 vnni=ck.has_avx512_vnni(), amx=ck.has_amx(), read_GBps=round(bw, 1), quick=args.quick,
                 decode=rows, prefill=prefill)  # fmt: skip
-    path = write_json("cpu_experts", data, args.out)
+    path = write_json(f"cpu_experts-{args.threads}t" if args.threads else "cpu_experts", data, args.out)
     print(f"\nwrote {path}")
     print(f"\n{cpu_model()} ({cpu_count()} cpus), read bandwidth {bw:.1f} GB/s\n")
     print(format_table(rows, ["shape", "fmt", "mode", "T", "E", "layers", "ms", "GBps", "ratio"]))

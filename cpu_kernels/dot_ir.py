@@ -4,20 +4,22 @@ Plain Numba loops vectorize to AVX-512 FMA but never to ``vpdpbusd``, and they
 spill accumulators, so the bandwidth-bound inner loops are written here with
 explicit vector types and several accumulators kept in registers.
 
-Every intrinsic reads one weight row and one activation row through
+Every intrinsic reads weight rows and one activation row through
 ``(array, flat element offset)`` pairs; the caller guarantees the offsets and
 lengths stay inside the arrays (the Numba wrapper checks shapes once).
 
-Both quantized dots accumulate int32 per vector (one vpdpbusd per 64 inputs) and convert
-each vector once. int8 scales and sums in float64: its unsigned codes carry a +128 offset
-whose correction cancels most of the sum, so float32 would lose the last bits of the
-result and, through the intermediate's requantization, agreement with a float64 reference.
-int4 scales and sums in float32 (codes 0..15 cancel far less; relative rounding near 1e-7).
+The quantized dots (``dot_q4_rows``, ``dot_q8_rows``) take R = 1, 2 or 4 rows per call and
+cost, per 64 weight bytes of each row, the unpack (int4), one vpdpbusd per 64 inputs and one
+int32 -> float32 conversion and FMA per vpdpbusd; the activation vectors are loaded once per
+block for all R rows, and horizontal sums run once per row. Both accumulate in float32:
+int8's +128 code offset is cancelled exactly in int32 (vpdpbusd's accumulator starts at
+-128 * the activations' lane sums), so nothing large cancels in floating point.
 
 Activation layout shared by the quantized dots (n = padded input length):
   a  int8    [n]        activations, quantized per block of 64
   sa float32 [n // 64]  one scale per block of 64
   aq float32 [n // 32]  sa * sum of a per 32 inputs (int4 zero-point term)
+  ac int32   [n // 4]   -128 * sum of a per 4 inputs (int8 offset seed)
 Weights are stored as unsigned codes so that ``vpdpbusd`` (u8 x s8) takes
 them as its unsigned operand and the signed activations as the other one.
 """
@@ -34,7 +36,6 @@ I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64
 F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
 V64I8 = ir.VectorType(I8, 64)
 V16I32 = ir.VectorType(I32, 16)
-V8F64 = ir.VectorType(F64, 8)
 V16F32 = ir.VectorType(F32, 16)
 V16I16 = ir.VectorType(I16, 16)
 
@@ -80,32 +81,22 @@ def _fmuladd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir
     return builder.call(fn, [a, b, c])
 
 
-def _mac_u8s8(builder: ir.IRBuilder, w: ir.Value, a: ir.Value, vnni: bool) -> ir.Value:
-    """<64 x u8> . <64 x s8> -> <16 x i32>; lane l sums bytes 4l..4l+3, as vpdpbusd does."""
+def _mac_u8s8(
+    builder: ir.IRBuilder, w: ir.Value, a: ir.Value, vnni: bool, acc: ir.Value | None = None
+) -> ir.Value:
+    """acc + <64 x u8> . <64 x s8> -> <16 x i32>; lane l adds bytes 4l..4l+3, as vpdpbusd does."""
     if vnni and _EMIT_VNNI:
         fn = _intrin(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32] * 3)
         wv = builder.bitcast(w, V16I32)
         av = builder.bitcast(a, V16I32)
-        return builder.call(fn, [ir.Constant(V16I32, None), wv, av])
+        return builder.call(fn, [ir.Constant(V16I32, None) if acc is None else acc, wv, av])
     v64i32 = ir.VectorType(I32, 64)
     prod = builder.mul(builder.zext(w, v64i32), builder.sext(a, v64i32))  # [64]
-    acc = None
     for k in range(4):
         mask = ir.Constant(ir.VectorType(I32, 16), [4 * lane + k for lane in range(16)])
         part = builder.shuffle_vector(prod, ir.Constant(v64i32, ir.Undefined), mask)  # [16]
         acc = part if acc is None else builder.add(acc, part)
     return acc
-
-
-def _folded_f64(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """Lanes l and l + 8 of a <16 x i32> added, as <8 x double>: one conversion where both halves share a scale."""
-    lo = builder.shuffle_vector(
-        v, ir.Constant(V16I32, ir.Undefined), ir.Constant(ir.VectorType(I32, 8), list(range(8)))
-    )
-    hi = builder.shuffle_vector(
-        v, ir.Constant(V16I32, ir.Undefined), ir.Constant(ir.VectorType(I32, 8), list(range(8, 16)))
-    )
-    return builder.sitofp(builder.add(lo, hi), V8F64)
 
 
 def _hsum(builder: ir.IRBuilder, vecs: list[ir.Value], zero: ir.Value) -> ir.Value:
@@ -159,192 +150,6 @@ def _as_i64(context, builder, val, ty):
     return context.cast(builder, val, ty, types.int64)
 
 
-def _make_dot_q8(vnni: bool):
-    """sum_b sa[b] * sum_{i in block b} w[i] * a[i] over nvec blocks of 64 (w unsigned codes)."""
-
-    @intrinsic
-    def dot_q8(typingctx, w, w_off, a, a_off, sa, sa_off, nvec):
-        sig = types.float64(w, w_off, a, a_off, sa, sa_off, nvec)
-
-        def codegen(context, builder, sig, args):
-            ty = sig.args
-            wp = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I8)
-            ap = _ptr(context, builder, ty[2], args[2], _as_i64(context, builder, args[3], ty[3]), I8)
-            sp = _ptr(context, builder, ty[4], args[4], _as_i64(context, builder, args[5], ty[5]), F32)
-            n = _as_i64(context, builder, args[6], ty[6])
-
-            def step(blk, accs):
-                wv = _load_vec(builder, wp, builder.mul(blk, _c(I64, 64)), V64I8)  # [64] u8
-                av = _load_vec(builder, ap, builder.mul(blk, _c(I64, 64)), V64I8)  # [64] s8
-                d = _mac_u8s8(builder, wv, av, vnni)  # [16] i32
-                s = _splat(builder, builder.fpext(_load(builder, sp, blk), F64), 8)
-                return [_fmuladd(builder, _folded_f64(builder, d), s, accs[0])]
-
-            unroll = 4
-            zero = ir.Constant(V8F64, None)
-
-            def body4(it, accs):
-                out = []
-                base = builder.mul(it, _c(I64, unroll))
-                for u in range(unroll):
-                    out += step(builder.add(base, _c(I64, u)), accs[u : u + 1])
-                return out
-
-            nmain = builder.sdiv(n, _c(I64, unroll))
-            accs = _counted_loop(builder, _c(I64, 0), nmain, [zero] * unroll, body4)
-            tail = _counted_loop(builder, builder.mul(nmain, _c(I64, unroll)), n, [zero], step)
-            return _hsum(builder, list(accs) + list(tail), _c(F64, 0.0))
-
-        return sig, codegen
-
-    return dot_q8
-
-
-def _quarters(builder: ir.IRBuilder, base: ir.Value, blk: ir.Value, g: int, conv) -> ir.Value:
-    """Per-group values of one block of 128 inputs spread to its four quarters of 32: <4 x float>."""
-    per_blk = 128 // g  # groups per block: 4, 2 or 1
-    vty = ir.VectorType(base.type.pointee, per_blk)
-    v = conv(_load_vec(builder, base, builder.mul(blk, _c(I64, per_blk)), vty))  # [per_blk] float
-    mask = [j * per_blk // 4 for j in range(4)]
-    return builder.shuffle_vector(
-        v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, 4), mask)
-    )
-
-
-def _quarters16(builder: ir.IRBuilder, base: ir.Value, it: ir.Value, g: int, conv) -> ir.Value:
-    """Per-group values of blocks 4it..4it+3 spread to their 16 quarters of 32: <16 x float>."""
-    per4 = 4 * (128 // g)  # groups in four blocks: 16, 8 or 4
-    vty = ir.VectorType(base.type.pointee, per4)
-    v = conv(_load_vec(builder, base, builder.mul(it, _c(I64, per4)), vty))  # [per4] float
-    if per4 == 16:
-        return v
-    mask = ir.Constant(ir.VectorType(I32, 16), [k * per4 // 16 for k in range(16)])
-    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask)
-
-
-def _make_dot_q4(vnni: bool, g: int, symmetric: bool):
-    """Dot of one packed int4 row with int8 activations, per-group scales and zero points; float32.
-
-    w  uint8   packed, block b of 128 inputs is 64 bytes: low nibble = input j, high = input 64 + j
-    s  uint16  float16 bits of the group scales, [n / g]
-    z  uint8   zero points [n / g] (ignored when symmetric: 8)
-    aq float32 [n / 32] sa * sum of the int8 activations per 32 inputs (for the zero-point term)
-    Each 64-input half is one vpdpbusd; its int32 lanes are converted once and scaled by
-    s_g * sa (lanes 0..7 hold inputs 0..31, lanes 8..15 inputs 32..63, so a group of 32 scales
-    half a vector). The zero-point term sum_g s_g * z_g * aq_g is accumulated per block, 4 wide.
-    Returns sum_g s_g * sum_{i in g} (q_i - z_g) * sa_i * a_i.
-    """
-
-    @intrinsic
-    def dot_q4(typingctx, w, w_off, a, a_off, sa, sa_off, s, s_off, z, z_off, aq, aq_off, nblk):
-        sig = types.float32(w, w_off, a, a_off, sa, sa_off, s, s_off, z, z_off, aq, aq_off, nblk)
-
-        def codegen(context, builder, sig, args):
-            ty = sig.args
-
-            def i64(k):
-                return _as_i64(context, builder, args[k], ty[k])
-
-            wp = _ptr(context, builder, ty[0], args[0], i64(1), I8)
-            ap = _ptr(context, builder, ty[2], args[2], i64(3), I8)
-            sap = _ptr(context, builder, ty[4], args[4], i64(5), F32)
-            sp = _ptr(context, builder, ty[6], args[6], i64(7), F16)
-            zp = _ptr(context, builder, ty[8], args[8], i64(9), I8)
-            aqp = _ptr(context, builder, ty[10], args[10], i64(11), F32)
-            n = i64(12)
-            mask15 = ir.Constant(V64I8, [15] * 64)
-            four = ir.Constant(V64I8, [4] * 64)
-            v4f = ir.VectorType(F32, 4)
-            eight = ir.Constant(v4f, [8.0] * 4)
-
-            def step(blk, accs):
-                p = _load_vec(builder, wp, builder.mul(blk, _c(I64, 64)), V64I8)  # [64] two nibbles
-                q = [builder.and_(p, mask15), builder.and_(builder.lshr(p, four), mask15)]  # 2 x [64]
-                s4 = _quarters(
-                    builder, sp, blk, g, lambda v: builder.fpext(v, ir.VectorType(F32, v.type.count))
-                )
-                if symmetric:
-                    z4 = eight
-                else:
-                    z4 = _quarters(
-                        builder, zp, blk, g, lambda v: builder.uitofp(v, ir.VectorType(F32, v.type.count))
-                    )
-                sa2 = _load_vec(builder, sap, builder.mul(blk, _c(I64, 2)), ir.VectorType(F32, 2))
-                sa4 = builder.shuffle_vector(
-                    sa2, ir.Constant(sa2.type, ir.Undefined), ir.Constant(ir.VectorType(I32, 4), [0, 0, 1, 1])
-                )
-                c4 = builder.fmul(s4, sa4)  # [4] scale of each quarter's int32 lanes
-                aq4 = _load_vec(builder, aqp, builder.mul(blk, _c(I64, 4)), v4f)  # [4]
-                out = list(accs)
-                out[2] = _fmuladd(builder, builder.fmul(s4, z4), aq4, accs[2])
-                for half in range(2):
-                    av = _load_vec(
-                        builder,
-                        ap,
-                        builder.mul(builder.add(builder.mul(blk, _c(I64, 2)), _c(I64, half)), _c(I64, 64)),
-                        V64I8,
-                    )
-                    d = builder.sitofp(_mac_u8s8(builder, q[half], av, vnni), V16F32)  # [16]
-                    lanes = ir.Constant(ir.VectorType(I32, 16), [2 * half] * 8 + [2 * half + 1] * 8)
-                    sc = builder.shuffle_vector(c4, ir.Constant(v4f, ir.Undefined), lanes)  # [16]
-                    out[half] = _fmuladd(builder, d, sc, accs[half])
-                return out
-
-            def step4(it, accs):
-                """Blocks 4it..4it+3: scales of all 16 quarters handled as one vector."""
-                blk0 = builder.mul(it, _c(I64, 4))
-                s16 = _quarters16(
-                    builder, sp, it, g, lambda v: builder.fpext(v, ir.VectorType(F32, v.type.count))
-                )
-                if symmetric:
-                    sz16 = builder.fmul(s16, ir.Constant(V16F32, [8.0] * 16))
-                else:
-                    z16 = _quarters16(
-                        builder, zp, it, g, lambda v: builder.uitofp(v, ir.VectorType(F32, v.type.count))
-                    )
-                    sz16 = builder.fmul(s16, z16)
-                sa8 = _load_vec(builder, sap, builder.mul(it, _c(I64, 8)), ir.VectorType(F32, 8))
-                sa16 = builder.shuffle_vector(
-                    sa8,
-                    ir.Constant(sa8.type, ir.Undefined),
-                    ir.Constant(ir.VectorType(I32, 16), [k // 2 for k in range(16)]),
-                )
-                c16 = builder.fmul(s16, sa16)  # [16] scale of each quarter's int32 lanes
-                aq16 = _load_vec(builder, aqp, builder.mul(it, _c(I64, 16)), V16F32)
-                out = list(accs)
-                out[4] = _fmuladd(builder, sz16, aq16, accs[4])
-                for b in range(4):
-                    blk = builder.add(blk0, _c(I64, b))
-                    p = _load_vec(builder, wp, builder.mul(blk, _c(I64, 64)), V64I8)
-                    q = [builder.and_(p, mask15), builder.and_(builder.lshr(p, four), mask15)]
-                    for half in range(2):
-                        k = 2 * b + half  # half index within the 4 blocks
-                        aoff = builder.mul(
-                            builder.add(builder.mul(blk, _c(I64, 2)), _c(I64, half)), _c(I64, 64)
-                        )
-                        av = _load_vec(builder, ap, aoff, V64I8)
-                        d = builder.sitofp(_mac_u8s8(builder, q[half], av, vnni), V16F32)
-                        lanes = ir.Constant(ir.VectorType(I32, 16), [2 * k] * 8 + [2 * k + 1] * 8)
-                        sc = builder.shuffle_vector(c16, ir.Constant(V16F32, ir.Undefined), lanes)
-                        out[k % 4] = _fmuladd(builder, d, sc, out[k % 4])
-                return out
-
-            zero16 = ir.Constant(V16F32, None)
-            zero4 = ir.Constant(v4f, None)
-            nmain = builder.sdiv(n, _c(I64, 4))
-            accs = _counted_loop(builder, _c(I64, 0), nmain, [zero16] * 5, step4)
-            tail = _counted_loop(builder, builder.mul(nmain, _c(I64, 4)), n, [zero16, zero16, zero4], step)
-            dots = _hsum(builder, [accs[0], accs[1], accs[2], accs[3], tail[0], tail[1]], _c(F32, 0.0))
-            corr = builder.fadd(
-                _hsum(builder, [accs[4]], _c(F32, 0.0)), _hsum(builder, [tail[2]], _c(F32, 0.0))
-            )
-            return builder.fsub(dots, corr)
-
-        return sig, codegen
-
-    return dot_q4
-
-
 @intrinsic
 def dot_bf16(typingctx, w, w_off, x, x_off, nvec):
     """sum_i bf16(w[i]) * x[i] over nvec blocks of 64, float32 accumulation; w uint16 bf16 bits."""
@@ -373,23 +178,6 @@ def dot_bf16(typingctx, w, w_off, x, x_off, nvec):
     return sig, codegen
 
 
-dot_q8_vnni = _make_dot_q8(True)
-dot_q8_portable = _make_dot_q8(False)
-# int4 dots by group size, symmetric (zero point 8) or not, vpdpbusd or portable
-dot_q4_g32 = _make_dot_q4(True, 32, False)
-dot_q4_g32s = _make_dot_q4(True, 32, True)
-dot_q4_g64 = _make_dot_q4(True, 64, False)
-dot_q4_g64s = _make_dot_q4(True, 64, True)
-dot_q4_g128 = _make_dot_q4(True, 128, False)
-dot_q4_g128s = _make_dot_q4(True, 128, True)
-dot_q4_g32_p = _make_dot_q4(False, 32, False)
-dot_q4_g32s_p = _make_dot_q4(False, 32, True)
-dot_q4_g64_p = _make_dot_q4(False, 64, False)
-dot_q4_g64s_p = _make_dot_q4(False, 64, True)
-dot_q4_g128_p = _make_dot_q4(False, 128, False)
-dot_q4_g128s_p = _make_dot_q4(False, 128, True)
-
-
 @intrinsic
 def fetch_add(typingctx, arr, idx, val):
     """Atomically arr[idx] += val for an int64 array; returns the old value (work-item claiming)."""
@@ -399,5 +187,332 @@ def fetch_add(typingctx, arr, idx, val):
         ty = sig.args
         p = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I64)
         return builder.atomic_rmw("add", p, _as_i64(context, builder, args[2], ty[2]), "monotonic")
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------- multi-row dots
+#
+# Decode streams each weight row once, so the dot loops must cost few instructions per weight
+# byte. The row dots below take R rows (R = 1, 2 or 4) against one activation vector: each
+# activation vector is loaded once per block for all R rows, and the per-row work per 64
+# weight bytes is the unpack, the vpdpbusd and one convert + FMA per 16 int32 lanes, whose
+# scale is a scalar broadcast from memory. Horizontal sums run once per row at the end.
+# R, the group size, symmetry and the vpdpbusd switch are compile-time literals, so one
+# intrinsic covers every variant.
+#
+# Callers pass rows far apart (a quarter of a work item each), not adjacent ones: R adjacent
+# rows read side by side are R streams interleaved within a few KB, which hardware prefetchers
+# follow poorly (one Zen 4 core: 8 GB/s for four adjacent 1 KB int4 rows against 28 GB/s for
+# four far-apart rows, each a long sequential stream; 19 GB/s for one row at a time).
+
+SEG = 32  # blocks of 128 inputs whose combined int4 scales one pre-pass writes to the stack
+
+
+def _literals(*tys):
+    vals = tuple(t.literal_value if isinstance(t, types.Literal) else None for t in tys)
+    return None if None in vals else vals
+
+
+def _vec(n: int, elt: ir.Type = F32) -> ir.VectorType:
+    return ir.VectorType(elt, n)
+
+
+def _spread(builder: ir.IRBuilder, v: ir.Value, m: int) -> ir.Value:
+    """<n x T> -> <m x T> (m a multiple of n): element k of the result is element k * n // m."""
+    n = v.type.count
+    if n == m:
+        return v
+    mask = ir.Constant(_vec(m, I32), [k * n // m for k in range(m)])
+    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask)
+
+
+def _pairs_sum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """<2m x float> -> <m x float>: elements 2k and 2k + 1 added."""
+    m = v.type.count // 2
+    und = ir.Constant(v.type, ir.Undefined)
+    ev = builder.shuffle_vector(v, und, ir.Constant(_vec(m, I32), [2 * k for k in range(m)]))
+    od = builder.shuffle_vector(v, und, ir.Constant(_vec(m, I32), [2 * k + 1 for k in range(m)]))
+    return builder.fadd(ev, od)
+
+
+def _row_offsets(
+    builder: ir.IRBuilder, off: ir.Value, step: ir.Value, pair: ir.Value, R: int
+) -> list[ir.Value]:
+    """Start of row r: off + (r % 2) * step + (r // 2) * pair."""
+    return [
+        builder.add(off, builder.add(builder.mul(step, _c(I64, r % 2)), builder.mul(pair, _c(I64, r // 2))))
+        for r in range(R)
+    ]
+
+
+def _imin(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    return builder.select(builder.icmp_signed("<", a, b), a, b)
+
+
+@intrinsic
+def dot_q4_rows(
+    typingctx,
+    w,
+    w_off,
+    w_step,
+    w_pair,
+    a,
+    a_off,
+    sa,
+    sa_off,
+    aq,
+    aq_off,
+    ac,
+    ac_off,
+    s,
+    s_off,
+    s_step,
+    s_pair,
+    z,
+    nblk,
+    nrows,
+    gsize,
+    sym,
+    vnni,
+):
+    """Dots of R packed int4 rows with one int8 activation vector: UniTuple(float32, R).
+
+    Row r starts at w_off + (r % 2) * w_step + (r // 2) * w_pair in w (bytes) and at
+    s_off + (r % 2) * s_step + (r // 2) * s_pair in s (group scales, float16 bits) and z (zero
+    points, ignored when sym: 8): two pairs of rows, each pair usually adjacent rows (gate and
+    up) and the pairs far apart, so the rows are read as two long sequential streams. Activations a [n] int8,
+    sa [n / 64] float32 scales, aq [n / 32] float32 (sa * sum of a per 32), ac [n / 4] int32
+    (-128 * sum of a per 4); n = 128 * nblk.
+    nrows, gsize (32 / 64 / 128), sym and vnni must be literals.
+    Row r's value: sum_g s_g * sum_{i in g} (q_i - z_g) * sa_i * a_i, float32 accumulation.
+
+    Per segment of SEG blocks, a pre-pass writes each row's combined scale s_g * sa of every
+    64-input half (of every 32-input quarter when g = 32) to a stack array (and, with zero
+    points, accumulates the term s_g * z_g * aq); the main loop then scales each vpdpbusd
+    result with one broadcast load. High nibbles enter vpdpbusd unshifted (16 q), their
+    scales carry 1 / 16. Symmetric rows fold z = 8 into vpdpbusd's accumulator exactly
+    (-8 and -128 times the activations' lane sums), so nothing cancels in float32.
+    """
+    lits = _literals(nrows, gsize, sym, vnni)
+    if lits is None:
+        return None
+    R, g, symv, vn = lits
+    if R not in (1, 2, 4) or g not in (32, 64, 128):
+        return None
+    sig = types.UniTuple(types.float32, R)(
+        w,
+        w_off,
+        w_step,
+        w_pair,
+        a,
+        a_off,
+        sa,
+        sa_off,
+        aq,
+        aq_off,
+        ac,
+        ac_off,
+        s,
+        s_off,
+        s_step,
+        s_pair,
+        z,
+        nblk,
+        nrows,
+        gsize,
+        sym,
+        vnni,
+    )
+
+    def codegen(context, builder, sig, args):
+        ty = sig.args
+
+        def i64(k):
+            return _as_i64(context, builder, args[k], ty[k])
+
+        def ptr(k, off, elt):
+            return _ptr(context, builder, ty[k], args[k], off, elt)
+
+        wps = [ptr(0, o, I8) for o in _row_offsets(builder, i64(1), i64(2), i64(3), R)]
+        sofs = _row_offsets(builder, i64(13), i64(14), i64(15), R)
+        sps = [ptr(12, o, F16) for o in sofs]
+        zps = None if symv else [ptr(16, o, I8) for o in sofs]
+        ap, sap, aqp = ptr(4, i64(5), I8), ptr(6, i64(7), F32), ptr(8, i64(9), F32)
+        acp = ptr(10, i64(11), I32)
+        n = i64(17)
+        cw = 2 if g == 32 else 1  # combined scales per half
+        segh = 2 * SEG * cw  # scratch floats per row
+        scratch = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(F32, R * segh)), F32.as_pointer())
+        mask15 = ir.Constant(V64I8, [15] * 64)
+        mask240 = ir.Constant(V64I8, [240] * 64)
+        unroll = 2 if R == 1 else 1  # blocks per main-loop iteration (independent FMA chains)
+
+        def prepass(babs, jloc, nbk, corrs):
+            """Blocks babs..babs+nbk-1 (segment-local jloc..): store combined scales, add zero-point terms."""
+            m = nbk * 2 * cw  # halves (quarters when g = 32) in these blocks
+            ng = nbk * 128 // g  # groups in these blocks
+            sa_m = _spread(builder, _load_vec(builder, sap, builder.mul(babs, _c(I64, 2)), _vec(2 * nbk)), m)
+            # high nibbles enter vpdpbusd unshifted (16 q): their halves' scales carry 1 / 16 (exact)
+            hi = ir.Constant(_vec(m), [1.0 / 16 if (k * 2 * nbk // m) % 2 else 1.0 for k in range(m)])
+            sa_m = builder.fmul(sa_m, hi)
+            aq_v = _load_vec(builder, aqp, builder.mul(babs, _c(I64, 4)), _vec(4 * nbk))
+            aq_m = aq_v if m == 4 * nbk else _pairs_sum(builder, aq_v)
+            goff = builder.mul(babs, _c(I64, 128 // g))
+            out = []
+            for r in range(R):
+                sv = builder.fpext(_load_vec(builder, sps[r], goff, _vec(ng, F16)), _vec(ng))
+                s_m = _spread(builder, sv, m)
+                dst = builder.gep(
+                    scratch, [builder.add(_c(I64, r * segh), builder.mul(jloc, _c(I64, 2 * cw)))]
+                )
+                builder.store(builder.fmul(s_m, sa_m), builder.bitcast(dst, _vec(m).as_pointer()), align=4)
+                if symv:  # the zero point is folded into vpdpbusd's accumulator
+                    out.append(corrs[r])
+                    continue
+                zv = builder.uitofp(_load_vec(builder, zps[r], goff, _vec(ng, I8)), _vec(ng))
+                s_m = builder.fmul(s_m, _spread(builder, zv, m))
+                out.append(_fmuladd(builder, s_m, aq_m, corrs[r]))
+            return out
+
+        def block(babs, jloc, accs, u):
+            """One block of 128 inputs for all rows; accs[(r * 2 + h) * unroll + u]."""
+            out = list(accs)
+            av = [_load_vec(builder, ap, builder.mul(builder.add(builder.mul(babs, _c(I64, 2)), _c(I64, h)), _c(I64, 64)), V64I8) for h in range(2)]  # fmt: skip
+            seed = [None, None]
+            if symv:  # -8 * lane sums of a (low nibbles), -128 * lane sums = 16 * that (high, 16 q)
+                acs = [_load_vec(builder, acp, builder.mul(builder.add(builder.mul(babs, _c(I64, 2)), _c(I64, h)), _c(I64, 16)), V16I32) for h in range(2)]  # fmt: skip
+                seed = [builder.ashr(acs[0], ir.Constant(V16I32, [4] * 16)), acs[1]]
+            for r in range(R):
+                woff = builder.mul(babs, _c(I64, 64))
+                p = _load_vec(builder, wps[r], woff, V64I8)
+                q = [builder.and_(p, mask15), builder.and_(p, mask240)]  # q_lo, 16 * q_hi
+                for h in range(2):
+                    d = builder.sitofp(_mac_u8s8(builder, q[h], av[h], vn, seed[h]), V16F32)
+                    idx = builder.add(_c(I64, r * segh + h * cw), builder.mul(jloc, _c(I64, 2 * cw)))
+                    if cw == 1:
+                        cs = _splat(builder, _load(builder, scratch, idx), 16)
+                    else:
+                        cs = _spread(builder, _load_vec(builder, scratch, idx, _vec(2)), 16)
+                    k = (r * 2 + h) * unroll + u
+                    out[k] = _fmuladd(builder, d, cs, out[k])
+            return out
+
+        m_unit, m_one = 16 * cw, 2 * cw
+        zero16 = ir.Constant(V16F32, None)
+        seg_c = _c(I64, SEG)
+        nseg = builder.sdiv(builder.add(n, _c(I64, SEG - 1)), seg_c)
+        nacc = R * 2 * unroll
+        inits = [zero16] * nacc + [ir.Constant(_vec(m_unit), None)] * R + [ir.Constant(_vec(m_one), None)] * R
+
+        def segment(k, vals):
+            accs, cu, c1 = vals[:nacc], vals[nacc : nacc + R], vals[nacc + R :]
+            sb = builder.mul(k, seg_c)
+            nb = _imin(builder, builder.sub(n, sb), seg_c)
+            nunit = builder.sdiv(nb, _c(I64, 8))
+
+            def unit(u, cs):
+                j = builder.mul(u, _c(I64, 8))
+                return prepass(builder.add(sb, j), j, 8, cs)
+
+            cu = _counted_loop(builder, _c(I64, 0), nunit, cu, unit)
+            c1 = _counted_loop(
+                builder,
+                builder.mul(nunit, _c(I64, 8)),
+                nb,
+                c1,
+                lambda j, cs: prepass(builder.add(sb, j), j, 1, cs),
+            )
+
+            def main(it, acc):
+                for u in range(unroll):
+                    j = builder.add(builder.mul(it, _c(I64, unroll)), _c(I64, u))
+                    acc = block(builder.add(sb, j), j, acc, u)
+                return acc
+
+            nmain = builder.sdiv(nb, _c(I64, unroll))
+            accs = _counted_loop(builder, _c(I64, 0), nmain, accs, main)
+            if unroll > 1:
+                accs = _counted_loop(
+                    builder, builder.mul(nmain, _c(I64, unroll)), nb, accs,
+                    lambda j, acc: block(builder.add(sb, j), j, acc, 0),
+                )  # fmt: skip
+            return list(accs) + list(cu) + list(c1)
+
+        vals = _counted_loop(builder, _c(I64, 0), nseg, inits, segment)
+        res = []
+        for r in range(R):
+            dots = _hsum(builder, vals[r * 2 * unroll : (r + 1) * 2 * unroll], _c(F32, 0.0))
+            if symv:
+                res.append(dots)
+                continue
+            corr = builder.fadd(
+                _hsum(builder, [vals[nacc + r]], _c(F32, 0.0)),
+                _hsum(builder, [vals[nacc + R + r]], _c(F32, 0.0)),
+            )
+            res.append(builder.fsub(dots, corr))
+        return context.make_tuple(builder, sig.return_type, res)
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_q8_rows(typingctx, w, w_off, w_step, w_pair, a, a_off, sa, sa_off, ac, ac_off, nblk, nrows, vnni):
+    """Dots of R int8 rows (codes q + 128) with one int8 activation vector: UniTuple(float32, R).
+
+    Row r: codes w[w_off + (r % 2) * w_step + (r // 2) * w_pair:], n = 64 * nblk. Activations a [n] int8, sa [n / 64]
+    float32 scales, ac [n / 4] int32: -128 * the sum of a over each 4 inputs, which seeds
+    vpdpbusd's accumulator so each block's int32 lanes are exactly sum (code - 128) * a (no
+    large offset to cancel later, so float32 accumulation keeps its relative precision).
+    Row r's value: sum_b sa[b] * sum_{i in b} (w_i - 128) * a_i. nrows and vnni are literals.
+    """
+    lits = _literals(nrows, vnni)
+    if lits is None:
+        return None
+    R, vn = lits
+    if R not in (1, 2, 4):
+        return None
+    sig = types.UniTuple(types.float32, R)(
+        w, w_off, w_step, w_pair, a, a_off, sa, sa_off, ac, ac_off, nblk, nrows, vnni
+    )
+
+    def codegen(context, builder, sig, args):
+        ty = sig.args
+
+        def i64(k):
+            return _as_i64(context, builder, args[k], ty[k])
+
+        offs = _row_offsets(builder, i64(1), i64(2), i64(3), R)
+        wps = [_ptr(context, builder, ty[0], args[0], o, I8) for o in offs]
+        ap = _ptr(context, builder, ty[4], args[4], i64(5), I8)
+        sap = _ptr(context, builder, ty[6], args[6], i64(7), F32)
+        acp = _ptr(context, builder, ty[8], args[8], i64(9), I32)
+        n = i64(10)
+        unroll = 4 // R
+
+        def block(b, accs, u):
+            out = list(accs)
+            off = builder.mul(b, _c(I64, 64))
+            av = _load_vec(builder, ap, off, V64I8)
+            cv = _load_vec(builder, acp, builder.mul(b, _c(I64, 16)), V16I32)
+            sb = _splat(builder, _load(builder, sap, b), 16)
+            for r in range(R):
+                d = _mac_u8s8(builder, _load_vec(builder, wps[r], off, V64I8), av, vn, cv)
+                out[r * unroll + u] = _fmuladd(builder, builder.sitofp(d, V16F32), sb, out[r * unroll + u])
+            return out
+
+        def main(it, accs):
+            for u in range(unroll):
+                accs = block(builder.add(builder.mul(it, _c(I64, unroll)), _c(I64, u)), accs, u)
+            return accs
+
+        nmain = builder.sdiv(n, _c(I64, unroll))
+        accs = _counted_loop(builder, _c(I64, 0), nmain, [ir.Constant(V16F32, None)] * (R * unroll), main)
+        if unroll > 1:
+            accs = _counted_loop(
+                builder, builder.mul(nmain, _c(I64, unroll)), n, accs, lambda b, acc: block(b, acc, 0)
+            )
+        res = [_hsum(builder, accs[r * unroll : (r + 1) * unroll], _c(F32, 0.0)) for r in range(R)]
+        return context.make_tuple(builder, sig.return_type, res)
 
     return sig, codegen

@@ -42,29 +42,16 @@ from numba import prange
 
 from . import tuning
 from .cpu_info import has_avx512_vnni
-from .dot_ir import (
-    dot_bf16,
-    dot_q4_g32,
-    dot_q4_g32_p,
-    dot_q4_g32s,
-    dot_q4_g32s_p,
-    dot_q4_g64,
-    dot_q4_g64_p,
-    dot_q4_g64s,
-    dot_q4_g64s_p,
-    dot_q4_g128,
-    dot_q4_g128_p,
-    dot_q4_g128s,
-    dot_q4_g128s_p,
-    dot_q8_portable,
-    dot_q8_vnni,
-    fetch_add,
-)
+from .dot_ir import dot_bf16, dot_q4_rows, dot_q8_rows, fetch_add
 from .formats import PackedExperts
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
 ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
 SERIAL_BLOCKS = 256  # input blocks of 64 quantized serially (no parallel region) up to this many
+# Quantized down projection: H rows per work item at least this many, so each item's four weight
+# streams (one per quarter of its rows, per expert) run 16+ rows: with 16 threads and H = 2048,
+# ITEMS_PER_THREAD alone gives 16-row items, four interleaved streams of 4 rows each.
+DOWN_ROWS = 64
 
 _state = {"threads": 0, "vnni": has_avx512_vnni()}  # threads 0: default (see module doc)
 
@@ -135,9 +122,11 @@ def _group_pairs(ids, wts, E):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _quantize_block(v, n, b, q, qs, qa, qb):
+def _quantize_block(v, n, b, q, qs, qa, qc):
     """Block b (inputs 64b..64b+63) of v [>= n] float32 -> int8 codes q[64b:64b+64], scale qs[b],
-    qa[2b + j] = float32(s * sum of q over the j-th 32), qb[b] = s * sum of q (float64).
+    qa[2b + j] = float32(s * sum of q over the j-th 32), qc[16b + l] = -128 * sum of q over
+    inputs 64b + 4l .. 64b + 4l + 3 (int32: seeds the int8 dot's vpdpbusd, cancelling the +128 of
+    the weight codes exactly).
 
     q = rint(v / s) with s = amax / 127 per block (1 for an all-zero block); inputs past n are zero.
     """
@@ -146,18 +135,19 @@ def _quantize_block(v, n, b, q, qs, qa, qb):
         amax = max(amax, abs(v[i]))
     s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
     qs[b] = s
-    both = 0
     for half in range(2):
         tot = 0
-        for i in range(b * 64 + half * 32, b * 64 + half * 32 + 32):
-            qi = 0
-            if i < n:
-                qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
-            q[i] = qi
-            tot += qi
+        for lane in range(8):
+            four = 0
+            for i in range(b * 64 + half * 32 + 4 * lane, b * 64 + half * 32 + 4 * lane + 4):
+                qi = 0
+                if i < n:
+                    qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
+                q[i] = qi
+                four += qi
+            qc[16 * b + 8 * half + lane] = -128 * four
+            tot += four
         qa[2 * b + half] = np.float32(np.float64(s) * tot)
-        both += tot
-    qb[b] = np.float64(s) * both
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -178,38 +168,41 @@ def _silu_mul(g, u):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _dot_q4(vnni, gsel, sym, w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk):
-    """gsel 0 / 1 / 2: group size 32 / 64 / 128."""
+def _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, z, nblk):
+    """R (a literal) int4 rows, row r at w[wo + r * wst:] (scales, zero points at s, z[so + r * sst:]):
+    UniTuple(float32, R). gsel 0 / 1 / 2: group size 32 / 64 / 128.
+    """
     if vnni:
         if gsel == 0:
             if sym:
-                return dot_q4_g32s(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
-            return dot_q4_g32(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, True)  # fmt: skip
         if gsel == 1:
             if sym:
-                return dot_q4_g64s(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
-            return dot_q4_g64(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, True)  # fmt: skip
         if sym:
-            return dot_q4_g128s(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
-        return dot_q4_g128(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, True)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, True)  # fmt: skip
     if gsel == 0:
         if sym:
-            return dot_q4_g32s_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
-        return dot_q4_g32_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, False)  # fmt: skip
     if gsel == 1:
         if sym:
-            return dot_q4_g64s_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
-        return dot_q4_g64_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, False)  # fmt: skip
     if sym:
-        return dot_q4_g128s_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
-    return dot_q4_g128_p(w, wo, a, ao, sa, sao, s, so, z, zo, aq, aqo, nblk)
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, False)  # fmt: skip
+    return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, False)  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _dot_q8(vnni, w, wo, a, ao, sa, sao, nvec):
+def _q8_rows(vnni, R, w, wo, wst, a, ao, sa, sao, ac, aco, nblk):
+    """R (a literal) int8 rows, row r at w[wo + r * wst:]: UniTuple(float32, R)."""
     if vnni:
-        return dot_q8_vnni(w, wo, a, ao, sa, sao, nvec)
-    return dot_q8_portable(w, wo, a, ao, sa, sao, nvec)
+        return dot_q8_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, nblk, R, True)
+    return dot_q8_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, nblk, R, False)
 
 
 # ---------------------------------------------------------------- entry points
@@ -225,11 +218,15 @@ def _moe_quant(
     int8: gu u8 [E, I, 2, Hp], gus f32 [E * I * 2], dn u8 [E, H, Ip], dns f32 [E * H].
     int4: gu u8 [E, I, 2, Hp/2], gus u16 [E * I * 2 * Hp/g], guz u8 same (or [1] when sym),
           dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same (or [1]); g = 32 << gsel.
-    bufs: scratch (xq, xs, xa, xb, h, hq, hs, ha, hb) with at least T / P rows; ctr int64 [2];
+    bufs: scratch (xq, xs, xa, xc, h, hq, hs, ha, hc) with at least T / P rows; ctr int64 [2];
     nthr: the Numba thread count of this call.
+    Row dots take four packed rows at a time, one from each quarter of a work item's rows
+    (gate/up: its 2 * rows packed rows; down: its block of H rows), so each activation vector
+    is loaded once for four rows and the weights stream as four long sequential runs. The gate
+    and up values meet in a per-item buffer before silu(gate) * up.
     """
     I = inter  # noqa: E741
-    xq, xs, xa, xb, h, hq, hs, ha, hb = bufs
+    xq, xs, xa, xc, h, hq, hs, ha, hc = bufs
     T, H = x.shape
     E = gu.shape[0]
     Hp = gu.shape[3] * (2 if is_int4 else 1)
@@ -237,7 +234,6 @@ def _moe_quant(
     ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
     if not ok:
         return False
-    P = slot_tok.shape[0]
     ngh = (Hp // 32) >> gsel  # groups per gate/up row
     ngi = (Ip // 32) >> gsel
     nbx, nbh64 = Hp // 64, Ip // 64
@@ -247,18 +243,11 @@ def _moe_quant(
     if T * nbx <= SERIAL_BLOCKS:  # a decode step: cheaper than starting a parallel region
         for item in range(T * nbx):
             t = item // nbx
-            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xb[t])
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xc[t])
     else:
         for item in prange(T * nbx):
             t = item // nbx
-            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xb[t])
-
-    xc = np.zeros(T)  # [T] 128 * sum of dequantized activations: int8 codes carry a +128 offset
-    if not is_int4:
-        for t in range(T):
-            for b in range(nbx):
-                xc[t] += xb[t, b]
-            xc[t] *= 128.0
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xc[t])
 
     rbg = -(-_rows_per_item(active.shape[0] * I, rb, nthr) // 64) * 64  # whole blocks of h
     nbi = (I + rbg - 1) // rbg
@@ -272,44 +261,49 @@ def _moe_quant(
             r0 = (task % nbi) * rbg
             r1 = min(r0 + rbg, I)
             s0, s1 = start[e], start[e + 1]
-            for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+            # one token block: the whole item in one pass, so its weights stream in long runs
+            rstep = rb if s1 - s0 > tb else r1 - r0
+            pre = np.empty((s1 - s0, 2 * (r1 - r0)))  # gate, up values of rows r0..r1-1, interleaved
+            for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+                ce = min(c0 + rstep, r1)
+                # packed rows p0.. (gate, up of each row) in four streams, one per quarter
+                p0, npk = (e * I + c0) * 2, 2 * (ce - c0)
+                q = npk // 4
                 for tb0 in range(s0, s1, tb):
-                    for i in range(c0, min(c0 + rb, r1)):
-                        row = (e * I + i) * 2  # gate row; up row follows
+                    # k < q: packed rows p0 + k + m * q (m < 4); then the npk % 4 left, each alone
+                    # (as four copies of itself: one call site, so one compiled copy of the dots)
+                    for k in range(q + npk - 4 * q):
+                        kk = k if k < q else 3 * q + k
+                        p, j, st = (
+                            p0 + kk,
+                            2 * (c0 - r0) + kk,
+                            q if k < q else 0,
+                        )  # packed row, column, stride
                         for s in range(tb0, min(tb0 + tb, s1)):
                             t = slot_tok[s]
                             if is_int4:
-                                go = row * ngh
-                                gv = _dot_q4(
-                                    vnni, gsel, sym, gu, row * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
-                                    guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
+                                v = _q4_rows(
+                                    vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
+                                    t * nbx, xa, t * (Hp // 32), xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
                                 )  # fmt: skip
-                                go += ngh
-                                uv = _dot_q4(
-                                    vnni, gsel, sym, gu, (row + 1) * (Hp // 2), xq, t * Hp, xs, t * nbx, gus, go,
-                                    guz, 0 if sym else go, xa, t * (Hp // 32), Hp // 128,
-                                )  # fmt: skip
-                                h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
+                                for m in range(4 if k < q else 1):
+                                    pre[s - s0, j + m * q] = v[m]
                             else:
-                                corr = xc[t]
-                                gv = _dot_q8(vnni, gu, row * Hp, xq, t * Hp, xs, t * nbx, nbx)
-                                uv = _dot_q8(vnni, gu, (row + 1) * Hp, xq, t * Hp, xs, t * nbx, nbx)
-                                gd = (np.float64(gv) - corr) * np.float64(gus[row])
-                                ud = (np.float64(uv) - corr) * np.float64(gus[row + 1])
-                                h[s, i] = _silu_mul(gd, ud)
+                                v = _q8_rows(
+                                    vnni, 4, gu, p * Hp, st * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
+                                )  # fmt: skip
+                                for m in range(4 if k < q else 1):
+                                    pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
+            for s in range(s0, s1):
+                for i in range(r0, r1):
+                    h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
             # this item wrote whole blocks of 64 of h (the last item of an expert: up to Ip)
             bend = nbh64 if r1 == I else r1 // 64
             for s in range(s0, s1):
                 for b in range(r0 // 64, bend):
-                    _quantize_block(h[s], I, b, hq[s], hs[s], ha[s], hb[s])
-    hc = np.zeros(P)  # [P] as xc, for the intermediate
-    if not is_int4:
-        for s in range(P):
-            for b in range(nbh64):
-                hc[s] += hb[s, b]
-            hc[s] *= 128.0
+                    _quantize_block(h[s], I, b, hq[s], hs[s], ha[s], hc[s])
 
-    rbd = _rows_per_item(H, rb, nthr)
+    rbd = max(_rows_per_item(H, rb, nthr), min(DOWN_ROWS, H))  # four streams of >= DOWN_ROWS / 4 rows
     nbh = (H + rbd - 1) // rbd
     for _ in prange(nthr):
         while True:
@@ -324,22 +318,35 @@ def _moe_quant(
             for ai in range(active.shape[0]):
                 e = active[ai]
                 s0, s1 = start[e], start[e + 1]
-                for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+                rstep = rb if s1 - s0 > tb else r1 - r0  # one token block: one pass, long weight streams
+                for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+                    ce = min(c0 + rstep, r1)
+                    q = (ce - c0) // 4  # rows c0 + k + m * q (m < 4) together: four sequential streams
                     for tb0 in range(s0, s1, tb):
-                        for r in range(c0, min(c0 + rb, r1)):
-                            row = e * H + r
+                        for k in range(q + ce - c0 - 4 * q):  # as in gate/up: the rest alone, as four copies
+                            r = c0 + (k if k < q else 3 * q + k)
+                            row, st = e * H + r, q if k < q else 0
                             for s in range(tb0, min(tb0 + tb, s1)):
                                 if is_int4:
-                                    go = row * ngi
-                                    d = _dot_q4(
-                                        vnni, gsel, sym, dn, row * (Ip // 2), hq, s * Ip, hs, s * nbh64, dns, go,
-                                        dnz, 0 if sym else go, ha, s * (Ip // 32), Ip // 128,
+                                    v = _q4_rows(
+                                        vnni, gsel, sym, 4, dn, row * (Ip // 2), st * (Ip // 2), hq, s * Ip, hs,
+                                        s * nbh64, ha, s * (Ip // 32), hc, s * (Ip // 4), dns, row * ngi, st * ngi, dnz, Ip // 128,
                                     )  # fmt: skip
-                                    y = np.float64(d)
+                                    y0, y1, y2, y3 = v[0], v[1], v[2], v[3]
                                 else:
-                                    d = _dot_q8(vnni, dn, row * Ip, hq, s * Ip, hs, s * nbh64, nbh64)
-                                    y = (np.float64(d) - hc[s]) * np.float64(dns[row])
-                                out[slot_tok[s], r] += slot_wt[s] * np.float32(y)
+                                    v = _q8_rows(
+                                        vnni, 4, dn, row * Ip, st * Ip, hq, s * Ip, hs, s * nbh64, hc, s * (Ip // 4), nbh64,
+                                    )  # fmt: skip
+                                    y0 = np.float32(np.float64(v[0]) * dns[row])
+                                    y1 = np.float32(np.float64(v[1]) * dns[row + st])
+                                    y2 = np.float32(np.float64(v[2]) * dns[row + 2 * st])
+                                    y3 = np.float32(np.float64(v[3]) * dns[row + 3 * st])
+                                o, wt = slot_tok[s], slot_wt[s]
+                                out[o, r] += wt * y0
+                                if k < q:
+                                    out[o, r + q] += wt * y1
+                                    out[o, r + 2 * q] += wt * y2
+                                    out[o, r + 3 * q] += wt * y3
     return True
 
 
@@ -434,10 +441,10 @@ def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
         bufs = (
             (
                 np.empty((T, Hp), np.int8), np.empty((T, Hp // 64), np.float32),
-                np.empty((T, Hp // 32), np.float32), np.empty((T, Hp // 64), np.float64),
+                np.empty((T, Hp // 32), np.float32), np.empty((T, Hp // 4), np.int32),
                 np.zeros((P, Ip), np.float32), np.empty((P, Ip), np.int8),
                 np.empty((P, Ip // 64), np.float32), np.empty((P, Ip // 32), np.float32),
-                np.empty((P, Ip // 64), np.float64),
+                np.empty((P, Ip // 4), np.int32),
             ),
             np.zeros(2, np.int64),
         )  # fmt: skip

@@ -290,3 +290,110 @@ def test_int4_zero_points_cover_groups_of_one_sign(sign):
     err = np.abs(dequantize_int4(packed, scales, zeros, 32, 128) - w)
     step = np.maximum(np.abs(w).reshape(4, -1, 32).max(-1), 0) / 15 * 2  # the widest a group's step can be
     assert (err.reshape(4, -1, 32).max(-1) <= step / 2 * 1.01).all()
+
+
+# ---------------------------------------------------------------- four-row dots
+
+
+@pytest.mark.parametrize(
+    "fmt,g,sym", [("int8", 0, True), ("int4", 32, False), ("int4", 64, True), ("int4", 128, False)]
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T,K,E", [(1, 1, 4), (3, 2, 8), (64, 8, 8)])
+def test_row_remainders_match_reference(fmt, g, sym, threads, T, K, E):
+    """Work items whose row counts are not multiples of four (H = 203, I = 71): the four-stream
+    dots and the one-row rest both run, in decode (whole items) and prefill (row blocks) order."""
+    H, I = 203, 71  # noqa: E741
+    _, experts = packed(fmt, g, sym, E, H, I)
+    x, ids, w = make_batch(T, K, E, H, seed=5 * T + K + 1)
+    if T > 2:
+        ids[2, -1] = -1
+    ref = reference(x, ids, w, *ck.dequantize(experts), quantized=True)
+    for prefer in ("decode", "prefill"):
+        out = ck.fused_moe(
+            x, ids, w, experts, prefer=prefer, threads=min(threads, ck.moe.numba.config.NUMBA_NUM_THREADS)
+        )
+        err = rel_err(out, ref)
+        assert err < 1e-4, f"{fmt} g={g} {prefer}: relative error {err:.2e}"
+
+
+def _row_dot_callers():
+    from cpu_kernels.moe import _q4_rows, _q8_rows, numba
+
+    def q4(R):
+        @numba.njit
+        def call(vnni, gsel, sym, w, wo, wst, a, sa, aq, ac, s, so, sst, z, nblk, out):
+            v = _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, 0, sa, 0, aq, 0, ac, 0, s, so, sst, z, nblk)
+            for r in range(R):
+                out[r] = v[r]
+
+        return call
+
+    def q8(R):
+        @numba.njit
+        def call(vnni, w, wo, wst, a, sa, ac, nblk, out):
+            v = _q8_rows(vnni, R, w, wo, wst, a, 0, sa, 0, ac, 0, nblk)
+            for r in range(R):
+                out[r] = v[r]
+
+        return call
+
+    return {R: q4(R) for R in (1, 2, 4)}, {R: q8(R) for R in (1, 2, 4)}
+
+
+ROW_DOTS: dict = {}
+
+
+def _int8_activations(rng, n: int):
+    """a int8 [n], sa [n / 64], aq [n / 32], ac int32 [n / 4] as the kernel lays them out; a * sa in float64."""
+    a = rng.integers(-127, 128, n).astype(np.int8)
+    sa = rng.uniform(0.5, 1.5, n // 64).astype(np.float32)
+    aq = (sa.repeat(2) * a.reshape(-1, 32).astype(np.float32).sum(1)).astype(np.float32)
+    ac = (-128 * a.reshape(-1, 4).astype(np.int32).sum(1)).astype(np.int32)
+    return a, sa, aq, ac, a.astype(np.float64) * np.repeat(sa.astype(np.float64), 64)
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("vnni", [True, False])
+def test_row_dots_match_numpy(R, vnni):
+    """dot_q4_rows / dot_q8_rows against float64 numpy: every group size, zero points or not,
+    rows a stride apart, lengths across the int4 scale pre-pass's segment and 8-block units."""
+    if not ROW_DOTS:
+        ROW_DOTS["q4"], ROW_DOTS["q8"] = _row_dot_callers()
+    vnni = vnni and ck.has_avx512_vnni()
+    rng = np.random.default_rng(R)
+    nrows, stride = 13, 3  # rows 1, 4, 7, 10 of 13
+    out = np.zeros(R, np.float32)
+    for nblk in (1, 3, 8, 9, 33, 70):  # blocks of 128 inputs
+        n = 128 * nblk
+        a, sa, aq, ac, a64 = _int8_activations(rng, n)
+        for gsel, g in enumerate((32, 64, 128)):
+            for sym in (True, False):
+                w = rng.integers(0, 256, (nrows, n // 2), dtype=np.uint8)
+                s = rng.uniform(0.5, 1.5, (nrows, n // g)).astype(np.float16).view(np.uint16)
+                z = np.full(1, 8, np.uint8) if sym else rng.integers(0, 16, (nrows, n // g)).astype(np.uint8)
+                ROW_DOTS["q4"][R](
+                    vnni, gsel, sym, w.reshape(-1), n // 2, stride * n // 2, a, sa, aq, ac, s.reshape(-1),
+                    n // g, stride * (n // g), z.reshape(-1), nblk, out,
+                )  # fmt: skip
+                zz = np.full(s.shape, 8.0) if sym else z.astype(np.float64)
+                q = formats.unpack_int4(w).astype(np.float64).reshape(nrows, -1, g) - zz[..., None]
+                wd = (q * s.view(np.float16).astype(np.float64)[..., None]).reshape(nrows, -1)
+                want = wd[1 : 1 + stride * R : stride] @ a64
+                # float32 sums; with zero points, s * z * aq is subtracted after the sum (cancels)
+                tol = (
+                    2e-6 * np.abs(want).max()
+                    if sym
+                    else 1e-6 * (np.abs(wd[1::stride][:R]) @ np.abs(a64)).max()
+                )
+                np.testing.assert_allclose(
+                    out, want, rtol=2e-6, atol=tol, err_msg=f"g={g} sym={sym} nblk={nblk}"
+                )
+    for nb64 in (1, 2, 3, 5, 17, 66):  # int8 rows: blocks of 64
+        m = 64 * nb64
+        a, sa, _, ac, a64 = _int8_activations(rng, m)
+        w8 = rng.integers(1, 256, (nrows, m), dtype=np.uint8)
+        ROW_DOTS["q8"][R](vnni, w8.reshape(-1), m, stride * m, a, sa, ac, nb64, out)
+        want = (w8[1 : 1 + stride * R : stride].astype(np.float64) - 128) @ a64
+        tol = 2e-6 * np.abs(want).max()
+        np.testing.assert_allclose(out, want, rtol=2e-6, atol=tol, err_msg=f"int8 blocks={nb64}")
