@@ -135,15 +135,15 @@ def dequantize_int8(codes: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray
 
 def int4_group_params(w: np.ndarray, g: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """w [R, npad] float32 (zero padded) -> (scales float16 [R, npad/g], zeros uint8 [R, npad/g])."""
-    wg = w.reshape(w.shape[0], -1, g)
+    lo, hi = _group_range(w, g)  # [R, npad/g] each
     if symmetric:
-        amax = np.abs(wg).max(axis=-1)
+        amax = np.maximum(-lo, hi)
         s = np.where(amax > 0, amax / 7, 1.0)
         s16 = np.clip(s, 2.0**-24, 65504).astype(np.float16)
         return s16, np.full(s16.shape, 8, np.uint8)
     # The zero point is a whole level in 0..15, so the grid always holds 0: a group of one sign
     # spans from 0 to its far end (else its far values would clip).
-    lo, hi = np.minimum(wg.min(axis=-1), 0), np.maximum(wg.max(axis=-1), 0)
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
     s = (hi - lo) / 15
     s = np.where(s == 0, 1.0, s)  # an all-zero group
     s16 = np.clip(s, 2.0**-24, 65504).astype(np.float16)
@@ -152,19 +152,49 @@ def int4_group_params(w: np.ndarray, g: int, symmetric: bool) -> tuple[np.ndarra
 
 
 @numba.njit(parallel=True, cache=True)
+def _group_range(w, g):
+    # w [R, n] f32 -> (min, max) [R, n/g] f32 of each group of g; one parallel pass over w
+    R, n = w.shape
+    lo = np.empty((R, n // g), np.float32)
+    hi = np.empty((R, n // g), np.float32)
+    for r in prange(R):
+        for k in range(n // g):
+            a = w[r, k * g]
+            b = a
+            for i in range(k * g + 1, (k + 1) * g):
+                v = w[r, i]
+                a = min(a, v)
+                b = max(b, v)
+            lo[r, k] = a
+            hi[r, k] = b
+    return lo, hi
+
+
+@numba.njit(parallel=True, cache=True)
+def fp8_block_dequantize(codes, lut, scale_inv, block, out):
+    """codes uint8 [N, K] (float8 bits), lut float32 [256] (each code's value), scale_inv float32
+    [ceil(N/block), ceil(K/block)] -> out float32 [N, K] = lut[code] * scale of its tile."""
+    N, K = codes.shape
+    for i in prange(N):
+        for jb in range((K + block - 1) // block):
+            s = scale_inv[i // block, jb]
+            for j in range(jb * block, min(K, (jb + 1) * block)):
+                out[i, j] = lut[codes[i, j]] * s
+
+
+@numba.njit(parallel=True, cache=True)
 def _int4_codes(w, scales, zeros, g, packed):
     # w [R, npad] f32, scales [R, npad/g] f32, zeros [R, npad/g] u8, packed [R, npad/2] u8
     R, n = w.shape
     for r in prange(R):
-        for b in range(n // 128):
+        q = np.empty(n, np.uint8)  # the row's codes, group by group (no index division per value)
+        for k in range(n // g):
+            s, z = scales[r, k], zeros[r, k]
+            for i in range(k * g, (k + 1) * g):
+                q[i] = np.uint8(min(max(np.rint(w[r, i] / s) + z, 0.0), 15.0))
+        for b in range(n // 128):  # value j of a 128-block in the low nibble, j + 64 in the high
             for j in range(64):
-                i0 = b * 128 + j
-                i1 = i0 + 64
-                q0 = np.rint(w[r, i0] / scales[r, i0 // g]) + zeros[r, i0 // g]
-                q1 = np.rint(w[r, i1] / scales[r, i1 // g]) + zeros[r, i1 // g]
-                lo = np.uint8(min(max(q0, 0.0), 15.0))
-                hi = np.uint8(min(max(q1, 0.0), 15.0))
-                packed[r, b * 64 + j] = lo | (hi << 4)
+                packed[r, b * 64 + j] = q[b * 128 + j] | (q[b * 128 + j + 64] << 4)
 
 
 def quantize_int4(

@@ -70,7 +70,10 @@ def _expert_stack(
     ckpt: Checkpoint, spec: ModelSpec, prefix: str, proj: str, ids: list[int], dtype
 ) -> torch.Tensor:
     names = checkpoint_names(spec, f"{prefix}.mlp.experts.{proj}")
-    return torch.stack([ckpt.get(names[e], dtype) for e in ids])
+    out = torch.empty((len(ids), *ckpt.shape(names[ids[0]])), dtype=dtype)
+    for i, e in enumerate(ids):
+        ckpt.get(names[e], dtype, out=out[i])  # written in place: no stacked copy
+    return out
 
 
 def pack_expert_floats(

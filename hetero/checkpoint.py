@@ -73,13 +73,28 @@ def _cached_snapshot(root: Path) -> Path | None:
     return None
 
 
+_FP8_VALUES: dict[torch.dtype, torch.Tensor] = {}
+
+
 def dequantize_fp8_blocks(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """float8 [N, K] with one scale per ``block`` x ``block`` tile, scale_inv [ceil(N/b), ceil(K/b)] -> float32."""
-    n, k = weight.shape
-    scale = scale_inv.float().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]  # [N, K]
-    return weight.float() * scale
+    """float8 [N, K] with one scale per ``block`` x ``block`` tile, scale_inv [ceil(N/b), ceil(K/b)]
+    -> float32 [N, K] (into ``out`` when given). One parallel pass: each code's value from a
+    256-entry table, times its tile's scale (torch's own float8 cast runs on one core)."""
+    from cpu_kernels.formats import fp8_block_dequantize
+
+    if weight.dtype not in _FP8_VALUES:  # exact: every float8 code cast once
+        _FP8_VALUES[weight.dtype] = torch.arange(256, dtype=torch.uint8).view(weight.dtype).float()
+    out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
+    fp8_block_dequantize(
+        weight.contiguous().view(torch.uint8).numpy(),
+        _FP8_VALUES[weight.dtype].numpy(),
+        scale_inv.float().contiguous().numpy(),
+        block,
+        out.numpy(),
+    )
+    return out
 
 
 class Checkpoint:
@@ -144,14 +159,22 @@ class Checkpoint:
                 f"tensor {name!r} could not be read from {self.path / shard}: {e}"
             ) from None
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor in a usable dtype: FP8 weights dequantized by their block scales."""
+    def get(
+        self, name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The tensor in a usable dtype: FP8 weights dequantized by their block scales. With
+        ``out`` (of the tensor's shape, in ``dtype``) the result is written there."""
         t = self.raw(name)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name.replace(".weight", ".weight_scale_inv")
             if scale_name not in self.weight_map:
                 raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r} in {self.path}")
-            t = dequantize_fp8_blocks(t, self.raw(scale_name), self.fp8_block[0])
+            direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+            t = dequantize_fp8_blocks(t, self.raw(scale_name), self.fp8_block[0], out if direct else None)
+            if direct:
+                return out
+        if out is not None:
+            return out.copy_(t)  # converts to out's dtype as it copies
         return t if dtype is None else t.to(dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -156,3 +156,24 @@ def test_model_found_in_hf_cache(tiny, tmp_path, monkeypatch):
     assert resolve_model_path("acme/tiny-moe") == snap
     with pytest.raises(CheckpointError, match="models--acme--nothing"):
         resolve_model_path("acme/nothing")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_block_dequantization_is_exact(dtype):
+    """Every code's value times its tile's scale, as torch's own cast computes it; edges of
+    partial tiles, and straight into a caller's buffer."""
+    from hetero.checkpoint import dequantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 256, (300, 260), dtype=torch.uint8, generator=g)
+    codes[codes == 0x7F] = 0  # keep NaN codes out of the comparison
+    codes[codes == 0xFF] = 0
+    w = codes.view(dtype)
+    scale_inv = torch.rand(3, 3, generator=g) + 0.1  # 128-wide tiles over [300, 260]
+    ref = w.float() * scale_inv.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :260]
+    finite = ref.isfinite()
+    got = dequantize_fp8_blocks(w, scale_inv, 128)
+    assert torch.equal(got[finite], ref[finite])
+    out = torch.empty(300, 260)
+    assert dequantize_fp8_blocks(w, scale_inv, 128, out=out) is out
+    assert torch.equal(out[finite], ref[finite])
