@@ -204,8 +204,11 @@ def quantize_int4(
     if g not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {g}")
     R, n = w.shape
-    wp = np.zeros((R, padded(n)), np.float32)
-    wp[:, :n] = w
+    if n == padded(n) and w.dtype == np.float32 and w.flags.c_contiguous:
+        wp = w  # already whole 128-blocks: no padded copy
+    else:
+        wp = np.zeros((R, padded(n)), np.float32)
+        wp[:, :n] = w
     s16, z = int4_group_params(wp, g, symmetric)
     packed = np.empty((R, padded(n) // 2), np.uint8) if out is None else out
     _int4_codes(wp, s16.astype(np.float32), z, g, packed)

@@ -67,10 +67,25 @@ class Placement:
 
 
 def _expert_stack(
-    ckpt: Checkpoint, spec: ModelSpec, prefix: str, proj: str, ids: list[int], dtype
+    ckpt: Checkpoint,
+    spec: ModelSpec,
+    prefix: str,
+    proj: str,
+    ids: list[int],
+    dtype,
+    buffers: dict | None = None,
 ) -> torch.Tensor:
+    """Experts ``ids`` of one projection stacked [n, ...]; in a buffer of ``buffers`` (kept there
+    and reused by the next call of no more experts) when given."""
     names = checkpoint_names(spec, f"{prefix}.mlp.experts.{proj}")
-    out = torch.empty((len(ids), *ckpt.shape(names[ids[0]])), dtype=dtype)
+    shape = (len(ids), *ckpt.shape(names[ids[0]]))
+    if buffers is None:
+        out = torch.empty(shape, dtype=dtype)
+    else:
+        buf = buffers.get(proj)
+        if buf is None or buf.shape[0] < len(ids) or buf.shape[1:] != shape[1:] or buf.dtype != dtype:
+            buf = buffers[proj] = torch.empty(shape, dtype=dtype)
+        out = buf[: len(ids)]
     for i, e in enumerate(ids):
         ckpt.get(names[e], dtype, out=out[i])  # written in place: no stacked copy
     return out
@@ -131,8 +146,14 @@ class CheckpointSource:
     def cpu_experts(self, spec: ModelSpec, layer: int, ids: list[int], p: Placement):
         """(PackedExperts, whether its local ids are the global expert ids)."""
 
+        # One set of float32 buffers for every chunk: no page faults and frees of ~100 MB per chunk.
+        buffers: dict = {}
+
         def read(sub):
-            return tuple(t.numpy() for t in self.expert_floats(spec, layer, sub, torch.float32))
+            prefix = f"model.layers.{layer}"
+            return tuple(
+                _expert_stack(self.ckpt, spec, prefix, w, sub, torch.float32, buffers).numpy() for w in _PROJ
+            )
 
         return pack_expert_floats(read, ids, p.expert_format, p.group_size), False
 
