@@ -258,11 +258,15 @@ def pack_experts(
     group_size: int = 64,
     symmetric: bool = True,
     expert_ids: np.ndarray | list[int] | None = None,
+    into: PackedExperts | None = None,
+    start: int = 0,
 ) -> PackedExperts:
     """Quantize and lay out experts once, at load time.
 
     gate, up: float32 [E_all, I, H]; down: float32 [E_all, H, I].
     expert_ids: which experts to pack (local id k = expert_ids[k]); all when None.
+    into: write them as local experts start, start + 1, ... of this layer (from ``empty_packed``,
+    same format) instead of a new one, so a layer can be packed a few experts at a time.
     Works one expert at a time, so memory beyond the packed result stays at one expert.
     """
     E_all, I, H = _check_weights(gate, up, down)  # noqa: E741
@@ -273,46 +277,61 @@ def pack_experts(
     ids = np.arange(E_all) if expert_ids is None else np.asarray(expert_ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= E_all):
         raise ValueError(f"expert_ids must lie in [0, {E_all}), got min {ids.min()} max {ids.max()}")
-    E, Hp, Ip = len(ids), padded(H), padded(I)
-    g = group_size if fmt == "int4" else 0
-    if fmt == "bf16":
-        gu = np.zeros((E, I, 2, Hp), np.uint16)
-        dn = np.zeros((E, H, Ip), np.uint16)
-        for k, e in enumerate(ids):
-            gu[k, :, 0, :H] = to_bf16_bits(gate[e])
-            gu[k, :, 1, :H] = to_bf16_bits(up[e])
-            dn[k, :, :I] = to_bf16_bits(down[e])
-        empty = np.zeros(1, np.float32)
-        return PackedExperts(
-            fmt, 0, E, H, I, gu, dn, empty, empty, np.zeros(1, np.uint8), np.zeros(1, np.uint8)
+    dst = into if into is not None else empty_packed(fmt, len(ids), H, I, group_size, symmetric)
+    want = (fmt, H, I, symmetric, group_size if fmt == "int4" else 0)
+    if (dst.fmt, dst.H, dst.I, dst.symmetric, dst.group_size) != want or start + len(ids) > dst.E:
+        raise ValueError(
+            f"cannot pack {len(ids)} {fmt} experts [{I}, {H}] at {start} into {dst.E} {dst.fmt} experts "
+            f"[{dst.I}, {dst.H}]"
         )
+    H, I, g = dst.H, dst.I, dst.group_size  # noqa: E741
+    for k, e in enumerate(ids, start):
+        if fmt == "bf16":
+            dst.gate_up[k, :, 0, :H] = to_bf16_bits(gate[e])
+            dst.gate_up[k, :, 1, :H] = to_bf16_bits(up[e])
+            dst.down[k, :, :I] = to_bf16_bits(down[e])
+        elif fmt == "int8":
+            _, dst.gate_up_scale[k, :, 0] = quantize_int8(gate[e], out=dst.gate_up[k, :, 0, :])
+            _, dst.gate_up_scale[k, :, 1] = quantize_int8(up[e], out=dst.gate_up[k, :, 1, :])
+            _, dst.down_scale[k] = quantize_int8(down[e], out=dst.down[k])
+        else:
+            for j, w in enumerate((gate[e], up[e])):
+                _, s, z = quantize_int4(w, g, symmetric, out=dst.gate_up[k, :, j, :])
+                dst.gate_up_scale[k, :, j] = s.view(np.uint16)
+                if not symmetric:
+                    dst.gate_up_zero[k, :, j] = z
+            _, s, z = quantize_int4(down[e], g, symmetric, out=dst.down[k])
+            dst.down_scale[k] = s.view(np.uint16)
+            if not symmetric:
+                dst.down_zero[k] = z
+    return dst
+
+
+def empty_packed(
+    fmt: str,
+    E: int,
+    H: int,
+    I: int,  # noqa: E741
+    group_size: int = 64,
+    symmetric: bool = True,
+) -> PackedExperts:
+    """Room for E experts [I, H] in ``fmt`` (bf16 zero-filled: its padding columns must read 0)."""
+    Hp, Ip = padded(H), padded(I)
+    if fmt == "bf16":
+        empty, no_zero = np.zeros(1, np.float32), np.zeros(1, np.uint8)
+        gu, dn = np.zeros((E, I, 2, Hp), np.uint16), np.zeros((E, H, Ip), np.uint16)
+        return PackedExperts(fmt, 0, E, H, I, gu, dn, empty, empty, no_zero, no_zero)
     if fmt == "int8":
-        gu = np.empty((E, I, 2, Hp), np.uint8)
-        dn = np.empty((E, H, Ip), np.uint8)
-        gus = np.empty((E, I, 2), np.float32)
-        dns = np.empty((E, H), np.float32)
-        for k, e in enumerate(ids):
-            _, gus[k, :, 0] = quantize_int8(gate[e], out=gu[k, :, 0, :])
-            _, gus[k, :, 1] = quantize_int8(up[e], out=gu[k, :, 1, :])
-            _, dns[k] = quantize_int8(down[e], out=dn[k])
         zero = np.full(1, 128, np.uint8)
-        return PackedExperts(fmt, 0, E, H, I, gu, dn, gus, dns, zero, zero)
-    gu = np.empty((E, I, 2, Hp // 2), np.uint8)
-    dn = np.empty((E, H, Ip // 2), np.uint8)
-    gus = np.empty((E, I, 2, Hp // g), np.uint16)
-    dns = np.empty((E, H, Ip // g), np.uint16)
+        gu, dn = np.empty((E, I, 2, Hp), np.uint8), np.empty((E, H, Ip), np.uint8)
+        return PackedExperts(
+            fmt, 0, E, H, I, gu, dn, np.empty((E, I, 2), np.float32), np.empty((E, H), np.float32), zero, zero
+        )
+    g = group_size
+    gu, dn = np.empty((E, I, 2, Hp // 2), np.uint8), np.empty((E, H, Ip // 2), np.uint8)
+    gus, dns = np.empty((E, I, 2, Hp // g), np.uint16), np.empty((E, H, Ip // g), np.uint16)
     guz = np.empty((E, I, 2, Hp // g), np.uint8) if not symmetric else np.full(1, 8, np.uint8)
     dnz = np.empty((E, H, Ip // g), np.uint8) if not symmetric else np.full(1, 8, np.uint8)
-    for k, e in enumerate(ids):
-        for j, w in enumerate((gate[e], up[e])):
-            _, s, z = quantize_int4(w, g, symmetric, out=gu[k, :, j, :])
-            gus[k, :, j] = s.view(np.uint16)
-            if not symmetric:
-                guz[k, :, j] = z
-        _, s, z = quantize_int4(down[e], g, symmetric, out=dn[k])
-        dns[k] = s.view(np.uint16)
-        if not symmetric:
-            dnz[k] = z
     return PackedExperts(fmt, g, E, H, I, gu, dn, gus, dns, guz, dnz, symmetric)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -98,25 +97,15 @@ def pack_expert_floats(
 
     read(sub_ids) -> (gate, up [n, I, H], down [n, H, I]) float32 numpy for those experts.
     """
-    import cpu_kernels
+    from cpu_kernels.formats import empty_packed, pack_experts
 
-    parts = []
+    layer = None
     for s in range(0, len(ids), chunk):
         gate, up, down = read(ids[s : s + chunk])
-        parts.append(
-            cpu_kernels.pack_experts(gate, up, down, fmt=fmt, group_size=group_size, symmetric=symmetric)
-        )
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    arrays = {}
-    for name in ("gate_up", "down", "gate_up_scale", "down_scale", "gate_up_zero", "down_zero"):
-        pieces = [getattr(x, name) for x in parts]
-        per_expert = pieces[0].shape[0] == len(ids[:chunk]) and pieces[0].ndim > 1
-        arrays[name] = np.concatenate(pieces) if per_expert else pieces[0]
-    return type(first)(
-        first.fmt, first.group_size, len(ids), first.H, first.I, **arrays, symmetric=first.symmetric
-    )
+        if layer is None:  # the whole layer's arrays, filled chunk by chunk: no concatenated copy
+            layer = empty_packed(fmt, len(ids), gate.shape[2], gate.shape[1], group_size, symmetric)
+        pack_experts(gate, up, down, fmt=fmt, group_size=group_size, symmetric=symmetric, into=layer, start=s)
+    return layer
 
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")

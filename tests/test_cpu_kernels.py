@@ -397,3 +397,22 @@ def test_row_dots_match_numpy(R, vnni):
         want = (w8[1 : 1 + stride * R : stride].astype(np.float64) - 128) @ a64
         tol = 2e-6 * np.abs(want).max()
         np.testing.assert_allclose(out, want, rtol=2e-6, atol=tol, err_msg=f"int8 blocks={nb64}")
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("bf16", True), ("int8", True), ("int4", True), ("int4", False)])
+def test_pack_into_a_layer_in_parts(fmt, symmetric):
+    """A layer packed a few experts at a time into one set of arrays equals the layer packed at once."""
+    rng = np.random.default_rng(11)
+    E, H, I = 5, 200, 72  # noqa: E741
+    gate, up = (rng.standard_normal((E, I, H)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((E, H, I)).astype(np.float32)
+    whole = ck.pack_experts(gate, up, down, fmt=fmt, group_size=32, symmetric=symmetric)
+    layer = formats.empty_packed(fmt, E, H, I, 32, symmetric)
+    for s in (0, 2, 4):
+        ids = list(range(s, min(E, s + 2)))
+        sub = (gate[ids], up[ids], down[ids])
+        ck.pack_experts(*sub, fmt=fmt, group_size=32, symmetric=symmetric, into=layer, start=s)
+    for a, b in zip(formats.dequantize(whole), formats.dequantize(layer)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="cannot pack"):
+        ck.pack_experts(gate, up, down, fmt=fmt, group_size=32, symmetric=symmetric, into=layer, start=1)
