@@ -108,12 +108,13 @@ def time_decode(layers: list[PackedExperts], T: int, K: int, min_s: float, rng) 
 def decode_bandwidth(
     fmt: str,
     threads: int = 0,
+    tokens: int = 1,
     shape: tuple[int, int, int, int] = (32, 2048, 1408, 6),
     seconds: float = 0.5,
     max_bytes: int = 2 << 30,
 ) -> float:
-    """Bytes/s of expert weights one decode token (T=1) streams through ``fused_moe`` in ``fmt``,
-    with ``threads`` threads (0: the kernels' default). ``shape``: experts, hidden, intermediate,
+    """Bytes/s of expert weights a decode step of ``tokens`` tokens streams through ``fused_moe``
+    in ``fmt`` (the unique experts it touches), with ``threads`` threads (0: the kernels' default). ``shape``: experts, hidden, intermediate,
     experts per token (default: a DeepSeek-V2-Lite layer with half its experts, which
     keeps the layers that overflow the cache small)."""
     E, H, I, K = shape  # noqa: E741
@@ -124,7 +125,7 @@ def decode_bandwidth(
     if threads:
         set_num_threads(threads)
     try:
-        gbps, _ = time_decode(layers, 1, K, seconds, np.random.default_rng(0))
+        gbps, _ = time_decode(layers, tokens, K, seconds, np.random.default_rng(0))
     finally:
         if threads:
             set_num_threads(before)

@@ -35,16 +35,20 @@ def make_plan(
 
 
 def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwareProfile:
-    """``profile`` with the decode bandwidth of the CPU expert kernels in ``expert_format``,
-    measured here once (a second or two, plus compiling the kernel the first time) and cached
-    with the profile. Profiles that were not probed (``--no-probe``) stay estimates."""
+    """``profile`` with the decode bandwidth of the CPU expert kernels in ``expert_format`` at
+    batch 1 and 16, measured here once (a few seconds, plus compiling the kernel the first time)
+    and cached with the profile. Profiles that were not probed (``--no-probe``) stay estimates."""
     if not profile.measured or expert_format in profile.cpu_kernel_bw:
         return profile
     from cpu_kernels.probe import decode_bandwidth
+    from placement.cost import KERNEL_PROBE_BATCHES
 
     cores = profile.physical_cores
     threads = cores - 1 if cores > 2 else cores  # as the plan leaves one core to drive the GPU
-    rates = {**profile.cpu_kernel_bw, expert_format: decode_bandwidth(expert_format, threads)}
+    rates = dict(profile.cpu_kernel_bw)
+    for batch in KERNEL_PROBE_BATCHES:
+        key = expert_format if batch == 1 else f"{expert_format}@{batch}"
+        rates[key] = decode_bandwidth(expert_format, threads, tokens=batch)
     profile = dataclasses.replace(profile, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw"))
     placement.save_profile(profile)
     return profile
@@ -199,7 +203,7 @@ def _profile_cmd(args: argparse.Namespace) -> int:
         ("CPU fp32 FMA peak", f"{prof.cpu_flops / 1e12:.2f} TFLOP/s"),
         *(
             (
-                f"CPU {fmt} expert kernels",
+                f"CPU {fmt.replace('@', ' batch ')} expert kernels",
                 f"{bw / 1e9:.1f} GB/s in decode ({bw / prof.cpu_read_bw:.0%} of read)",
             )
             for fmt, bw in sorted(prof.cpu_kernel_bw.items())

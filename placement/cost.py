@@ -54,13 +54,16 @@ class Rates:
                 raise ValueError(f"rate {f.name} must be positive")
 
     @classmethod
-    def from_profile(cls, profile: Any, gpus: int = 1, expert_format: str | None = None) -> Rates:
+    def from_profile(
+        cls, profile: Any, gpus: int = 1, expert_format: str | None = None, batch: int = 1
+    ) -> Rates:
         """With ``gpus`` > 1 the GPU rates add up: the GPU part is split evenly over them (the
         replicated router, norms and output head are priced as if split too; they are small).
         The CPU's bandwidth is what the expert kernels were measured to stream in
-        ``expert_format`` when the profile has it, else a fixed share of the read bandwidth."""
+        ``expert_format`` at decode batch ``batch`` when the profile has it, else a fixed share
+        of the read bandwidth."""
         g = profile.gpu
-        measured = getattr(profile, "cpu_kernel_bw", {}).get(expert_format)
+        measured = kernel_bw(getattr(profile, "cpu_kernel_bw", {}), expert_format, batch)
         return cls(
             gpu_bw=g.hbm_bw * GPU_BW_EFF * gpus,
             gpu_flops=g.bf16_flops * GPU_FLOP_EFF * gpus,
@@ -68,6 +71,21 @@ class Rates:
             cpu_flops=profile.cpu_flops * CPU_FLOP_EFF,
             pcie_bw=profile.h2d_pinned_bw,
         )
+
+
+# Decode batch sizes at which the runtime measures the CPU expert kernels: "int4" is one token,
+# "int4@16" sixteen (more tokens per expert shift the kernels from streaming toward compute).
+KERNEL_PROBE_BATCHES = (1, 16)
+
+
+def kernel_bw(measured: dict[str, float], fmt: str | None, batch: int) -> float | None:
+    """The kernels' measured decode bandwidth in ``fmt`` at ``batch`` tokens: between the probed
+    batch sizes, interpolated in log(batch); beyond them, the nearest. None if not measured."""
+    lo, hi = measured.get(f"{fmt}"), measured.get(f"{fmt}@{KERNEL_PROBE_BATCHES[1]}")
+    if lo is None or hi is None or batch <= 1:
+        return lo
+    t = min(1.0, math.log(batch) / math.log(KERNEL_PROBE_BATCHES[1]))
+    return lo + t * (hi - lo)
 
 
 @dataclass(frozen=True)

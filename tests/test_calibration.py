@@ -13,28 +13,29 @@ from hetero import planning
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "bf16"])
 def test_decode_bandwidth_is_a_rate(fmt):
-    bw = decode_bandwidth(fmt, threads=1, shape=(8, 256, 128, 2), seconds=0.02, max_bytes=16 << 20)
-    assert math.isfinite(bw) and 1e7 < bw < 1e13
+    for tokens in (1, 4):
+        bw = decode_bandwidth(fmt, 1, tokens, shape=(8, 256, 128, 2), seconds=0.02, max_bytes=16 << 20)
+        assert math.isfinite(bw) and 1e7 < bw < 1e13
 
 
 def test_kernel_rate_measured_once_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
 
-    def fake(fmt, threads):
-        calls.append((fmt, threads))
-        return 12.5e9
+    def fake(fmt, threads, tokens=1):
+        calls.append((fmt, threads, tokens))
+        return 12.5e9 / tokens
 
     monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", fake)
     base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
     prof = planning.with_kernel_rate(base, "int8")
-    assert prof.cpu_kernel_bw == {"int8": 12.5e9} and "cpu_kernel_bw" in prof.measured
+    assert prof.cpu_kernel_bw == {"int8": 12.5e9, "int8@16": 12.5e9 / 16} and "cpu_kernel_bw" in prof.measured
     assert planning.with_kernel_rate(prof, "int8") is prof  # known: not measured again
-    assert len(calls) == 1 and calls[0][1] >= 1
+    assert [c[2] for c in calls] == [1, 16] and calls[0][1] >= 1
     cached = placement.HardwareProfile.from_dict(
         json.loads((tmp_path / "hetero" / "profile-test.json").read_text())
     )
-    assert cached.cpu_kernel_bw == {"int8": 12.5e9}
+    assert cached.cpu_kernel_bw == prof.cpu_kernel_bw
     # A profile of defaults (--no-probe) is not measured behind the user's back.
     assert planning.with_kernel_rate(placement.detect(probe=False), "int4").cpu_kernel_bw == {}
-    assert len(calls) == 1
+    assert len(calls) == 2

@@ -319,3 +319,13 @@ def test_measured_kernel_rate_prices_cpu_experts():
     # Planning for another machine's bandwidth carries the kernels' measured share over.
     moved = slow.with_overrides(cpu_bw=2 * base.cpu_read_bw)
     assert moved.cpu_kernel_bw["int4"] == pytest.approx(0.2 * base.cpu_read_bw)
+
+
+def test_kernel_rate_between_probed_batches():
+    from placement.cost import kernel_bw
+
+    m = {"int4": 40e9, "int4@16": 20e9}
+    assert kernel_bw(m, "int4", 1) == 40e9 and kernel_bw(m, "int4", 16) == 20e9
+    assert kernel_bw(m, "int4", 4) == pytest.approx(30e9)  # halfway in log(batch)
+    assert kernel_bw(m, "int4", 64) == 20e9 and kernel_bw(m, "int8", 4) is None
+    assert kernel_bw({"int4": 40e9}, "int4", 16) == 40e9  # only batch 1 known
