@@ -128,11 +128,12 @@ def run_mode(model, mode: str, starts, reqs: list[Request], args, device_blocks:
 
 def load_offloaded(args):
     """The model as `hetero serve` places it on a GPU: the plan's split, RAM experts on the CPU."""
-    from hetero.bench import offload_options
+    from hetero.bench import capped_options
     from hetero.runtime import load_runtime
 
-    opts = offload_options(
+    opts = capped_options(
         args.gpu_mem,
+        offload=True,
         device=args.device,
         experts=args.experts,
         max_batch=4,

@@ -148,9 +148,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(par: Parallel, args: argparse.Namespace) -> int:
-    opts = offload_options(
+    opts = capped_options(
         args.gpu_mem,
         par.rank,
+        offload=True,
         device=args.device,
         cpu_mem=parse_size(args.cpu_mem) if args.cpu_mem else None,
         experts=args.experts,
@@ -197,12 +198,12 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
     return 0
 
 
-def offload_options(gpu_mem: str | None, cuda_index: int = 0, **options) -> RuntimeOptions:
-    """Options of an offloaded run under a device cap such as "6GiB" (enforced in this process on
-    CUDA device ``cuda_index``)."""
+def capped_options(gpu_mem: str | None, cuda_index: int = 0, **options) -> RuntimeOptions:
+    """Runtime options under a device cap such as "6GiB" (None: no cap), the cap enforced in this
+    process on CUDA device ``cuda_index``."""
     nbytes = parse_size(gpu_mem) if gpu_mem else None
     cap_device_memory(nbytes, cuda_index)
-    return RuntimeOptions(offload=True, gpu_mem=nbytes, **options)
+    return RuntimeOptions(gpu_mem=nbytes, **options)
 
 
 def cap_device_memory(nbytes: int | None, device: int = 0) -> None:

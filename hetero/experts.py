@@ -183,7 +183,6 @@ class StreamedExperts:
             names += ["gate_up_zero", "down_zero"]
         # Views of the CPU kernels' own arrays: no second copy of the weights in RAM.
         self.host = {n: _as_torch(getattr(p, n)) for n in names}
-        self.read_only = {n: not getattr(p, n).flags.writeable for n in names}  # a converted model's mmap
         self.chunk = max(1, chunk_bytes // max(1, p.expert_nbytes()))
         self.cuda = device.type == "cuda"
         self.pinned = False
@@ -194,8 +193,10 @@ class StreamedExperts:
         """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
         self.pinned = True
         self.copy_stream = torch.cuda.Stream(self.device)
+        # A converted model's arrays are read-only file mappings.
+        read_only = {n: not getattr(self.packed, n).flags.writeable for n in self.host}
         self.pinned_bytes = sum(
-            t.numel() * t.element_size() for n, t in self.host.items() if pin_in_place(t, self.read_only[n])
+            t.numel() * t.element_size() for n, t in self.host.items() if pin_in_place(t, read_only[n])
         )
 
     def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:

@@ -41,14 +41,13 @@ def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwarePr
     if not profile.measured or expert_format in profile.cpu_kernel_bw:
         return profile
     from cpu_kernels.probe import decode_bandwidth
-    from placement.cost import KERNEL_PROBE_BATCHES
+    from placement.cost import KERNEL_PROBE_BATCHES, kernel_key
+    from placement.planner import cpu_worker_threads
 
-    cores = profile.physical_cores
-    threads = cores - 1 if cores > 2 else cores  # as the plan leaves one core to drive the GPU
+    threads = sum(cpu_worker_threads(profile).values())  # the plan's workers: one core drives the GPU
     rates = dict(profile.cpu_kernel_bw)
     for batch in KERNEL_PROBE_BATCHES:
-        key = expert_format if batch == 1 else f"{expert_format}@{batch}"
-        rates[key] = decode_bandwidth(expert_format, threads, tokens=batch)
+        rates[kernel_key(expert_format, batch)] = decode_bandwidth(expert_format, threads, tokens=batch)
     profile = dataclasses.replace(profile, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw"))
     placement.save_profile(profile)
     return profile

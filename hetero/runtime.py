@@ -20,6 +20,7 @@ from hetero.engine import Engine, EngineConfig
 from hetero.errors import HeteroError
 from hetero.kv_cache import KVCache, kv_bytes_per_token
 from hetero.model import load_model
+from hetero.planning import make_plan, model_formats
 from hetero.prefix_cache import TierRates
 from hetero.tokenizer import Tokenizer
 
@@ -120,20 +121,6 @@ def _resolve(model: str | os.PathLike) -> Path:
     return resolve_model_path(model)
 
 
-def _fixed_formats(path: Path) -> tuple[str, int] | None:
-    if path.suffix == ".gguf":
-        from hetero.gguf import GGUFSource
-
-        src = GGUFSource(path)
-        return src.expert_format, src.group_size
-    from hetero.packed import PackedModel, is_converted
-
-    if is_converted(path):
-        packed = PackedModel(path)
-        return packed.expert_format, packed.group_size
-    return None
-
-
 def load_runtime(
     model: str | os.PathLike | None = None,
     options: RuntimeOptions | None = None,
@@ -156,7 +143,7 @@ def load_runtime(
     else:
         spec = ModelSpec.from_pretrained(path)
         tokenizer = Tokenizer.from_pretrained(path)
-    fixed = _fixed_formats(path)  # a converted model or GGUF file already fixes the expert format
+    fixed = model_formats(str(path))  # a converted model or GGUF file already fixes the expert format
     experts, group_size = fixed or (opts.experts, opts.group_size)
     device = opts.torch_device()
     split = parallel.world_size > 1
@@ -169,7 +156,6 @@ def load_runtime(
     if opts.offload if opts.offload is not None else device.type == "cuda":
         import placement as hardware
         from hetero.apply import Placement, load_placed
-        from hetero.planning import make_plan
 
         profile = rank0_first(parallel, hardware.detect)  # measured once, cached for the other ranks
         plan = make_plan(

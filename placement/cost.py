@@ -78,10 +78,15 @@ class Rates:
 KERNEL_PROBE_BATCHES = (1, 16)
 
 
+def kernel_key(fmt: str, batch: int) -> str:
+    """The name a kernel rate is recorded under in a profile's ``cpu_kernel_bw``."""
+    return fmt if batch == 1 else f"{fmt}@{batch}"
+
+
 def kernel_bw(measured: dict[str, float], fmt: str | None, batch: int) -> float | None:
     """The kernels' measured decode bandwidth in ``fmt`` at ``batch`` tokens: between the probed
     batch sizes, interpolated in log(batch); beyond them, the nearest. None if not measured."""
-    lo, hi = measured.get(f"{fmt}"), measured.get(f"{fmt}@{KERNEL_PROBE_BATCHES[1]}")
+    lo, hi = (measured.get(kernel_key(f"{fmt}", b)) for b in KERNEL_PROBE_BATCHES)
     if lo is None or hi is None or batch <= 1:
         return lo
     t = min(1.0, math.log(batch) / math.log(KERNEL_PROBE_BATCHES[1]))

@@ -279,7 +279,7 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
         workspace_bytes=workspace,
         experts_on_gpu={i: sorted(on_gpu[i]) for i in inv.moe_layers},
         cpu_bytes_per_node=per_node,
-        cpu_threads_per_node=_threads(profile),
+        cpu_threads_per_node=cpu_worker_threads(profile),
         gpu_breakdown=gpu_br,
         cpu_breakdown=cpu_br,
         predicted=predicted,
@@ -530,7 +530,8 @@ def _breakdown(
     return gpu, cpu
 
 
-def _threads(profile: HardwareProfile) -> dict[int, int]:
+def cpu_worker_threads(profile: HardwareProfile) -> dict[int, int]:
+    """Threads of the CPU expert workers on each NUMA node."""
     logical = sum(len(n.cpus) for n in profile.numa_nodes)
     out = {}
     for i, node in enumerate(profile.numa_nodes):

@@ -11,7 +11,7 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
-from hetero.bench import cap_device_memory
+from hetero.bench import capped_options
 from hetero.checkpoint import resolve_model_path
 from hetero.distributed import SINGLE, Parallel, launch
 from hetero.runtime import RuntimeOptions, load_runtime
@@ -54,11 +54,10 @@ def _serve_rank(parallel: Parallel, args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace, parallel: Parallel = SINGLE) -> RuntimeOptions:
-    gpu_mem = parse_size(args.gpu_mem) if getattr(args, "gpu_mem", None) else None
-    cap_device_memory(gpu_mem, parallel.rank)
-    return RuntimeOptions(
+    return capped_options(
+        getattr(args, "gpu_mem", None),
+        parallel.rank,
         device=args.device,
-        gpu_mem=gpu_mem,
         cpu_mem=parse_size(args.cpu_mem) if getattr(args, "cpu_mem", None) else None,
         experts=getattr(args, "experts", "int4"),
         max_model_len=args.max_model_len,

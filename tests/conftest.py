@@ -1,6 +1,16 @@
 import pytest
 import torch
 
+# One tiny preset per family variant that the model code distinguishes.
+FAMILIES = [
+    "deepseek-v2",
+    "deepseek-v2-lite",
+    "deepseek-v3",
+    "qwen2-57b-a14b",
+    "qwen3-30b-a3b",
+    "mixtral-8x7b",
+]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -27,3 +37,13 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models gain nothing from more, and on a shared
+    machine they spin against others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES
 
 from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
@@ -14,14 +15,6 @@ from hetero.kv_cache import KVCache
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
 
-FAMILIES = [
-    "deepseek-v2",
-    "deepseek-v2-lite",
-    "deepseek-v3",
-    "qwen2-57b-a14b",
-    "qwen3-30b-a3b",
-    "mixtral-8x7b",
-]
 PROMPT, STEPS = list(range(1000, 1024)), 4
 TIMEOUT_S = 120
 

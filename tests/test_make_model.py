@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES
 from safetensors import safe_open
 
 from hetero import make_model as mm
@@ -17,15 +18,6 @@ from hetero.config import ModelSpec, preset_config
 from hetero.errors import HeteroError
 
 transformers = pytest.importorskip("transformers")
-
-FAMILY_PRESETS = [
-    "deepseek-v2",
-    "deepseek-v2-lite",
-    "deepseek-v3",
-    "qwen2-57b-a14b",
-    "qwen3-30b-a3b",
-    "mixtral-8x7b",
-]
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +49,7 @@ def load_hf(path: Path):
     )
 
 
-@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+@pytest.mark.parametrize("preset", FAMILIES)
 def test_tiny_loads_in_transformers_and_runs(tiny, preset):
     path = tiny(preset)
     cfg = json.loads((path / "config.json").read_text())

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import FAMILIES
 from safetensors.torch import save_file
 
 from hetero.checkpoint import Checkpoint, CheckpointError, resolve_model_path
@@ -18,14 +19,6 @@ from hetero.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = [
-    "deepseek-v2",
-    "deepseek-v2-lite",
-    "deepseek-v3",
-    "qwen2-57b-a14b",
-    "qwen3-30b-a3b",
-    "mixtral-8x7b",
-]
 PROMPT_LEN, STEPS = 32, 16
 
 
