@@ -36,6 +36,9 @@ def bench_ms(fn, *args, rep: int = 200, **kwargs) -> float:
     return triton.testing.do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=rep, return_mode="median")
 
 
+GRAPH_ERRORS: list[str] = []  # why a capture failed, kept for the JSON
+
+
 def graph_ms(fn, *args, **kwargs) -> float:
     """Median milliseconds of one CUDA-graph replay of fn: the launch gaps a decode step's graph removes."""
     try:
@@ -49,6 +52,7 @@ def graph_ms(fn, *args, **kwargs) -> float:
             fn(*args, **kwargs)
         return bench_ms(graph.replay)
     except RuntimeError as err:  # a capture failure should not cost the rest of the run
+        GRAPH_ERRORS.append(f"{getattr(fn, '__name__', fn)}: {err}")
         print(f"graph capture failed: {err}", flush=True)
         return float("nan")
 
@@ -288,6 +292,7 @@ def main() -> None:
         "triton": triton.__version__,
         "copy_GBps": copy_bw,
         "rows": rows,
+        "graph_errors": sorted(set(GRAPH_ERRORS)),
         "tuned_configs": {k: {card: v} for k, v in tuned.items()},
     }
     out.write_text(json.dumps(result, indent=1))
@@ -304,6 +309,8 @@ def main() -> None:
             f"{r['kernel']:10s} {r['shape']:40s} {r['batch']:5d} {r['ms'] * 1e3:9.1f} {r['GB/s']:7.0f} "
             f"{r['pct_copy']:6.1f} {ref:>9s} {sp:>6s} {r.get('graph_ms', float('nan')) * 1e3:9.1f} {r.get('graph_pct_copy', float('nan')):6.1f}"
         )
+    for err in sorted(set(GRAPH_ERRORS)):
+        print(f"graph capture failed: {err[:300]}")
     print(f"wrote {out}")
 
 
