@@ -128,7 +128,11 @@ class CheckpointSource:
         first = checkpoint_names(spec, name)[0]
         return first in self.ckpt and self.ckpt.raw(first).dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
-    def expert_floats(self, spec: ModelSpec, layer: int, ids: list[int], dtype) -> tuple[torch.Tensor, ...]:
+    def expert_floats(
+        self, spec: ModelSpec, layer: int, ids: list[int], dtype, device=None
+    ) -> tuple[torch.Tensor, ...]:
+        """Experts ``ids`` as floats: gate, up [n, I, H], down [n, H, I]; on the host (``device`` is
+        where a source that can dequantize there should)."""
         prefix = f"model.layers.{layer}"
         return tuple(_expert_stack(self.ckpt, spec, prefix, w, ids, dtype) for w in _PROJ)
 
@@ -165,10 +169,13 @@ class ConvertedSource:
         t = self.model.tensor(name)
         return t if dtype is None else t.to(dtype)
 
-    def expert_floats(self, spec: ModelSpec, layer: int, ids: list[int], dtype) -> tuple[torch.Tensor, ...]:
+    def expert_floats(
+        self, spec: ModelSpec, layer: int, ids: list[int], dtype, device=None
+    ) -> tuple[torch.Tensor, ...]:
         from hetero.packed import dequantize_packed
 
-        return dequantize_packed(self.model.experts(layer), ids, dtype)
+        # The packed bytes are 2-4x smaller than the floats: they cross to the device, then unpack.
+        return dequantize_packed(self.model.experts(layer), ids, dtype, device)
 
     def cpu_experts(self, spec: ModelSpec, layer: int, ids: list[int], p: Placement):
         # All experts stay mapped and the layer addresses them by global id: experts that run
@@ -255,12 +262,15 @@ def _place_layer(source, spec, i, on_gpu, on_cpu, p: Placement, device, dtype, w
     gpu = cpu = streamed = None
     global_ids = False
     if on_gpu:
-        gate, up, down = source.expert_floats(spec, i, on_gpu, dtype)
         # The plan priced device experts in the expert format; bf16 only when that is the format.
         fmt = p.expert_format if p.expert_format != "bf16" else dtype_name(dtype)
         widths = (spec.hidden_size, spec.moe_intermediate_size)
         group = next((g for g in (p.group_size, 64, 32, 16) if all(w % g == 0 for w in widths)), 16)
-        gpu = GPUExperts(gate, up, down, fmt=fmt, device=device, group_size=group)
+
+        def read(lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+            return source.expert_floats(spec, i, on_gpu[lo:hi], dtype, device)
+
+        gpu = GPUExperts.load(read, len(on_gpu), fmt, device, group)
     if on_cpu:
         packed, global_ids = source.cpu_experts(spec, i, on_cpu, p)
         cpu = CPUExperts(packed, CPUHandoff(worker, device, spec.hidden_size, spec.top_k, layer=i))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from placement.planner import STREAM_CHUNK_BYTES
+
 
 def torch_moe(
     x: torch.Tensor,
@@ -63,11 +65,15 @@ class TorchExperts(nn.Module):
 # ----------------------------------------------------------------------------- GPU-resident
 
 
+LOAD_CHUNK_BYTES = 64 << 20  # bf16 bytes of experts quantized at a time while loading
+
+
 class GPUExperts:
     """The experts a plan keeps on the compute device, in the plan's expert format.
 
-    Weights are quantized where they were read (host memory) and only the packed result moves
-    to the device, so loading never needs room for a bf16 copy there.
+    Weights move to the device a few experts at a time and are quantized there, into arrays
+    allocated once for the layer: loading needs room for one chunk's float copy on the device,
+    never a whole layer's, and the rounding runs at device speed.
     """
 
     def __init__(
@@ -79,17 +85,42 @@ class GPUExperts:
         device: torch.device,
         group_size: int = 128,
     ):
-        # gate, up [E, I, H]; down [E, H, I], on the host.
-        self.fmt = fmt
-        w13 = torch.cat([gate, up], dim=1)  # [E, 2I, H]
-        if fmt in ("bf16", "fp32", "fp16"):
-            self.w13, self.w2 = w13.to(device).contiguous(), down.to(device).contiguous()
-        else:
-            from gpu_kernels import quantize_weight
+        # gate, up [E, I, H]; down [E, H, I], on any device.
+        self._fill(
+            lambda lo, hi: (gate[lo:hi], up[lo:hi], down[lo:hi]), gate.shape[0], fmt, device, group_size
+        )
 
-            self.w13 = quantize_weight(w13.float(), fmt, group_size).to(device)
-            self.w2 = quantize_weight(down.float(), fmt, group_size).to(device)
-        self.num_experts = gate.shape[0]
+    @classmethod
+    def load(cls, read, n: int, fmt: str, device: torch.device, group_size: int = 128) -> GPUExperts:
+        """``read(lo, hi)`` -> gate, up [hi - lo, I, H], down [hi - lo, H, I] for experts lo..hi-1 of n."""
+        self = cls.__new__(cls)
+        self._fill(read, n, fmt, device, group_size)
+        return self
+
+    def _fill(self, read, n: int, fmt: str, device: torch.device, group_size: int) -> None:
+        from gpu_kernels import quantize_weight
+
+        self.fmt = fmt
+        self.num_experts = n
+        self.w13 = self.w2 = None
+        lo, step = 0, 1  # the first expert alone tells how many fit in a chunk
+        while lo < n:
+            hi = min(n, lo + step)
+            gate, up, down = (t.to(device) for t in read(lo, hi))
+            step = max(1, LOAD_CHUNK_BYTES // max(1, 2 * (2 * gate[0].numel() + down[0].numel())))
+            w13 = torch.cat([gate, up], dim=1)  # [n, 2I, H]
+            if fmt in ("bf16", "fp32", "fp16"):
+                parts = (w13, down)
+            else:
+                parts = (
+                    quantize_weight(w13.float(), fmt, group_size),
+                    quantize_weight(down.float(), fmt, group_size),
+                )
+            if self.w13 is None:
+                self.w13, self.w2 = (_stack_like(p, n) for p in parts)
+            _write_rows(self.w13, lo, parts[0])
+            _write_rows(self.w2, lo, parts[1])
+            lo = hi
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if isinstance(self.w13, torch.Tensor) and self.w13.dtype == torch.float32:
@@ -102,6 +133,27 @@ class GPUExperts:
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
+
+
+def _stack_like(part, n: int):
+    """An uninitialized [n, ...] stack of ``part``'s kind (a tensor or a QuantWeight), on its device."""
+    if isinstance(part, torch.Tensor):
+        return part.new_empty((n, *part.shape[1:]))
+    from gpu_kernels import QuantWeight
+
+    scales = None if part.scales is None else part.scales.new_empty((n, *part.scales.shape[1:]))
+    data = part.data.new_empty((n, *part.data.shape[1:]))
+    return QuantWeight(part.fmt, data, scales, part.group_size, (n, *part.shape[1:]))
+
+
+def _write_rows(dst, lo: int, part) -> None:
+    """Experts lo.. of the stack ``dst`` := ``part``."""
+    if isinstance(dst, torch.Tensor):
+        dst[lo : lo + part.shape[0]] = part
+        return
+    dst.data[lo : lo + part.shape[0]] = part.data
+    if dst.scales is not None:
+        dst.scales[lo : lo + part.shape[0]] = part.scales
 
 
 # ----------------------------------------------------------------------------- CPU (RAM-resident)
@@ -175,7 +227,7 @@ class StreamedExperts:
     and computed.
     """
 
-    def __init__(self, packed, device: torch.device, chunk_bytes: int = 32 << 20):
+    def __init__(self, packed, device: torch.device, chunk_bytes: int = STREAM_CHUNK_BYTES):
         self.packed, self.device = packed, device
         p = packed
         names = ["gate_up", "down", "gate_up_scale", "down_scale"]

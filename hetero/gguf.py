@@ -295,7 +295,9 @@ class GGUFSource:
             )
         return name
 
-    def expert_floats(self, spec: ModelSpec, layer: int, ids: list[int], dtype) -> tuple[torch.Tensor, ...]:
+    def expert_floats(
+        self, spec: ModelSpec, layer: int, ids: list[int], dtype, device=None
+    ) -> tuple[torch.Tensor, ...]:
         idx = np.asarray(ids, dtype=np.int64)
         return tuple(
             torch.from_numpy(self._float(self._expert_name(layer, p), idx)).to(dtype)

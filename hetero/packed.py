@@ -185,10 +185,13 @@ class PackedModel:
         )
 
 
-def dequantize_packed(packed, ids: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def dequantize_packed(
+    packed, ids: list[int], dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[torch.Tensor, ...]:
     """Experts ``ids`` of a PackedExperts -> gate, up [n, I, H], down [n, H, I]: the kernel's exact weights.
 
-    Same arithmetic as ``cpu_kernels.dequantize`` (float32, exact), on torch tensors.
+    Same arithmetic as ``cpu_kernels.dequantize`` (float32, exact), on torch tensors, on ``device``
+    (the packed bytes move there first; default: the host).
     """
     from hetero.experts import unpack_experts
 
@@ -199,7 +202,7 @@ def dequantize_packed(packed, ids: list[int], dtype: torch.dtype) -> tuple[torch
         rows = a[idx] if a.ndim > 1 and a.shape[0] == packed.E else a
         if rows.dtype == np.uint16:
             rows = rows.view(np.int16)  # torch has no uint16 views; bits reinterpreted below
-        arrays[name] = torch.from_numpy(np.ascontiguousarray(rows))
+        arrays[name] = torch.from_numpy(np.ascontiguousarray(rows)).to(device or "cpu")
     gate, up, down = unpack_experts(
         arrays, packed.fmt, packed.group_size, packed.H, packed.I, packed.symmetric
     )
