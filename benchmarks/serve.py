@@ -68,6 +68,8 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> 
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # the server ended the stream with an error: say which
+                raise RuntimeError(f"request failed mid-stream: {chunk['error']}")
             if chunk["choices"]:
                 arrivals.append(time.perf_counter())
             elif chunk.get("usage"):

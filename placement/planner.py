@@ -46,8 +46,8 @@ SPLIT_KINDS = ("attention", "shared_expert", "dense_mlp")
 GPU_BASE_RESERVE = 768 * MiB
 # Python, torch, numba and pinned hand-off buffers of the process itself.
 CPU_RESERVE = 2 * GiB
-# Prefill streams experts to the GPU in groups of this many, double-buffered.
-STREAM_GROUP = 8
+# Prefill streams experts to the GPU in chunks of about this many packed bytes, double-buffered.
+STREAM_CHUNK_BYTES = 32 * MiB
 # Share of every expert's hit probability taken from uniform routing, so an expert a frequency
 # file never saw is priced as rare, not as never used.
 FREQ_SMOOTHING = 0.01
@@ -312,16 +312,28 @@ def expert_probs(inv: Inventory, freq: dict[int, dict[int, float]] | None) -> di
 
 def workspace_bytes(inv: Inventory, opts: PlanOptions, expert_bytes: int) -> int:
     """GPU memory besides weights and KV cache: allocator slack, prefill activations, the logits
-    of a decode batch and the double buffer that streams experts during prefill."""
+    of a decode batch and what streaming experts during prefill holds at once."""
     inter = max(
         (t.shape[0] for t in inv.tensors if t.kind in ("dense_mlp", "shared_expert") and len(t.shape) == 2),
         default=0,
     )
     tokens = min(opts.prefill_tokens, opts.context)
     activations = tokens * (12 * inv.hidden_size + 4 * inter) * 2
-    logits = opts.batch * 8 * inv.vocab_size * 4
-    stream = 2 * STREAM_GROUP * expert_bytes if inv.moe_layers else 0
-    return GPU_BASE_RESERVE + activations + logits + stream
+    # bf16 logits, their float32 copy and the sampler's probabilities, for up to 8 rows a sequence
+    logits = opts.batch * 8 * inv.vocab_size * (2 + 4 + 4)
+    return GPU_BASE_RESERVE + activations + logits + stream_bytes(inv, tokens, expert_bytes)
+
+
+def stream_bytes(inv: Inventory, tokens: int, expert_bytes: int) -> int:
+    """Device bytes of streamed prefill: two chunks of packed experts in flight, one chunk unpacked
+    to bf16 and the fused MoE's per-slot buffers for ``tokens`` tokens."""
+    if not inv.moe_layers or expert_bytes <= 0:
+        return 0
+    unpacked = _expert_bytes(inv.experts(), "bf16", 128)  # 3 * H * I * 2
+    moe_inter = unpacked // (6 * inv.hidden_size)
+    per_chunk = max(1, STREAM_CHUNK_BYTES // expert_bytes)
+    slots = tokens * inv.top_k * (inv.hidden_size + moe_inter) * 2  # [T*K, I] and [T*K, H] in bf16
+    return 2 * per_chunk * expert_bytes + per_chunk * unpacked + slots
 
 
 def profile_summary(p: HardwareProfile) -> dict[str, Any]:
