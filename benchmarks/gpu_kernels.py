@@ -166,13 +166,19 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                 x = torch.randn(T, H, device=DEV).bfloat16()
                 ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).int()
                 wts = torch.rand(T, K, device=DEV)
-                best = None
-                for cfg in moe_candidates(T, fmt):
+                best = {}  # path -> (ms, config); a config with BLOCK_M runs the sorted path
+                for cfg in moe_candidates(T, K, fmt):
                     ms = bench_ms(moe.fused_moe_triton, x, w13, w2, ids, wts, cfg, rep=100)
-                    if best is None or ms < best[0]:
-                        best = (ms, cfg)
-                ms, cfg = best
-                tuned.setdefault("fused_moe", {}).setdefault(f"E={E},N={inter},fmt={fmt}", {})[str(T)] = cfg
+                    path = "sorted" if "BLOCK_M" in cfg else "gemv"
+                    if path not in best or ms < best[path][0]:
+                        best[path] = (ms, cfg)
+                for path, (_, cfg) in best.items():
+                    kernel = "fused_moe" if path == "sorted" else "fused_moe_gemv"
+                    tuned.setdefault(kernel, {}).setdefault(f"E={E},N={inter},fmt={fmt}", {})[str(T)] = cfg
+                ms, cfg = min(best.values(), key=lambda b: b[0])
+                per_path = {f"{path}_ms": b[0] for path, b in best.items()}
+                if "BLOCK_M" in cfg:
+                    per_path["align_ms"] = bench_ms(gk.moe_align_block_size, ids, cfg["BLOCK_M"], E)
                 ref_ms = bench_ms(moe.fused_moe_reference, x, w13, w2, ids, wts, rep=50)
                 rows.append(
                     row(
@@ -183,28 +189,27 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                         ms,
                         ref_ms,
                         copy_bw,
-                        {
-                            "config": cfg,
-                            "align_ms": bench_ms(gk.moe_align_block_size, ids, cfg["BLOCK_M"], E),
-                        },
+                        {"config": cfg, **per_path},
                         g_ms=graph_ms(moe.fused_moe_triton, x, w13, w2, ids, wts, cfg),
                     )
                 )
 
 
-def moe_candidates(T: int, fmt: str) -> list[dict]:
-    base = moe.fused_moe_config(T, 1, 1, fmt, 128)
-    out = [base]
-    for bn, bk, w, st in (
-        (32, 128, 4, 4),
-        (64, 256, 4, 3),
-        (128, 128, 4, 3),
-        (32, 256, 2, 4),
-        (64, 128, 8, 4),
-    ):
-        if fmt == "int4" and bk > 128:
-            continue
-        out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st})
+def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
+    """Sorted-path configs, then GEMV ones (no BLOCK_M) up to twice the slots where GEMV is the default."""
+    sorted_tiles = ((32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 128, 8, 4))
+    paths = [(moe.fused_moe_config(T, 1, 1, fmt, 128), sorted_tiles)]
+    if T * K <= 2 * moe.GEMV_MAX_SLOTS:
+        gemv_tiles = ((16, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (128, 128, 4, 3), (16, 512, 4, 2))
+        paths.append((moe.fused_moe_gemv_config(T, 1, 1, fmt, 128), gemv_tiles + ((32, 256, 8, 3),)))
+    out = []
+    for cfg, tiles in paths:
+        out.append(cfg)
+        for bn, bk, w, st in tiles:
+            bk = min(bk, 128) if fmt == "int4" else bk  # one group scale per tile
+            cand = {**cfg, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+            if cand not in out:
+                out.append(cand)
     return out
 
 

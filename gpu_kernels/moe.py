@@ -12,6 +12,10 @@ The (token, k) pairs are sorted by expert and each expert's run is padded to BLO
 (`moe_align_block_size`), so every BLOCK_M-row tile belongs to one expert and a program reads just that
 expert's weights. Kernel 1 writes silu(gate) * up to an intermediate [T*K, I]; kernel 2 applies the
 down projection and the routing weight; the K slots of a token are summed at the end.
+
+At decode sizes (T*K <= GEMV_MAX_SLOTS) the sort and the BLOCK_M padding cost more than the weights take
+to read, so a GEMV pair runs instead: one program per (slot, BLOCK_N rows) reads its expert id directly
+and reduces with multiply + sum, no tl.dot and no padding.
 """
 
 from __future__ import annotations
@@ -107,6 +111,33 @@ def fused_moe_reference(x, w13, w2, topk_ids, topk_weights, block_size: int = 16
 
 
 @triton.jit
+def _gate_up_tiles(
+    we,  # one expert's w13 rows
+    se,  # its scales
+    rn,  # [BLOCK_N] intermediate columns
+    k0,
+    nmask,
+    inter_dim,
+    stride_wn,
+    stride_sn,
+    HID,
+    dtype: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Gate rows rn and up rows I + rn: two [BLOCK_N, BLOCK_K] tiles as load_weight_tile gives them."""
+    wg = load_weight_tile(
+        we, se, rn, k0, nmask, stride_wn, stride_sn, HID, dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+    )
+    wu = load_weight_tile(
+        we, se, rn + inter_dim, k0, nmask, stride_wn, stride_sn, HID, dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+    )
+    return wg, wu
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, 2I, H] (int4: [E, 2I, H / 2] bytes)
@@ -151,23 +182,8 @@ def _moe_gate_up_kernel(
             mask=rmask[:, None] & (rk[None, :] < HID),
             other=0.0,
         )
-        wg = load_weight_tile(
-            we, se, rn, k0, nmask, stride_wn, stride_sn, HID, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
-        )
-        wu = load_weight_tile(
-            we,
-            se,
-            rn + inter_dim,
-            k0,
-            nmask,
-            stride_wn,
-            stride_sn,
-            HID,
-            x.dtype,
-            FMT,
-            GROUP,
-            BLOCK_N,
-            BLOCK_K,
+        wg, wu = _gate_up_tiles(
+            we, se, rn, k0, nmask, inter_dim, stride_wn, stride_sn, HID, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
         )
         acc_g = tl.dot(x, tl.trans(wg), acc_g)
         acc_u = tl.dot(x, tl.trans(wu), acc_u)
@@ -238,6 +254,110 @@ def _moe_down_kernel(
     )
 
 
+@triton.jit
+def _moe_gemv_gate_up_kernel(
+    x_ptr,  # [T, H]
+    w_ptr,  # [E, 2I, H] (int4: [E, 2I, H / 2] bytes)
+    s_ptr,  # [E, 2I] or [E, 2I, H / GROUP] float32
+    ids_ptr,  # [T * K] int32
+    h_ptr,  # [T * K, I] intermediate
+    inter_dim,
+    HID,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    TOPK: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    if e < 0:  # the down kernel writes this slot's zeros
+        return
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] intermediate columns
+    nmask = rn < inter_dim
+    we = w_ptr + e * stride_we
+    se = s_ptr + e * stride_se
+    xt = x_ptr + (slot // TOPK) * stride_xt
+    acc_g = tl.zeros([BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, HID, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(xt + rk, mask=rk < HID, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
+        wg, wu = _gate_up_tiles(
+            we,
+            se,
+            rn,
+            k0,
+            nmask,
+            inter_dim,
+            stride_wn,
+            stride_sn,
+            HID,
+            tl.float32,
+            FMT,
+            GROUP,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        acc_g += tl.sum(wg * x, axis=1)
+        acc_u += tl.sum(wu * x, axis=1)
+    if FMT == 1 or FMT == 2:
+        acc_g = acc_g * tl.load(se + rn, mask=nmask, other=0.0)
+        acc_u = acc_u * tl.load(se + inter_dim + rn, mask=nmask, other=0.0)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up
+    tl.store(h_ptr + slot * inter_dim + rn, h.to(h_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(
+    h_ptr,  # [T * K, I]
+    w_ptr,  # [E, H, I] (int4: [E, H, I / 2] bytes)
+    s_ptr,  # [E, H] or [E, H, I / GROUP] float32
+    ids_ptr,  # [T * K] int32
+    tw_ptr,  # [T * K] float32 routing weights
+    o_ptr,  # [T * K, H] float32
+    inter_dim,
+    HID,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] hidden columns
+    nmask = rn < HID
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    if e < 0:  # a skipped slot adds zeros
+        tl.store(o_ptr + slot * HID + rn, acc, mask=nmask)
+        return
+    we = w_ptr + e * stride_we
+    se = s_ptr + e * stride_se
+    ht = h_ptr + slot * inter_dim
+    for k0 in range(0, inter_dim, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(ht + rk, mask=rk < inter_dim, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
+        w = load_weight_tile(
+            we, se, rn, k0, nmask, stride_wn, stride_sn, inter_dim, tl.float32, FMT, GROUP, BLOCK_N, BLOCK_K
+        )
+        acc += tl.sum(w * h, axis=1)
+    if FMT == 1 or FMT == 2:
+        acc = acc * tl.load(se + rn, mask=nmask, other=0.0)
+    acc = acc * tl.load(tw_ptr + slot)
+    tl.store(o_ptr + slot * HID + rn, acc, mask=nmask)
+
+
 _DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 
 
@@ -245,9 +365,25 @@ def fused_moe_config(T: int, E: int, inter_dim: int, fmt: str, group_size: int) 
     default = dict(_DEFAULT)
     if T >= 64:
         default.update(BLOCK_M=32 if T < 256 else 64, BLOCK_N=64, BLOCK_K=64)
-    cfg = get_config("fused_moe", f"E={E},N={inter_dim},fmt={fmt}", T, default)
+    return _tuned("fused_moe", T, E, inter_dim, fmt, group_size, default)
+
+
+# T*K at or below which fused_moe_triton runs the GEMV kernels; a config with BLOCK_M picks the sorted path
+GEMV_MAX_SLOTS = 64
+_GEMV_DEFAULT = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+
+
+def fused_moe_gemv_config(T: int, E: int, inter_dim: int, fmt: str, group_size: int) -> dict:
+    default = dict(_GEMV_DEFAULT)
+    if fmt == "int4":  # a quarter of the bytes per tile: wider rows keep as many loads in flight
+        default.update(BLOCK_N=64, BLOCK_K=128)
+    return _tuned("fused_moe_gemv", T, E, inter_dim, fmt, group_size, default)
+
+
+def _tuned(kernel: str, T: int, E: int, inter_dim: int, fmt: str, group_size: int, default: dict) -> dict:
+    cfg = get_config(kernel, f"E={E},N={inter_dim},fmt={fmt}", T, default)
     if fmt == "int4":
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)  # one scale per row per tile
     return cfg
 
 
@@ -262,6 +398,12 @@ def _check_moe(x, w13, w2, topk_ids, topk_weights) -> None:
     assert x.stride(-1) == 1 and w13.data.is_contiguous() and w2.data.is_contiguous()
 
 
+def _moe_args(x, w13, w2, topk_ids, topk_weights) -> tuple[QuantWeight, QuantWeight]:
+    w13, w2 = _as_quant(w13), _as_quant(w2)
+    _check_moe(x, w13, w2, topk_ids, topk_weights)
+    return w13, w2
+
+
 def _strides(qw: QuantWeight) -> tuple[int, int, int, int]:
     """(expert stride, row stride) of data, then of scales; per-row scales only need the expert stride."""
     s = qw.scales
@@ -270,12 +412,53 @@ def _strides(qw: QuantWeight) -> tuple[int, int, int, int]:
     return qw.data.stride(0), qw.data.stride(1), s.stride(0), s.stride(1) if s.dim() == 3 else 0
 
 
-def fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config: dict | None = None) -> torch.Tensor:
-    w13, w2 = _as_quant(w13), _as_quant(w2)
-    _check_moe(x, w13, w2, topk_ids, topk_weights)
-    T, H = x.shape
-    K = topk_ids.shape[1]
-    E, inter_dim = w13.shape[0], w13.shape[1] // 2
+def _scales(qw: QuantWeight) -> torch.Tensor:
+    return qw.scales if qw.scales is not None else qw.data  # a pointer the kernels never read
+
+
+def fused_moe_gemv(
+    x: torch.Tensor,
+    w13: QuantWeight | torch.Tensor,
+    w2: QuantWeight | torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """GEMV form for decode: one program per (slot, BLOCK_N rows), no sort and no BLOCK_M padding."""
+    w13, w2 = _moe_args(x, w13, w2, topk_ids, topk_weights)
+    (T, H), K, (E, inter_dim) = x.shape, topk_ids.shape[1], (w13.shape[0], w13.shape[1] // 2)
+    cfg = config or fused_moe_gemv_config(T, E, inter_dim, w13.fmt, w13.group_size)
+    fmt = _FMT_ID[w13.fmt]
+    bn, bk = cfg["BLOCK_N"], min(cfg["BLOCK_K"], w13.group_size) if fmt == 3 else cfg["BLOCK_K"]
+    ids = topk_ids.reshape(-1)  # [T*K]
+    inter = torch.empty(T * K, inter_dim, dtype=x.dtype, device=x.device)  # [T*K, I]
+    out = torch.empty(T * K, H, dtype=torch.float32, device=x.device)  # [T*K, H]
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    _moe_gemv_gate_up_kernel[(T * K, cdiv(inter_dim, bn))](
+        x, w13.data, _scales(w13), ids, inter, inter_dim, H, x.stride(0), *_strides(w13),
+        TOPK=K, FMT=fmt, GROUP=w13.group_size, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )  # fmt: skip
+    _moe_gemv_down_kernel[(T * K, cdiv(H, bn))](
+        inter, w2.data, _scales(w2), ids, topk_weights.reshape(-1), out, inter_dim, H, *_strides(w2),
+        FMT=fmt, GROUP=w2.group_size, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )  # fmt: skip
+    return out.view(T, K, H).sum(1).to(x.dtype)  # [T, H]
+
+
+def fused_moe_triton(
+    x: torch.Tensor,
+    w13: QuantWeight | torch.Tensor,
+    w2: QuantWeight | torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Sorted path, or the GEMV path when T*K <= GEMV_MAX_SLOTS; a given config picks by having BLOCK_M."""
+    gemv = topk_ids.numel() <= GEMV_MAX_SLOTS if config is None else "BLOCK_M" not in config
+    if gemv:
+        return fused_moe_gemv(x, w13, w2, topk_ids, topk_weights, config)
+    w13, w2 = _moe_args(x, w13, w2, topk_ids, topk_weights)
+    (T, H), K, (E, inter_dim) = x.shape, topk_ids.shape[1], (w13.shape[0], w13.shape[1] // 2)
     cfg = config or fused_moe_config(T, E, inter_dim, w13.fmt, w13.group_size)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, bm, E)
@@ -285,12 +468,12 @@ def fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config: dict | None = N
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     n_m = expert_ids.shape[0]
     _moe_gate_up_kernel[(n_m, cdiv(inter_dim, bn))](
-        x, w13.data, w13.scales if w13.scales is not None else w13.data, sorted_ids, expert_ids, num_padded,
+        x, w13.data, _scales(w13), sorted_ids, expert_ids, num_padded,
         inter, T * K, inter_dim, H, x.stride(0), *_strides(w13),
         TOPK=K, FMT=fmt, GROUP=w13.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )  # fmt: skip
     _moe_down_kernel[(n_m, cdiv(H, bn))](
-        inter, w2.data, w2.scales if w2.scales is not None else w2.data, sorted_ids, expert_ids, num_padded,
+        inter, w2.data, _scales(w2), sorted_ids, expert_ids, num_padded,
         topk_weights, out, T * K, inter_dim, H, *_strides(w2),
         FMT=fmt, GROUP=w2.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, w2.group_size) if fmt == 3 else bk,
         **launch,

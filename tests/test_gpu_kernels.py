@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch.nn.functional as F
 
 import gpu_kernels as gk
 from gpu_kernels import kv_write, moe, paged_attention, quant, tuning
+from gpu_kernels._triton import HAS_TRITON
 from gpu_kernels.mla_attention import mla_decode_attention_triton
 from gpu_kernels.paged_attention import paged_decode_attention_triton
 
@@ -291,6 +296,72 @@ def test_shipped_configs_parse():
                 assert all(int(b) > 0 and "BLOCK_N" in cfg for b, cfg in by_batch.items())
 
 
+# ---------------------------------------------------------------- CPU: MoE GEMV kernels in the Triton interpreter
+
+GEMV_CASES = [("bf16", 128), ("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128), ("fp8", 128)]
+
+
+def moe_weights(E: int, H: int, inter: int, fmt: str, group: int, gen: torch.Generator, device="cpu"):
+    """w13 [E, 2I, H], w2 [E, H, I] quantized; scaled so that a layer's outputs stay O(1) at any size."""
+    w13 = torch.randn(E, 2 * inter, H, generator=gen, device=device) * H**-0.5
+    w2 = torch.randn(E, H, inter, generator=gen, device=device) * inter**-0.5
+    return gk.quantize_weight(w13, fmt, group), gk.quantize_weight(w2, fmt, group)
+
+
+def gemv_moe_inputs(T: int, K: int, fmt: str, group: int, dtype: torch.dtype, gen: torch.Generator):
+    """Small odd sizes (I, H not multiples of BLOCK_N), ids with repeats and -1, and a config that makes them."""
+    E = 4
+    if fmt == "int4":  # int4 needs H, I multiples of the group; BLOCK_N = 2 * group leaves a partial block
+        H, inter, bn = 3 * group, 3 * group, 2 * group
+    else:
+        H, inter, bn = 200, 72, 64
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    w13, w2 = moe_weights(E, H, inter, fmt, group, gen)
+    ids = torch.randint(0, E, (T, K), generator=gen, dtype=torch.int32).view(-1)
+    if ids.numel() > 1:
+        ids[1] = -1
+    if ids.numel() > 2:
+        ids[-1] = ids[0]  # one expert twice
+    weights = torch.rand(T, K, generator=gen) + 0.1
+    cfg = {"BLOCK_N": bn, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    return x, w13, w2, ids.view(T, K), weights, cfg
+
+
+def check_moe_gemv(fmt: str, group: int) -> None:
+    """Run with TRITON_INTERPRET=1: the GEMV kernels on CPU tensors vs fused_moe_reference."""
+    gen = torch.Generator().manual_seed(group + len(fmt))
+    cases = [(T, K, torch.bfloat16) for T in (1, 3) for K in (1, 2, 6)] + [(3, 2, torch.float32)]
+    for T, K, dtype in cases:
+        x, w13, w2, ids, weights, cfg = gemv_moe_inputs(T, K, fmt, group, dtype, gen)
+        out = moe.fused_moe_gemv(x, w13, w2, ids, weights, cfg)
+        ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
+        assert out.dtype == dtype and out.shape == ref.shape
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # float32 x: the sums' order is the only difference
+        print(f"T={T} K={K} {dtype}: max error {(out.float() - ref).abs().max():.2e}")
+        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+        assert rel_err(out, ref) < tol / 2
+    # default config through the dispatcher (T*K small picks GEMV); every slot skipped gives exact zeros
+    x, w13, w2, ids, weights, _ = gemv_moe_inputs(1, 2, fmt, group, torch.bfloat16, gen)
+    out = moe.fused_moe_triton(x, w13, w2, ids, weights)
+    torch.testing.assert_close(
+        out.float(), moe.fused_moe_reference(x.float(), w13, w2, ids, weights), rtol=2e-2, atol=2e-2
+    )
+    out = moe.fused_moe_gemv(x, w13, w2, torch.full_like(ids, -1), weights)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("fmt,group", GEMV_CASES)
+def test_moe_gemv_kernels_in_interpreter(fmt, group):
+    """The interpreter flag is read when @triton.jit decorates, so the kernels run in a child process."""
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    code = f"import test_gpu_kernels as t; t.check_moe_gemv({fmt!r}, {group})"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+
 # ---------------------------------------------------------------- GPU: Triton kernels vs references
 
 gpu = pytest.mark.gpu
@@ -401,20 +472,58 @@ def test_quant_linear_kernel(M, fmt, group):
 @gpu
 @pytest.mark.parametrize("T", [1, 7, 64, 300])
 @pytest.mark.parametrize("E,K", [(8, 2), (64, 6)])
-@pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 64), ("fp8", 128)])
-def test_fused_moe_kernel(T, E, K, fmt, group):
-    gen = torch.Generator(CUDA).manual_seed(T + E)
-    H, inter = 512, 384
+@pytest.mark.parametrize(
+    "fmt,group", [("bf16", 128), ("int8", 128), ("int4", 32), ("int4", 64), ("fp8", 128)]
+)
+@pytest.mark.parametrize("path", ["sorted", "gemv"])
+def test_fused_moe_kernel(T, E, K, fmt, group, path):
+    gen = torch.Generator(CUDA).manual_seed(T + E + group)
+    H, inter = (640, 384) if fmt == "int4" else (520, 360)  # not multiples of the default BLOCK_N/K
     x = torch.randn(T, H, generator=gen, device=CUDA).bfloat16()
-    w13 = gk.quantize_weight(torch.randn(E, 2 * inter, H, generator=gen, device=CUDA) * 0.05, fmt, group)
-    w2 = gk.quantize_weight(torch.randn(E, H, inter, generator=gen, device=CUDA) * 0.05, fmt, group)
+    w13, w2 = moe_weights(E, H, inter, fmt, group, gen, CUDA)
     ids = torch.stack([torch.randperm(E, generator=gen, device=CUDA)[:K] for _ in range(T)]).int()
     ids[0, 0] = -1
     weights = torch.rand(T, K, generator=gen, device=CUDA)
-    out = moe.fused_moe_triton(x, w13, w2, ids, weights)
+    config_of = moe.fused_moe_gemv_config if path == "gemv" else moe.fused_moe_config
+    out = moe.fused_moe_triton(x, w13, w2, ids, weights, config_of(T, E, inter, fmt, group))
     ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
     assert rel_err(out, ref) < 2e-2
+    if (T * K <= moe.GEMV_MAX_SLOTS) == (path == "gemv"):  # the path a call without a config takes
+        assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights), out)
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 16])
+def test_fused_moe_graph_replay(T):
+    """Both paths capture into a CUDA graph: new ids and inputs copied in give the reference's answer."""
+    gen = torch.Generator(CUDA).manual_seed(T)
+    E, K, H, inter = 16, 6, 512, 256
+    w13, w2 = moe_weights(E, H, inter, "int8", 128, gen, CUDA)
+
+    def inputs():
+        ids = torch.randint(-1, E, (T, K), generator=gen, device=CUDA, dtype=torch.int32)
+        return (
+            torch.randn(T, H, generator=gen, device=CUDA).bfloat16(),
+            ids,
+            torch.rand(T, K, generator=gen, device=CUDA),
+        )
+
+    static = inputs()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        moe.fused_moe_triton(static[0], w13, w2, *static[1:])  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe.fused_moe_triton(static[0], w13, w2, *static[1:])
+    fresh = inputs()
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    graph.replay()
+    ref = moe.fused_moe_reference(fresh[0].float(), w13, w2, *fresh[1:])
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.gpu
