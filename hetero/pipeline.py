@@ -122,6 +122,10 @@ class CPUHandoff:
             ready.record()
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(ready)
+                for t in (x, ids, weights):
+                    # Made on the compute stream, read here: without this the allocator may hand
+                    # their memory to the compute stream's next tensor before the copy has run.
+                    t.record_stream(self.copy_stream)
                 hx.copy_(x, non_blocking=True)
                 hids.copy_(ids, non_blocking=True)
                 hw.copy_(weights, non_blocking=True)
