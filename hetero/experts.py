@@ -269,9 +269,12 @@ class StreamedExperts:
         p = self.packed
         if self.cuda and not self.pinned:
             self._pin()
-        used = torch.bincount(ids[ids >= 0].flatten(), minlength=p.E)[: p.E].cpu()  # tokens per expert
         spans = [(lo, min(lo + self.chunk, p.E)) for lo in range(0, p.E, self.chunk)]
-        spans = [(lo, hi) for lo, hi in spans if bool(used[lo:hi].any())]
+        if ids.numel() < 4 * p.E:
+            # Few tokens may leave whole chunks unhit: ask the device which (one sync) and skip them.
+            # With more, every chunk is hit all but surely, and an unhit one only costs its copy.
+            used = torch.bincount(ids.flatten() + 1, minlength=p.E + 1)[1:].cpu()  # tokens per expert
+            spans = [(lo, hi) for lo, hi in spans if bool(used[lo:hi].any())]
         out = torch.zeros_like(x)
         nxt = self._fetch(*spans[0]) if spans else None
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
