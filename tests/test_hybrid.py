@@ -213,3 +213,39 @@ def test_bench_reports_how_ram_experts_ran(tiny):
     res = run_bench(rt, prompt_len=40, gen=2, batch=1, seed=5)  # new prompts: nothing cached
     # Chunks of 32 and 8: the first streams its RAM experts, the second runs them on the CPU.
     assert res.prefill_ram_experts == {"cpu": len(spec.moe_layers), "stream": len(spec.moe_layers)}
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_device_experts_load_a_few_at_a_time_into_the_same_weights(fmt, monkeypatch):
+    """GPUExperts quantizes chunk by chunk into arrays allocated once: the same bytes as one pass."""
+    import hetero.experts as ex
+
+    g = torch.Generator().manual_seed(3)
+    E, I, H = 7, 32, 64  # noqa: E741
+    gate, up = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
+    down = torch.randn(E, H, I, generator=g)
+    whole = ex.GPUExperts(
+        gate.bfloat16(), up.bfloat16(), down.bfloat16(), fmt, torch.device("cpu"), group_size=32
+    )
+    gate, up, down = gate.bfloat16(), up.bfloat16(), down.bfloat16()  # as a checkpoint holds them
+    reads = []
+
+    def read(lo, hi):
+        reads.append((lo, hi))
+        return gate[lo:hi], up[lo:hi], down[lo:hi]
+
+    # two experts' bf16 bytes per chunk: after the first expert alone, chunks of 2
+    monkeypatch.setattr(ex, "LOAD_CHUNK_BYTES", 2 * 2 * 3 * I * H)
+    parts = ex.GPUExperts.load(read, E, fmt, torch.device("cpu"), group_size=32)
+    assert reads == [(0, 1), (1, 3), (3, 5), (5, 7)]
+    if fmt == "bf16":
+        direct = (torch.cat([gate, up], dim=1).to(torch.bfloat16), down.to(torch.bfloat16))
+    else:
+        from gpu_kernels import quantize_weight
+
+        direct = (quantize_weight(torch.cat([gate, up], dim=1), fmt, 32), quantize_weight(down, fmt, 32))
+    for a, b in ((direct[0], parts.w13), (direct[1], parts.w2), (whole.w13, parts.w13)):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert a.shape == b.shape and torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales)
