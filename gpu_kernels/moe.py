@@ -20,6 +20,8 @@ and reduces with multiply + sum, no tl.dot and no padding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -146,6 +148,8 @@ def _moe_gate_up_kernel(
     expert_ptr,  # [P / BLOCK_M] int32
     npad_ptr,  # [1] int32
     h_ptr,  # [T * K, I] intermediate
+    e_lo,  # w_ptr holds experts e_lo .. e_hi - 1; tiles of other experts are left alone
+    e_hi,
     TK,
     inter_dim,
     HID,
@@ -166,6 +170,9 @@ def _moe_gate_up_kernel(
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
         return
     e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if (e < e_lo) | (e >= e_hi):
+        return
+    e = e - e_lo
     rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] flat (t, k) slots
     rmask = rows < TK
     tok = rows // TOPK
@@ -208,6 +215,8 @@ def _moe_down_kernel(
     npad_ptr,
     tw_ptr,  # [T * K] float32 routing weights
     o_ptr,  # [T * K, H]
+    e_lo,
+    e_hi,
     TK,
     inter_dim,
     HID,
@@ -226,6 +235,9 @@ def _moe_down_kernel(
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
         return
     e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if (e < e_lo) | (e >= e_hi):
+        return
+    e = e - e_lo
     rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     rmask = rows < TK
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] hidden columns
@@ -458,27 +470,80 @@ def fused_moe_triton(
     if gemv:
         return fused_moe_gemv(x, w13, w2, topk_ids, topk_weights, config)
     w13, w2 = _moe_args(x, w13, w2, topk_ids, topk_weights)
-    (T, H), K, (E, inter_dim) = x.shape, topk_ids.shape[1], (w13.shape[0], w13.shape[1] // 2)
-    cfg = config or fused_moe_config(T, E, inter_dim, w13.fmt, w13.group_size)
+    routing = moe_route(
+        x, topk_ids, topk_weights, w13.shape[0], w13.shape[1] // 2, w13.fmt, w13.group_size, config
+    )
+    fused_moe_chunk(routing, x, w13, w2, 0)
+    return moe_finish(routing)
+
+
+@dataclass
+class MoERouting:
+    """One layer's tokens sorted by expert once, for sorted-path calls over chunks of its experts."""
+
+    T: int
+    K: int
+    config: dict
+    sorted_ids: torch.Tensor  # [P] int32
+    expert_ids: torch.Tensor  # [P / BLOCK_M] int32
+    num_padded: torch.Tensor  # [1] int32
+    weights: torch.Tensor  # [T, K] float32
+    inter: torch.Tensor  # [T*K, I] silu(gate) * up, each chunk writing its own slots
+    out: torch.Tensor  # [T*K, H] weighted down projections; slots no chunk handles stay 0
+
+
+def moe_route(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    inter_dim: int,
+    fmt: str,
+    group_size: int = 128,
+    config: dict | None = None,
+) -> MoERouting:
+    """Sort the (token, k) slots by expert for ``num_experts`` experts of width ``inter_dim`` in ``fmt``.
+
+    Then ``fused_moe_chunk`` once per chunk of consecutive experts (streamed prefill copies a layer's
+    experts over in chunks: one sort and one pair of output buffers serve them all) and
+    ``moe_finish`` for the [T, H] sum.
+    """
+    (T, H), K = x.shape, topk_ids.shape[1]
+    cfg = config or fused_moe_config(T, num_experts, inter_dim, fmt, group_size)
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, cfg["BLOCK_M"], num_experts)
+    inter = torch.empty(T * K, inter_dim, dtype=x.dtype, device=x.device)
+    out = torch.zeros(T * K, H, dtype=x.dtype, device=x.device)
+    return MoERouting(T, K, cfg, sorted_ids, expert_ids, num_padded, topk_weights, inter, out)
+
+
+def fused_moe_chunk(
+    r: MoERouting, x: torch.Tensor, w13: QuantWeight | torch.Tensor, w2: QuantWeight | torch.Tensor, lo: int
+) -> None:
+    """Slots routed to experts lo .. lo + n - 1, whose weights w13 [n, 2I, H] and w2 [n, H, I] hold."""
+    w13, w2 = _as_quant(w13), _as_quant(w2)
+    H, inter_dim = x.shape[1], r.inter.shape[1]
+    assert w13.shape[1:] == (2 * inter_dim, H) and w2.shape[1:] == (H, inter_dim), (w13.shape, w2.shape)
+    assert w13.fmt == w2.fmt and x.stride(-1) == 1 and w13.data.is_contiguous() and w2.data.is_contiguous()
+    cfg, fmt, hi = r.config, _FMT_ID[w13.fmt], lo + w13.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, bm, E)
-    inter = torch.empty(T * K, inter_dim, dtype=x.dtype, device=x.device)  # [T*K, I]
-    out = torch.zeros(T * K, H, dtype=x.dtype, device=x.device)  # [T*K, H]; skipped slots stay 0
-    fmt = _FMT_ID[w13.fmt]
+    bk = min(bk, w13.group_size) if fmt == 3 else bk  # an int4 tile stays inside one scale group
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    n_m = expert_ids.shape[0]
+    n_m, TK = r.expert_ids.shape[0], r.T * r.K
     _moe_gate_up_kernel[(n_m, cdiv(inter_dim, bn))](
-        x, w13.data, _scales(w13), sorted_ids, expert_ids, num_padded,
-        inter, T * K, inter_dim, H, x.stride(0), *_strides(w13),
-        TOPK=K, FMT=fmt, GROUP=w13.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        x, w13.data, _scales(w13), r.sorted_ids, r.expert_ids, r.num_padded,
+        r.inter, lo, hi, TK, inter_dim, H, x.stride(0), *_strides(w13),
+        TOPK=r.K, FMT=fmt, GROUP=w13.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )  # fmt: skip
     _moe_down_kernel[(n_m, cdiv(H, bn))](
-        inter, w2.data, _scales(w2), sorted_ids, expert_ids, num_padded,
-        topk_weights, out, T * K, inter_dim, H, *_strides(w2),
-        FMT=fmt, GROUP=w2.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, w2.group_size) if fmt == 3 else bk,
-        **launch,
+        r.inter, w2.data, _scales(w2), r.sorted_ids, r.expert_ids, r.num_padded,
+        r.weights, r.out, lo, hi, TK, inter_dim, H, *_strides(w2),
+        FMT=fmt, GROUP=w2.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )  # fmt: skip
-    return out.view(T, K, H).sum(1)  # [T, H]
+
+
+def moe_finish(r: MoERouting) -> torch.Tensor:
+    """[T, H]: each token's K weighted expert outputs summed."""
+    return r.out.view(r.T, r.K, -1).sum(1)
 
 
 def fused_moe(

@@ -275,7 +275,15 @@ class StreamedExperts:
             # With more, every chunk is hit all but surely, and an unhit one only costs its copy.
             used = torch.bincount(ids.flatten() + 1, minlength=p.E + 1)[1:].cpu()  # tokens per expert
             spans = [(lo, hi) for lo, hi in spans if bool(used[lo:hi].any())]
-        out = torch.zeros_like(x)
+        routing = None
+        if self.cuda:
+            from gpu_kernels.moe import GEMV_MAX_SLOTS, moe_route
+
+            if ids.numel() > GEMV_MAX_SLOTS:
+                # One expert sort and one pair of slot buffers for the whole layer; each chunk then
+                # runs only the tiles of its own experts.
+                routing = moe_route(x, ids.to(torch.int32), weights.float(), p.E, p.I, "bf16")
+        out = torch.zeros_like(x) if routing is None else None
         nxt = self._fetch(*spans[0]) if spans else None
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
         for k, (lo, hi) in enumerate(spans):
@@ -285,6 +293,11 @@ class StreamedExperts:
                 compute.wait_event(ready)
                 for a in arrays.values():
                     a.record_stream(compute)  # allocated on the copy stream, read here
+            if routing is not None:
+                from gpu_kernels.moe import fused_moe_chunk
+
+                fused_moe_chunk(routing, x, *self._unpack_gpu(arrays, x.dtype), lo)
+                continue
             local = torch.where((ids >= lo) & (ids < hi), ids - lo, -1)
             if self.cuda:
                 from gpu_kernels import fused_moe
@@ -296,6 +309,10 @@ class StreamedExperts:
                 gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric, x.dtype)
                 out += torch_moe(x, local, weights, gate, up, down)
             del arrays
+        if routing is not None:
+            from gpu_kernels.moe import moe_finish
+
+            return moe_finish(routing)
         return out
 
     def _unpack_gpu(self, arrays: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -350,6 +350,42 @@ def check_moe_gemv(fmt: str, group: int) -> None:
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def check_moe_chunks(fmt: str, group: int) -> None:
+    """Run with TRITON_INTERPRET=1: the sorted path routed once and run over chunks of the experts
+    (as streamed prefill runs it) against fused_moe_reference, and as one call."""
+    gen = torch.Generator().manual_seed(7 + group)
+    x, w13, w2, ids, weights, cfg = gemv_moe_inputs(9, 3, fmt, group, torch.float32, gen)
+    cfg = {**cfg, "BLOCK_M": 16}
+    ref = moe.fused_moe_reference(x, w13, w2, ids, weights)
+    whole = moe.fused_moe_triton(x, w13, w2, ids, weights, cfg)
+    routing = moe.moe_route(x, ids, weights, 4, w13.shape[1] // 2, fmt, group, cfg)
+    for lo, hi in ((0, 1), (1, 3), (3, 4)):  # experts 0 | 1, 2 | 3, each chunk's weights alone
+        part13 = gk.QuantWeight(
+            fmt, w13.data[lo:hi], _rows(w13.scales, lo, hi), group, (hi - lo, *w13.shape[1:])
+        )
+        part2 = gk.QuantWeight(fmt, w2.data[lo:hi], _rows(w2.scales, lo, hi), group, (hi - lo, *w2.shape[1:]))
+        moe.fused_moe_chunk(routing, x, part13, part2, lo)
+    chunked = moe.moe_finish(routing)
+    for out in (whole, chunked):
+        print(f"max error {(out - ref).abs().max():.2e}")
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def _rows(scales, lo: int, hi: int):
+    return None if scales is None else scales[lo:hi]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 32)])
+def test_moe_sorted_kernels_over_expert_chunks_in_interpreter(fmt, group):
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    code = f"import test_gpu_kernels as t; t.check_moe_chunks({fmt!r}, {group})"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
 @pytest.mark.parametrize("fmt,group", GEMV_CASES)
 def test_moe_gemv_kernels_in_interpreter(fmt, group):
