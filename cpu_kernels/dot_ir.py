@@ -12,14 +12,14 @@ The quantized dots (``dot_q4_rows``, ``dot_q8_rows``) take R = 1, 2 or 4 rows pe
 cost, per 64 weight bytes of each row, the unpack (int4), one vpdpbusd per 64 inputs and one
 int32 -> float32 conversion and FMA per vpdpbusd; the activation vectors are loaded once per
 block for all R rows, and horizontal sums run once per row. Both accumulate in float32:
-int8's +128 code offset is cancelled exactly in int32 (vpdpbusd's accumulator starts at
--128 * the activations' lane sums), so nothing large cancels in floating point.
+int8's +128 code offset and int4's zero points are cancelled exactly in int32 (vpdpbusd's
+accumulator starts at minus an offset times the activations' lane sums), so nothing large
+cancels in floating point.
 
 Activation layout shared by the quantized dots (n = padded input length):
   a  int8    [n]        activations, quantized per block of 64
   sa float32 [n // 64]  one scale per block of 64
-  aq float32 [n // 32]  sa * sum of a per 32 inputs (int4 zero-point term)
-  ac int32   [n // 4]   -128 * sum of a per 4 inputs (int8 offset seed)
+  ac int32   [n // 4]   -128 * sum of a per 4 inputs (vpdpbusd accumulator seed)
 Weights are stored as unsigned codes so that ``vpdpbusd`` (u8 x s8) takes
 them as its unsigned operand and the signed activations as the other one.
 """
@@ -84,17 +84,19 @@ def _fmuladd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir
 def _mac_u8s8(
     builder: ir.IRBuilder, w: ir.Value, a: ir.Value, vnni: bool, acc: ir.Value | None = None
 ) -> ir.Value:
-    """acc + <64 x u8> . <64 x s8> -> <16 x i32>; lane l adds bytes 4l..4l+3, as vpdpbusd does."""
+    """acc + <n x u8> . <n x s8> -> <n / 4 x i32> (n = 64 or 32); lane l adds bytes 4l..4l+3, as vpdpbusd does."""
+    nb = w.type.count
+    vi = ir.VectorType(I32, nb // 4)
     if vnni and _EMIT_VNNI:
-        fn = _intrin(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32] * 3)
-        wv = builder.bitcast(w, V16I32)
-        av = builder.bitcast(a, V16I32)
-        return builder.call(fn, [ir.Constant(V16I32, None) if acc is None else acc, wv, av])
-    v64i32 = ir.VectorType(I32, 64)
-    prod = builder.mul(builder.zext(w, v64i32), builder.sext(a, v64i32))  # [64]
+        fn = _intrin(builder, f"llvm.x86.avx512.vpdpbusd.{nb * 8}", vi, [vi] * 3)
+        wv = builder.bitcast(w, vi)
+        av = builder.bitcast(a, vi)
+        return builder.call(fn, [ir.Constant(vi, None) if acc is None else acc, wv, av])
+    wide = ir.VectorType(I32, nb)
+    prod = builder.mul(builder.zext(w, wide), builder.sext(a, wide))  # [nb]
     for k in range(4):
-        mask = ir.Constant(ir.VectorType(I32, 16), [4 * lane + k for lane in range(16)])
-        part = builder.shuffle_vector(prod, ir.Constant(v64i32, ir.Undefined), mask)  # [16]
+        mask = ir.Constant(vi, [4 * lane + k for lane in range(nb // 4)])
+        part = builder.shuffle_vector(prod, ir.Constant(wide, ir.Undefined), mask)  # [nb / 4]
         acc = part if acc is None else builder.add(acc, part)
     return acc
 
@@ -227,15 +229,6 @@ def _spread(builder: ir.IRBuilder, v: ir.Value, m: int) -> ir.Value:
     return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask)
 
 
-def _pairs_sum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """<2m x float> -> <m x float>: elements 2k and 2k + 1 added."""
-    m = v.type.count // 2
-    und = ir.Constant(v.type, ir.Undefined)
-    ev = builder.shuffle_vector(v, und, ir.Constant(_vec(m, I32), [2 * k for k in range(m)]))
-    od = builder.shuffle_vector(v, und, ir.Constant(_vec(m, I32), [2 * k + 1 for k in range(m)]))
-    return builder.fadd(ev, od)
-
-
 def _row_offsets(
     builder: ir.IRBuilder, off: ir.Value, step: ir.Value, pair: ir.Value, R: int
 ) -> list[ir.Value]:
@@ -261,8 +254,6 @@ def dot_q4_rows(
     a_off,
     sa,
     sa_off,
-    aq,
-    aq_off,
     ac,
     ac_off,
     s,
@@ -282,17 +273,23 @@ def dot_q4_rows(
     s_off + (r % 2) * s_step + (r // 2) * s_pair in s (group scales, float16 bits) and z (zero
     points, ignored when sym: 8): two pairs of rows, each pair usually adjacent rows (gate and
     up) and the pairs far apart, so the rows are read as two long sequential streams. Activations a [n] int8,
-    sa [n / 64] float32 scales, aq [n / 32] float32 (sa * sum of a per 32), ac [n / 4] int32
-    (-128 * sum of a per 4); n = 128 * nblk.
+    sa [n / 64] float32 scales, ac [n / 4] int32 (-128 * sum of a per 4); n = 128 * nblk.
     nrows, gsize (32 / 64 / 128), sym and vnni must be literals.
     Row r's value: sum_g s_g * sum_{i in g} (q_i - z_g) * sa_i * a_i, float32 accumulation.
 
     Per segment of SEG blocks, a pre-pass writes each row's combined scale s_g * sa of every
-    64-input half (of every 32-input quarter when g = 32) to a stack array (and, with zero
-    points, accumulates the term s_g * z_g * aq); the main loop then scales each vpdpbusd
-    result with one broadcast load. High nibbles enter vpdpbusd unshifted (16 q), their
-    scales carry 1 / 16. Symmetric rows fold z = 8 into vpdpbusd's accumulator exactly
-    (-8 and -128 times the activations' lane sums), so nothing cancels in float32.
+    64-input half (of every 32-input quarter when g = 32) to a stack array; the main loop then
+    scales each vpdpbusd result with one broadcast load. Zero points are subtracted exactly in
+    int32: every lane of every vpdpbusd result is exactly sum (q - z) * a over its four inputs
+    (times 16 or 8, see below), so nothing cancels in float32.
+      Symmetric: low nibbles q and high nibbles 16 q (masked in place) enter vpdpbusd, whose
+        accumulator starts at -8 and -128 times the activations' lane sums (ac / 16, ac).
+      Zero points: the pre-pass also stores each half's (quarter's) code offsets 128 - z (low
+        nibbles) and 128 - 8 z (high nibbles, shifted to 8 q), one byte repeated in an int32;
+        the main loop adds them with one dword add per vector (no byte carries: each sum lies
+        in 8..248) and vpdpbusd's accumulator starts at ac for both halves. With g = 32 each
+        half runs as two 256-bit quarters, so every scale and offset is a plain broadcast.
+    The high halves' scales carry 1 / 16 (symmetric) or 1 / 8 (zero points), exact in float32.
     """
     lits = _literals(nrows, gsize, sym, vnni)
     if lits is None:
@@ -309,8 +306,6 @@ def dot_q4_rows(
         a_off,
         sa,
         sa_off,
-        aq,
-        aq_off,
         ac,
         ac_off,
         s,
@@ -335,93 +330,119 @@ def dot_q4_rows(
             return _ptr(context, builder, ty[k], args[k], off, elt)
 
         wps = [ptr(0, o, I8) for o in _row_offsets(builder, i64(1), i64(2), i64(3), R)]
-        sofs = _row_offsets(builder, i64(13), i64(14), i64(15), R)
-        sps = [ptr(12, o, F16) for o in sofs]
-        zps = None if symv else [ptr(16, o, I8) for o in sofs]
-        ap, sap, aqp = ptr(4, i64(5), I8), ptr(6, i64(7), F32), ptr(8, i64(9), F32)
-        acp = ptr(10, i64(11), I32)
-        n = i64(17)
+        sofs = _row_offsets(builder, i64(11), i64(12), i64(13), R)
+        sps = [ptr(10, o, F16) for o in sofs]
+        zps = None if symv else [ptr(14, o, I8) for o in sofs]
+        ap, sap, acp = ptr(4, i64(5), I8), ptr(6, i64(7), F32), ptr(8, i64(9), I32)
+        n = i64(15)
         cw = 2 if g == 32 else 1  # combined scales per half
+        nq = 2 if cw == 2 and not symv else 1  # vectors per half: 256-bit quarters or 512-bit halves
+        nb, nl = 64 // nq, 16 // nq  # bytes, int32 / float lanes per vector
+        vb, vi, vf = _vec(nb, I8), _vec(nl, I32), _vec(nl)
         segh = 2 * SEG * cw  # scratch floats per row
         scratch = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(F32, R * segh)), F32.as_pointer())
-        mask15 = ir.Constant(V64I8, [15] * 64)
-        mask240 = ir.Constant(V64I8, [240] * 64)
+        zscr = None  # zero points: code offsets, laid out as the scales
+        if not symv:
+            zscr = builder.bitcast(
+                cgutils.alloca_once(builder, ir.ArrayType(I32, R * segh)), I32.as_pointer()
+            )
+        mask15 = ir.Constant(vb, [15] * nb)
+        mask_hi = ir.Constant(vb, [240 if symv else 120] * nb)
+        hi_mul = 16 if symv else 8  # high nibbles enter vpdpbusd as 16 q (in place) or 8 q
         unroll = 2 if R == 1 else 1  # blocks per main-loop iteration (independent FMA chains)
 
-        def prepass(babs, jloc, nbk, corrs):
-            """Blocks babs..babs+nbk-1 (segment-local jloc..): store combined scales, add zero-point terms."""
+        def prepass(babs, jloc, nbk):
+            """Blocks babs..babs+nbk-1 (segment-local jloc..): store combined scales (and code offsets)."""
             m = nbk * 2 * cw  # halves (quarters when g = 32) in these blocks
             ng = nbk * 128 // g  # groups in these blocks
+            hib = [(k * 2 * nbk // m) % 2 for k in range(m)]  # 1 for the units of high halves
             sa_m = _spread(builder, _load_vec(builder, sap, builder.mul(babs, _c(I64, 2)), _vec(2 * nbk)), m)
-            # high nibbles enter vpdpbusd unshifted (16 q): their halves' scales carry 1 / 16 (exact)
-            hi = ir.Constant(_vec(m), [1.0 / 16 if (k * 2 * nbk // m) % 2 else 1.0 for k in range(m)])
-            sa_m = builder.fmul(sa_m, hi)
-            aq_v = _load_vec(builder, aqp, builder.mul(babs, _c(I64, 4)), _vec(4 * nbk))
-            aq_m = aq_v if m == 4 * nbk else _pairs_sum(builder, aq_v)
+            # high nibbles enter vpdpbusd as 16 q or 8 q: their halves' scales carry 1 / 16 or 1 / 8 (exact)
+            sa_m = builder.fmul(sa_m, ir.Constant(_vec(m), [1.0 / hi_mul if b else 1.0 for b in hib]))
             goff = builder.mul(babs, _c(I64, 128 // g))
-            out = []
+            uoff = builder.mul(jloc, _c(I64, 2 * cw))
             for r in range(R):
                 sv = builder.fpext(_load_vec(builder, sps[r], goff, _vec(ng, F16)), _vec(ng))
                 s_m = _spread(builder, sv, m)
-                dst = builder.gep(
-                    scratch, [builder.add(_c(I64, r * segh), builder.mul(jloc, _c(I64, 2 * cw)))]
-                )
+                dst = builder.gep(scratch, [builder.add(_c(I64, r * segh), uoff)])
                 builder.store(builder.fmul(s_m, sa_m), builder.bitcast(dst, _vec(m).as_pointer()), align=4)
-                if symv:  # the zero point is folded into vpdpbusd's accumulator
-                    out.append(corrs[r])
+                if symv:
                     continue
-                zv = builder.uitofp(_load_vec(builder, zps[r], goff, _vec(ng, I8)), _vec(ng))
-                s_m = builder.fmul(s_m, _spread(builder, zv, m))
-                out.append(_fmuladd(builder, s_m, aq_m, corrs[r]))
-            return out
+                # 128 - z (low halves), 128 - 8 z (high halves) in each byte of an int32
+                zv = _spread(
+                    builder, builder.zext(_load_vec(builder, zps[r], goff, _vec(ng, I8)), _vec(ng, I32)), m
+                )
+                per_z = ir.Constant(_vec(m, I32), [hi_mul * 0x01010101 if b else 0x01010101 for b in hib])
+                off = builder.sub(ir.Constant(_vec(m, I32), [128 * 0x01010101] * m), builder.mul(zv, per_z))
+                zdst = builder.gep(zscr, [builder.add(_c(I64, r * segh), uoff)])
+                builder.store(off, builder.bitcast(zdst, _vec(m, I32).as_pointer()), align=4)
+            return []
 
         def block(babs, jloc, accs, u):
-            """One block of 128 inputs for all rows; accs[(r * 2 + h) * unroll + u]."""
+            """One block of 128 inputs for all rows; accs[((r * 2 + h) * nq + k) * unroll + u]."""
             out = list(accs)
-            av = [_load_vec(builder, ap, builder.mul(builder.add(builder.mul(babs, _c(I64, 2)), _c(I64, h)), _c(I64, 64)), V64I8) for h in range(2)]  # fmt: skip
-            seed = [None, None]
+
+            def vec_at(base, per, h, k, vty):  # vector k of half h of this block
+                idx = builder.mul(builder.add(builder.mul(babs, _c(I64, 2)), _c(I64, h)), _c(I64, per))
+                return _load_vec(
+                    builder, base, idx if nq == 1 else builder.add(idx, _c(I64, k * vty.count)), vty
+                )
+
+            av = [[vec_at(ap, 64, h, k, vb) for k in range(nq)] for h in range(2)]
             if symv:  # -8 * lane sums of a (low nibbles), -128 * lane sums = 16 * that (high, 16 q)
-                acs = [_load_vec(builder, acp, builder.mul(builder.add(builder.mul(babs, _c(I64, 2)), _c(I64, h)), _c(I64, 16)), V16I32) for h in range(2)]  # fmt: skip
-                seed = [builder.ashr(acs[0], ir.Constant(V16I32, [4] * 16)), acs[1]]
+                acs = [vec_at(acp, 16, h, 0, V16I32) for h in range(2)]
+                seed = [[builder.ashr(acs[0], ir.Constant(V16I32, [4] * 16))], [acs[1]]]
+            else:  # -128 * lane sums of a, cancelling the codes' offsets 128 - z, 128 - 8 z
+                seed = [[vec_at(acp, 16, h, k, vi) for k in range(nq)] for h in range(2)]
             for r in range(R):
                 woff = builder.mul(babs, _c(I64, 64))
-                p = _load_vec(builder, wps[r], woff, V64I8)
-                q = [builder.and_(p, mask15), builder.and_(p, mask240)]  # q_lo, 16 * q_hi
-                for h in range(2):
-                    d = builder.sitofp(_mac_u8s8(builder, q[h], av[h], vn, seed[h]), V16F32)
-                    idx = builder.add(_c(I64, r * segh + h * cw), builder.mul(jloc, _c(I64, 2 * cw)))
-                    if cw == 1:
-                        cs = _splat(builder, _load(builder, scratch, idx), 16)
-                    else:
-                        cs = _spread(builder, _load_vec(builder, scratch, idx, _vec(2)), 16)
-                    k = (r * 2 + h) * unroll + u
-                    out[k] = _fmuladd(builder, d, cs, out[k])
+                for k in range(nq):
+                    p = _load_vec(
+                        builder, wps[r], woff if nq == 1 else builder.add(woff, _c(I64, k * nb)), vb
+                    )
+                    if symv:  # q_lo, 16 * q_hi
+                        q = [builder.and_(p, mask15), builder.and_(p, mask_hi)]
+                    else:  # q_lo, 8 * q_hi (a 16-bit shift: bits crossing bytes are masked off)
+                        vw = _vec(nb // 2, I16)
+                        p8 = builder.bitcast(
+                            builder.lshr(builder.bitcast(p, vw), ir.Constant(vw, [1] * (nb // 2))), vb
+                        )
+                        q = [builder.and_(p, mask15), builder.and_(p8, mask_hi)]
+                    for h in range(2):
+                        idx = builder.add(_c(I64, r * segh + h * cw + k), builder.mul(jloc, _c(I64, 2 * cw)))
+                        qh = q[h]
+                        if not symv:  # + this half's (quarter's) code offsets
+                            zo = _splat(builder, _load(builder, zscr, idx), nl)
+                            qh = builder.bitcast(builder.add(builder.bitcast(qh, vi), zo), vb)
+                        d = builder.sitofp(_mac_u8s8(builder, qh, av[h][k], vn, seed[h][k]), vf)
+                        if cw == 1 or nq == 2:
+                            cs = _splat(builder, _load(builder, scratch, idx), nl)
+                        else:
+                            cs = _spread(builder, _load_vec(builder, scratch, idx, _vec(2)), 16)
+                        j = ((r * 2 + h) * nq + k) * unroll + u
+                        out[j] = _fmuladd(builder, d, cs, out[j])
             return out
 
-        m_unit, m_one = 16 * cw, 2 * cw
-        zero16 = ir.Constant(V16F32, None)
         seg_c = _c(I64, SEG)
         nseg = builder.sdiv(builder.add(n, _c(I64, SEG - 1)), seg_c)
-        nacc = R * 2 * unroll
-        inits = [zero16] * nacc + [ir.Constant(_vec(m_unit), None)] * R + [ir.Constant(_vec(m_one), None)] * R
+        nacc = R * 2 * nq * unroll
 
-        def segment(k, vals):
-            accs, cu, c1 = vals[:nacc], vals[nacc : nacc + R], vals[nacc + R :]
+        def segment(k, accs):
             sb = builder.mul(k, seg_c)
-            nb = _imin(builder, builder.sub(n, sb), seg_c)
-            nunit = builder.sdiv(nb, _c(I64, 8))
+            nseg_blk = _imin(builder, builder.sub(n, sb), seg_c)
+            nunit = builder.sdiv(nseg_blk, _c(I64, 8))
 
-            def unit(u, cs):
+            def unit(u, _):
                 j = builder.mul(u, _c(I64, 8))
-                return prepass(builder.add(sb, j), j, 8, cs)
+                return prepass(builder.add(sb, j), j, 8)
 
-            cu = _counted_loop(builder, _c(I64, 0), nunit, cu, unit)
-            c1 = _counted_loop(
+            _counted_loop(builder, _c(I64, 0), nunit, [], unit)
+            _counted_loop(
                 builder,
                 builder.mul(nunit, _c(I64, 8)),
-                nb,
-                c1,
-                lambda j, cs: prepass(builder.add(sb, j), j, 1, cs),
+                nseg_blk,
+                [],
+                lambda j, _: prepass(builder.add(sb, j), j, 1),
             )
 
             def main(it, acc):
@@ -430,27 +451,18 @@ def dot_q4_rows(
                     acc = block(builder.add(sb, j), j, acc, u)
                 return acc
 
-            nmain = builder.sdiv(nb, _c(I64, unroll))
+            nmain = builder.sdiv(nseg_blk, _c(I64, unroll))
             accs = _counted_loop(builder, _c(I64, 0), nmain, accs, main)
             if unroll > 1:
                 accs = _counted_loop(
-                    builder, builder.mul(nmain, _c(I64, unroll)), nb, accs,
+                    builder, builder.mul(nmain, _c(I64, unroll)), nseg_blk, accs,
                     lambda j, acc: block(builder.add(sb, j), j, acc, 0),
                 )  # fmt: skip
-            return list(accs) + list(cu) + list(c1)
+            return list(accs)
 
-        vals = _counted_loop(builder, _c(I64, 0), nseg, inits, segment)
-        res = []
-        for r in range(R):
-            dots = _hsum(builder, vals[r * 2 * unroll : (r + 1) * 2 * unroll], _c(F32, 0.0))
-            if symv:
-                res.append(dots)
-                continue
-            corr = builder.fadd(
-                _hsum(builder, [vals[nacc + r]], _c(F32, 0.0)),
-                _hsum(builder, [vals[nacc + R + r]], _c(F32, 0.0)),
-            )
-            res.append(builder.fsub(dots, corr))
+        vals = _counted_loop(builder, _c(I64, 0), nseg, [ir.Constant(vf, None)] * nacc, segment)
+        per = 2 * nq * unroll
+        res = [_hsum(builder, vals[r * per : (r + 1) * per], _c(F32, 0.0)) for r in range(R)]
         return context.make_tuple(builder, sig.return_type, res)
 
     return sig, codegen

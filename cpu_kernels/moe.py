@@ -122,11 +122,10 @@ def _group_pairs(ids, wts, E):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _quantize_block(v, n, b, q, qs, qa, qc):
+def _quantize_block(v, n, b, q, qs, qc):
     """Block b (inputs 64b..64b+63) of v [>= n] float32 -> int8 codes q[64b:64b+64], scale qs[b],
-    qa[2b + j] = float32(s * sum of q over the j-th 32), qc[16b + l] = -128 * sum of q over
-    inputs 64b + 4l .. 64b + 4l + 3 (int32: seeds the int8 dot's vpdpbusd, cancelling the +128 of
-    the weight codes exactly).
+    qc[16b + l] = -128 * sum of q over inputs 64b + 4l .. 64b + 4l + 3 (int32: seeds the quantized
+    dots' vpdpbusd, cancelling the weight codes' offset, +128 or the int4 zero point, exactly).
 
     q = rint(v / s) with s = amax / 127 per block (1 for an all-zero block); inputs past n are zero.
     """
@@ -135,19 +134,15 @@ def _quantize_block(v, n, b, q, qs, qa, qc):
         amax = max(amax, abs(v[i]))
     s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
     qs[b] = s
-    for half in range(2):
-        tot = 0
-        for lane in range(8):
-            four = 0
-            for i in range(b * 64 + half * 32 + 4 * lane, b * 64 + half * 32 + 4 * lane + 4):
-                qi = 0
-                if i < n:
-                    qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
-                q[i] = qi
-                four += qi
-            qc[16 * b + 8 * half + lane] = -128 * four
-            tot += four
-        qa[2 * b + half] = np.float32(np.float64(s) * tot)
+    for lane in range(16):
+        four = 0
+        for i in range(b * 64 + 4 * lane, b * 64 + 4 * lane + 4):
+            qi = 0
+            if i < n:
+                qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
+            q[i] = qi
+            four += qi
+        qc[16 * b + lane] = -128 * four
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -168,33 +163,33 @@ def _silu_mul(g, u):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, z, nblk):
+def _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, ao, sa, sao, ac, aco, s, so, sst, z, nblk):
     """R (a literal) int4 rows, row r at w[wo + r * wst:] (scales, zero points at s, z[so + r * sst:]):
     UniTuple(float32, R). gsel 0 / 1 / 2: group size 32 / 64 / 128.
     """
     if vnni:
         if gsel == 0:
             if sym:
-                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, True)  # fmt: skip
-            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, True)  # fmt: skip
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, True)  # fmt: skip
         if gsel == 1:
             if sym:
-                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, True)  # fmt: skip
-            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, True)  # fmt: skip
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, True)  # fmt: skip
         if sym:
-            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, True)  # fmt: skip
-        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, True)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, True)  # fmt: skip
     if gsel == 0:
         if sym:
-            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, False)  # fmt: skip
-        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, False)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, False)  # fmt: skip
     if gsel == 1:
         if sym:
-            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, False)  # fmt: skip
-        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, False)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, False)  # fmt: skip
     if sym:
-        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, False)  # fmt: skip
-    return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, aq, aqo, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, False)  # fmt: skip
+    return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, False)  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -218,7 +213,7 @@ def _moe_quant(
     int8: gu u8 [E, I, 2, Hp], gus f32 [E * I * 2], dn u8 [E, H, Ip], dns f32 [E * H].
     int4: gu u8 [E, I, 2, Hp/2], gus u16 [E * I * 2 * Hp/g], guz u8 same (or [1] when sym),
           dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same (or [1]); g = 32 << gsel.
-    bufs: scratch (xq, xs, xa, xc, h, hq, hs, ha, hc) with at least T / P rows; ctr int64 [2];
+    bufs: scratch (xq, xs, xc, h, hq, hs, hc) with at least T / P rows; ctr int64 [2];
     nthr: the Numba thread count of this call.
     Row dots take four packed rows at a time, one from each quarter of a work item's rows
     (gate/up: its 2 * rows packed rows; down: its block of H rows), so each activation vector
@@ -226,7 +221,7 @@ def _moe_quant(
     and up values meet in a per-item buffer before silu(gate) * up.
     """
     I = inter  # noqa: E741
-    xq, xs, xa, xc, h, hq, hs, ha, hc = bufs
+    xq, xs, xc, h, hq, hs, hc = bufs
     T, H = x.shape
     E = gu.shape[0]
     Hp = gu.shape[3] * (2 if is_int4 else 1)
@@ -243,11 +238,11 @@ def _moe_quant(
     if T * nbx <= SERIAL_BLOCKS:  # a decode step: cheaper than starting a parallel region
         for item in range(T * nbx):
             t = item // nbx
-            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xc[t])
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xc[t])
     else:
         for item in prange(T * nbx):
             t = item // nbx
-            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xa[t], xc[t])
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xc[t])
 
     rbg = -(-_rows_per_item(active.shape[0] * I, rb, nthr) // 64) * 64  # whole blocks of h
     nbi = (I + rbg - 1) // rbg
@@ -284,7 +279,7 @@ def _moe_quant(
                             if is_int4:
                                 v = _q4_rows(
                                     vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
-                                    t * nbx, xa, t * (Hp // 32), xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
+                                    t * nbx, xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
                                 )  # fmt: skip
                                 for m in range(4 if k < q else 1):
                                     pre[s - s0, j + m * q] = v[m]
@@ -301,7 +296,7 @@ def _moe_quant(
             bend = nbh64 if r1 == I else r1 // 64
             for s in range(s0, s1):
                 for b in range(r0 // 64, bend):
-                    _quantize_block(h[s], I, b, hq[s], hs[s], ha[s], hc[s])
+                    _quantize_block(h[s], I, b, hq[s], hs[s], hc[s])
 
     rbd = max(_rows_per_item(H, rb, nthr), min(DOWN_ROWS, H))  # four streams of >= DOWN_ROWS / 4 rows
     nbh = (H + rbd - 1) // rbd
@@ -330,7 +325,7 @@ def _moe_quant(
                                 if is_int4:
                                     v = _q4_rows(
                                         vnni, gsel, sym, 4, dn, row * (Ip // 2), st * (Ip // 2), hq, s * Ip, hs,
-                                        s * nbh64, ha, s * (Ip // 32), hc, s * (Ip // 4), dns, row * ngi, st * ngi, dnz, Ip // 128,
+                                        s * nbh64, hc, s * (Ip // 4), dns, row * ngi, st * ngi, dnz, Ip // 128,
                                     )  # fmt: skip
                                     y0, y1, y2, y3 = v[0], v[1], v[2], v[3]
                                 else:
@@ -441,9 +436,8 @@ def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
         bufs = (
             (
                 np.empty((T, Hp), np.int8), np.empty((T, Hp // 64), np.float32),
-                np.empty((T, Hp // 32), np.float32), np.empty((T, Hp // 4), np.int32),
-                np.zeros((P, Ip), np.float32), np.empty((P, Ip), np.int8),
-                np.empty((P, Ip // 64), np.float32), np.empty((P, Ip // 32), np.float32),
+                np.empty((T, Hp // 4), np.int32), np.zeros((P, Ip), np.float32),
+                np.empty((P, Ip), np.int8), np.empty((P, Ip // 64), np.float32),
                 np.empty((P, Ip // 4), np.int32),
             ),
             np.zeros(2, np.int64),
