@@ -275,7 +275,9 @@ def _row_offsets(
 
 
 def _stack(builder: ir.IRBuilder, elt: ir.Type, n: int) -> ir.Value:
-    """[n x elt] on the stack, cache-line aligned and not zero-filled (the pre-pass writes it)."""
+    """[n x elt] on the stack, cache-line aligned. Not zero-filled as cgutils.alloca_once's are: the
+    pre-pass writes what the main loop reads, and a parallel region holding every variant of the
+    dots (two sets in the one-region decode) would clear tens of KB on each entry."""
     with builder.goto_entry_block():
         p = builder.alloca(ir.ArrayType(elt, n))
     p.align = 64

@@ -16,7 +16,15 @@ keep running for the whole call. Inside it, two parallel regions (three for long
      each item owns its output rows and adds every pair's contribution directly.
 Pairs are grouped by expert first (counting sort), so each expert's weights are read once.
 
-Regions 2 and 4 hand out work items through an atomic counter instead of a static split:
+A quantized decode step (up to ONE_REGION_PAIRS pairs) runs 2 and 3 in one region: each thread
+takes gate/up items until none is left, then down items (active expert, block of H rows), each
+waiting for its expert's gate/up items only (per-expert completion counters). An item writes its
+pairs' weighted rows to per-pair outputs [P, H]; the last item of a block of H rows to finish
+sums them into out (in expert order, as region 3 adds them: the same numbers). A V2-Lite layer
+at T = 1 has ~0.3 ms of work on 16 cores: one region launch and barrier instead of two, and
+6 x 32 down items instead of 32, so a slow item no longer leaves most threads idle.
+
+Regions hand out work items through an atomic counter instead of a static split:
 a thread that the OS deschedules (e.g. the core shared with the caller's GPU-launch
 thread) delays only the item it holds, and the others take the rest.
 
@@ -48,13 +56,13 @@ from .formats import PackedExperts
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
 ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
 SERIAL_BLOCKS = 256  # input blocks of 64 quantized serially (no parallel region) up to this many
-# Quantized down projection: H rows per work item at least this many, so each item's four weight
-# streams (one per quarter of its rows, per expert) run 16+ rows: with 16 threads and H = 2048,
-# ITEMS_PER_THREAD alone gives 16-row items, four interleaved streams of 4 rows each.
+# Quantized down projection: H rows per work item at least this many (one region: a multiple),
+# so each item's four weight streams (one per quarter of its rows, per expert) run 16+ rows: with
+# 16 threads and H = 2048, ITEMS_PER_THREAD alone gives 16-row items, four streams of 4 rows each.
 DOWN_ROWS = 64
 # Quantized decode steps of up to this many (token, expert) pairs run in one parallel region, with
-# per-pair down outputs [P, H] summed afterwards (at most 7 MB for H = 7168); larger calls are long
-# enough that two regions cost little, and write no partial outputs.
+# per-pair down outputs [P, H] (at most 7 MB for H = 7168); larger calls are long enough that two
+# regions cost little, and write no per-pair outputs.
 ONE_REGION_PAIRS = 256
 
 _state = {"threads": 0, "vnni": has_avx512_vnni()}  # threads 0: default (see module doc)
@@ -204,12 +212,20 @@ def _q8_rows(vnni, R, w, wo, wst, a, ao, sa, sao, ac, aco, nblk):
     return dot_q8_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, nblk, R, False)
 
 
+# ---------------------------------------------------------------- work items (inlined into the regions)
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gate_up_item(
-    e, r0, r1, s0, s1, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,  # noqa: E741
+def _gate_up_items(
+    ctr, one, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb, tb,  # noqa: E741
+    vnni, is_int4, sym,
 ):  # fmt: skip
-    """Gate/up rows r0..r1-1 of expert e (r0 a multiple of 64) for its pairs s0..s1-1: h, and the
-    blocks of 64 of h that the item wrote whole (the expert's last item: up to Ip) quantized.
+    """Gate/up items claimed through ctr[0] until none is left (A * nbi); one region: each done item
+    counted in ctr[8 (2 + a)] for its active expert a, after its h and hq are written (acq_rel).
+
+    Item task: rows r0..r1-1 (rbg of them, a multiple of 64) of the active expert task // nbi for
+    its pairs s0..s1-1: h, and the blocks of 64 of h that the item wrote whole (the expert's last
+    item: up to Ip) quantized.
 
     Four packed rows per dot, one from each quarter of the item's 2 * (r1 - r0) packed rows, so
     each activation vector is loaded once for four rows and the weights stream as four long
@@ -217,42 +233,51 @@ def _gate_up_item(
     """
     Hp, Ip = xq.shape[1], hq.shape[1]
     ngh, nbx, nbh64 = (Hp // 32) >> gsel, Hp // 64, Ip // 64
-    # one token block: the whole item in one pass, so its weights stream in long runs
-    rstep = rb if s1 - s0 > tb else r1 - r0
-    pre = np.empty((s1 - s0, 2 * (r1 - r0)))  # gate, up values of rows r0..r1-1, interleaved
-    for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
-        ce = min(c0 + rstep, r1)
-        # packed rows p0.. (gate, up of each row) in four streams, one per quarter
-        p0, npk = (e * I + c0) * 2, 2 * (ce - c0)
-        q = npk // 4
-        for tb0 in range(s0, s1, tb):
-            # k < q: packed rows p0 + k + m * q (m < 4); then the npk % 4 left, each alone
-            # (as four copies of itself: one call site, so one compiled copy of the dots)
-            for k in range(q + npk - 4 * q):
-                kk = k if k < q else 3 * q + k
-                p, j, st = p0 + kk, 2 * (c0 - r0) + kk, q if k < q else 0  # packed row, column, stride
-                for s in range(tb0, min(tb0 + tb, s1)):
-                    t = slot_tok[s]
-                    if is_int4:
-                        v = _q4_rows(
-                            vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
-                            t * nbx, xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
-                        )  # fmt: skip
-                        for m in range(4 if k < q else 1):
-                            pre[s - s0, j + m * q] = v[m]
-                    else:
-                        v = _q8_rows(
-                            vnni, 4, gu, p * Hp, st * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
-                        )  # fmt: skip
-                        for m in range(4 if k < q else 1):
-                            pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
-    for s in range(s0, s1):
-        for i in range(r0, r1):
-            h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
-    bend = nbh64 if r1 == I else r1 // 64
-    for s in range(s0, s1):
-        for b in range(r0 // 64, bend):
-            _quantize_block(h[s], I, b, hq[s], hs[s], hc[s])
+    while True:
+        task = fetch_add(ctr, 0, 1)
+        if task >= active.shape[0] * nbi:
+            break
+        e = active[task // nbi]
+        r0 = (task % nbi) * rbg
+        r1, s0, s1 = min(r0 + rbg, I), start[e], start[e + 1]
+        # one token block: the whole item in one pass, so its weights stream in long runs
+        rstep = rb if s1 - s0 > tb else r1 - r0
+        pre = np.empty((s1 - s0, 2 * (r1 - r0)))  # gate, up values of rows r0..r1-1, interleaved
+        for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+            ce = min(c0 + rstep, r1)
+            # packed rows p0.. (gate, up of each row) in four streams, one per quarter
+            p0, npk = (e * I + c0) * 2, 2 * (ce - c0)
+            q = npk // 4
+            for tb0 in range(s0, s1, tb):
+                # k < q: packed rows p0 + k + m * q (m < 4); then the npk % 4 left, each alone
+                # (as four copies of itself: one call site, so one compiled copy of the dots)
+                for k in range(q + npk - 4 * q):
+                    kk = k if k < q else 3 * q + k
+                    p, j, st = p0 + kk, 2 * (c0 - r0) + kk, q if k < q else 0  # packed row, column, stride
+                    for s in range(tb0, min(tb0 + tb, s1)):
+                        t = slot_tok[s]
+                        if is_int4:
+                            v = _q4_rows(
+                                vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
+                                t * nbx, xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
+                            )  # fmt: skip
+                            for m in range(4 if k < q else 1):
+                                pre[s - s0, j + m * q] = v[m]
+                        else:
+                            v = _q8_rows(
+                                vnni, 4, gu, p * Hp, st * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
+                            )  # fmt: skip
+                            for m in range(4 if k < q else 1):
+                                pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
+        for s in range(s0, s1):
+            for i in range(r0, r1):
+                h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
+        bend = nbh64 if r1 == I else r1 // 64
+        for s in range(s0, s1):
+            for b in range(r0 // 64, bend):
+                _quantize_block(h[s], I, b, hq[s], hs[s], hc[s])
+        if one:
+            fetch_add(ctr, 8 * (2 + task // nbi), 1)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -309,7 +334,7 @@ def _down_rows(
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _moe_quant(
     x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr,
-    part, drows,
+    part,
 ):  # fmt: skip
     """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32.
 
@@ -342,15 +367,14 @@ def _moe_quant(
 
     rbg = -(-_rows_per_item(A * I, rb, nthr) // 64) * 64  # whole blocks of h
     nbi = (I + rbg - 1) // rbg
-    ntask = A * nbi
     if part.shape[0] > 0:  # one region: gate/up items, then (expert, block of H rows) down items
         if A == 0:
-            out[:, :] = 0.0
+            for t in range(T):
+                for r in range(H):
+                    out[t, r] = 0.0
             return True
-        # items of DOWN_ROWS or more rows: four streams of 16+ rows each
+        # about ITEMS_PER_THREAD items per thread over all experts, whole multiples of DOWN_ROWS
         rbd = min(max(_rows_per_item(A * H, rb, nthr) // DOWN_ROWS, 1) * DOWN_ROWS, H)
-        if drows > 0:
-            rbd = min(drows, H)
         nbh = (H + rbd - 1) // rbd
         ndown = A * nbh
         # counters a cache line apart: 0 gate/up claims, 8 down claims, 8 (2 + a) gate/up items
@@ -361,17 +385,10 @@ def _moe_quant(
             # A thread waits only after its last gate/up item is done and every item is claimed,
             # so whatever it waits for is in progress on a running thread: no deadlock with any
             # number of threads, one included.
-            while True:
-                task = fetch_add(ctr, 0, 1)
-                if task >= ntask:
-                    break
-                e = active[task // nbi]
-                r0 = (task % nbi) * rbg
-                _gate_up_item(
-                    e, r0, min(r0 + rbg, I), start[e], start[e + 1], slot_tok, gu, gus, guz, I, xq, xs, xc,
-                    h, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,
-                )  # fmt: skip
-                fetch_add(ctr, 8 * (2 + task // nbi), 1)  # after h, hq: a full fence on x86
+            _gate_up_items(
+                ctr, True, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel,
+                rb, tb, vnni, is_int4, sym,
+            )  # fmt: skip
             while True:
                 task = fetch_add(ctr, 8, 1)
                 if task >= ndown:
@@ -384,7 +401,8 @@ def _moe_quant(
                     e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq, hs, hc, gsel,
                     rb, tb, vnni, is_int4, sym, part, False,
                 )  # fmt: skip
-                if fetch_add(ctr, 8 * (2 + A + b), 1) == A - 1:  # the block's last expert: sum its rows
+                # the block's last item sums it: no wait, and the sums spread over the threads
+                if fetch_add(ctr, 8 * (2 + A + b), 1) == A - 1:
                     for t in range(T):
                         for r in range(r0, r1):
                             out[t, r] = 0.0
@@ -397,16 +415,10 @@ def _moe_quant(
     ctr[0] = 0
     ctr[8] = 0
     for _ in prange(nthr):
-        while True:
-            task = fetch_add(ctr, 0, 1)
-            if task >= ntask:
-                break
-            e = active[task // nbi]
-            r0 = (task % nbi) * rbg
-            _gate_up_item(
-                e, r0, min(r0 + rbg, I), start[e], start[e + 1], slot_tok, gu, gus, guz, I, xq, xs, xc,
-                h, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,
-            )  # fmt: skip
+        _gate_up_items(
+            ctr, False, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb,
+            tb, vnni, is_int4, sym,
+        )  # fmt: skip
 
     rbd = max(_rows_per_item(H, rb, nthr), min(DOWN_ROWS, H))  # four streams of >= DOWN_ROWS / 4 rows
     nbh = (H + rbd - 1) // rbd
@@ -502,7 +514,6 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
 
 
 _local = threading.local()
-_DROWS = [0]
 _NO_PART = np.empty((0, 0), np.float32)  # two regions: no per-pair down outputs
 
 
@@ -640,7 +651,7 @@ def fused_moe(
         ok = _moe_quant(
             x, ids, wts, ex.gate_up, ex.gate_up_scale.reshape(-1), ex.gate_up_zero.reshape(-1), ex.down,
             ex.down_scale.reshape(-1), ex.down_zero.reshape(-1), out, ex.I, gsel, rb, tb, _state["vnni"], is4,
-            ex.symmetric, bufs, ctr, nthr, part, _DROWS[0],
+            ex.symmetric, bufs, ctr, nthr, part,
         )  # fmt: skip
     if not ok:
         raise _bad_ids(ids, ex.E)
