@@ -26,6 +26,8 @@ them as its unsigned operand and the signed activations as the other one.
 
 from __future__ import annotations
 
+import platform
+
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -42,6 +44,7 @@ V16I16 = ir.VectorType(I16, 16)
 # Emitting vpdpbusd on a CPU without it would fail instruction selection, so
 # the fast path falls back to portable IR at code generation time.
 _EMIT_VNNI = has_avx512_vnni()
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _c(ty: ir.Type, v: int | float) -> ir.Constant:
@@ -182,13 +185,45 @@ def dot_bf16(typingctx, w, w_off, x, x_off, nvec):
 
 @intrinsic
 def fetch_add(typingctx, arr, idx, val):
-    """Atomically arr[idx] += val for an int64 array; returns the old value (work-item claiming)."""
+    """Atomically arr[idx] += val for an int64 array; returns the old value (work-item claiming,
+    completion counts). Acquire-release: what this thread wrote before it is visible to a thread
+    that sees the new value (x86: one locked add, a full fence, whatever the ordering)."""
     sig = types.int64(arr, idx, val)
 
     def codegen(context, builder, sig, args):
         ty = sig.args
         p = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I64)
-        return builder.atomic_rmw("add", p, _as_i64(context, builder, args[2], ty[2]), "monotonic")
+        return builder.atomic_rmw("add", p, _as_i64(context, builder, args[2], ty[2]), "acq_rel")
+
+    return sig, codegen
+
+
+@intrinsic
+def wait_at_least(typingctx, arr, idx, n):
+    """Spin until arr[idx] >= n (an int64 array that other threads count up with fetch_add); returns it.
+
+    Acquire loads, so what the counting threads wrote before their increments is visible after;
+    plain loads keep the line shared while waiting (a locked read would take it from the counters).
+    """
+    sig = types.int64(arr, idx, n)
+
+    def codegen(context, builder, sig, args):
+        ty = sig.args
+        p = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I64)
+        target = _as_i64(context, builder, args[2], ty[2])
+        loop = builder.append_basic_block("spin")
+        pause = builder.append_basic_block("spin.pause")
+        done = builder.append_basic_block("spin.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        v = builder.load_atomic(p, "acquire", 8)
+        builder.cbranch(builder.icmp_signed(">=", v, target), done, pause)
+        builder.position_at_end(pause)
+        if _X86:
+            builder.call(_intrin(builder, "llvm.x86.sse2.pause", ir.VoidType(), []), [])
+        builder.branch(loop)
+        builder.position_at_end(done)
+        return v
 
     return sig, codegen
 
@@ -237,6 +272,16 @@ def _row_offsets(
         builder.add(off, builder.add(builder.mul(step, _c(I64, r % 2)), builder.mul(pair, _c(I64, r // 2))))
         for r in range(R)
     ]
+
+
+def _stack(builder: ir.IRBuilder, elt: ir.Type, n: int) -> ir.Value:
+    """[n x elt] on the stack, cache-line aligned. Not zero-filled as cgutils.alloca_once's are: the
+    pre-pass writes what the main loop reads, and a parallel region holding every variant of the
+    dots (two sets in the one-region decode) would clear tens of KB on each entry."""
+    with builder.goto_entry_block():
+        p = builder.alloca(ir.ArrayType(elt, n))
+    p.align = 64
+    return p
 
 
 def _imin(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
@@ -340,12 +385,10 @@ def dot_q4_rows(
         nb, nl = 64 // nq, 16 // nq  # bytes, int32 / float lanes per vector
         vb, vi, vf = _vec(nb, I8), _vec(nl, I32), _vec(nl)
         segh = 2 * SEG * cw  # scratch floats per row
-        scratch = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(F32, R * segh)), F32.as_pointer())
+        scratch = builder.bitcast(_stack(builder, F32, R * segh), F32.as_pointer())
         zscr = None  # zero points: code offsets, laid out as the scales
         if not symv:
-            zscr = builder.bitcast(
-                cgutils.alloca_once(builder, ir.ArrayType(I32, R * segh)), I32.as_pointer()
-            )
+            zscr = builder.bitcast(_stack(builder, I32, R * segh), I32.as_pointer())
         mask15 = ir.Constant(vb, [15] * nb)
         mask_hi = ir.Constant(vb, [240 if symv else 120] * nb)
         hi_mul = 16 if symv else 8  # high nibbles enter vpdpbusd as 16 q (in place) or 8 q

@@ -183,6 +183,59 @@ def test_all_skipped_and_empty():
     assert ck.fused_moe(x[:0], ids[:0], w[:0], experts).shape == (0, ODD[0])
 
 
+def _two_regions(monkeypatch, *args, **kw):
+    """fused_moe with decode steps in two parallel regions (gate/up, then down)."""
+    with monkeypatch.context() as m:
+        m.setattr(ck.moe, "ONE_REGION_PAIRS", 0)
+        return ck.fused_moe(*args, **kw)
+
+
+@pytest.mark.parametrize(
+    "fmt,g,sym", [("int8", 0, True), ("int4", 32, False), ("int4", 64, True), ("int4", 128, False)]
+)
+def test_one_region_decode_any_thread_count(monkeypatch, fmt, g, sym):
+    """Decode steps in one region (threads wait for their down items' experts) give the numbers of
+    two regions with 1 thread, all threads, more threads than active experts, and more loop
+    iterations than OS threads (each iteration then runs after the others on the same thread)."""
+    H, I, E = 640, 584, 8  # noqa: E741
+    _, experts = packed(fmt, g, sym, E, H, I)
+    n = ck.moe.numba.config.NUMBA_NUM_THREADS
+    real = ck.moe.numba.set_num_threads
+    for T, K in ((1, 1), (1, 6), (3, 2), (16, 6)):
+        # two batches in turn: a down item that ran before its expert's h was complete would read
+        # the other batch's h (the scratch is reused), not an equal one
+        batches = [make_batch(T, K, E, H, seed=40 + T * K + i) for i in (0, 1)]
+        want = [_two_regions(monkeypatch, *b, experts, prefer="decode", threads=1) for b in batches]
+        ref = reference(*batches[0], *ck.dequantize(experts), quantized=True)
+        assert rel_err(want[0], ref) < 1e-4
+        for threads in (1, n):
+            for i in range(20):
+                out = ck.fused_moe(*batches[i % 2], experts, prefer="decode", threads=threads)
+                np.testing.assert_array_equal(out, want[i % 2], err_msg=f"T={T} K={K} threads={threads}")
+        for os_threads in sorted({1, n}):  # 8 iterations of the region's loop on fewer threads
+            with monkeypatch.context() as m:
+                m.setattr(ck.moe.numba, "set_num_threads", lambda k, o=os_threads: real(min(k, o)))
+                for i in range(4):
+                    out = ck.fused_moe(*batches[i % 2], experts, prefer="decode", threads=8)
+                    np.testing.assert_array_equal(out, want[i % 2], err_msg=f"T={T} K={K} 8 on {os_threads}")
+
+
+@pytest.mark.parametrize("fmt,g,sym", [("int8", 0, True), ("int4", 64, False)])
+def test_one_region_decode_experts_without_tokens(monkeypatch, fmt, g, sym):
+    """Active experts 0, 3 and 5 of 8 (the others get no token), a token with no expert on this
+    backend, an expert repeated within a token."""
+    H, I, E = 640, 584, 8  # noqa: E741
+    _, experts = packed(fmt, g, sym, E, H, I)
+    x, _, w = make_batch(4, 3, E, H, seed=9)
+    ids = np.array([[5, 0, -1], [-1, -1, -1], [3, 3, 5], [0, -1, 3]], np.int32)
+    ref = reference(x, ids, w, *ck.dequantize(experts), quantized=True)
+    for threads in sorted({1, ck.moe.numba.config.NUMBA_NUM_THREADS}):
+        out = ck.fused_moe(x, ids, w, experts, prefer="decode", threads=threads)
+        assert np.all(out[1] == 0)
+        assert rel_err(out, ref) < 1e-4
+        np.testing.assert_array_equal(out, _two_regions(monkeypatch, x, ids, w, experts, prefer="decode"))
+
+
 @pytest.mark.parametrize("fmt,g", [("int8", 0), ("int4", 64)])
 def test_quantizer_round_trip(fmt, g):
     """Dequantized weights are exactly representable: packing them again gives the same bytes."""
