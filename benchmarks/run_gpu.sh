@@ -47,10 +47,17 @@ for stage in "$@"; do
     moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
     nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;
     threads) python3 -c "
+import numba
+from cpu_kernels import moe
 from cpu_kernels.probe import decode_bandwidth as bw
-for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
-    for fmt in ('int4', 'int8'):
-        print('GB/s at 1/4/8/16/32 threads', shape, fmt, [round(bw(fmt, t, 1, shape, 0.4) / 1e9, 1) for t in (1, 4, 8, 16, 32)], flush=True)
+counts = [t for t in (1, 4, 8, 16, 32) if t <= numba.config.NUMBA_NUM_THREADS]
+[bw(fmt, 0, 1, (8, 2048, 1408, 6), 0.1) for fmt in ('int4', 'int8')]  # compiled or loaded from cache first
+for pairs, how in ((moe.ONE_REGION_PAIRS, 'one region'), (0, 'two regions')):
+    moe.ONE_REGION_PAIRS = pairs
+    for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
+        for fmt in ('int4', 'int8'):
+            for T in (1, 4):
+                print(how, 'T', T, shape, fmt, 'GB/s at', counts, 'threads:', [round(bw(fmt, t, T, shape, 0.4) / 1e9, 1) for t in counts], flush=True)
 " ;;
     cpu) python3 benchmarks/cpu_experts.py --quick 2>&1 | tail -30 ;;
     launch) for combo in ${LAUNCH:--:0 -:16 10000000:16}; do  # GOMP_SPINCOUNT (- = unset) : torch threads

@@ -41,3 +41,13 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8
+
+
+@triton.jit
+def dot(a, b, acc=None):
+    """tl.dot that stays float32 for float32 tiles (tl.dot rounds them to TF32 by default), so the
+    float32 path reproduces the torch reference to float32 accuracy; bf16 / fp16 tiles as tl.dot."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

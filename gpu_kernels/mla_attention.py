@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, next_pow2, tl, triton, use_triton
+from ._triton import cdiv, dot, next_pow2, tl, triton, use_triton
 from .paged_attention import _LOG2E, gather_kv, merge_splits, pick_partition
 
 
@@ -89,13 +89,13 @@ def _mla_decode_kernel(
         base = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (R + P)  # [BLOCK_N]
         c = tl.load(c_ptr + base[:, None] + r[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, R]
         kpe = tl.load(c_ptr + base[:, None] + R + p[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, P]
-        s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(kpe))  # [BLOCK_H, BLOCK_N]
+        s = dot(ql, tl.trans(c)) + dot(qp, tl.trans(kpe))  # [BLOCK_H, BLOCK_N]
         s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         pr = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         denom = denom * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(c.dtype), c)
+        acc = acc * alpha[:, None] + dot(pr.to(c.dtype), c)
         m = m_new
 
     tl.store(o_ptr + out_rows[:, None] * R + r[None, :], acc / denom[:, None], mask=hmask[:, None])

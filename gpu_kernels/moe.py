@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, tl, triton, use_triton
+from ._triton import cdiv, dot, tl, triton, use_triton
 from .quant import (
     _FMT_ID,
     QuantWeight,
@@ -192,8 +192,8 @@ def _moe_gate_up_kernel(
         wg, wu = _gate_up_tiles(
             we, se, rn, k0, nmask, inter_dim, stride_wn, stride_sn, HID, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
         )
-        acc_g = tl.dot(x, tl.trans(wg), acc_g)
-        acc_u = tl.dot(x, tl.trans(wu), acc_u)
+        acc_g = dot(x, tl.trans(wg), acc_g)
+        acc_u = dot(x, tl.trans(wu), acc_u)
     if FMT == 1 or FMT == 2:
         acc_g = acc_g * tl.load(se + rn, mask=nmask, other=0.0)[None, :]
         acc_u = acc_u * tl.load(se + inter_dim + rn, mask=nmask, other=0.0)[None, :]
@@ -255,7 +255,7 @@ def _moe_down_kernel(
         w = load_weight_tile(
             we, se, rn, k0, nmask, stride_wn, stride_sn, inter_dim, h.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
         )
-        acc = tl.dot(h, tl.trans(w), acc)
+        acc = dot(h, tl.trans(w), acc)
     if FMT == 1 or FMT == 2:
         acc = acc * tl.load(se + rn, mask=nmask, other=0.0)[None, :]
     acc = acc * tl.load(tw_ptr + rows, mask=rmask, other=0.0)[:, None]

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, next_pow2, num_sms, tl, triton, use_triton
+from ._triton import cdiv, dot, next_pow2, num_sms, tl, triton, use_triton
 from .kv_write import dequantize_per_token, is_quantized
 
 _LOG2E = 1.4426950408889634
@@ -131,11 +131,11 @@ def _gqa_decode_kernel(
         )  # [BLOCK_N, DV_PAD]
         if QUANT:
             # per-token scales factor out of the dot; small integers / e4m3 values are exact in q's dtype
-            s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32)
+            s = dot(q, tl.trans(k.to(q.dtype))).to(tl.float32)
             ks = tl.load(ks_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
             s = s * (ks * qk_scale)[None, :]
         else:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [G_PAD, BLOCK_N]
+            s = dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [G_PAD, BLOCK_N]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])  # [G_PAD, BLOCK_N]
@@ -143,9 +143,9 @@ def _gqa_decode_kernel(
         denom = denom * alpha + tl.sum(p, axis=1)
         if QUANT:
             vs = tl.load(vs_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
-            pv = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype))
+            pv = dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype))
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            pv = dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._triton import cdiv, tl, triton, use_triton
+from ._triton import cdiv, dot, tl, triton, use_triton
 from .tuning import get_config
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
@@ -172,7 +172,7 @@ def _quant_linear_kernel(
         w = load_weight_tile(
             w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
         )
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = dot(x, tl.trans(w), acc)
     if FMT == 1 or FMT == 2:
         acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
