@@ -11,6 +11,7 @@ Legend: T = tokens, H = hidden, I = expert intermediate size, E = experts, K = t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,25 +246,33 @@ class StreamedExperts:
         """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
         self.pinned = True
         self.copy_stream = torch.cuda.Stream(self.device)
-        # A converted model's arrays are read-only file mappings.
-        read_only = {n: not getattr(self.packed, n).flags.writeable for n in self.host}
+        # A converted model's arrays map its files (copy-on-write): pinned for writing, every page
+        # would be copied; the device only reads them, so they are pinned read-only.
+        read_only = {
+            n: not getattr(self.packed, n).flags.writeable or maps_a_file(getattr(self.packed, n))
+            for n in self.host
+        }
         self.pinned_bytes = sum(
             t.numel() * t.element_size() for n, t in self.host.items() if pin_in_place(t, read_only[n])
         )
 
-    def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-        """Start copying experts lo..hi-1 to the device; returns the device arrays and a ready event."""
+    def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None, int]:
+        """Start copying experts lo..hi-1 to the device: (device arrays, ready event, staging slot)."""
         E = self.packed.E
         if not self.cuda:
-            return {n: (t[lo:hi] if t.shape[0] == E else t) for n, t in self.host.items()}, None
+            return {n: (t[lo:hi] if t.shape[0] == E else t) for n, t in self.host.items()}, None, -1
+        stage = _staging(self.device, {n: (t.shape[1:], t.dtype) for n, t in self.host.items()}, self.chunk)
+        slot, bufs = stage.take(self.copy_stream)
         with torch.cuda.stream(self.copy_stream):
-            arrays = {
-                n: (t[lo:hi] if t.shape[0] == E else t).to(self.device, non_blocking=True)
-                for n, t in self.host.items()
-            }
+            arrays = {}
+            for n, t in self.host.items():
+                src = t[lo:hi] if t.shape[0] == E else t
+                dst = bufs[n][: src.shape[0]]
+                dst.copy_(src, non_blocking=True)
+                arrays[n] = dst
             ready = torch.cuda.Event()
             ready.record()
-        return arrays, ready
+        return arrays, ready, slot
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         p = self.packed
@@ -287,16 +296,15 @@ class StreamedExperts:
         nxt = self._fetch(*spans[0]) if spans else None
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
         for k, (lo, hi) in enumerate(spans):
-            arrays, ready = nxt
+            arrays, ready, slot = nxt
             nxt = self._fetch(*spans[k + 1]) if k + 1 < len(spans) else None  # overlaps this chunk's math
             if ready is not None:
                 compute.wait_event(ready)
-                for a in arrays.values():
-                    a.record_stream(compute)  # allocated on the copy stream, read here
             if routing is not None:
                 from gpu_kernels.moe import fused_moe_chunk
 
                 fused_moe_chunk(routing, x, *self._unpack_gpu(arrays, x.dtype), lo)
+                _staging_done(self.device, slot, compute)
                 continue
             local = torch.where((ids >= lo) & (ids < hi), ids - lo, -1)
             if self.cuda:
@@ -304,6 +312,7 @@ class StreamedExperts:
 
                 w13, w2 = self._unpack_gpu(arrays, x.dtype)
                 out += fused_moe(x, w13, w2, local.to(torch.int32), weights.float())
+                _staging_done(self.device, slot, compute)
                 del w13, w2
             else:
                 gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric, x.dtype)
@@ -331,6 +340,64 @@ class StreamedExperts:
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
+
+
+class _Staging:
+    """Two device buffers, each one chunk of packed experts, that streamed chunks fill in turn.
+
+    The copy into a buffer waits (on the copy stream) until the computation that read it last has
+    run, so however far the host runs ahead of the GPU, at most two chunks sit on the device: the
+    planner's ``stream_bytes`` counts exactly these two. Shared by all layers of a device, whose
+    RAM experts have the same shapes.
+    """
+
+    def __init__(self, device: torch.device, shapes: dict, chunk: int, key: tuple):
+        self.key = key
+        self.bufs = [
+            {n: torch.empty((chunk, *s), dtype=d, device=device) for n, (s, d) in shapes.items()}
+            for _ in range(2)
+        ]
+        self.freed: list[torch.cuda.Event | None] = [None, None]  # recorded after the last read of each
+        self.turn = 0
+
+    def take(self, copy_stream: torch.cuda.Stream) -> tuple[int, dict[str, torch.Tensor]]:
+        slot, self.turn = self.turn, 1 - self.turn
+        if self.freed[slot] is not None:
+            copy_stream.wait_event(self.freed[slot])
+        return slot, self.bufs[slot]
+
+    def done(self, slot: int, stream: torch.cuda.Stream) -> None:
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        self.freed[slot] = ev
+
+
+_STAGING: dict[torch.device, _Staging] = {}
+
+
+def _staging(device: torch.device, shapes: dict, chunk: int) -> _Staging:
+    """The device's staging buffers for chunks of ``chunk`` experts of these array shapes."""
+    st = _STAGING.get(device)
+    key = (tuple((n, tuple(s), d) for n, (s, d) in shapes.items()), chunk)
+    if st is None or st.key != key:
+        st = _STAGING[device] = _Staging(device, shapes, chunk, key)
+    return st
+
+
+def _staging_done(device: torch.device, slot: int, stream) -> None:
+    if slot >= 0:
+        _STAGING[device].done(slot, stream)
+
+
+def maps_a_file(a) -> bool:
+    """Whether numpy array ``a`` is a view of an mmap'd file."""
+    import mmap
+
+    while isinstance(a, np.ndarray):
+        a = a.base
+    if isinstance(a, memoryview):
+        a = a.obj
+    return isinstance(a, mmap.mmap)
 
 
 def pin_in_place(t: torch.Tensor, read_only: bool = False) -> bool:

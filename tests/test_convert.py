@@ -13,6 +13,7 @@ from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
 from hetero.convert import convert
 from hetero.errors import HeteroError
+from hetero.experts import maps_a_file
 from hetero.packed import PackedModel, layer_file, verify_manifest
 
 FAMILIES = ["deepseek-v2", "deepseek-v3", "qwen2-57b-a14b", "qwen3-30b-a3b", "mixtral-8x7b"]
@@ -80,6 +81,23 @@ def test_packed_arrays_are_mmapped_views(tiny, tmp_path):
     # A view into the file's mapping, not an array of its own.
     assert packed.gate_up.base is not None and not packed.gate_up.flags.owndata
     assert model.layer_formats()[int(layer)] == "int4"
+    # The device pins such views read-only (pinned for writing, every private page would be copied).
+    assert maps_a_file(packed.gate_up) and not maps_a_file(np.array(packed.gate_up))
+
+
+def test_prefetch_reads_every_file_in_the_background(tiny, tmp_path, monkeypatch):
+    import hetero.packed as packed_mod
+
+    out = convert(tiny("qwen3-30b-a3b"), tmp_path / "out", experts="int4", group_size=32, progress=False)
+    seen = []
+    monkeypatch.setattr(packed_mod, "_read_through", lambda files: seen.extend(files))
+    model = PackedModel(out)
+    model.prefetch()
+    model.prefetcher.join(timeout=30)
+    assert sorted(f.name for f in seen) == sorted(model.manifest)
+    model.prefetch()  # once per model
+    assert len(seen) == len(model.manifest)
+    packed_mod._read_through(seen)  # the real reader gets through every file
 
 
 def test_interrupted_conversion_resumes_to_the_same_files(tiny, tmp_path, monkeypatch):
