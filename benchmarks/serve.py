@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,11 +36,13 @@ def start_server(args: argparse.Namespace, port: int, max_batch: int) -> subproc
     cmd += ["--experts", args.experts] + (["--gpu-mem", args.gpu_mem] if args.gpu_mem else [])
     if args.model:
         cmd.append(args.model)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server's log goes to a file: a pipe nobody reads blocks the server once it is full.
+    log = tempfile.NamedTemporaryFile("w+", prefix="hetero-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{proc.stderr.read()}")
+            raise SystemExit(f"the server exited:\n{Path(log.name).read_text()[-4000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -47,7 +50,9 @@ def start_server(args: argparse.Namespace, port: int, max_batch: int) -> subproc
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not become ready in 600 s")
+    raise SystemExit(
+        f"the server did not become ready in 600 s; its log ends:\n{Path(log.name).read_text()[-4000:]}"
+    )
 
 
 async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:

@@ -11,7 +11,6 @@ Legend: T = tokens, H = hidden, I = expert intermediate size, E = experts, K = t
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -246,12 +245,11 @@ class StreamedExperts:
         """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
         self.pinned = True
         self.copy_stream = torch.cuda.Stream(self.device)
-        # A converted model's arrays map its files (copy-on-write): pinned for writing, every page
-        # would be copied; the device only reads them, so they are pinned read-only.
-        read_only = {
-            n: not getattr(self.packed, n).flags.writeable or maps_a_file(getattr(self.packed, n))
-            for n in self.host
-        }
+        # Arrays that numpy marks read-only are registered read-only. A converted model's arrays are
+        # copy-on-write file mappings: registered for writing, each page becomes the process's own
+        # on first pin. (With read-only registration of such mappings, a converted model's first
+        # streamed prefill stalled on the H100 machine; for writing, it has run there.)
+        read_only = {n: not getattr(self.packed, n).flags.writeable for n in self.host}
         self.pinned_bytes = sum(
             t.numel() * t.element_size() for n, t in self.host.items() if pin_in_place(t, read_only[n])
         )
@@ -387,17 +385,6 @@ def _staging(device: torch.device, shapes: dict, chunk: int) -> _Staging:
 def _staging_done(device: torch.device, slot: int, stream) -> None:
     if slot >= 0:
         _STAGING[device].done(slot, stream)
-
-
-def maps_a_file(a) -> bool:
-    """Whether numpy array ``a`` is a view of an mmap'd file."""
-    import mmap
-
-    while isinstance(a, np.ndarray):
-        a = a.base
-    if isinstance(a, memoryview):
-        a = a.obj
-    return isinstance(a, mmap.mmap)
 
 
 def pin_in_place(t: torch.Tensor, read_only: bool = False) -> bool:
