@@ -24,6 +24,7 @@ import gpu_kernels as gk  # noqa: E402
 from gpu_kernels import moe, quant  # noqa: E402
 from gpu_kernels.mla_attention import mla_decode_attention_triton  # noqa: E402
 from gpu_kernels.paged_attention import paged_decode_attention_triton  # noqa: E402
+from gpu_kernels.tuning import save_configs  # noqa: E402
 
 DEV = "cuda"
 GB = 1e9
@@ -271,7 +272,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="gqa,mla,moe,qlinear")
+    ap.add_argument(
+        "--save-configs",
+        metavar="RESULT_JSON",
+        help="store the tuned configs of an earlier run's JSON in gpu_kernels/configs and exit (no GPU needed)",
+    )
     args = ap.parse_args()
+    if args.save_configs:
+        for kernel, by_device in json.loads(Path(args.save_configs).read_text())["tuned_configs"].items():
+            print(f"{kernel}: {save_configs(kernel, by_device)}")
+        return
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth()

@@ -49,3 +49,17 @@ def get_config(kernel: str, shape_key: str, batch: int, default: dict, device: s
         return dict(default)
     nearest = min(by_batch, key=lambda b: abs(int(b) - batch))
     return {**default, **by_batch[nearest]}
+
+
+def save_configs(kernel: str, by_device: dict) -> Path:
+    """Merge ``{device: {shape_key: {batch: config}}}`` into ``configs/<kernel>.json`` (a tuning run's
+    results; entries for the same device, shape and batch are replaced) and return the file."""
+    path = CONFIG_DIR / f"{kernel}.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    for device, shapes in by_device.items():
+        for shape_key, batches in shapes.items():
+            entry = stored.setdefault(device, {}).setdefault(shape_key, {})
+            entry.update({str(b): dict(sorted(cfg.items())) for b, cfg in batches.items()})
+    path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    _load.cache_clear()
+    return path

@@ -586,3 +586,20 @@ def test_unpack_int4_matches_the_cpu_layout_reference(sym, group):
     assert torch.equal(w13, torch.cat([gate, up], dim=1)) and torch.equal(w2, down)
     b13, _ = unpack_int4(dev["gate_up"], dev["down"], scales, zeros, group, h, i, torch.bfloat16)
     assert torch.equal(b13, w13.to(torch.bfloat16))
+
+
+def test_saved_configs_merge_and_are_read_back(tmp_path, monkeypatch):
+    from gpu_kernels import tuning
+
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    tuning._load.cache_clear()
+    try:
+        tuning.save_configs("k", {"card": {"E=4": {1: {"BLOCK_N": 32}, 16: {"BLOCK_N": 64}}}})
+        tuning.save_configs("k", {"card": {"E=4": {"16": {"BLOCK_N": 128}}, "E=8": {"1": {"BLOCK_N": 16}}}})
+        default = {"BLOCK_N": 8, "num_warps": 4}
+        assert tuning.get_config("k", "E=4", 1, default, "card") == {"BLOCK_N": 32, "num_warps": 4}
+        assert tuning.get_config("k", "E=4", 20, default, "card")["BLOCK_N"] == 128  # replaced
+        assert tuning.get_config("k", "E=8", 1, default, "card")["BLOCK_N"] == 16  # added
+        assert tuning.get_config("k", "E=8", 1, default, "other card") == default
+    finally:
+        tuning._load.cache_clear()
