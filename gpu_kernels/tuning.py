@@ -41,14 +41,34 @@ def device_name(device: torch.device | None = None) -> str:
 
 
 def get_config(kernel: str, shape_key: str, batch: int, default: dict, device: str | None = None) -> dict:
-    """Launch settings for `kernel` at `shape_key` (e.g. "E=64,N=1408") and `batch` rows."""
+    """Launch settings for `kernel` at `shape_key` (e.g. "E=64,N=1408") and `batch` rows.
+
+    A fused-MoE layer holds however many experts the plan put on the device, rarely the count it
+    was tuned at; its launch settings depend on the expert's shape and the rows, not on that count,
+    so a key that differs only in ``E`` takes the entry of the nearest ``E``."""
     device = device or device_name()
-    by_batch = _load(kernel).get(device, {}).get(shape_key)
+    shapes = _load(kernel).get(device, {})
+    by_batch = shapes.get(shape_key) or shapes.get(_nearest_experts(shape_key, shapes))
     if not by_batch:
         _warn_once(kernel, device, shape_key)
         return dict(default)
     nearest = min(by_batch, key=lambda b: abs(int(b) - batch))
     return {**default, **by_batch[nearest]}
+
+
+def _nearest_experts(shape_key: str, shapes: dict) -> str | None:
+    """The key in ``shapes`` equal to ``shape_key`` but for its ``E=`` field, with the nearest E."""
+    want = dict(field.split("=", 1) for field in shape_key.split(","))
+    if "E" not in want:
+        return None
+    best = None
+    for key in shapes:
+        have = dict(field.split("=", 1) for field in key.split(","))
+        if have.keys() == want.keys() and all(have[k] == v for k, v in want.items() if k != "E"):
+            gap = abs(int(have["E"]) - int(want["E"]))
+            if best is None or gap < best[0]:
+                best = (gap, key)
+    return best and best[1]
 
 
 def save_configs(kernel: str, by_device: dict) -> Path:

@@ -601,5 +601,11 @@ def test_saved_configs_merge_and_are_read_back(tmp_path, monkeypatch):
         assert tuning.get_config("k", "E=4", 20, default, "card")["BLOCK_N"] == 128  # replaced
         assert tuning.get_config("k", "E=8", 1, default, "card")["BLOCK_N"] == 16  # added
         assert tuning.get_config("k", "E=8", 1, default, "other card") == default
+        # A layer with another number of device experts takes the entry of the nearest E.
+        assert tuning.get_config("k", "E=7", 1, default, "card")["BLOCK_N"] == 16
+        assert tuning.get_config("k", "E=2", 1, default, "card")["BLOCK_N"] == 32
+        tuning.save_configs("m", {"card": {"E=4,N=8,fmt=int4": {1: {"BLOCK_N": 32}}}})
+        assert tuning.get_config("m", "E=16,N=8,fmt=int4", 1, default, "card")["BLOCK_N"] == 32
+        assert tuning.get_config("m", "E=16,N=8,fmt=int8", 1, default, "card") == default  # not the format
     finally:
         tuning._load.cache_clear()
