@@ -52,12 +52,15 @@ from cpu_kernels import moe
 from cpu_kernels.probe import decode_bandwidth as bw
 counts = [t for t in (1, 4, 8, 16, 32) if t <= numba.config.NUMBA_NUM_THREADS]
 [bw(fmt, 0, 1, (8, 2048, 1408, 6), 0.1) for fmt in ('int4', 'int8')]  # compiled or loaded from cache first
-for pairs, how in ((moe.ONE_REGION_PAIRS, 'one region'), (0, 'two regions')):
-    moe.ONE_REGION_PAIRS = pairs
-    for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
-        for fmt in ('int4', 'int8'):
-            for T in (1, 4):
-                print(how, 'T', T, shape, fmt, 'GB/s at', counts, 'threads:', [round(bw(fmt, t, T, shape, 0.4) / 1e9, 1) for t in counts], flush=True)
+one = moe.ONE_REGION_PAIRS
+for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
+    for fmt in ('int4', 'int8'):
+        for T in (1, 4):
+            for rep, order in enumerate(((one, 0), (0, one))):  # both orders: no advantage to going first
+                for pairs in order:
+                    moe.ONE_REGION_PAIRS = pairs
+                    how = 'one region ' if pairs else 'two regions'
+                    print(how, rep, 'T', T, shape, fmt, 'GB/s at', counts, 'threads:', [round(bw(fmt, t, T, shape, 0.3) / 1e9, 1) for t in counts], flush=True)
 " ;;
     cpu) python3 benchmarks/cpu_experts.py --quick 2>&1 | tail -30 ;;
     launch) for combo in ${LAUNCH:--:0 -:16 10000000:16}; do  # GOMP_SPINCOUNT (- = unset) : torch threads
