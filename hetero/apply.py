@@ -158,7 +158,6 @@ class ConvertedSource:
         from hetero.packed import PackedModel
 
         self.model = PackedModel(path, verify=verify)
-        self.model.prefetch()  # the files stream into the page cache while the dense weights load
         self.path = self.model.path
         self.expert_format = self.model.expert_format
         self.group_size = self.model.group_size

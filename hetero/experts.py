@@ -246,9 +246,9 @@ class StreamedExperts:
         self.pinned = True
         self.copy_stream = torch.cuda.Stream(self.device)
         # Arrays that numpy marks read-only are registered read-only. A converted model's arrays are
-        # copy-on-write file mappings: registered for writing, each page becomes the process's own
-        # on first pin. (With read-only registration of such mappings, a converted model's first
-        # streamed prefill stalled on the H100 machine; for writing, it has run there.)
+        # copy-on-write file mappings, registered for writing: each page becomes the process's own
+        # when pinned (a copy in RAM of what is streamed; read-only registration of such mappings is
+        # untried on the GPU machine).
         read_only = {n: not getattr(self.packed, n).flags.writeable for n in self.host}
         self.pinned_bytes = sum(
             t.numel() * t.element_size() for n, t in self.host.items() if pin_in_place(t, read_only[n])

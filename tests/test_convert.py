@@ -82,21 +82,6 @@ def test_packed_arrays_are_mmapped_views(tiny, tmp_path):
     assert model.layer_formats()[int(layer)] == "int4"
 
 
-def test_prefetch_reads_every_file_in_the_background(tiny, tmp_path, monkeypatch):
-    import hetero.packed as packed_mod
-
-    out = convert(tiny("qwen3-30b-a3b"), tmp_path / "out", experts="int4", group_size=32, progress=False)
-    seen = []
-    monkeypatch.setattr(packed_mod, "_read_through", lambda files: seen.extend(files))
-    model = PackedModel(out)
-    model.prefetch()
-    model.prefetcher.join(timeout=30)
-    assert sorted(f.name for f in seen) == sorted(model.manifest)
-    model.prefetch()  # once per model
-    assert len(seen) == len(model.manifest)
-    packed_mod._read_through(seen)  # the real reader gets through every file
-
-
 def test_interrupted_conversion_resumes_to_the_same_files(tiny, tmp_path, monkeypatch):
     src = tiny("deepseek-v2")
     whole = convert(src, tmp_path / "whole", experts="int4", progress=False)
