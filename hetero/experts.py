@@ -11,11 +11,16 @@ Legend: T = tokens, H = hidden, I = expert intermediate size, E = experts, K = t
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from placement.planner import STREAM_CHUNK_BYTES
+
+log = logging.getLogger(__name__)
 
 
 def torch_moe(
@@ -416,6 +421,14 @@ def _as_torch(a) -> torch.Tensor:
 # ----------------------------------------------------------------------------- a layer's mix
 
 
+@functools.cache
+def _warn_stream_oom() -> None:
+    log.warning(
+        "streaming RAM experts to the GPU ran out of device memory; those layers ran on the CPU "
+        "instead. Plan with less --gpu-mem to leave the device more room."
+    )
+
+
 class HybridExperts:
     """One layer's routed experts split across backends; the outputs are summed.
 
@@ -461,8 +474,19 @@ class HybridExperts:
                 and x.shape[0] >= self.stream_min_tokens
             ):
                 ram = self.streamed
+            local = cpu_local[ids]
+            try:
+                handle = ram.submit(x, local, weights)
+            except torch.OutOfMemoryError:
+                if ram is not self.streamed:
+                    raise
+                # The device could not hold this batch's streamed chunks: the CPU kernels compute the
+                # layer instead (slower, nothing lost), and the log says the plan was short of room.
+                _warn_stream_oom()
+                ram = self.cpu
+                handle = ram.submit(x, local, weights)
             self.ram_calls["stream" if ram is self.streamed else "cpu"] += 1
-            handles.append((ram, ram.submit(x, cpu_local[ids], weights)))
+            handles.append((ram, handle))
         if self.gpu is not None:
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
         return handles

@@ -54,6 +54,37 @@ def test_float_experts_match_single_device(tiny, preset):
     assert model.worker.timings.calls > 0  # the CPU kernels did run
 
 
+def test_streaming_out_of_device_memory_falls_back_to_the_cpu(tiny, monkeypatch, caplog):
+    """A prefill whose streamed chunks do not fit the device runs those layers on the CPU kernels:
+    the same logits, nothing lost, and a warning that the plan was short of room."""
+    from hetero.experts import StreamedExperts, _warn_stream_oom
+
+    _warn_stream_oom.cache_clear()  # warned once per process
+    path = tiny("qwen3-30b-a3b")
+    spec = ModelSpec.from_pretrained(path)
+    prompt = list(range(1000, 1032))
+    placement = Placement(split(spec), expert_format="bf16", stream_min_tokens=16)
+    _, ref_logits = decode(
+        load_placed(path, placement, torch.device("cpu"), torch.float32, progress=False), prompt
+    )
+
+    def out_of_memory(self, x, ids, weights):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 78.00 MiB.")
+
+    monkeypatch.setattr(StreamedExperts, "submit", out_of_memory)
+    model = load_placed(path, placement, torch.device("cpu"), torch.float32, progress=False)
+    _, logits = decode(model, prompt)
+    for a, b in zip(logits, ref_logits):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+    layers = [
+        m.mlp.experts
+        for m in model.model.layers
+        if isinstance(getattr(m.mlp, "experts", None), HybridExperts)
+    ]
+    assert all(m.ram_calls["stream"] == 0 and m.ram_calls["cpu"] > 0 for m in layers)
+    assert "ran out of device memory" in caplog.text
+
+
 @pytest.mark.parametrize("fmt,tol", [("int8", 3e-2), ("int4", 0.2)])
 def test_quantized_experts_within_format_error(tiny, fmt, tol):
     path = tiny("deepseek-v3")
