@@ -371,7 +371,7 @@ def test_row_remainders_match_reference(fmt, g, sym, threads, T, K, E):
 
 
 def _row_dot_callers():
-    from cpu_kernels.moe import _q4_rows, _q8_rows, numba
+    from cpu_kernels.moe_kernels import _q4_rows, _q8_rows, numba
 
     def q4(R):
         @numba.njit

@@ -1,0 +1,469 @@
+"""The Numba kernels behind ``cpu_kernels.fused_moe`` (``moe.py``, which checks inputs and holds scratch):
+out[t] = sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)).
+
+T = tokens, K = experts per token, E = local experts, H = hidden, I = intermediate,
+P = (token, expert) pairs kept (ids >= 0), A = experts with at least one pair,
+Hp / Ip = H / I padded to 128.
+
+One Numba entry point per format, compiled nogil so the caller's other Python threads
+keep running for the whole call. Inside it, two parallel regions (three for long prefills):
+  1. activations are quantized to int8 per block of 64 (int8 / int4 weights), serially for a
+     decode step, else in parallel;
+  2. gate+up: work items are (expert, block of I rows); each weight row is used for every
+     token of that expert while it sits in L1, token blocks keep activations in L2 (prefill);
+     quantized weights: an item's rows are whole blocks of 64, so it also quantizes the
+     intermediate h it wrote (like the input), with no region of its own;
+  3. down and the weighted sum: work items are blocks of H rows over all active experts, so
+     each item owns its output rows and adds every pair's contribution directly.
+Pairs are grouped by expert first (counting sort), so each expert's weights are read once.
+
+A quantized decode step (up to ``moe.ONE_REGION_PAIRS`` pairs; the wrapper then passes per-pair
+outputs) runs 2 and 3 in one region: each thread takes gate/up items until none is left, then
+down items (active expert, block of H rows), each waiting for its expert's gate/up items only
+(per-expert completion counters). An item writes its
+pairs' weighted rows to per-pair outputs [P, H]; the last item of a block of H rows to finish
+sums them into out (in expert order, as region 3 adds them: the same numbers). A V2-Lite layer
+at T = 1 has ~0.3 ms of work on 16 cores: one region launch and barrier instead of two, and
+6 x 32 down items instead of 32, so a slow item no longer leaves most threads idle.
+
+Regions hand out work items through an atomic counter instead of a static split:
+a thread that the OS deschedules (e.g. the core shared with the caller's GPU-launch
+thread) delays only the item it holds, and the others take the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .dot_ir import dot_bf16, dot_q4_rows, dot_q8_rows, fetch_add, wait_at_least
+
+QBLK = 64  # activation quantization block, one 512-bit vector of int8
+ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
+SERIAL_BLOCKS = 256  # input blocks of 64 quantized serially (no parallel region) up to this many
+# Quantized down projection: H rows per work item at least this many (one region: a multiple),
+# so each item's four weight streams (one per quarter of its rows, per expert) run 16+ rows: with
+# 16 threads and H = 2048, ITEMS_PER_THREAD alone gives 16-row items, four streams of 4 rows each.
+DOWN_ROWS = 64
+
+# ---------------------------------------------------------------- shared pieces (serial, inlined)
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_pairs(ids, wts, E):
+    """ids [T, K] int32 -> ok, start [E + 1], slot_tok [P], slot_wt [P] float32, active [A].
+
+    ok is False (and nothing else is meaningful) when an id lies outside -1..E-1.
+    """
+    T, K = ids.shape
+    start = np.zeros(E + 1, np.int64)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            if e < -1 or e >= E:
+                return False, start, start, np.empty(0, np.float32), start
+            if e >= 0:
+                start[e + 1] += 1
+    nact = 0
+    for e in range(E):
+        if start[e + 1] > 0:
+            nact += 1
+        start[e + 1] += start[e]
+    pos = start[:E].copy()
+    slot_tok = np.empty(start[E], np.int64)
+    slot_wt = np.empty(start[E], np.float32)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            if e >= 0:
+                s = pos[e]
+                pos[e] += 1
+                slot_tok[s] = t
+                slot_wt[s] = wts[t, k]
+    active = np.empty(nact, np.int64)
+    nact = 0
+    for e in range(E):
+        if start[e + 1] > start[e]:
+            active[nact] = e
+            nact += 1
+    return True, start, slot_tok, slot_wt, active
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _quantize_block(v, n, b, q, qs, qc):
+    """Block b (inputs 64b..64b+63) of v [>= n] float32 -> int8 codes q[64b:64b+64], scale qs[b],
+    qc[16b + l] = -128 * sum of q over inputs 64b + 4l .. 64b + 4l + 3 (int32: seeds the quantized
+    dots' vpdpbusd, cancelling the weight codes' offset, +128 or the int4 zero point, exactly).
+
+    q = rint(v / s) with s = amax / 127 per block (1 for an all-zero block); inputs past n are zero.
+    """
+    amax = np.float32(0.0)
+    for i in range(b * 64, min(b * 64 + 64, n)):
+        amax = max(amax, abs(v[i]))
+    s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+    qs[b] = s
+    for lane in range(16):
+        four = 0
+        for i in range(b * 64 + 4 * lane, b * 64 + 4 * lane + 4):
+            qi = 0
+            if i < n:
+                qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
+            q[i] = qi
+            four += qi
+        qc[16 * b + lane] = -128 * four
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rows_per_item(rows, rb, nthr):
+    """Rows per work item: about ITEMS_PER_THREAD items per thread, at least rb, a multiple of 8.
+
+    Long items keep each weight stream going long enough for the hardware prefetcher (a
+    fresh stream every 16 rows cost ~15% at one thread); several items per thread still let
+    the others absorb a slow or descheduled one.
+    """
+    return max(rb, rows // (ITEMS_PER_THREAD * nthr) // 8 * 8)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _silu_mul(g, u):
+    # float64 so a float64 reference rounds h to the same float32 before quantizing it again
+    return np.float32(g / (1.0 + math.exp(-g)) * u)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _q4_rows(vnni, gsel, sym, R, w, wo, wst, a, ao, sa, sao, ac, aco, s, so, sst, z, nblk):
+    """R (a literal) int4 rows, row r at w[wo + r * wst:] (scales, zero points at s, z[so + r * sst:]):
+    UniTuple(float32, R). gsel 0 / 1 / 2: group size 32 / 64 / 128.
+    """
+    if vnni:
+        if gsel == 0:
+            if sym:
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, True)  # fmt: skip
+        if gsel == 1:
+            if sym:
+                return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, True)  # fmt: skip
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, True)  # fmt: skip
+        if sym:
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, True)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, True)  # fmt: skip
+    if gsel == 0:
+        if sym:
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 32, False, False)  # fmt: skip
+    if gsel == 1:
+        if sym:
+            return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, True, False)  # fmt: skip
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 64, False, False)  # fmt: skip
+    if sym:
+        return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, True, False)  # fmt: skip
+    return dot_q4_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, s, so, sst, 2 * sst, z, nblk, R, 128, False, False)  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _q8_rows(vnni, R, w, wo, wst, a, ao, sa, sao, ac, aco, nblk):
+    """R (a literal) int8 rows, row r at w[wo + r * wst:]: UniTuple(float32, R)."""
+    if vnni:
+        return dot_q8_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, nblk, R, True)
+    return dot_q8_rows(w, wo, wst, 2 * wst, a, ao, sa, sao, ac, aco, nblk, R, False)
+
+
+# ---------------------------------------------------------------- work items (inlined into the regions)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gate_up_items(
+    ctr, one, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb, tb,  # noqa: E741
+    vnni, is_int4, sym,
+):  # fmt: skip
+    """Gate/up items claimed through ctr[0] until none is left (A * nbi); one region: each done item
+    counted in ctr[8 (2 + a)] for its active expert a, after its h and hq are written (acq_rel).
+
+    Item task: rows r0..r1-1 (rbg of them, a multiple of 64) of the active expert task // nbi for
+    its pairs s0..s1-1: h, and the blocks of 64 of h that the item wrote whole (the expert's last
+    item: up to Ip) quantized.
+
+    Four packed rows per dot, one from each quarter of the item's 2 * (r1 - r0) packed rows, so
+    each activation vector is loaded once for four rows and the weights stream as four long
+    sequential runs; the gate and up values meet in a per-item buffer before silu(gate) * up.
+    """
+    Hp, Ip = xq.shape[1], hq.shape[1]
+    ngh, nbx, nbh64 = (Hp // 32) >> gsel, Hp // 64, Ip // 64
+    while True:
+        task = fetch_add(ctr, 0, 1)
+        if task >= active.shape[0] * nbi:
+            break
+        e = active[task // nbi]
+        r0 = (task % nbi) * rbg
+        r1, s0, s1 = min(r0 + rbg, I), start[e], start[e + 1]
+        # one token block: the whole item in one pass, so its weights stream in long runs
+        rstep = rb if s1 - s0 > tb else r1 - r0
+        pre = np.empty((s1 - s0, 2 * (r1 - r0)))  # gate, up values of rows r0..r1-1, interleaved
+        for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+            ce = min(c0 + rstep, r1)
+            # packed rows p0.. (gate, up of each row) in four streams, one per quarter
+            p0, npk = (e * I + c0) * 2, 2 * (ce - c0)
+            q = npk // 4
+            for tb0 in range(s0, s1, tb):
+                # k < q: packed rows p0 + k + m * q (m < 4); then the npk % 4 left, each alone
+                # (as four copies of itself: one call site, so one compiled copy of the dots)
+                for k in range(q + npk - 4 * q):
+                    kk = k if k < q else 3 * q + k
+                    p, j, st = p0 + kk, 2 * (c0 - r0) + kk, q if k < q else 0  # packed row, column, stride
+                    for s in range(tb0, min(tb0 + tb, s1)):
+                        t = slot_tok[s]
+                        if is_int4:
+                            v = _q4_rows(
+                                vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
+                                t * nbx, xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
+                            )  # fmt: skip
+                            for m in range(4 if k < q else 1):
+                                pre[s - s0, j + m * q] = v[m]
+                        else:
+                            v = _q8_rows(
+                                vnni, 4, gu, p * Hp, st * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
+                            )  # fmt: skip
+                            for m in range(4 if k < q else 1):
+                                pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
+        for s in range(s0, s1):
+            for i in range(r0, r1):
+                h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
+        bend = nbh64 if r1 == I else r1 // 64
+        for s in range(s0, s1):
+            for b in range(r0 // 64, bend):
+                _quantize_block(h[s], I, b, hq[s], hs[s], hc[s])
+        if one:
+            fetch_add(ctr, 8 * (2 + task // nbi), 1)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _down_rows(
+    e, r0, r1, s0, s1, slot_tok, slot_wt, dn, dns, dnz, H, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,
+    dst, by_token,
+):  # fmt: skip
+    """Down rows r0..r1-1 of expert e for its pairs s0..s1-1, times the routing weights:
+    dst[slot_tok[s], r] += w y (by_token) or dst[s, r] = w y. Four rows per dot, one per quarter."""
+    Ip = hq.shape[1]
+    ngi, nbh64 = (Ip // 32) >> gsel, Ip // 64
+    rstep = rb if s1 - s0 > tb else r1 - r0  # one token block: one pass, long weight streams
+    for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+        ce = min(c0 + rstep, r1)
+        q = (ce - c0) // 4  # rows c0 + k + m * q (m < 4) together: four sequential streams
+        for tb0 in range(s0, s1, tb):
+            for k in range(q + ce - c0 - 4 * q):  # as in gate/up: the rest alone, as four copies
+                r = c0 + (k if k < q else 3 * q + k)
+                row, st = e * H + r, q if k < q else 0
+                for s in range(tb0, min(tb0 + tb, s1)):
+                    if is_int4:
+                        v = _q4_rows(
+                            vnni, gsel, sym, 4, dn, row * (Ip // 2), st * (Ip // 2), hq, s * Ip, hs,
+                            s * nbh64, hc, s * (Ip // 4), dns, row * ngi, st * ngi, dnz, Ip // 128,
+                        )  # fmt: skip
+                        y0, y1, y2, y3 = v[0], v[1], v[2], v[3]
+                    else:
+                        v = _q8_rows(
+                            vnni, 4, dn, row * Ip, st * Ip, hq, s * Ip, hs, s * nbh64, hc, s * (Ip // 4), nbh64,
+                        )  # fmt: skip
+                        y0 = np.float32(np.float64(v[0]) * dns[row])
+                        y1 = np.float32(np.float64(v[1]) * dns[row + st])
+                        y2 = np.float32(np.float64(v[2]) * dns[row + 2 * st])
+                        y3 = np.float32(np.float64(v[3]) * dns[row + 3 * st])
+                    wt = slot_wt[s]
+                    if by_token:
+                        o = slot_tok[s]
+                        dst[o, r] += wt * y0
+                        if k < q:
+                            dst[o, r + q] += wt * y1
+                            dst[o, r + 2 * q] += wt * y2
+                            dst[o, r + 3 * q] += wt * y3
+                    else:
+                        dst[s, r] = wt * y0
+                        if k < q:
+                            dst[s, r + q] = wt * y1
+                            dst[s, r + 2 * q] = wt * y2
+                            dst[s, r + 3 * q] = wt * y3
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _moe_quant(
+    x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr,
+    part,
+):  # fmt: skip
+    """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32.
+
+    Scales and zero points come flattened (1-D views of the packed arrays):
+    int8: gu u8 [E, I, 2, Hp], gus f32 [E * I * 2], dn u8 [E, H, Ip], dns f32 [E * H].
+    int4: gu u8 [E, I, 2, Hp/2], gus u16 [E * I * 2 * Hp/g], guz u8 same (or [1] when sym),
+          dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same (or [1]); g = 32 << gsel.
+    bufs: scratch (xq, xs, xc, h, hq, hs, hc) with at least T / P rows; nthr: the Numba thread
+    count of this call. part: per-pair down outputs [>= P, >= H] f32 and ctr int64 [>= 8 (3 + P + H / 64)]
+    for one region (a decode step), else part [0, 0] and ctr int64 [>= 16] for two regions.
+    """
+    I = inter  # noqa: E741
+    xq, xs, xc, h, hq, hs, hc = bufs
+    T, H = x.shape
+    E = gu.shape[0]
+    Hp = xq.shape[1]
+    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    if not ok:
+        return False
+    A = active.shape[0]
+    nbx = Hp // 64
+    if T * nbx <= SERIAL_BLOCKS:  # a decode step: cheaper than starting a parallel region
+        for item in range(T * nbx):
+            t = item // nbx
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xc[t])
+    else:
+        for item in prange(T * nbx):
+            t = item // nbx
+            _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xc[t])
+
+    rbg = -(-_rows_per_item(A * I, rb, nthr) // 64) * 64  # whole blocks of h
+    nbi = (I + rbg - 1) // rbg
+    if part.shape[0] > 0:  # one region: gate/up items, then (expert, block of H rows) down items
+        if A == 0:
+            for t in range(T):
+                for r in range(H):
+                    out[t, r] = 0.0
+            return True
+        # about ITEMS_PER_THREAD items per thread over all experts, whole multiples of DOWN_ROWS
+        rbd = min(max(_rows_per_item(A * H, rb, nthr) // DOWN_ROWS, 1) * DOWN_ROWS, H)
+        nbh = (H + rbd - 1) // rbd
+        ndown = A * nbh
+        # counters a cache line apart: 0 gate/up claims, 8 down claims, 8 (2 + a) gate/up items
+        # of active expert a done, 8 (2 + A + b) down items of row block b done
+        for c in range(2 + A + nbh):
+            ctr[8 * c] = 0
+        for _ in prange(nthr):
+            # A thread waits only after its last gate/up item is done and every item is claimed,
+            # so whatever it waits for is in progress on a running thread: no deadlock with any
+            # number of threads, one included.
+            _gate_up_items(
+                ctr, True, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel,
+                rb, tb, vnni, is_int4, sym,
+            )  # fmt: skip
+            while True:
+                task = fetch_add(ctr, 8, 1)
+                if task >= ndown:
+                    break
+                ai, b = task // nbh, task % nbh
+                e = active[ai]
+                r0, r1 = b * rbd, min(b * rbd + rbd, H)
+                wait_at_least(ctr, 8 * (2 + ai), nbi)  # this expert's h
+                _down_rows(
+                    e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq, hs, hc, gsel,
+                    rb, tb, vnni, is_int4, sym, part, False,
+                )  # fmt: skip
+                # the block's last item sums it: no wait, and the sums spread over the threads
+                if fetch_add(ctr, 8 * (2 + A + b), 1) == A - 1:
+                    for t in range(T):
+                        for r in range(r0, r1):
+                            out[t, r] = 0.0
+                    for s in range(start[E]):  # pairs in expert order, as two regions add them
+                        t = slot_tok[s]
+                        for r in range(r0, r1):
+                            out[t, r] += part[s, r]
+        return True
+
+    ctr[0] = 0
+    ctr[8] = 0
+    for _ in prange(nthr):
+        _gate_up_items(
+            ctr, False, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb,
+            tb, vnni, is_int4, sym,
+        )  # fmt: skip
+
+    rbd = max(_rows_per_item(H, rb, nthr), min(DOWN_ROWS, H))  # four streams of >= DOWN_ROWS / 4 rows
+    nbh = (H + rbd - 1) // rbd
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 8, 1)
+            if task >= nbh:
+                break
+            r0 = task * rbd
+            r1 = min(r0 + rbd, H)
+            for t in range(T):
+                for r in range(r0, r1):
+                    out[t, r] = 0.0
+            for ai in range(A):
+                e = active[ai]
+                _down_rows(
+                    e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq, hs, hc, gsel,
+                    rb, tb, vnni, is_int4, sym, out, True,
+                )  # fmt: skip
+    return True
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E741
+    """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; gu u16 [E, I, 2, Hp]; dn u16 [E, H, Ip]; out [T, H] f32.
+
+    xp [>= T, Hp], h [>= P, Ip] float32 scratch (padding columns zero); ctr int64 [2]; nthr threads.
+    """
+    T, H = x.shape
+    E, _, _, Hp = gu.shape
+    Ip = dn.shape[2]
+    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    if not ok:
+        return False
+    ctr[0] = 0
+    ctr[1] = 0
+    if T * H <= SERIAL_BLOCKS * 64:
+        for t in range(T):
+            for j in range(H):
+                xp[t, j] = x[t, j]
+    else:
+        for t in prange(T):
+            for j in range(H):
+                xp[t, j] = x[t, j]
+
+    rbg = min(_rows_per_item(active.shape[0] * I, rb, nthr), I)
+    nbi = (I + rbg - 1) // rbg
+    ntask = active.shape[0] * nbi
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 0, 1)
+            if task >= ntask:
+                break
+            e = active[task // nbi]
+            r0 = (task % nbi) * rbg
+            r1 = min(r0 + rbg, I)
+            s0, s1 = start[e], start[e + 1]
+            for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+                for tb0 in range(s0, s1, tb):
+                    for i in range(c0, min(c0 + rb, r1)):
+                        row = (e * I + i) * 2
+                        for s in range(tb0, min(tb0 + tb, s1)):
+                            t = slot_tok[s]
+                            gv = dot_bf16(gu, row * Hp, xp, t * Hp, Hp // 64)
+                            uv = dot_bf16(gu, (row + 1) * Hp, xp, t * Hp, Hp // 64)
+                            h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
+
+    rbd = _rows_per_item(H, rb, nthr)
+    nbh = (H + rbd - 1) // rbd
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 1, 1)
+            if task >= nbh:
+                break
+            r0 = task * rbd
+            r1 = min(r0 + rbd, H)
+            for t in range(T):
+                for r in range(r0, r1):
+                    out[t, r] = 0.0
+            for ai in range(active.shape[0]):
+                e = active[ai]
+                s0, s1 = start[e], start[e + 1]
+                for c0 in range(r0, r1, rb):  # rb rows at a time stay in L2 across token blocks
+                    for tb0 in range(s0, s1, tb):
+                        for r in range(c0, min(c0 + rb, r1)):
+                            for s in range(tb0, min(tb0 + tb, s1)):
+                                y = dot_bf16(dn, (e * H + r) * Ip, h, s * Ip, Ip // 64)
+                                out[slot_tok[s], r] += slot_wt[s] * y
+    return True
