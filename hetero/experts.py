@@ -245,6 +245,7 @@ class StreamedExperts:
         self.pinned = False
         self.pinned_bytes = 0  # host bytes page-locked for DMA (0 until the first streamed batch)
         self.copy_stream = None
+        self.stage = None  # the device's staging buffers, from the first streamed batch on
 
     def _pin(self) -> None:
         """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
@@ -258,14 +259,16 @@ class StreamedExperts:
         self.pinned_bytes = sum(
             t.numel() * t.element_size() for n, t in self.host.items() if pin_in_place(t, read_only[n])
         )
+        self.stage = _staging(
+            self.device, {n: (t.shape[1:], t.dtype) for n, t in self.host.items()}, self.chunk
+        )
 
     def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None, int]:
         """Start copying experts lo..hi-1 to the device: (device arrays, ready event, staging slot)."""
         E = self.packed.E
         if not self.cuda:
             return {n: (t[lo:hi] if t.shape[0] == E else t) for n, t in self.host.items()}, None, -1
-        stage = _staging(self.device, {n: (t.shape[1:], t.dtype) for n, t in self.host.items()}, self.chunk)
-        slot, bufs = stage.take(self.copy_stream)
+        slot, bufs = self.stage.take(self.copy_stream)
         with torch.cuda.stream(self.copy_stream):
             arrays = {}
             for n, t in self.host.items():
@@ -307,7 +310,7 @@ class StreamedExperts:
                 from gpu_kernels.moe import fused_moe_chunk
 
                 fused_moe_chunk(routing, x, *self._unpack_gpu(arrays, x.dtype), lo)
-                _staging_done(self.device, slot, compute)
+                self.stage.done(slot, compute)
                 continue
             local = torch.where((ids >= lo) & (ids < hi), ids - lo, -1)
             if self.cuda:
@@ -315,7 +318,7 @@ class StreamedExperts:
 
                 w13, w2 = self._unpack_gpu(arrays, x.dtype)
                 out += fused_moe(x, w13, w2, local.to(torch.int32), weights.float())
-                _staging_done(self.device, slot, compute)
+                self.stage.done(slot, compute)
                 del w13, w2
             else:
                 gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, p.symmetric, x.dtype)
@@ -385,11 +388,6 @@ def _staging(device: torch.device, shapes: dict, chunk: int) -> _Staging:
     if st is None or st.key != key:
         st = _STAGING[device] = _Staging(device, shapes, chunk, key)
     return st
-
-
-def _staging_done(device: torch.device, slot: int, stream) -> None:
-    if slot >= 0:
-        _STAGING[device].done(slot, stream)
 
 
 def pin_in_place(t: torch.Tensor, read_only: bool = False) -> bool:
