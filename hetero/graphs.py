@@ -15,6 +15,11 @@ piece of model code and give the same numbers. All graphs of all batch sizes sha
 memory pool and replay in capture order, so a tensor that one graph writes and a later one
 reads stays valid.
 
+Batch sizes are captured on a ladder (every size up to 8, then multiples of 8): a step of B rows
+replays the smallest captured size S >= B, its S - B padding rows pointing at the KV cache's
+scratch block; the CPU experts run on the B live rows alone. Speculative verify steps, whose row
+counts vary from step to step, so reuse a few graphs instead of capturing one per count.
+
 Legend: B = rows of the step, one token each (a sequence's next token, or one token of a short
 verify step with its own block table and context length: ``Engine.run``), H = hidden,
 W = block-table width.
@@ -82,8 +87,14 @@ class _Entry:
     tables: torch.Tensor  # pinned [B, W] int32
 
 
+def padded_size(rows: int) -> int:
+    """The captured size a step of ``rows`` rows replays with: itself up to 8, then the next multiple of 8."""
+    return rows if rows <= 8 else -(-rows // 8) * 8
+
+
 class DecodeGraphs:
-    """Captures and replays decode steps of up to ``max_batch`` rows (one graph set per size).
+    """Captures and replays decode steps of up to ``max_batch`` rows (one graph set per size;
+    with ``scratch_block``, one per size of the ``padded_size`` ladder).
 
     ``run`` returns None when a step does not qualify (no CUDA, a batch over ``max_batch``, a layer that would stream experts at this size, or a size whose capture
     failed); the caller then runs the step eagerly.
@@ -96,8 +107,11 @@ class DecodeGraphs:
         max_blocks: int,
         max_batch: int = 32,
         device: torch.device | None = None,
+        scratch_block: int | None = None,
     ):
         self.model, self.kv_layers = model, kv_layers
+        self.scratch_block = scratch_block  # a KV block no sequence owns; None: no padding rows
+        self.block_size = kv_layers[0][0].shape[1] if kv_layers else 1
         self.max_blocks, self.max_batch = max_blocks, max_batch
         self.device = device or next(model.parameters()).device
         self.entries: dict[int, _Entry] = {}
@@ -127,14 +141,39 @@ class DecodeGraphs:
         b = len(ids)
         if not self.usable(b):
             return None
-        entry = self.entries.get(b)
+        s = self._size(b)
+        if s > b:  # padding rows: token 0 at position 0, its key and value written to the scratch block
+            pad = s - b
+            ids, positions = ids + [0] * pad, positions + [0] * pad
+            slots = slots + [self.scratch_block * self.block_size] * pad
+            context_lens, tables = context_lens + [1] * pad, tables + [[self.scratch_block]] * pad
+        entry = self.entries.get(s)
         if entry is None:
-            entry = self._capture(b, ids, positions, slots, context_lens, tables)
+            entry = self._capture(s, ids, positions, slots, context_lens, tables)
             if entry is None:
                 return None
         self._load(entry, ids, positions, slots, context_lens, tables)
-        self._replay(entry.program)
-        return entry.hidden
+        self._replay(entry.program, b)
+        return entry.hidden[:b]
+
+    def _size(self, b: int) -> int:
+        """The size a step of b rows is captured at: the ladder's, unless that size cannot be."""
+        if self.scratch_block is None:
+            return b
+        s = padded_size(b)
+        return s if s <= self.max_batch and s < self.stream_min and s not in self.failed else b
+
+    def prepare(self, max_rows: int) -> list[int]:
+        """Capture now every ladder size a step of up to ``max_rows`` rows replays with, on rows
+        of the scratch block alone, so that no later step waits for a capture; returns the sizes."""
+        if self.scratch_block is None or self.device.type != "cuda":
+            return []
+        slot = self.scratch_block * self.block_size
+        sizes = sorted({self._size(b) for b in range(1, max_rows + 1) if self.usable(b)})
+        for s in sizes:
+            if s not in self.entries:
+                self.run([0] * s, [0] * s, [slot] * s, [1] * s, [[self.scratch_block]] * s)
+        return [s for s in sizes if s in self.entries]
 
     # ------------------------------------------------------------------ internals
     def _static(self, b: int) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor, torch.Tensor]:
@@ -215,7 +254,8 @@ class DecodeGraphs:
         self.entries[b] = entry
         return entry
 
-    def _replay(self, program: _Program) -> None:
+    def _replay(self, program: _Program, live: int) -> None:
+        """Replay a step whose first ``live`` rows are real: the CPU experts see only those."""
         pending = None
         for op in program.ops:
             kind = op[0]
@@ -229,7 +269,7 @@ class DecodeGraphs:
                 t0 = time.perf_counter()
                 self.event.synchronize()
                 t1 = time.perf_counter()
-                fn(*args)
+                fn(*(a[:live] for a in args))  # [S, ...] pinned buffers -> the live rows
                 t2 = time.perf_counter()
                 if timings is not None:
                     timings.copies += t1 - t0

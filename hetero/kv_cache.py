@@ -1,8 +1,9 @@
 """Paged KV cache: fixed-size blocks of token slots, a block table per sequence.
 
 Layout per layer (shared with ``gpu_kernels``):
-  grouped-query attention: K and V, each [num_blocks, block_size, num_kv_heads, head_dim]
-  MLA: one latent tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
+  grouped-query attention: K and V, each [num_blocks + 1, block_size, num_kv_heads, head_dim]
+  MLA: one latent tensor [num_blocks + 1, block_size, kv_lora_rank + qk_rope_head_dim]
+(block ``num_blocks`` is the scratch block, outside the manager: ``KVCache.scratch_block``).
 A token at position p of a sequence lives in slot ``table.blocks[p // bs] * bs + p % bs``.
 """
 
@@ -180,11 +181,14 @@ class KVCache:
     ):
         self.spec, self.block_size, self.dtype = spec, block_size, dtype
         self.manager = BlockManager(num_blocks, block_size)
+        # One block past the manager's, owned by no sequence: padding rows of a captured decode
+        # graph write their keys and values there (hetero.graphs).
+        self.scratch_block = num_blocks
         if spec.is_mla:
-            shape = (num_blocks, block_size, spec.kv_lora_rank + spec.qk_rope_head_dim)
+            shape = (num_blocks + 1, block_size, spec.kv_lora_rank + spec.qk_rope_head_dim)
             self.layers = [(torch.zeros(shape, dtype=dtype, device=device),) for _ in range(spec.num_layers)]
         else:
-            shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+            shape = (num_blocks + 1, block_size, spec.num_kv_heads, spec.head_dim)
             self.layers = [
                 (
                     torch.zeros(shape, dtype=dtype, device=device),

@@ -73,7 +73,8 @@ class HostBuffers:
 
     def _alloc(self, tokens: int) -> None:
         def buf(*shape, dtype):
-            return torch.empty(*shape, dtype=dtype, pin_memory=self.pin)
+            # Zeros, not garbage: rows past a captured step's live ones are read but never written.
+            return torch.zeros(*shape, dtype=dtype, pin_memory=self.pin)
 
         self.capacity = tokens
         self.x = buf(tokens, self.hidden, dtype=torch.float32)  # [T, H]

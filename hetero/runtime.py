@@ -218,5 +218,12 @@ def load_runtime(
         from hetero.graphs import DecodeGraphs
 
         max_blocks = -(-max_len // opts.block_size)
-        engine.graphs = DecodeGraphs(net, kv.layers, max_blocks, max_batch=opts.max_batch, device=device)
+        engine.graphs = DecodeGraphs(
+            net,
+            kv.layers,
+            max_blocks,
+            max_batch=opts.max_batch,
+            device=device,
+            scratch_block=kv.scratch_block,
+        )
     return Runtime(path, spec, tokenizer, engine, plan, parallel)

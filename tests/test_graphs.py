@@ -8,7 +8,7 @@ import torch
 from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
-from hetero.graphs import DecodeGraphs
+from hetero.graphs import DecodeGraphs, padded_size
 from hetero.kv_cache import KVCache
 from hetero.sampling import SamplingParams
 
@@ -123,3 +123,44 @@ def test_streaming_batch_sizes_stay_eager(tiny):
     got, _, engine = run(model, PROMPTS, [4, 3, 2], "cuda", torch.bfloat16, graphs=True)
     assert got == ref
     assert sorted(engine.graphs.entries) == [1]  # two or more tokens stream their RAM experts
+
+
+def test_padded_sizes_ladder():
+    assert [padded_size(b) for b in (1, 5, 8, 9, 16, 17, 144)] == [1, 5, 8, 16, 16, 24, 144]
+
+
+@pytest.mark.gpu
+def test_padded_graphs_match_eager(tiny):
+    """A step of 11 rows replays the graphs captured at 16, its 5 padding rows writing the scratch
+    block: the same tokens as eager steps, and the CPU experts run on the 11 live rows alone."""
+    path = tiny("deepseek-v2")
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
+    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
+    prompts = [list(range(1000 + 50 * i, 1010 + 51 * i)) for i in range(11)]
+    params = [SamplingParams(max_tokens=3 + i % 3, temperature=0, ignore_eos=True) for i in range(11)]
+    cpu_rows = []
+
+    def go(graphs: bool):
+        kv = KVCache.for_tokens(spec, 2048, 8, torch.bfloat16, "cuda")
+        config = EngineConfig(max_batch=16, max_step_tokens=512, max_model_len=128, block_size=8)
+        engine = Engine(model, kv, config)
+        if graphs:
+            dev = torch.device("cuda")
+            g = engine.graphs = DecodeGraphs(
+                model, kv.layers, 16, max_batch=16, device=dev, scratch_block=kv.scratch_block
+            )
+            assert g.prepare(11) == [1, 2, 3, 4, 5, 6, 7, 8, 16]
+            assert kv.manager.num_used == 0  # captured on the scratch block alone
+            ops = g.entries[16].program.ops
+            for i, op in enumerate(ops):
+                if op[0] == "cpu":
+                    fn = op[1]
+                    ops[i] = ("cpu", lambda *a, fn=fn: cpu_rows.append(a[0].shape[0]) or fn(*a), *op[2:])
+        return [s.output_ids for s in engine.generate(prompts, params)], engine
+
+    ref, _ = go(False)
+    got, engine = go(True)
+    assert got == ref
+    assert engine.graphs.failed == {}
+    assert cpu_rows and set(cpu_rows) == {11}  # batches of 11 -> 7 -> 3: only 11 pads
