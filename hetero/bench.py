@@ -57,6 +57,8 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
     warm = torch.randint(0, vocab, (warm_len,), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     engine.generate([warm], SamplingParams(max_tokens=min(4, gen), temperature=0, ignore_eos=True))
     engine.warm_up([batch])  # the timed decode must not include capturing its CUDA graphs
+    if engine.graphs is not None and engine.speculate is not None:
+        engine.graphs.prepare(batch * (1 + engine.speculate.max_draft))  # nor those of verify steps
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     seqs = [engine.add_request(p, params) for p in prompts]
     hybrid = [m for m in engine.model.modules() if isinstance(getattr(m, "experts", None), HybridExperts)]

@@ -263,11 +263,24 @@ class Engine:
         self.device = next(model.parameters()).device
         self._ids = itertools.count()
         self.on_step: list[Callable[[list[tuple[Sequence, int]]], None]] = []
-        self.speculate = None  # hetero.speculative.Speculation: a drafter and k, or None
         self.graphs = None  # hetero.graphs.DecodeGraphs: decode steps as CUDA graphs, or None (eager)
+        self._speculate = None
         # Short multi-token steps as one attention row per token (see run); on by default where the
         # decode kernels and graphs are, on CUDA. The CPU's reference attention loops over rows.
         self.per_token_rows = self.device.type == "cuda"
+
+    @property
+    def speculate(self):
+        """hetero.speculative.Speculation: a drafter and k, or None."""
+        return self._speculate
+
+    @speculate.setter
+    def speculate(self, spec) -> None:
+        self._speculate = spec
+        if spec is not None and self.graphs is not None:
+            # A verify step runs as single-token rows (see run): up to 1 + max_draft per sequence.
+            rows = self.config.max_batch * (1 + spec.max_draft)
+            self.graphs.max_batch = max(self.graphs.max_batch, rows)
 
     @property
     def stats(self) -> EngineStats:

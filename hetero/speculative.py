@@ -261,6 +261,11 @@ class Speculation:
         if self.k != "auto" and (not isinstance(self.k, int) or self.k < 0):
             raise ValueError(f"spec k must be a non-negative int or 'auto', got {self.k!r}")
 
+    @property
+    def max_draft(self) -> int:
+        """The most tokens a sequence drafts in one step."""
+        return self.k_max if self.k == "auto" else int(self.k)
+
     def k_for(self, seq: Sequence) -> int:
         if self.k != "auto":
             return int(self.k)
@@ -347,12 +352,6 @@ def enable_speculation(runtime, spec: str, k: str) -> None:
         model_path=str(runtime.path),
         model_spec=runtime.spec,
     )
-    graphs = runtime.engine.graphs
-    if graphs is not None:
-        # A verify step runs as single-token rows (Engine.run): up to k + 1 rows per sequence.
-        sp = runtime.engine.speculate
-        per_seq = 1 + (sp.k_max if sp.k == "auto" else int(sp.k))
-        graphs.max_batch = max(graphs.max_batch, runtime.engine.config.max_batch * per_seq)
 
 
 __all__ = [

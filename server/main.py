@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 import time
 from types import TracebackType
@@ -22,12 +23,26 @@ from server.worker import follow
 
 def _load(model, options: RuntimeOptions, args: argparse.Namespace, parallel: Parallel = SINGLE):
     runtime = load_runtime(model, options, parallel)
-    # Capture every batch size's decode graphs before serving, not under the first requests.
-    runtime.engine.warm_up(range(1, options.max_batch + 1))
     if getattr(args, "speculate", None):
         from hetero.speculative import enable_speculation
 
         enable_speculation(runtime, args.speculate, args.spec_k)
+    # Compile the kernels and capture the decode graphs of every step size (verify steps'
+    # too) before serving, not under the first requests.
+    engine = runtime.engine
+    engine.warm_up(range(1, options.max_batch + 1))
+    if engine.graphs is not None:
+        engine.graphs.prepare(engine.graphs.max_batch)
+    if runtime.plan is not None and engine.device.type == "cuda":
+        import torch
+
+        print(
+            f"device memory after warm-up: {torch.cuda.memory_reserved(engine.device) / 2**30:.2f} GiB "
+            f"reserved by torch (peak {torch.cuda.max_memory_reserved(engine.device) / 2**30:.2f}); "
+            f"the plan's {runtime.plan.gpu_bytes / 2**30:.2f} GiB: {runtime.plan.gpu_breakdown}",
+            file=sys.stderr,
+            flush=True,
+        )
     return runtime
 
 

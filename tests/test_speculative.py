@@ -223,6 +223,7 @@ def test_verify_steps_as_single_token_rows(tiny, preset):
 
     class Rows:  # stands in for DecodeGraphs: notes the rows offered, then lets the step run eagerly
         sizes: list[int] = []
+        max_batch = 1
 
         def run(self, ids, positions, slots, context_lens, tables):
             assert len(ids) == len(positions) == len(slots) == len(context_lens) == len(tables)
@@ -246,3 +247,7 @@ def test_verify_steps_as_single_token_rows(tiny, preset):
     for a, b in zip(logits[True], logits[False]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert max(Rows.sizes) > len(qs)  # verify steps of several tokens per sequence came as rows
+    # Speculating widened the graphs to the largest verify step: every sequence with k + 1 rows.
+    assert eng.graphs.max_batch == eng.config.max_batch * 4
+    eng.speculate = Speculation(NgramDrafter(), k="auto", k_max=5)
+    assert eng.graphs.max_batch == eng.config.max_batch * 6
