@@ -74,7 +74,7 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
     convert) checkpoint && { [ -f "$conv/manifest.json" ] || python3 -m hetero.cli convert "$ckpt" "$conv" --experts int4 2>&1 | tail -2; } && model=$conv ;;
     load) checkpoint && python3 benchmarks/load.py "$ckpt" --converted "$conv" --experts int4 --gpu-mem "$gpu_mem" 2>&1 | tail -8 && model=$conv ;;
     spec) checkpoint && python3 benchmarks/speculative.py --model "$model" --gpu-mem "$gpu_mem" --batch 1 16 --quick 2>&1 | grep -v "^loading" | tail -40 ;;
-    serve) checkpoint && python3 benchmarks/serve.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --requests-per-client 2 2>&1 | tail -12 ;;
+    serve) checkpoint && python3 benchmarks/serve.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --requests-per-client 2 2>&1 | grep -v "^INFO" | tail -60 ;;
     prefix) checkpoint && python3 benchmarks/prefix_cache.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --output-tokens 4 --repeats 1 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac

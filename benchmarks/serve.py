@@ -39,6 +39,7 @@ def start_server(args: argparse.Namespace, port: int, max_batch: int) -> subproc
     # The server's log goes to a file: a pipe nobody reads blocks the server once it is full.
     log = tempfile.NamedTemporaryFile("w+", prefix="hetero-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log_path = Path(log.name)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["load_avg_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
             print(f"concurrency {c}: {rows[-1]['tokens_per_s']} tokens/s", flush=True)
         scraped = scrape(url)
+    except BaseException:
+        print(f"the server's log ends:\n{proc.log_path.read_text()[-6000:]}", file=sys.stderr, flush=True)
+        raise
     finally:
         proc.terminate()
         proc.wait(30)

@@ -9,8 +9,9 @@ With the routed experts mostly in RAM, at each batch size:
    forward; the median step time over the plain step's, next to the unique experts the CPU backend
    sees per MoE layer (counted from the routers' outputs) and the cost model's price of the same
    step (``decode_step_time(plan, tokens_per_step=k + 1, batch=B)`` over k = 0).
-2. End-to-end. A replay drafter proposes the target's own greedy continuation, each token wrong
-   with probability 1 - a (a = 0.6, 0.8, 0.9), at a fixed k and with k chosen adaptively; tokens/s
+2. End-to-end. A replay drafter proposes the target's own greedy continuation (decoded plainly
+   ahead of each step, untimed, then rolled back), each token wrong with probability 1 - a
+   (a = 0.6, 0.8, 0.9), at a fixed k and with k chosen adaptively; tokens/s
    over plain decoding beside the model's prediction: (1 - a^(k+1)) / (1 - a) tokens per step
    over the step's priced cost.
 3. Prompt lookup. The n-gram drafter on prompts that repeat a text, with how repetitive the
@@ -24,6 +25,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import statistics
 import sys
@@ -92,6 +94,7 @@ def options(gpu_mem: int, experts: str, batch: int, max_len: int) -> RuntimeOpti
         max_batch=batch,
         max_model_len=max_len,
         max_step_tokens=max(512, batch * (max(KS) + 1)),
+        prefix_caching=False,  # random prompts share nothing; and the look-ahead rolls back freely
         progress=False,
     )
 
@@ -141,14 +144,6 @@ def auto_gpu_mem(model: Path, experts: str, batch: int, max_len: int, target: fl
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if frac(mid) <= target else (lo, mid)
     return lo
-    while hi - lo > 1 << 16:
-        mid = (lo + hi) // 2
-        f = frac(mid)
-        if f is None or f <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def prompts_of(rt, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -166,17 +161,53 @@ def admit(engine, prompts, gen: int):
     return seqs
 
 
-def decode(engine, seqs) -> tuple[float, int, int]:
-    """Run to completion; returns (seconds, tokens decoded after the first, steps)."""
+def decode(engine, seqs, before_step=None) -> tuple[float, int, int]:
+    """Run to completion; returns (seconds, tokens decoded after the first, steps). Only the
+    steps are timed, each on its own: ``before_step()`` runs untimed before each."""
     before = sum(len(s.output_ids) for s in seqs)
-    _sync()
-    t0 = time.perf_counter()
-    steps = 0
+    secs, steps = 0.0, 0
     while engine.scheduler.has_work:
+        if before_step is not None:
+            before_step()
+        _sync()
+        t0 = time.perf_counter()
         engine.step()
+        _sync()
+        secs += time.perf_counter() - t0
         steps += 1
-    _sync()
-    return time.perf_counter() - t0, sum(len(s.output_ids) for s in seqs) - before, steps
+    return secs, sum(len(s.output_ids) for s in seqs) - before, steps
+
+
+def look_ahead(engine, seqs, n: int) -> dict[int, list[int]]:
+    """Each unfinished sequence's next ``n`` greedy tokens from where it stands, by ``n`` plain
+    decode steps that are then rolled back (the cache and the outputs as they were): the target's
+    own continuation, as plain decoding computes it."""
+    spec, engine.speculate = engine.speculate, None
+    live = [s for s in seqs if not s.finished]
+    saved = [(s, len(s.output_ids), s.num_computed, s.params) for s in live]
+    for s, done, _, params in saved:
+        s.params = dataclasses.replace(params, max_tokens=done + n + 1)  # none finishes meanwhile
+    for _ in range(n):
+        engine.step()
+    ahead = {}
+    for s, done, computed, params in saved:
+        ahead[s.id] = s.output_ids[done:]
+        del s.output_ids[done:]
+        s.num_computed = computed
+        engine.kv.manager.truncate(s.table, computed)
+        s.params = params
+    engine.speculate = spec
+    return ahead
+
+
+def capture_graphs(rt, batch: int) -> None:
+    """Capture the decode graphs of every step size the benchmark meets (verify steps of up to
+    ``max(KS)`` drafts a sequence) before anything is timed."""
+    graphs = rt.engine.graphs
+    if graphs is not None:
+        graphs.max_batch = max(graphs.max_batch, batch * (max(KS) + 1))
+        sizes = graphs.prepare(graphs.max_batch)
+        print(f"captured decode graphs of {len(sizes)} sizes: {sizes}", flush=True)
 
 
 # ----------------------------------------------------------------------------- 1. verify cost
@@ -375,10 +406,20 @@ def end_to_end(rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_
     print(f"e2e batch {batch} plain: {plain:.2f} tok/s", flush=True)
     for a in ACCEPTANCE:
         for k in (spec_k, "auto"):
-            drafter = ReplayDrafter(greedy, vocab, error_rate=1.0 - a, seed=int(100 * a))
+            # Before each step, untimed: the target's greedy continuation from where each sequence
+            # stands. Replaying one fixed continuation would not do: a near tie that the verify
+            # step's arithmetic breaks the other way leaves every later draft wrong.
+            drafter = ReplayDrafter({}, vocab, error_rate=1.0 - a, seed=int(100 * a))
             engine.speculate = spec = CountingSpeculation(drafter, k=k, cost=price)
             seqs = admit(engine, prompts, gen)
-            secs, toks, steps = decode(engine, seqs)
+            horizon = spec.max_draft
+
+            def refresh(seqs=seqs, drafter=drafter, horizon=horizon):
+                ahead = look_ahead(engine, seqs, horizon)
+                for s in seqs:
+                    drafter.continuations[tuple(s.prompt_ids)] = s.output_ids + ahead.get(s.id, [])
+
+            secs, toks, steps = decode(engine, seqs, refresh)
             st = engine.spec_stats
             kk = best_k(a, 8, price) if k == "auto" else k
             same = statistics.fmean(
@@ -524,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: gpu_mem {gpu_mem} B, {frac:.0%} of routed experts on the device", flush=True)
         # Warm up kernels and JIT compilation, plain and speculative, outside every timed region.
         rt.engine.generate(prompts_of(rt, 1, 16, seed=1), SamplingParams(max_tokens=4, temperature=0))
+        capture_graphs(rt, batch)
         rows = verify_cost(rt, batch, prompt_len, rounds, warmup, steps)
         results["verify"] += rows
         rel = {r["k"]: r["measured_rel"] for r in rows}
