@@ -12,6 +12,7 @@ Drafters share one method, ``propose(seq, k) -> list[int]``.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,7 +225,12 @@ def plan_cost(plan: object) -> Callable[[int], float]:
     from placement.cost import decode_step_time
 
     base = decode_step_time(plan, tokens_per_step=1).seconds
-    return lambda k: decode_step_time(plan, tokens_per_step=k + 1).seconds / base
+
+    @functools.cache  # asked for every sequence at every step; pricing walks every layer
+    def cost(k: int) -> float:
+        return decode_step_time(plan, tokens_per_step=k + 1).seconds / base
+
+    return cost
 
 
 @dataclass
@@ -245,6 +251,10 @@ class SpecStats:
         }
 
 
+# With k chosen per sequence, one that settled on k = 0 drafts one token again after this many steps.
+PROBE_EVERY = 32
+
+
 @dataclass
 class Speculation:
     """What the engine speculates with: ``engine.speculate = Speculation(NgramDrafter(), k=4)``.
@@ -256,6 +266,7 @@ class Speculation:
     cost: Callable[[int], float] = field(default_factory=linear_cost)
     stats: SpecStats = field(default_factory=SpecStats)
     seen: dict[int, tuple[int, int]] = field(default_factory=dict)  # seq id -> (accepted, drafted)
+    idle: dict[int, int] = field(default_factory=dict)  # seq id -> steps since it last drafted (auto k)
 
     def __post_init__(self) -> None:
         if self.k != "auto" and (not isinstance(self.k, int) or self.k < 0):
@@ -271,7 +282,16 @@ class Speculation:
             return int(self.k)
         acc, drafted = self.seen.get(seq.id, (0, 0))
         a = (acc + 1) / (drafted + 2)  # Laplace prior: a fresh sequence starts at 1/2
-        return best_k(a, self.k_max, self.cost)
+        k = best_k(a, self.k_max, self.cost)
+        if k == 0 and self.k_max > 0:
+            # A sequence that never drafts never learns its rate: one that the price keeps at
+            # k = 0 drafts one token every PROBE_EVERY steps (rarely: where a verify step costs
+            # much more than a plain one, probes are what it pays).
+            idle = self.idle.get(seq.id, 0) + 1
+            if idle >= PROBE_EVERY:
+                idle, k = 0, 1
+            self.idle[seq.id] = idle
+        return k
 
     def draft(self, engine: Engine) -> None:
         """Before scheduling: give every decoding sequence its drafts (seq.draft)."""
@@ -287,9 +307,11 @@ class Speculation:
             )
             k = min(self.k_for(seq), room)
             seq.draft = [t for t in self.drafter.propose(seq, k)[:k] if 0 <= t < vocab] if k > 0 else []
+        live = {s.id for s in engine.scheduler.running} | {s.id for s in engine.scheduler.waiting}
+        for sid in [sid for sid in self.idle if sid not in live]:
+            del self.idle[sid]
         forget = getattr(self.drafter, "forget", None)
         if forget is not None:
-            live = {s.id for s in engine.scheduler.running} | {s.id for s in engine.scheduler.waiting}
             for sid in [sid for sid in getattr(self.drafter, "states", {}) if sid not in live]:
                 forget(sid)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetero.engine import Engine, EngineConfig
+from hetero.engine import Engine, EngineConfig, Sequence
 from hetero.kv_cache import KVCache
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
 from hetero.speculative import (
+    PROBE_EVERY,
     DraftModelDrafter,
     NgramDrafter,
     ReplayDrafter,
@@ -209,6 +210,20 @@ def test_adaptive_k():
     assert best_k(0.05, 8, cost) == 0
     assert best_k(0.95, 8, cost) >= 6
     assert best_k(0.6, 8, cost) < best_k(0.9, 8, cost)
+
+
+def test_auto_k_probes_when_drafting_does_not_pay():
+    """Priced so that k = 0 wins at the prior's rate: the sequence still drafts one token every
+    PROBE_EVERY steps, so that it learns its rate."""
+    steep = lambda k: 1.0 + 2.0 * k  # noqa: E731
+    spec = Speculation(NgramDrafter(), k="auto", cost=steep)
+    seq = Sequence(id=7, prompt_ids=[1, 2], params=GREEDY)
+    ks = [spec.k_for(seq) for _ in range(2 * PROBE_EVERY)]
+    assert ks.count(1) == 2 and ks[PROBE_EVERY - 1] == 1 and set(ks) == {0, 1}
+    # Priced cheaply and accepted often, it drafts many without probing.
+    spec = Speculation(NgramDrafter(), k="auto", cost=lambda k: 1.0 + 0.01 * k)
+    spec.record(seq, drafted=8, accepted=8, emitted=9)
+    assert spec.k_for(seq) >= 6
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v3", "qwen3-30b-a3b"])
