@@ -11,7 +11,7 @@ import torch
 
 from hetero.distributed import SINGLE, Parallel, launch
 from hetero.errors import HeteroError
-from hetero.experts import HybridExperts
+from hetero.experts import HybridExperts, pin_streamed
 from hetero.runtime import Runtime, RuntimeOptions, load_runtime
 from hetero.sampling import SamplingParams
 from placement.units import parse_size
@@ -37,6 +37,8 @@ class BenchResult:
     )  # layer forwards of the timed prefill: cpu / stream
     cuda_graphs: list[int] = field(default_factory=list)  # batch sizes decoded through CUDA graphs
     eager_reasons: dict = field(default_factory=dict)  # batch size -> why its capture failed
+    gpu_peak_bytes: int = 0  # most device memory torch held so far in this process
+    plan_gpu_bytes: int = 0  # what the plan budgeted for the device
 
 
 def _sync(rt: Runtime) -> None:
@@ -57,6 +59,7 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
     warm = torch.randint(0, vocab, (warm_len,), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     engine.generate([warm], SamplingParams(max_tokens=min(4, gen), temperature=0, ignore_eos=True))
     engine.warm_up([batch])  # the timed decode must not include capturing its CUDA graphs
+    pin_streamed(engine.model)  # nor the timed prefill page-locking the streamed experts
     if engine.graphs is not None and engine.speculate is not None:
         engine.graphs.prepare(batch * (1 + engine.speculate.max_draft))  # nor those of verify steps
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
@@ -99,6 +102,9 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
         speculation=engine.spec_stats,
         prefill_ram_experts=ram_paths,
     )
+    if engine.device.type == "cuda":
+        res.gpu_peak_bytes = torch.cuda.max_memory_reserved(engine.device)
+        res.plan_gpu_bytes = getattr(rt.plan, "gpu_bytes", 0)
     if engine.graphs is not None:
         res.cuda_graphs = sorted(engine.graphs.entries)
         res.eager_reasons = dict(engine.graphs.failed)
@@ -193,6 +199,11 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
     )
     if res.speculation:
         print(f"speculation: {res.speculation}")
+    if res.plan_gpu_bytes:
+        print(
+            f"device memory: peak {res.gpu_peak_bytes / 2**30:.2f} GiB held by torch, "
+            f"the plan's {res.plan_gpu_bytes / 2**30:.2f} GiB"
+        )
     if res.eager_reasons:
         print(f"decode ran eagerly for batch sizes {res.eager_reasons}")
     for layer, ms in res.per_layer_cpu_ms.items():

@@ -416,6 +416,19 @@ def _as_torch(a) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def pin_streamed(model: nn.Module) -> int:
+    """Page-lock every streamed layer's host experts now, not in the first streamed prefill (which
+    would wait seconds for it); returns the bytes page-locked."""
+    total = 0
+    for m in model.modules():
+        streamed = getattr(m, "streamed", None)
+        if isinstance(m, HybridExperts) and isinstance(streamed, StreamedExperts) and streamed.cuda:
+            if not streamed.pinned:
+                streamed._pin()
+            total += streamed.pinned_bytes
+    return total
+
+
 # ----------------------------------------------------------------------------- a layer's mix
 
 

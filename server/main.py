@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from hetero.bench import capped_options
 from hetero.checkpoint import resolve_model_path
 from hetero.distributed import SINGLE, Parallel, launch
+from hetero.experts import pin_streamed
 from hetero.runtime import RuntimeOptions, load_runtime
 from placement.units import parse_size
 from server.app import ServerConfig, create_app
@@ -30,6 +31,7 @@ def _load(model, options: RuntimeOptions, args: argparse.Namespace, parallel: Pa
     # Compile the kernels and capture the decode graphs of every step size (verify steps'
     # too) before serving, not under the first requests.
     engine = runtime.engine
+    pin_streamed(engine.model)  # else the first long prompt waits while RAM experts are page-locked
     engine.warm_up(range(1, options.max_batch + 1))
     if engine.graphs is not None:
         engine.graphs.prepare(engine.graphs.max_batch)
