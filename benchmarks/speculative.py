@@ -207,7 +207,12 @@ def capture_graphs(rt, batch: int) -> None:
     if graphs is not None:
         graphs.max_batch = max(graphs.max_batch, batch * (max(KS) + 1))
         sizes = graphs.prepare(graphs.max_batch)
-        print(f"captured decode graphs of {len(sizes)} sizes: {sizes}", flush=True)
+        held = torch.cuda.memory_reserved(rt.engine.device) / 2**30
+        print(
+            f"captured decode graphs of {len(sizes)} sizes: {sizes}; torch holds {held:.2f} GiB "
+            f"of the plan's {rt.plan.gpu_bytes / 2**30:.2f} GiB: {rt.plan.gpu_breakdown}",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------- 1. verify cost
@@ -554,10 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     cap_device_memory(fixed_mem)
     for batch in args.batch:
         gpu_mem = fixed_mem or auto_gpu_mem(model, args.experts, batch, max_len)
-        rt = load_runtime(model, options(gpu_mem, args.experts, batch, max_len))
+        # As benchmarks/e2e.py does: the plan gets the cap less 1 GiB, for what the planner's
+        # workspace does not count yet (at batch 16: verify steps' graphs and streamed chunks).
+        plan_mem = gpu_mem - (1 << 30) if fixed_mem else gpu_mem
+        rt = load_runtime(model, options(plan_mem, args.experts, batch, max_len))
         frac = gpu_fraction(rt.plan)
         results["placement"][str(batch)] = {
             "gpu_mem": gpu_mem,
+            "plan_gpu_mem": plan_mem,
             "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
             "gpu_fraction": round(frac, 3),
             "stream_min_tokens": stream_min_tokens(rt.engine.model),
@@ -565,8 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: gpu_mem {gpu_mem} B, {frac:.0%} of routed experts on the device", flush=True)
         # Warm up kernels and JIT compilation, plain and speculative, outside every timed region.
         rt.engine.generate(prompts_of(rt, 1, 16, seed=1), SamplingParams(max_tokens=4, temperature=0))
-        capture_graphs(rt, batch)
-        rows = verify_cost(rt, batch, prompt_len, rounds, warmup, steps)
+        try:
+            capture_graphs(rt, batch)
+            rows = verify_cost(rt, batch, prompt_len, rounds, warmup, steps)
+        except torch.OutOfMemoryError:
+            print(torch.cuda.memory_summary(rt.engine.device, abbreviated=True), flush=True)
+            raise
         results["verify"] += rows
         rel = {r["k"]: r["measured_rel"] for r in rows}
         # Adaptive k may pick any k in 0..8; price the ones not timed by interpolating the timed ones.
