@@ -112,8 +112,11 @@ def cpu_layer_probe(model, spec, calls: int = 100) -> dict:
     return res
 
 
-def profile_tables(rt, prefill_len: int, prompt_len: int, show: bool = True) -> None:
-    """Top operators by device and by host time: one prefill, then 16 decode steps (printed if ``show``)."""
+def profile_tables(
+    rt, prefill_len: int, prompt_len: int, show: bool = True, trace: str | None = None
+) -> None:
+    """Top operators by device and by host time: one prefill, then 16 decode steps (printed if
+    ``show``); ``trace``: write each part's Chrome trace there ({part} in the name)."""
     from torch.profiler import ProfilerActivity, profile
 
     from hetero.sampling import SamplingParams
@@ -134,6 +137,8 @@ def profile_tables(rt, prefill_len: int, prompt_len: int, show: bool = True) -> 
                 engine.step()
             if cuda:
                 torch.cuda.synchronize()
+        if trace:
+            prof.export_chrome_trace(trace.format(part=name))
         if not show:
             continue
         avg = prof.key_averages()
@@ -156,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--profile", action="store_true", help="print the top operators of a prefill and of decode steps"
+    )
+    ap.add_argument(
+        "--trace", default=None, help="with --profile: Chrome trace files, {part} = prefill|decode"
     )
     ap.add_argument(
         "--gpus", type=int, default=1, help="split the GPU part over N GPUs (--gpu-mem is per GPU)"
@@ -222,7 +230,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         ]
         pinned = sum(s.pinned_bytes for s in streamed), sum(s.packed.nbytes for s in streamed)
         if args.profile and fmt == args.experts[0]:
-            profile_tables(rt, args.prefill_len, args.prompt_len, show=par.is_first)
+            profile_tables(rt, args.prefill_len, args.prompt_len, show=par.is_first, trace=args.trace)
         per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
         roof = rates["cpu_bw"] / per_token if per_token else float("inf")
         bound_s = prefill_bound_s(rt.engine.model, rt.spec, args.prefill_len, rates)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from hetero.config import ModelSpec
 from hetero.layers import RMSNorm, Rotary, softmax_scale
@@ -50,14 +51,12 @@ def paged_attention(
     v_cache: torch.Tensor,
     batch: AttentionBatch,
     scale: float,
-    v_dim: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached keys and values.
 
-    q [T, Hq, Dk]; k_cache [blocks, bs, Hkv, Dk]; v_cache [blocks, bs, Hkv, Dv'] -> [T, Hq, Dv]
-    where Dv = v_dim (a prefix of the value vectors, for MLA whose values are the latent) or Dv'.
+    q [T, Hq, Dk]; k_cache [blocks, bs, Hkv, Dk]; v_cache [blocks, bs, Hkv, Dv] -> [T, Hq, Dv]
     """
-    if batch.is_decode and q.is_cuda and v_dim is None:
+    if batch.is_decode and q.is_cuda:
         from gpu_kernels import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
@@ -66,9 +65,7 @@ def paged_attention(
     for i, (nq, nctx) in enumerate(zip(batch.query_lens, batch.context_lens_list)):
         qs = q[start : start + nq].transpose(0, 1)  # [Hq, nq, Dk]
         ks = _gather(k_cache, batch.block_tables[i], nctx).transpose(0, 1)  # [Hkv, nctx, Dk]
-        vs = _gather(v_cache, batch.block_tables[i], nctx).transpose(0, 1)  # [Hkv, nctx, Dv']
-        if v_dim is not None:
-            vs = vs[..., :v_dim]
+        vs = _gather(v_cache, batch.block_tables[i], nctx).transpose(0, 1)  # [Hkv, nctx, Dv]
         # Query j sits at position nctx - nq + j and sees keys 0 .. nctx - nq + j.
         mask = None
         if nq > 1:
@@ -167,17 +164,42 @@ class MLAttention(nn.Module):
         (latent_cache,) = cache
         write_cache(latent_cache, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1), batch.slot_mapping)
 
+        if not (batch.is_decode and x.is_cuda):
+            o = self._expanded(torch.cat([q_nope, q_pe], dim=-1), latent_cache, batch)  # [T, Hq, v]
+            return self.o_proj(o.reshape(t, -1))  # [T, H]
+        from gpu_kernels import mla_decode_attention
+
         w_uk, w_uv = self._absorbed()
         q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, Hq, R]
-        if batch.is_decode and x.is_cuda:
-            from gpu_kernels import mla_decode_attention
-
-            o_latent = mla_decode_attention(
-                q_latent, q_pe, latent_cache, batch.block_tables, batch.context_lens, self.scale
-            )
-        else:
-            qcat = torch.cat([q_latent, q_pe], dim=-1)  # [T, Hq, R + P]
-            kv_cache = latent_cache[:, :, None, :]  # one shared head: [blocks, bs, 1, R + P]
-            o_latent = paged_attention(qcat, kv_cache, kv_cache, batch, self.scale, v_dim=self.rank)
+        o_latent = mla_decode_attention(
+            q_latent, q_pe, latent_cache, batch.block_tables, batch.context_lens, self.scale
+        )
         o = torch.einsum("thr,hvr->thv", o_latent, w_uv)  # [T, Hq, v]
         return self.o_proj(o.reshape(t, -1))  # [T, H]
+
+    def _expanded(self, q: torch.Tensor, latent_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Prefill (and steps off CUDA): each sequence's cached latents expanded by kv_b_proj into
+        per-head keys [ctx, Hq, nope + P] and values [ctx, Hq, v], as the reference model computes.
+        Heads of nope + P (192) fit the fused attention kernels; the absorbed form's R + P (576)
+        would fall back to unfused float32 matrices of [Hq, T, ctx] scores. q [T, Hq, nope + P]."""
+        out, start = [], 0
+        h = self.num_heads
+        for i, (nq, nctx) in enumerate(zip(batch.query_lens, batch.context_lens_list)):
+            latent, k_pe = _gather(latent_cache, batch.block_tables[i], nctx).split(
+                [self.rank, self.rope], -1
+            )
+            k_nope, v = (
+                self.kv_b_proj(latent)
+                .view(nctx, h, self.nope + self.v_dim)
+                .split([self.nope, self.v_dim], dim=-1)
+            )
+            k = torch.cat([k_nope, k_pe[:, None, :].expand(nctx, h, self.rope)], dim=-1)
+            # Query j sits at position nctx - nq + j and sees keys 0 .. nctx - nq + j.
+            mask = causal_lower_right(nq, nctx) if nq > 1 else None
+            o = F.scaled_dot_product_attention(
+                q[start : start + nq].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                attn_mask=mask, scale=self.scale,
+            )  # fmt: skip
+            out.append(o.transpose(0, 1))  # [nq, Hq, v]
+            start += nq
+        return torch.cat(out, dim=0)
