@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from placement.planner import STREAM_CHUNK_BYTES
+from placement.planner import STREAM_CHUNK_BYTES, STREAM_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ class StreamedExperts:
         self.pinned_bytes = 0  # host bytes page-locked for DMA (0 until the first streamed batch)
         self.copy_stream = None
         self.stage = None  # the device's staging buffers, from the first streamed batch on
+        self.early: list[tuple[int, tuple]] = []  # (first expert, _fetch result) started by prefetch
 
     def _pin(self) -> None:
         """Page-lock the host arrays in place (once), so their copies are asynchronous DMA."""
@@ -280,8 +281,21 @@ class StreamedExperts:
             ready.record()
         return arrays, ready, slot
 
+    def prefetch(self) -> None:
+        """Start copying the first chunks (as many as there are staging buffers) now, for a
+        batch that will hit every expert: the copies run while the layer's attention computes."""
+        if not self.cuda or self.early:
+            return
+        if not self.pinned:
+            self._pin()
+        for lo in range(0, min(self.packed.E, STREAM_SLOTS * self.chunk), self.chunk):
+            self.early.append((lo, self._fetch(lo, min(lo + self.chunk, self.packed.E))))
+
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         p = self.packed
+        # Copies prefetch started (spans[0], spans[1], ... in turn), taken whatever happens next:
+        # their buffers are the whole device's, and the next layer's chunks will overwrite them.
+        early, self.early = self.early, []
         if self.cuda and not self.pinned:
             self._pin()
         spans = [(lo, min(lo + self.chunk, p.E)) for lo in range(0, p.E, self.chunk)]
@@ -299,11 +313,17 @@ class StreamedExperts:
                 # runs only the tiles of its own experts.
                 routing = moe_route(x, ids.to(torch.int32), weights.float(), p.E, p.I, "bf16")
         out = torch.zeros_like(x) if routing is None else None
-        nxt = self._fetch(*spans[0]) if spans else None
+
+        def fetch(k: int):
+            if early and early[0][0] == spans[k][0]:
+                return early.pop(0)[1]
+            return self._fetch(*spans[k])
+
+        nxt = fetch(0) if spans else None
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
         for k, (lo, hi) in enumerate(spans):
             arrays, ready, slot = nxt
-            nxt = self._fetch(*spans[k + 1]) if k + 1 < len(spans) else None  # overlaps this chunk's math
+            nxt = fetch(k + 1) if k + 1 < len(spans) else None  # overlaps this chunk's math
             if ready is not None:
                 compute.wait_event(ready)
             if routing is not None:
@@ -349,25 +369,26 @@ class StreamedExperts:
 
 
 class _Staging:
-    """Two device buffers, each one chunk of packed experts, that streamed chunks fill in turn.
+    """STREAM_SLOTS device buffers, each one chunk of packed experts, that streamed chunks fill in turn.
 
     The copy into a buffer waits (on the copy stream) until the computation that read it last has
-    run, so however far the host runs ahead of the GPU, at most two chunks sit on the device: the
-    planner's ``stream_bytes`` counts exactly these two. Shared by all layers of a device, whose
-    RAM experts have the same shapes.
+    run, so however far the host runs ahead of the GPU, at most STREAM_SLOTS chunks sit on the
+    device: the planner's ``stream_bytes`` counts exactly these. Shared by all layers of a device,
+    whose RAM experts have the same shapes.
     """
 
     def __init__(self, device: torch.device, shapes: dict, chunk: int, key: tuple):
         self.key = key
         self.bufs = [
             {n: torch.empty((chunk, *s), dtype=d, device=device) for n, (s, d) in shapes.items()}
-            for _ in range(2)
+            for _ in range(STREAM_SLOTS)
         ]
-        self.freed: list[torch.cuda.Event | None] = [None, None]  # recorded after the last read of each
+        # Recorded after the last read of each buffer.
+        self.freed: list[torch.cuda.Event | None] = [None] * STREAM_SLOTS
         self.turn = 0
 
     def take(self, copy_stream: torch.cuda.Stream) -> tuple[int, dict[str, torch.Tensor]]:
-        slot, self.turn = self.turn, 1 - self.turn
+        slot, self.turn = self.turn, (self.turn + 1) % STREAM_SLOTS
         if self.freed[slot] is not None:
             copy_stream.wait_event(self.freed[slot])
         return slot, self.bufs[slot]
@@ -474,16 +495,31 @@ class HybridExperts:
             )
         return self.gpu_local, self.cpu_local
 
+    def _streams(self, tokens: int) -> bool:
+        return (
+            self.cpu is not None
+            and self.streamed is not None
+            and self.stream_min_tokens is not None
+            and tokens >= self.stream_min_tokens
+        )
+
+    def prefetch(self, tokens: int, pairs: int) -> None:
+        """Before the layer's attention: a batch (``tokens`` tokens, ``pairs`` token-expert
+        choices) that streams its RAM experts and is large enough that all are copied (see
+        StreamedExperts.submit) starts the first copies now."""
+        if self._streams(tokens) and pairs >= 4 * self.streamed.packed.E:
+            self.streamed.prefetch()
+
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         gpu_local, cpu_local = self._maps(ids.device)
         handles = []
+        streams = self._streams(x.shape[0])
+        if streams and self.gpu is not None:
+            # The resident experts' math first: it runs while the streamed chunks are still crossing.
+            handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
         if self.cpu is not None:
             ram = self.cpu
-            if (
-                self.streamed is not None
-                and self.stream_min_tokens is not None
-                and x.shape[0] >= self.stream_min_tokens
-            ):
+            if streams:
                 ram = self.streamed
             local = cpu_local[ids]
             try:
@@ -498,7 +534,7 @@ class HybridExperts:
                 handle = ram.submit(x, local, weights)
             self.ram_calls["stream" if ram is self.streamed else "cpu"] += 1
             handles.append((ram, handle))
-        if self.gpu is not None:
+        if self.gpu is not None and not streams:
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
         return handles
 

@@ -37,6 +37,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
+        if isinstance(self.mlp, MoE):
+            self.mlp.prefetch(x.shape[0])  # experts this batch streams cross PCIe during attention
         x = x + self.self_attn(self.input_layernorm(x), batch, cache)  # [T, H]
         return x + self.mlp(self.post_attention_layernorm(x))  # [T, H]
 

@@ -75,6 +75,12 @@ class MoE(nn.Module):
             self.shared = MLP(spec.hidden_size, spec.shared_intermediate_size)
         self.shared_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
 
+    def prefetch(self, tokens: int) -> None:
+        """Before the layer's attention: let the expert backend start what needs no routing yet."""
+        prefetch = getattr(self.experts, "prefetch", None)
+        if prefetch is not None:
+            prefetch(tokens, tokens * self.gate.spec.top_k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)  # [T, K], [T, K]
         # Routed experts may run elsewhere (the CPU); the shared expert runs here meanwhile.

@@ -46,8 +46,10 @@ SPLIT_KINDS = ("attention", "shared_expert", "dense_mlp")
 GPU_BASE_RESERVE = 768 * MiB
 # Python, torch, numba and pinned hand-off buffers of the process itself.
 CPU_RESERVE = 2 * GiB
-# Prefill streams experts to the GPU in chunks of about this many packed bytes, double-buffered.
+# Prefill streams experts to the GPU in chunks of about this many packed bytes, through this many
+# device buffers: the first chunks of a layer cross PCIe while its attention computes.
 STREAM_CHUNK_BYTES = 32 * MiB
+STREAM_SLOTS = 4
 # Share of every expert's hit probability taken from uniform routing, so an expert a frequency
 # file never saw is priced as rare, not as never used.
 FREQ_SMOOTHING = 0.01
@@ -329,15 +331,15 @@ def workspace_bytes(inv: Inventory, opts: PlanOptions, expert_bytes: int) -> int
 
 
 def stream_bytes(inv: Inventory, tokens: int, expert_bytes: int) -> int:
-    """Device bytes of streamed prefill: two chunks of packed experts in flight, one chunk unpacked
-    to bf16 and the fused MoE's per-slot buffers for ``tokens`` tokens."""
+    """Device bytes of streamed prefill: STREAM_SLOTS chunks of packed experts in flight, one
+    chunk unpacked to bf16 and the fused MoE's per-slot buffers for ``tokens`` tokens."""
     if not inv.moe_layers or expert_bytes <= 0:
         return 0
     unpacked = _expert_bytes(inv.experts(), "bf16", 128)  # 3 * H * I * 2
     moe_inter = unpacked // (6 * inv.hidden_size)
     per_chunk = max(1, STREAM_CHUNK_BYTES // expert_bytes)
     slots = tokens * inv.top_k * (inv.hidden_size + moe_inter) * 2  # [T*K, I] and [T*K, H] in bf16
-    return 2 * per_chunk * expert_bytes + per_chunk * unpacked + slots
+    return STREAM_SLOTS * per_chunk * expert_bytes + per_chunk * unpacked + slots
 
 
 def profile_summary(p: HardwareProfile) -> dict[str, Any]:
