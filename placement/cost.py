@@ -21,6 +21,12 @@ GPU_BW_EFF = 0.8
 GPU_FLOP_EFF = 0.6
 CPU_BW_EFF = 0.7
 CPU_FLOP_EFF = 0.3
+# Prefill on the GPU reaches far less: a 2048-token prefill of the V2-Lite shape on an H100
+# (attention, shared and routed experts, 293 GFLOP a layer) took 2.4 ms a layer beyond its PCIe
+# time, about 16% of dense peak; and a layer that streams its experts measured its PCIe time plus
+# that GPU time, not the larger of the two (int4: 7.0 ms a layer for 4.6 ms of PCIe; int8: 12.0 for
+# 9.6; benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json).
+PREFILL_GPU_FLOP_EFF = 0.16
 # Per layer and step: kernel launches and Python dispatch on the GPU side.
 LAYER_OVERHEAD_S = 30e-6
 # Per layer that sends work to the CPU: ending a CUDA graph, the device-to-host copy and the event
@@ -286,27 +292,29 @@ def prefill_time(inputs: Any, tokens: int) -> StepTime:
     if tokens < 1:
         raise ValueError(f"tokens must be at least 1, got {tokens}")
     r, T = ci.rates, tokens
+    flops = r.gpu_flops * PREFILL_GPU_FLOP_EFF / GPU_FLOP_EFF
     out = StepTime(0.0, T, dict.fromkeys(RESOURCES, 0.0))
     for lc in ci.layers:
         attn = T * lc.pre_flops + lc.attn_flops_prefill * T * T / 2  # causal: half the score matrix
-        t_pre, res_pre = _roof(lc.pre_bytes + lc.kv_bytes_per_pos * T, attn, r.gpu_bw, r.gpu_flops, "gpu")
+        t_pre, res_pre = _roof(lc.pre_bytes + lc.kv_bytes_per_pos * T, attn, r.gpu_bw, flops, "gpu")
         gpu, cpu = Branch.of(lc.gpu_probs, T), Branch.of(lc.cpu_probs, T)
         gb, gf = lc.mlp_bytes + gpu.touched * lc.expert_bytes, T * (lc.mlp_flops + gpu.load * lc.expert_flops)
         cb, cf = cpu.touched * lc.expert_bytes, T * cpu.load * lc.expert_flops
-        t_g, res_g = _roof(gb, gf, r.gpu_bw, r.gpu_flops, "gpu")
+        t_g, res_g = _roof(gb, gf, r.gpu_bw, flops, "gpu")
         t_c, res_c = _roof(cb, cf, r.cpu_bw, r.cpu_flops, "cpu")
         t_c += 2 * T * ci.hidden_size * 2 / r.pcie_bw if cb else 0.0
-        # Streaming: the GPU also runs the CPU's experts while their weights cross PCIe.
-        t_gs, res_gs = _roof(gb, gf + cf, r.gpu_bw, r.gpu_flops, "gpu")
+        # Streaming: the GPU also runs the CPU's experts, after their weights crossed PCIe.
+        t_gs, res_gs = _roof(gb, gf + cf, r.gpu_bw, flops, "gpu")
         t_pcie = cb / r.pcie_bw
         parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
-        if not lc.cpu_probs or max(t_g, t_c) <= max(t_gs, t_pcie):
+        if not lc.cpu_probs or max(t_g, t_c) <= t_gs + t_pcie:
             slow, res = (t_c, res_c) if t_c > t_g else (t_g, res_g)
             out.expert_mode.append("cpu" if lc.cpu_probs else "gpu")
+            parts[res] = parts.get(res, 0.0) + slow
         else:
-            slow, res = (t_pcie, "pcie") if t_pcie > t_gs else (t_gs, res_gs)
             out.expert_mode.append("stream")
-        parts[res] = parts.get(res, 0.0) + slow
+            parts["pcie"] = parts.get("pcie", 0.0) + t_pcie
+            parts[res_gs] = parts.get(res_gs, 0.0) + t_gs
         if ci.gpus > 1:
             parts["link"] = ci.link_time(T)
         out.layers.append(sum(parts.values()))

@@ -295,6 +295,20 @@ def test_cost_model_prices_verification_and_prefill():
     assert plan.predicted["decode_bound"] in one.by_resource
 
 
+def test_streamed_prefill_layer_costs_pcie_plus_gpu():
+    """A layer that streams its RAM experts is priced as their PCIe time plus its GPU time (as
+    measured), and only where that beats the CPU."""
+    plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes(), **OPTS))
+    tokens = 1 << 16
+    pre = prefill_time(plan, tokens)
+    streamed = [i for i, m in enumerate(pre.expert_mode) if m == "stream"]
+    assert streamed, "a prompt this long streams"
+    pcie = pre.by_resource["pcie"]
+    gpu = pre.by_resource["gpu-compute"] + pre.by_resource["gpu-memory"]
+    assert pcie > 0 and gpu > 0
+    assert pre.seconds == pytest.approx(sum(pre.by_resource.values()))  # parts add up, none hidden
+
+
 def test_detection_runs_without_probing():
     prof = detect(probe=False)
     assert prof.physical_cores >= 1 and prof.ram_bytes > 0 and prof.numa_nodes
