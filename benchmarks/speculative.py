@@ -312,10 +312,13 @@ def count_experts(rt, batch: int, prompt_len: int, k: int, steps: int) -> float:
     engine.speculate = Speculation(RandomDrafter(vocab, seed=999), k=k) if k else None
     seqs = admit(engine, prompts_of(rt, batch, prompt_len, seed=999), steps + 2)
     counter = RouterCounter(engine.model)
+    # Eager steps: a replayed CUDA graph runs no forward hooks, so the routers would go uncounted.
+    graphs, engine.graphs = engine.graphs, None
     counts = []
     for _ in range(steps):
         engine.step()
         counts.append(statistics.fmean(counter.take() or [0]))
+    engine.graphs = graphs
     counter.remove()
     for s in seqs:
         engine.abort(s)
