@@ -281,15 +281,25 @@ class StreamedExperts:
             ready.record()
         return arrays, ready, slot
 
-    def prefetch(self) -> None:
-        """Start copying the first chunks (as many as there are staging buffers) now, for a
-        batch that will hit every expert: the copies run while the layer's attention computes."""
-        if not self.cuda or self.early:
+    def _spans(self) -> list[tuple[int, int]]:
+        """Expert ranges [lo, hi) of the chunks, in copy order."""
+        E = self.packed.E
+        return [(lo, min(lo + self.chunk, E)) for lo in range(0, E, self.chunk)]
+
+    def _copies_all(self, pairs: int) -> bool:
+        """With this many token-expert choices every chunk is copied (all but surely hit), not
+        only the chunks the routing hits."""
+        return pairs >= 4 * self.packed.E
+
+    def prefetch(self, pairs: int) -> None:
+        """Start copying the first chunks (as many as there are staging buffers) now, for a batch
+        of ``pairs`` token-expert choices that copies every chunk: the copies run while the
+        layer's attention computes."""
+        if not self.cuda or self.early or not self._copies_all(pairs):
             return
         if not self.pinned:
             self._pin()
-        for lo in range(0, min(self.packed.E, STREAM_SLOTS * self.chunk), self.chunk):
-            self.early.append((lo, self._fetch(lo, min(lo + self.chunk, self.packed.E))))
+        self.early = [(lo, self._fetch(lo, hi)) for lo, hi in self._spans()[:STREAM_SLOTS]]
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         p = self.packed
@@ -298,8 +308,8 @@ class StreamedExperts:
         early, self.early = self.early, []
         if self.cuda and not self.pinned:
             self._pin()
-        spans = [(lo, min(lo + self.chunk, p.E)) for lo in range(0, p.E, self.chunk)]
-        if ids.numel() < 4 * p.E:
+        spans = self._spans()
+        if not self._copies_all(ids.numel()):
             # Few tokens may leave whole chunks unhit: ask the device which (one sync) and skip them.
             # With more, every chunk is hit all but surely, and an unhit one only costs its copy.
             used = torch.bincount(ids.flatten() + 1, minlength=p.E + 1)[1:].cpu()  # tokens per expert
@@ -442,11 +452,10 @@ def pin_streamed(model: nn.Module) -> int:
     would wait seconds for it); returns the bytes page-locked."""
     total = 0
     for m in model.modules():
-        streamed = getattr(m, "streamed", None)
-        if isinstance(m, HybridExperts) and isinstance(streamed, StreamedExperts) and streamed.cuda:
-            if not streamed.pinned:
-                streamed._pin()
-            total += streamed.pinned_bytes
+        if isinstance(m, HybridExperts) and m.streamed is not None and m.streamed.cuda:
+            if not m.streamed.pinned:
+                m.streamed._pin()
+            total += m.streamed.pinned_bytes
     return total
 
 
@@ -505,10 +514,9 @@ class HybridExperts:
 
     def prefetch(self, tokens: int, pairs: int) -> None:
         """Before the layer's attention: a batch (``tokens`` tokens, ``pairs`` token-expert
-        choices) that streams its RAM experts and is large enough that all are copied (see
-        StreamedExperts.submit) starts the first copies now."""
-        if self._streams(tokens) and pairs >= 4 * self.streamed.packed.E:
-            self.streamed.prefetch()
+        choices) that streams its RAM experts starts copying them now."""
+        if self._streams(tokens):
+            self.streamed.prefetch(pairs)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         gpu_local, cpu_local = self._maps(ids.device)
@@ -518,9 +526,7 @@ class HybridExperts:
             # The resident experts' math first: it runs while the streamed chunks are still crossing.
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
         if self.cpu is not None:
-            ram = self.cpu
-            if streams:
-                ram = self.streamed
+            ram = self.streamed if streams else self.cpu
             local = cpu_local[ids]
             try:
                 handle = ram.submit(x, local, weights)

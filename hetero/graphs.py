@@ -166,7 +166,7 @@ class DecodeGraphs:
     def prepare(self, max_rows: int) -> list[int]:
         """Capture now every ladder size a step of up to ``max_rows`` rows replays with, on rows
         of the scratch block alone, so that no later step waits for a capture; returns the sizes."""
-        if self.scratch_block is None or self.device.type != "cuda":
+        if self.scratch_block is None:
             return []
         slot = self.scratch_block * self.block_size
         sizes = sorted({self._size(b) for b in range(1, max_rows + 1) if self.usable(b)})
