@@ -5,8 +5,15 @@ from Python, the host, not the GPU, sets the pace. Here the step runs as a short
 
     graph 0: embed, layers up to the first CPU MoE layer's router, copy hidden/ids/weights to pinned RAM
     graph 1: that layer's shared and GPU-resident experts          } the CPU kernel runs meanwhile
-    join:    wait for graph 0's copy, run the CPU experts on the pinned buffers
+    join:    the CPU worker waits for graph 0's copy, runs the CPU experts on the pinned buffers
     graph 2: copy the CPU result back, add it, go on to the next CPU MoE layer's router ...
+
+The host launches the whole program at once (``launch_ahead``): each hand-off goes to the CPU
+worker with an event to wait for, and the graph after a join is preceded on the stream by a
+kernel that spins until the worker sets the hand-off's flag in page-locked memory
+(``gpu_kernels.host_flag``). Launching a graph costs the host tens of microseconds; launched
+ahead, that cost hides under the CPU experts instead of adding to every layer. With
+``launch_ahead`` off the host replays graph by graph and runs the CPU experts itself between them.
 
 The program is recorded by running the model's own forward once under capture: when a
 CPU hand-off (``hetero.pipeline.CPUHandoff``) is reached it ends the graph being captured
@@ -28,6 +35,7 @@ W = block-table width.
 from __future__ import annotations
 
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +55,7 @@ class _Program:
     """A decode step: graphs, and between them CPU kernels with their pinned buffers."""
 
     pool: tuple
-    ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", fn, args, timings, layer) | ("join",)
+    ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", _Handoff) | ("join",)
     graph: torch.cuda.CUDAGraph | None = None
 
     def begin(self) -> None:
@@ -60,12 +68,13 @@ class _Program:
         self.ops.append(("graph", self.graph))
         self.graph = None
 
-    def handoff(self, fn, args: tuple, timings, layer: int) -> None:
+    def handoff(self, fn, args: tuple, worker, layer: int) -> None:
         """Called after the device-to-host copies of a CPU hand-off were captured."""
         if self.ops and self.ops[-1][0] == "cpu":
             raise RuntimeError("a second CPU hand-off before the first was joined (expert deferral?)")
         self.end()
-        self.ops.append(("cpu", fn, args, timings, layer))
+        slot = sum(op[0] == "cpu" for op in self.ops)
+        self.ops.append(("cpu", _Handoff(fn, args, worker, layer, slot, torch.cuda.Event())))
         self.begin()
 
     def join(self) -> None:
@@ -73,6 +82,18 @@ class _Program:
         self.end()
         self.ops.append(("join",))
         self.begin()
+
+
+@dataclass
+class _Handoff:
+    """One CPU hand-off of a program: its kernel on pinned buffers, and how the step meets it."""
+
+    fn: object  # kernel(x, ids, weights, out) on numpy views of pinned buffers
+    args: tuple  # those views, [S, ...] each
+    worker: object  # hetero.pipeline.CPUWorker: runs fn, keeps the timings
+    layer: int
+    slot: int  # its flag in DecodeGraphs.flags: set by the worker when fn is done
+    ready: torch.cuda.Event  # recorded after the graph that copies the inputs to the pinned buffers
 
 
 @dataclass
@@ -117,8 +138,11 @@ class DecodeGraphs:
         self.entries: dict[int, _Entry] = {}
         self.failed: dict[int, str] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
-        self.event = torch.cuda.Event() if self.device.type == "cuda" else None
         self.stream_min = _stream_min_tokens(model)
+        # Launch the whole step at once, the GPU waiting on host flags (needs Triton); off: the
+        # host replays graph by graph and runs the CPU experts itself in between.
+        self.launch_ahead = self.device.type == "cuda" and _has_triton()
+        self.flags = None
 
     def usable(self, batch_size: int) -> bool:
         return (
@@ -256,28 +280,65 @@ class DecodeGraphs:
 
     def _replay(self, program: _Program, live: int) -> None:
         """Replay a step whose first ``live`` rows are real: the CPU experts see only those."""
-        pending = None
-        for op in program.ops:
-            kind = op[0]
-            if kind == "graph":
-                op[1].replay()
-            elif kind == "cpu":
-                self.event.record()  # after the graph that ends with the device-to-host copies
-                pending = op
-            else:
-                _, fn, args, timings, layer = pending
-                t0 = time.perf_counter()
-                self.event.synchronize()
-                t1 = time.perf_counter()
-                fn(*(a[:live] for a in args))  # [S, ...] pinned buffers -> the live rows
-                t2 = time.perf_counter()
-                if timings is not None:
-                    timings.copies += t1 - t0
-                    timings.cpu_experts += t2 - t1
-                    timings.wait += t2 - t1  # the GPU is idle once the layer's own GPU work is done
-                    timings.calls += 1
-                    timings.per_layer[layer] = timings.per_layer.get(layer, 0.0) + (t2 - t1)
-                pending = None
+        ahead, flags = self.launch_ahead, None
+        if ahead:
+            from gpu_kernels.host_flag import host_flags, wait_host_flag
+
+            slots = sum(op[0] == "cpu" for op in program.ops)
+            if self.flags is None or self.flags.numel() < slots:
+                self.flags = host_flags(max(64, slots))
+            flags = self.flags.numpy()
+        jobs, pending = [], None
+        try:
+            for op in program.ops:
+                kind = op[0]
+                if kind == "graph":
+                    op[1].replay()
+                elif kind == "cpu":
+                    pending = op[1]
+                    pending.ready.record()  # after the graph that ends with the device-to-host copies
+                    if ahead:
+                        jobs.append(pending.worker.submit(_run_handoff, pending, live, flags))
+                elif ahead:  # the next graph starts once the worker is done with this hand-off
+                    wait_host_flag(self.flags, pending.slot, self.device)
+                else:  # in turn: the host runs the CPU experts itself, between two replays
+                    _run_handoff(pending, live, None)
+        except BaseException:
+            # Launching stopped midway: let what was launched drain, and clear the flags no
+            # kernel consumed, so that the next step waits for its own.
+            futures.wait(jobs)
+            torch.cuda.synchronize(self.device)
+            if flags is not None:
+                flags[:] = 0
+            raise
+        for job in jobs:  # in order; a failure is raised after its flag released the GPU
+            job.result()
+
+
+def _run_handoff(h: _Handoff, live: int, flags) -> None:
+    """Wait for the hand-off's inputs, run its CPU kernel on the ``live`` rows, then set its flag
+    (always: a stream waits on it)."""
+    try:
+        t0 = time.perf_counter()
+        h.ready.synchronize()
+        t1 = time.perf_counter()
+        h.fn(*(a[:live] for a in h.args))  # [S, ...] pinned buffers -> the live rows
+        t2 = time.perf_counter()
+    finally:
+        if flags is not None:
+            flags[h.slot] = 1
+    timings = h.worker.timings
+    timings.copies += t1 - t0  # the layer's GPU work and the copy: the CPU waits for both
+    timings.cpu_experts += t2 - t1
+    timings.wait += t2 - t1  # the GPU is idle once the layer's own GPU work is done
+    timings.calls += 1
+    timings.per_layer[h.layer] = timings.per_layer.get(h.layer, 0.0) + (t2 - t1)
+
+
+def _has_triton() -> bool:
+    from gpu_kernels._triton import HAS_TRITON
+
+    return HAS_TRITON
 
 
 def _stream_min_tokens(model: torch.nn.Module) -> float:

@@ -12,8 +12,8 @@ copies are asynchronous DMA. On a machine without CUDA the same code runs with t
 torch's CPU device (copies become views), which keeps the pipeline testable anywhere.
 
 Decode steps on CUDA go another way (``hetero.graphs``): the copies are captured into CUDA
-graphs and the main thread itself runs the kernel between two graph replays; ``submit`` and
-``wait`` below record that when a capture is in progress.
+graphs, the kernel runs between two graph replays (on this worker, the GPU waiting on a host
+flag); ``submit`` and ``wait`` below record that when a capture is in progress.
 
 Legend: T = tokens, H = hidden, K = top-k.
 """
@@ -116,7 +116,7 @@ class CPUHandoff:
             hids.copy_(ids, non_blocking=True)
             hw.copy_(weights, non_blocking=True)
             args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
-            program.handoff(kernel, args, self.worker.timings, self.layer)
+            program.handoff(kernel, args, self.worker, self.layer)
             return _Captured(hout)
         if self.cuda:
             ready = torch.cuda.Event()

@@ -22,7 +22,7 @@ def split(spec, every=3):
     return {i: list(range(i % every, spec.num_experts, every)) for i in spec.moe_layers}
 
 
-def run(model, prompts, max_tokens, device, dtype, graphs: bool, stream_min: int | None = None):
+def run(model, prompts, max_tokens, device, dtype, graphs: bool, stream_min: int | None = None, ahead=True):
     """Greedy decode of several prompts of different lengths; returns tokens and per-step logits."""
     kv = KVCache.for_tokens(model.spec, 512, 8, dtype, device)
     config = EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8)
@@ -31,6 +31,7 @@ def run(model, prompts, max_tokens, device, dtype, graphs: bool, stream_min: int
         engine.graphs = DecodeGraphs(
             model, kv.layers, max_blocks=128 // 8, max_batch=4, device=torch.device(device)
         )
+        engine.graphs.launch_ahead = ahead
     logits = []
     full = model.logits
     model.logits = lambda h: logits.append(full(h).float().cpu()) or logits[-1]
@@ -95,7 +96,8 @@ def test_warm_up_decodes_each_batch_size_and_leaves_no_trace(tiny):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b", "qwen2-57b-a14b"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
-def test_graph_decode_matches_eager(tiny, preset, fmt):
+@pytest.mark.parametrize("ahead", [True, False], ids=["launch-ahead", "in-turn"])
+def test_graph_decode_matches_eager(tiny, preset, fmt, ahead):
     path = tiny(preset)
     spec = ModelSpec.from_pretrained(path)
     placement = Placement(split(spec), expert_format=fmt, group_size=32, stream_min_tokens=16)
@@ -103,7 +105,8 @@ def test_graph_decode_matches_eager(tiny, preset, fmt):
     # Sequences finish at different steps, so the batch shrinks 3 -> 2 -> 1: three captures.
     ref, ref_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
     calls = model.worker.timings.calls
-    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True)
+    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, ahead=ahead)
+    assert engine.graphs.launch_ahead == ahead
     assert engine.graphs.failed == {}
     assert sorted(engine.graphs.entries) == [1, 2, 3]
     assert model.worker.timings.calls > calls  # the CPU experts ran between graphs
@@ -152,11 +155,10 @@ def test_padded_graphs_match_eager(tiny):
             )
             assert g.prepare(11) == [1, 2, 3, 4, 5, 6, 7, 8, 16]
             assert kv.manager.num_used == 0  # captured on the scratch block alone
-            ops = g.entries[16].program.ops
-            for i, op in enumerate(ops):
+            for op in g.entries[16].program.ops:
                 if op[0] == "cpu":
-                    fn = op[1]
-                    ops[i] = ("cpu", lambda *a, fn=fn: cpu_rows.append(a[0].shape[0]) or fn(*a), *op[2:])
+                    fn = op[1].fn
+                    op[1].fn = lambda *a, fn=fn: cpu_rows.append(a[0].shape[0]) or fn(*a)
         return [s.output_ids for s in engine.generate(prompts, params)], engine
 
     ref, _ = go(False)
@@ -164,3 +166,60 @@ def test_padded_graphs_match_eager(tiny):
     assert got == ref
     assert engine.graphs.failed == {}
     assert cpu_rows and set(cpu_rows) == {11}  # batches of 11 -> 7 -> 3: only 11 pads
+
+
+@pytest.mark.gpu
+def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny):
+    """Launched ahead, a CPU kernel that fails still sets its flag: the step raises instead of the
+    stream waiting forever, and the next step runs."""
+    path = tiny("deepseek-v2")
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
+    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
+    kv = KVCache.for_tokens(spec, 256, 8, torch.bfloat16, "cuda")
+    g = DecodeGraphs(
+        model, kv.layers, 8, max_batch=2, device=torch.device("cuda"), scratch_block=kv.scratch_block
+    )
+    assert g.launch_ahead and g.prepare(1) == [1]
+    slot = kv.scratch_block * 8
+    handoffs = [op[1] for op in g.entries[1].program.ops if op[0] == "cpu"]
+    fn = handoffs[1].fn
+
+    def broken(*a):
+        raise ValueError("kernel failed")
+
+    handoffs[1].fn = broken
+    with pytest.raises(ValueError, match="kernel failed"):
+        g.run([5], [0], [slot], [1], [[kv.scratch_block]])
+    torch.cuda.synchronize()  # returns: every flag was set
+    assert g.flags[: len(handoffs)].tolist() == [0] * len(handoffs)  # and every one consumed
+    handoffs[1].fn = fn
+    assert g.run([5], [0], [slot], [1], [[kv.scratch_block]]) is not None
+    torch.cuda.synchronize()
+
+
+def test_handoff_sets_its_flag_even_when_its_kernel_fails():
+    from hetero.graphs import _Handoff, _run_handoff
+    from hetero.pipeline import Timings
+
+    class Ready:
+        def synchronize(self):
+            pass
+
+    class Worker:
+        timings = Timings()
+
+    flags = [0, 0]
+    out = []
+    ok = _Handoff(lambda x: out.append(x.tolist()), (torch.arange(4),), Worker(), 3, 0, Ready())
+    _run_handoff(ok, 2, flags)
+    assert flags == [1, 0] and out == [[0, 1]]  # the live rows alone
+    assert Worker.timings.calls == 1 and 3 in Worker.timings.per_layer
+
+    def broken(x):
+        raise ValueError("kernel failed")
+
+    bad = _Handoff(broken, (torch.arange(4),), Worker(), 4, 1, Ready())
+    with pytest.raises(ValueError):
+        _run_handoff(bad, 2, flags)
+    assert flags == [1, 1]
