@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from hetero.config import ModelSpec
 from hetero.layers import RMSNorm, Rotary, softmax_scale
@@ -195,11 +194,21 @@ class MLAttention(nn.Module):
             )
             k = torch.cat([k_nope, k_pe[:, None, :].expand(nctx, h, self.rope)], dim=-1)
             # Query j sits at position nctx - nq + j and sees keys 0 .. nctx - nq + j.
-            mask = causal_lower_right(nq, nctx) if nq > 1 else None
+            mask = _lower_right(nq, nctx) if 1 < nq < nctx else None
             o = F.scaled_dot_product_attention(
                 q[start : start + nq].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                attn_mask=mask, scale=self.scale,
+                attn_mask=mask, is_causal=1 < nq == nctx, scale=self.scale,
             )  # fmt: skip
             out.append(o.transpose(0, 1))  # [nq, Hq, v]
             start += nq
         return torch.cat(out, dim=0)
+
+
+def _lower_right(nq: int, nctx: int):
+    """SDPA's causal mask for queries that are the last ``nq`` of ``nctx`` positions.
+
+    Imported here, on the first prefill after a cached prefix: the module pulls in torch's
+    compiler stack, over a second of every process start when imported with this one."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(nq, nctx)

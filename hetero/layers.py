@@ -31,6 +31,13 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
+def embedding(vocab: int, hidden: int) -> nn.Embedding:
+    """A token embedding whose table is left unset: the checkpoint fills it. Built on the meta
+    device, ``nn.Embedding``'s own random init would import torch's compiler stack (over a
+    second of every start) for a tensor that is thrown away."""
+    return nn.Embedding(vocab, hidden, _weight=torch.empty(vocab, hidden))
+
+
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)): dense layers and shared experts."""
 

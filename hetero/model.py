@@ -19,7 +19,7 @@ from torch import nn
 from hetero.attention import AttentionBatch, GQAttention, MLAttention
 from hetero.checkpoint import Checkpoint, CheckpointError
 from hetero.config import ModelSpec
-from hetero.layers import MLP, RMSNorm
+from hetero.layers import MLP, RMSNorm, embedding
 from hetero.moe import MoE
 
 
@@ -46,7 +46,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 

@@ -25,7 +25,7 @@ from hetero.checkpoint import Checkpoint
 from hetero.config import ModelSpec
 from hetero.errors import HeteroError
 from hetero.kv_cache import BlockTable, KVCache
-from hetero.layers import RMSNorm
+from hetero.layers import RMSNorm, embedding
 from hetero.model import Block, keep_fp32, load_tensor, named_tensors
 from hetero.moe import MoE
 
@@ -44,7 +44,7 @@ class MTPLayer(Block):
         super().__init__(spec, spec.num_layers)
         self.mlp = MoE(spec)  # the MTP layer is always a MoE layer
         h = spec.hidden_size
-        self.embed_tokens = nn.Embedding(spec.vocab_size, h)
+        self.embed_tokens = embedding(spec.vocab_size, h)
         self.enorm = RMSNorm(h, spec.rms_norm_eps)
         self.hnorm = RMSNorm(h, spec.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * h, h, bias=False)
