@@ -41,6 +41,8 @@ class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the last n tokens (n = max_n .. min_n)
     in prompt + output and propose the tokens that followed it."""
 
+    probe_every = 1  # a lookup in the sequence's own tokens: shadow drafts cost nothing
+
     def __init__(self, max_n: int = 3, min_n: int = 1):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
@@ -61,6 +63,8 @@ class NgramDrafter:
 class ReplayDrafter:
     """For benchmarks: proposes a known continuation of each prompt, each token wrong with
     probability ``error_rate`` (replaced by another random id)."""
+
+    probe_every = 1
 
     def __init__(self, continuations: dict[tuple[int, ...], list[int]], vocab_size: int,
                  error_rate: float = 0.0, seed: int = 0):  # fmt: skip
@@ -251,7 +255,9 @@ class SpecStats:
         }
 
 
-# With k chosen per sequence, one that settled on k = 0 drafts one token again after this many steps.
+# With k chosen per sequence, one that settled on k = 0 still asks the drafter for one token
+# (a shadow draft, never verified) every this many steps, unless the drafter says it is free
+# (``probe_every`` on the drafter: 1 for lookups that cost nothing next to a decode step).
 PROBE_EVERY = 32
 
 
@@ -265,8 +271,9 @@ class Speculation:
     k_max: int = 8
     cost: Callable[[int], float] = field(default_factory=linear_cost)
     stats: SpecStats = field(default_factory=SpecStats)
-    seen: dict[int, tuple[int, int]] = field(default_factory=dict)  # seq id -> (accepted, drafted)
-    idle: dict[int, int] = field(default_factory=dict)  # seq id -> steps since it last drafted (auto k)
+    seen: dict[int, tuple[float, int]] = field(default_factory=dict)  # seq id -> (accepted, drafted)
+    idle: dict[int, int] = field(default_factory=dict)  # seq id -> steps since its last shadow draft
+    shadow: dict[int, int] = field(default_factory=dict)  # seq id -> this step's shadow draft
 
     def __post_init__(self) -> None:
         if self.k != "auto" and (not isinstance(self.k, int) or self.k < 0):
@@ -282,16 +289,14 @@ class Speculation:
             return int(self.k)
         acc, drafted = self.seen.get(seq.id, (0, 0))
         a = (acc + 1) / (drafted + 2)  # Laplace prior: a fresh sequence starts at 1/2
-        k = best_k(a, self.k_max, self.cost)
-        if k == 0 and self.k_max > 0:
-            # A sequence that never drafts never learns its rate: one that the price keeps at
-            # k = 0 drafts one token every PROBE_EVERY steps (rarely: where a verify step costs
-            # much more than a plain one, probes are what it pays).
-            idle = self.idle.get(seq.id, 0) + 1
-            if idle >= PROBE_EVERY:
-                idle, k = 0, 1
-            self.idle[seq.id] = idle
-        return k
+        return best_k(a, self.k_max, self.cost)
+
+    def _probes(self, seq: Sequence) -> bool:
+        """Whether a sequence that the price keeps at k = 0 takes a shadow draft this step."""
+        idle = self.idle.get(seq.id, 0) + 1
+        due = idle >= getattr(self.drafter, "probe_every", PROBE_EVERY)
+        self.idle[seq.id] = 0 if due else idle
+        return due
 
     def draft(self, engine: Engine) -> None:
         """Before scheduling: give every decoding sequence its drafts (seq.draft)."""
@@ -307,9 +312,17 @@ class Speculation:
             )
             k = min(self.k_for(seq), room)
             seq.draft = [t for t in self.drafter.propose(seq, k)[:k] if 0 <= t < vocab] if k > 0 else []
+            if k == 0 and self.k == "auto" and self.k_max > 0 and self._probes(seq):
+                # A sequence that never drafts never learns its rate. Verifying a probe would
+                # cost a step's worth of rows where the price already said no; instead the
+                # draft is only compared with the token the step samples (``shadow_check``).
+                guess = self.drafter.propose(seq, 1)[:1]
+                if guess and 0 <= guess[0] < vocab:
+                    self.shadow[seq.id] = guess[0]
         live = {s.id for s in engine.scheduler.running} | {s.id for s in engine.scheduler.waiting}
-        for sid in [sid for sid in self.idle if sid not in live]:
-            del self.idle[sid]
+        for book in (self.idle, self.shadow, self.seen):
+            for sid in [sid for sid in book if sid not in live]:
+                del book[sid]
         forget = getattr(self.drafter, "forget", None)
         if forget is not None:
             for sid in [sid for sid in getattr(self.drafter, "states", {}) if sid not in live]:
@@ -327,6 +340,20 @@ class Speculation:
 
     def accept(self, logits: torch.Tensor, draft: list[int], seq: Sequence) -> list[int]:
         return accept(logits, draft, seq)
+
+    def shadow_check(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """After a plain step of a sequence with a shadow draft d: count it as drafted once and
+        accepted with the probability the verify rule would have kept it, from the step's own
+        (penalized) logits [V]: greedy, whether d is the argmax; sampling, p(d)."""
+        d = self.shadow.pop(seq.id, None)
+        if d is None:
+            return
+        if seq.params.greedy:
+            kept = float(int(logits.argmax()) == d)
+        else:
+            kept = float(probabilities(logits, seq.params)[d])
+        acc, drafted = self.seen.get(seq.id, (0, 0))
+        self.seen[seq.id] = (acc + kept, drafted + 1)
 
     def record(self, seq: Sequence, drafted: int, accepted: int, emitted: int) -> None:
         s = self.stats

@@ -212,18 +212,68 @@ def test_adaptive_k():
     assert best_k(0.6, 8, cost) < best_k(0.9, 8, cost)
 
 
-def test_auto_k_probes_when_drafting_does_not_pay():
-    """Priced so that k = 0 wins at the prior's rate: the sequence still drafts one token every
-    PROBE_EVERY steps, so that it learns its rate."""
+def test_auto_k_shadow_probes_when_drafting_does_not_pay():
+    """Priced so that k = 0 wins at the prior's rate: the sequence never verifies a draft, but a
+    drafter that is not free is asked for a shadow draft every PROBE_EVERY steps (a free one,
+    every step), so that it learns its rate."""
     steep = lambda k: 1.0 + 2.0 * k  # noqa: E731
-    spec = Speculation(NgramDrafter(), k="auto", cost=steep)
+
+    class Costly:
+        def propose(self, seq, k):
+            return [5] * k
+
+    spec = Speculation(Costly(), k="auto", cost=steep)
     seq = Sequence(id=7, prompt_ids=[1, 2], params=GREEDY)
-    ks = [spec.k_for(seq) for _ in range(2 * PROBE_EVERY)]
-    assert ks.count(1) == 2 and ks[PROBE_EVERY - 1] == 1 and set(ks) == {0, 1}
-    # Priced cheaply and accepted often, it drafts many without probing.
+    assert spec.k_for(seq) == 0
+    due = [spec._probes(seq) for _ in range(2 * PROBE_EVERY)]
+    assert due.count(True) == 2 and due[PROBE_EVERY - 1]
+    free = Speculation(NgramDrafter(), k="auto", cost=steep)
+    assert all(free._probes(seq) for _ in range(3))
+    # Priced cheaply and accepted often, it drafts many.
     spec = Speculation(NgramDrafter(), k="auto", cost=lambda k: 1.0 + 0.01 * k)
     spec.record(seq, drafted=8, accepted=8, emitted=9)
     assert spec.k_for(seq) >= 6
+
+
+def test_shadow_check_scores_like_the_verify_rule():
+    spec = Speculation(NgramDrafter(), k="auto")
+    logits = torch.tensor([0.0, 3.0, 1.0])
+    greedy = Sequence(id=3, prompt_ids=[1, 2], params=GREEDY)
+    spec.shadow[3] = 1
+    spec.shadow_check(greedy, logits)
+    spec.shadow[3] = 2
+    spec.shadow_check(greedy, logits)
+    spec.shadow_check(greedy, logits)  # no shadow draft this step: nothing counted
+    assert spec.seen[3] == (1.0, 2)
+    sampled = Sequence(id=4, prompt_ids=[1, 2], params=SamplingParams(max_tokens=4, temperature=1.0))
+    spec.shadow[4] = 2
+    spec.shadow_check(sampled, logits)
+    acc, drafted = spec.seen[4]
+    assert drafted == 1 and abs(acc - float(logits.softmax(-1)[2])) < 1e-6
+
+
+def test_auto_k_learns_from_shadow_drafts_without_verifying(tiny):
+    _, model = tiny("qwen3-30b-a3b")
+    ref = [s.output_ids for s in engine_for(model).generate(prompts(), GREEDY)]
+    eng = engine_for(model)
+
+    class Echo:  # free, and proposes something every step: the last token again
+        probe_every = 1
+
+        def propose(self, seq, k):
+            return seq.token_ids[-1:] * k
+
+    eng.speculate = spec = Speculation(Echo(), k="auto", cost=lambda k: 1.0 + 2.0 * k)
+    scored = []
+    check = spec.shadow_check
+    spec.shadow_check = lambda seq, lg: scored.append(seq.id in spec.shadow) or check(seq, lg)
+    seqs = eng.generate(prompts(), GREEDY)
+    assert [s.output_ids for s in seqs] == ref
+    assert spec.stats.steps == 0  # the price said k = 0 throughout: nothing was verified
+    assert sum(scored) > 0  # yet the drafter's guesses were scored against the sampled tokens
+    eng.generate(prompts()[:1], GREEDY)
+    gone = {s.id for s in seqs}
+    assert not gone & (set(spec.seen) | set(spec.idle) | set(spec.shadow))  # finished ones forgotten
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v3", "qwen3-30b-a3b"])
