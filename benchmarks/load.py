@@ -32,6 +32,8 @@ CHILD = """
 import json, sys, time
 t0 = float(sys.argv[1])
 t_imp = time.time()
+from hetero.readahead import read_ahead
+read_ahead(sys.argv[2])  # as the hetero command does before its imports
 import torch
 from hetero.bench import cap_device_memory
 from hetero.runtime import RuntimeOptions, load_runtime

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hetero.readahead import read_ahead_from_argv
+
+    # Before the imports below (seconds of torch): the disk reads the model meanwhile.
+    read_ahead_from_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
