@@ -46,6 +46,7 @@ from hetero.moe import MoE  # noqa: E402
 from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
 from hetero.sampling import SamplingParams  # noqa: E402
 from hetero.speculative import (  # noqa: E402
+    MIN_GAIN,
     NgramDrafter,
     ReplayDrafter,
     Speculation,
@@ -53,7 +54,7 @@ from hetero.speculative import (  # noqa: E402
     expected_tokens,
     plan_cost,
 )
-from placement.cost import decode_step_time, expected_unique_experts  # noqa: E402
+from placement.cost import decode_step_time, expected_unique_experts, routed_tokens  # noqa: E402
 from placement.units import parse_size  # noqa: E402
 
 
@@ -272,11 +273,12 @@ def stream_min_tokens(model) -> int | None:
     return None
 
 
-def priced_unique(plan, n_tokens: int) -> float:
+def priced_unique(plan, batch: int, tokens_per_step: int) -> float:
     layers = [lc for lc in plan.cost_inputs.layers if lc.cpu_probs]
     if not layers:
         return 0.0
-    return statistics.fmean(expected_unique_experts(n_tokens, probs=lc.cpu_probs) for lc in layers)
+    n = routed_tokens(batch, tokens_per_step)
+    return statistics.fmean(expected_unique_experts(n, probs=lc.cpu_probs) for lc in layers)
 
 
 def time_steps(rt, batch: int, prompt_len: int, k: int, warmup: int, steps: int, seed: int):
@@ -286,7 +288,8 @@ def time_steps(rt, batch: int, prompt_len: int, k: int, warmup: int, steps: int,
     worker = getattr(engine.model, "worker", None)
     vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
     engine.speculate = Speculation(RandomDrafter(vocab, seed=seed), k=k) if k else None
-    seqs = admit(engine, prompts_of(rt, batch, prompt_len, seed=seed), warmup + steps + 2)
+    # Room for k drafts at every step: a sequence never drafts past its max_tokens.
+    seqs = admit(engine, prompts_of(rt, batch, prompt_len, seed=seed), warmup + steps + 2 + max(KS))
     for _ in range(warmup):
         engine.step()
     ctx = statistics.fmean(s.num_tokens for s in seqs)
@@ -299,10 +302,12 @@ def time_steps(rt, batch: int, prompt_len: int, k: int, warmup: int, steps: int,
         engine.step()
         _sync()
         times.append(time.perf_counter() - t0)
+    st = engine.spec_stats
+    drafts = st["drafted"] / st["steps"] if st and st["steps"] else 0.0
     for s in seqs:
         engine.abort(s)
     engine.speculate = None
-    return times, worker.timings.cpu_experts if worker is not None else 0.0, ctx
+    return times, worker.timings.cpu_experts if worker is not None else 0.0, ctx, drafts
 
 
 def count_experts(rt, batch: int, prompt_len: int, k: int, steps: int) -> float:
@@ -310,7 +315,7 @@ def count_experts(rt, batch: int, prompt_len: int, k: int, steps: int) -> float:
     engine = rt.engine
     vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
     engine.speculate = Speculation(RandomDrafter(vocab, seed=999), k=k) if k else None
-    seqs = admit(engine, prompts_of(rt, batch, prompt_len, seed=999), steps + 2)
+    seqs = admit(engine, prompts_of(rt, batch, prompt_len, seed=999), steps + 2 + max(KS))
     counter = RouterCounter(engine.model)
     # Eager steps: a replayed CUDA graph runs no forward hooks, so the routers would go uncounted.
     graphs, engine.graphs = engine.graphs, None
@@ -332,12 +337,14 @@ def verify_cost(rt, batch: int, prompt_len: int, rounds: int, warmup: int, steps
     times: dict[int, list[float]] = {k: [] for k in KS}
     cpu: dict[int, float] = dict.fromkeys(KS, 0.0)
     ctx: dict[int, float] = dict.fromkeys(KS, 0.0)
+    drafts: dict[int, float] = dict.fromkeys(KS, 0.0)
     for r in range(rounds):
         for k in KS:
-            t, c, x = time_steps(rt, batch, prompt_len, k, warmup, steps, seed=100 * r + k)
+            t, c, x, d = time_steps(rt, batch, prompt_len, k, warmup, steps, seed=100 * r + k)
             times[k] += t
             cpu[k] += c
             ctx[k] = x
+            drafts[k] = d
     rows = []
     stream = stream_min_tokens(rt.engine.model)
     base_s = statistics.median(times[0])
@@ -351,6 +358,7 @@ def verify_cost(rt, batch: int, prompt_len: int, rounds: int, warmup: int, steps
                 "batch": batch,
                 "k": k,
                 "tokens": batch * (k + 1),
+                "drafts_per_seq": round(drafts[k], 2),  # verified per sequence and step: k
                 "ram_experts_on": "cpu" if stream is None or batch * (k + 1) < stream else "stream",
                 "step_ms": round(1000 * step_s, 3),
                 "step_ms_iqr": [round(1000 * q, 3) for q in statistics.quantiles(times[k], n=4)[::2]],
@@ -360,7 +368,7 @@ def verify_cost(rt, batch: int, prompt_len: int, rounds: int, warmup: int, steps
                 "priced_rel": round(prel, 3),
                 "measured_over_priced": round(rel / prel, 3),
                 "unique_cpu_experts": round(count_experts(rt, batch, prompt_len, k, 3), 2),
-                "priced_unique_cpu_experts": round(priced_unique(plan, batch * (k + 1)), 2),
+                "priced_unique_cpu_experts": round(priced_unique(plan, batch, k + 1), 2),
                 "context": round(ctx[k], 1),
             }
         )
@@ -429,7 +437,7 @@ def end_to_end(rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_
 
             secs, toks, steps = decode(engine, seqs, refresh)
             st = engine.spec_stats
-            kk = best_k(a, 8, price) if k == "auto" else k
+            kk = best_k(a, 8, price, MIN_GAIN) if k == "auto" else k
             same = statistics.fmean(
                 sum(x == y for x, y in zip(s.output_ids, greedy[tuple(s.prompt_ids)], strict=False))
                 / len(s.output_ids)
@@ -610,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\n1. verify cost: k drafted tokens per sequence in one forward, over one plain step")
     print(common.format_table(results["verify"], [
-        "batch", "k", "tokens", "ram_experts_on", "step_ms", "cpu_experts_ms", "measured_rel", "priced_rel",
+        "batch", "k", "drafts_per_seq", "tokens", "ram_experts_on", "step_ms", "cpu_experts_ms", "measured_rel", "priced_rel",
         "measured_over_priced", "unique_cpu_experts", "priced_unique_cpu_experts",
     ]))  # fmt: skip
     print("\n2. end to end: replayed greedy continuation at acceptance a, over plain decoding")

@@ -22,6 +22,7 @@ from hetero.kv_cache import KVCache, kv_bytes_per_token
 from hetero.model import load_model
 from hetero.planning import make_plan, model_formats
 from hetero.prefix_cache import TierRates
+from hetero.readahead import read_ahead
 from hetero.tokenizer import Tokenizer
 
 DEFAULT_PRESET = "deepseek-v3"
@@ -101,14 +102,10 @@ class Runtime:
 
 
 def stream_threshold(plan) -> int | None:
-    """Smallest prompt chunk for which the cost model prefers streaming RAM experts over PCIe."""
-    from placement.cost import prefill_time
+    """Smallest batch of tokens for which the cost model prefers streaming RAM experts over PCIe."""
+    from placement.cost import stream_min_tokens
 
-    for tokens in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192):
-        modes = prefill_time(plan, tokens).expert_mode
-        if modes and modes.count("stream") * 2 > len(modes):
-            return tokens
-    return None
+    return stream_min_tokens(plan.cost_inputs)
 
 
 def _resolve(model: str | os.PathLike) -> Path:
@@ -134,6 +131,7 @@ def load_runtime(
     """
     opts = options or RuntimeOptions()
     path = default_model_dir() if model is None else _resolve(model)
+    read_ahead(path)  # a no-op when the command line already started it
     gguf = path.suffix == ".gguf"
     if gguf:
         from hetero.gguf import GGUFSource

@@ -215,9 +215,12 @@ def expected_tokens(a: float, k: int) -> float:
     return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def best_k(a: float, k_max: int, cost: Callable[[int], float]) -> int:
-    """The k in 0..k_max with the most expected tokens per unit of step cost."""
-    return max(range(k_max + 1), key=lambda k: expected_tokens(a, k) / cost(k))
+def best_k(a: float, k_max: int, cost: Callable[[int], float], margin: float = 0.0) -> int:
+    """The k in 0..k_max with the most expected tokens per unit of step cost; a k > 0 only when
+    it beats plain decoding (k = 0) by more than ``margin`` (a fraction)."""
+    value = [expected_tokens(a, k) / cost(k) for k in range(k_max + 1)]
+    k = max(range(k_max + 1), key=value.__getitem__)
+    return k if value[k] > value[0] * (1.0 + margin) else 0
 
 
 def linear_cost(c: float = 0.1) -> Callable[[int], float]:
@@ -260,6 +263,11 @@ class SpecStats:
 # (``probe_every`` on the drafter: 1 for lookups that cost nothing next to a decode step).
 PROBE_EVERY = 32
 
+# Adaptive k drafts only where the price promises more than this gain over plain decoding: the
+# price of a verify step is an estimate (within ~20% of measured ones), and a gain inside that
+# error is as likely a loss.
+MIN_GAIN = 0.1
+
 
 @dataclass
 class Speculation:
@@ -289,7 +297,7 @@ class Speculation:
             return int(self.k)
         acc, drafted = self.seen.get(seq.id, (0, 0))
         a = (acc + 1) / (drafted + 2)  # Laplace prior: a fresh sequence starts at 1/2
-        return best_k(a, self.k_max, self.cost)
+        return best_k(a, self.k_max, self.cost, MIN_GAIN)
 
     def _probes(self, seq: Sequence) -> bool:
         """Whether a sequence that the price keeps at k = 0 takes a shadow draft this step."""

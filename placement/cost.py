@@ -9,6 +9,7 @@ shared / resident experts run side by side, so the layer costs the slower of the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +24,17 @@ CPU_BW_EFF = 0.7
 CPU_FLOP_EFF = 0.3
 # Prefill on the GPU reaches far less: a 2048-token prefill of the V2-Lite shape on an H100
 # (attention, shared and routed experts, 293 GFLOP a layer) took 2.4 ms a layer beyond its PCIe
-# time, about 16% of dense peak; and a layer that streams its experts measured its PCIe time plus
-# that GPU time, not the larger of the two (int4: 7.0 ms a layer for 4.6 ms of PCIe; int8: 12.0 for
-# 9.6; benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json).
-PREFILL_GPU_FLOP_EFF = 0.16
+# time; and a layer that streams its experts measured its PCIe time plus that GPU time, not the
+# larger of the two (int4: 7.0 ms a layer for 4.6 ms of PCIe; int8: 12.0 for 9.6;
+# benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json). Of the 2.4 ms, ~0.8 ms unpacks the
+# streamed experts to bf16 (``_unpack_bytes``, memory-bound); the math is then ~23% of dense peak.
+# Verify steps of 80 and 144 rows that streamed took 5.7 ms a layer: PCIe plus the unpacking.
+PREFILL_GPU_FLOP_EFF = 0.23
+# A speculative verify's k + 1 consecutive tokens of one sequence touch fewer distinct experts
+# than k + 1 independent tokens: on the V2-Lite shape (H100 + Xeon, batch 1) 2, 3, 5 and 9 of them
+# read 8.7, 11.8, 16.8 and 23.7 of 52 RAM experts, as many as 1.8, 2.6, 3.9 and 6.1 independent
+# tokens would: about n ** 0.85 (benchmarks/results/speculative-*.json, unique_cpu_experts).
+SEQ_ROUTING_EXPONENT = 0.85
 # Per layer and step: kernel launches and Python dispatch on the GPU side.
 LAYER_OVERHEAD_S = 30e-6
 # Per layer that sends work to the CPU: ending a CUDA graph, the device-to-host copy and the event
@@ -220,14 +228,52 @@ def _roof(nbytes: float, flops: float, bw: float, rate: float, dev: str) -> tupl
     return (tm, f"{dev}-memory") if tm >= tc else (tc, f"{dev}-compute")
 
 
+def _unpack_bytes(lc: LayerCost, experts: float) -> float:
+    """GPU memory traffic of unpacking ``experts`` streamed experts to bf16 before their math: the
+    packed bytes read, then the bf16 weights written and read back (2 bytes a weight each way;
+    ``expert_flops`` counts 2 a weight)."""
+    return experts * (lc.expert_bytes + 2 * lc.expert_flops)
+
+
+def _streamed(lc: LayerCost, gpu: Branch, cpu: Branch, n: int, r: Rates) -> tuple[float, float, str]:
+    """A layer whose RAM experts cross PCIe to run on the GPU with the resident ones, for ``n``
+    tokens: (PCIe seconds, GPU seconds, the GPU's bound). Unpacking, then the math: one after the other."""
+    t_gs, res_gs = _roof(
+        lc.mlp_bytes + gpu.touched * lc.expert_bytes,
+        n * (lc.mlp_flops + (gpu.load + cpu.load) * lc.expert_flops),
+        r.gpu_bw,
+        r.gpu_flops * PREFILL_GPU_FLOP_EFF / GPU_FLOP_EFF,
+        "gpu",
+    )
+    t_gs += _unpack_bytes(lc, cpu.touched) / r.gpu_bw
+    return cpu.touched * lc.expert_bytes / r.pcie_bw, t_gs, res_gs
+
+
 # --------------------------------------------------------------------------- decode
 
 
+def routed_tokens(batch: int, tokens_per_step: int = 1) -> float:
+    """How many independently routed tokens a step's expert reads amount to: ``batch`` sequences
+    of ``tokens_per_step`` consecutive tokens each (a speculative verify). A sequence's
+    consecutive tokens often pick the same experts, so they count as tokens_per_step ** γ."""
+    return batch * tokens_per_step**SEQ_ROUTING_EXPONENT
+
+
 def decode_layer_time(
-    lc: LayerCost, gpu: Branch, cpu: Branch, r: Rates, hidden: int, batch: int, context: int
+    lc: LayerCost,
+    gpu: Branch,
+    cpu: Branch,
+    r: Rates,
+    hidden: int,
+    batch: int,
+    context: int,
+    stream: bool = False,
+    n: int | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Seconds of one layer for ``gpu.n`` tokens (``batch`` sequences at ``context`` cached tokens)."""
-    n = gpu.n
+    """Seconds of one layer for ``n`` tokens (default ``gpu.n``; the branches may be built over
+    fewer, ``routed_tokens``), ``batch`` sequences at ``context`` cached tokens; ``stream``: the
+    RAM experts cross PCIe to run on the GPU (a step of many rows) instead of on the CPU."""
+    n = gpu.n if n is None else n
     kv = lc.kv_bytes_per_pos * context * batch
     t_pre, res_pre = _roof(
         lc.pre_bytes + kv, n * (lc.pre_flops + lc.attn_flops_decode * context), r.gpu_bw, r.gpu_flops, "gpu"
@@ -245,7 +291,10 @@ def decode_layer_time(
     p_any = 1.0 - math.exp(cpu.log_none)
     hand = p_any * (HANDOFF_S + 2 * n * hidden * 2 / r.pcie_bw)  # activations there and back, bf16
     parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
-    if t_c + hand > t_g:
+    if stream and lc.cpu_probs:  # priced as a streamed prefill layer
+        parts["pcie"], t_gs, res_gs = _streamed(lc, gpu, cpu, n, r)
+        parts[res_gs] = parts.get(res_gs, 0.0) + t_gs
+    elif t_c + hand > t_g:
         parts[res_c] = parts.get(res_c, 0.0) + t_c
         parts["pcie"] = hand
     else:
@@ -253,11 +302,20 @@ def decode_layer_time(
     return sum(parts.values()), parts
 
 
+AUTO = "auto"
+
+
 def decode_step_time(
-    inputs: Any, tokens_per_step: int = 1, batch: int | None = None, context: int | None = None
+    inputs: Any,
+    tokens_per_step: int = 1,
+    batch: int | None = None,
+    context: int | None = None,
+    stream_from: int | None | str = AUTO,
 ) -> StepTime:
     """One decode step: ``batch`` sequences each adding ``tokens_per_step`` tokens (a speculative
-    verify of k drafted tokens is tokens_per_step = k + 1). ``inputs``: CostInputs or a Plan."""
+    verify of k drafted tokens is tokens_per_step = k + 1). ``inputs``: CostInputs or a Plan.
+    ``stream_from``: rows from which the step streams its RAM experts to the GPU (None: never;
+    AUTO: from ``stream_min_tokens``, as the runtime does on a GPU)."""
     ci: CostInputs = getattr(inputs, "cost_inputs", inputs)
     if tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be at least 1, got {tokens_per_step}")
@@ -265,11 +323,16 @@ def decode_step_time(
     context = ci.context if context is None else context
     n = batch * tokens_per_step
     r = ci.rates
+    if stream_from == AUTO:
+        stream_from = stream_min_tokens(ci)
+    stream = stream_from is not None and n >= stream_from
+    routed = routed_tokens(batch, tokens_per_step)
     out = StepTime(0.0, n, dict.fromkeys(RESOURCES, 0.0))
     for lc in ci.layers:
         t, parts = decode_layer_time(
-            lc, Branch.of(lc.gpu_probs, n), Branch.of(lc.cpu_probs, n), r, ci.hidden_size, batch, context
-        )
+            lc, Branch.of(lc.gpu_probs, routed), Branch.of(lc.cpu_probs, routed), r, ci.hidden_size,
+            batch, context, stream, n,
+        )  # fmt: skip
         if ci.gpus > 1:
             parts["link"] = ci.link_time(n)
             t += parts["link"]
@@ -283,6 +346,20 @@ def decode_step_time(
 
 
 # --------------------------------------------------------------------------- prefill
+
+STREAM_PROBE_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@functools.lru_cache(maxsize=64)
+def stream_min_tokens(ci: CostInputs) -> int | None:
+    """Smallest batch of tokens (of ``STREAM_PROBE_TOKENS``) for which most layers are cheaper
+    streaming their RAM experts over PCIe than running them on the CPU; None: never. The runtime
+    streams prefill chunks and decode steps from this many tokens on."""
+    for tokens in STREAM_PROBE_TOKENS:
+        modes = prefill_time(ci, tokens).expert_mode
+        if modes and modes.count("stream") * 2 > len(modes):
+            return tokens
+    return None
 
 
 def prefill_time(inputs: Any, tokens: int) -> StepTime:
@@ -304,8 +381,7 @@ def prefill_time(inputs: Any, tokens: int) -> StepTime:
         t_c, res_c = _roof(cb, cf, r.cpu_bw, r.cpu_flops, "cpu")
         t_c += 2 * T * ci.hidden_size * 2 / r.pcie_bw if cb else 0.0
         # Streaming: the GPU also runs the CPU's experts, after their weights crossed PCIe.
-        t_gs, res_gs = _roof(gb, gf + cf, r.gpu_bw, flops, "gpu")
-        t_pcie = cb / r.pcie_bw
+        t_pcie, t_gs, res_gs = _streamed(lc, gpu, cpu, T, r)
         parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
         if not lc.cpu_probs or max(t_g, t_c) <= t_gs + t_pcie:
             slow, res = (t_c, res_c) if t_c > t_g else (t_g, res_g)

@@ -316,3 +316,11 @@ def test_verify_steps_as_single_token_rows(tiny, preset):
     assert eng.graphs.max_batch == eng.config.max_batch * 4
     eng.speculate = Speculation(NgramDrafter(), k="auto", k_max=5)
     assert eng.graphs.max_batch == eng.config.max_batch * 6
+
+
+def test_best_k_drafts_only_for_a_clear_gain():
+    cost = lambda k: 1.0 + 0.5 * k  # noqa: E731
+    a = 0.62  # k = 1: 1.62 tokens for 1.5x the cost, an 8% gain
+    assert best_k(a, 4, cost) == 1
+    assert best_k(a, 4, cost, margin=0.1) == 0
+    assert best_k(0.9, 4, cost, margin=0.1) >= 1
