@@ -193,22 +193,18 @@ class MLAttention(nn.Module):
                 .split([self.nope, self.v_dim], dim=-1)
             )
             k = torch.cat([k_nope, k_pe[:, None, :].expand(nctx, h, self.rope)], dim=-1)
+            # Values padded to the keys' width: flash attention takes equal widths only.
+            v = F.pad(v, (0, k.shape[-1] - self.v_dim))
             # Query j sits at position nctx - nq + j and sees keys 0 .. nctx - nq + j.
-            mask = _lower_right(nq, nctx) if 1 < nq < nctx else None
+            mask = None
+            if 1 < nq < nctx:
+                mask = torch.ones(nq, nctx, dtype=torch.bool, device=q.device).tril(nctx - nq)
+            # [1, Hq, len, width]: the fused kernels take 4-D inputs only (3-D ones fall back to
+            # float32 matrices of [Hq, nq, nctx] scores).
             o = F.scaled_dot_product_attention(
-                q[start : start + nq].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                q[None, start : start + nq].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
                 attn_mask=mask, is_causal=1 < nq == nctx, scale=self.scale,
             )  # fmt: skip
-            out.append(o.transpose(0, 1))  # [nq, Hq, v]
+            out.append(o[0].transpose(0, 1)[..., : self.v_dim])  # [nq, Hq, v]
             start += nq
         return torch.cat(out, dim=0)
-
-
-def _lower_right(nq: int, nctx: int):
-    """SDPA's causal mask for queries that are the last ``nq`` of ``nctx`` positions.
-
-    Imported here, on the first prefill after a cached prefix: the module pulls in torch's
-    compiler stack, over a second of every process start when imported with this one."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    return causal_lower_right(nq, nctx)
