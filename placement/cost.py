@@ -22,19 +22,22 @@ GPU_BW_EFF = 0.8
 GPU_FLOP_EFF = 0.6
 CPU_BW_EFF = 0.7
 CPU_FLOP_EFF = 0.3
-# Prefill on the GPU reaches far less: a 2048-token prefill of the V2-Lite shape on an H100
-# (attention, shared and routed experts, 293 GFLOP a layer) took 2.4 ms a layer beyond its PCIe
-# time; and a layer that streams its experts measured its PCIe time plus that GPU time, not the
-# larger of the two (int4: 7.0 ms a layer for 4.6 ms of PCIe; int8: 12.0 for 9.6;
-# benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json). Of the 2.4 ms, ~0.8 ms unpacks the
-# streamed experts to bf16 (``_unpack_bytes``, memory-bound); the math is then ~23% of dense peak.
-# Verify steps of 80 and 144 rows that streamed took 5.7 ms a layer: PCIe plus the unpacking.
+# Prefill on the GPU reaches far less than GEMM peak: per layer a prompt runs attention, the shared
+# and resident experts, and (streaming) unpacks the RAM experts to bf16 (``_unpack_bytes``) before
+# their math. A layer that streams overlaps that GPU work with the PCIe copies of its next chunks:
+# a 2048-token prefill of the V2-Lite shape on an H100 took 5.0 ms a layer in int4 (4.7 ms of PCIe)
+# and 10.2 ms in int8 (9.4 ms), so a streamed layer costs the larger of the two, plus attention.
+# Verify steps of 80 and 144 rows that streamed took 5.7 ms a layer
+# (benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json, speculative-*.json).
 PREFILL_GPU_FLOP_EFF = 0.23
 # A speculative verify's k + 1 consecutive tokens of one sequence touch fewer distinct experts
 # than k + 1 independent tokens: on the V2-Lite shape (H100 + Xeon, batch 1) 2, 3, 5 and 9 of them
 # read 8.7, 11.8, 16.8 and 23.7 of 52 RAM experts, as many as 1.8, 2.6, 3.9 and 6.1 independent
 # tokens would: about n ** 0.85 (benchmarks/results/speculative-*.json, unique_cpu_experts).
 SEQ_ROUTING_EXPONENT = 0.85
+# A decode step wide enough to stream runs without CUDA graphs: its launches and the chunks'
+# bookkeeping cost ~1 ms a layer beyond the PCIe time (the verify steps above).
+STREAMED_STEP_LAYER_S = 1.0e-3
 # Per layer and step: kernel launches and Python dispatch on the GPU side.
 LAYER_OVERHEAD_S = 30e-6
 # Per layer that sends work to the CPU: ending a CUDA graph, the device-to-host copy and the event
@@ -237,7 +240,8 @@ def _unpack_bytes(lc: LayerCost, experts: float) -> float:
 
 def _streamed(lc: LayerCost, gpu: Branch, cpu: Branch, n: int, r: Rates) -> tuple[float, float, str]:
     """A layer whose RAM experts cross PCIe to run on the GPU with the resident ones, for ``n``
-    tokens: (PCIe seconds, GPU seconds, the GPU's bound). Unpacking, then the math: one after the other."""
+    tokens: (PCIe seconds, GPU seconds, the GPU's bound). Each chunk is unpacked, then computed;
+    the layer overlaps both with the copies (``_overlap``)."""
     t_gs, res_gs = _roof(
         lc.mlp_bytes + gpu.touched * lc.expert_bytes,
         n * (lc.mlp_flops + (gpu.load + cpu.load) * lc.expert_flops),
@@ -247,6 +251,14 @@ def _streamed(lc: LayerCost, gpu: Branch, cpu: Branch, n: int, r: Rates) -> tupl
     )
     t_gs += _unpack_bytes(lc, cpu.touched) / r.gpu_bw
     return cpu.touched * lc.expert_bytes / r.pcie_bw, t_gs, res_gs
+
+
+def _overlap(parts: dict[str, float], t_pcie: float, t_gs: float, res_gs: str) -> None:
+    """A streamed layer: its copies and its GPU work overlap; the larger one is what it costs."""
+    if t_pcie >= t_gs:
+        parts["pcie"] = parts.get("pcie", 0.0) + t_pcie
+    else:
+        parts[res_gs] = parts.get(res_gs, 0.0) + t_gs
 
 
 # --------------------------------------------------------------------------- decode
@@ -291,9 +303,9 @@ def decode_layer_time(
     p_any = 1.0 - math.exp(cpu.log_none)
     hand = p_any * (HANDOFF_S + 2 * n * hidden * 2 / r.pcie_bw)  # activations there and back, bf16
     parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
-    if stream and lc.cpu_probs:  # priced as a streamed prefill layer
-        parts["pcie"], t_gs, res_gs = _streamed(lc, gpu, cpu, n, r)
-        parts[res_gs] = parts.get(res_gs, 0.0) + t_gs
+    if stream and lc.cpu_probs:  # priced as a streamed prefill layer, run eagerly
+        _overlap(parts, *_streamed(lc, gpu, cpu, n, r))
+        parts["overhead"] += STREAMED_STEP_LAYER_S
     elif t_c + hand > t_g:
         parts[res_c] = parts.get(res_c, 0.0) + t_c
         parts["pcie"] = hand
@@ -352,12 +364,13 @@ STREAM_PROBE_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 @functools.lru_cache(maxsize=64)
 def stream_min_tokens(ci: CostInputs) -> int | None:
-    """Smallest batch of tokens (of ``STREAM_PROBE_TOKENS``) for which most layers are cheaper
-    streaming their RAM experts over PCIe than running them on the CPU; None: never. The runtime
-    streams prefill chunks and decode steps from this many tokens on."""
+    """Smallest step of tokens (of ``STREAM_PROBE_TOKENS``) that is cheaper streaming its RAM
+    experts over PCIe than running them on the CPU; None: never. The runtime streams prefill
+    chunks and decode steps from this many tokens on. Priced as a decode step of that many rows,
+    the narrowest step that streams (prefill chunks are wider, and favour streaming more)."""
     for tokens in STREAM_PROBE_TOKENS:
-        modes = prefill_time(ci, tokens).expert_mode
-        if modes and modes.count("stream") * 2 > len(modes):
+        streamed = decode_step_time(ci, 1, batch=tokens, stream_from=tokens).seconds
+        if streamed < decode_step_time(ci, 1, batch=tokens, stream_from=None).seconds:
             return tokens
     return None
 
@@ -383,14 +396,13 @@ def prefill_time(inputs: Any, tokens: int) -> StepTime:
         # Streaming: the GPU also runs the CPU's experts, after their weights crossed PCIe.
         t_pcie, t_gs, res_gs = _streamed(lc, gpu, cpu, T, r)
         parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
-        if not lc.cpu_probs or max(t_g, t_c) <= t_gs + t_pcie:
+        if not lc.cpu_probs or max(t_g, t_c) <= max(t_gs, t_pcie):
             slow, res = (t_c, res_c) if t_c > t_g else (t_g, res_g)
             out.expert_mode.append("cpu" if lc.cpu_probs else "gpu")
             parts[res] = parts.get(res, 0.0) + slow
         else:
             out.expert_mode.append("stream")
-            parts["pcie"] = parts.get("pcie", 0.0) + t_pcie
-            parts[res_gs] = parts.get(res_gs, 0.0) + t_gs
+            _overlap(parts, t_pcie, t_gs, res_gs)
         if ci.gpus > 1:
             parts["link"] = ci.link_time(T)
         out.layers.append(sum(parts.values()))

@@ -20,6 +20,7 @@ from placement import (
     parse_size,
     prefill_time,
 )
+from placement.cost import stream_min_tokens
 from placement.formats import tensor_bytes
 from placement.hardware import GpuInfo
 from placement.units import GiB, MiB
@@ -295,18 +296,42 @@ def test_cost_model_prices_verification_and_prefill():
     assert plan.predicted["decode_bound"] in one.by_resource
 
 
-def test_streamed_prefill_layer_costs_pcie_plus_gpu():
-    """A layer that streams its RAM experts is priced as their PCIe time plus its GPU time (as
-    measured), and only where that beats the CPU."""
+def test_streamed_layer_costs_the_larger_of_pcie_and_gpu():
+    """A layer that streams its RAM experts overlaps their copies with its GPU work (as measured):
+    it costs the larger of the two, beside its attention; and streams only where that beats the CPU."""
+    from placement.cost import Branch, _streamed
+
     plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes(), **OPTS))
+    ci = plan.cost_inputs
     tokens = 1 << 16
     pre = prefill_time(plan, tokens)
     streamed = [i for i, m in enumerate(pre.expert_mode) if m == "stream"]
     assert streamed, "a prompt this long streams"
-    pcie = pre.by_resource["pcie"]
-    gpu = pre.by_resource["gpu-compute"] + pre.by_resource["gpu-memory"]
-    assert pcie > 0 and gpu > 0
+    for i in streamed:
+        lc = ci.layers[i]
+        t_pcie, t_gs, _ = _streamed(
+            lc, Branch.of(lc.gpu_probs, tokens), Branch.of(lc.cpu_probs, tokens), tokens, ci.rates
+        )
+        assert t_pcie > 0 and t_gs > 0
+        # Faster PCIe than GPU work (or the reverse) moves the layer by the larger term alone.
+        cheap = dataclasses.replace(ci, rates=dataclasses.replace(ci.rates, pcie_bw=ci.rates.pcie_bw * 1e3))
+        fast = prefill_time(cheap, tokens)
+        assert pre.layers[i] - fast.layers[i] == pytest.approx(max(t_pcie, t_gs) - max(t_pcie / 1e3, t_gs))
     assert pre.seconds == pytest.approx(sum(pre.by_resource.values()))  # parts add up, none hidden
+
+
+def test_wide_decode_steps_stream_from_the_threshold():
+    plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes(), **OPTS))
+    ci = plan.cost_inputs
+    n = stream_min_tokens(ci)
+    assert n is not None
+    # From the threshold on, a step is priced streamed, and that is the cheaper way to run it.
+    wide, on_cpu = decode_step_time(ci, 1, batch=n), decode_step_time(ci, 1, batch=n, stream_from=None)
+    assert wide.seconds < on_cpu.seconds
+    assert (
+        decode_step_time(ci, 1, batch=n - 1).seconds
+        == decode_step_time(ci, 1, batch=n - 1, stream_from=None).seconds
+    )
 
 
 def test_detection_runs_without_probing():
