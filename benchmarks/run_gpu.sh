@@ -69,7 +69,7 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         if [ "$spin" = - ]; then unset GOMP_SPINCOUNT; else export GOMP_SPINCOUNT=$spin; fi
         python3 benchmarks/cpu_launch.py --tag "spin$spin-torch$tt" --calls 100 --torch-threads "$tt" 2>&1 | tail -9
       done; unset GOMP_SPINCOUNT ;;
-    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" 2>&1 | grep -v "^loading" | tail -20 ;;
+    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" 2>&1 | grep -v "^loading" | tail -30 ;;
     pprofile) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts int4 --gen 32 --tag profile \
         --profile --trace "$out/trace-{part}.json" 2>&1 | grep -v "^loading" | tail -75 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
