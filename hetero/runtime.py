@@ -20,7 +20,7 @@ from hetero.engine import Engine, EngineConfig
 from hetero.errors import HeteroError
 from hetero.kv_cache import KVCache, kv_bytes_per_token
 from hetero.model import load_model
-from hetero.planning import make_plan, model_formats
+from hetero.planning import make_plan, model_formats, with_kernel_rate
 from hetero.prefix_cache import TierRates
 from hetero.readahead import read_ahead
 from hetero.tokenizer import Tokenizer
@@ -155,7 +155,8 @@ def load_runtime(
         import placement as hardware
         from hetero.apply import Placement, load_placed
 
-        profile = rank0_first(parallel, hardware.detect)  # measured once, cached for the other ranks
+        # Measured once (with the CPU kernels' rate in this expert format), cached for the other ranks.
+        profile = rank0_first(parallel, lambda: with_kernel_rate(hardware.detect(), experts))
         plan = make_plan(
             spec,
             profile,

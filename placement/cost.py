@@ -41,11 +41,12 @@ STREAMED_STEP_LAYER_S = 1.0e-3
 # Per layer and step: kernel launches and Python dispatch on the GPU side.
 LAYER_OVERHEAD_S = 30e-6
 # Per layer that sends work to the CPU: ending a CUDA graph, the device-to-host copy and the event
-# wait for it, waking the worker, the copy back and the next graph's launch. Measured: decode on
-# an H100 with a 16-core Xeon (V2-Lite shape, CUDA graphs) spent 25.0 ms a step, 18.5 ms of it in
-# the CPU kernels; the other ~250 us a layer, less the priced GPU work and LAYER_OVERHEAD_S, is
-# this (benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json).
-HANDOFF_S = 200e-6
+# wait for it, the copy back and the next graph's work up to the next router, unpriced small
+# kernels mostly. Measured: int4 decode on an H100 with a 16-core Xeon (V2-Lite shape, CUDA graphs)
+# took 13.6 ms a step, 8.7 ms of it in the CPU kernels; of the other 4.9 ms, 1.35 ms is priced GPU
+# work and overhead, and ~140 us for each of the 26 hand-offs is this
+# (benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json).
+HANDOFF_S = 140e-6
 
 # Several GPUs: two all-reduces of the hidden states per layer (attention, then MLP / MoE), each
 # priced as its bf16 bytes over an assumed GPU-to-GPU bandwidth plus a fixed launch latency.

@@ -39,3 +39,17 @@ def test_kernel_rate_measured_once_and_cached(monkeypatch, tmp_path):
     # A profile of defaults (--no-probe) is not measured behind the user's back.
     assert planning.with_kernel_rate(placement.detect(probe=False), "int4").cpu_kernel_bw == {}
     assert len(calls) == 2
+
+
+def test_runtime_plans_with_the_kernels_rate(monkeypatch, tmp_path, tiny_checkpoint):
+    """The plan a loaded runtime executes (its predictions, stream threshold and speculation
+    prices) uses the CPU kernels' measured rate in its expert format, as `hetero plan` does."""
+    from hetero.runtime import RuntimeOptions, load_runtime
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
+    monkeypatch.setattr(placement, "detect", lambda *a, **k: base)
+    monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1: 7.25e9)
+    path = tiny_checkpoint("deepseek-v2-lite", seed=3)
+    rt = load_runtime(path, RuntimeOptions(offload=True, experts="int8", gpu_mem=2 << 30, max_model_len=64))
+    assert rt.plan.cost_inputs.rates.cpu_bw == 7.25e9
