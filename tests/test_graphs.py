@@ -180,7 +180,8 @@ def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny):
     g = DecodeGraphs(
         model, kv.layers, 8, max_batch=2, device=torch.device("cuda"), scratch_block=kv.scratch_block
     )
-    assert g.launch_ahead and g.prepare(1) == [1]
+    g.launch_ahead = True
+    assert g.prepare(1) == [1]
     slot = kv.scratch_block * 8
     handoffs = [op[1] for op in g.entries[1].program.ops if op[0] == "cpu"]
     fn = handoffs[1].fn
