@@ -44,8 +44,11 @@ def test_kernel_rate_measured_once_and_cached(monkeypatch, tmp_path):
 def test_runtime_plans_with_the_kernels_rate(monkeypatch, tmp_path, tiny_checkpoint):
     """The plan a loaded runtime executes (its predictions, stream threshold and speculation
     prices) uses the CPU kernels' measured rate in its expert format, as `hetero plan` does."""
+    import cpu_kernels.moe
     from hetero.runtime import RuntimeOptions, load_runtime
 
+    # The runtime's CPU worker sets the kernels' thread count process-wide: restored afterwards.
+    monkeypatch.setitem(cpu_kernels.moe._state, "threads", cpu_kernels.moe._state["threads"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
     monkeypatch.setattr(placement, "detect", lambda *a, **k: base)
