@@ -56,6 +56,7 @@ class _Program:
     pool: tuple
     ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", _Handoff) | ("join",)
     graph: torch.cuda.CUDAGraph | None = None
+    handoffs: int = 0  # the "cpu" ops so far
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -72,8 +73,8 @@ class _Program:
         if self.ops and self.ops[-1][0] == "cpu":
             raise RuntimeError("a second CPU hand-off before the first was joined (expert deferral?)")
         self.end()
-        slot = sum(op[0] == "cpu" for op in self.ops)
-        self.ops.append(("cpu", _Handoff(fn, args, worker, layer, slot, torch.cuda.Event())))
+        self.ops.append(("cpu", _Handoff(fn, args, worker, layer, self.handoffs, torch.cuda.Event())))
+        self.handoffs += 1
         self.begin()
 
     def join(self) -> None:
@@ -285,9 +286,8 @@ class DecodeGraphs:
         if ahead:
             from gpu_kernels.host_flag import host_flags, wait_host_flag
 
-            slots = sum(op[0] == "cpu" for op in program.ops)
-            if self.flags is None or self.flags.numel() < slots:
-                self.flags = host_flags(max(64, slots))
+            if self.flags is None or self.flags.numel() < program.handoffs:
+                self.flags = host_flags(max(64, program.handoffs))
             flags = self.flags.numpy()
         jobs, pending = [], None
         try:

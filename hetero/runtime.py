@@ -101,13 +101,6 @@ class Runtime:
     parallel: Parallel = SINGLE  # this rank's place when the GPU part is split over several GPUs
 
 
-def stream_threshold(plan) -> int | None:
-    """Smallest batch of tokens for which the cost model prefers streaming RAM experts over PCIe."""
-    from placement.cost import stream_min_tokens
-
-    return stream_min_tokens(plan.cost_inputs)
-
-
 def _resolve(model: str | os.PathLike) -> Path:
     """A model directory, or a .gguf file (the first part of a split one)."""
     path = Path(model).expanduser()
@@ -154,6 +147,7 @@ def load_runtime(
     if opts.offload if opts.offload is not None else device.type == "cuda":
         import placement as hardware
         from hetero.apply import Placement, load_placed
+        from placement.cost import stream_min_tokens
 
         # Measured once (with the CPU kernels' rate in this expert format), cached for the other ranks.
         profile = rank0_first(parallel, lambda: with_kernel_rate(hardware.detect(), experts))
@@ -171,7 +165,8 @@ def load_runtime(
             gpus=parallel.world_size,
         )
         # Streaming means copying over PCIe; with no GPU the "device" already is the CPU.
-        placement = Placement.from_plan(plan, stream_threshold(plan) if device.type == "cuda" else None)
+        stream_from = stream_min_tokens(plan.cost_inputs) if device.type == "cuda" else None
+        placement = Placement.from_plan(plan, stream_from)
         net = load_placed(
             path,
             placement,

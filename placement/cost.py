@@ -394,7 +394,7 @@ def prefill_time(inputs: Any, tokens: int) -> StepTime:
         t_g, res_g = _roof(gb, gf, r.gpu_bw, flops, "gpu")
         t_c, res_c = _roof(cb, cf, r.cpu_bw, r.cpu_flops, "cpu")
         t_c += 2 * T * ci.hidden_size * 2 / r.pcie_bw if cb else 0.0
-        # Streaming: the GPU also runs the CPU's experts, after their weights crossed PCIe.
+        # Streaming: the GPU also runs the CPU's experts, chunk by chunk as their weights cross PCIe.
         t_pcie, t_gs, res_gs = _streamed(lc, gpu, cpu, T, r)
         parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
         if not lc.cpu_probs or max(t_g, t_c) <= max(t_gs, t_pcie):
