@@ -114,18 +114,33 @@ def _check_mla(q_latent, q_pe, latent_cache, block_tables, seq_lens) -> None:
     assert seq_lens.shape == (N,) and seq_lens.dtype == torch.int32
 
 
+def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
+    """Launch settings for MLA decode: BLOCK_H heads share each latent tile of BLOCK_N tokens;
+    WAVES x SMs programs, at most MAX_SPLITS splits a row (each split leaves an [H, R] float32 partial).
+
+    Defaults from a sweep on an H100 at 32k context (benchmarks/attention_sweep.py): 16 heads take one
+    head block; 128 heads take blocks of 32 over 64-token tiles, split finer when many rows share the GPU."""
+    if H <= 16:
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4}
+    else:
+        cfg = {"BLOCK_H": 32, "BLOCK_N": 64, "WAVES": 8 if n_rows * cdiv(H, 32) >= 32 else 2}
+    cfg.update(MAX_SPLITS=64 * cfg["WAVES"], num_warps=4, num_stages=2)
+    return {**cfg, **(config or {})}
+
+
 def mla_decode_attention_triton(
-    q_latent, q_pe, latent_cache, block_tables, seq_lens, scale, max_seq_len=None, block_h=None, block_n=32
+    q_latent, q_pe, latent_cache, block_tables, seq_lens, scale, max_seq_len=None, config=None
 ) -> torch.Tensor:
     _check_mla(q_latent, q_pe, latent_cache, block_tables, seq_lens)
     N, H, R = q_latent.shape
     P = q_pe.shape[-1]
     assert R == next_pow2(R) and P == next_pow2(P) and P >= 16, "kernel tiles need power-of-two R and P"
     bs = latent_cache.shape[1]
-    block_h = block_h or min(32, max(16, next_pow2(H)))
+    cfg = mla_decode_config(N, H, config)
+    block_h, block_n = cfg["BLOCK_H"], cfg["BLOCK_N"]
     n_hb = cdiv(H, block_h)
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
-    part = pick_partition(N, n_hb, max_ctx, block_n, q_latent.device)
+    part = pick_partition(N, n_hb, max_ctx, block_n, q_latent.device, cfg["WAVES"], cfg["MAX_SPLITS"])
     S = cdiv(max_ctx, part)
     o_part = torch.empty(N, H, S, R, dtype=torch.float32, device=q_latent.device)
     lse_part = torch.empty(N, H, S, dtype=torch.float32, device=q_latent.device)
@@ -151,8 +166,8 @@ def mla_decode_attention_triton(
         BLOCK_SIZE=bs,
         BLOCK_N=block_n,
         S=S,
-        num_warps=8 if block_h >= 32 else 4,
-        num_stages=2,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     out = torch.empty(N, H, R, dtype=q_latent.dtype, device=q_latent.device)
     return merge_splits(o_part, lse_part, out)

@@ -60,6 +60,14 @@ def paged_decode_attention_reference(
 
 
 @triton.jit
+def int8_to_f16(x):
+    """int8 tile -> the same integers in float16, by bits instead of conversion instructions (which run
+    at a fraction of the ALU rate): x + 128 as a byte in the mantissa of 1024.0, minus 1152."""
+    u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)  # x + 128 in [0, 255]
+    return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
 def _gqa_decode_kernel(
     q_ptr,  # [N, Hq, D]
     k_ptr,  # [num_blocks * block_size, Hkv, D]
@@ -110,6 +118,9 @@ def _gqa_decode_kernel(
         mask=gmask[:, None] & (d[None, :] < D),
         other=0.0,
     )  # [G_PAD, D_PAD]
+    # the int8 path dots in float16: it holds a bf16 query exactly within float16's normal range
+    # (6e-5 <= |q| <= 65504); smaller entries round, which moves a score by less than 1e-4 of |k|
+    q16 = q.to(tl.float32).to(tl.float16)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
@@ -129,8 +140,13 @@ def _gqa_decode_kernel(
             mask=tmask[:, None] & (dv[None, :] < DV),
             other=0.0,
         )  # [BLOCK_N, DV_PAD]
-        if QUANT:
-            # per-token scales factor out of the dot; small integers / e4m3 values are exact in q's dtype
+        if QUANT == 1:
+            # per-token scales factor out of the dot; int8 values are exact in float16
+            s = dot(q16, tl.trans(int8_to_f16(k))).to(tl.float32)
+            ks = tl.load(ks_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
+            s = s * (ks * qk_scale)[None, :]
+        elif QUANT == 2:
+            # e4m3 values are exact in q's dtype
             s = dot(q, tl.trans(k.to(q.dtype))).to(tl.float32)
             ks = tl.load(ks_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
             s = s * (ks * qk_scale)[None, :]
@@ -141,7 +157,10 @@ def _gqa_decode_kernel(
         p = tl.exp2(s - m_new[:, None])  # [G_PAD, BLOCK_N]
         alpha = tl.exp2(m - m_new)
         denom = denom * alpha + tl.sum(p, axis=1)
-        if QUANT:
+        if QUANT == 1:
+            vs = tl.load(vs_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
+            pv = dot((p * vs[None, :]).to(tl.float16), int8_to_f16(v))
+        elif QUANT == 2:
             vs = tl.load(vs_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
             pv = dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype))
         else:
@@ -164,38 +183,67 @@ def _merge_splits_kernel(
     out_ptr,  # [R, D]
     n_splits,
     D: tl.constexpr,
-    D_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     S_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     r = tl.program_id(0)
-    s = tl.arange(0, S_PAD)
-    d = tl.arange(0, D_PAD)
-    smask = s < n_splits
-    lse = tl.load(lse_ptr + r * n_splits + s, mask=smask, other=float("-inf"))  # [S_PAD]
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits carry -inf and weigh 0
-    w = w / tl.sum(w, axis=0)
-    o = tl.load(
-        o_ptr + (r * n_splits + s[:, None]) * D + d[None, :],
-        mask=smask[:, None] & (w[:, None] > 0) & (d[None, :] < D),
-        other=0.0,
-    )  # [S_PAD, D_PAD]
-    tl.store(out_ptr + r * D + d, tl.sum(o * w[:, None], axis=0).to(out_ptr.dtype.element_ty), mask=d < D)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dmask = d < D
+    s_all = tl.arange(0, S_PAD)
+    lse = tl.load(lse_ptr + r * n_splits + s_all, mask=s_all < n_splits, other=float("-inf"))  # [S_PAD]
+    top = tl.max(lse, axis=0)
+    total = tl.sum(tl.exp2(lse - top), axis=0)  # empty splits carry -inf and weigh 0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        w = tl.exp2(tl.load(lse_ptr + r * n_splits + s, mask=s < n_splits, other=float("-inf")) - top)
+        o = tl.load(
+            o_ptr + (r * n_splits + s[:, None]) * D + d[None, :],
+            mask=(w[:, None] > 0) & dmask[None, :],
+            other=0.0,
+        )  # [BLOCK_S, BLOCK_D]
+        acc += tl.sum(o * w[:, None], axis=0)
+    tl.store(out_ptr + r * D + d, (acc / total).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """o_part [N, H, S, D] float32, lse_part [N, H, S] float32 -> out [N, H, D] (written in place)."""
+    """o_part [N, H, S, D] float32, lse_part [N, H, S] float32 -> out [N, H, D] (written in place).
+
+    One program per (row, head, BLOCK_D columns), looping over the splits BLOCK_S at a time, so a
+    wide latent (MLA: D = 512) and hundreds of splits never make one register tile."""
     N, H, S, D = o_part.shape
-    _merge_splits_kernel[(N * H,)](
-        o_part, lse_part, out, S, D=D, D_PAD=next_pow2(D), S_PAD=max(2, next_pow2(S)), num_warps=4
+    s_pad = max(2, next_pow2(S))
+    block_s = min(128, s_pad)  # most calls read all their splits in one step
+    block_d = min(32 if block_s > 32 else 64, max(16, next_pow2(D)))
+    _merge_splits_kernel[(N * H, cdiv(D, block_d))](
+        o_part,
+        lse_part,
+        out,
+        S,
+        D=D,
+        BLOCK_D=block_d,
+        S_PAD=s_pad,
+        BLOCK_S=block_s,
+        num_warps=4,
     )
     return out
 
 
-def pick_partition(n_rows: int, n_heads: int, max_ctx: int, block_n: int, device: torch.device) -> int:
-    """Partition length so that rows x heads x splits fills the GPU a few times over (at most 256 splits)."""
-    want_splits = max(1, cdiv(4 * num_sms(device), max(1, n_rows * n_heads)))
-    part = cdiv(max(1, max_ctx), want_splits)
-    part = max(part, cdiv(max_ctx, 256), 2 * block_n)
+def pick_partition(
+    n_rows: int,
+    n_heads: int,
+    max_ctx: int,
+    block_n: int,
+    device: torch.device,
+    waves: int = 4,
+    max_splits: int = 256,
+) -> int:
+    """Partition length (a multiple of block_n) so that rows x heads x splits fills the GPU `waves`
+    times over, with at most max_splits splits of a row."""
+    want_splits = max(1, cdiv(waves * num_sms(device), max(1, n_rows * n_heads)))
+    part = cdiv(max(1, max_ctx), min(want_splits, max_splits))
+    part = max(part, cdiv(max_ctx, max_splits), block_n)
     return cdiv(part, block_n) * block_n
 
 
@@ -216,6 +264,23 @@ def _check_decode(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
         assert k_cache.dtype == q.dtype == v_cache.dtype, f"{q.dtype} vs {k_cache.dtype}"
 
 
+def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: dict | None = None) -> dict:
+    """Launch settings for GQA decode: BLOCK_N tokens per tile, WAVES x SMs programs at most
+    MAX_SPLITS splits a row, and the compiler's warps / pipeline stages.
+
+    Defaults from a sweep on an H100 at 32k context (benchmarks/attention_sweep.py): one-byte caches
+    take twice the tokens per tile; many rows x heads split finer than a single row does."""
+    waves = 8 if n_rows * Hkv >= 32 else 2 if quantized else 4
+    cfg = {
+        "BLOCK_N": 32 if D > 128 else 128 if quantized else 64,
+        "WAVES": waves,
+        "MAX_SPLITS": 64 * waves,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
+    return {**cfg, **(config or {})}
+
+
 def paged_decode_attention_triton(
     q,
     k_cache,
@@ -226,19 +291,20 @@ def paged_decode_attention_triton(
     k_scale=None,
     v_scale=None,
     max_seq_len=None,
-    block_n=None,
+    config=None,
 ) -> torch.Tensor:
     _check_decode(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
     N, Hq, D = q.shape
     _, bs, Hkv, Dv = v_cache.shape
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
-    block_n = block_n or (64 if D <= 128 else 32)
-    part = pick_partition(N, Hkv, max_ctx, block_n, q.device)
+    quant = is_quantized(k_cache)
+    cfg = gqa_decode_config(N, Hkv, D, quant, config)
+    block_n = cfg["BLOCK_N"]
+    part = pick_partition(N, Hkv, max_ctx, block_n, q.device, cfg["WAVES"], cfg["MAX_SPLITS"])
     S = cdiv(max_ctx, part)
     group = Hq // Hkv
     o_part = torch.empty(N, Hq, S, Dv, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(N, Hq, S, dtype=torch.float32, device=q.device)
-    quant = is_quantized(k_cache)
     _gqa_decode_kernel[(N, Hkv, S)](
         q,
         k_cache,
@@ -264,9 +330,9 @@ def paged_decode_attention_triton(
         BLOCK_SIZE=bs,
         BLOCK_N=block_n,
         S=S,
-        QUANT=quant,
-        num_warps=4,
-        num_stages=3,
+        QUANT=0 if not quant else 1 if k_cache.dtype == torch.int8 else 2,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     out = torch.empty(N, Hq, Dv, dtype=q.dtype, device=q.device)
     return merge_splits(o_part, lse_part, out)

@@ -1,0 +1,117 @@
+"""Launch-setting sweep for the decode attention kernels (GQA over a bf16 or int8 cache, MLA with 16 and
+128 heads): each candidate is checked against the default's output and timed as its share of a CUDA
+graph of calls on distinct KV blocks (gpu_kernels.py's graph timing), as a share of the copy bandwidth.
+
+Run on a CUDA machine: python benchmarks/attention_sweep.py [--out FILE] [--ctx 32768 4096] [--quick]
+Prints the best candidates per case and a table of the best last; writes every timing as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from gpu_kernels.mla_attention import mla_decode_attention_triton  # noqa: E402
+from gpu_kernels.paged_attention import paged_decode_attention_triton  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("kernel_bench", Path(__file__).with_name("gpu_kernels.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+DEV = "cuda"
+
+
+def cases(ctxs, only):
+    """(name, kernel, calls, bytes a call reads, candidate family) for every swept shape."""
+    for ctx, N in itertools.product(ctxs, (1, 16)):
+        if "gqa" in only:
+            for cache in ("bf16", "int8"):
+                calls, nbytes = bench.gqa_calls(cache, ctx, N)
+                yield f"gqa {cache} ctx={ctx} N={N}", paged_decode_attention_triton, calls, nbytes, "gqa"
+        if "mla" in only:
+            for H, name in ((16, "V2-Lite"), (128, "V3")):
+                calls, nbytes = bench.mla_calls(H, ctx, N)
+                yield (
+                    f"mla {name} H={H} ctx={ctx} N={N}",
+                    mla_decode_attention_triton,
+                    calls,
+                    nbytes,
+                    f"mla{H}",
+                )
+
+
+def candidates(kind: str, quick: bool) -> list[dict]:
+    splits = [(4, 256), (2, 128), (8, 512), (1, 64)]
+    if kind == "gqa":
+        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits)
+        return [
+            {"BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": wv, "MAX_SPLITS": ms}
+            for bn, w, st, (wv, ms) in grid
+            if not quick or st == 3
+        ]
+    heads = (16,) if kind == "mla16" else (32, 64)
+    grid = itertools.product(heads, (16, 32, 64), (4, 8), (1, 2, 3), splits)
+    return [
+        {"BLOCK_H": bh, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": wv, "MAX_SPLITS": ms}
+        for bh, bn, w, st, (wv, ms) in grid
+        if not (bh == 64 and bn == 64) and (not quick or st == 2)
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="attention_sweep.json")
+    ap.add_argument("--ctx", type=int, nargs="+", default=[32768])
+    ap.add_argument("--only", default="gqa,mla")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    copy_bw = bench.copy_bandwidth()
+    print(f"copy {copy_bw:.0f} GB/s", flush=True)
+    results, best = {}, []
+    for name, fn, calls, nbytes, kind in cases(args.ctx, args.only):
+        ref = fn(*calls[0][0], **calls[0][1])
+        timings = []
+        for cfg in [None, *candidates(kind, args.quick)]:
+            with_cfg = [(a, {**k, "config": cfg}) for a, k in calls]
+            try:
+                err = (fn(*with_cfg[0][0], **with_cfg[0][1]).float() - ref.float()).abs().max().item()
+                if err > 5e-2:
+                    print(f"FAIL {name} {cfg}: max error {err:.3g}", flush=True)
+                    continue
+                ms = bench.graph_calls_ms(fn, with_cfg)
+            except Exception as e:  # out of resources etc.: skip the candidate
+                print(f"skip {name} {cfg}: {str(e)[:120]}", flush=True)
+                continue
+            pct = 100 * nbytes / (ms * 1e-3) / 1e9 / copy_bw
+            timings.append({"config": cfg, "us": ms * 1e3, "pct_copy": pct})
+        timings.sort(key=lambda r: r["us"])
+        default = (
+            next(r for r in timings if r["config"] is None)
+            if any(r["config"] is None for r in timings)
+            else None
+        )
+        results[name] = timings
+        print(
+            f"\n{name}: default {default and round(default['us'], 1)} us {default and round(default['pct_copy'], 1)}%"
+        )
+        for r in timings[:4]:
+            print(f"   {r['us']:8.1f} us {r['pct_copy']:5.1f}%  {r['config']}", flush=True)
+        best.append((name, default, timings[0]))
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\n{'case':34s} {'default us':>10s} {'%':>5s} {'best us':>8s} {'%':>5s}  config")
+    for name, d, b in best:
+        du, dp = (d["us"], d["pct_copy"]) if d else (float("nan"),) * 2
+        print(f"{name:34s} {du:10.1f} {dp:5.1f} {b['us']:8.1f} {b['pct_copy']:5.1f}  {b['config']}")
+
+
+if __name__ == "__main__":
+    main()
