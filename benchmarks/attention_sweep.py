@@ -29,9 +29,9 @@ _spec.loader.exec_module(bench)
 DEV = "cuda"
 
 
-def cases(ctxs, only):
+def cases(ctxs, only, rows=(1, 16)):
     """(name, kernel, calls, bytes a call reads, candidate family) for every swept shape."""
-    for ctx, N in itertools.product(ctxs, (1, 16)):
+    for ctx, N in itertools.product(ctxs, rows):
         if "gqa" in only:
             for cache in ("bf16", "int8"):
                 calls, nbytes = bench.gqa_calls(cache, ctx, N)
@@ -51,7 +51,7 @@ def cases(ctxs, only):
 def candidates(kind: str, quick: bool) -> list[dict]:
     splits = [(4, 256), (2, 128), (8, 512), (1, 64)]
     if kind == "gqa":
-        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits)
+        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits + [(6, 384), (3, 192)])
         return [
             {"BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": wv, "MAX_SPLITS": ms}
             for bn, w, st, (wv, ms) in grid
@@ -71,13 +71,14 @@ def main() -> None:
     ap.add_argument("--out", default="attention_sweep.json")
     ap.add_argument("--ctx", type=int, nargs="+", default=[32768])
     ap.add_argument("--only", default="gqa,mla")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     copy_bw = bench.copy_bandwidth()
     print(f"copy {copy_bw:.0f} GB/s", flush=True)
     results, best = {}, []
-    for name, fn, calls, nbytes, kind in cases(args.ctx, args.only):
+    for name, fn, calls, nbytes, kind in cases(args.ctx, args.only, args.rows):
         ref = fn(*calls[0][0], **calls[0][1])
         timings = []
         for cfg in [None, *candidates(kind, args.quick)]:

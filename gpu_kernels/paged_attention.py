@@ -268,16 +268,17 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     """Launch settings for GQA decode: BLOCK_N tokens per tile, WAVES x SMs programs at most
     MAX_SPLITS splits a row, and the compiler's warps / pipeline stages.
 
-    Defaults from a sweep on an H100 at 32k context (benchmarks/attention_sweep.py): one-byte caches
-    take twice the tokens per tile; many rows x heads split finer than a single row does."""
-    waves = 8 if n_rows * Hkv >= 32 else 2 if quantized else 4
-    cfg = {
-        "BLOCK_N": 32 if D > 128 else 128 if quantized else 64,
-        "WAVES": waves,
-        "MAX_SPLITS": 64 * waves,
-        "num_warps": 4,
-        "num_stages": 3,
-    }
+    Defaults from a sweep on an H100 at 32k context (benchmarks/attention_sweep.py): few rows x heads
+    take long tiles, two stages and few splits; many take finer splits, one-byte caches longer tiles."""
+    if D > 128:
+        cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
+    elif n_rows * Hkv < 32:
+        cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 2}
+    elif quantized:
+        cfg = {"BLOCK_N": 128, "WAVES": 8, "num_stages": 2}
+    else:
+        cfg = {"BLOCK_N": 64, "WAVES": 8, "num_stages": 3}
+    cfg.update(MAX_SPLITS=64 * cfg["WAVES"], num_warps=4)
     return {**cfg, **(config or {})}
 
 
