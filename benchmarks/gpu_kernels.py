@@ -270,20 +270,49 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
 
 
 def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
-    """Sorted-path configs, then GEMV ones (no BLOCK_M) up to twice the slots where GEMV is the default."""
+    """Sorted-path configs, then GEMV ones (no BLOCK_M) up to twice the slots where GEMV is the default.
+
+    GEMV tiles are (BLOCK_N, BLOCK_K, SPLIT_K, SPLIT_K2, num_warps, PDL); a split count is a cap that the
+    wrapper cuts to the input dim's BLOCK_K tiles, so 16 is one tile a program at these shapes."""
     sorted_tiles = ((32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 128, 8, 4))
-    paths = [(moe.fused_moe_config(T, 1, 1, fmt, 128), sorted_tiles)]
-    if T * K <= 2 * moe.GEMV_MAX_SLOTS:
-        gemv_tiles = ((16, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (128, 128, 4, 3), (16, 512, 4, 2))
-        paths.append((moe.fused_moe_gemv_config(T, 1, 1, fmt, 128), gemv_tiles + ((32, 256, 8, 3),)))
-    out = []
-    for cfg, tiles in paths:
-        out.append(cfg)
-        for bn, bk, w, st in tiles:
-            bk = min(bk, 128) if fmt == "int4" else bk  # one group scale per tile
-            cand = {**cfg, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
-            if cand not in out:
-                out.append(cand)
+    sorted_cfg = moe.fused_moe_config(T, 1, 1, fmt, 128)
+    out = [sorted_cfg]
+    for bn, bk, w, st in sorted_tiles:
+        bk = min(bk, 128) if fmt == "int4" else bk  # the sorted path's tile: one group scale
+        cand = {**sorted_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+        if cand not in out:
+            out.append(cand)
+    if T * K > 2 * moe.GEMV_MAX_SLOTS:
+        return out
+    one_byte = (
+        (64, 128, 16, 16, 4, 1), (16, 1024, 1, 16, 4, 1), (8, 1024, 1, 16, 4, 1), (32, 256, 16, 16, 4, 1),
+        (4, 2048, 16, 16, 2, 1), (8, 2048, 16, 16, 4, 1), (64, 512, 16, 16, 8, 1), (32, 512, 16, 16, 8, 1),
+        (32, 256, 16, 16, 4, 0), (64, 512, 16, 16, 8, 0), (16, 1024, 1, 16, 4, 0), (64, 128, 16, 16, 4, 0),
+        (64, 256, 16, 16, 8, 0),
+    )  # fmt: skip
+    gemv_tiles = {
+        "bf16": (
+            (16, 1024, 16, 16, 8, 1), (4, 1024, 1, 16, 4, 1), (8, 1024, 1, 16, 4, 1), (4, 2048, 16, 16, 4, 1),
+            (8, 2048, 16, 16, 8, 1), (32, 256, 16, 16, 4, 1), (16, 512, 16, 16, 8, 1), (64, 256, 16, 16, 8, 1),
+            (32, 256, 16, 16, 4, 0), (16, 1024, 16, 16, 8, 0), (4, 2048, 16, 16, 4, 0), (64, 256, 16, 16, 8, 0),
+            (8, 1024, 1, 16, 4, 0),
+        ),
+        "int8": one_byte,
+        "fp8": one_byte,
+        "int4": (  # BLOCK_K spans BLOCK_K / 128 groups
+            (64, 128, 16, 16, 2, 1), (32, 256, 16, 16, 2, 1), (32, 256, 16, 16, 4, 1), (64, 256, 16, 16, 4, 1),
+            (32, 128, 16, 16, 2, 1), (16, 256, 16, 16, 2, 1), (32, 512, 16, 16, 4, 1), (64, 256, 16, 16, 2, 1),
+            (32, 256, 16, 16, 4, 0), (32, 256, 16, 16, 2, 0), (64, 256, 16, 16, 4, 0), (64, 128, 16, 16, 2, 0),
+            (64, 256, 16, 16, 2, 0),
+        ),
+    }[fmt]  # fmt: skip
+    gemv_cfg = moe.fused_moe_gemv_config(T, 1, 1, fmt, 128)
+    out.append(gemv_cfg)
+    for bn, bk, s1, s2, w, pdl in gemv_tiles:
+        cand = {**gemv_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s1, "SPLIT_K2": s2, "num_warps": w}
+        cand["PDL"] = pdl
+        if cand not in out:
+            out.append(cand)
     return out
 
 

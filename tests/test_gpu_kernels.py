@@ -311,10 +311,11 @@ def moe_weights(E: int, H: int, inter: int, fmt: str, group: int, gen: torch.Gen
 
 
 def gemv_moe_inputs(T: int, K: int, fmt: str, group: int, dtype: torch.dtype, gen: torch.Generator):
-    """Small odd sizes (I, H not multiples of BLOCK_N), ids with repeats and -1, and a config that makes them."""
+    """Small odd sizes (I, H not multiples of BLOCK_N), ids with repeats and -1, and an unsplit config with
+    the keys configs stored before split-K had (int4: BLOCK_K under the group, rounded up to it)."""
     E = 4
     if fmt == "int4":  # int4 needs H, I multiples of the group; BLOCK_N = 2 * group leaves a partial block
-        H, inter, bn = 3 * group, 3 * group, 2 * group
+        H, inter, bn = 5 * group, 3 * group, 2 * group
     else:
         H, inter, bn = 200, 72, 64
     x = torch.randn(T, H, generator=gen).to(dtype)
@@ -329,27 +330,50 @@ def gemv_moe_inputs(T: int, K: int, fmt: str, group: int, dtype: torch.dtype, ge
     return x, w13, w2, ids.view(T, K), weights, cfg
 
 
+def gemv_split_configs(fmt: str, group: int) -> list[dict]:
+    """Split-K GEMV configs for gemv_moe_inputs' sizes whose last split is partial (H, I are not multiples
+    of SPLIT_K * BLOCK_K), some of whose splits span several tiles and (int4) tiles several groups."""
+    if fmt == "int4":  # H = 5 groups, I = 3
+        return [  # H: 2 splits of 2 tiles of 2 groups, the last 1 group; I: 2 splits, the last 1 group
+            {"BLOCK_N": 2 * group, "BLOCK_K": 2 * group, "SPLIT_K": 2, "SPLIT_K2": 2},
+            # H: 2 splits of 1 tile of 4 groups, the last 1 group; I: 1 tile of 4 groups, 3 real
+            {"BLOCK_N": group, "BLOCK_K": 4 * group, "SPLIT_K": 3, "SPLIT_K2": 4},
+        ]
+    return [  # H = 200: 3 splits of 3 tiles, the last 8 columns; I = 72: 2 splits of 2 tiles, the last 8
+        {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "SPLIT_K2": 2},
+        {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4, "SPLIT_K2": 1},  # H: 4 splits of 1 tile; I: unsplit
+    ]
+
+
 def check_moe_gemv(fmt: str, group: int) -> None:
     """Run with TRITON_INTERPRET=1: the GEMV kernels on CPU tensors vs fused_moe_reference."""
     gen = torch.Generator().manual_seed(group + len(fmt))
     cases = [(T, K, torch.bfloat16) for T in (1, 3) for K in (1, 2, 6)] + [(3, 2, torch.float32)]
-    for T, K, dtype in cases:
+    splits = gemv_split_configs(fmt, group)
+    runs = [(case, None) for case in cases] + [
+        (c, s) for s in splits for c in (cases[2], cases[4], cases[-1])
+    ]
+    for (T, K, dtype), split in runs:
         x, w13, w2, ids, weights, cfg = gemv_moe_inputs(T, K, fmt, group, dtype, gen)
+        cfg = cfg if split is None else {**cfg, **split}
         out = moe.fused_moe_gemv(x, w13, w2, ids, weights, cfg)
         ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
         assert out.dtype == dtype and out.shape == ref.shape
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # float32 x: the sums' order is the only difference
-        print(f"T={T} K={K} {dtype}: max error {(out.float() - ref).abs().max():.2e}")
+        print(f"T={T} K={K} {dtype} {split}: max error {(out.float() - ref).abs().max():.2e}")
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
         assert rel_err(out, ref) < tol / 2
+        if split is not None:  # no atomics: a second call gives the same bits
+            assert torch.equal(moe.fused_moe_gemv(x, w13, w2, ids, weights, cfg), out)
     # default config through the dispatcher (T*K small picks GEMV); every slot skipped gives exact zeros
-    x, w13, w2, ids, weights, _ = gemv_moe_inputs(1, 2, fmt, group, torch.bfloat16, gen)
+    x, w13, w2, ids, weights, cfg = gemv_moe_inputs(1, 2, fmt, group, torch.bfloat16, gen)
     out = moe.fused_moe_triton(x, w13, w2, ids, weights)
     torch.testing.assert_close(
         out.float(), moe.fused_moe_reference(x.float(), w13, w2, ids, weights), rtol=2e-2, atol=2e-2
     )
-    out = moe.fused_moe_gemv(x, w13, w2, torch.full_like(ids, -1), weights)
-    assert torch.equal(out, torch.zeros_like(out))
+    for config in (None, {**cfg, **splits[0]}):
+        out = moe.fused_moe_gemv(x, w13, w2, torch.full_like(ids, -1), weights, config)
+        assert torch.equal(out, torch.zeros_like(out))
 
 
 def check_moe_chunks(fmt: str, group: int) -> None:
@@ -377,27 +401,75 @@ def _rows(scales, lo: int, hi: int):
     return None if scales is None else scales[lo:hi]
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
-@pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 32)])
-def test_moe_sorted_kernels_over_expert_chunks_in_interpreter(fmt, group):
+def in_interpreter(call: str) -> None:
+    """Run `test_gpu_kernels.<call>` in a child process under TRITON_INTERPRET=1: the flag is read when
+    @triton.jit decorates, so the kernels must be imported afresh."""
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    code = f"import test_gpu_kernels as t; t.check_moe_chunks({fmt!r}, {group})"
+    code = f"import test_gpu_kernels as t; t.{call}"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 32)])
+def test_moe_sorted_kernels_over_expert_chunks_in_interpreter(fmt, group):
+    in_interpreter(f"check_moe_chunks({fmt!r}, {group})")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
 @pytest.mark.parametrize("fmt,group", GEMV_CASES)
 def test_moe_gemv_kernels_in_interpreter(fmt, group):
-    """The interpreter flag is read when @triton.jit decorates, so the kernels run in a child process."""
-    here = Path(__file__).resolve().parent
-    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    code = f"import test_gpu_kernels as t; t.check_moe_gemv({fmt!r}, {group})"
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    in_interpreter(f"check_moe_gemv({fmt!r}, {group})")
+
+
+def check_decode_attention(kind: str) -> None:
+    """Run with TRITON_INTERPRET=1: GQA (bf16 and int8 caches) or MLA decode on CPU tensors against the
+    references, with tiles small enough that rows split into more partitions than the merge takes at once.
+    The interpreter's bf16 dots are wrong, so tiles are float32 (fp16 queries for the int8 cache)."""
+    gen = torch.Generator().manual_seed(len(kind))
+    bs, lens = 16, [700, 1, 333]
+    nb = sum(math.ceil(n / bs) for n in lens) + 2
+    table = make_block_tables(lens, bs, nb, gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cfg = {"BLOCK_N": 16, "MAX_SPLITS": 64, "num_warps": 4, "num_stages": 2}  # 700 tokens -> 44 splits
+    if kind == "mla":
+        R, P, H = 64, 16, 5
+        cache = torch.randn(nb, bs, R + P, generator=gen)
+        ql, qp = torch.randn(3, H, R, generator=gen), torch.randn(3, H, P, generator=gen)
+        out = mla_decode_attention_triton(ql, qp, cache, table, seq_lens, 0.1, config={**cfg, "BLOCK_H": 16})
+        ref = gk.mla_decode_attention_reference(ql, qp, cache, table, seq_lens, 0.1)
+    else:
+        Hq, Hkv, D = 6, 2, 32
+        kc, vc = (torch.randn(nb, bs, Hkv, D, generator=gen) for _ in range(2))
+        q = torch.randn(3, Hq, D, generator=gen)
+        ks = vs = None
+        if kind == "int8":
+            (kc, ks), (vc, vs) = (
+                kv_write.quantize_per_token(kc, torch.int8),
+                kv_write.quantize_per_token(vc, torch.int8),
+            )
+            q = q.half()
+        out = paged_decode_attention_triton(q, kc, vc, table, seq_lens, D**-0.5, ks, vs, config=cfg)
+        ref = paged_attention.paged_decode_attention_reference(
+            q.float(),
+            *((kc.float(), vc.float()) if ks is None else (kc, vc)),
+            table,
+            seq_lens,
+            D**-0.5,
+            ks,
+            vs,
+        )
+    print(f"{kind}: max error {(out.float() - ref).abs().max():.2e}")
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("kind", ["float32", "int8", "mla"])
+def test_decode_attention_kernels_in_interpreter(kind):
+    in_interpreter(f"check_decode_attention({kind!r})")
 
 
 # ---------------------------------------------------------------- GPU: Triton kernels vs references
