@@ -232,6 +232,9 @@ def moe_layer_calls(x, w13, w2, ids, wts, cfg) -> list[tuple[tuple, dict]]:
     return calls
 
 
+TUNE = True  # --no-tune: time only the shipped config of each shape (what fused_moe / quant_linear run)
+
+
 def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
     for name, (E, H, inter, K) in MOE_SHAPES.items():
         for fmt in ("bf16", "int8", "int4"):
@@ -241,7 +244,12 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                 ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).int()
                 wts = torch.rand(T, K, device=DEV)
                 best = {}  # path -> (ms, config); a config with BLOCK_M runs the sorted path
-                for cfg in moe_candidates(T, K, fmt):
+                shipped = (
+                    moe.fused_moe_gemv_config(T, E, inter, fmt, 128)
+                    if T * K <= moe.GEMV_MAX_SLOTS
+                    else moe.fused_moe_config(T, E, inter, fmt, 128)
+                )
+                for cfg in moe_candidates(T, K, fmt) if TUNE else [shipped]:
                     ms = bench_ms(moe.fused_moe_triton, x, w13, w2, ids, wts, cfg, rep=100)
                     path = "sorted" if "BLOCK_M" in cfg else "gemv"
                     if path not in best or ms < best[path][0]:
@@ -325,7 +333,9 @@ def bench_quant_linear(copy_bw: float, rows: list, tuned: dict) -> None:
         for M in (1, 16, 64):
             x = torch.randn(M, K, device=DEV).bfloat16()
             best = None
-            for cfg in ql_candidates(M, N, K, fmt):
+            for cfg in (
+                ql_candidates(M, N, K, fmt) if TUNE else [quant.quant_linear_config(M, N, K, fmt, 128)]
+            ):
                 ms = bench_ms(quant.quant_linear_triton, x, qw, None, cfg, rep=100)
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
@@ -380,7 +390,10 @@ def main() -> None:
         metavar="RESULT_JSON",
         help="store the tuned configs of an earlier run's JSON in gpu_kernels/configs and exit (no GPU needed)",
     )
+    ap.add_argument("--no-tune", action="store_true", help="time the shipped configs only, no candidates")
     args = ap.parse_args()
+    global TUNE
+    TUNE = not args.no_tune
     if args.save_configs:
         for kernel, by_device in json.loads(Path(args.save_configs).read_text())["tuned_configs"].items():
             print(f"{kernel}: {save_configs(kernel, by_device)}")

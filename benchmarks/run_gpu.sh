@@ -43,8 +43,8 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     tests) python3 -m pytest -q -m gpu --tb=short --continue-on-collection-errors tests/ 2>&1 | tail -30 ;;
-    gtests) python3 -m pytest -q -m gpu --tb=short tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py 2>&1 | tail -30 ;;
-    kernels) python3 benchmarks/gpu_kernels.py 2>&1 | tail -40 ;;
+    gtests) python3 -m pytest -q -m gpu --tb=short tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py tests/test_gpu_kernels.py 2>&1 | tail -30 ;;
+    kernels) python3 benchmarks/gpu_kernels.py ${KERNEL_ARGS:-} 2>&1 | tail -60 ;;  # KERNEL_ARGS=--no-tune: shipped configs only
     moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
     nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;
     threads) python3 -c "

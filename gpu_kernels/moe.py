@@ -580,7 +580,7 @@ _GEMV_DEFAULT = {
     "BLOCK_K": 128,
     "SPLIT_K": 16,
     "SPLIT_K2": 16,
-    "PDL": 1,
+    "PDL": 0,
     "num_warps": 4,
     "num_stages": 1,
 }
@@ -682,7 +682,7 @@ def fused_moe_gemv(
     out = torch.empty(T, H, dtype=x.dtype, device=dev)  # [T, H]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     # down and sum launch early, waiting (gdc_wait) only where they read the previous one
-    pdl = int(bool(cfg.get("PDL", 1))) if _pdl(dev) else 0
+    pdl = int(bool(cfg.get("PDL", 0))) if _pdl(dev) else 0
     after = {"launch_pdl": True} if pdl else {}
     _moe_gemv_gate_up_kernel[(TK, cdiv(inter_dim, bn), split1)](
         x, w13.data, _scales(w13), ids, inter, TK, inter_dim, H, x.stride(0), *_strides(w13),
