@@ -47,12 +47,14 @@ from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
 from hetero.sampling import SamplingParams  # noqa: E402
 from hetero.speculative import (  # noqa: E402
     MIN_GAIN,
+    MeasuredCost,
     NgramDrafter,
     ReplayDrafter,
     Speculation,
     best_k,
     expected_tokens,
     plan_cost,
+    plan_prices,
 )
 from placement.cost import decode_step_time, expected_unique_experts, routed_tokens  # noqa: E402
 from placement.units import parse_size  # noqa: E402
@@ -426,7 +428,9 @@ def end_to_end(rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_
             # stands. Replaying one fixed continuation would not do: a near tie that the verify
             # step's arithmetic breaks the other way leaves every later draft wrong.
             drafter = ReplayDrafter({}, vocab, error_rate=1.0 - a, seed=int(100 * a))
-            engine.speculate = spec = CountingSpeculation(drafter, k=k, cost=price)
+            # auto: the runtime's policy, the price corrected by the steps it times as it goes
+            cost = MeasuredCost(plan_prices(plan)) if k == "auto" else price
+            engine.speculate = spec = CountingSpeculation(drafter, k=k, cost=cost)
             seqs = admit(engine, prompts, gen)
             horizon = spec.max_draft
 
@@ -461,6 +465,8 @@ def end_to_end(rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_
                     "steps": steps,
                 }
             )
+            if k == "auto":  # measured over priced step time, by rows a step
+                rows[-1]["measured_over_priced"] = {r: round(v, 3) for r, v in sorted(cost.ratio.items())}
             print(f"e2e batch {batch}: {rows[-1]}", flush=True)
     engine.speculate = None
     return rows

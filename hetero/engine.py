@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -342,10 +343,16 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        # a step of decoding sequences only (each its token and its drafts) is timed for speculation
+        decoding = self.speculate is not None and all(n == 1 + len(s.draft) for s, n in scheduled)
+        start = time.perf_counter()
         hidden = self.run(scheduled)
         for hook in self.on_step:
             hook(scheduled)
-        return self.postprocess(scheduled, hidden)
+        out = self.postprocess(scheduled, hidden)  # waits for the device: it samples on the host
+        if decoding:
+            self.speculate.timed(len(scheduled), sum(n for _, n in scheduled), time.perf_counter() - start)
+        return out
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward over all scheduled tokens; returns the hidden rows to sample from: per

@@ -13,6 +13,7 @@ Drafters share one method, ``propose(seq, k) -> list[int]``.
 from __future__ import annotations
 
 import functools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,17 +228,75 @@ def linear_cost(c: float = 0.1) -> Callable[[int], float]:
     return lambda k: 1.0 + c * k
 
 
-def plan_cost(plan: object) -> Callable[[int], float]:
-    """Step cost from the placement cost model: a verify of k drafts is k + 1 tokens per sequence."""
+def plan_prices(plan: object) -> Callable[[int, int], float]:
+    """Priced seconds of a decode step of ``batch`` sequences verifying k drafts each, from the
+    placement cost model (a verify of k drafts is k + 1 tokens a sequence)."""
     from placement.cost import decode_step_time
 
-    base = decode_step_time(plan, tokens_per_step=1).seconds
-
     @functools.cache  # asked for every sequence at every step; pricing walks every layer
-    def cost(k: int) -> float:
-        return decode_step_time(plan, tokens_per_step=k + 1).seconds / base
+    def price(batch: int, k: int) -> float:
+        return decode_step_time(plan, tokens_per_step=k + 1, batch=batch).seconds
 
-    return cost
+    return price
+
+
+def plan_cost(plan: object) -> Callable[[int], float]:
+    """Step cost of k drafts a sequence over a plain step, at the plan's batch."""
+    price, batch = plan_prices(plan), getattr(plan, "cost_inputs", plan).batch
+    return lambda k: price(batch, k) / price(batch, 0)
+
+
+# A measured step time counts once this many of its row count have been seen (the first may
+# include capturing its CUDA graph), and then moves an average by this weight.
+MEASURED_AFTER = 2
+MEASURED_WEIGHT = 0.25
+
+
+class MeasuredCost:
+    """The price of verifying k drafts a sequence, relative to a plain step, corrected by the
+    decode steps the engine has timed: ``cost(k)`` for the current ``batch`` is
+
+        price(batch, k) * m(batch * (k + 1)) / (price(batch, 0) * m(batch)),
+
+    m(rows) being the measured / priced ratio of steps of that many rows (of the nearest row
+    count measured; 1 where none is). A verify that runs slower than priced (a streamed or eager
+    step, compute-bound CPU kernels) thus prices itself out, once both it and a plain step at
+    about this batch have been timed; ``wants_plain`` says when a plain step is still missing.
+    price(batch, k): priced seconds (any unit) of a step of batch sequences with k drafts each."""
+
+    def __init__(self, price: Callable[[int, int], float]):
+        self.price = price
+        self.batch = 1  # decoding sequences this step; set by Speculation.draft
+        self.ratio: dict[int, float] = {}  # rows -> running measured / priced
+        self.seen: dict[int, int] = {}  # rows -> steps timed
+
+    def __call__(self, k: int) -> float:
+        b = self.batch
+        return self.price(b, k) * self._m(b * (k + 1)) / (self.price(b, 0) * self._m(b))
+
+    def _near(self, rows: int) -> int | None:
+        usable = [r for r in self.ratio if self.seen[r] >= MEASURED_AFTER]
+        return min(usable, key=lambda r: (abs(math.log(r / rows)), r)) if usable else None
+
+    def _m(self, rows: int) -> float:
+        near = self._near(rows)
+        return 1.0 if near is None else self.ratio[near]
+
+    def wants_plain(self, batch: int) -> bool:
+        """Whether no plain step of about this batch (within 25%) has been timed yet."""
+        near = self._near(batch)
+        return near is None or abs(math.log(near / batch)) > math.log(1.25)
+
+    def observe(self, batch: int, rows: int, seconds: float) -> None:
+        """A decode step of ``batch`` sequences and ``rows`` tokens took ``seconds``."""
+        n = self.seen.get(rows, 0) + 1
+        self.seen[rows] = n
+        if n < MEASURED_AFTER:
+            return
+        k = max(0, round(rows / batch) - 1)
+        r = seconds / self.price(batch, k)
+        old = self.ratio.get(rows)
+        self.ratio[rows] = r if old is None else old + MEASURED_WEIGHT * (r - old)
 
 
 @dataclass
@@ -311,14 +370,23 @@ class Speculation:
         from hetero.engine import Status
 
         vocab = engine.model.spec.vocab_size
-        for seq in engine.scheduler.running:
-            if seq.status is not Status.RUNNING or seq.num_computed != seq.num_tokens - 1:
-                continue
+        decoding = [
+            s
+            for s in engine.scheduler.running
+            if s.status is Status.RUNNING and s.num_computed == s.num_tokens - 1
+        ]
+        measured = self.k == "auto" and isinstance(self.cost, MeasuredCost)
+        if measured:
+            self.cost.batch = max(1, len(decoding))
+        # Until a plain step of about this batch has been timed, the measured cost has no baseline
+        # to set verify steps against: this step stays plain (shadow drafts still score the drafter).
+        plain = measured and self.cost.wants_plain(self.cost.batch)
+        for seq in decoding:
             room = min(
                 seq.params.max_tokens - len(seq.output_ids) - 1,  # the verify adds one more token
                 engine.config.max_model_len - seq.num_tokens - 1,
             )
-            k = min(self.k_for(seq), room)
+            k = 0 if plain else min(self.k_for(seq), room)
             seq.draft = [t for t in self.drafter.propose(seq, k)[:k] if 0 <= t < vocab] if k > 0 else []
             if k == 0 and self.k == "auto" and self.k_max > 0 and self._probes(seq):
                 # A sequence that never drafts never learns its rate. Verifying a probe would
@@ -335,6 +403,12 @@ class Speculation:
         if forget is not None:
             for sid in [sid for sid in getattr(self.drafter, "states", {}) if sid not in live]:
                 forget(sid)
+
+    def timed(self, batch: int, rows: int, seconds: float) -> None:
+        """A step that only decoded (``batch`` sequences, each its token and its drafts: ``rows``
+        tokens) took ``seconds``; a measured cost learns from it."""
+        if isinstance(self.cost, MeasuredCost):
+            self.cost.observe(batch, rows, seconds)
 
     def observe(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
         """After a forward: hand the main model's hidden states [T, H] to drafters that read them (MTP)."""
@@ -391,9 +465,9 @@ def parse_speculate(spec: str, k: str, *, model_kv_tokens: int, dtype: torch.dty
         drafter = MTPDrafter.load(model_path, model_spec, model_kv_tokens, dtype, device)
     else:
         raise HeteroError(f"--speculate {spec!r}: choose ngram, draft:DIR or mtp")
-    cost = plan_cost(plan) if plan is not None else linear_cost()
+    price = plan_prices(plan) if plan is not None else (lambda batch, k: batch * (1.0 + 0.1 * k))
     kk: int | str = "auto" if k == "auto" else int(k)
-    return Speculation(drafter, k=kk, cost=cost)
+    return Speculation(drafter, k=kk, cost=MeasuredCost(price))
 
 
 def enable_speculation(runtime, spec: str, k: str) -> None:
@@ -415,6 +489,7 @@ __all__ = [
     "DraftModelDrafter",
     "NgramDrafter",
     "ReplayDrafter",
+    "MeasuredCost",
     "Speculation",
     "SpecStats",
     "accept",

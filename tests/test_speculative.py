@@ -11,8 +11,10 @@ from hetero.kv_cache import KVCache
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
 from hetero.speculative import (
+    MIN_GAIN,
     PROBE_EVERY,
     DraftModelDrafter,
+    MeasuredCost,
     NgramDrafter,
     ReplayDrafter,
     Speculation,
@@ -20,6 +22,7 @@ from hetero.speculative import (
     accept_sampled,
     best_k,
     expected_tokens,
+    parse_speculate,
 )
 
 FAMILIES = ["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b"]
@@ -324,3 +327,43 @@ def test_best_k_drafts_only_for_a_clear_gain():
     assert best_k(a, 4, cost) == 1
     assert best_k(a, 4, cost, margin=0.1) == 0
     assert best_k(0.9, 4, cost, margin=0.1) >= 1
+
+
+def test_measured_cost_prices_out_verify_steps_slower_than_priced():
+    """Priced, k = 6 wins at a = 0.8; once plain steps are timed at their price and verify steps at
+    4x theirs, drafting many no longer pays. Nothing counts before a row count is seen twice (its
+    first step may capture a graph), and without a timed plain step the price stands alone."""
+    price = lambda batch, k: batch * (1.0 + 0.1 * k)  # noqa: E731
+    cost = MeasuredCost(price)
+    cost.batch = 4
+    assert best_k(0.8, 8, cost, MIN_GAIN) == 6 and cost.wants_plain(4)
+    for _ in range(3):
+        cost.observe(4, 20, 4.0 * price(4, 4))  # verify steps of k = 4: 20 rows, 4x their price
+    assert abs(cost(4) - 1.4) < 1e-9  # no plain step timed: the measured verify has no baseline
+    cost.observe(4, 4, 100.0)  # the first plain step (a graph capture, say) is not counted
+    assert cost.wants_plain(4)
+    cost.observe(4, 4, price(4, 0))
+    assert not cost.wants_plain(4) and cost.wants_plain(6)
+    assert abs(cost(4) - 4.0 * 1.4) < 1e-9 and abs(cost(8) - 4.0 * 1.8) < 1e-9
+    assert best_k(0.8, 8, cost, MIN_GAIN) <= 1  # k = 1's 8 rows sit nearer the plain steps' 4
+    cost.observe(4, 4, 2.0 * price(4, 0))  # a slower plain step moves the average by a quarter
+    assert abs(cost.ratio[4] - 1.25) < 1e-9
+
+
+def test_auto_k_times_a_plain_step_before_it_drafts(tiny):
+    """With a measured cost, the first decode steps stay plain until one of about the batch's size
+    is timed; decoding is still lossless, and the steps that verified drafts were timed too."""
+    _, model = tiny("qwen3-30b-a3b")
+    ref = [s.output_ids for s in engine_for(model).generate(echo_prompts(model), GREEDY)]
+    eng = engine_for(model)
+    cost = MeasuredCost(lambda batch, k: batch * (1.0 + 0.01 * k))
+    eng.speculate = spec = Speculation(NgramDrafter(), k="auto", cost=cost)
+    verified = []
+    record = spec.record
+    spec.record = lambda seq, drafted, *a: verified.append(dict(cost.seen)) or record(seq, drafted, *a)
+    seqs = eng.generate(echo_prompts(model), GREEDY)
+    assert [s.output_ids for s in seqs] == ref
+    assert verified and all(seen.get(3, 0) >= 2 for seen in verified)  # two plain steps of 3 came first
+    assert any(rows > 3 for rows in cost.seen)  # verify steps (more rows than sequences) were timed
+    auto = parse_speculate("ngram", "auto", model_kv_tokens=1024, dtype=torch.float32, device="cpu")
+    assert isinstance(auto.cost, MeasuredCost)
