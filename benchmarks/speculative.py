@@ -396,7 +396,9 @@ class CountingSpeculation(Speculation):
         return acc / (acc + self.rejections) if acc + self.rejections else 0.0
 
 
-def end_to_end(rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_rel: dict) -> list[dict]:
+def end_to_end(
+    rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_rel: dict, acceptance=ACCEPTANCE
+) -> list[dict]:
     engine, plan = rt.engine, rt.plan
     vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
     prompts = prompts_of(rt, batch, prompt_len, seed=7)
@@ -422,7 +424,7 @@ def end_to_end(rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_
         }
     ]
     print(f"e2e batch {batch} plain: {plain:.2f} tok/s", flush=True)
-    for a in ACCEPTANCE:
+    for a in acceptance:
         for k in (spec_k, "auto"):
             # Before each step, untimed: the target's greedy continuation from where each sequence
             # stands. Replaying one fixed continuation would not do: a near tie that the verify
@@ -542,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer steps and tokens (a few minutes on a CPU)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--parts", default="verify,e2e,ngram", help="which of the three parts to run")
+    ap.add_argument("--acceptance", type=float, nargs="+", default=list(ACCEPTANCE), help="part 2's rates")
     args = ap.parse_args(argv)
+    parts = args.parts.split(",")
     prompt_len = args.prompt_len or (32 if args.quick else 256)
     gen = args.gen or (32 if args.quick else 128)
     rounds, warmup, steps = (3, 1, 4) if args.quick else (5, 3, 8)
@@ -593,20 +598,22 @@ def main(argv: list[str] | None = None) -> int:
         rt.engine.generate(prompts_of(rt, 1, 16, seed=1), SamplingParams(max_tokens=4, temperature=0))
         try:
             capture_graphs(rt, batch)
-            rows = verify_cost(rt, batch, prompt_len, rounds, warmup, steps)
+            rows = verify_cost(rt, batch, prompt_len, rounds, warmup, steps) if "verify" in parts else []
         except torch.OutOfMemoryError:
             print(torch.cuda.memory_summary(rt.engine.device, abbreviated=True), flush=True)
             raise
         results["verify"] += rows
         rel = {r["k"]: r["measured_rel"] for r in rows}
         # Adaptive k may pick any k in 0..8; price the ones not timed by interpolating the timed ones.
-        for kk in range(max(KS) + 1):
+        for kk in range(max(KS) + 1) if rows else ():
             if kk not in rel:
                 lo = max(x for x in KS if x < kk)
                 hi = min(x for x in KS if x > kk)
                 rel[kk] = rel[lo] + (rel[hi] - rel[lo]) * (kk - lo) / (hi - lo)
-        results["end_to_end"] += end_to_end(rt, batch, prompt_len, gen, args.spec_k, rel)
-        results["ngram"].append(prompt_lookup(rt, batch, gen, args.spec_k))
+        if "e2e" in parts:
+            results["end_to_end"] += end_to_end(rt, batch, prompt_len, gen, args.spec_k, rel, args.acceptance)
+        if "ngram" in parts:
+            results["ngram"].append(prompt_lookup(rt, batch, gen, args.spec_k))
         del rt
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -622,21 +629,24 @@ def main(argv: list[str] | None = None) -> int:
             f"batch {b}: device experts per layer {p['gpu_experts_per_layer']} (gpu_mem {p['gpu_mem']} B); "
             f"RAM experts streamed to the device from {p['stream_min_tokens']} tokens per step"
         )
-    print("\n1. verify cost: k drafted tokens per sequence in one forward, over one plain step")
-    print(common.format_table(results["verify"], [
-        "batch", "k", "drafts_per_seq", "tokens", "ram_experts_on", "step_ms", "cpu_experts_ms", "measured_rel", "priced_rel",
-        "measured_over_priced", "unique_cpu_experts", "priced_unique_cpu_experts",
-    ]))  # fmt: skip
-    print("\n2. end to end: replayed greedy continuation at acceptance a, over plain decoding")
-    print(common.format_table(results["end_to_end"], [
-        "batch", "acceptance", "k", "tok_s", "speedup", "predicted", "pred_measured_cost",
-        "measured_acceptance", "tokens_per_step", "matches_greedy",
-    ]))  # fmt: skip
-    print("\n3. prompt lookup on prompts that repeat a text")
-    print(common.format_table(results["ngram"], [
-        "batch", "prompt_tokens", "k", "drafted", "acceptance", "tokens_per_step", "greedy_repeated_3gram",
-        "greedy_copies_prompt", "plain_tok_s", "ngram_tok_s", "speedup",
-    ]))  # fmt: skip
+    if results["verify"]:
+        print("\n1. verify cost: k drafted tokens per sequence in one forward, over one plain step")
+        print(common.format_table(results["verify"], [
+            "batch", "k", "drafts_per_seq", "tokens", "ram_experts_on", "step_ms", "cpu_experts_ms", "measured_rel", "priced_rel",
+            "measured_over_priced", "unique_cpu_experts", "priced_unique_cpu_experts",
+        ]))  # fmt: skip
+    if results["end_to_end"]:
+        print("\n2. end to end: replayed greedy continuation at acceptance a, over plain decoding")
+        print(common.format_table(results["end_to_end"], [
+            "batch", "acceptance", "k", "tok_s", "speedup", "predicted", "pred_measured_cost",
+            "measured_acceptance", "tokens_per_step", "matches_greedy", "measured_over_priced",
+        ]))  # fmt: skip
+    if results["ngram"]:
+        print("\n3. prompt lookup on prompts that repeat a text")
+        print(common.format_table(results["ngram"], [
+            "batch", "prompt_tokens", "k", "drafted", "acceptance", "tokens_per_step", "greedy_repeated_3gram",
+            "greedy_copies_prompt", "plain_tok_s", "ngram_tok_s", "speedup",
+        ]))  # fmt: skip
     print(f"wrote {out}")
     return 0
 
