@@ -267,8 +267,8 @@ class MeasuredCost:
     def __init__(self, price: Callable[[int, int], float]):
         self.price = price
         self.batch = 1  # decoding sequences this step; set by Speculation.draft
-        self.ratio: dict[int, float] = {}  # rows -> running measured / priced
-        self.seen: dict[int, int] = {}  # rows -> steps timed
+        self.ratio: dict[int, float] = {}  # padded rows -> running measured / priced
+        self.seen: dict[int, int] = {}  # padded rows -> steps timed
 
     def __call__(self, k: int) -> float:
         b = self.batch
@@ -282,21 +282,33 @@ class MeasuredCost:
         near = self._near(rows)
         return 1.0 if near is None else self.ratio[near]
 
+    def priced(self, batch: int, rows: int) -> float:
+        """The price of a step of ``batch`` sequences and ``rows`` tokens, its drafts a mix of k and
+        k + 1 a sequence: between those two prices."""
+        extra = max(0.0, rows / batch - 1.0)
+        k = int(extra)
+        frac = extra - k
+        low = self.price(batch, k)
+        return low if frac == 0 else low + frac * (self.price(batch, k + 1) - low)
+
     def wants_plain(self, batch: int) -> bool:
         """Whether no plain step of about this batch (within 25%) has been timed yet."""
         near = self._near(batch)
         return near is None or abs(math.log(near / batch)) > math.log(1.25)
 
     def observe(self, batch: int, rows: int, seconds: float) -> None:
-        """A decode step of ``batch`` sequences and ``rows`` tokens took ``seconds``."""
-        n = self.seen.get(rows, 0) + 1
-        self.seen[rows] = n
+        """A decode step of ``batch`` sequences and ``rows`` tokens took ``seconds``. Steps are
+        filed under the size their CUDA graphs replay at (``padded_size``): one graph, one cost."""
+        from hetero.graphs import padded_size
+
+        size = padded_size(rows)
+        n = self.seen.get(size, 0) + 1
+        self.seen[size] = n
         if n < MEASURED_AFTER:
             return
-        k = max(0, round(rows / batch) - 1)
-        r = seconds / self.price(batch, k)
-        old = self.ratio.get(rows)
-        self.ratio[rows] = r if old is None else old + MEASURED_WEIGHT * (r - old)
+        r = seconds / self.priced(batch, rows)
+        old = self.ratio.get(size)
+        self.ratio[size] = r if old is None else old + MEASURED_WEIGHT * (r - old)
 
 
 @dataclass

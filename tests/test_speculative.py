@@ -337,15 +337,17 @@ def test_measured_cost_prices_out_verify_steps_slower_than_priced():
     cost = MeasuredCost(price)
     cost.batch = 4
     assert best_k(0.8, 8, cost, MIN_GAIN) == 6 and cost.wants_plain(4)
-    for _ in range(3):
-        cost.observe(4, 20, 4.0 * price(4, 4))  # verify steps of k = 4: 20 rows, 4x their price
+    for rows in (20, 19, 18):  # verify steps of k = 4 (some cut short): one graph size, 4x their price
+        cost.observe(4, rows, 4.0 * cost.priced(4, rows))
+    assert abs(cost.priced(4, 18) - (price(4, 3) + price(4, 4)) / 2) < 1e-9
+    assert set(cost.seen) == {24}
     assert abs(cost(4) - 1.4) < 1e-9  # no plain step timed: the measured verify has no baseline
     cost.observe(4, 4, 100.0)  # the first plain step (a graph capture, say) is not counted
     assert cost.wants_plain(4)
     cost.observe(4, 4, price(4, 0))
     assert not cost.wants_plain(4) and cost.wants_plain(6)
     assert abs(cost(4) - 4.0 * 1.4) < 1e-9 and abs(cost(8) - 4.0 * 1.8) < 1e-9
-    assert best_k(0.8, 8, cost, MIN_GAIN) <= 1  # k = 1's 8 rows sit nearer the plain steps' 4
+    assert best_k(0.8, 8, cost, MIN_GAIN) <= 1  # k = 1's 8 rows sit nearer the plain steps' 4 than 24
     cost.observe(4, 4, 2.0 * price(4, 0))  # a slower plain step moves the average by a quarter
     assert abs(cost.ratio[4] - 1.25) < 1e-9
 
