@@ -28,8 +28,9 @@ summation order, no atomics) and graph-capturable:
 int4 tiles span whole groups ([BLOCK_N, BLOCK_K / GROUP, GROUP / 2] packed bytes): the low and high
 nibbles multiply the even and odd activation columns, each group's sum is scaled once. Integer weights
 become float by placing them in the mantissa of 2^23 (an OR and a subtract) rather than converting.
-On sm_90+ down and sum use programmatic dependent launch: they start while the kernel before them
-finishes, load what does not depend on it (down: its weights), and wait (gdc_wait) before reading its output.
+On sm_90+ a config with PDL = 1 launches down and sum with programmatic dependent launch: they start
+while the kernel before them finishes, load what does not depend on it (down: its weights), and wait
+(gdc_wait) before reading its output. Off by default (see _GEMV_DEFAULT).
 """
 
 from __future__ import annotations
@@ -571,10 +572,12 @@ GEMV_MAX_SLOTS = 64
 # gate/up split's partial sums, so their count stays bounded). A config without them (as stored before
 # they existed) runs unsplit when passed as `config`, and takes these caps when read through
 # fused_moe_gemv_config. int4 BLOCK_K is rounded up to whole groups. PDL: launch down and sum with
-# programmatic dependent launch (sm_90+; ignored elsewhere).
+# programmatic dependent launch (sm_90+; ignored elsewhere). Off: it saved 2-4 us a call at T = 1 on
+# an H100, but with it on, decode-graph tests that ran after launched-ahead ones (host-flag waits)
+# failed with an invalid-argument CUDA error in the same process; with it off they pass.
 # Defaults from benchmarks/moe_gemv_sweep.py on an H100 (V2-Lite and Qwen3-30B-A3B experts, T = 1 and 4,
-# CUDA-graph replays): one weight tile a program with PDL was fastest or within a few % for every
-# format; the per-format tiles below were within ~10% of each case's best.
+# CUDA-graph replays): one weight tile a program was fastest or within a few % for every format; the
+# per-format tiles below were within ~10% of each case's best.
 _GEMV_DEFAULT = {
     "BLOCK_N": 64,
     "BLOCK_K": 128,
