@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import gpu_kernels as gk
-from gpu_kernels import kv_write, moe, paged_attention, quant, tuning
+from gpu_kernels import kv_write, mla_attention, moe, paged_attention, quant, tuning
 from gpu_kernels._triton import HAS_TRITON
 from gpu_kernels.mla_attention import mla_decode_attention_triton
 from gpu_kernels.paged_attention import paged_decode_attention_triton
@@ -424,6 +424,23 @@ def test_moe_gemv_kernels_in_interpreter(fmt, group):
     in_interpreter(f"check_moe_gemv({fmt!r}, {group})")
 
 
+@pytest.mark.parametrize("rows,heads,ctx", [(1, 4, 32768), (16, 4, 32768), (3, 1, 700), (64, 8, 100)])
+def test_decode_partitions_cover_the_context(rows, heads, ctx):
+    """Every default launch setting splits a row's context into whole tiles that cover it, within
+    the split cap; a config entry overrides its default."""
+    for quantized in (False, True):
+        cfg = paged_attention.gqa_decode_config(rows, heads, 128, quantized)
+        part = paged_attention.pick_partition(
+            rows, heads, ctx, cfg["BLOCK_N"], torch.device("cpu"), cfg["WAVES"], cfg["MAX_SPLITS"]
+        )
+        splits = -(-ctx // part)
+        assert part % cfg["BLOCK_N"] == 0 and splits * part >= ctx and splits <= cfg["MAX_SPLITS"]
+    for H in (16, 128):
+        cfg = mla_attention.mla_decode_config(rows, H)
+        assert H % cfg["BLOCK_H"] == 0 or cfg["BLOCK_H"] >= H
+    assert paged_attention.gqa_decode_config(rows, heads, 128, False, {"BLOCK_N": 32})["BLOCK_N"] == 32
+
+
 def check_decode_attention(kind: str) -> None:
     """Run with TRITON_INTERPRET=1: GQA (bf16 and int8 caches) or MLA decode on CPU tensors against the
     references, with tiles small enough that rows split into more partitions than the merge takes at once.
@@ -464,6 +481,12 @@ def check_decode_attention(kind: str) -> None:
     print(f"{kind}: max error {(out.float() - ref).abs().max():.2e}")
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     assert rel_err(out, ref) < 1e-2
+    if kind == "float32":  # the merge alone, over more splits than it reads at once, some of them empty
+        o, lse = torch.randn(2, 3, 300, 40, generator=gen), torch.randn(2, 3, 300, generator=gen)
+        lse[0, 1, 7:] = float("-inf")
+        merged = paged_attention.merge_splits(o, lse, torch.empty(2, 3, 40))
+        w = torch.softmax(lse * math.log(2), -1)  # lse is in log2
+        torch.testing.assert_close(merged, (o * w[..., None]).sum(2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
