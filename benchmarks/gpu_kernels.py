@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import gpu_kernels as gk  # noqa: E402
-from gpu_kernels import moe, quant  # noqa: E402
+from gpu_kernels import moe, moe_gemv, quant  # noqa: E402
 from gpu_kernels.mla_attention import mla_decode_attention_triton  # noqa: E402
 from gpu_kernels.paged_attention import paged_decode_attention_triton  # noqa: E402
 from gpu_kernels.tuning import save_configs  # noqa: E402
@@ -42,46 +42,34 @@ def bench_ms(fn, *args, rep: int = 200, **kwargs) -> float:
 GRAPH_ERRORS: list[str] = []  # why a capture failed, kept for the JSON
 
 
-def graph_ms(fn, *args, **kwargs) -> float:
-    """Median milliseconds of one CUDA-graph replay of fn: the launch gaps a decode step's graph removes."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(*args, **kwargs)
-        return bench_ms(graph.replay)
-    except RuntimeError as err:  # a capture failure should not cost the rest of the run
-        GRAPH_ERRORS.append(f"{getattr(fn, '__name__', fn)}: {err}")
-        print(f"graph capture failed: {err}", flush=True)
-        return float("nan")
-
-
 LAYERS = 8  # calls per timed graph, each on its own data, as a decode step runs its layers
 
 
-def graph_calls_ms(fn, calls: list[tuple[tuple, dict]]) -> float:
+def capture_graph(fn, calls: list[tuple[tuple, dict]]) -> torch.cuda.CUDAGraph:
+    """One CUDA graph running fn(*args, **kwargs) for every entry of calls (run once outside the
+    capture first, on a side stream: compilation and allocations stay out of the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for args, kwargs in calls:
+            fn(*args, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args, kwargs in calls:
+            fn(*args, **kwargs)
+    return graph
+
+
+def graph_calls_ms(fn, calls: list[tuple[tuple, dict]], rep: int = 200) -> float:
     """Median milliseconds per call of one CUDA graph running fn(*args, **kwargs) for every entry of calls.
 
     Each call reads its own data (other KV blocks, other experts), so nothing it reads is still in L2
     from the call before; this is how a decode step's graph runs a kernel once per layer, and it spreads
     the graph launch over the calls instead of charging it to one."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for args, kwargs in calls:
-                fn(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for args, kwargs in calls:
-                fn(*args, **kwargs)
-        return bench_ms(graph.replay) / len(calls)
-    except RuntimeError as err:
+        return bench_ms(capture_graph(fn, calls).replay, rep=rep) / len(calls)
+    except RuntimeError as err:  # a capture failure should not cost the rest of the run
         GRAPH_ERRORS.append(f"{getattr(fn, '__name__', fn)}: {err}")
         print(f"graph capture failed: {err}", flush=True)
         return float("nan")
@@ -246,7 +234,7 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                 best = {}  # path -> (ms, config); a config with BLOCK_M runs the sorted path
                 shipped = (
                     moe.fused_moe_gemv_config(T, E, inter, fmt, 128)
-                    if T * K <= moe.GEMV_MAX_SLOTS
+                    if T * K <= moe_gemv.GEMV_MAX_SLOTS
                     else moe.fused_moe_config(T, E, inter, fmt, 128)
                 )
                 for cfg in moe_candidates(T, K, fmt) if TUNE else [shipped]:
@@ -290,7 +278,7 @@ def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
         cand = {**sorted_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
         if cand not in out:
             out.append(cand)
-    if T * K > 2 * moe.GEMV_MAX_SLOTS:
+    if T * K > 2 * moe_gemv.GEMV_MAX_SLOTS:
         return out
     one_byte = (
         (64, 128, 16, 16, 4, 1), (16, 1024, 1, 16, 4, 1), (8, 1024, 1, 16, 4, 1), (32, 256, 16, 16, 4, 1),

@@ -118,9 +118,12 @@ def _gqa_decode_kernel(
         mask=gmask[:, None] & (d[None, :] < D),
         other=0.0,
     )  # [G_PAD, D_PAD]
-    # the int8 path dots in float16: it holds a bf16 query exactly within float16's normal range
-    # (6e-5 <= |q| <= 65504); smaller entries round, which moves a score by less than 1e-4 of |k|
-    q16 = q.to(tl.float32).to(tl.float16)
+    if QUANT == 1:
+        # the int8 path dots in float16: it holds a bf16 query exactly within float16's normal range
+        # (6e-5 <= |q| <= 65504); smaller entries round, which moves a score by less than 1e-4 of |k|
+        qd = q.to(tl.float32).to(tl.float16)
+    else:
+        qd = q
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
@@ -140,31 +143,26 @@ def _gqa_decode_kernel(
             mask=tmask[:, None] & (dv[None, :] < DV),
             other=0.0,
         )  # [BLOCK_N, DV_PAD]
-        if QUANT == 1:
-            # per-token scales factor out of the dot; int8 values are exact in float16
-            s = dot(q16, tl.trans(int8_to_f16(k))).to(tl.float32)
-            ks = tl.load(ks_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
-            s = s * (ks * qk_scale)[None, :]
-        elif QUANT == 2:
-            # e4m3 values are exact in q's dtype
-            s = dot(q, tl.trans(k.to(q.dtype))).to(tl.float32)
+        if QUANT == 1:  # int8 values are exact in float16: both dots run in it
+            kd, vd = int8_to_f16(k), int8_to_f16(v)
+        elif QUANT == 2:  # e4m3 values are exact in q's dtype
+            kd, vd = k.to(q.dtype), v.to(q.dtype)
+        else:
+            kd, vd = k, v
+        s = dot(qd, tl.trans(kd)).to(tl.float32)  # [G_PAD, BLOCK_N]
+        if QUANT:  # per-token scales factor out of the dots
             ks = tl.load(ks_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
             s = s * (ks * qk_scale)[None, :]
         else:
-            s = dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [G_PAD, BLOCK_N]
+            s = s * qk_scale
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])  # [G_PAD, BLOCK_N]
         alpha = tl.exp2(m - m_new)
         denom = denom * alpha + tl.sum(p, axis=1)
-        if QUANT == 1:
-            vs = tl.load(vs_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
-            pv = dot((p * vs[None, :]).to(tl.float16), int8_to_f16(v))
-        elif QUANT == 2:
-            vs = tl.load(vs_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
-            pv = dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype))
-        else:
-            pv = dot(p.to(v.dtype), v)
+        if QUANT:
+            p = p * tl.load(vs_ptr + slot * HKV + kvh, mask=tmask, other=0.0)[None, :]
+        pv = dot(p.to(vd.dtype), vd)
         acc = acc * alpha[:, None] + pv
         m = m_new
 

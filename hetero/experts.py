@@ -316,7 +316,8 @@ class StreamedExperts:
             spans = [(lo, hi) for lo, hi in spans if bool(used[lo:hi].any())]
         routing = None
         if self.cuda:
-            from gpu_kernels.moe import GEMV_MAX_SLOTS, moe_route
+            from gpu_kernels.moe import moe_route
+            from gpu_kernels.moe_gemv import GEMV_MAX_SLOTS
 
             if ids.numel() > GEMV_MAX_SLOTS:
                 # One expert sort and one pair of slot buffers for the whole layer; each chunk then

@@ -269,10 +269,17 @@ class MeasuredCost:
         self.batch = 1  # decoding sequences this step; set by Speculation.draft
         self.ratio: dict[int, float] = {}  # padded rows -> running measured / priced
         self.seen: dict[int, int] = {}  # padded rows -> steps timed
+        self._costs: dict[tuple[int, int], float] = {}  # (batch, k) -> cost, until the next observe
 
     def __call__(self, k: int) -> float:
+        """Asked for every k of every decoding sequence each step: the same few numbers until a
+        step is timed."""
         b = self.batch
-        return self.price(b, k) * self._m(b * (k + 1)) / (self.price(b, 0) * self._m(b))
+        cost = self._costs.get((b, k))
+        if cost is None:
+            cost = self.price(b, k) * self._m(b * (k + 1)) / (self.price(b, 0) * self._m(b))
+            self._costs[(b, k)] = cost
+        return cost
 
     def _near(self, rows: int) -> int | None:
         usable = [r for r in self.ratio if self.seen[r] >= MEASURED_AFTER]
@@ -306,6 +313,7 @@ class MeasuredCost:
         self.seen[size] = n
         if n < MEASURED_AFTER:
             return
+        self._costs.clear()
         r = seconds / self.priced(batch, rows)
         old = self.ratio.get(size)
         self.ratio[size] = r if old is None else old + MEASURED_WEIGHT * (r - old)
@@ -477,7 +485,7 @@ def parse_speculate(spec: str, k: str, *, model_kv_tokens: int, dtype: torch.dty
         drafter = MTPDrafter.load(model_path, model_spec, model_kv_tokens, dtype, device)
     else:
         raise HeteroError(f"--speculate {spec!r}: choose ngram, draft:DIR or mtp")
-    price = plan_prices(plan) if plan is not None else (lambda batch, k: batch * (1.0 + 0.1 * k))
+    price = plan_prices(plan) if plan is not None else (lambda batch, k: batch * linear_cost()(k))
     kk: int | str = "auto" if k == "auto" else int(k)
     return Speculation(drafter, k=kk, cost=MeasuredCost(price))
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import gpu_kernels as gk
-from gpu_kernels import kv_write, mla_attention, moe, paged_attention, quant, tuning
+from gpu_kernels import kv_write, mla_attention, moe, moe_gemv, paged_attention, quant, tuning
 from gpu_kernels._triton import HAS_TRITON
 from gpu_kernels.mla_attention import mla_decode_attention_triton
 from gpu_kernels.paged_attention import paged_decode_attention_triton
@@ -356,7 +356,7 @@ def check_moe_gemv(fmt: str, group: int) -> None:
     for (T, K, dtype), split in runs:
         x, w13, w2, ids, weights, cfg = gemv_moe_inputs(T, K, fmt, group, dtype, gen)
         cfg = cfg if split is None else {**cfg, **split}
-        out = moe.fused_moe_gemv(x, w13, w2, ids, weights, cfg)
+        out = moe_gemv.fused_moe_gemv(x, w13, w2, ids, weights, cfg)
         ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
         assert out.dtype == dtype and out.shape == ref.shape
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # float32 x: the sums' order is the only difference
@@ -364,7 +364,7 @@ def check_moe_gemv(fmt: str, group: int) -> None:
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
         assert rel_err(out, ref) < tol / 2
         if split is not None:  # no atomics: a second call gives the same bits
-            assert torch.equal(moe.fused_moe_gemv(x, w13, w2, ids, weights, cfg), out)
+            assert torch.equal(moe_gemv.fused_moe_gemv(x, w13, w2, ids, weights, cfg), out)
     # default config through the dispatcher (T*K small picks GEMV); every slot skipped gives exact zeros
     x, w13, w2, ids, weights, cfg = gemv_moe_inputs(1, 2, fmt, group, torch.bfloat16, gen)
     out = moe.fused_moe_triton(x, w13, w2, ids, weights)
@@ -372,7 +372,7 @@ def check_moe_gemv(fmt: str, group: int) -> None:
         out.float(), moe.fused_moe_reference(x.float(), w13, w2, ids, weights), rtol=2e-2, atol=2e-2
     )
     for config in (None, {**cfg, **splits[0]}):
-        out = moe.fused_moe_gemv(x, w13, w2, torch.full_like(ids, -1), weights, config)
+        out = moe_gemv.fused_moe_gemv(x, w13, w2, torch.full_like(ids, -1), weights, config)
         assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -622,7 +622,7 @@ def test_fused_moe_kernel(T, E, K, fmt, group, path):
     ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
     assert rel_err(out, ref) < 2e-2
-    if (T * K <= moe.GEMV_MAX_SLOTS) == (path == "gemv"):  # the path a call without a config takes
+    if (T * K <= moe_gemv.GEMV_MAX_SLOTS) == (path == "gemv"):  # the path a call without a config takes
         assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights), out)
 
 
