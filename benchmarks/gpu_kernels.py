@@ -233,7 +233,7 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                 wts = torch.rand(T, K, device=DEV)
                 best = {}  # path -> (ms, config); a config with BLOCK_M runs the sorted path
                 shipped = (
-                    moe.fused_moe_gemv_config(T, E, inter, fmt, 128)
+                    moe_gemv.fused_moe_gemv_config(T, E, inter, fmt, 128)
                     if T * K <= moe_gemv.GEMV_MAX_SLOTS
                     else moe.fused_moe_config(T, E, inter, fmt, 128)
                 )
@@ -302,7 +302,7 @@ def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
             (64, 256, 16, 16, 2, 0),
         ),
     }[fmt]  # fmt: skip
-    gemv_cfg = moe.fused_moe_gemv_config(T, 1, 1, fmt, 128)
+    gemv_cfg = moe_gemv.fused_moe_gemv_config(T, 1, 1, fmt, 128)
     out.append(gemv_cfg)
     for bn, bk, s1, s2, w, pdl in gemv_tiles:
         cand = {**gemv_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s1, "SPLIT_K2": s2, "num_warps": w}

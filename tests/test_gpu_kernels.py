@@ -617,7 +617,7 @@ def test_fused_moe_kernel(T, E, K, fmt, group, path):
     ids = torch.stack([torch.randperm(E, generator=gen, device=CUDA)[:K] for _ in range(T)]).int()
     ids[0, 0] = -1
     weights = torch.rand(T, K, generator=gen, device=CUDA)
-    config_of = moe.fused_moe_gemv_config if path == "gemv" else moe.fused_moe_config
+    config_of = moe_gemv.fused_moe_gemv_config if path == "gemv" else moe.fused_moe_config
     out = moe.fused_moe_triton(x, w13, w2, ids, weights, config_of(T, E, inter, fmt, group))
     ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
