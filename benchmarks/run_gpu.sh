@@ -43,7 +43,7 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     tests) python3 -m pytest -q -m gpu --tb=short --continue-on-collection-errors tests/ 2>&1 | tail -30 ;;
-    gtests) python3 -m pytest -q -m gpu --tb=short tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py tests/test_gpu_kernels.py 2>&1 | tail -30 ;;
+    gtests) python3 -m pytest -q -m gpu --tb=line -rf tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py tests/test_gpu_kernels.py 2>&1 | tail -40 ;;
     kernels) python3 benchmarks/gpu_kernels.py ${KERNEL_ARGS:-} 2>&1 | tail -60 ;;  # KERNEL_ARGS=--no-tune: shipped configs only
     moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
     nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;
@@ -82,7 +82,7 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
       python3 benchmarks/hf_baseline.py "$bf" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading\|it/s\]$" | tail -30 ;;
     convert) checkpoint && { [ -f "$conv/manifest.json" ] || python3 -m hetero.cli convert "$ckpt" "$conv" --experts int4 2>&1 | tail -2; } && model=$conv ;;
     load) checkpoint && python3 benchmarks/load.py "$ckpt" --converted "$conv" --experts int4 --gpu-mem "$gpu_mem" 2>&1 | tail -8 && model=$conv ;;
-    spec) checkpoint && python3 benchmarks/speculative.py --model "$model" --gpu-mem "$gpu_mem" --batch 1 16 --quick 2>&1 | grep -v "^loading\|^verify batch\|^e2e batch\|^ngram batch" | tail -60 ;;
+    spec) checkpoint && python3 benchmarks/speculative.py --model "$model" --gpu-mem "$gpu_mem" ${SPEC_ARGS:---batch 1 16 --quick} 2>&1 | grep -v "^loading\|^verify batch\|^e2e batch\|^ngram batch" | tail -60 ;;
     serve) checkpoint && python3 benchmarks/serve.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --requests-per-client 2 2>&1 | grep -v "^INFO" | tail -60 ;;
     prefix) checkpoint && python3 benchmarks/prefix_cache.py --model "$model" --device cuda --gpu-mem "$gpu_mem" --output-tokens 4 --repeats 1 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage" ;;
