@@ -275,31 +275,15 @@ class RouterCounter:
             h.remove()
 
 
-def _first_ram_layer(model) -> HybridExperts | None:
+def stream_min_tokens(model) -> int | None:
+    """Tokens per step from which the runtime streams RAM experts to the device instead of
+    computing them on the CPU (None: never)."""
     for m in model.modules():
         experts = getattr(m, "experts", None)
         experts = experts.inner if isinstance(experts, DeferredExperts) else experts
         if isinstance(experts, HybridExperts) and experts.cpu is not None:
-            return experts
+            return experts.stream_min_tokens if experts.streamed is not None else None
     return None
-
-
-def stream_min_tokens(model) -> int | None:
-    """Tokens per step from which the runtime streams RAM experts to the device instead of
-    computing them all on the CPU (None: never)."""
-    experts = _first_ram_layer(model)
-    return experts.stream_min_tokens if experts is not None and experts.streamed is not None else None
-
-
-def ram_experts_on(model, tokens: int) -> str:
-    """Where the first RAM layer's experts run in a step of ``tokens`` rows: cpu, stream, or a split
-    ("stream 32/42": that many streamed, the CPU computing the rest)."""
-    experts = _first_ram_layer(model)
-    m = experts._streams(tokens) if experts is not None else 0
-    if m == 0:
-        return "cpu"
-    n = experts.streamed.packed.E
-    return "stream" if m >= n else f"stream {m}/{n}"
 
 
 def priced_unique(plan, batch: int, tokens_per_step: int) -> float:
@@ -375,6 +359,7 @@ def verify_cost(rt, batch: int, prompt_len: int, rounds: int, warmup: int, steps
             ctx[k] = x
             drafts[k] = d
     rows = []
+    stream = stream_min_tokens(rt.engine.model)
     base_s = statistics.median(times[0])
     base_price = decode_step_time(plan, tokens_per_step=1, batch=batch, context=int(ctx[0])).seconds
     for k in KS:
@@ -387,7 +372,7 @@ def verify_cost(rt, batch: int, prompt_len: int, rounds: int, warmup: int, steps
                 "k": k,
                 "tokens": batch * (k + 1),
                 "drafts_per_seq": round(drafts[k], 2),  # verified per sequence and step: k
-                "ram_experts_on": ram_experts_on(rt.engine.model, batch * (k + 1)),
+                "ram_experts_on": "cpu" if stream is None or batch * (k + 1) < stream else "stream",
                 "step_ms": round(1000 * step_s, 3),
                 "step_ms_iqr": [round(1000 * q, 3) for q in statistics.quantiles(times[k], n=4)[::2]],
                 "cpu_experts_ms": round(1000 * cpu[k] / len(times[k]), 3),

@@ -8,8 +8,6 @@ no full copy of the checkpoint is ever held in RAM.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -41,9 +39,6 @@ class Placement:
     group_size: int = 64
     gpu_weights: str = "bf16"
     stream_min_tokens: int | None = None  # batches this large stream RAM experts to the GPU; None = never
-    # (layer, tokens) -> how many of the layer's RAM experts (lowest ids first) such a batch streams,
-    # the CPU computing the rest meanwhile; None: all of them
-    stream_split: Callable[[int, int], int] | None = None
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -54,9 +49,7 @@ class Placement:
         self.experts_on_gpu = {int(k): sorted(int(e) for e in v) for k, v in self.experts_on_gpu.items()}
 
     @classmethod
-    def from_plan(
-        cls, plan, stream_min_tokens: int | None = None, stream_split: Callable[[int, int], int] | None = None
-    ) -> Placement:
+    def from_plan(cls, plan, stream_min_tokens: int | None = None) -> Placement:
         threads = getattr(plan, "cpu_threads_per_node", None)
         if isinstance(threads, dict):
             threads = sum(int(v) for v in threads.values())
@@ -68,7 +61,6 @@ class Placement:
             group_size=plan.group_size,
             gpu_weights=plan.gpu_weights,
             stream_min_tokens=stream_min_tokens,
-            stream_split=stream_split,
             cpu_threads=threads or None,
         )
 
@@ -286,8 +278,7 @@ def _place_layer(source, spec, i, on_gpu, on_cpu, p: Placement, device, dtype, w
             streamed = StreamedExperts(packed, device)
     if gpu is None and cpu is None:
         gpu = ZeroExperts()  # a rank that holds none of this layer's experts
-    split = None if p.stream_split is None else functools.partial(p.stream_split, i)
-    hybrid = HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens, split)
+    hybrid = HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens)
     if len(on_gpu) + len(on_cpu) < spec.num_experts:
         # Other ranks hold the rest on their devices: only ``on_cpu`` may reach the RAM experts.
         ram = torch.zeros(spec.num_experts + 1, dtype=torch.bool)

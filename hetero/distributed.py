@@ -376,9 +376,7 @@ def shard_experts(model: nn.Module, par: Parallel) -> None:
         # RAM experts: rank 0 alone computes them, so one CPU worker serves every rank.
         ram, streamed = (ex.cpu, ex.streamed) if par.is_first else (None, None)
         cpu_local = ex.cpu_local.clone()
-        moe.experts = HybridExperts(
-            ex.num_experts, mine[i], gpu, ram, streamed, ex.stream_min_tokens, ex.stream_split
-        )
+        moe.experts = HybridExperts(ex.num_experts, mine[i], gpu, ram, streamed, ex.stream_min_tokens)
         moe.experts.cpu_local = cpu_local  # they keep their numbering
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -282,9 +281,9 @@ class StreamedExperts:
             ready.record()
         return arrays, ready, slot
 
-    def _spans(self, limit: int | None = None) -> list[tuple[int, int]]:
-        """Expert ranges [lo, hi) of the chunks of experts 0..limit-1 (default: all), in copy order."""
-        E = self.packed.E if limit is None else min(limit, self.packed.E)
+    def _spans(self) -> list[tuple[int, int]]:
+        """Expert ranges [lo, hi) of the chunks, in copy order."""
+        E = self.packed.E
         return [(lo, min(lo + self.chunk, E)) for lo in range(0, E, self.chunk)]
 
     def _copies_all(self, pairs: int) -> bool:
@@ -292,28 +291,24 @@ class StreamedExperts:
         only the chunks the routing hits."""
         return pairs >= 4 * self.packed.E
 
-    def prefetch(self, pairs: int, limit: int | None = None) -> None:
-        """Start copying the first chunks (as many as there are staging buffers) of experts
-        0..limit-1 now, for a batch of ``pairs`` token-expert choices that copies every chunk:
-        the copies run while the layer's attention computes."""
+    def prefetch(self, pairs: int) -> None:
+        """Start copying the first chunks (as many as there are staging buffers) now, for a batch
+        of ``pairs`` token-expert choices that copies every chunk: the copies run while the
+        layer's attention computes."""
         if not self.cuda or self.early or not self._copies_all(pairs):
             return
         if not self.pinned:
             self._pin()
-        self.early = [(lo, self._fetch(lo, hi)) for lo, hi in self._spans(limit)[:STREAM_SLOTS]]
+        self.early = [(lo, self._fetch(lo, hi)) for lo, hi in self._spans()[:STREAM_SLOTS]]
 
-    def submit(
-        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, limit: int | None = None
-    ) -> torch.Tensor:
-        """The MoE of the experts that ids (local, -1: another backend's) name; with ``limit`` only
-        experts 0..limit-1 are copied (the caller routes no token to the others)."""
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         p = self.packed
         # Copies prefetch started (spans[0], spans[1], ... in turn), taken whatever happens next:
         # their buffers are the whole device's, and the next layer's chunks will overwrite them.
         early, self.early = self.early, []
         if self.cuda and not self.pinned:
             self._pin()
-        spans = self._spans(limit)
+        spans = self._spans()
         if not self._copies_all(ids.numel()):
             # Few tokens may leave whole chunks unhit: ask the device which (one sync) and skip them.
             # With more, every chunk is hit all but surely, and an unhit one only costs its copy.
@@ -476,42 +471,20 @@ def _warn_stream_oom() -> None:
     )
 
 
-class _Ready:
-    """A backend whose handle already is its output."""
-
-    @staticmethod
-    def wait(handle: torch.Tensor) -> torch.Tensor:
-        return handle
-
-
-_READY = _Ready()
-
-
 class HybridExperts:
     """One layer's routed experts split across backends; the outputs are summed.
 
     ``gpu_ids`` live on the compute device, the rest in RAM. RAM experts run on the CPU
     worker, or, when a batch is large enough that the cost model prefers it, are streamed
-    over PCIe and run on the GPU. Between the two, ``stream_split(tokens)`` (from the cost
-    model) may stream only the first few RAM experts, while the CPU computes the others at
-    the same time: a step a little too wide for the CPU alone, such as a batch's speculative
-    verify, then costs the larger of the two shares instead of the whole on either.
+    over PCIe and run on the GPU.
     """
 
     def __init__(
-        self,
-        num_experts: int,
-        gpu_ids: list[int],
-        gpu=None,
-        cpu=None,
-        streamed=None,
-        stream_min_tokens=None,
-        stream_split: Callable[[int], int] | None = None,
+        self, num_experts: int, gpu_ids: list[int], gpu=None, cpu=None, streamed=None, stream_min_tokens=None
     ):
         self.num_experts = num_experts
         self.gpu, self.cpu, self.streamed = gpu, cpu, streamed
         self.stream_min_tokens = stream_min_tokens
-        self.stream_split = stream_split  # tokens -> RAM experts (local ids 0..n-1) to stream; None: all
         on_gpu = torch.zeros(num_experts, dtype=torch.bool)
         on_gpu[list(gpu_ids)] = True
         # One extra entry, -1: an id of -1 (not routed) indexes it and stays -1 on every backend.
@@ -521,7 +494,7 @@ class HybridExperts:
         cpu_local[:num_experts][~on_gpu] = torch.arange(int((~on_gpu).sum()))
         self.gpu_local, self.cpu_local = gpu_local, cpu_local
         self._device = None
-        self.ram_calls = {"cpu": 0, "stream": 0, "split": 0}  # how this layer's RAM experts ran, per forward
+        self.ram_calls = {"cpu": 0, "stream": 0}  # how this layer's RAM experts ran, per forward
 
     def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device != device:
@@ -532,50 +505,24 @@ class HybridExperts:
             )
         return self.gpu_local, self.cpu_local
 
-    def _streams(self, tokens: int) -> int:
-        """How many RAM experts (local ids 0..n-1) a batch of ``tokens`` tokens streams: 0 (the CPU
-        computes them all) up to all of them."""
-        if (
-            self.cpu is None
-            or self.streamed is None
-            or self.stream_min_tokens is None
-            or tokens < self.stream_min_tokens
-        ):
-            return 0
-        n = self.streamed.packed.E
-        return n if self.stream_split is None else max(0, min(n, int(self.stream_split(tokens))))
+    def _streams(self, tokens: int) -> bool:
+        return (
+            self.cpu is not None
+            and self.streamed is not None
+            and self.stream_min_tokens is not None
+            and tokens >= self.stream_min_tokens
+        )
 
     def prefetch(self, tokens: int, pairs: int) -> None:
         """Before the layer's attention: a batch (``tokens`` tokens, ``pairs`` token-expert
-        choices) that streams RAM experts starts copying them now."""
-        m = self._streams(tokens)
-        if m:
-            self.streamed.prefetch(pairs, m)
+        choices) that streams its RAM experts starts copying them now."""
+        if self._streams(tokens):
+            self.streamed.prefetch(pairs)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         gpu_local, cpu_local = self._maps(ids.device)
         handles = []
-        m = self._streams(x.shape[0])
-        streams = m > 0
-        if self.cpu is not None and 0 < m < self.streamed.packed.E:
-            # Split: the CPU's share goes first (its copies to the host start the worker), then the
-            # streamed share and the resident experts queue on the GPU and run meanwhile.
-            local = cpu_local[ids]
-            handles.append((self.cpu, self.cpu.submit(x, torch.where(local >= m, local, -1), weights)))
-            mine = torch.where(local < m, local, -1)
-            try:
-                handles.append((self.streamed, self.streamed.submit(x, mine, weights, m)))
-                self.ram_calls["split"] += 1
-            except torch.OutOfMemoryError:
-                # As below: the CPU computes the streamed share too, once its own share is done (the
-                # hand-off's host buffers serve one call at a time).
-                _warn_stream_oom()
-                handles.append((_READY, self.cpu.wait(handles.pop()[1])))
-                handles.append((self.cpu, self.cpu.submit(x, mine, weights)))
-                self.ram_calls["cpu"] += 1
-            if self.gpu is not None:
-                handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
-            return handles
+        streams = self._streams(x.shape[0])
         if streams and self.gpu is not None:
             # The resident experts' math first: it runs while the streamed chunks are still crossing.
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))

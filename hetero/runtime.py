@@ -5,7 +5,6 @@ The CLI, the server and the benchmarks all start here.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -148,7 +147,7 @@ def load_runtime(
     if opts.offload if opts.offload is not None else device.type == "cuda":
         import placement as hardware
         from hetero.apply import Placement, load_placed
-        from placement.cost import stream_count, stream_min_tokens
+        from placement.cost import stream_min_tokens
 
         # Measured once (with the CPU kernels' rate in this expert format), cached for the other ranks.
         profile = rank0_first(parallel, lambda: with_kernel_rate(hardware.detect(), experts))
@@ -167,7 +166,7 @@ def load_runtime(
         )
         # Streaming means copying over PCIe; with no GPU the "device" already is the CPU.
         stream_from = stream_min_tokens(plan.cost_inputs) if device.type == "cuda" else None
-        placement = Placement.from_plan(plan, stream_from, functools.partial(stream_count, plan.cost_inputs))
+        placement = Placement.from_plan(plan, stream_from)
         net = load_placed(
             path,
             placement,

@@ -282,12 +282,10 @@ def decode_layer_time(
     context: int,
     stream: bool = False,
     n: int | None = None,
-    streamed: int = 0,
 ) -> tuple[float, dict[str, float]]:
     """Seconds of one layer for ``n`` tokens (default ``gpu.n``; the branches may be built over
     fewer, ``routed_tokens``), ``batch`` sequences at ``context`` cached tokens; ``stream``: the
-    RAM experts cross PCIe to run on the GPU (a step of many rows) instead of on the CPU;
-    ``streamed``: only the first that many RAM experts do, the CPU computing the others meanwhile."""
+    RAM experts cross PCIe to run on the GPU (a step of many rows) instead of on the CPU."""
     n = gpu.n if n is None else n
     kv = lc.kv_bytes_per_pos * context * batch
     t_pre, res_pre = _roof(
@@ -300,23 +298,14 @@ def decode_layer_time(
         r.gpu_flops,
         "gpu",
     )
-    m = len(lc.cpu_probs) if stream else min(max(streamed, 0), len(lc.cpu_probs))
-    rest = cpu if m == 0 else Branch.of(lc.cpu_probs[m:], cpu.n)  # the CPU's experts
     t_c, res_c = _roof(
-        rest.touched * lc.expert_bytes, n * rest.load * lc.expert_flops, r.cpu_bw, r.cpu_flops, "cpu"
+        cpu.touched * lc.expert_bytes, n * cpu.load * lc.expert_flops, r.cpu_bw, r.cpu_flops, "cpu"
     )
-    p_any = 1.0 - math.exp(rest.log_none)
+    p_any = 1.0 - math.exp(cpu.log_none)
     hand = p_any * (HANDOFF_S + 2 * n * hidden * 2 / r.pcie_bw)  # activations there and back, bf16
     parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
-    if m == len(lc.cpu_probs) and m:  # priced as a streamed prefill layer, run eagerly
+    if stream and lc.cpu_probs:  # priced as a streamed prefill layer, run eagerly
         _overlap(parts, *_streamed(lc, gpu, cpu, n, r))
-        parts["overhead"] += STREAMED_STEP_LAYER_S
-    elif m:  # split: the streamed share on the GPU beside the CPU's, both read from host memory
-        sent = Branch.of(lc.cpu_probs[:m], cpu.n)
-        t_pcie, t_gs, res_gs = _streamed(lc, gpu, sent, n, r)
-        t_host = (sent.touched + rest.touched) * lc.expert_bytes / r.cpu_bw
-        t, res = max((t_pcie, "pcie"), (t_gs, res_gs), (t_c + hand, res_c), (t_host, "cpu-memory"))
-        parts[res] = parts.get(res, 0.0) + t
         parts["overhead"] += STREAMED_STEP_LAYER_S
     elif t_c + hand > t_g:
         parts[res_c] = parts.get(res_c, 0.0) + t_c
@@ -324,24 +313,6 @@ def decode_layer_time(
     else:
         parts[res_g] = parts.get(res_g, 0.0) + t_g
     return sum(parts.values()), parts
-
-
-# Shares of a layer's RAM experts a step may stream (the CPU computing the rest), in eighths.
-SPLITS = 8
-
-
-def best_streamed(
-    lc: LayerCost, gpu: Branch, cpu: Branch, r: Rates, hidden: int, batch: int, context: int, n: int
-) -> int:
-    """How many of the layer's RAM experts (lowest ids first) a step of ``n`` tokens is cheapest
-    streaming: 0 (all on the CPU), all of them, or a share in between."""
-    e = len(lc.cpu_probs)
-    if e == 0:
-        return 0
-    shares = sorted({round(e * j / SPLITS) for j in range(SPLITS + 1)})
-    return min(
-        shares, key=lambda m: decode_layer_time(lc, gpu, cpu, r, hidden, batch, context, n=n, streamed=m)[0]
-    )
 
 
 AUTO = "auto"
@@ -371,9 +342,10 @@ def decode_step_time(
     routed = routed_tokens(batch, tokens_per_step)
     out = StepTime(0.0, n, dict.fromkeys(RESOURCES, 0.0))
     for lc in ci.layers:
-        gpu, cpu = Branch.of(lc.gpu_probs, routed), Branch.of(lc.cpu_probs, routed)
-        m = best_streamed(lc, gpu, cpu, r, ci.hidden_size, batch, context, n) if stream else 0
-        t, parts = decode_layer_time(lc, gpu, cpu, r, ci.hidden_size, batch, context, n=n, streamed=m)
+        t, parts = decode_layer_time(
+            lc, Branch.of(lc.gpu_probs, routed), Branch.of(lc.cpu_probs, routed), r, ci.hidden_size,
+            batch, context, stream, n,
+        )  # fmt: skip
         if ci.gpus > 1:
             parts["link"] = ci.link_time(n)
             t += parts["link"]
@@ -388,42 +360,20 @@ def decode_step_time(
 
 # --------------------------------------------------------------------------- prefill
 
-# Step widths probed for the first that streams: the row counts decode graphs are captured at
-# (multiples of 8) up to 128, then powers of two.
-STREAM_PROBE_TOKENS = (*range(8, 129, 8), 256, 512, 1024, 2048, 4096, 8192)
+STREAM_PROBE_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @functools.lru_cache(maxsize=64)
 def stream_min_tokens(ci: CostInputs) -> int | None:
-    """Smallest step of tokens (of ``STREAM_PROBE_TOKENS``) that is cheaper streaming some or all
-    of its RAM experts over PCIe than running them all on the CPU; None: never. The runtime
-    streams prefill chunks and decode steps from this many tokens on (how many experts:
-    ``stream_count``). Priced as a decode step of that many rows, the narrowest step that streams
-    (prefill chunks are wider, and favour streaming more)."""
+    """Smallest step of tokens (of ``STREAM_PROBE_TOKENS``) that is cheaper streaming its RAM
+    experts over PCIe than running them on the CPU; None: never. The runtime streams prefill
+    chunks and decode steps from this many tokens on. Priced as a decode step of that many rows,
+    the narrowest step that streams (prefill chunks are wider, and favour streaming more)."""
     for tokens in STREAM_PROBE_TOKENS:
         streamed = decode_step_time(ci, 1, batch=tokens, stream_from=tokens).seconds
         if streamed < decode_step_time(ci, 1, batch=tokens, stream_from=None).seconds:
             return tokens
     return None
-
-
-@functools.lru_cache(maxsize=256)
-def _stream_counts(ci: CostInputs, tokens: int) -> tuple[int, ...]:
-    r = ci.rates
-    return tuple(
-        best_streamed(
-            lc, Branch.of(lc.gpu_probs, tokens), Branch.of(lc.cpu_probs, tokens), r, ci.hidden_size, tokens,
-            ci.context, tokens,
-        )
-        for lc in ci.layers
-    )  # fmt: skip
-
-
-def stream_count(ci: CostInputs, layer: int, tokens: int) -> int:
-    """How many of ``layer``'s RAM experts (lowest ids first) a step of ``tokens`` independent tokens
-    streams to the GPU, the CPU computing the others meanwhile: what ``decode_step_time`` prices.
-    The runtime asks this for steps of ``stream_min_tokens`` tokens or more."""
-    return _stream_counts(ci, tokens)[layer] if 0 <= layer < len(ci.layers) else 0
 
 
 def prefill_time(inputs: Any, tokens: int) -> StepTime:

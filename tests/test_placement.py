@@ -20,7 +20,7 @@ from placement import (
     parse_size,
     prefill_time,
 )
-from placement.cost import STREAM_PROBE_TOKENS, Branch, decode_layer_time, stream_count, stream_min_tokens
+from placement.cost import stream_min_tokens
 from placement.formats import tensor_bytes
 from placement.hardware import GpuInfo
 from placement.units import GiB, MiB
@@ -332,34 +332,6 @@ def test_wide_decode_steps_stream_from_the_threshold():
         decode_step_time(ci, 1, batch=n - 1).seconds
         == decode_step_time(ci, 1, batch=n - 1, stream_from=None).seconds
     )
-
-
-def test_steps_between_the_cpu_and_streaming_split_their_ram_experts():
-    """Some step widths stream part of a layer's RAM experts while the CPU computes the rest, priced
-    below both all on the CPU and all streamed; the runtime's count is the one priced."""
-    plan = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=fixed_gpu_bytes(), **OPTS))
-    # Rates at which the tiny experts' math on the CPU and their copies take about as long at a few
-    # dozen tokens, both well above the fixed costs of a step.
-    rates = dataclasses.replace(plan.cost_inputs.rates, cpu_flops=3e10, pcie_bw=1e9)
-    ci = dataclasses.replace(plan.cost_inputs, rates=rates)
-    split = 0
-    for n in STREAM_PROBE_TOKENS[:16]:
-        for i, lc in enumerate(ci.layers):
-            m, e = stream_count(ci, i, n), len(lc.cpu_probs)
-            if not 0 < m < e:
-                continue
-            split += 1
-            gpu, cpu = Branch.of(lc.gpu_probs, n), Branch.of(lc.cpu_probs, n)
-
-            def price(s, lc=lc, gpu=gpu, cpu=cpu, n=n):
-                return decode_layer_time(
-                    lc, gpu, cpu, ci.rates, ci.hidden_size, n, ci.context, n=n, streamed=s
-                )[0]
-
-            assert price(m) < min(price(0), price(e))
-        step = decode_step_time(ci, 1, batch=n, context=ci.context)
-        assert step.seconds <= decode_step_time(ci, 1, batch=n, context=ci.context, stream_from=None).seconds
-    assert split > 0
 
 
 def test_detection_runs_without_probing():
