@@ -13,7 +13,10 @@ With the routed experts mostly in RAM, at each batch size:
    ahead of each step, untimed, then rolled back), each token wrong with probability 1 - a
    (a = 0.6, 0.8, 0.9), at a fixed k and with k chosen adaptively; tokens/s
    over plain decoding beside the model's prediction: (1 - a^(k+1)) / (1 - a) tokens per step
-   over the step's priced cost.
+   over the step's priced cost. Every run times the same number of steps of the full batch, each
+   sequence with room to draft k at every one of them: the steady state of a server that keeps
+   its batch full. (Run to completion instead, a fixed batch ends in steps of a few sequences, or
+   of short drafts near max_tokens, that cost nearly a full streamed step each.)
 3. Prompt lookup. The n-gram drafter on prompts that repeat a text, with how repetitive the
    model's own greedy output is (random weights need not copy the prompt).
 
@@ -164,12 +167,23 @@ def admit(engine, prompts, gen: int):
     return seqs
 
 
-def decode(engine, seqs, before_step=None) -> tuple[float, int, int]:
-    """Run to completion; returns (seconds, tokens decoded after the first, steps). Only the
-    steps are timed, each on its own: ``before_step()`` runs untimed before each."""
+def e2e_steps(gen: int) -> int:
+    """Timed steps of each end-to-end run: half of ``gen``, as plain decoding of ``gen`` tokens
+    would run to completion in ``gen`` steps."""
+    return max(4, gen // 2)
+
+
+def e2e_room(gen: int) -> int:
+    """max_tokens of an end-to-end run's sequences: every timed step may emit 1 + the longest draft."""
+    return e2e_steps(gen) * (1 + max(KS)) + 2
+
+
+def decode(engine, seqs, before_step=None, steps: int | None = None) -> tuple[float, int, int]:
+    """Run to completion, or for ``steps`` steps; returns (seconds, tokens decoded after the first,
+    steps). Only the steps are timed, each on its own: ``before_step()`` runs untimed before each."""
     before = sum(len(s.output_ids) for s in seqs)
-    secs, steps = 0.0, 0
-    while engine.scheduler.has_work:
+    secs, done = 0.0, 0
+    while engine.scheduler.has_work and (steps is None or done < steps):
         if before_step is not None:
             before_step()
         _sync()
@@ -177,8 +191,8 @@ def decode(engine, seqs, before_step=None) -> tuple[float, int, int]:
         engine.step()
         _sync()
         secs += time.perf_counter() - t0
-        steps += 1
-    return secs, sum(len(s.output_ids) for s in seqs) - before, steps
+        done += 1
+    return secs, sum(len(s.output_ids) for s in seqs) - before, done
 
 
 def look_ahead(engine, seqs, n: int) -> dict[int, list[int]]:
@@ -410,12 +424,16 @@ class CountingSpeculation(Speculation):
 def end_to_end(
     rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_rel: dict, acceptance=ACCEPTANCE
 ) -> list[dict]:
+    """Part 2 over ``e2e_steps(gen)`` timed steps of the whole batch per run (see the module's doc)."""
     engine, plan = rt.engine, rt.plan
     vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
     prompts = prompts_of(rt, batch, prompt_len, seed=7)
+    n_steps, room = e2e_steps(gen), e2e_room(gen)
     engine.speculate = None
-    seqs = admit(engine, prompts, gen)
-    plain_s, plain_tok, plain_steps = decode(engine, seqs)
+    seqs = admit(engine, prompts, room)
+    plain_s, plain_tok, plain_steps = decode(engine, seqs, steps=n_steps)
+    for s in seqs:
+        engine.abort(s)
     plain = plain_tok / plain_s
     greedy = {tuple(s.prompt_ids): list(s.output_ids) for s in seqs}
     price = plan_cost(plan)  # relative step cost at the plan's batch (= this batch)
@@ -444,7 +462,7 @@ def end_to_end(
             # auto: the runtime's policy, the price corrected by the steps it times as it goes
             cost = MeasuredCost(plan_prices(plan)) if k == "auto" else price
             engine.speculate = spec = CountingSpeculation(drafter, k=k, cost=cost)
-            seqs = admit(engine, prompts, gen)
+            seqs = admit(engine, prompts, room)
             horizon = spec.max_draft
 
             def refresh(seqs=seqs, drafter=drafter, horizon=horizon):
@@ -452,7 +470,9 @@ def end_to_end(
                 for s in seqs:
                     drafter.continuations[tuple(s.prompt_ids)] = s.output_ids + ahead.get(s.id, [])
 
-            secs, toks, steps = decode(engine, seqs, refresh)
+            secs, toks, steps = decode(engine, seqs, refresh, steps=n_steps)
+            for s in seqs:
+                engine.abort(s)
             st = engine.spec_stats
             kk = best_k(a, 8, price, MIN_GAIN) if k == "auto" else k
             same = statistics.fmean(
@@ -562,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt_len = args.prompt_len or (32 if args.quick else 256)
     gen = args.gen or (32 if args.quick else 128)
     rounds, warmup, steps = (3, 1, 4) if args.quick else (5, 3, 8)
-    max_len = max(prompt_len, 256) + gen + 2 * max(KS) + 16  # 256: room for part 3's prompts
+    # 256: room for part 3's prompts; part 2's sequences may grow by e2e_room(gen)
+    max_len = max(prompt_len, 256) + max(gen, e2e_room(gen)) + 2 * max(KS) + 16
     tmp = None
     if args.model is None:
         from hetero.make_model import make_model
