@@ -44,6 +44,7 @@ sys.path = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve(
 import torch  # noqa: E402
 
 from hetero.bench import cap_device_memory  # noqa: E402
+from hetero.engine import settle_heap  # noqa: E402
 from hetero.experts import DeferredExperts, HybridExperts  # noqa: E402
 from hetero.moe import MoE  # noqa: E402
 from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
@@ -631,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             capture_graphs(rt, batch)
             warm_widest_verify(rt, batch)
+            settle_heap()  # as a server's warm-up leaves it
             rows = verify_cost(rt, batch, prompt_len, rounds, warmup, steps) if "verify" in parts else []
         except torch.OutOfMemoryError:
             print(torch.cuda.memory_summary(rt.engine.device, abbreviated=True), flush=True)

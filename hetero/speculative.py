@@ -216,12 +216,20 @@ def expected_tokens(a: float, k: int) -> float:
     return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
+def best_batch_k(rates: list[float], k_max: int, cost: Callable[[int], float], margin: float = 0.0) -> int:
+    """The one draft length for a step's sequences (acceptance rates ``rates``) with the most
+    expected tokens of the whole step per unit of its cost, ``cost(k)`` being the step's cost
+    with every sequence drafting k; a k > 0 only when it beats plain decoding by more than
+    ``margin``. For one sequence it is ``best_k``."""
+    value = [sum(expected_tokens(a, k) for a in rates) / cost(k) for k in range(k_max + 1)]
+    k = max(range(k_max + 1), key=value.__getitem__)
+    return k if value[k] > value[0] * (1.0 + margin) else 0
+
+
 def best_k(a: float, k_max: int, cost: Callable[[int], float], margin: float = 0.0) -> int:
     """The k in 0..k_max with the most expected tokens per unit of step cost; a k > 0 only when
     it beats plain decoding (k = 0) by more than ``margin`` (a fraction)."""
-    value = [expected_tokens(a, k) / cost(k) for k in range(k_max + 1)]
-    k = max(range(k_max + 1), key=value.__getitem__)
-    return k if value[k] > value[0] * (1.0 + margin) else 0
+    return best_batch_k([a], k_max, cost, margin)
 
 
 def linear_cost(c: float = 0.1) -> Callable[[int], float]:
@@ -371,12 +379,22 @@ class Speculation:
         """The most tokens a sequence drafts in one step."""
         return self.k_max if self.k == "auto" else int(self.k)
 
+    def rate(self, seq: Sequence) -> float:
+        """The sequence's running acceptance rate; Laplace prior: a fresh sequence starts at 1/2."""
+        acc, drafted = self.seen.get(seq.id, (0, 0))
+        return (acc + 1) / (drafted + 2)
+
     def k_for(self, seq: Sequence) -> int:
+        return self.k_for_batch([seq])
+
+    def k_for_batch(self, seqs: list[Sequence]) -> int:
+        """Adaptive k for a step's sequences together. A step's cost depends on all its rows, and
+        once a wide step streams its RAM experts it barely grows with them, so one sequence's
+        drafts are not priced alone: every sequence drafts the k that gives the step the most
+        expected tokens per unit of its cost."""
         if self.k != "auto":
             return int(self.k)
-        acc, drafted = self.seen.get(seq.id, (0, 0))
-        a = (acc + 1) / (drafted + 2)  # Laplace prior: a fresh sequence starts at 1/2
-        return best_k(a, self.k_max, self.cost, MIN_GAIN)
+        return best_batch_k([self.rate(s) for s in seqs], self.k_max, self.cost, MIN_GAIN)
 
     def _probes(self, seq: Sequence) -> bool:
         """Whether a sequence that the price keeps at k = 0 takes a shadow draft this step."""
@@ -401,12 +419,13 @@ class Speculation:
         # Until a plain step of about this batch has been timed, the measured cost has no baseline
         # to set verify steps against: this step stays plain (shadow drafts still score the drafter).
         plain = measured and self.cost.wants_plain(self.cost.batch)
+        common = 0 if plain or not decoding else self.k_for_batch(decoding)
         for seq in decoding:
             room = min(
                 seq.params.max_tokens - len(seq.output_ids) - 1,  # the verify adds one more token
                 engine.config.max_model_len - seq.num_tokens - 1,
             )
-            k = 0 if plain else min(self.k_for(seq), room)
+            k = min(common, room)
             seq.draft = [t for t in self.drafter.propose(seq, k)[:k] if 0 <= t < vocab] if k > 0 else []
             if k == 0 and self.k == "auto" and self.k_max > 0 and self._probes(seq):
                 # A sequence that never drafts never learns its rate. Verifying a probe would

@@ -20,6 +20,7 @@ from hetero.speculative import (
     Speculation,
     accept_greedy,
     accept_sampled,
+    best_batch_k,
     best_k,
     expected_tokens,
     parse_speculate,
@@ -204,6 +205,22 @@ def test_greedy_rule():
     assert accept_greedy(lg, [1, 0]) == [1, 0, 2]
     assert accept_greedy(lg, [1, 2]) == [1, 0]
     assert accept_greedy(lg, [0, 0]) == [1]
+
+
+def test_adaptive_k_prices_a_batch_together():
+    """A wide step that streams costs about the same with any drafts: a sequence whose drafts alone
+    would not pay for a second step's worth drafts beside the others, at their k."""
+    flat = lambda k: 1.0 if k == 0 else 1.8  # noqa: E731
+    assert best_k(0.3, 8, flat, 0.1) == 0
+    k = best_batch_k([0.3] + [0.85] * 15, 8, flat, 0.1)
+    assert k == best_k(0.85, 8, flat, 0.1) == 8
+    assert best_batch_k([0.3] * 16, 8, flat, 0.1) == 0
+    steep = lambda k: 1.0 + 0.5 * k  # noqa: E731
+    for a in (0.2, 0.6, 0.9):  # one sequence: the same choice as alone
+        assert best_batch_k([a], 8, steep) == best_k(a, 8, steep)
+    # rates in between: the batch's choice lies between its members' own
+    lo, hi = best_k(0.5, 8, steep), best_k(0.95, 8, steep)
+    assert lo <= best_batch_k([0.5, 0.95], 8, steep) <= hi
 
 
 def test_adaptive_k():
