@@ -41,13 +41,14 @@ def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwarePr
     if not profile.measured or expert_format in profile.cpu_kernel_bw:
         return profile
     from cpu_kernels.probe import decode_bandwidth
-    from placement.cost import KERNEL_PROBE_BATCHES, kernel_key
+    from placement.cost import KERNEL_PROBE_BATCHES, PROBE_EXPERTS, PROBE_TOP_K, kernel_key
     from placement.planner import cpu_worker_threads
 
     threads = sum(cpu_worker_threads(profile).values())  # the plan's workers: one core drives the GPU
     rates = dict(profile.cpu_kernel_bw)
     for batch in KERNEL_PROBE_BATCHES:
-        rates[kernel_key(expert_format, batch)] = decode_bandwidth(expert_format, threads, tokens=batch)
+        shape = (PROBE_EXPERTS, 2048, 1408, PROBE_TOP_K)  # V2-Lite's expert size; kernel_bw scales by routing
+        rates[kernel_key(expert_format, batch)] = decode_bandwidth(expert_format, threads, batch, shape)
     profile = dataclasses.replace(profile, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw"))
     placement.save_profile(profile)
     return profile

@@ -73,15 +73,22 @@ class Rates:
 
     @classmethod
     def from_profile(
-        cls, profile: Any, gpus: int = 1, expert_format: str | None = None, batch: int = 1
+        cls,
+        profile: Any,
+        gpus: int = 1,
+        expert_format: str | None = None,
+        batch: int = 1,
+        top_k: int = 0,
+        num_experts: int = 0,
     ) -> Rates:
         """With ``gpus`` > 1 the GPU rates add up: the GPU part is split evenly over them (the
         replicated router, norms and output head are priced as if split too; they are small).
         The CPU's bandwidth is what the expert kernels were measured to stream in
-        ``expert_format`` at decode batch ``batch`` when the profile has it, else a fixed share
-        of the read bandwidth."""
+        ``expert_format`` at decode batch ``batch`` of a model routing top-``top_k`` of
+        ``num_experts`` (``kernel_bw``) when the profile has it, else a fixed share of the read
+        bandwidth."""
         g = profile.gpu
-        measured = kernel_bw(getattr(profile, "cpu_kernel_bw", {}), expert_format, batch)
+        measured = kernel_bw(getattr(profile, "cpu_kernel_bw", {}), expert_format, batch, top_k, num_experts)
         return cls(
             gpu_bw=g.hbm_bw * GPU_BW_EFF * gpus,
             gpu_flops=g.bf16_flops * GPU_FLOP_EFF * gpus,
@@ -92,8 +99,10 @@ class Rates:
 
 
 # Decode batch sizes at which the runtime measures the CPU expert kernels: "int4" is one token,
-# "int4@16" sixteen (more tokens per expert shift the kernels from streaming toward compute).
+# "int4@16" sixteen (more tokens per expert shift the kernels from streaming toward compute), on
+# a layer of PROBE_EXPERTS experts of V2-Lite's size, each token routed to PROBE_TOP_K of them.
 KERNEL_PROBE_BATCHES = (1, 16)
+PROBE_EXPERTS, PROBE_TOP_K = 32, 6
 
 
 def kernel_key(fmt: str, batch: int) -> str:
@@ -101,13 +110,27 @@ def kernel_key(fmt: str, batch: int) -> str:
     return fmt if batch == 1 else f"{fmt}@{batch}"
 
 
-def kernel_bw(measured: dict[str, float], fmt: str | None, batch: int) -> float | None:
-    """The kernels' measured decode bandwidth in ``fmt`` at ``batch`` tokens: between the probed
-    batch sizes, interpolated in log(batch); beyond them, the nearest. None if not measured."""
+def tokens_per_expert(tokens: float, top_k: int, num_experts: int) -> float:
+    """Tokens each touched expert computes on average when ``tokens`` tokens each pick ``top_k``
+    of ``num_experts`` uniformly: what moves a step's expert kernels from streaming to compute."""
+    return tokens * top_k / expected_unique_experts(tokens, top_k, num_experts)
+
+
+def kernel_bw(
+    measured: dict[str, float], fmt: str | None, batch: int, top_k: int = 0, num_experts: int = 0
+) -> float | None:
+    """The kernels' measured decode bandwidth in ``fmt`` at ``batch`` tokens of a model routing
+    top-``top_k`` of ``num_experts`` (default: the probe's own layer): between the probed rates,
+    interpolated in log(tokens per touched expert), which is what the probe at 16 tokens varies
+    (3.1 on its 32-expert layer; V2-Lite's 64 experts see 1.9 at batch 16, DeepSeek-V3's 256 see
+    1.3); beyond them, the nearest. None if not measured."""
     lo, hi = (measured.get(kernel_key(f"{fmt}", b)) for b in KERNEL_PROBE_BATCHES)
     if lo is None or hi is None or batch <= 1:
         return lo
-    t = min(1.0, math.log(batch) / math.log(KERNEL_PROBE_BATCHES[1]))
+    if not 0 < top_k <= num_experts:
+        top_k, num_experts = PROBE_TOP_K, PROBE_EXPERTS
+    probed = tokens_per_expert(KERNEL_PROBE_BATCHES[1], PROBE_TOP_K, PROBE_EXPERTS)
+    t = min(1.0, math.log(tokens_per_expert(batch, top_k, num_experts)) / math.log(probed))
     return lo + t * (hi - lo)
 
 

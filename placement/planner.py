@@ -189,7 +189,7 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
     fixed = [t for t in inv.tensors if _on_gpu_always(t, inv)]
     fmt, mandatory = _pick_gpu_format(inv, fixed, opts, gpu_budget, kv_gpu, workspace)
 
-    rates = Rates.from_profile(profile, opts.gpus, opts.experts, opts.batch)
+    rates = Rates.from_profile(profile, opts.gpus, opts.experts, opts.batch, inv.top_k, inv.num_experts)
     ctx = max(
         1, opts.context // 2
     )  # a sequence growing to `context` spends its decode at half of it on average

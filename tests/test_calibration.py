@@ -9,6 +9,7 @@ import pytest
 import placement
 from cpu_kernels.probe import decode_bandwidth
 from hetero import planning
+from placement.cost import PROBE_EXPERTS, PROBE_TOP_K
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "bf16"])
@@ -22,8 +23,9 @@ def test_kernel_rate_measured_once_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
 
-    def fake(fmt, threads, tokens=1):
+    def fake(fmt, threads, tokens=1, shape=None):
         calls.append((fmt, threads, tokens))
+        assert shape[0] == PROBE_EXPERTS and shape[3] == PROBE_TOP_K  # the layer kernel_bw assumes
         return 12.5e9 / tokens
 
     monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", fake)
@@ -52,7 +54,9 @@ def test_runtime_plans_with_the_kernels_rate(monkeypatch, tmp_path, tiny_checkpo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
     monkeypatch.setattr(placement, "detect", lambda *a, **k: base)
-    monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1: 7.25e9)
+    monkeypatch.setattr(
+        "cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1, shape=None: 7.25e9
+    )
     path = tiny_checkpoint("deepseek-v2-lite", seed=3)
     rt = load_runtime(path, RuntimeOptions(offload=True, experts="int8", gpu_mem=2 << 30, max_model_len=64))
     assert rt.plan.cost_inputs.rates.cpu_bw == 7.25e9

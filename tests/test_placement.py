@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -361,10 +362,17 @@ def test_measured_kernel_rate_prices_cpu_experts():
 
 
 def test_kernel_rate_between_probed_batches():
-    from placement.cost import kernel_bw
+    from placement.cost import PROBE_EXPERTS, PROBE_TOP_K, kernel_bw, tokens_per_expert
 
     m = {"int4": 40e9, "int4@16": 20e9}
     assert kernel_bw(m, "int4", 1) == 40e9 and kernel_bw(m, "int4", 16) == 20e9
-    assert kernel_bw(m, "int4", 4) == pytest.approx(30e9)  # halfway in log(batch)
     assert kernel_bw(m, "int4", 64) == 20e9 and kernel_bw(m, "int8", 4) is None
     assert kernel_bw({"int4": 40e9}, "int4", 16) == 40e9  # only batch 1 known
+    # In log(tokens per touched expert), the probe layer's 3.1 at 16 tokens: 4 tokens put 1.33 on it
+    probed = tokens_per_expert(16, PROBE_TOP_K, PROBE_EXPERTS)
+    half = 40e9 - 20e9 * math.log(tokens_per_expert(4, PROBE_TOP_K, PROBE_EXPERTS)) / math.log(probed)
+    assert kernel_bw(m, "int4", 4) == pytest.approx(half)
+    # More experts spread a batch thinner: V2-Lite's 64 at batch 16 sit between the two rates,
+    # DeepSeek-V3's 256 nearer the one-token rate; the probe's own shape gets the 16-token rate.
+    v2, v3 = kernel_bw(m, "int4", 16, 6, 64), kernel_bw(m, "int4", 16, 8, 256)
+    assert 20e9 < v2 < v3 < 40e9 and kernel_bw(m, "int4", 16, PROBE_TOP_K, PROBE_EXPERTS) == 20e9
