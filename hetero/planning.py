@@ -46,8 +46,8 @@ def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwarePr
 
     threads = sum(cpu_worker_threads(profile).values())  # the plan's workers: one core drives the GPU
     rates = dict(profile.cpu_kernel_bw)
+    shape = (PROBE_EXPERTS, 2048, 1408, PROBE_TOP_K)  # V2-Lite's expert size; kernel_bw scales by routing
     for batch in KERNEL_PROBE_BATCHES:
-        shape = (PROBE_EXPERTS, 2048, 1408, PROBE_TOP_K)  # V2-Lite's expert size; kernel_bw scales by routing
         rates[kernel_key(expert_format, batch)] = decode_bandwidth(expert_format, threads, batch, shape)
     profile = dataclasses.replace(profile, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw"))
     placement.save_profile(profile)
