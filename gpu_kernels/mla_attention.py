@@ -32,7 +32,7 @@ def mla_decode_attention_reference(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btn", "partition", "S"])  # all three follow the context
 def _mla_decode_kernel(
     ql_ptr,  # [N, H, R]
     qp_ptr,  # [N, H, P]

@@ -67,7 +67,7 @@ def int8_to_f16(x):
     return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btn", "partition", "S"])  # all three follow the context
 def _gqa_decode_kernel(
     q_ptr,  # [N, Hq, D]
     k_ptr,  # [num_blocks * block_size, Hkv, D]
@@ -174,7 +174,9 @@ def _gqa_decode_kernel(
     tl.store(lse_ptr + out_rows, m + tl.log2(denom), mask=gmask)
 
 
-@triton.jit
+# The split count follows the context: specialized on its value, the kernel would compile anew
+# as contexts grow (seconds that land in a served step), for nothing its loops gain from it.
+@triton.jit(do_not_specialize=["n_splits"])
 def _merge_splits_kernel(
     o_ptr,  # [R, S, D] float32 (each split already normalized by its own sum)
     lse_ptr,  # [R, S] float32 (log2 domain)
@@ -182,27 +184,30 @@ def _merge_splits_kernel(
     n_splits,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    S_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     r = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = d < D
-    s_all = tl.arange(0, S_PAD)
-    lse = tl.load(lse_ptr + r * n_splits + s_all, mask=s_all < n_splits, other=float("-inf"))  # [S_PAD]
-    top = tl.max(lse, axis=0)
-    total = tl.sum(tl.exp2(lse - top), axis=0)  # empty splits carry -inf and weigh 0
+    s_blk = tl.arange(0, BLOCK_S)
+    base = lse_ptr + r * n_splits
+    top = tl.max(tl.load(base + s_blk, mask=s_blk < n_splits, other=float("-inf")), axis=0)
+    for s0 in range(BLOCK_S, n_splits, BLOCK_S):
+        s = s0 + s_blk
+        top = tl.maximum(top, tl.max(tl.load(base + s, mask=s < n_splits, other=float("-inf")), axis=0))
+    total = tl.zeros([BLOCK_S], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(0, n_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        w = tl.exp2(tl.load(lse_ptr + r * n_splits + s, mask=s < n_splits, other=float("-inf")) - top)
+        s = s0 + s_blk
+        w = tl.exp2(tl.load(base + s, mask=s < n_splits, other=float("-inf")) - top)  # empty splits weigh 0
         o = tl.load(
             o_ptr + (r * n_splits + s[:, None]) * D + d[None, :],
             mask=(w[:, None] > 0) & dmask[None, :],
             other=0.0,
         )  # [BLOCK_S, BLOCK_D]
         acc += tl.sum(o * w[:, None], axis=0)
-    tl.store(out_ptr + r * D + d, (acc / total).to(out_ptr.dtype.element_ty), mask=dmask)
+        total += w
+    tl.store(out_ptr + r * D + d, (acc / tl.sum(total, axis=0)).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -211,9 +216,10 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor
     One program per (row, head, BLOCK_D columns), looping over the splits BLOCK_S at a time, so a
     wide latent (MLA: D = 512) and hundreds of splits never make one register tile."""
     N, H, S, D = o_part.shape
-    s_pad = max(2, next_pow2(S))
-    block_s = min(128, s_pad)  # most calls read all their splits in one step
-    block_d = min(32 if block_s > 32 else 64, max(16, next_pow2(D)))
+    # Two tile shapes only, so contexts of any length reuse two compiled kernels: eager steps
+    # (many rows, few splits each) take the first, long single sequences the second.
+    block_s, block_d = (16, 64) if S <= 16 else (64, 32)
+    block_d = min(block_d, max(16, next_pow2(D)))
     _merge_splits_kernel[(N * H, cdiv(D, block_d))](
         o_part,
         lse_part,
@@ -221,7 +227,6 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor
         S,
         D=D,
         BLOCK_D=block_d,
-        S_PAD=s_pad,
         BLOCK_S=block_s,
         num_warps=4,
     )
