@@ -9,14 +9,18 @@ With the routed experts mostly in RAM, at each batch size:
    forward; the median step time over the plain step's, next to the unique experts the CPU backend
    sees per MoE layer (counted from the routers' outputs) and the cost model's price of the same
    step (``decode_step_time(plan, tokens_per_step=k + 1, batch=B)`` over k = 0).
-2. End-to-end. A replay drafter proposes the target's own greedy continuation (decoded plainly
-   ahead of each step, untimed, then rolled back), each token wrong with probability 1 - a
-   (a = 0.6, 0.8, 0.9), at a fixed k and with k chosen adaptively; tokens/s
+2. End-to-end. A replay drafter proposes the target's own greedy continuation, each token wrong
+   with probability 1 - a (a = 0.6, 0.8, 0.9), at a fixed k and with k chosen adaptively; tokens/s
    over plain decoding beside the model's prediction: (1 - a^(k+1)) / (1 - a) tokens per step
-   over the step's priced cost. Every run times the same number of steps of the full batch, each
-   sequence with room to draft k at every one of them: the steady state of a server that keeps
-   its batch full. (Run to completion instead, a fixed batch ends in steps of a few sequences, or
-   of short drafts near max_tokens, that cost nearly a full streamed step each.)
+   over the step's priced cost. The continuation is found before each step, untimed: decoded
+   plainly ahead, then corrected to what the step's verify computes by verify steps with every
+   draft right (``as_verified``), all rolled back; so the measured acceptance is the set one.
+   Every run times the same number of steps of the full batch, each sequence with room to draft
+   k at every one of them: the steady state of a server that keeps its batch full. (Run to
+   completion instead, a fixed batch ends in steps of a few sequences, or of short drafts near
+   max_tokens, that cost nearly a full streamed step each.) Plain decoding runs three times:
+   first, with the same untimed look-ahead before each step, and last; and every row counts the
+   Triton kernels compiled inside its timed steps.
 3. Prompt lookup. The n-gram drafter on prompts that repeat a text, with how repetitive the
    model's own greedy output is (random weights need not copy the prompt).
 
@@ -56,6 +60,7 @@ from hetero.speculative import (  # noqa: E402
     ReplayDrafter,
     Speculation,
     best_k,
+    decoding_sequences,
     expected_tokens,
     plan_cost,
     plan_prices,
@@ -179,6 +184,32 @@ def e2e_room(gen: int) -> int:
     return e2e_steps(gen) * (1 + max(KS)) + 2
 
 
+COMPILED: list[str] = []  # every Triton kernel compiled since count_compiles(), by name
+TIMED_COMPILES: list[str] = []  # those compiled inside a timed step
+
+
+def count_compiles() -> None:
+    """From now on, note each Triton compilation in COMPILED: one inside a timed step (a kernel
+    specialized anew for a size warm-up did not meet) shows in the results instead of hiding in a
+    slow step."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return
+
+    def hook(**kw) -> bool:
+        COMPILED.append(kw["repr"].split("[")[0])
+        return False
+
+    knobs.runtime.jit_post_compile_hook = hook
+
+
+def compiled_since(n: int) -> dict:
+    """A row's count of Triton compilations inside its timed steps, and their kernels."""
+    names = TIMED_COMPILES[n:]
+    return {"compiles": len(names), "compiled": sorted(set(names))}
+
+
 def decode(engine, seqs, before_step=None, steps: int | None = None) -> tuple[float, int, int]:
     """Run to completion, or for ``steps`` steps; returns (seconds, tokens decoded after the first,
     steps). Only the steps are timed, each on its own: ``before_step()`` runs untimed before each."""
@@ -188,10 +219,12 @@ def decode(engine, seqs, before_step=None, steps: int | None = None) -> tuple[fl
         if before_step is not None:
             before_step()
         _sync()
+        compiled = len(COMPILED)
         t0 = time.perf_counter()
         engine.step()
         _sync()
         secs += time.perf_counter() - t0
+        TIMED_COMPILES.extend(COMPILED[compiled:])
         done += 1
     return secs, sum(len(s.output_ids) for s in seqs) - before, done
 
@@ -202,20 +235,62 @@ def look_ahead(engine, seqs, n: int) -> dict[int, list[int]]:
     own continuation, as plain decoding computes it."""
     spec, engine.speculate = engine.speculate, None
     live = [s for s in seqs if not s.finished]
-    saved = [(s, len(s.output_ids), s.num_computed, s.params) for s in live]
-    for s, done, _, params in saved:
-        s.params = dataclasses.replace(params, max_tokens=done + n + 1)  # none finishes meanwhile
+    params = [s.params for s in live]
+    for s in live:
+        s.params = dataclasses.replace(s.params, max_tokens=len(s.output_ids) + n + 1)  # none finishes
+    saved = [(s, len(s.output_ids), s.num_computed) for s in live]
     for _ in range(n):
         engine.step()
-    ahead = {}
-    for s, done, computed, params in saved:
-        ahead[s.id] = s.output_ids[done:]
+    ahead = {s.id: got for s, got in zip(live, _rewind(engine, saved))}
+    for s, p in zip(live, params):
+        s.params = p
+    engine.speculate = spec
+    return ahead
+
+
+def _rewind(engine, saved) -> list[list[int]]:
+    """Put sequences back as ``saved`` [(seq, outputs, computed)] found them; returns what each emitted since."""
+    emitted = []
+    for s, done, computed in saved:
+        emitted.append(s.output_ids[done:])
         del s.output_ids[done:]
         s.num_computed = computed
         engine.kv.manager.truncate(s.table, computed)
-        s.params = params
-    engine.speculate = spec
-    return ahead
+    return emitted
+
+
+def as_verified(engine, seqs, ahead: dict[int, list[int]], k: int) -> dict[int, list[int]]:
+    """``ahead`` (plain decoding's continuations) corrected to what a verify step of k drafts a
+    sequence computes, by untimed verify steps that are rolled back. Verify rows round apart from
+    plain decode rows (other matrix shapes, streamed experts), and random weights put near ties
+    everywhere, so a few percent of the tokens that plain decoding picks differ from the verify's
+    argmax; a drafter replaying them would be rejected there at any set acceptance. Each round
+    drafts the current continuation, every draft right, and puts the verify's own token where it
+    rejected one (the tokens after it are recomputed by the next round)."""
+    spec = engine.speculate
+    vocab = engine.model.spec.vocab_size
+    live = [s for s in seqs if not s.finished]
+    cont = {s.id: list(ahead.get(s.id, [])) for s in live}
+    try:
+        for _ in range(k + 1):
+            drafter = ReplayDrafter({tuple(s.prompt_ids): s.output_ids + cont[s.id] for s in live}, vocab)
+            engine.speculate = Speculation(drafter, k=k)
+            saved = [(s, len(s.output_ids), s.num_computed) for s in live]
+            engine.step()
+            if any(s.finished for s in live):
+                raise RuntimeError("a sequence finished inside a rolled-back verify step: give it more room")
+            settled = True
+            for s, got in zip(live, _rewind(engine, saved)):
+                c = cont[s.id]
+                j = len(got) - 1  # drafts accepted; got[j] is the verify's token after them
+                if j < min(k, len(c)) and c[j] != got[j]:
+                    c[j] = got[j]
+                    settled = False
+            if settled:
+                break
+    finally:
+        engine.speculate = spec
+    return cont
 
 
 def capture_graphs(rt, batch: int) -> None:
@@ -431,35 +506,36 @@ def end_to_end(
     vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
     prompts = prompts_of(rt, batch, prompt_len, seed=7)
     n_steps, room = e2e_steps(gen), e2e_room(gen)
-    engine.speculate = None
-    seqs = admit(engine, prompts, room)
-    plain_s, plain_tok, plain_steps = decode(engine, seqs, steps=n_steps)
-    for s in seqs:
-        engine.abort(s)
-    plain = plain_tok / plain_s
-    greedy = {tuple(s.prompt_ids): list(s.output_ids) for s in seqs}
     price = plan_cost(plan)  # relative step cost at the plan's batch (= this batch)
-    rows = [
-        {
-            "batch": batch,
-            "acceptance": "-",
-            "k": 0,
-            "tok_s": round(plain, 2),
-            "speedup": 1.0,
-            "predicted": 1.0,
-            "pred_measured_cost": 1.0,
-            "measured_acceptance": "-",
-            "tokens_per_step": 1.0,
-            "matches_greedy": 1.0,
-            "steps": plain_steps,
-        }
-    ]
-    print(f"e2e batch {batch} plain: {plain:.2f} tok/s", flush=True)
+    plain_tok_s = None
+    greedy: dict[tuple[int, ...], list[int]] = {}
+
+    def plain_row(label: str, refreshed: bool) -> dict:
+        """Plain decoding; ``refreshed``: with the spec runs' untimed look-ahead before each step,
+        which tells a cost of the interleaving itself from one of speculating."""
+        nonlocal plain_tok_s
+        engine.speculate = None
+        seqs = admit(engine, prompts, room)
+        before = len(TIMED_COMPILES)
+        refresh = (lambda: look_ahead(engine, seqs, max(KS))) if refreshed else None
+        secs, toks, steps = decode(engine, seqs, refresh, steps=n_steps)
+        for s in seqs:
+            engine.abort(s)
+        if plain_tok_s is None:
+            plain_tok_s = toks / secs
+            greedy.update({tuple(s.prompt_ids): list(s.output_ids) for s in seqs})
+        row = {
+            "batch": batch, "acceptance": label, "k": 0, "tok_s": round(toks / secs, 2),
+            "speedup": round(toks / secs / plain_tok_s, 3), "predicted": 1.0, "pred_measured_cost": 1.0,
+            "measured_acceptance": "-", "tokens_per_step": 1.0, "matches_greedy": 1.0, "steps": steps,
+            "step_ms": round(1000 * secs / steps, 2), **compiled_since(before),
+        }  # fmt: skip
+        print(f"e2e batch {batch} {label}: {row}", flush=True)
+        return row
+
+    rows = [plain_row("plain", False), plain_row("plain, looked ahead", True)]
     for a in acceptance:
         for k in (spec_k, "auto"):
-            # Before each step, untimed: the target's greedy continuation from where each sequence
-            # stands. Replaying one fixed continuation would not do: a near tie that the verify
-            # step's arithmetic breaks the other way leaves every later draft wrong.
             drafter = ReplayDrafter({}, vocab, error_rate=1.0 - a, seed=int(100 * a))
             # auto: the runtime's policy, the price corrected by the steps it times as it goes
             cost = MeasuredCost(plan_prices(plan)) if k == "auto" else price
@@ -467,11 +543,19 @@ def end_to_end(
             seqs = admit(engine, prompts, room)
             horizon = spec.max_draft
 
-            def refresh(seqs=seqs, drafter=drafter, horizon=horizon):
+            def refresh(seqs=seqs, drafter=drafter, horizon=horizon, spec=spec):
+                # Untimed, before each step: the target's greedy continuation from where each
+                # sequence stands, as this step's verify computes it. Replaying one fixed
+                # continuation would not do: one near tie broken the other way by a verify step
+                # leaves every later draft wrong.
                 ahead = look_ahead(engine, seqs, horizon)
+                k_step = spec.step_k(decoding_sequences(engine))
+                if k_step:
+                    ahead = as_verified(engine, seqs, ahead, k_step)
                 for s in seqs:
                     drafter.continuations[tuple(s.prompt_ids)] = s.output_ids + ahead.get(s.id, [])
 
+            before = len(TIMED_COMPILES)
             secs, toks, steps = decode(engine, seqs, refresh, steps=n_steps)
             for s in seqs:
                 engine.abort(s)
@@ -488,7 +572,7 @@ def end_to_end(
                     "acceptance": a,
                     "k": f"auto({kk})" if k == "auto" else k,
                     "tok_s": round(toks / secs, 2),
-                    "speedup": round(toks / secs / plain, 3),
+                    "speedup": round(toks / secs / plain_tok_s, 3),
                     "predicted": round(expected_tokens(a, kk) / price(kk), 3),
                     "pred_measured_cost": round(
                         expected_tokens(a, kk) / measured_rel.get(kk, float("nan")), 3
@@ -498,11 +582,16 @@ def end_to_end(
                     "tokens_per_step": round(st["tokens_per_step"], 3),
                     "matches_greedy": round(same, 3),
                     "steps": steps,
+                    "step_ms": round(1000 * secs / steps, 2),
+                    **compiled_since(before),
                 }
             )
             if k == "auto":  # measured over priced step time, by rows a step
                 rows[-1]["measured_over_priced"] = {r: round(v, 3) for r, v in sorted(cost.ratio.items())}
             print(f"e2e batch {batch}: {rows[-1]}", flush=True)
+    # Plain decoding again: a slower plain step after the speculative runs than before them would
+    # be a cost they leave behind (memory, compiled kernels, threads), not one of speculating.
+    rows.append(plain_row("plain, after", False))
     engine.speculate = None
     return rows
 
@@ -613,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     fixed_mem = None if args.gpu_mem == "auto" else parse_size(args.gpu_mem)
     cap_device_memory(fixed_mem)
+    count_compiles()
     for batch in args.batch:
         gpu_mem = fixed_mem or auto_gpu_mem(model, args.experts, batch, max_len)
         # As benchmarks/e2e.py does: the plan gets the cap less 1 GiB, for what the planner's
@@ -671,8 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             "step_over_price", "priced_rel", "measured_over_priced", "unique_cpu_experts", "priced_unique_cpu_experts",
         ]),
         ("end_to_end", "2. end to end: replayed greedy continuation at acceptance a, over plain decoding", [
-            "batch", "acceptance", "k", "tok_s", "speedup", "predicted", "pred_measured_cost",
-            "measured_acceptance", "tokens_per_step", "matches_greedy", "measured_over_priced",
+            "batch", "acceptance", "k", "tok_s", "step_ms", "speedup", "predicted", "pred_measured_cost",
+            "measured_acceptance", "tokens_per_step", "matches_greedy", "compiles", "measured_over_priced",
         ]),
         ("ngram", "3. prompt lookup on prompts that repeat a text", [
             "batch", "prompt_tokens", "k", "drafted", "acceptance", "tokens_per_step", "greedy_repeated_3gram",

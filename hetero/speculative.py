@@ -356,6 +356,17 @@ PROBE_EVERY = 32
 MIN_GAIN = 0.1
 
 
+def decoding_sequences(engine: Engine) -> list[Sequence]:
+    """The running sequences whose next step decodes (their prompt computed): those that draft."""
+    from hetero.engine import Status
+
+    return [
+        s
+        for s in engine.scheduler.running
+        if s.status is Status.RUNNING and s.num_computed == s.num_tokens - 1
+    ]
+
+
 @dataclass
 class Speculation:
     """What the engine speculates with: ``engine.speculate = Speculation(NgramDrafter(), k=4)``.
@@ -396,6 +407,20 @@ class Speculation:
             return int(self.k)
         return best_batch_k([self.rate(s) for s in seqs], self.k_max, self.cost, MIN_GAIN)
 
+    def step_k(self, decoding: list[Sequence]) -> int:
+        """The draft length of a step whose decoding sequences are ``decoding`` (each sequence then
+        drafts it, or as many as its room allows)."""
+        if not decoding:
+            return 0
+        if self.k == "auto" and isinstance(self.cost, MeasuredCost):
+            self.cost.batch = len(decoding)
+            # Until a plain step of about this batch has been timed, the measured cost has no
+            # baseline to set verify steps against: the step stays plain (shadow drafts still
+            # score the drafter).
+            if self.cost.wants_plain(self.cost.batch):
+                return 0
+        return self.k_for_batch(decoding)
+
     def _probes(self, seq: Sequence) -> bool:
         """Whether a sequence that the price keeps at k = 0 takes a shadow draft this step."""
         idle = self.idle.get(seq.id, 0) + 1
@@ -405,21 +430,9 @@ class Speculation:
 
     def draft(self, engine: Engine) -> None:
         """Before scheduling: give every decoding sequence its drafts (seq.draft)."""
-        from hetero.engine import Status
-
         vocab = engine.model.spec.vocab_size
-        decoding = [
-            s
-            for s in engine.scheduler.running
-            if s.status is Status.RUNNING and s.num_computed == s.num_tokens - 1
-        ]
-        measured = self.k == "auto" and isinstance(self.cost, MeasuredCost)
-        if measured:
-            self.cost.batch = max(1, len(decoding))
-        # Until a plain step of about this batch has been timed, the measured cost has no baseline
-        # to set verify steps against: this step stays plain (shadow drafts still score the drafter).
-        plain = measured and self.cost.wants_plain(self.cost.batch)
-        common = 0 if plain or not decoding else self.k_for_batch(decoding)
+        decoding = decoding_sequences(engine)
+        common = self.step_k(decoding)
         for seq in decoding:
             room = min(
                 seq.params.max_tokens - len(seq.output_ids) - 1,  # the verify adds one more token
