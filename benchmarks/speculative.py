@@ -16,11 +16,14 @@ With the routed experts mostly in RAM, at each batch size:
    plainly ahead, then corrected to what the step's verify computes by verify steps with every
    draft right (``as_verified``), all rolled back; so the measured acceptance is the set one.
    Every run times the same number of steps of the full batch, each sequence with room to draft
-   k at every one of them: the steady state of a server that keeps its batch full. (Run to
+   k at every one of them, after a few untimed ones (adaptive k has then timed a verify step and
+   scored its drafter): the steady state of a server that keeps its batch full. (Run to
    completion instead, a fixed batch ends in steps of a few sequences, or of short drafts near
    max_tokens, that cost nearly a full streamed step each.) Plain decoding runs three times:
-   first, with the same untimed look-ahead before each step, and last; and every row counts the
-   Triton kernels compiled inside its timed steps.
+   first, with the same untimed look-ahead before each step, and last; speedups are over the
+   median of them. Small batches go over all runs in three rounds (their steps of a few
+   milliseconds vary more from run to run), each row showing its median round. Every row counts
+   the Triton kernels compiled inside its timed steps.
 3. Prompt lookup. The n-gram drafter on prompts that repeat a text, with how repetitive the
    model's own greedy output is (random weights need not copy the prompt).
 
@@ -58,6 +61,7 @@ from hetero.speculative import (  # noqa: E402
     MeasuredCost,
     NgramDrafter,
     ReplayDrafter,
+    SpecStats,
     Speculation,
     best_k,
     decoding_sequences,
@@ -179,9 +183,14 @@ def e2e_steps(gen: int) -> int:
     return max(4, gen // 2)
 
 
+# Untimed steps each end-to-end run starts with (after the prefill): adaptive k has timed a verify
+# step or two and scored its drafter, as it has in a server that has run a while.
+E2E_WARM = 4
+
+
 def e2e_room(gen: int) -> int:
-    """max_tokens of an end-to-end run's sequences: every timed step may emit 1 + the longest draft."""
-    return e2e_steps(gen) * (1 + max(KS)) + 2
+    """max_tokens of an end-to-end run's sequences: every step may emit 1 + the longest draft."""
+    return (E2E_WARM + e2e_steps(gen)) * (1 + max(KS)) + 2
 
 
 COMPILED: list[str] = []  # every Triton kernel compiled since count_compiles(), by name
@@ -483,115 +492,121 @@ def verify_cost(rt, batch: int, prompt_len: int, rounds: int, warmup: int, steps
 # ----------------------------------------------------------------------------- 2. end to end
 
 
-class CountingSpeculation(Speculation):
-    """Also counts verify steps that rejected a draft: per-token acceptance is then
-    accepted / (accepted + rejections), the a of (1 - a^(k+1)) / (1 - a)."""
-
-    rejections: int = 0
-
-    def record(self, seq, drafted: int, accepted: int, emitted: int) -> None:
-        self.rejections += accepted < drafted
-        super().record(seq, drafted, accepted, emitted)
-
-    def per_token_acceptance(self) -> float:
-        acc = self.stats.accepted
-        return acc / (acc + self.rejections) if acc + self.rejections else 0.0
-
-
 def end_to_end(
-    rt, batch: int, prompt_len: int, gen: int, spec_k: int, measured_rel: dict, acceptance=ACCEPTANCE
+    rt,
+    batch: int,
+    prompt_len: int,
+    gen: int,
+    spec_k: int,
+    measured_rel: dict,
+    acceptance=ACCEPTANCE,
+    rounds: int = 1,
 ) -> list[dict]:
-    """Part 2 over ``e2e_steps(gen)`` timed steps of the whole batch per run (see the module's doc)."""
+    """Part 2: every run ``E2E_WARM`` untimed steps, then ``e2e_steps(gen)`` timed ones of the
+    whole batch (see the module's doc). ``rounds`` rounds over all runs in turn; each row is its
+    run's median round, and speedups are over the median of every plain run of every round."""
     engine, plan = rt.engine, rt.plan
     vocab = min(rt.spec.vocab_size, rt.tokenizer.vocab_size)
     prompts = prompts_of(rt, batch, prompt_len, seed=7)
     n_steps, room = e2e_steps(gen), e2e_room(gen)
     price = plan_cost(plan)  # relative step cost at the plan's batch (= this batch)
-    plain_tok_s = None
     greedy: dict[tuple[int, ...], list[int]] = {}
 
-    def plain_row(label: str, refreshed: bool) -> dict:
-        """Plain decoding; ``refreshed``: with the spec runs' untimed look-ahead before each step,
-        which tells a cost of the interleaving itself from one of speculating."""
-        nonlocal plain_tok_s
-        engine.speculate = None
-        seqs = admit(engine, prompts, room)
+    def timed_run(seqs, refresh, spec=None) -> tuple[float, dict]:
+        """(tokens/s, row fields) of the timed steps that follow the warm-in ones."""
+        decode(engine, seqs, refresh, steps=E2E_WARM)
+        if spec is not None:  # the warm-in steps' drafts are not counted
+            spec.stats = SpecStats()
         before = len(TIMED_COMPILES)
-        refresh = (lambda: look_ahead(engine, seqs, max(KS))) if refreshed else None
         secs, toks, steps = decode(engine, seqs, refresh, steps=n_steps)
         for s in seqs:
             engine.abort(s)
-        if plain_tok_s is None:
-            plain_tok_s = toks / secs
+        return toks / secs, {
+            "steps": steps,
+            "step_ms": round(1000 * secs / steps, 2),
+            **compiled_since(before),
+        }
+
+    def plain(label: str) -> dict:
+        """Plain decoding; "looked ahead": with the spec runs' untimed look-ahead before each
+        step, which tells a cost of the interleaving itself from one of speculating."""
+        engine.speculate = None
+        seqs = admit(engine, prompts, room)
+        refresh = (lambda: look_ahead(engine, seqs, max(KS))) if "looked" in label else None
+        tok_s, extra = timed_run(seqs, refresh)
+        if not greedy:
             greedy.update({tuple(s.prompt_ids): list(s.output_ids) for s in seqs})
-        row = {
-            "batch": batch, "acceptance": label, "k": 0, "tok_s": round(toks / secs, 2),
-            "speedup": round(toks / secs / plain_tok_s, 3), "predicted": 1.0, "pred_measured_cost": 1.0,
-            "measured_acceptance": "-", "tokens_per_step": 1.0, "matches_greedy": 1.0, "steps": steps,
-            "step_ms": round(1000 * secs / steps, 2), **compiled_since(before),
+        return {
+            "batch": batch, "acceptance": label, "k": 0, "tok_s": tok_s, "predicted": 1.0,
+            "pred_measured_cost": 1.0, "measured_acceptance": "-", "tokens_per_step": 1.0,
+            "matches_greedy": 1.0, **extra,
         }  # fmt: skip
-        print(f"e2e batch {batch} {label}: {row}", flush=True)
+
+    def speculative(a: float, k: int | str) -> dict:
+        drafter = ReplayDrafter({}, vocab, error_rate=1.0 - a, seed=int(100 * a))
+        # auto: the runtime's policy, the price corrected by the steps it times as it goes
+        cost = MeasuredCost(plan_prices(plan)) if k == "auto" else price
+        engine.speculate = spec = Speculation(drafter, k=k, cost=cost)
+        seqs = admit(engine, prompts, room)
+
+        def refresh():
+            # The target's greedy continuation from where each sequence stands, as this step's
+            # verify computes it. Replaying one fixed continuation would not do: one near tie
+            # broken the other way by a verify step leaves every later draft wrong.
+            ahead = look_ahead(engine, seqs, spec.max_draft)
+            k_step = spec.step_k(decoding_sequences(engine))
+            if k_step:
+                ahead = as_verified(engine, seqs, ahead, k_step)
+            for s in seqs:
+                drafter.continuations[tuple(s.prompt_ids)] = s.output_ids + ahead.get(s.id, [])
+
+        tok_s, extra = timed_run(seqs, refresh, spec)
+        st = spec.stats.summary()
+        kk = best_k(a, 8, price, MIN_GAIN) if k == "auto" else k
+        same = statistics.fmean(
+            sum(x == y for x, y in zip(s.output_ids, greedy[tuple(s.prompt_ids)], strict=False))
+            / len(s.output_ids)
+            for s in seqs
+        )
+        row = {
+            "batch": batch,
+            "acceptance": a,
+            "k": f"auto({kk})" if k == "auto" else k,
+            "tok_s": tok_s,
+            "predicted": round(expected_tokens(a, kk) / price(kk), 3),
+            "pred_measured_cost": round(expected_tokens(a, kk) / measured_rel.get(kk, float("nan")), 3),
+            "measured_acceptance": round(st["per_token_acceptance"], 3),
+            "drafts_accepted": round(st["acceptance_rate"], 3),
+            "tokens_per_step": round(st["tokens_per_step"], 3),
+            "matches_greedy": round(same, 3),
+            **extra,
+        }
+        if k == "auto":  # measured over priced step time, by rows a step
+            row["measured_over_priced"] = {r: round(v, 3) for r, v in sorted(cost.ratio.items())}
         return row
 
-    rows = [plain_row("plain", False), plain_row("plain, looked ahead", True)]
-    for a in acceptance:
-        for k in (spec_k, "auto"):
-            drafter = ReplayDrafter({}, vocab, error_rate=1.0 - a, seed=int(100 * a))
-            # auto: the runtime's policy, the price corrected by the steps it times as it goes
-            cost = MeasuredCost(plan_prices(plan)) if k == "auto" else price
-            engine.speculate = spec = CountingSpeculation(drafter, k=k, cost=cost)
-            seqs = admit(engine, prompts, room)
-            horizon = spec.max_draft
-
-            def refresh(seqs=seqs, drafter=drafter, horizon=horizon, spec=spec):
-                # Untimed, before each step: the target's greedy continuation from where each
-                # sequence stands, as this step's verify computes it. Replaying one fixed
-                # continuation would not do: one near tie broken the other way by a verify step
-                # leaves every later draft wrong.
-                ahead = look_ahead(engine, seqs, horizon)
-                k_step = spec.step_k(decoding_sequences(engine))
-                if k_step:
-                    ahead = as_verified(engine, seqs, ahead, k_step)
-                for s in seqs:
-                    drafter.continuations[tuple(s.prompt_ids)] = s.output_ids + ahead.get(s.id, [])
-
-            before = len(TIMED_COMPILES)
-            secs, toks, steps = decode(engine, seqs, refresh, steps=n_steps)
-            for s in seqs:
-                engine.abort(s)
-            st = engine.spec_stats
-            kk = best_k(a, 8, price, MIN_GAIN) if k == "auto" else k
-            same = statistics.fmean(
-                sum(x == y for x, y in zip(s.output_ids, greedy[tuple(s.prompt_ids)], strict=False))
-                / len(s.output_ids)
-                for s in seqs
-            )
-            rows.append(
-                {
-                    "batch": batch,
-                    "acceptance": a,
-                    "k": f"auto({kk})" if k == "auto" else k,
-                    "tok_s": round(toks / secs, 2),
-                    "speedup": round(toks / secs / plain_tok_s, 3),
-                    "predicted": round(expected_tokens(a, kk) / price(kk), 3),
-                    "pred_measured_cost": round(
-                        expected_tokens(a, kk) / measured_rel.get(kk, float("nan")), 3
-                    ),
-                    "measured_acceptance": round(spec.per_token_acceptance(), 3),
-                    "drafts_accepted": round(st["acceptance_rate"], 3),
-                    "tokens_per_step": round(st["tokens_per_step"], 3),
-                    "matches_greedy": round(same, 3),
-                    "steps": steps,
-                    "step_ms": round(1000 * secs / steps, 2),
-                    **compiled_since(before),
-                }
-            )
-            if k == "auto":  # measured over priced step time, by rows a step
-                rows[-1]["measured_over_priced"] = {r: round(v, 3) for r, v in sorted(cost.ratio.items())}
-            print(f"e2e batch {batch}: {rows[-1]}", flush=True)
-    # Plain decoding again: a slower plain step after the speculative runs than before them would
-    # be a cost they leave behind (memory, compiled kernels, threads), not one of speculating.
-    rows.append(plain_row("plain, after", False))
+    # Plain decoding last again: a slower plain step after the speculative runs than before them
+    # would be a cost they leave behind (memory, compiled kernels, threads), not one of speculating.
+    runs = [lambda: plain("plain"), lambda: plain("plain, looked ahead")]
+    runs += [lambda a=a, k=k: speculative(a, k) for a in acceptance for k in (spec_k, "auto")]
+    runs.append(lambda: plain("plain, after"))
+    results: list[list[dict]] = [[] for _ in runs]
+    for r in range(rounds):
+        for i, run in enumerate(runs):
+            results[i].append(run())
+            print(f"e2e batch {batch} round {r}: {results[i][-1]}", flush=True)
+    base = statistics.median(row["tok_s"] for res in results for row in res if row["k"] == 0)
+    rows = []
+    for res in results:
+        row = sorted(res, key=lambda x: x["tok_s"])[len(res) // 2]  # the median round
+        rows.append(
+            {
+                **row,
+                "tok_s": round(row["tok_s"], 2),
+                "speedup": round(row["tok_s"] / base, 3),
+                "tok_s_rounds": [round(x["tok_s"], 2) for x in res],
+            }  # fmt: skip
+        )
     engine.speculate = None
     return rows
 
@@ -629,7 +644,7 @@ def prompt_lookup(rt, batch: int, gen: int, k: int) -> dict:
         sum(o == c for o, c in zip(s.output_ids, copy[tuple(s.prompt_ids)], strict=False)) / len(s.output_ids)
         for s in seqs
     )
-    engine.speculate = spec = CountingSpeculation(NgramDrafter(), k=k)
+    engine.speculate = Speculation(NgramDrafter(), k=k)
     seqs = admit(engine, prompts, gen)
     secs, toks, _ = decode(engine, seqs)
     st = engine.spec_stats
@@ -638,7 +653,7 @@ def prompt_lookup(rt, batch: int, gen: int, k: int) -> dict:
         "batch": batch,
         "prompt_tokens": len(prompts[0]),
         "k": k,
-        "acceptance": round(spec.per_token_acceptance(), 3),
+        "acceptance": round(st["per_token_acceptance"], 3),
         "drafts_accepted": round(st["acceptance_rate"], 3),
         "tokens_per_step": round(st["tokens_per_step"], 3),
         "drafted": st["drafted"],
@@ -667,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps and tokens (a few minutes on a CPU)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--parts", default="verify,e2e,ngram", help="which of the three parts to run")
+    ap.add_argument(
+        "--e2e-rounds", type=int, default=None,
+        help="rounds over part 2's runs (default: 3 below batch 8, whose short steps vary more from run to run; else 1)",
+    )  # fmt: skip
     ap.add_argument("--acceptance", type=float, nargs="+", default=list(ACCEPTANCE), help="part 2's rates")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
@@ -737,7 +756,10 @@ def main(argv: list[str] | None = None) -> int:
                 hi = min(x for x in KS if x > kk)
                 rel[kk] = rel[lo] + (rel[hi] - rel[lo]) * (kk - lo) / (hi - lo)
         if "e2e" in parts:
-            results["end_to_end"] += end_to_end(rt, batch, prompt_len, gen, args.spec_k, rel, args.acceptance)
+            rounds = args.e2e_rounds or (3 if batch < 8 else 1)
+            results["end_to_end"] += end_to_end(
+                rt, batch, prompt_len, gen, args.spec_k, rel, args.acceptance, rounds
+            )
         if "ngram" in parts:
             results["ngram"].append(prompt_lookup(rt, batch, gen, args.spec_k))
         del rt

@@ -421,9 +421,9 @@ class Engine:
                 row += k + 1
                 continue
             lg = apply_penalties(logits[row], seq.output_ids, seq.params)
-            if self.speculate is not None:
-                self.speculate.shadow_check(seq, lg)
             token = sample(lg, seq.params, seq.generator)
+            if self.speculate is not None:
+                self.speculate.shadow_check(seq, lg, token)
             if seq.params.logprobs is not None:
                 seq.logprobs.append(top_logprobs(logits[row], token, seq.params.logprobs))
             seq.output_ids.append(token)

@@ -332,15 +332,21 @@ class SpecStats:
     steps: int = 0  # sequence-steps that verified drafts
     drafted: int = 0
     accepted: int = 0
+    rejected: int = 0  # of those steps, the ones that rejected a draft (the others accepted all)
     tokens: int = 0  # tokens emitted by those steps
 
     def summary(self) -> dict[str, float]:
+        """acceptance_rate: the share of drafted tokens accepted, which falls with k (drafts past
+        the first rejection are never tried); per_token_acceptance: the a of (1 - a^(k+1)) / (1 - a),
+        each draft kept with probability a until the first rejection: accepted / (accepted + rejected)."""
+        tried = self.accepted + self.rejected
         return {
             "steps": self.steps,
             "drafted": self.drafted,
             "accepted": self.accepted,
             "tokens": self.tokens,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "per_token_acceptance": self.accepted / tried if tried else 0.0,
             "tokens_per_step": self.tokens / self.steps if self.steps else 0.0,
         }
 
@@ -377,7 +383,7 @@ class Speculation:
     k_max: int = 8
     cost: Callable[[int], float] = field(default_factory=linear_cost)
     stats: SpecStats = field(default_factory=SpecStats)
-    seen: dict[int, tuple[float, int]] = field(default_factory=dict)  # seq id -> (accepted, drafted)
+    seen: dict[int, tuple[float, int]] = field(default_factory=dict)  # seq id -> (accepted, tried)
     idle: dict[int, int] = field(default_factory=dict)  # seq id -> steps since its last shadow draft
     shadow: dict[int, int] = field(default_factory=dict)  # seq id -> this step's shadow draft
 
@@ -391,9 +397,12 @@ class Speculation:
         return self.k_max if self.k == "auto" else int(self.k)
 
     def rate(self, seq: Sequence) -> float:
-        """The sequence's running acceptance rate; Laplace prior: a fresh sequence starts at 1/2."""
-        acc, drafted = self.seen.get(seq.id, (0, 0))
-        return (acc + 1) / (drafted + 2)
+        """The sequence's running per-token acceptance a: of the drafts it has tried (each accepted
+        one, and the first rejected one of a step; the drafts after it are never tried), the share
+        accepted. Not accepted over drafted, which falls with k and would talk adaptive k down from
+        the long drafts that earn it the most. Laplace prior: a fresh sequence starts at 1/2."""
+        acc, tried = self.seen.get(seq.id, (0, 0))
+        return (acc + 1) / (tried + 2)
 
     def k_for(self, seq: Sequence) -> int:
         return self.k_for_batch([seq])
@@ -475,27 +484,29 @@ class Speculation:
     def accept(self, logits: torch.Tensor, draft: list[int], seq: Sequence) -> list[int]:
         return accept(logits, draft, seq)
 
-    def shadow_check(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def shadow_check(self, seq: Sequence, logits: torch.Tensor, token: int) -> None:
         """After a plain step of a sequence with a shadow draft d: count it as drafted once and
         accepted with the probability the verify rule would have kept it, from the step's own
-        (penalized) logits [V]: greedy, whether d is the argmax; sampling, p(d)."""
+        (penalized) logits [V] and the token it sampled from them: greedy, whether d is that
+        token (the argmax: no second pass over the logits); sampling, p(d)."""
         d = self.shadow.pop(seq.id, None)
         if d is None:
             return
         if seq.params.greedy:
-            kept = float(int(logits.argmax()) == d)
+            kept = float(token == d)
         else:
             kept = float(probabilities(logits, seq.params)[d])
-        acc, drafted = self.seen.get(seq.id, (0, 0))
-        self.seen[seq.id] = (acc + kept, drafted + 1)
+        acc, tried = self.seen.get(seq.id, (0, 0))
+        self.seen[seq.id] = (acc + kept, tried + 1)
 
     def record(self, seq: Sequence, drafted: int, accepted: int, emitted: int) -> None:
         s = self.stats
-        s.steps, s.drafted, s.accepted, s.tokens = (
-            s.steps + 1, s.drafted + drafted, s.accepted + accepted, s.tokens + emitted,
+        rejected = int(accepted < drafted)
+        s.steps, s.drafted, s.accepted, s.rejected, s.tokens = (
+            s.steps + 1, s.drafted + drafted, s.accepted + accepted, s.rejected + rejected, s.tokens + emitted,
         )  # fmt: skip
-        acc, d = self.seen.get(seq.id, (0, 0))
-        self.seen[seq.id] = (acc + accepted, d + drafted)
+        acc, tried = self.seen.get(seq.id, (0, 0))
+        self.seen[seq.id] = (acc + accepted, tried + accepted + rejected)
         if seq.finished:
             self.seen.pop(seq.id, None)
             forget = getattr(self.drafter, "forget", None)

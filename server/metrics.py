@@ -89,7 +89,7 @@ class Metrics:
         self.cached_blocks.labels("device").set_function(lambda: mgr.num_cached)
         self.cached_blocks.labels("host").set_function(lambda: engine.cache_blocks()["host_cached"])
         self.preemptions.set_function(lambda: stats.preemptions)
-        for stat in ("drafted", "accepted", "acceptance_rate", "tokens_per_step"):
+        for stat in ("drafted", "accepted", "acceptance_rate", "per_token_acceptance", "tokens_per_step"):
             self.spec.labels(stat).set_function(lambda s=stat: (engine.spec_stats or {}).get(s, 0.0))
         engine.on_step.append(self.on_step)
         return lambda: engine.on_step.remove(self.on_step)

@@ -255,19 +255,39 @@ def test_auto_k_shadow_probes_when_drafting_does_not_pay():
     assert spec.k_for(seq) >= 6
 
 
+def test_rate_is_per_token_acceptance_not_accepted_over_drafted():
+    """Drafts of 8 each kept with probability 0.8 until the first rejection: accepted over drafted
+    is about 0.42 (the drafts after a rejection are never tried), which would price k = 8 out;
+    the rate counts only the drafts tried, and keeps a long k where it pays."""
+    import random
+
+    rng, a = random.Random(0), 0.8
+    spec = Speculation(NgramDrafter(), k="auto", cost=lambda k: 1.0 + 0.05 * k)
+    seq = Sequence(id=9, prompt_ids=[1, 2], params=GREEDY)
+    drafted = accepted = 0
+    for _ in range(400):
+        n = next((i for i in range(8) if rng.random() >= a), 8)  # drafts kept before a rejection
+        spec.record(seq, drafted=8, accepted=n, emitted=n + 1)
+        drafted, accepted = drafted + 8, accepted + n
+    assert accepted / drafted < 0.5
+    assert abs(spec.rate(seq) - a) < 0.03
+    assert abs(spec.stats.summary()["per_token_acceptance"] - a) < 0.03
+    assert spec.k_for(seq) >= 6
+
+
 def test_shadow_check_scores_like_the_verify_rule():
     spec = Speculation(NgramDrafter(), k="auto")
     logits = torch.tensor([0.0, 3.0, 1.0])
     greedy = Sequence(id=3, prompt_ids=[1, 2], params=GREEDY)
     spec.shadow[3] = 1
-    spec.shadow_check(greedy, logits)
+    spec.shadow_check(greedy, logits, 1)  # the step sampled the argmax, 1
     spec.shadow[3] = 2
-    spec.shadow_check(greedy, logits)
-    spec.shadow_check(greedy, logits)  # no shadow draft this step: nothing counted
+    spec.shadow_check(greedy, logits, 1)
+    spec.shadow_check(greedy, logits, 1)  # no shadow draft this step: nothing counted
     assert spec.seen[3] == (1.0, 2)
     sampled = Sequence(id=4, prompt_ids=[1, 2], params=SamplingParams(max_tokens=4, temperature=1.0))
     spec.shadow[4] = 2
-    spec.shadow_check(sampled, logits)
+    spec.shadow_check(sampled, logits, 0)  # whatever it sampled, d is kept with probability p(d)
     acc, drafted = spec.seen[4]
     assert drafted == 1 and abs(acc - float(logits.softmax(-1)[2])) < 1e-6
 
@@ -286,7 +306,7 @@ def test_auto_k_learns_from_shadow_drafts_without_verifying(tiny):
     eng.speculate = spec = Speculation(Echo(), k="auto", cost=lambda k: 1.0 + 2.0 * k)
     scored = []
     check = spec.shadow_check
-    spec.shadow_check = lambda seq, lg: scored.append(seq.id in spec.shadow) or check(seq, lg)
+    spec.shadow_check = lambda seq, lg, token: scored.append(seq.id in spec.shadow) or check(seq, lg, token)
     seqs = eng.generate(prompts(), GREEDY)
     assert [s.output_ids for s in seqs] == ref
     assert spec.stats.steps == 0  # the price said k = 0 throughout: nothing was verified
