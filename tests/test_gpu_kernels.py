@@ -585,6 +585,48 @@ def test_mla_decode_kernel(N, H, max_len):
 
 
 @gpu
+def test_decode_attention_compiles_once_as_contexts_grow():
+    """Eager steps meet ever longer contexts. Specialized on values that follow the context (split
+    count, partition, block-table stride), a decode kernel would compile anew for new lengths, a
+    second or more inside a served step. After a first call, longer contexts may compile only the
+    split merge's second tile shape, once per head width (MLA's latent and GQA's heads)."""
+    from triton import knobs
+
+    gen = torch.Generator(CUDA).manual_seed(11)
+    bs, H, R, P, Hkv, D = 16, 16, 512, 64, 4, 128
+    ql = torch.randn(1, H, R, generator=gen, device=CUDA).bfloat16()
+    qp = torch.randn(1, H, P, generator=gen, device=CUDA).bfloat16()
+    q = torch.randn(1, 4 * Hkv, D, generator=gen, device=CUDA).bfloat16()
+
+    def attend(ctx: int) -> None:
+        seq_lens = torch.tensor([ctx], dtype=torch.int32, device=CUDA)
+        nb = -(-ctx // bs) + 1
+        table = make_block_tables([ctx], bs, nb, torch.Generator().manual_seed(ctx)).to(CUDA)
+        latent = torch.randn(nb, bs, R + P, generator=gen, device=CUDA).bfloat16()
+        mla_decode_attention_triton(ql, qp, latent, table, seq_lens, (128 + 64) ** -0.5)
+        kc = _rand_cache(nb, bs, Hkv, D, torch.float32, gen).bfloat16()
+        vc = _rand_cache(nb, bs, Hkv, D, torch.float32, gen).bfloat16()
+        paged_decode_attention_triton(q, kc, vc, table, seq_lens, D**-0.5)
+
+    attend(40)
+    compiled: list[str] = []
+
+    def hook(**kw) -> bool:
+        compiled.append(kw["repr"].split("[")[0])
+        return False
+
+    before, knobs.runtime.jit_post_compile_hook = knobs.runtime.jit_post_compile_hook, hook
+    try:
+        for ctx in (300, 3000, 20000):
+            attend(ctx)
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.jit_post_compile_hook = before
+    assert "_mla_decode_kernel" not in compiled and "_gqa_decode_kernel" not in compiled, compiled
+    assert compiled.count("_merge_splits_kernel") <= 2, compiled
+
+
+@gpu
 @pytest.mark.parametrize("M", [1, 16, 64, 200])
 @pytest.mark.parametrize(
     "fmt,group", [("bf16", 128), ("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)]
