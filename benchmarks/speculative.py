@@ -27,9 +27,9 @@ With the routed experts mostly in RAM, at each batch size:
 3. Prompt lookup. The n-gram drafter on prompts that repeat a text, with how repetitive the
    model's own greedy output is (random weights need not copy the prompt).
 
-Without ``--model`` a tiny random DeepSeek-V2-Lite is made in a temporary folder; on a machine
-without CUDA the "GPU" side is torch's CPU device. Prints tables last; writes JSON under
-benchmarks/results/.
+Each batch size runs in a process of its own. Without ``--model`` a tiny random DeepSeek-V2-Lite
+is made in a temporary folder; on a machine without CUDA the "GPU" side is torch's CPU device.
+Prints tables last; writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -670,6 +672,59 @@ def prompt_lookup(rt, batch: int, gen: int, k: int) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def run_batch(
+    args, model: Path, batch: int, results: dict, max_len: int, timing: tuple[int, int, int]
+) -> None:
+    """Parts 1-3 at one batch size, their rows added to ``results``."""
+    parts, (verify_rounds, warmup, steps) = args.parts.split(","), timing
+    prompt_len, gen = results["prompt_len"], results["gen"]
+    fixed_mem = None if args.gpu_mem == "auto" else parse_size(args.gpu_mem)
+    cap_device_memory(fixed_mem)
+    count_compiles()
+    gpu_mem = fixed_mem or auto_gpu_mem(model, args.experts, batch, max_len)
+    # As benchmarks/e2e.py does: the plan gets the cap less 1 GiB, for what the planner's
+    # workspace does not count yet (at batch 16: verify steps' graphs and streamed chunks).
+    plan_mem = gpu_mem - (1 << 30) if fixed_mem else gpu_mem
+    rt = load_runtime(model, options(plan_mem, args.experts, batch, max_len))
+    frac = gpu_fraction(rt.plan)
+    results["placement"][str(batch)] = {
+        "gpu_mem": gpu_mem,
+        "plan_gpu_mem": plan_mem,
+        "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
+        "gpu_fraction": round(frac, 3),
+        "stream_min_tokens": stream_min_tokens(rt.engine.model),
+    }
+    print(f"batch {batch}: gpu_mem {gpu_mem} B, {frac:.0%} of routed experts on the device", flush=True)
+    # Warm up kernels and JIT compilation, plain and speculative, outside every timed region.
+    rt.engine.generate(prompts_of(rt, 1, 16, seed=1), SamplingParams(max_tokens=4, temperature=0))
+    try:
+        capture_graphs(rt, batch)
+        warm_widest_verify(rt, batch)
+        settle_heap()  # as a server's warm-up leaves it
+        rows = verify_cost(rt, batch, prompt_len, verify_rounds, warmup, steps) if "verify" in parts else []
+    except torch.OutOfMemoryError:
+        print(torch.cuda.memory_summary(rt.engine.device, abbreviated=True), flush=True)
+        raise
+    results["verify"] += rows
+    rel = {r["k"]: r["measured_rel"] for r in rows}
+    # Adaptive k may pick any k in 0..8; price the ones not timed by interpolating the timed ones.
+    for kk in range(max(KS) + 1) if rows else ():
+        if kk not in rel:
+            lo = max(x for x in KS if x < kk)
+            hi = min(x for x in KS if x > kk)
+            rel[kk] = rel[lo] + (rel[hi] - rel[lo]) * (kk - lo) / (hi - lo)
+    if "e2e" in parts:
+        e2e_rounds = args.e2e_rounds or (3 if batch < 8 else 1)
+        results["end_to_end"] += end_to_end(
+            rt, batch, prompt_len, gen, args.spec_k, rel, args.acceptance, e2e_rounds
+        )
+    if "ngram" in parts:
+        results["ngram"].append(prompt_lookup(rt, batch, gen, args.spec_k))
+    del rt
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny V2-Lite)")
@@ -687,8 +742,8 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds over part 2's runs (default: 3 below batch 8, whose short steps vary more from run to run; else 1)",
     )  # fmt: skip
     ap.add_argument("--acceptance", type=float, nargs="+", default=list(ACCEPTANCE), help="part 2's rates")
+    ap.add_argument("--batch-json", default=None, help=argparse.SUPPRESS)  # one batch's rows, for the parent
     args = ap.parse_args(argv)
-    parts = args.parts.split(",")
     prompt_len = args.prompt_len or (32 if args.quick else 256)
     gen = args.gen or (32 if args.quick else 128)
     rounds, warmup, steps = (3, 1, 4) if args.quick else (5, 3, 8)
@@ -719,52 +774,25 @@ def main(argv: list[str] | None = None) -> int:
         "ngram": [],
         "placement": {},
     }
-    fixed_mem = None if args.gpu_mem == "auto" else parse_size(args.gpu_mem)
-    cap_device_memory(fixed_mem)
-    count_compiles()
-    for batch in args.batch:
-        gpu_mem = fixed_mem or auto_gpu_mem(model, args.experts, batch, max_len)
-        # As benchmarks/e2e.py does: the plan gets the cap less 1 GiB, for what the planner's
-        # workspace does not count yet (at batch 16: verify steps' graphs and streamed chunks).
-        plan_mem = gpu_mem - (1 << 30) if fixed_mem else gpu_mem
-        rt = load_runtime(model, options(plan_mem, args.experts, batch, max_len))
-        frac = gpu_fraction(rt.plan)
-        results["placement"][str(batch)] = {
-            "gpu_mem": gpu_mem,
-            "plan_gpu_mem": plan_mem,
-            "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
-            "gpu_fraction": round(frac, 3),
-            "stream_min_tokens": stream_min_tokens(rt.engine.model),
-        }
-        print(f"batch {batch}: gpu_mem {gpu_mem} B, {frac:.0%} of routed experts on the device", flush=True)
-        # Warm up kernels and JIT compilation, plain and speculative, outside every timed region.
-        rt.engine.generate(prompts_of(rt, 1, 16, seed=1), SamplingParams(max_tokens=4, temperature=0))
-        try:
-            capture_graphs(rt, batch)
-            warm_widest_verify(rt, batch)
-            settle_heap()  # as a server's warm-up leaves it
-            rows = verify_cost(rt, batch, prompt_len, rounds, warmup, steps) if "verify" in parts else []
-        except torch.OutOfMemoryError:
-            print(torch.cuda.memory_summary(rt.engine.device, abbreviated=True), flush=True)
-            raise
-        results["verify"] += rows
-        rel = {r["k"]: r["measured_rel"] for r in rows}
-        # Adaptive k may pick any k in 0..8; price the ones not timed by interpolating the timed ones.
-        for kk in range(max(KS) + 1) if rows else ():
-            if kk not in rel:
-                lo = max(x for x in KS if x < kk)
-                hi = min(x for x in KS if x > kk)
-                rel[kk] = rel[lo] + (rel[hi] - rel[lo]) * (kk - lo) / (hi - lo)
-        if "e2e" in parts:
-            rounds = args.e2e_rounds or (3 if batch < 8 else 1)
-            results["end_to_end"] += end_to_end(
-                rt, batch, prompt_len, gen, args.spec_k, rel, args.acceptance, rounds
-            )
-        if "ngram" in parts:
-            results["ngram"].append(prompt_lookup(rt, batch, gen, args.spec_k))
-        del rt
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    if len(args.batch) > 1:
+        # Each batch size in a process of its own: a runtime torn down inside the process leaves
+        # its page-locked and freed host memory for the next one to contend with (a batch-1 plain
+        # step measured 16-32 ms after a batch-16 runtime, 13 ms in a process of its own).
+        argv = list(sys.argv[1:] if argv is None else argv)
+        for batch in args.batch:
+            with tempfile.TemporaryDirectory(prefix="spec-batch-") as d:
+                part = Path(d) / "batch.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", str(model)]
+                subprocess.run([*cmd, "--batch", str(batch), "--batch-json", str(part)], check=True)
+                one = json.loads(part.read_text())
+            for key in ("verify", "end_to_end", "ngram"):
+                results[key] += one[key]
+            results["placement"].update(one["placement"])
+    else:
+        run_batch(args, model, args.batch[0], results, max_len, (rounds, warmup, steps))
+    if args.batch_json:
+        Path(args.batch_json).write_text(json.dumps(results))
+        return 0
     stem = "speculative" + (f"-{args.tag}" if args.tag else "")
     if device != "cpu":
         stem += "-" + device.lower().replace(" ", "-")
