@@ -384,6 +384,7 @@ class Speculation:
     cost: Callable[[int], float] = field(default_factory=linear_cost)
     stats: SpecStats = field(default_factory=SpecStats)
     seen: dict[int, tuple[float, int]] = field(default_factory=dict)  # seq id -> (accepted, tried)
+    tally: tuple[float, int] = (0.0, 0)  # (accepted, tried) over every sequence so far
     idle: dict[int, int] = field(default_factory=dict)  # seq id -> steps since its last shadow draft
     shadow: dict[int, int] = field(default_factory=dict)  # seq id -> this step's shadow draft
 
@@ -400,9 +401,21 @@ class Speculation:
         """The sequence's running per-token acceptance a: of the drafts it has tried (each accepted
         one, and the first rejected one of a step; the drafts after it are never tried), the share
         accepted. Not accepted over drafted, which falls with k and would talk adaptive k down from
-        the long drafts that earn it the most. Laplace prior: a fresh sequence starts at 1/2."""
+        the long drafts that earn it the most. The prior, worth two drafts, is the drafter's rate
+        over all sequences so far (1/2 before any): a new request starts where the drafter stands
+        instead of relearning it, which a server of short requests would pay for every one."""
         acc, tried = self.seen.get(seq.id, (0, 0))
+        return (acc + 2 * self.prior()) / (tried + 2)
+
+    def prior(self) -> float:
+        """The drafter's per-token acceptance over every sequence so far, from a prior of 1/2."""
+        acc, tried = self.tally
         return (acc + 1) / (tried + 2)
+
+    def _tried(self, seq: Sequence, accepted: float, tried: int) -> None:
+        acc, n = self.seen.get(seq.id, (0, 0))
+        self.seen[seq.id] = (acc + accepted, n + tried)
+        self.tally = (self.tally[0] + accepted, self.tally[1] + tried)
 
     def k_for(self, seq: Sequence) -> int:
         return self.k_for_batch([seq])
@@ -496,8 +509,7 @@ class Speculation:
             kept = float(token == d)
         else:
             kept = float(probabilities(logits, seq.params)[d])
-        acc, tried = self.seen.get(seq.id, (0, 0))
-        self.seen[seq.id] = (acc + kept, tried + 1)
+        self._tried(seq, kept, 1)
 
     def record(self, seq: Sequence, drafted: int, accepted: int, emitted: int) -> None:
         s = self.stats
@@ -505,8 +517,7 @@ class Speculation:
         s.steps, s.drafted, s.accepted, s.rejected, s.tokens = (
             s.steps + 1, s.drafted + drafted, s.accepted + accepted, s.rejected + rejected, s.tokens + emitted,
         )  # fmt: skip
-        acc, tried = self.seen.get(seq.id, (0, 0))
-        self.seen[seq.id] = (acc + accepted, tried + accepted + rejected)
+        self._tried(seq, accepted, accepted + rejected)
         if seq.finished:
             self.seen.pop(seq.id, None)
             forget = getattr(self.drafter, "forget", None)

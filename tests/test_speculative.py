@@ -275,6 +275,23 @@ def test_rate_is_per_token_acceptance_not_accepted_over_drafted():
     assert spec.k_for(seq) >= 6
 
 
+def test_a_new_sequence_starts_from_the_drafters_rate_so_far():
+    """Priced so that the prior of 1/2 stays plain; once other sequences have shown the drafter
+    right 9 times in 10, a fresh one drafts from its first step, and one that has itself been
+    rejected every time still stops."""
+    spec = Speculation(NgramDrafter(), k="auto", cost=lambda k: 1.0 + 0.5 * k)
+    fresh = Sequence(id=20, prompt_ids=[1, 2], params=GREEDY)
+    assert spec.k_for(fresh) == 0
+    for i in range(10):
+        other = Sequence(id=30 + i, prompt_ids=[1, 2], params=GREEDY)
+        spec.record(other, drafted=4, accepted=4 if i % 3 else 3, emitted=5)
+    assert spec.prior() > 0.85 and spec.k_for(fresh) > 0
+    bad = Sequence(id=21, prompt_ids=[1, 2], params=GREEDY)
+    for _ in range(6):
+        spec.record(bad, drafted=2, accepted=0, emitted=1)
+    assert spec.k_for(bad) == 0
+
+
 def test_shadow_check_scores_like_the_verify_rule():
     spec = Speculation(NgramDrafter(), k="auto")
     logits = torch.tensor([0.0, 3.0, 1.0])
