@@ -10,6 +10,7 @@ from .paged_attention import (
     prefill_attention,
 )
 from .quant import QuantLinear, QuantWeight, dequantize_weight, quant_linear, quantize_weight
+from .router import select_experts, select_experts_reference
 
 __all__ = [
     "QuantLinear",
@@ -26,6 +27,8 @@ __all__ = [
     "prefill_attention",
     "quant_linear",
     "quantize_weight",
+    "select_experts",
+    "select_experts_reference",
     "write_kv",
     "write_latent",
 ]

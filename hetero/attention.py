@@ -77,11 +77,6 @@ def paged_attention(
     return torch.cat(out, dim=0)  # [T, Hq, Dv]
 
 
-def write_cache(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
-    """cache [blocks, bs, ...] at flat slots [T] <- values [T, ...]."""
-    cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, values.to(cache.dtype))
-
-
 class GQAttention(nn.Module):
     """Grouped-query attention with optional q/k bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
@@ -107,13 +102,13 @@ class GQAttention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        from gpu_kernels.rope import gqa_rope_write
+
         cos, sin = self.rotary.cos_sin(batch.positions, q.dtype, batch.rope)
-        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         k_cache, v_cache = cache
-        write_cache(k_cache, k, batch.slot_mapping)
-        write_cache(v_cache, v, batch.slot_mapping)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if hasattr(self, "q_norm") else None
+        # q normed and rotated in place, k and v into the cache: one kernel on CUDA
+        gqa_rope_write(q, k, v, cos, sin, *(norms or (None, None, 0.0)), k_cache, v_cache, batch.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, batch, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, -1))  # [T, H]
 
@@ -154,14 +149,15 @@ class MLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, self.num_heads, self.nope + self.rope)  # [T, Hq, nope + P]
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)  # [T, R + P]
-        latent, k_pe = kv.split([self.rank, self.rope], dim=-1)
-        cos, sin = self.rotary.cos_sin(batch.positions, q_pe.dtype, batch.rope)
-        q_pe = self.rotary(q_pe, cos, sin)  # [T, Hq, P]
-        k_pe = self.rotary(k_pe[:, None, :], cos, sin)[:, 0]  # [T, P]
+        kv = self.kv_a_proj_with_mqa(x)  # [T, R + P]: latent, then k_pe
+        from gpu_kernels.rope import mla_rope_write
+
+        cos, sin = self.rotary.cos_sin(batch.positions, q.dtype, batch.rope)
         (latent_cache,) = cache
-        write_cache(latent_cache, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1), batch.slot_mapping)
+        # q's rope part rotated in place, [normed latent | rotated k_pe] into the cache: one kernel on CUDA
+        norm = self.kv_a_layernorm
+        mla_rope_write(q, kv, cos, sin, norm.weight, norm.eps, latent_cache, batch.slot_mapping)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
 
         if not (batch.is_decode and x.is_cuda):
             o = self._expanded(torch.cat([q_nope, q_pe], dim=-1), latent_cache, batch)  # [T, Hq, v]

@@ -22,13 +22,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == x.dtype:
-            # Normalized and scaled in float32 inside one call (one fused kernel on CUDA, where
-            # a decode step's graphs launch a few per layer), rounded once to x's dtype. The
-            # reference models round before scaling: in float32 the two agree.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        from gpu_kernels.norm import rms_norm_reference  # Triton loads with gpu_kernels: on first use
+
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 def embedding(vocab: int, hidden: int) -> nn.Embedding:
@@ -135,9 +131,6 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, D], cos/sin [T, D/2] -> [T, heads, D]."""
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        from gpu_kernels.rope import rotate_reference
+
+        return rotate_reference(x, cos, sin, self.interleaved)

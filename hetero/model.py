@@ -37,10 +37,28 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
+        x, out = self.add_forward(x, None, batch, cache)
+        return x + out  # [T, H]
+
+    def add_forward(
+        self,
+        x: torch.Tensor,
+        pending: torch.Tensor | None,
+        batch: AttentionBatch,
+        cache: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream ``x + pending`` (the previous block's output not yet
+        added): returns its residual stream after attention and its MLP's output, not yet added,
+        so that each residual add runs fused with the norm after it (one kernel on CUDA)."""
+        from gpu_kernels.norm import add_rms_norm
+
         if isinstance(self.mlp, MoE):
             self.mlp.prefetch(x.shape[0])  # experts this batch streams cross PCIe during attention
-        x = x + self.self_attn(self.input_layernorm(x), batch, cache)  # [T, H]
-        return x + self.mlp(self.post_attention_layernorm(x))  # [T, H]
+        norm = self.input_layernorm
+        x, h = add_rms_norm(x, pending, norm.weight, norm.eps)  # [T, H] each
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, self.self_attn(h, batch, cache), norm.weight, norm.eps)
+        return x, self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -60,10 +78,13 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv: list[tuple[torch.Tensor, ...]]):
         """input_ids [T] -> final hidden states [T, H] (after the last norm)."""
-        x = self.model.embed_tokens(input_ids)  # [T, H]
+        from gpu_kernels.norm import add_rms_norm
+
+        x, pending = self.model.embed_tokens(input_ids), None  # [T, H]
         for layer, cache in zip(self.model.layers, kv):
-            x = layer(x, batch, cache)
-        return self.model.norm(x)
+            x, pending = layer.add_forward(x, pending, batch, cache)
+        norm = self.model.norm
+        return add_rms_norm(x, pending, norm.weight, norm.eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [n, V]

@@ -31,36 +31,20 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
         else:
             logits = F.linear(x, self.weight.to(x.dtype)).float()  # [T, E]
-        if s.scoring_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
-        if s.topk_method == "noaux_tc":
-            # DeepSeek-V3: the bias only steers the choice; weights come from the raw scores.
-            choice = scores + self.e_score_correction_bias
-            grouped = choice.view(-1, s.n_group, s.num_experts // s.n_group)  # [T, G, E/G]
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
-            choice = self._keep_groups(choice, group_score, float("-inf"))
-            ids = choice.topk(s.top_k, dim=-1, sorted=False).indices  # [T, K]
-            weights = scores.gather(1, ids)
-        elif s.topk_method == "group_limited_greedy":
-            group_score = scores.view(-1, s.n_group, s.num_experts // s.n_group).amax(-1)  # [T, G]
-            weights, ids = self._keep_groups(scores, group_score, 0.0).topk(s.top_k, dim=-1, sorted=False)
-        else:
-            weights, ids = scores.topk(s.top_k, dim=-1)
-        if s.norm_topk_prob:
-            denom = weights.sum(-1, keepdim=True)
-            weights = weights / (denom + 1e-20 if s.family == "deepseek_v3" else denom)
-        return ids, weights * s.routed_scaling_factor
+        from gpu_kernels.router import select_experts  # Triton loads with gpu_kernels: on first use
 
-    def _keep_groups(self, scores: torch.Tensor, group_score: torch.Tensor, fill: float) -> torch.Tensor:
-        s = self.spec
-        keep = torch.zeros_like(group_score, dtype=torch.bool)  # [T, G]
-        keep.scatter_(1, group_score.topk(s.topk_group, dim=-1, sorted=False).indices, True)
-        keep = (
-            keep[:, :, None].expand(-1, -1, s.num_experts // s.n_group).reshape(-1, s.num_experts)
-        )  # [T, E]
-        return scores.masked_fill(~keep, fill)
+        return select_experts(
+            logits,
+            getattr(self, "e_score_correction_bias", None),
+            top_k=s.top_k,
+            scoring=s.scoring_func,
+            method=s.topk_method,
+            n_group=s.n_group,
+            topk_group=s.topk_group,
+            renorm=s.norm_topk_prob,
+            renorm_eps=1e-20 if s.family == "deepseek_v3" else 0.0,
+            scale=s.routed_scaling_factor,
+        )
 
 
 class MoE(nn.Module):

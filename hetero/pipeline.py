@@ -104,17 +104,18 @@ class CPUHandoff:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
 
     def submit(self, kernel, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
+        from gpu_kernels.handoff import stage_handoff
+
         t = x.shape[0]
         b = self.buffers
         b.ensure(t)
         hx, hids, hw, hout = b.x[:t], b.ids[:t], b.weights[:t], b.out[:t]
         program = graphs.capturing()
         if program is not None:
-            # Recording a decode graph: the copies join the graph being captured, the kernel
-            # runs between graphs on the pinned buffers (their storage stays referenced here).
-            hx.copy_(x, non_blocking=True)
-            hids.copy_(ids, non_blocking=True)
-            hw.copy_(weights, non_blocking=True)
+            # Recording a decode graph: the staging (one kernel storing into the pinned buffers)
+            # joins the graph being captured, the CPU kernel runs between graphs on those buffers
+            # (their storage stays referenced here).
+            stage_handoff(x, ids, weights, hx, hids, hw)
             args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
             program.handoff(kernel, args, self.worker, self.layer)
             return _Captured(hout)
@@ -127,15 +128,12 @@ class CPUHandoff:
                     # Made on the compute stream, read here: without this the allocator may hand
                     # their memory to the compute stream's next tensor before the copy has run.
                     t.record_stream(self.copy_stream)
-                hx.copy_(x, non_blocking=True)
-                hids.copy_(ids, non_blocking=True)
-                hw.copy_(weights, non_blocking=True)
+                # the kernel a captured step stages with, compiled here by the eager warm-up
+                stage_handoff(x, ids, weights, hx, hids, hw)
                 copied = torch.cuda.Event()
                 copied.record()
         else:
-            hx.copy_(x)
-            hids.copy_(ids)
-            hw.copy_(weights)
+            stage_handoff(x, ids, weights, hx, hids, hw)
             copied = None
         return self.worker.submit(self._run, kernel, copied, hx, hids, hw, hout)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAMILIES
 
 import gpu_kernels as gk
-from gpu_kernels import kv_write, mla_attention, moe, moe_gemv, paged_attention, quant, tuning
+from gpu_kernels import kv_write, mla_attention, moe, moe_gemv, paged_attention, quant, router, tuning
 from gpu_kernels._triton import HAS_TRITON
 from gpu_kernels.mla_attention import mla_decode_attention_triton
 from gpu_kernels.paged_attention import paged_decode_attention_triton
@@ -401,13 +402,13 @@ def _rows(scales, lo: int, hi: int):
     return None if scales is None else scales[lo:hi]
 
 
-def in_interpreter(call: str) -> None:
-    """Run `test_gpu_kernels.<call>` in a child process under TRITON_INTERPRET=1: the flag is read when
-    @triton.jit decorates, so the kernels must be imported afresh."""
+def in_interpreter(call: str, module: str = "test_gpu_kernels") -> None:
+    """Run `<module>.<call>` (a test module here) in a child process under TRITON_INTERPRET=1: the flag
+    is read when @triton.jit decorates, so the kernels must be imported afresh."""
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    code = f"import test_gpu_kernels as t; t.{call}"
+    code = f"import {module} as t; t.{call}"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
 
@@ -745,3 +746,113 @@ def test_saved_configs_merge_and_are_read_back(tmp_path, monkeypatch):
         assert tuning.get_config("m", "E=16,N=8,fmt=int8", 1, default, "card") == default  # not the format
     finally:
         tuning._load.cache_clear()
+
+
+# ---------------------------------------------------------------- router expert selection
+
+SELECT_CASES = {  # name: (E, with a score-correction bias, select_experts keywords)
+    "v2-lite": (64, False, dict(top_k=6, scoring="softmax", method="greedy")),
+    "v2": (
+        160,
+        False,
+        dict(top_k=6, scoring="softmax", method="group_limited_greedy", n_group=8, topk_group=3, scale=16.0),
+    ),
+    "v3": (
+        256,
+        True,
+        dict(
+            top_k=8,
+            scoring="sigmoid",
+            method="noaux_tc",
+            n_group=8,
+            topk_group=4,
+            renorm=True,
+            renorm_eps=1e-20,
+            scale=2.5,
+        ),
+    ),
+    "qwen3": (128, False, dict(top_k=8, scoring="softmax", method="greedy", renorm=True)),
+    "mixtral": (8, False, dict(top_k=2, scoring="softmax", method="greedy", renorm=True)),
+}
+
+
+def by_id(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, K], weights [T, K] -> each row's ids in ascending order, its weights moved alongside."""
+    ids, order = ids.sort(dim=1)
+    return ids, weights.gather(1, order)
+
+
+def check_select_experts(case: str, T: int, device: str = "cpu") -> None:
+    """select_experts_triton against the reference on random logits: the same experts in every row
+    (in any order) with the same weights. On CPU tensors it needs TRITON_INTERPRET=1."""
+    E, with_bias, kw = SELECT_CASES[case]
+    gen = torch.Generator(device).manual_seed(1000 * T + E)
+    logits = torch.randn(T, E, generator=gen, device=device) * 3
+    bias = torch.randn(E, generator=gen, device=device) * 0.1 if with_bias else None
+    ids, weights = router.select_experts_triton(logits, bias, **kw)
+    assert ids.shape == weights.shape == (T, kw["top_k"])
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    ids, weights = by_id(ids, weights)
+    ref_ids, ref_weights = by_id(*gk.select_experts_reference(logits, bias, **kw))
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("case", ["v2", "v3"])
+def test_select_experts_kernel_in_interpreter(case):
+    in_interpreter(f"check_select_experts({case!r}, 3)")
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("case", sorted(SELECT_CASES))
+def test_select_experts_kernel(case, T):
+    check_select_experts(case, T, CUDA)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_router_matches_a_per_row_selection(preset):
+    """Router on a tiny spec of each family against the routing rules applied one row at a time."""
+    from hetero.config import ModelSpec
+    from hetero.make_model import tiny_config
+    from hetero.moe import Router
+
+    s = ModelSpec.from_dict(tiny_config(preset))
+    E, K, T = s.num_experts, s.top_k, 9
+    gen = torch.Generator().manual_seed(len(preset))
+    gate = Router(s)
+    bias = torch.zeros(E)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(E, s.hidden_size, generator=gen) * 0.3)
+        if s.topk_method == "noaux_tc":
+            bias = torch.randn(E, generator=gen) * 0.1
+            gate.e_score_correction_bias.copy_(bias)
+    x = torch.randn(T, s.hidden_size, generator=gen)
+    ids, weights = gate(x)
+    assert ids.shape == weights.shape == (T, K)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+
+    groups = s.n_group if s.topk_method != "greedy" else 1
+    size = E // groups
+    logits = x @ gate.weight.detach().T  # [T, E]
+    for t in range(T):
+        scores = logits[t].sigmoid() if s.scoring_func == "sigmoid" else logits[t].softmax(-1)
+        choice = (scores + bias).tolist()
+        if s.topk_method == "noaux_tc":
+            group_score = [sum(sorted(choice[g * size : (g + 1) * size])[-2:]) for g in range(groups)]
+        else:
+            group_score = [max(choice[g * size : (g + 1) * size]) for g in range(groups)]
+        kept = sorted(range(groups), key=lambda g: -group_score[g])[: min(s.topk_group, groups)]
+        allowed = [e for e in range(E) if e // size in kept]
+        want = sorted(allowed, key=lambda e: -choice[e])[:K]
+        w = scores[want]
+        if s.norm_topk_prob:
+            w = w / w.sum()
+        w = w * s.routed_scaling_factor
+        got = dict(zip(ids[t].tolist(), weights[t].tolist()))
+        assert sorted(got) == sorted(want), (t, got, want)
+        assert [got[e] for e in want] == pytest.approx(w.tolist(), rel=1e-5)
+        assert len({e // size for e in got}) <= len(kept)
+        if s.norm_topk_prob:
+            assert sum(got.values()) == pytest.approx(s.routed_scaling_factor, rel=1e-5)

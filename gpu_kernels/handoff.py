@@ -1,0 +1,98 @@
+"""Staging a MoE layer's CPU hand-off in page-locked host memory, in one kernel.
+
+The CPU experts read each token's hidden state (float32), its expert ids (int32) and their
+weights (float32) from page-locked buffers. Copied with torch, that is two dtype casts on the
+device and three device-to-host copies, each a node of a decode step's graph; here one kernel
+converts and stores all three straight into the page-locked buffers, which the device writes
+through unified addressing over PCIe (as ``host_flag`` reads its flags).
+
+Shapes (T = tokens, H = hidden, K = experts per token):
+    x [T, H] (bf16/fp16/fp32), ids [T, K] (int32/int64), weights [T, K] float32  on the device
+    hx [>= T, H] float32, hids [>= T, K] int32, hw [>= T, K] float32            page-locked host memory
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import next_pow2, tl, triton, use_triton
+
+
+# Host addresses as integers, never specialized: a buffer's alignment must not pick a variant that
+# would compile inside a graph capture.
+@triton.jit(do_not_specialize=["hx_addr", "hids_addr", "hw_addr"])
+def _stage_kernel(
+    x_ptr,
+    ids_ptr,
+    w_ptr,
+    hx_addr,
+    hids_addr,
+    hw_addr,
+    stride_x,
+    stride_ids,
+    stride_w,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    K_PAD: tl.constexpr,
+):
+    t = tl.program_id(0)
+    part = tl.program_id(1)
+    h = part * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    hx = hx_addr.to(tl.pointer_type(tl.float32))
+    x = tl.load(x_ptr + t * stride_x + h, mask=hmask, other=0.0).to(tl.float32)
+    tl.store(hx + t * H + h, x, mask=hmask)
+    if part == 0:
+        k = tl.arange(0, K_PAD)
+        kmask = k < K
+        hids = hids_addr.to(tl.pointer_type(tl.int32))
+        hw = hw_addr.to(tl.pointer_type(tl.float32))
+        ids = tl.load(ids_ptr + t * stride_ids + k, mask=kmask, other=0)
+        tl.store(hids + t * K + k, ids.to(tl.int32), mask=kmask)
+        tl.store(hw + t * K + k, tl.load(w_ptr + t * stride_w + k, mask=kmask, other=0.0), mask=kmask)
+
+
+def stage_handoff_reference(x, ids, weights, hx, hids, hw) -> None:
+    t = x.shape[0]
+    hx[:t].copy_(x)
+    hids[:t].copy_(ids)
+    hw[:t].copy_(weights)
+
+
+def stage_handoff(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    hx: torch.Tensor,
+    hids: torch.Tensor,
+    hw: torch.Tensor,
+) -> None:
+    """Enqueue on the current stream: hx[:T] = x (as float32), hids[:T] = ids (as int32), hw[:T] = weights.
+
+    With CUDA inputs and page-locked destinations, one kernel storing into host memory; otherwise
+    torch copies. Shapes in the module docstring."""
+    T, H = x.shape
+    K = ids.shape[1]
+    assert ids.shape == (T, K) and weights.shape == (T, K), (
+        f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
+    )
+    assert hx.shape[1:] == (H,) and hids.shape[1:] == (K,) and hw.shape[1:] == (K,) and hx.shape[0] >= T
+    pinned = all(b.device.type == "cpu" and b.is_pinned() and b.is_contiguous() for b in (hx, hids, hw))
+    kinds = (hx.dtype, hids.dtype, hw.dtype, weights.dtype) == (
+        torch.float32,
+        torch.int32,
+        torch.float32,
+        torch.float32,
+    )
+    rows = x.stride(1) == 1 and ids.stride(1) == 1 and weights.stride(1) == 1
+    if not (use_triton(x, ids, weights) and pinned and kinds and rows and T):
+        stage_handoff_reference(x, ids, weights, hx, hids, hw)
+        return
+    block = min(1024, next_pow2(H))
+    with torch.cuda.device(x.device):
+        _stage_kernel[(T, -(-H // block))](
+            x, ids, weights, hx.data_ptr(), hids.data_ptr(), hw.data_ptr(),
+            x.stride(0), ids.stride(0), weights.stride(0),
+            H=H, K=K, BLOCK_H=block, K_PAD=max(2, next_pow2(K)), num_warps=4,
+        )  # fmt: skip

@@ -1,0 +1,255 @@
+"""Router expert selection: scores, group limiting, top-k, renormalization and scaling in one kernel.
+
+Shapes (T = tokens, E = routed experts, K = experts per token, G = n_group groups of E / G consecutive
+experts each):
+    logits   [T, E]  float32 (bf16 / fp16 are scored in float32)
+    bias     [E]     e_score_correction_bias (noaux_tc only; steers the choice, not the weights)
+    ids      [T, K]  int64
+    weights  [T, K]  float32
+
+Methods:
+    greedy                top-k of the scores.
+    group_limited_greedy  (DeepSeek-V2) group score = max score in the group; the experts of all but the
+                          topk_group best groups score 0; top-k of those masked scores.
+    noaux_tc              (DeepSeek-V3) choice = scores + bias; group score = sum of the group's two best
+                          choices; the other groups' choices are -inf; ids = top-k of the choice, weights =
+                          the scores at those ids.
+Then, with renorm, weights /= (their sum + renorm_eps); finally weights *= scale.
+
+The kernel runs one program per token row and writes each row's experts in descending order of the
+choice; the reference keeps torch.topk's order, which is unspecified for the grouped methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import next_pow2, tl, triton, use_triton
+
+SCORINGS = ("softmax", "sigmoid")
+METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+def _check_select(logits, bias, top_k, scoring, method, n_group, topk_group) -> None:
+    assert logits.dim() == 2 and logits.is_floating_point(), f"logits {tuple(logits.shape)} {logits.dtype}"
+    E = logits.shape[1]
+    assert scoring in SCORINGS, f"scoring {scoring!r} not in {SCORINGS}"
+    assert method in METHODS, f"method {method!r} not in {METHODS}"
+    assert 1 <= top_k <= E, f"top_k={top_k} with {E} experts"
+    if bias is not None:
+        assert method == "noaux_tc", "only noaux_tc takes a score-correction bias"
+        assert bias.shape == (E,) and bias.is_floating_point(), f"bias {tuple(bias.shape)} vs E={E}"
+    if method != "greedy":
+        assert n_group >= 1 and E % n_group == 0, f"{E} experts do not split into {n_group} groups"
+        assert 1 <= topk_group <= n_group, f"topk_group={topk_group}, n_group={n_group}"
+    if method == "noaux_tc":
+        assert E // n_group >= 2, "noaux_tc scores a group by its two best experts"
+        assert top_k <= topk_group * (E // n_group), "top_k exceeds the experts of the kept groups"
+
+
+def _keep_groups(
+    scores: torch.Tensor, group_score: torch.Tensor, topk_group: int, fill: float
+) -> torch.Tensor:
+    """scores [T, E], group_score [T, G] -> scores with the experts outside the topk_group best groups
+    set to `fill`."""
+    T, E = scores.shape
+    G = group_score.shape[1]
+    keep = torch.zeros_like(group_score, dtype=torch.bool)  # [T, G]
+    keep.scatter_(1, group_score.topk(topk_group, dim=-1, sorted=False).indices, True)
+    keep = keep[:, :, None].expand(-1, -1, E // G).reshape(T, E)  # [T, E]
+    return scores.masked_fill(~keep, fill)
+
+
+def select_experts_reference(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    top_k: int,
+    scoring: str,
+    method: str,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renorm: bool = False,
+    renorm_eps: float = 0.0,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E], bias [E] or None -> (ids [T, K] int64, weights [T, K] float32), in torch."""
+    logits = logits.float()
+    E = logits.shape[1]
+    scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
+    if method == "noaux_tc":
+        choice = scores if bias is None else scores + bias  # [T, E]
+        grouped = choice.view(-1, n_group, E // n_group)  # [T, G, E/G]
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+        choice = _keep_groups(choice, group_score, topk_group, float("-inf"))
+        ids = choice.topk(top_k, dim=-1, sorted=False).indices  # [T, K]
+        weights = scores.gather(1, ids)
+    elif method == "group_limited_greedy":
+        group_score = scores.view(-1, n_group, E // n_group).amax(-1)  # [T, G]
+        masked = _keep_groups(scores, group_score, topk_group, 0.0)
+        weights, ids = masked.topk(top_k, dim=-1, sorted=False)
+    else:
+        weights, ids = scores.topk(top_k, dim=-1)
+    if renorm:
+        weights = weights / (weights.sum(-1, keepdim=True) + renorm_eps)
+    return ids, weights * scale
+
+
+@triton.jit
+def _select_experts_kernel(
+    logits_ptr,  # [T, E]
+    bias_ptr,  # [E] (HAS_BIAS only)
+    ids_ptr,  # [T, K] int64
+    weights_ptr,  # [T, K] float32
+    stride_lt,
+    scale,
+    renorm_eps,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    METHOD: tl.constexpr,  # 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+    HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    t = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    valid = e < E
+    x = tl.load(logits_ptr + t * stride_lt + e, mask=valid, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        scores = tl.where(valid, tl.sigmoid(x), 0.0)
+    else:
+        p = tl.where(valid, tl.exp(x - tl.max(x, axis=0)), 0.0)
+        scores = p / tl.sum(p, axis=0)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, float("-inf"))
+
+    if METHOD != 0 and TOPK_GROUP < N_GROUP:
+        GS: tl.constexpr = E // N_GROUP
+        group = e // GS  # padding lands in groups >= N_GROUP
+        expert_group_score = tl.full([E_PAD], float("-inf"), tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_g = group == g
+            v = tl.where(in_g, choice, float("-inf"))
+            best = tl.max(v, axis=0)
+            if METHOD == 2:
+                first = tl.min(tl.where(v == best, e, E_PAD), axis=0)
+                best += tl.max(tl.where(e == first, float("-inf"), v), axis=0)
+            expert_group_score = tl.where(in_g, best, expert_group_score)
+        keep = e < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            best = tl.max(expert_group_score, axis=0)
+            picked = tl.min(tl.where(expert_group_score == best, group, N_GROUP), axis=0)
+            keep = keep | (group == picked)
+            expert_group_score = tl.where(group == picked, float("-inf"), expert_group_score)
+        if METHOD == 2:
+            choice = tl.where(keep, choice, float("-inf"))
+        else:
+            scores = tl.where(keep, scores, 0.0)
+            choice = tl.where(valid, scores, float("-inf"))
+
+    k_idx = tl.arange(0, K_PAD)
+    ids = tl.zeros([K_PAD], dtype=tl.int32)
+    weights = tl.zeros([K_PAD], dtype=tl.float32)
+    for k in tl.static_range(K):
+        best = tl.max(choice, axis=0)
+        pick = tl.min(tl.where(choice == best, e, E_PAD), axis=0)
+        hit = e == pick
+        w = tl.sum(tl.where(hit, scores, 0.0), axis=0)
+        ids = tl.where(k_idx == k, pick, ids)
+        weights = tl.where(k_idx == k, w, weights)
+        choice = tl.where(hit, float("-inf"), choice)
+    if RENORM:
+        weights = weights / (tl.sum(weights, axis=0) + renorm_eps)
+    weights = weights * scale
+    k_mask = k_idx < K
+    tl.store(ids_ptr + t * K + k_idx, ids.to(tl.int64), mask=k_mask)
+    tl.store(weights_ptr + t * K + k_idx, weights, mask=k_mask)
+
+
+def select_experts_triton(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    top_k: int,
+    scoring: str,
+    method: str,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renorm: bool = False,
+    renorm_eps: float = 0.0,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E], bias [E] or None -> (ids [T, K] int64, weights [T, K] float32), one program a row."""
+    _check_select(logits, bias, top_k, scoring, method, n_group, topk_group)
+    assert logits.stride(-1) == 1, "logits rows must be contiguous"
+    assert bias is None or bias.is_contiguous()
+    T, E = logits.shape
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return ids, weights
+    E_PAD = next_pow2(E)
+    _select_experts_kernel[(T,)](
+        logits,
+        bias if bias is not None else logits,
+        ids,
+        weights,
+        logits.stride(0),
+        float(scale),
+        float(renorm_eps),
+        E=E,
+        E_PAD=E_PAD,
+        K=top_k,
+        K_PAD=next_pow2(top_k),
+        SIGMOID=scoring == "sigmoid",
+        METHOD=METHODS.index(method),
+        HAS_BIAS=bias is not None,
+        N_GROUP=n_group if method != "greedy" else 1,
+        TOPK_GROUP=topk_group if method != "greedy" else 1,
+        RENORM=bool(renorm),
+        num_warps=1 if E_PAD <= 256 else 4,
+    )
+    return ids, weights
+
+
+def select_experts(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    top_k: int,
+    scoring: str = "softmax",
+    method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+    renorm: bool = False,
+    renorm_eps: float = 0.0,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top_k experts and their weights.
+
+    logits [T, E] (scored in float32); bias [E] (noaux_tc's e_score_correction_bias) or None;
+    scoring "softmax" | "sigmoid"; method "greedy" | "group_limited_greedy" | "noaux_tc" over n_group
+    groups of E / n_group consecutive experts, of which the topk_group best stay; renorm divides the
+    weights by (their sum + renorm_eps); scale multiplies them last.
+    Returns (ids [T, K] int64, weights [T, K] float32).
+    """
+    kw = dict(
+        top_k=top_k,
+        scoring=scoring,
+        method=method,
+        n_group=n_group,
+        topk_group=topk_group,
+        renorm=renorm,
+        renorm_eps=renorm_eps,
+        scale=scale,
+    )
+    if use_triton(logits):
+        return select_experts_triton(logits, bias, **kw)
+    _check_select(logits, bias, top_k, scoring, method, n_group, topk_group)
+    return select_experts_reference(logits, bias, **kw)

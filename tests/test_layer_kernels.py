@@ -1,0 +1,179 @@
+"""The fused kernels of a block's small operations (gpu_kernels.rope: rotary + norms + cache write;
+gpu_kernels.norm: residual add + RMSNorm) against their torch references: on the GPU in bf16, and
+on CPU tensors in Triton's interpreter; the references against the model's own layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_kernels import handoff, norm, rope
+from gpu_kernels._triton import HAS_TRITON
+from hetero.layers import RMSNorm, Rotary
+
+
+def _angles(T: int, half: int, gen: torch.Generator, dtype: torch.dtype, device: str):
+    pos = torch.randint(0, 4000, (T,), generator=gen)
+    freqs = pos.float()[:, None] * (1.0 / 10000 ** (torch.arange(half) / half))[None, :]
+    return freqs.cos().to(dtype).to(device), freqs.sin().to(dtype).to(device)
+
+
+def _slots(T: int, n_slots: int, gen: torch.Generator, device: str) -> torch.Tensor:
+    slots = torch.randperm(n_slots, generator=gen)[:T]
+    slots[T // 2] = -1  # a token whose cache write is skipped
+    return slots.to(device)
+
+
+def check_mla(T: int, H: int, dtype: torch.dtype, device: str, tol: float) -> None:
+    gen = torch.Generator().manual_seed(T * 31 + H)
+    R, N, P, bs, nb = 64, 24, 16, 4, 16
+    q = torch.randn(T, H, N + P, generator=gen).to(dtype).to(device)
+    kv = (torch.randn(T, R + P, generator=gen) * 3).to(dtype).to(device)
+    w = (torch.rand(R, generator=gen) + 0.5).to(dtype).to(device)
+    cos, sin = _angles(T, P // 2, gen, dtype, device)
+    slots = _slots(T, nb * bs, gen, device)
+    cache = torch.full((nb, bs, R + P), float("nan"), dtype=dtype, device=device)
+    q_ref, cache_ref = q.clone(), cache.clone()
+    rope.mla_rope_write_reference(q_ref, kv, cos, sin, w, 1e-6, cache_ref, slots)
+    rope.mla_rope_write_triton(q, kv, cos, sin, w, 1e-6, cache, slots)
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=tol, atol=tol)
+    assert torch.equal(q[..., :N], q_ref[..., :N]), "the no-rope columns must stay untouched"
+    torch.testing.assert_close(cache.float(), cache_ref.float(), rtol=tol, atol=tol, equal_nan=True)
+    assert cache.isnan().sum() == (nb * bs - (T - 1)) * (R + P), "exactly the kept tokens' slots written"
+
+
+def check_gqa(T: int, Hq: int, Hkv: int, norm: bool, dtype: torch.dtype, device: str, tol: float) -> None:
+    gen = torch.Generator().manual_seed(T * 7 + Hq + norm)
+    D, bs, nb = 32, 4, 16
+    q, k, v = (torch.randn(T, h, D, generator=gen).to(dtype).to(device) for h in (Hq, Hkv, Hkv))
+    qw, kw = ((torch.rand(D, generator=gen) + 0.5).to(dtype).to(device) for _ in range(2))
+    norms = (qw, kw) if norm else (None, None)
+    cos, sin = _angles(T, D // 2, gen, dtype, device)
+    slots = _slots(T, nb * bs, gen, device)
+    kc = torch.full((nb, bs, Hkv, D), float("nan"), dtype=dtype, device=device)
+    vc = kc.clone()
+    q_ref, kc_ref, vc_ref = q.clone(), kc.clone(), vc.clone()
+    rope.gqa_rope_write_reference(q_ref, k, v, cos, sin, *norms, 1e-6, kc_ref, vc_ref, slots)
+    rope.gqa_rope_write_triton(q, k, v, cos, sin, *norms, 1e-6, kc, vc, slots)
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(kc.float(), kc_ref.float(), rtol=tol, atol=tol, equal_nan=True)
+    assert torch.equal(vc.nan_to_num(), vc_ref.nan_to_num()), "values are copied exactly"
+    assert kc.isnan().sum() == (nb * bs - (T - 1)) * Hkv * D
+
+
+def check_add_norm(T: int, H: int, dtype: torch.dtype, device: str, tol: float) -> None:
+    gen = torch.Generator().manual_seed(T + H)
+    x, d = ((torch.randn(T, H, generator=gen) * 4).to(dtype).to(device) for _ in range(2))
+    w = (torch.rand(H, generator=gen) + 0.5).to(dtype).to(device)
+    s, y = norm.add_rms_norm_triton(x, d, w, 1e-6)
+    s_ref, y_ref = norm.add_rms_norm_reference(x, d, w, 1e-6)
+    assert torch.equal(s, s_ref), "the residual stream is the separate add's, bit for bit"
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+
+
+def check_stage_handoff(T: int, H: int, K: int, device: str) -> None:
+    gen = torch.Generator().manual_seed(T * H + K)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(device)
+    ids = torch.randint(-1, 64, (T, K), generator=gen).to(device)  # int64, -1 = not on the CPU
+    w = torch.rand(T, K, generator=gen).to(device)
+    pin = device == "cuda"
+    hx, hw = (torch.full((T + 2, n), float("nan"), pin_memory=pin) for n in (H, K))
+    hids = torch.full((T + 2, K), -7, dtype=torch.int32, pin_memory=pin)
+    handoff.stage_handoff(x, ids, w, hx, hids, hw)
+    if pin:
+        torch.cuda.synchronize()
+    assert torch.equal(hx[:T], x.float().cpu()) and torch.equal(hw[:T], w.cpu())
+    assert torch.equal(hids[:T], ids.int().cpu())
+    assert hx[T:].isnan().all() and (hids[T:] == -7).all(), "rows past T untouched"
+
+
+# ---------------------------------------------------------------- CPU: references and the interpreter
+
+
+def test_stage_handoff_reference():
+    check_stage_handoff(3, 40, 6, "cpu")
+
+
+def test_references_are_the_model_layers():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 16, generator=gen, dtype=torch.float64)
+    cos, sin = _angles(5, 8, gen, torch.float64, "cpu")
+    for interleaved in (True, False):
+        rot = Rotary(16, 10000.0, None, interleaved=interleaved)
+        out = rope.rotate_reference(x, cos, sin, interleaved)
+        torch.testing.assert_close(rot(x, cos, sin), out)
+        # a rotation: each pair keeps its length
+        pairs = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, -1)
+        torch.testing.assert_close(out[..., :8] ** 2 + out[..., 8:] ** 2, pairs[0] ** 2 + pairs[1] ** 2)
+    norm = RMSNorm(16, 1e-6).double()
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    want = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight
+    torch.testing.assert_close(norm(x), want)
+
+
+def test_mla_reference_writes_what_the_model_wrote():
+    """[normed latent | rotated k_pe] at the kept slots, q's rope columns rotated, the rest untouched."""
+    gen = torch.Generator().manual_seed(1)
+    T, H, R, N, P = 3, 2, 8, 4, 4
+    q = torch.randn(T, H, N + P, generator=gen, dtype=torch.float64)
+    kv = torch.randn(T, R + P, generator=gen, dtype=torch.float64)
+    w = torch.rand(R, generator=gen, dtype=torch.float64) + 0.5
+    cos, sin = _angles(T, P // 2, gen, torch.float64, "cpu")
+    cache = torch.zeros(2, 4, R + P, dtype=torch.float64)
+    slots = torch.tensor([5, -1, 0])
+    q0 = q.clone()
+    rope.mla_rope_write(q, kv, cos, sin, w, 1e-6, cache, slots)
+    lat = kv[:, :R] / kv[:, :R].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * w
+    kpe = rope.rotate_reference(kv[:, None, R:], cos, sin, True)[:, 0]
+    flat = cache.view(-1, R + P)
+    torch.testing.assert_close(flat[5], torch.cat([lat[0], kpe[0]]))
+    torch.testing.assert_close(flat[0], torch.cat([lat[2], kpe[2]]))
+    assert flat[1:5].abs().sum() == 0 and flat[6:].abs().sum() == 0
+    torch.testing.assert_close(q[..., N:], rope.rotate_reference(q0[..., N:], cos, sin, True))
+    assert torch.equal(q[..., :N], q0[..., :N])
+
+
+def in_interpreter(call: str) -> None:
+    from test_gpu_kernels import in_interpreter as run
+
+    run(call, module="test_layer_kernels")
+
+
+def check_in_interpreter() -> None:
+    """Run with TRITON_INTERPRET=1 (float32: its bf16 rounding is not torch's)."""
+    check_mla(5, 3, torch.float32, "cpu", 1e-5)
+    check_gqa(5, 6, 2, True, torch.float32, "cpu", 1e-5)
+    check_gqa(3, 4, 4, False, torch.float32, "cpu", 1e-5)
+    check_add_norm(3, 100, torch.float32, "cpu", 1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+def test_layer_kernels_in_interpreter():
+    in_interpreter("check_in_interpreter()")
+
+
+# ---------------------------------------------------------------- GPU: the kernels in bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H", [(1, 16), (7, 128), (33, 16)])
+def test_mla_rope_write_kernel(T, H):
+    check_mla(T, H, torch.bfloat16, "cuda", 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,Hq,Hkv,norm", [(1, 32, 4, True), (9, 16, 16, False), (33, 40, 8, True)])
+def test_gqa_rope_write_kernel(T, Hq, Hkv, norm):
+    check_gqa(T, Hq, Hkv, norm, torch.bfloat16, "cuda", 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H", [(1, 2048), (5, 7168), (40, 100)])
+def test_add_rms_norm_kernel(T, H):
+    check_add_norm(T, H, torch.bfloat16, "cuda", 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,K", [(1, 2048, 6), (5, 7168, 8), (16, 100, 2)])
+def test_stage_handoff_kernel(T, H, K):
+    check_stage_handoff(T, H, K, "cuda")
