@@ -62,12 +62,84 @@ def time_cpu_layer(experts: HybridExperts, hidden: int, top_k: int, calls: int =
     return {"main_thread_ms": main_ms, "worker_thread_ms": worker_ms, "bytes": packed.expert_nbytes() * top_k}
 
 
+def handoff_timeline(trace: dict, steps: int) -> dict | None:
+    """A decode step's GPU timeline cut at the CPU hand-offs: per hand-off, the GPU segment from the
+    copy of the previous CPU result to the host (its first event) to the end of the device-to-host
+    copies of this one, and the CPU window after it (until the next host-to-device copy starts).
+
+    Reads the kernels and copies of a Chrome trace of ``steps`` decode steps (torch profiler)."""
+    ev = [
+        e
+        for e in trace.get("traceEvents", [])
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
+    if not ev:
+        return None
+    ev.sort(key=lambda e: e["ts"])
+    # A hand-off's inputs reach the host by device-to-host copies, or by one kernel storing into
+    # page-locked memory (gpu_kernels.handoff); the host-to-device copy of the result after a
+    # run of them starts the next segment.
+    d2h = [
+        i
+        for i, e in enumerate(ev)
+        if (e["cat"] == "gpu_memcpy" and "DtoH" in e["name"]) or e["name"].startswith("_stage_kernel")
+    ]
+    segments, cpu_windows, kernels = [], [], []
+    start = 0
+    i = 0
+    while i < len(d2h):
+        j = i
+        while j + 1 < len(d2h) and d2h[j + 1] == d2h[j] + 1:
+            j += 1
+        last = ev[d2h[j]]
+        end_us = last["ts"] + last["dur"]
+        seg = ev[start : d2h[j] + 1]
+        if seg and d2h[j] >= start:
+            busy = sum(e["dur"] for e in seg)
+            span = end_us - seg[0]["ts"]
+            segments.append((span, busy, len(seg)))
+            kernels.extend((e["name"], e["dur"]) for e in seg)
+        start = max(start, d2h[j] + 1)
+        # The next host-to-device copy (the CPU result coming back) ends the CPU window.
+        nxt = next((k for k in range(start, len(ev)) if "HtoD" in ev[k]["name"]), None)
+        if nxt is not None:
+            cpu_windows.append(ev[nxt]["ts"] - end_us)
+            start = nxt
+        i = j + 1
+    if not segments:
+        return None
+    n = len(segments)
+    count, dur = {}, {}
+    for name, d in kernels:
+        count[name] = count.get(name, 0) + 1
+        dur[name] = dur.get(name, 0.0) + d
+    top = sorted(count, key=lambda k: -dur[k])[:40]
+    out = {
+        "handoffs": n,
+        "handoffs_per_step": n / steps,
+        "gpu_segment_us": sum(s[0] for s in segments) / n,
+        "gpu_segment_busy_us": sum(s[1] for s in segments) / n,
+        "gpu_segment_events": sum(s[2] for s in segments) / n,
+        "cpu_window_us": sum(cpu_windows) / max(len(cpu_windows), 1),
+        "events_per_segment": {k: [count[k] / n, dur[k] / n] for k in top},
+    }
+    print(
+        f"per hand-off: GPU segment {out['gpu_segment_us']:.1f} us ({out['gpu_segment_busy_us']:.1f} us busy, "
+        f"{out['gpu_segment_events']:.1f} kernels/copies); CPU window {out['cpu_window_us']:.1f} us"
+    )
+    print("  count  us  (per segment)")
+    for k in top:
+        print(f"  {count[k] / n:5.2f} {dur[k] / n:6.2f}  {k[:100]}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--gpu-mem", default="6GiB")
     ap.add_argument("--experts", default="int4")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--trace", default=None, help="write the profiled steps' Chrome trace here")
     args = ap.parse_args(argv)
     cap = parse_size(args.gpu_mem)
     cap_device_memory(cap)
@@ -95,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t) / args.steps * 1e3
     averages = prof.key_averages()
+    timeline = None
+    if cuda:
+        path = args.trace or f"/tmp/decode_profile-{args.experts}.json"
+        prof.export_chrome_trace(path)
+        timeline = handoff_timeline(json.loads(Path(path).read_text()), args.steps)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
     if cuda:
         print(averages.table(sort_by="self_cuda_time_total", row_limit=20))
@@ -114,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         "engine_cpu_experts_ms_per_step": timings.cpu_experts / max(timings.calls, 1) * len(layers) * 1e3,
         "engine_wait_ms_per_step": timings.wait * 1e3 / (args.steps + 10),
     }
+    if timeline:
+        row["timeline"] = timeline
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).name
     gpu = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
-    (RESULTS / f"decode_profile-{name}-{gpu}.json").write_text(json.dumps(row, indent=2))
+    (RESULTS / f"decode_profile-{name}-{args.experts}-{gpu}.json").write_text(json.dumps(row, indent=2))
     print("\n".join(f"{k:34s} {v}" for k, v in row.items()))
     return 0
 
