@@ -62,6 +62,39 @@ def time_cpu_layer(experts: HybridExperts, hidden: int, top_k: int, calls: int =
     return {"main_thread_ms": main_ms, "worker_thread_ms": worker_ms, "bytes": packed.expert_nbytes() * top_k}
 
 
+def replay_times(engine, steps: int) -> dict:
+    """Host time of each CUDA graph launch (``CUDAGraph.replay``) over ``steps`` unprofiled decode
+    steps, and the step time around them."""
+    orig = torch.cuda.CUDAGraph.replay
+    took: list[float] = []
+
+    def timed(graph) -> None:
+        t = time.perf_counter()
+        orig(graph)
+        took.append(time.perf_counter() - t)
+
+    torch.cuda.CUDAGraph.replay = timed
+    try:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        step = (time.perf_counter() - t) / steps
+    finally:
+        torch.cuda.CUDAGraph.replay = orig
+    took.sort()
+    out = {
+        "step_ms": step * 1e3,
+        "replays_per_step": len(took) / steps,
+        "replay_host_us_median": took[len(took) // 2] * 1e6 if took else None,
+        "replay_host_us_mean": sum(took) / max(len(took), 1) * 1e6,
+        "replay_host_ms_per_step": sum(took) / steps * 1e3,
+    }
+    print("unprofiled graph launches:", {k: round(v, 2) for k, v in out.items() if v is not None})
+    return out
+
+
 def handoff_timeline(trace: dict, steps: int) -> dict | None:
     """A decode step's GPU timeline cut at the CPU hand-offs: per hand-off, the GPU segment from the
     copy of the previous CPU result to the host (its first event) to the end of the device-to-host
@@ -151,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     seq = engine.add_request(
-        prompt, SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
+        prompt, SamplingParams(max_tokens=2 * args.steps + 4, temperature=0, ignore_eos=True)
     )
     while not seq.output_ids:
         engine.step()
@@ -159,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if cuda else []
     )
+    replays = replay_times(engine, args.steps) if cuda else None
     with torch.profiler.profile(activities=activities) as prof:
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -193,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if timeline:
         row["timeline"] = timeline
+    if replays:
+        row["replays"] = replays
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).name
     gpu = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
