@@ -17,6 +17,10 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 
+# Stores from the SMs cross PCIe slower than the copy engines' DMA: a large hand-off (a prefill
+# chunk on the CPU) is copied instead. Decode steps stage a few kilobytes a row.
+STORE_MAX_BYTES = 4 << 20
+
 
 # Host addresses as integers, never specialized: a buffer's alignment must not pick a variant that
 # would compile inside a graph capture.
@@ -55,9 +59,9 @@ def _stage_kernel(
 
 def stage_handoff_reference(x, ids, weights, hx, hids, hw) -> None:
     t = x.shape[0]
-    hx[:t].copy_(x)
-    hids[:t].copy_(ids)
-    hw[:t].copy_(weights)
+    for dst, src in ((hx, x), (hids, ids), (hw, weights)):
+        # device -> page-locked: asynchronous (and so capturable), ordered on the current stream
+        dst[:t].copy_(src, non_blocking=src.is_cuda and dst.is_pinned())
 
 
 def stage_handoff(
@@ -70,8 +74,8 @@ def stage_handoff(
 ) -> None:
     """Enqueue on the current stream: hx[:T] = x (as float32), hids[:T] = ids (as int32), hw[:T] = weights.
 
-    With CUDA inputs and page-locked destinations, one kernel storing into host memory; otherwise
-    torch copies. Shapes in the module docstring."""
+    With CUDA inputs, page-locked destinations and at most STORE_MAX_BYTES of hidden states, one
+    kernel storing into host memory; otherwise torch copies. Shapes in the module docstring."""
     T, H = x.shape
     K = ids.shape[1]
     assert ids.shape == (T, K) and weights.shape == (T, K), (
@@ -86,7 +90,8 @@ def stage_handoff(
         torch.float32,
     )
     rows = x.stride(1) == 1 and ids.stride(1) == 1 and weights.stride(1) == 1
-    if not (use_triton(x, ids, weights) and pinned and kinds and rows and T):
+    small = 0 < T * H * 4 <= STORE_MAX_BYTES
+    if not (use_triton(x, ids, weights) and pinned and kinds and rows and small):
         stage_handoff_reference(x, ids, weights, hx, hids, hw)
         return
     block = min(1024, next_pow2(H))

@@ -119,12 +119,15 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     WAVES x SMs programs, at most MAX_SPLITS splits a row (each split leaves an [H, R] float32 partial).
 
     Defaults from a sweep on an H100 at 32k context (benchmarks/attention_sweep.py): 16 heads take one
-    head block; 128 heads take blocks of 32 over 64-token tiles, split finer when many rows share the GPU."""
-    if H <= 16:
+    head block (a single row: 64-token tiles, eight warps, half the splits and so half the partials
+    to merge); 128 heads take blocks of 32 over 64-token tiles, split finer when many rows share the GPU."""
+    if H <= 16 and n_rows == 1:
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 2, "num_warps": 8}
+    elif H <= 16:
         cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 2}
     else:
         cfg = {"BLOCK_H": 32, "BLOCK_N": 64, "WAVES": 8 if n_rows * cdiv(H, 32) >= 32 else 2, "num_stages": 3}
-    cfg.update(MAX_SPLITS=64 * cfg["WAVES"], num_warps=4)
+    cfg = {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, **cfg}
     return {**cfg, **(config or {})}
 
 

@@ -174,6 +174,8 @@ def test_add_rms_norm_kernel(T, H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,H,K", [(1, 2048, 6), (5, 7168, 8), (16, 100, 2)])
+@pytest.mark.parametrize(
+    "T,H,K", [(1, 2048, 6), (5, 7168, 8), (16, 100, 2), (600, 2048, 6)]
+)  # the last copies
 def test_stage_handoff_kernel(T, H, K):
     check_stage_handoff(T, H, K, "cuda")
