@@ -67,6 +67,8 @@ def replay_times(engine, steps: int) -> dict:
     steps, and the step time around them."""
     orig = torch.cuda.CUDAGraph.replay
     took: list[float] = []
+    timings = engine.model.worker.timings
+    before = (timings.cpu_experts, timings.copies, timings.calls)
 
     def timed(graph) -> None:
         t = time.perf_counter()
@@ -84,8 +86,12 @@ def replay_times(engine, steps: int) -> dict:
     finally:
         torch.cuda.CUDAGraph.replay = orig
     took.sort()
+    calls = max(timings.calls - before[2], 1)
     out = {
         "step_ms": step * 1e3,
+        "cpu_call_us": (timings.cpu_experts - before[0]) / calls * 1e6,
+        "cpu_wait_for_gpu_us": (timings.copies - before[1]) / calls * 1e6,
+        "cpu_calls_per_step": calls / steps,
         "replays_per_step": len(took) / steps,
         "replay_host_us_median": took[len(took) // 2] * 1e6 if took else None,
         "replay_host_us_mean": sum(took) / max(len(took), 1) * 1e6,
@@ -173,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", default="int4")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--trace", default=None, help="write the profiled steps' Chrome trace here")
+    ap.add_argument(
+        "--cpu-threads", type=int, default=0, help="threads of the CPU expert kernels (0: default)"
+    )
     args = ap.parse_args(argv)
     cap = parse_size(args.gpu_mem)
     cap_device_memory(cap)
@@ -180,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         offload=True, gpu_mem=cap - (1 << 30), experts=args.experts, max_batch=1, max_model_len=1024
     )
     rt = load_runtime(args.model, opts)
+    if args.cpu_threads:
+        import cpu_kernels
+
+        cpu_kernels.set_num_threads(args.cpu_threads)
     engine = rt.engine
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -232,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).name
     gpu = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
-    (RESULTS / f"decode_profile-{name}-{args.experts}-{gpu}.json").write_text(json.dumps(row, indent=2))
+    tag = f"-t{args.cpu_threads}" if args.cpu_threads else ""
+    (RESULTS / f"decode_profile-{name}-{args.experts}{tag}-{gpu}.json").write_text(json.dumps(row, indent=2))
     print("\n".join(f"{k:34s} {v}" for k, v in row.items()))
     return 0
 
