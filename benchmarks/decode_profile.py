@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--trace", default=None, help="write the profiled steps' Chrome trace here")
     ap.add_argument(
+        "--defer", type=int, default=0, help="defer each token's N lightest experts to the next layer"
+    )
+    ap.add_argument(
         "--cpu-threads", type=int, default=0, help="threads of the CPU expert kernels (0: default)"
     )
     args = ap.parse_args(argv)
@@ -193,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         import cpu_kernels
 
         cpu_kernels.set_num_threads(args.cpu_threads)
+    if args.defer:
+        from hetero.moe import defer_experts
+
+        defer_experts(rt.engine.model, args.defer)
     engine = rt.engine
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -245,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).name
     gpu = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
-    tag = f"-t{args.cpu_threads}" if args.cpu_threads else ""
+    tag = (f"-t{args.cpu_threads}" if args.cpu_threads else "") + (
+        f"-defer{args.defer}" if args.defer else ""
+    )
     (RESULTS / f"decode_profile-{name}-{args.experts}{tag}-{gpu}.json").write_text(json.dumps(row, indent=2))
     print("\n".join(f"{k:34s} {v}" for k, v in row.items()))
     return 0

@@ -3,10 +3,13 @@
 A decode step of a small batch launches a few thousand small kernels; launched one by one
 from Python, the host, not the GPU, sets the pace. Here the step runs as a short program:
 
-    graph 0: embed, layers up to the first CPU MoE layer's router, copy hidden/ids/weights to pinned RAM
+    graph 0: embed, layers up to the first CPU MoE layer's router, stage hidden/ids/weights in pinned RAM
     graph 1: that layer's shared and GPU-resident experts          } the CPU kernel runs meanwhile
-    join:    the CPU worker waits for graph 0's copy, runs the CPU experts on the pinned buffers
+    join:    the CPU worker waits for graph 0's staging, runs the CPU experts on the pinned buffers
     graph 2: copy the CPU result back, add it, go on to the next CPU MoE layer's router ...
+
+With expert deferral a layer's late experts are a second hand-off, joined in the next layer, so
+hand-offs overlap: the CPU runs them in the order they were staged, and each join waits for its own.
 
 By default the host replays graph by graph and runs the CPU experts itself between them. With
 ``launch_ahead`` it launches the whole program at once: each hand-off goes to the CPU worker with
@@ -34,6 +37,7 @@ W = block-table width.
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -54,7 +58,7 @@ class _Program:
     """A decode step: graphs, and between them CPU kernels with their pinned buffers."""
 
     pool: tuple
-    ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", _Handoff) | ("join",)
+    ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", _Handoff) | ("join", _Handoff)
     graph: torch.cuda.CUDAGraph | None = None
     handoffs: int = 0  # the "cpu" ops so far
 
@@ -68,19 +72,20 @@ class _Program:
         self.ops.append(("graph", self.graph))
         self.graph = None
 
-    def handoff(self, fn, args: tuple, worker, layer: int) -> None:
-        """Called after the device-to-host copies of a CPU hand-off were captured."""
-        if self.ops and self.ops[-1][0] == "cpu":
-            raise RuntimeError("a second CPU hand-off before the first was joined (expert deferral?)")
+    def handoff(self, fn, args: tuple, worker, layer: int) -> _Handoff:
+        """Called after the staging of a CPU hand-off was captured. Hand-offs may overlap (expert
+        deferral: a layer's late experts are joined a layer later); the CPU runs them in order."""
         self.end()
-        self.ops.append(("cpu", _Handoff(fn, args, worker, layer, self.handoffs, torch.cuda.Event())))
+        h = _Handoff(fn, args, worker, layer, self.handoffs, torch.cuda.Event())
+        self.ops.append(("cpu", h))
         self.handoffs += 1
         self.begin()
+        return h
 
-    def join(self) -> None:
-        """Called before the host-to-device copy of the CPU result is captured."""
+    def join(self, h: _Handoff) -> None:
+        """Called before the host-to-device copy of hand-off ``h``'s result is captured."""
         self.end()
-        self.ops.append(("join",))
+        self.ops.append(("join", h))
         self.begin()
 
 
@@ -239,9 +244,6 @@ class DecodeGraphs:
 
     def _capture(self, b, ids, positions, slots, context_lens, tables) -> _Entry | None:
         global _capture
-        if _defers(self.model):  # a deferred expert joins a later layer: not a straight-line program
-            self.failed[b] = "expert deferral is on"
-            return None
         static_ids, batch, staging, host_tables = self._static(b)
         entry = _Entry(_Program(self.pool), static_ids, batch, None, staging, host_tables)
         self._load(entry, ids, positions, slots, context_lens, tables)
@@ -289,21 +291,26 @@ class DecodeGraphs:
             if self.flags is None or self.flags.numel() < program.handoffs:
                 self.flags = host_flags(max(64, program.handoffs))
             flags = self.flags.numpy()
-        jobs, pending = [], None
+        jobs, queued, done = [], deque(), set()
         try:
             for op in program.ops:
                 kind = op[0]
                 if kind == "graph":
                     op[1].replay()
                 elif kind == "cpu":
-                    pending = op[1]
-                    pending.ready.record()  # after the graph that ends with the device-to-host copies
+                    h = op[1]
+                    h.ready.record()  # after the graph that ends with the hand-off's staging
                     if ahead:
-                        jobs.append(pending.worker.submit(_run_handoff, pending, live, flags))
+                        jobs.append(h.worker.submit(_run_handoff, h, live, flags))
+                    else:
+                        queued.append(h)
                 elif ahead:  # the next graph starts once the worker is done with this hand-off
-                    wait_host_flag(self.flags, pending.slot, self.device)
-                else:  # in turn: the host runs the CPU experts itself, between two replays
-                    _run_handoff(pending, live, None)
+                    wait_host_flag(self.flags, op[1].slot, self.device)
+                else:  # in turn: the host runs the CPU experts itself, in order, up to the one joined
+                    while op[1].slot not in done:
+                        h = queued.popleft()
+                        _run_handoff(h, live, None)
+                        done.add(h.slot)
         except BaseException:
             # Launching stopped midway: let what was launched drain, and clear the flags no
             # kernel consumed, so that the next step waits for its own.
@@ -352,12 +359,6 @@ def _stream_min_tokens(model: torch.nn.Module) -> float:
         if isinstance(m, HybridExperts) and m.streamed is not None and m.stream_min_tokens is not None
     ]
     return min(mins) if mins else float("inf")
-
-
-def _defers(model: torch.nn.Module) -> bool:
-    from hetero.experts import DeferredExperts
-
-    return any(isinstance(m, DeferredExperts) for m in _experts(model))
 
 
 def _experts(model: torch.nn.Module) -> list:

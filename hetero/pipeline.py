@@ -89,9 +89,11 @@ class HostBuffers:
 
 @dataclass
 class _Captured:
-    """A hand-off recorded into a decode graph: the pinned buffer its CPU kernel writes."""
+    """A hand-off recorded into a decode graph: the pinned buffer its CPU kernel writes, and the
+    program's record of it (``hetero.graphs._Handoff``), which the join names."""
 
     out: torch.Tensor
+    handoff: object
 
 
 class CPUHandoff:
@@ -117,8 +119,7 @@ class CPUHandoff:
             # (their storage stays referenced here).
             stage_handoff(x, ids, weights, hx, hids, hw)
             args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
-            program.handoff(kernel, args, self.worker, self.layer)
-            return _Captured(hout)
+            return _Captured(hout, program.handoff(kernel, args, self.worker, self.layer))
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()
@@ -160,7 +161,7 @@ class CPUHandoff:
 
     def wait(self, future: Future | _Captured) -> torch.Tensor:
         if isinstance(future, _Captured):
-            graphs.capturing().join()
+            graphs.capturing().join(future.handoff)
             return future.out.to(self.device, non_blocking=True)
         t0 = time.perf_counter()
         out, done = future.result()
