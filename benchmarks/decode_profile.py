@@ -133,7 +133,7 @@ def handoff_timeline(trace: dict, steps: int) -> dict | None:
         last = ev[d2h[j]]
         end_us = last["ts"] + last["dur"]
         seg = ev[start : d2h[j] + 1]
-        if seg and d2h[j] >= start:
+        if seg:
             busy = sum(e["dur"] for e in seg)
             span = end_us - seg[0]["ts"]
             segments.append((span, busy, len(seg)))

@@ -291,7 +291,7 @@ class DecodeGraphs:
             if self.flags is None or self.flags.numel() < program.handoffs:
                 self.flags = host_flags(max(64, program.handoffs))
             flags = self.flags.numpy()
-        jobs, queued, done = [], deque(), set()
+        jobs, queued = [], deque()  # in turn: hand-offs staged, not yet run, in slot order
         try:
             for op in program.ops:
                 kind = op[0]
@@ -307,10 +307,8 @@ class DecodeGraphs:
                 elif ahead:  # the next graph starts once the worker is done with this hand-off
                     wait_host_flag(self.flags, op[1].slot, self.device)
                 else:  # in turn: the host runs the CPU experts itself, in order, up to the one joined
-                    while op[1].slot not in done:
-                        h = queued.popleft()
-                        _run_handoff(h, live, None)
-                        done.add(h.slot)
+                    while queued and queued[0].slot <= op[1].slot:
+                        _run_handoff(queued.popleft(), live, None)
         except BaseException:
             # Launching stopped midway: let what was launched drain, and clear the flags no
             # kernel consumed, so that the next step waits for its own.
