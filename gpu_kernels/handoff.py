@@ -64,6 +64,16 @@ def stage_handoff_reference(x, ids, weights, hx, hids, hw) -> None:
         dst[:t].copy_(src, non_blocking=src.is_cuda and dst.is_pinned())
 
 
+def _storable(x, ids, weights, hx, hids, hw) -> bool:
+    """Whether the kernel can stage these: page-locked contiguous destinations of its dtypes, rows
+    with unit stride, and at most STORE_MAX_BYTES of hidden states."""
+    pinned = all(b.device.type == "cpu" and b.is_pinned() and b.is_contiguous() for b in (hx, hids, hw))
+    f32, i32 = torch.float32, torch.int32
+    kinds = (hx.dtype, hids.dtype, hw.dtype, weights.dtype) == (f32, i32, f32, f32)
+    rows = x.stride(1) == 1 and ids.stride(1) == 1 and weights.stride(1) == 1
+    return pinned and kinds and rows and 0 < x.numel() * 4 <= STORE_MAX_BYTES
+
+
 def stage_handoff(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -82,16 +92,7 @@ def stage_handoff(
         f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
     )
     assert hx.shape[1:] == (H,) and hids.shape[1:] == (K,) and hw.shape[1:] == (K,) and hx.shape[0] >= T
-    pinned = all(b.device.type == "cpu" and b.is_pinned() and b.is_contiguous() for b in (hx, hids, hw))
-    kinds = (hx.dtype, hids.dtype, hw.dtype, weights.dtype) == (
-        torch.float32,
-        torch.int32,
-        torch.float32,
-        torch.float32,
-    )
-    rows = x.stride(1) == 1 and ids.stride(1) == 1 and weights.stride(1) == 1
-    small = 0 < T * H * 4 <= STORE_MAX_BYTES
-    if not (use_triton(x, ids, weights) and pinned and kinds and rows and small):
+    if not (use_triton(x, ids, weights) and _storable(x, ids, weights, hx, hids, hw)):
         stage_handoff_reference(x, ids, weights, hx, hids, hw)
         return
     block = min(1024, next_pow2(H))
