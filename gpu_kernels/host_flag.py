@@ -1,11 +1,11 @@
 """The GPU waiting for a flag that a CPU thread sets in page-locked memory.
 
-A decode step launches all its CUDA graphs up front; the graph after a CPU hand-off must not
-start before the CPU experts it reads have finished. Before that graph, this kernel spins on
-``flags[index]`` (page-locked host memory, which the device reads through unified addressing
-over PCIe) until the CPU thread sets it, then clears it for the next step. The host is thus
-never on the critical path: it launches ahead while the CPU computes, and the GPU moves on
-within a PCIe round trip of the CPU finishing.
+A decode step's graph after a CPU hand-off must not start before the CPU experts it reads have
+finished, though it may be launched (or the whole step launched) before. At its start, this
+kernel spins on ``flags[index]`` (page-locked host memory, which the device reads through unified
+addressing over PCIe) until the CPU thread sets it, then clears it for the next step. The host's
+launches thus stay off the critical path: they go out while the CPU computes, and the GPU moves
+on within a PCIe round trip of the CPU finishing.
 
     flags  [N] int32, page-locked host memory; 0 = not ready, anything else = ready
 
@@ -19,7 +19,8 @@ import torch
 from ._triton import HAS_TRITON, tl, triton
 
 
-@triton.jit
+# One compiled kernel for every flag, so the waits captured into decode graphs never compile.
+@triton.jit(do_not_specialize=["addr", "index"])
 def _wait_kernel(addr, index):
     ptr = addr.to(tl.pointer_type(tl.int32)) + index
     v = tl.load(ptr, volatile=True)

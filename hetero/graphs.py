@@ -3,19 +3,32 @@
 A decode step of a small batch launches a few thousand small kernels; launched one by one
 from Python, the host, not the GPU, sets the pace. Here the step runs as a short program:
 
-    graph 0: embed, layers up to the first CPU MoE layer's router, stage hidden/ids/weights in pinned RAM
-    graph 1: that layer's shared and GPU-resident experts          } the CPU kernel runs meanwhile
-    join:    the CPU worker waits for graph 0's staging, runs the CPU experts on the pinned buffers
-    graph 2: copy the CPU result back, add it, go on to the next CPU MoE layer's router ...
+    graph 0: embed, layers up to the first CPU MoE layer's router, stage hidden/ids/weights in
+             pinned RAM (and record an event: staged), that layer's shared and GPU-resident
+             experts, which run while the CPU kernel does
+    join:    the CPU waits for the staged event, runs the CPU experts on the pinned buffers
+    graph 1: copy the CPU result back, add it, go on to the next CPU MoE layer's router ...
 
 With expert deferral a layer's late experts are a second hand-off, joined in the next layer, so
 hand-offs overlap: the CPU runs them in the order they were staged, and each join waits for its own.
 
-By default the host replays graph by graph and runs the CPU experts itself between them. With
-``launch_ahead`` it launches the whole program at once: each hand-off goes to the CPU worker with
-an event to wait for, and the graph after a join is preceded on the stream by a kernel that spins
-until the worker sets the hand-off's flag in page-locked memory (``gpu_kernels.host_flag``), so
-the host's launch costs hide under the CPU experts and the host is free during the step.
+The graph after a join begins with a kernel that spins until the hand-off's flag in page-locked
+memory is set (``gpu_kernels.host_flag``; it clears the flag again), so the GPU may be handed a
+graph before the CPU experts it reads are done. How the host drives a step (``DecodeGraphs.launch``):
+
+- ``in_turn``: it replays graph by graph and runs the CPU experts itself between them (the
+  flag is set before the graph that waits on it is launched).
+- ``pipelined`` (the default): the host still runs the CPU experts itself (all the kernels'
+  threads), but one hand-off behind its launches: it launches the graphs up to the next join
+  first, then runs the CPU experts and sets the flag. The GPU starts on the next layer within a
+  PCIe round trip of the CPU finishing, and the host's launch calls hide under the GPU's work.
+  On the H100 + 16-core Xeon (V2-Lite, int4 and int8) it left 2.8-3.0 ms of a step outside the
+  CPU calls, against 3.3-3.5 in turn and 2.9-3.3 ahead.
+- ``ahead``: it launches the whole program at once; each hand-off goes to the CPU worker thread
+  with an event to wait for, so the host is free during the step (but the CPU kernels run on a
+  thread fewer).
+
+Without Triton no waits are captured and every step runs in turn.
 
 The program is recorded by running the model's own forward once under capture: when a
 CPU hand-off (``hetero.pipeline.CPUHandoff``) is reached it ends the graph being captured
@@ -58,8 +71,11 @@ class _Program:
     """A decode step: graphs, and between them CPU kernels with their pinned buffers."""
 
     pool: tuple
+    flags: torch.Tensor | None = None  # page-locked [N] int32 the graphs after joins wait on (None: no waits)
+    device: torch.device | None = None
     ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", _Handoff) | ("join", _Handoff)
     graph: torch.cuda.CUDAGraph | None = None
+    staged: list = field(default_factory=list)  # hand-offs staged in the graph being captured
     handoffs: int = 0  # the "cpu" ops so far
 
     def begin(self) -> None:
@@ -70,23 +86,34 @@ class _Program:
         assert self.graph is not None
         self.graph.capture_end()
         self.ops.append(("graph", self.graph))
+        self.ops += [("cpu", h) for h in self.staged]  # staged inside the graph just ended
+        self.staged.clear()
         self.graph = None
 
     def handoff(self, fn, args: tuple, worker, layer: int) -> _Handoff:
-        """Called after the staging of a CPU hand-off was captured. Hand-offs may overlap (expert
-        deferral: a layer's late experts are joined a layer later); the CPU runs them in order."""
-        self.end()
-        h = _Handoff(fn, args, worker, layer, self.handoffs, torch.cuda.Event())
-        self.ops.append(("cpu", h))
+        """Called after the staging of a CPU hand-off was captured: an event recorded by the graph
+        itself marks the staging done, and the graph goes on (the layer's shared and GPU-resident
+        experts). Hand-offs may overlap (expert deferral: a layer's late experts are joined a layer
+        later); the CPU runs them in order."""
+        ready = torch.cuda.Event(external=True)  # a node of the graph, recorded at every replay
+        ready.record()
+        h = _Handoff(fn, args, worker, layer, self.handoffs, ready)
+        self.staged.append(h)
         self.handoffs += 1
-        self.begin()
         return h
 
     def join(self, h: _Handoff) -> None:
-        """Called before the host-to-device copy of hand-off ``h``'s result is captured."""
+        """Called before the host-to-device copy of hand-off ``h``'s result is captured: the next
+        graph starts by waiting for the hand-off's flag."""
         self.end()
         self.ops.append(("join", h))
         self.begin()
+        if self.flags is not None:
+            from gpu_kernels.host_flag import wait_host_flag
+
+            if h.slot >= self.flags.numel():
+                raise RuntimeError(f"a decode step of more than {self.flags.numel()} CPU hand-offs")
+            wait_host_flag(self.flags, h.slot, self.device)
 
 
 @dataclass
@@ -98,7 +125,7 @@ class _Handoff:
     worker: object  # hetero.pipeline.CPUWorker: runs fn, keeps the timings
     layer: int
     slot: int  # its flag in DecodeGraphs.flags: set by the worker when fn is done
-    ready: torch.cuda.Event  # recorded after the graph that copies the inputs to the pinned buffers
+    ready: torch.cuda.Event  # recorded by the graph that stages the inputs in the pinned buffers
 
 
 @dataclass
@@ -144,12 +171,8 @@ class DecodeGraphs:
         self.failed: dict[int, str] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.stream_min = _stream_min_tokens(model)
-        # On (needs Triton): launch the whole step at once, the GPU waiting on host flags. Off by
-        # default: on the H100 + Xeon machine it measured no faster (int4 V2-Lite: 73.5 / 72.0
-        # tok/s launched ahead, 75.6 in turn), the GPU's own work between hand-offs being what
-        # stands between the CPU calls, not the launches.
-        self.launch_ahead = False
-        self.flags = None
+        self.launch = "pipelined"  # see the module's docstring
+        self.flags = None  # page-locked flags every captured program waits on (with Triton)
 
     def usable(self, batch_size: int) -> bool:
         return (
@@ -245,7 +268,9 @@ class DecodeGraphs:
     def _capture(self, b, ids, positions, slots, context_lens, tables) -> _Entry | None:
         global _capture
         static_ids, batch, staging, host_tables = self._static(b)
-        entry = _Entry(_Program(self.pool), static_ids, batch, None, staging, host_tables)
+        entry = _Entry(
+            _Program(self.pool, self._flags(), self.device), static_ids, batch, None, staging, host_tables
+        )
         self._load(entry, ids, positions, slots, context_lens, tables)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -282,43 +307,61 @@ class DecodeGraphs:
         self.entries[b] = entry
         return entry
 
-    def _replay(self, program: _Program, live: int) -> None:
-        """Replay a step whose first ``live`` rows are real: the CPU experts see only those."""
-        ahead, flags = self.launch_ahead and _has_triton(), None
-        if ahead:
+    def _flags(self) -> torch.Tensor | None:
+        """The flags captured waits read (allocated, and the wait kernel compiled, on first use)."""
+        if self.flags is None and _has_triton():
             from gpu_kernels.host_flag import host_flags, wait_host_flag
 
-            if self.flags is None or self.flags.numel() < program.handoffs:
-                self.flags = host_flags(max(64, program.handoffs))
-            flags = self.flags.numpy()
-        jobs, queued = [], deque()  # in turn: hand-offs staged, not yet run, in slot order
+            self.flags = host_flags(MAX_HANDOFFS)
+            self.flags[0] = 1
+            wait_host_flag(self.flags, 0, self.device)  # compiled now, not while capturing
+            torch.cuda.synchronize(self.device)
+        return self.flags
+
+    def _replay(self, program: _Program, live: int) -> None:
+        """Replay a step whose first ``live`` rows are real: the CPU experts see only those."""
+        if self.launch not in LAUNCH_MODES:
+            raise ValueError(f"launch must be one of {LAUNCH_MODES}, got {self.launch!r}")
+        flags = program.flags.numpy() if program.flags is not None else None
+        mode = self.launch if flags is not None else "in_turn"
+        jobs, queued = [], deque()  # hand-offs staged, their CPU kernels not yet run, in slot order
+        due = -1  # pipelined: the CPU work up to this slot runs at the next join (its graphs launched)
         try:
             for op in program.ops:
                 kind = op[0]
                 if kind == "graph":
                     op[1].replay()
-                elif kind == "cpu":
+                elif kind == "cpu":  # staged by the graph just launched
                     h = op[1]
-                    h.ready.record()  # after the graph that ends with the hand-off's staging
-                    if ahead:
+                    if mode == "ahead":
                         jobs.append(h.worker.submit(_run_handoff, h, live, flags))
                     else:
                         queued.append(h)
-                elif ahead:  # the next graph starts once the worker is done with this hand-off
-                    wait_host_flag(self.flags, op[1].slot, self.device)
-                else:  # in turn: the host runs the CPU experts itself, in order, up to the one joined
-                    while queued and queued[0].slot <= op[1].slot:
-                        _run_handoff(queued.popleft(), live, None)
+                elif mode != "ahead":  # the host runs the CPU experts itself, in order
+                    if mode == "in_turn":
+                        due = op[1].slot
+                    while queued and queued[0].slot <= due:
+                        _run_handoff(queued.popleft(), live, flags)
+                    due = op[1].slot
+            while queued:  # pipelined: the last join's
+                _run_handoff(queued.popleft(), live, flags)
         except BaseException:
-            # Launching stopped midway: let what was launched drain, and clear the flags no
-            # kernel consumed, so that the next step waits for its own.
+            # Launching stopped midway: release the GPU from every flag it may wait on (each wait
+            # clears its own), let what was launched drain, and clear the flags no kernel consumed,
+            # so that the next step waits for its own.
             futures.wait(jobs)
+            if flags is not None:
+                flags[: program.handoffs] = 1
             torch.cuda.synchronize(self.device)
             if flags is not None:
                 flags[:] = 0
             raise
         for job in jobs:  # in order; a failure is raised after its flag released the GPU
             job.result()
+
+
+LAUNCH_MODES = ("in_turn", "pipelined", "ahead")
+MAX_HANDOFFS = 1024  # per decode step: two per MoE layer (with deferral) of the deepest models
 
 
 def _run_handoff(h: _Handoff, live: int, flags) -> None:

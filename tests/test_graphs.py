@@ -22,7 +22,9 @@ def split(spec, every=3):
     return {i: list(range(i % every, spec.num_experts, every)) for i in spec.moe_layers}
 
 
-def run(model, prompts, max_tokens, device, dtype, graphs: bool, stream_min: int | None = None, ahead=True):
+def run(
+    model, prompts, max_tokens, device, dtype, graphs: bool, stream_min: int | None = None, launch="ahead"
+):
     """Greedy decode of several prompts of different lengths; returns tokens and per-step logits."""
     kv = KVCache.for_tokens(model.spec, 512, 8, dtype, device)
     config = EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8)
@@ -31,7 +33,7 @@ def run(model, prompts, max_tokens, device, dtype, graphs: bool, stream_min: int
         engine.graphs = DecodeGraphs(
             model, kv.layers, max_blocks=128 // 8, max_batch=4, device=torch.device(device)
         )
-        engine.graphs.launch_ahead = ahead
+        engine.graphs.launch = launch
     logits = []
     full = model.logits
     model.logits = lambda h: logits.append(full(h).float().cpu()) or logits[-1]
@@ -96,8 +98,8 @@ def test_warm_up_decodes_each_batch_size_and_leaves_no_trace(tiny):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b", "qwen2-57b-a14b"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
-@pytest.mark.parametrize("ahead", [True, False], ids=["launch-ahead", "in-turn"])
-def test_graph_decode_matches_eager(tiny, preset, fmt, ahead):
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn"])
+def test_graph_decode_matches_eager(tiny, preset, fmt, launch):
     path = tiny(preset)
     spec = ModelSpec.from_pretrained(path)
     placement = Placement(split(spec), expert_format=fmt, group_size=32, stream_min_tokens=16)
@@ -105,8 +107,8 @@ def test_graph_decode_matches_eager(tiny, preset, fmt, ahead):
     # Sequences finish at different steps, so the batch shrinks 3 -> 2 -> 1: three captures.
     ref, ref_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
     calls = model.worker.timings.calls
-    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, ahead=ahead)
-    assert engine.graphs.launch_ahead == ahead
+    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch=launch)
+    assert engine.graphs.launch == launch
     assert engine.graphs.failed == {}
     assert sorted(engine.graphs.entries) == [1, 2, 3]
     assert model.worker.timings.calls > calls  # the CPU experts ran between graphs
@@ -117,8 +119,8 @@ def test_graph_decode_matches_eager(tiny, preset, fmt, ahead):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ahead", [True, False], ids=["launch-ahead", "in-turn"])
-def test_graph_decode_with_expert_deferral_matches_eager(tiny, ahead):
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn"])
+def test_graph_decode_with_expert_deferral_matches_eager(tiny, launch):
     """With each layer's lightest expert deferred, two hand-offs overlap (a layer's late experts are
     joined in the next layer): the graphs run them in order and give what eager steps give."""
     from hetero.moe import defer_experts
@@ -130,7 +132,7 @@ def test_graph_decode_with_expert_deferral_matches_eager(tiny, ahead):
     exact, exact_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
     defer_experts(model, 1)
     ref, ref_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
-    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, ahead=ahead)
+    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch=launch)
     assert engine.graphs.failed == {} and sorted(engine.graphs.entries) == [1, 2, 3]
     assert got == ref
     for a, b in zip(logits, ref_logits):
@@ -192,9 +194,10 @@ def test_padded_graphs_match_eager(tiny):
 
 
 @pytest.mark.gpu
-def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny):
-    """Launched ahead, a CPU kernel that fails still sets its flag: the step raises instead of the
-    stream waiting forever, and the next step runs."""
+@pytest.mark.parametrize("launch", ["ahead", "pipelined"])
+def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
+    """Launched ahead or pipelined, a CPU kernel that fails releases the GPU from every flag: the
+    step raises instead of the stream waiting forever, and the next step runs."""
     path = tiny("deepseek-v2")
     spec = ModelSpec.from_pretrained(path)
     placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
@@ -203,7 +206,7 @@ def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny):
     g = DecodeGraphs(
         model, kv.layers, 8, max_batch=2, device=torch.device("cuda"), scratch_block=kv.scratch_block
     )
-    g.launch_ahead = True
+    g.launch = launch
     assert g.prepare(1) == [1]
     slot = kv.scratch_block * 8
     handoffs = [op[1] for op in g.entries[1].program.ops if op[0] == "cpu"]
