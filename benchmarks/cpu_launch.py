@@ -3,9 +3,13 @@
 One token, one V2-Lite-shaped MoE layer (H=2048, I=1408, 6 experts from 64, int4), called back
 to back as in a decode step, at several thread counts; next to it the time to start and join an
 empty Numba parallel region. Cycles over enough layers that the weights come from DRAM.
-Run it under different NUMBA_THREADING_LAYER / OMP_WAIT_POLICY settings to compare them.
+Between calls the main thread can stand idle in several ways (``--gaps``), as it does in a
+decode step while the GPU computes: busy in Python (``spin``), asleep (``sleep``), or, with
+CUDA, replaying a graph of small kernels and waiting on its event (``cuda``: the in-turn decode
+step's pattern). Run it under different NUMBA_THREADING_LAYER / OMP_WAIT_POLICY settings to
+compare them.
 
-    python benchmarks/cpu_launch.py [--tag NAME]
+    python benchmarks/cpu_launch.py [--tag NAME] [--threads 15 16] [--gaps spin cuda]
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="")
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument(
-        "--gap-us", type=float, default=300.0, help="busy main thread between calls (after_gap_ms)"
-    )
+    ap.add_argument("--gap-us", type=float, default=100.0, help="idle time of the main thread between calls")
+    ap.add_argument("--gaps", nargs="*", default=["spin"], choices=sorted(GAPS), help="how it stands idle")
+    ap.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default: a ladder)")
+    ap.add_argument("--fmt", default="int4", choices=["int4", "int8"])
     ap.add_argument(
         "--torch-threads", type=int, default=0, help="import torch first and set its thread count"
     )
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     H, I, E, K = 2048, 1408, 64, 6  # noqa: E741
     rng = np.random.default_rng(0)
     g = (rng.standard_normal((E, I, H), dtype=np.float32) * 0.02).astype(np.float32)
-    packed = ck.pack_experts(g, g, g.transpose(0, 2, 1).copy(), fmt="int4", group_size=64)
+    packed = ck.pack_experts(g, g, g.transpose(0, 2, 1).copy(), fmt=args.fmt, group_size=64)
     del g
     layers = [packed] + [
         ck.PackedExperts(**{**{f: getattr(packed, f) for f in _FIELDS}, **_copies(packed)}) for _ in range(3)
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = K * packed.expert_nbytes()
     rows = []
     top = numba.config.NUMBA_NUM_THREADS
-    for threads in sorted({1, 2, 4, 8, max(1, top - 1), top}):
+    gaps = {name: GAPS[name](args.gap_us * 1e-6) for name in args.gaps}
+    for threads in sorted(set(args.threads or (1, 2, 4, 8, max(1, top - 1), top))):
         if threads > top:
             continue
         numba.set_num_threads(threads)
@@ -77,36 +83,84 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.calls):
             ck.fused_moe(x, ids[i], w, layers[i % len(layers)], out=out, threads=threads)
         ms = (time.perf_counter() - t) / args.calls * 1e3
-        # As in a decode step: the main thread launches GPU work for a while between two calls.
-        total = 0.0
-        for i in range(args.calls):
-            _spin(args.gap_us * 1e-6)
-            t = time.perf_counter()
-            ck.fused_moe(x, ids[i], w, layers[i % len(layers)], out=out, threads=threads)
-            total += time.perf_counter() - t
-        gap_ms = total / args.calls * 1e3
-        rows.append(
-            {
-                "threads": threads,
-                "empty_region_us": round(empty_us, 1),
-                "call_ms": round(ms, 3),
-                "GBs": round(nbytes / ms / 1e6, 1),
-                "after_gap_ms": round(gap_ms, 3),
-            }
-        )
+        row = {
+            "threads": threads,
+            "empty_region_us": round(empty_us, 1),
+            "call_ms": round(ms, 3),
+            "GBs": round(nbytes / ms / 1e6, 1),
+        }
+        for (
+            name,
+            idle,
+        ) in gaps.items():  # as in a decode step: the main thread does something else between calls
+            took = []
+            for i in range(args.calls):
+                idle()
+                t = time.perf_counter()
+                ck.fused_moe(x, ids[i], w, layers[i % len(layers)], out=out, threads=threads)
+                took.append(time.perf_counter() - t)
+            row[f"after_{name}_ms"] = round(sum(took) / len(took) * 1e3, 3)
+            row[f"after_{name}_p90_ms"] = round(float(np.percentile(took, 90)) * 1e3, 3)
+        rows.append(row)
     env = {k: os.environ.get(k, "") for k in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["torch_threads"] = str(args.torch_threads or "")
-    data = {"machine": machine_name(), "layer": numba.threading_layer(), "env": env, "rows": rows}
+    data = {
+        "machine": machine_name(),
+        "fmt": args.fmt,
+        "gap_us": args.gap_us,
+        "layer": numba.threading_layer(),
+        "env": env,
+        "rows": rows,
+    }
     write_json(f"cpu_launch-{machine_name()}{'-' + args.tag if args.tag else ''}", data)
     print(f"threading layer {data['layer']}, env {env}")
-    print(format_table(rows, ["threads", "empty_region_us", "call_ms", "GBs", "after_gap_ms"]))
+    print(format_table(rows, list(rows[0])))
     return 0
 
 
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+def _spin(seconds: float):
+    def idle() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    return idle
+
+
+def _sleep(seconds: float):
+    return lambda: time.sleep(seconds)
+
+
+def _cuda(seconds: float):
+    """Replay a graph of small kernels lasting about ``seconds`` on the GPU, then wait for its event."""
+    import torch
+
+    a = torch.randn(2048, device="cuda")
+    done = torch.cuda.Event()
+    n = 1
+    while True:  # grow the graph until one replay lasts the gap
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                a.mul_(1.0001)
+        graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t >= seconds or n >= 4096:
+            break
+        n *= 2
+
+    def idle() -> None:
+        graph.replay()
+        done.record()
+        done.synchronize()
+
+    return idle
+
+
+GAPS = {"spin": _spin, "sleep": _sleep, "cuda": _cuda}
 
 
 _FIELDS = ("fmt", "group_size", "E", "H", "I", "gate_up_zero", "down_zero", "symmetric")

@@ -63,41 +63,206 @@ def time_cpu_layer(experts: HybridExperts, hidden: int, top_k: int, calls: int =
 
 
 def replay_times(engine, steps: int) -> dict:
-    """Host time of each CUDA graph launch (``CUDAGraph.replay``) over ``steps`` unprofiled decode
-    steps, and the step time around them."""
-    orig = torch.cuda.CUDAGraph.replay
-    took: list[float] = []
+    """Unprofiled decode steps: the host time of each CUDA graph launch (``CUDAGraph.replay``),
+    and ms per step in each part of ``Engine.step``: scheduling, loading the step's inputs, the
+    program's replay (graph launches, CPU calls, waits for the GPU, the rest), and sampling;
+    ``step_rest`` is the step's own Python."""
+    graphs = engine.graphs
     timings = engine.model.worker.timings
     before = (timings.cpu_experts, timings.copies, timings.calls)
+    spent: dict[str, float] = {}
+    took: list[float] = []
 
-    def timed(graph) -> None:
+    def timed(obj, name: str, key: str):
+        orig = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, wrapper)
+        return lambda: delattr(obj, name)
+
+    undo = [
+        timed(engine.scheduler, "schedule", "schedule"),
+        timed(engine, "postprocess", "sample"),
+        timed(graphs, "_load", "load"),
+        timed(graphs, "_replay", "replay"),
+    ]
+    orig_replay = torch.cuda.CUDAGraph.replay
+
+    def replay(graph) -> None:
         t = time.perf_counter()
-        orig(graph)
+        orig_replay(graph)
         took.append(time.perf_counter() - t)
 
-    torch.cuda.CUDAGraph.replay = timed
+    torch.cuda.CUDAGraph.replay = replay
     try:
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-        step = (time.perf_counter() - t) / steps
+        total = time.perf_counter() - t
     finally:
-        torch.cuda.CUDAGraph.replay = orig
-    took.sort()
+        torch.cuda.CUDAGraph.replay = orig_replay
+        for u in undo:
+            u()
     calls = max(timings.calls - before[2], 1)
+    cpu, wait = timings.cpu_experts - before[0], timings.copies - before[1]
+    split = {k: v / steps * 1e3 for k, v in spent.items()}
+    split.update(
+        step=total / steps * 1e3,
+        replay_cpu_calls=cpu / steps * 1e3,
+        replay_waits=wait / steps * 1e3,
+        replay_launches=sum(took) / steps * 1e3,
+    )
+    split["replay_rest"] = split["replay"] - sum(
+        split[f"replay_{k}"] for k in ("cpu_calls", "waits", "launches")
+    )
+    split["step_rest"] = split["step"] - sum(
+        split.get(k, 0.0) for k in ("schedule", "load", "replay", "sample")
+    )
+    split["outside_cpu_calls"] = split["step"] - split["replay_cpu_calls"]
+    took.sort()
     out = {
-        "step_ms": step * 1e3,
-        "cpu_call_us": (timings.cpu_experts - before[0]) / calls * 1e6,
-        "cpu_wait_for_gpu_us": (timings.copies - before[1]) / calls * 1e6,
+        "launch": graphs.launch,
+        "step_ms": total / steps * 1e3,
+        "cpu_call_us": cpu / calls * 1e6,
+        "cpu_wait_for_gpu_us": wait / calls * 1e6,
         "cpu_calls_per_step": calls / steps,
         "replays_per_step": len(took) / steps,
         "replay_host_us_median": took[len(took) // 2] * 1e6 if took else None,
         "replay_host_us_mean": sum(took) / max(len(took), 1) * 1e6,
-        "replay_host_ms_per_step": sum(took) / steps * 1e3,
+        "step_split_ms": split,
     }
-    print("unprofiled graph launches:", {k: round(v, 2) for k, v in out.items() if v is not None})
+    print("unprofiled steps:", {k: round(v, 2) for k, v in out.items() if isinstance(v, float)})
+    print("step split (ms per step):", {k: round(v, 3) for k, v in split.items()})
+    return out
+
+
+def in_step_calls(engine, steps: int) -> dict:
+    """Where an in-step CPU call's time goes: each hand-off of ``steps`` decode steps runs its
+    kernel and, beside it, the same layer on as many other RAM experts (fresh weights, from DRAM),
+    alternating which goes first. The first call after the GPU's segment against the second, and
+    the step's own ids against fresh ones, tell a cost of the moment (threads, caches after the GPU
+    work) from one of the call itself. Diagnostic only: the extra calls slow the steps."""
+    import cpu_kernels
+    from hetero import graphs
+
+    rng = np.random.default_rng(1)
+    orig = graphs._run_handoff
+    rows: list[tuple[int, float, float]] = []  # (first is the step's own call, first, second) seconds
+    pairs: list[int] = []
+    pageable: list[float] = []
+    flip = [0]
+
+    def timed(h, live, flags):
+        if flags is not None:
+            return orig(h, live, flags)
+        h.ready.synchronize()
+        x, ids, w, out = (a[:live] for a in h.args)
+        packed = h.fn.__self__.packed
+        n = int((ids >= 0).sum())
+        fresh = np.full_like(ids, -1)
+        fresh.reshape(-1)[:n] = rng.choice(packed.E, n, replace=False)
+        spare = np.empty_like(out)
+        own_first = flip[0] % 2 == 0
+        flip[0] += 1
+        calls = [lambda: h.fn(x, ids, w, out), lambda: cpu_kernels.fused_moe(x, fresh, w, packed, out=spare)]
+        took = []
+        for call in calls if own_first else calls[::-1]:
+            t = time.perf_counter()
+            call()
+            took.append(time.perf_counter() - t)
+        rows.append((own_first, took[0], took[1]))
+        pairs.append(n)
+        # the same call on pageable copies of the page-locked inputs and output
+        xc, idc, wc = x.copy(), ids.copy(), w.copy()
+        t = time.perf_counter()
+        cpu_kernels.fused_moe(xc, idc, wc, packed, out=spare)
+        pageable.append(time.perf_counter() - t)
+
+    graphs._run_handoff = timed
+    try:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    finally:
+        graphs._run_handoff = orig
+
+    def med(v):
+        return float(np.median(v)) * 1e6 if v else None
+
+    out = {
+        "calls": len(rows),
+        "ram_experts_per_call": float(np.mean(pairs)) if pairs else None,
+        "own_first_us": med([a for f, a, _ in rows if f]),
+        "fresh_second_us": med([b for f, _, b in rows if f]),
+        "fresh_first_us": med([a for f, a, _ in rows if not f]),
+        "own_second_us": med([b for f, _, b in rows if not f]),
+        "own_on_pageable_copies_us": med(pageable),
+    }
+    # reading 8 KB: page-locked (torch) against pageable memory
+    pin = torch.randn(2048, pin_memory=True).numpy()
+    for name, a in (("read_8KB_pinned_us", pin), ("read_8KB_pageable_us", pin.copy())):
+        a.sum()
+        t = time.perf_counter()
+        for _ in range(1000):
+            a.sum()
+        out[name] = (time.perf_counter() - t) / 1000 * 1e6
+    print("in-step CPU calls (median us):", {k: round(v, 1) for k, v in out.items() if v is not None})
+    return out
+
+
+def layer_rates(layers: list, calls: int = 300) -> dict:
+    """us per one-token call cycling over the model's CPU layers with fresh random RAM experts
+    (as many as a step hits), next to the same layers copied to fresh memory and to random layers
+    of the same shape made in this process: tells the weights' memory from the process around them."""
+    import dataclasses
+
+    from cpu_kernels.pages import thp_mode
+
+    import cpu_kernels
+    from cpu_kernels.probe import random_layer
+
+    packed = [m.cpu.packed for m in layers if m.cpu is not None]
+    if not packed:
+        return {}
+    p0 = packed[0]
+    big = ("gate_up", "down", "gate_up_scale", "down_scale")
+    copies = [dataclasses.replace(p, **{f: np.copy(getattr(p, f)) for f in big}) for p in packed]
+    randoms = [
+        random_layer(p0.fmt, p0.E, p0.H, p0.I, seed=11 * i, g=p0.group_size or 64) for i in range(len(packed))
+    ]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, p0.H), dtype=np.float32)
+    out = {"thp": thp_mode(), "layers": len(packed)}
+    for k in (5, 6):
+        w = np.full((1, k), 1.0 / k, np.float32)
+        y = np.empty_like(x)
+        ids = [rng.choice(p0.E, k, replace=False).astype(np.int32)[None] for _ in range(calls)]
+        for name, group in (
+            ("model", packed),
+            ("copy", copies),
+            ("random", randoms),
+            ("model_again", packed),
+        ):
+            cpu_kernels.fused_moe(x, ids[0], w, group[0], out=y)
+            took = []
+            for i in range(calls):
+                t = time.perf_counter()
+                cpu_kernels.fused_moe(x, ids[i], w, group[i % len(group)], out=y)
+                took.append(time.perf_counter() - t)
+            out[f"{name}_k{k}_us"] = float(np.median(took)) * 1e6
+    with open("/proc/meminfo") as f:
+        out["anon_huge_kB"] = next(
+            (int(line.split()[1]) for line in f if line.startswith("AnonHugePages")), None
+        )
+    print("layer rates (median us):", out)
     return out
 
 
@@ -182,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--defer", type=int, default=0, help="defer each token's N lightest experts to the next layer"
     )
+    ap.add_argument("--launch", default=None, help="how the host drives the decode graphs (hetero.graphs)")
     ap.add_argument(
         "--cpu-threads", type=int, default=0, help="threads of the CPU expert kernels (0: default)"
     )
@@ -201,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
 
         defer_experts(rt.engine.model, args.defer)
     engine = rt.engine
+    if args.launch and engine.graphs is not None:
+        engine.graphs.launch = args.launch
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     seq = engine.add_request(
-        prompt, SamplingParams(max_tokens=2 * args.steps + 4, temperature=0, ignore_eos=True)
+        prompt, SamplingParams(max_tokens=4 * args.steps + 4, temperature=0, ignore_eos=True)
     )
     while not seq.output_ids:
         engine.step()
@@ -213,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         [torch.profiler.ProfilerActivity.CUDA] if cuda else []
     )
     replays = replay_times(engine, args.steps) if cuda else None
+    diagnosis = in_step_calls(engine, args.steps) if cuda else None
+    rates = layer_rates(
+        [
+            m.mlp.experts
+            for m in engine.model.model.layers
+            if isinstance(getattr(m.mlp, "experts", None), HybridExperts)
+        ]
+    )
     with torch.profiler.profile(activities=activities) as prof:
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -249,11 +425,17 @@ def main(argv: list[str] | None = None) -> int:
         row["timeline"] = timeline
     if replays:
         row["replays"] = replays
+    if diagnosis:
+        row["in_step_calls"] = diagnosis
+    if rates:
+        row["layer_rates"] = rates
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).name
     gpu = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
-    tag = (f"-t{args.cpu_threads}" if args.cpu_threads else "") + (
-        f"-defer{args.defer}" if args.defer else ""
+    tag = (
+        (f"-{args.launch}" if args.launch else "")
+        + (f"-t{args.cpu_threads}" if args.cpu_threads else "")
+        + (f"-defer{args.defer}" if args.defer else "")
     )
     (RESULTS / f"decode_profile-{name}-{args.experts}{tag}-{gpu}.json").write_text(json.dumps(row, indent=2))
     print("\n".join(f"{k:34s} {v}" for k, v in row.items()))

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from hetero.bench import cap_device_memory, run_bench  # noqa: E402
 from hetero.distributed import SINGLE, Parallel, launch, rank0_first  # noqa: E402
 from hetero.experts import HybridExperts  # noqa: E402
+from hetero.graphs import LAUNCH_MODES  # noqa: E402
 from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
 from placement import detect  # noqa: E402
 from placement.units import parse_size  # noqa: E402
@@ -227,14 +228,15 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         print(f"{fmt} prefill {args.prefill_len}: first {first.prefill_tok_s:.0f} tok/s "
               f"{first.prefill_ram_experts}, then {pre.prefill_tok_s:.0f} {pre.prefill_ram_experts} "
               f"({reading} read-ahead threads still running)", flush=True)  # fmt: skip
-        in_turn = ahead = None
+        by_launch: dict[str, float] = {}
         if rt.engine.graphs is not None:
-            # The same graphs launched ahead (the GPU waiting on host flags), then replayed in turn
-            # once more, so that drift shows against both. The row's decode is the default, in turn.
-            rt.engine.graphs.launch_ahead = True
-            ahead = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
-            rt.engine.graphs.launch_ahead = False
-            in_turn = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
+            # The same graphs driven the other ways (hetero.graphs), then the default once more, so
+            # that drift shows against all. The row's decode is the default's first run.
+            default = rt.engine.graphs.launch
+            for mode in [m for m in LAUNCH_MODES if m != default] + [default]:
+                rt.engine.graphs.launch = mode
+                key = f"{mode}_again" if mode == default else mode
+                by_launch[key] = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
         graphs, rt.engine.graphs = rt.engine.graphs, None  # the same decode, kernels launched one by one
         eager = run_bench(rt, args.prompt_len, min(args.gen, 32), 1)
         rt.engine.graphs = graphs
@@ -261,8 +263,8 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "decode_roofline_tok_s": roof,
                 "decode_over_roofline": dec.decode_tok_s / roof,
                 "decode_eager_tok_s": eager.decode_tok_s,
-                "decode_launch_ahead_tok_s": ahead,  # the graphs launched ahead (None: no graphs)
-                "decode_in_turn_again_tok_s": in_turn,  # the default again, after the launched-ahead run
+                "decode_launch": rt.engine.graphs.launch if rt.engine.graphs is not None else None,
+                "decode_by_launch_tok_s": by_launch,  # each way of driving the graphs, the default again last
                 "graphs_over_eager": dec.decode_tok_s / eager.decode_tok_s,
                 "decode_predicted_tok_s": pred["decode_tok_s"],
                 "decode_measured_over_predicted": dec.decode_tok_s / pred["decode_tok_s"],
@@ -314,12 +316,16 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         )
         if r["decode_detail"]["eager_reasons"]:
             print(f"{r['experts']} decode ran eagerly: {r['decode_detail']['eager_reasons']}")
-    hdr = f"{'experts':8} {'decode':>8} {'ahead':>8} {'again':>8} {'eager':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
+    modes = sorted({k for r in rows for k in r["decode_by_launch_tok_s"]})
+    hdr = f"{'experts':8} {'decode':>8} " + " ".join(f"{m:>12}" for m in modes)
+    hdr += f" {'eager':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
     print(hdr)
     for r in rows:
-        ahead, again = r["decode_launch_ahead_tok_s"], r["decode_in_turn_again_tok_s"]
+        by = r["decode_by_launch_tok_s"]
         print(
-            f"{r['experts']:8} {r['decode_tok_s']:8.2f} {ahead or float('nan'):8.2f} {again or float('nan'):8.2f} {r['decode_eager_tok_s']:8.2f} {r['decode_roofline_tok_s']:8.2f} "
+            f"{r['experts']:8} {r['decode_tok_s']:8.2f} "
+            + " ".join(f"{by.get(m, float('nan')):12.2f}" for m in modes)
+            + f" {r['decode_eager_tok_s']:8.2f} {r['decode_roofline_tok_s']:8.2f} "
             f"{r['decode_over_roofline']:6.2f} {r['decode_predicted_tok_s']:8.2f} {r['prefill_tok_s']:9.1f} "
             f"{r['prefill_bound_tok_s']:9.1f} {r['prefill_over_bound']:6.2f} {r['prefill_predicted_tok_s']:9.1f}"
         )
