@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": env,
         "rows": rows,
     }
-    write_json(f"cpu_launch-{machine_name()}{'-' + args.tag if args.tag else ''}", data)
+    write_json("cpu_launch" + (f"-{args.tag}" if args.tag else ""), data)
     print(f"threading layer {data['layer']}, env {env}")
     print(format_table(rows, list(rows[0])))
     return 0

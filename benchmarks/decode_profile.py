@@ -337,6 +337,46 @@ def handoff_timeline(trace: dict, steps: int) -> dict | None:
     return out
 
 
+def compare_launch(engine, prompt: list[int], steps: int, reps: int = 3) -> dict:
+    """Each way of driving the decode graphs (``hetero.graphs.LAUNCH_MODES``), alternating, ``reps``
+    times: the step split of ``replay_times`` per run, and per mode the median step and the median
+    time outside the CPU calls (which the CPU kernels' run-to-run spread does not move)."""
+    from hetero.graphs import LAUNCH_MODES
+
+    default = engine.graphs.launch
+    runs: dict[str, list[dict]] = {m: [] for m in LAUNCH_MODES}
+    for mode in LAUNCH_MODES:  # each mode's first steps (flags, the worker's threads) untimed
+        engine.graphs.launch = mode
+        engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    for _ in range(reps):
+        for mode in LAUNCH_MODES:
+            engine.graphs.launch = mode
+            seq = engine.add_request(
+                prompt, SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+            )
+            while not seq.output_ids:
+                engine.step()
+            runs[mode].append(replay_times(engine, steps)["step_split_ms"])
+            while not seq.finished:
+                engine.step()
+    engine.graphs.launch = default
+    table = [
+        {
+            "launch": m,
+            "step_ms": float(np.median([r["step"] for r in rs])),
+            "outside_cpu_calls_ms": float(np.median([r["outside_cpu_calls"] for r in rs])),
+            "cpu_calls_ms": float(np.median([r["replay_cpu_calls"] for r in rs])),
+        }
+        for m, rs in runs.items()
+    ]
+    print(f"{'launch':>10} {'step ms':>8} {'outside CPU calls':>18} {'CPU calls':>10}")
+    for t in table:
+        print(
+            f"{t['launch']:>10} {t['step_ms']:8.2f} {t['outside_cpu_calls_ms']:18.2f} {t['cpu_calls_ms']:10.2f}"
+        )
+    return {"default": default, "medians": table, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -350,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launch", default=None, help="how the host drives the decode graphs (hetero.graphs)")
     ap.add_argument(
         "--cpu-threads", type=int, default=0, help="threads of the CPU expert kernels (0: default)"
+    )
+    ap.add_argument(
+        "--compare-launch", action="store_true", help="only time each way of driving the graphs, alternating"
     )
     args = ap.parse_args(argv)
     cap = parse_size(args.gpu_mem)
@@ -371,6 +414,19 @@ def main(argv: list[str] | None = None) -> int:
         engine.graphs.launch = args.launch
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    if args.compare_launch:
+        if engine.graphs is None or not torch.cuda.is_available():
+            raise SystemExit("--compare-launch needs CUDA graphs")
+        row = compare_launch(engine, prompt, args.steps)
+        from cpu_kernels.cpu_info import machine_name
+
+        row["machine"] = f"{torch.cuda.get_device_name(0)} + {machine_name()}"
+        name = Path(args.model).name
+        gpu = torch.cuda.get_device_name(0).replace(" ", "_")
+        out = RESULTS / f"decode_launch-{name}-{args.experts}-{gpu}.json"
+        out.write_text(json.dumps(row, indent=2))
+        print(f"wrote {out}")
+        return 0
     seq = engine.add_request(
         prompt, SamplingParams(max_tokens=4 * args.steps + 4, temperature=0, ignore_eos=True)
     )
