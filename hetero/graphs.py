@@ -22,8 +22,8 @@ graph before the CPU experts it reads are done. How the host drives a step (``De
   threads), but one hand-off behind its launches: it launches the graphs up to the next join
   first, then runs the CPU experts and sets the flag. The GPU starts on the next layer within a
   PCIe round trip of the CPU finishing, and the host's launch calls hide under the GPU's work.
-  On the H100 + 16-core Xeon (V2-Lite, int4 and int8) it left 2.8-3.0 ms of a step outside the
-  CPU calls, against 3.3-3.5 in turn and 2.9-3.3 ahead.
+  On the H100 + 16-core Xeon (V2-Lite, int4 and int8; benchmarks/results/decode_launch-*.json)
+  it left 3.1-3.2 ms of a step outside the CPU calls, against 3.4-4.0 in turn and 3.5-3.6 ahead.
 - ``ahead``: it launches the whole program at once; each hand-off goes to the CPU worker thread
   with an event to wait for, so the host is free during the step (but the CPU kernels run on a
   thread fewer).
