@@ -161,8 +161,13 @@ def in_step_calls(engine, steps: int) -> dict:
     flip = [0]
 
     def timed(h, live, flags):
-        if flags is not None:
-            return orig(h, live, flags)
+        try:
+            measure(h, live)
+        finally:
+            if flags is not None:
+                flags[h.slot] = 1  # the graph after the join waits on it
+
+    def measure(h, live):
         h.ready.synchronize()
         x, ids, w, out = (a[:live] for a in h.args)
         packed = h.fn.__self__.packed
@@ -180,7 +185,8 @@ def in_step_calls(engine, steps: int) -> dict:
             took.append(time.perf_counter() - t)
         rows.append((own_first, took[0], took[1]))
         pairs.append(n)
-        # the same call on pageable copies of the page-locked inputs and output
+        # the same call on pageable copies of the page-locked inputs and output (on the step's own
+        # experts, just read: partly from cache)
         xc, idc, wc = x.copy(), ids.copy(), w.copy()
         t = time.perf_counter()
         cpu_kernels.fused_moe(xc, idc, wc, packed, out=spare)
@@ -224,8 +230,6 @@ def layer_rates(layers: list, calls: int = 300) -> dict:
     of the same shape made in this process: tells the weights' memory from the process around them."""
     import dataclasses
 
-    from cpu_kernels.pages import thp_mode
-
     import cpu_kernels
     from cpu_kernels.probe import random_layer
 
@@ -240,7 +244,8 @@ def layer_rates(layers: list, calls: int = 300) -> dict:
     ]
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, p0.H), dtype=np.float32)
-    out = {"thp": thp_mode(), "layers": len(packed)}
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    out = {"thp": thp.read_text().strip() if thp.exists() else None, "layers": len(packed)}
     for k in (5, 6):
         w = np.full((1, k), 1.0 / k, np.float32)
         y = np.empty_like(x)
@@ -268,14 +273,17 @@ def layer_rates(layers: list, calls: int = 300) -> dict:
 
 def handoff_timeline(trace: dict, steps: int) -> dict | None:
     """A decode step's GPU timeline cut at the CPU hand-offs: per hand-off, the GPU segment from the
-    copy of the previous CPU result to the host (its first event) to the end of the device-to-host
-    copies of this one, and the CPU window after it (until the next host-to-device copy starts).
+    copy of the previous CPU result to the device (its first event) to the end of this one's
+    staging, and the CPU window after it (until the next host-to-device copy starts).
 
     Reads the kernels and copies of a Chrome trace of ``steps`` decode steps (torch profiler)."""
+    # The kernel spinning on a hand-off's host flag spans the CPU window itself: not GPU work.
     ev = [
         e
         for e in trace.get("traceEvents", [])
-        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+        if e.get("ph") == "X"
+        and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+        and not e["name"].startswith("_wait_kernel")
     ]
     if not ev:
         return None
