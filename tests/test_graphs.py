@@ -250,3 +250,80 @@ def test_handoff_sets_its_flag_even_when_its_kernel_fails():
     with pytest.raises(ValueError):
         _run_handoff(bad, 2, flags)
     assert flags == [1, 1]
+
+
+def _order_of(launch: str, ops_of) -> tuple[list, list[int]]:
+    """Replays a fake program under ``launch`` (no GPU: graphs and hand-offs that log what runs);
+    returns the log and the flags after the step."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from hetero.graphs import DecodeGraphs, _Handoff, _Program
+    from hetero.pipeline import Timings
+
+    log = []
+
+    class Graph:
+        def __init__(self, i):
+            self.i = i
+
+        def replay(self):
+            log.append(f"g{self.i}")
+
+    def submit(fn, *args):  # a worker that runs at once
+        fut = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    worker = SimpleNamespace(timings=Timings(), submit=submit)
+    ready = SimpleNamespace(synchronize=lambda: None)
+
+    def handoff(slot):
+        return _Handoff(lambda x: log.append(f"cpu{slot}"), (torch.zeros(2),), worker, slot, slot, ready)
+
+    flags = torch.zeros(8, dtype=torch.int32)
+    program = _Program(pool=None, flags=flags)
+    program.ops = ops_of(Graph, handoff)
+    program.handoffs = sum(op[0] == "cpu" for op in program.ops)
+    DecodeGraphs._replay(SimpleNamespace(launch=launch, device=None), program, live=1)
+    return log, flags.tolist()
+
+
+def _three_layers(Graph, handoff):
+    h = [handoff(i) for i in range(3)]
+    ops = [("graph", Graph(0))]
+    for i in range(3):
+        ops += [("cpu", h[i]), ("join", h[i]), ("graph", Graph(i + 1))]
+    return ops
+
+
+def _deferred(Graph, handoff):
+    """Expert deferral as a capture records it: a layer's late experts (slots 1, 3) are staged in
+    the graph after its join and joined a layer later, after that layer's own (slot 2)."""
+    a0, d0, a1, d1 = (handoff(i) for i in range(4))
+    return [
+        ("graph", Graph(0)), ("cpu", a0), ("join", a0),
+        ("graph", Graph(1)), ("cpu", d0), ("cpu", a1), ("join", a1),
+        ("graph", Graph(2)), ("cpu", d1), ("join", d0),
+        ("graph", Graph(3)), ("join", d1), ("graph", Graph(4)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "launch,ops,want",
+    [
+        ("in_turn", _three_layers, "g0 cpu0 g1 cpu1 g2 cpu2 g3"),
+        # the graphs up to the next join go out before the CPU experts they wait for
+        ("pipelined", _three_layers, "g0 g1 cpu0 g2 cpu1 g3 cpu2"),
+        ("ahead", _three_layers, "g0 cpu0 g1 cpu1 g2 cpu2 g3"),  # this worker runs each at submit
+        ("in_turn", _deferred, "g0 cpu0 g1 cpu1 cpu2 g2 g3 cpu3 g4"),  # in slot order up to each join
+        ("pipelined", _deferred, "g0 g1 cpu0 g2 cpu1 cpu2 g3 g4 cpu3"),
+    ],
+)
+def test_launch_modes_order_graphs_and_cpu_work(launch, ops, want):
+    """The host's order of graph launches and CPU experts in each launch mode (CPU only: fakes),
+    and every hand-off's flag set for the graph that waits on it."""
+    log, flags = _order_of(launch, ops)
+    assert " ".join(log) == want
+    n = 3 if ops is _three_layers else 4
+    assert flags[:n] == [1] * n and not any(flags[n:])
