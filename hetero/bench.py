@@ -12,6 +12,7 @@ import torch
 from hetero.distributed import SINGLE, Parallel, launch
 from hetero.errors import HeteroError
 from hetero.experts import HybridExperts, pin_streamed
+from hetero.graphs import LAUNCH_MODES
 from hetero.runtime import Runtime, RuntimeOptions, load_runtime
 from hetero.sampling import SamplingParams
 from placement.units import parse_size
@@ -36,6 +37,7 @@ class BenchResult:
         default_factory=dict
     )  # layer forwards of the timed prefill: cpu / stream
     cuda_graphs: list[int] = field(default_factory=list)  # batch sizes decoded through CUDA graphs
+    decode_launch: str | None = None  # how the host drove them (hetero.graphs.LAUNCH_MODES)
     eager_reasons: dict = field(default_factory=dict)  # batch size -> why its capture failed
     gpu_peak_bytes: int = 0  # most device memory torch held so far in this process
     plan_gpu_bytes: int = 0  # what the plan budgeted for the device
@@ -107,6 +109,7 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
         res.plan_gpu_bytes = getattr(rt.plan, "gpu_bytes", 0)
     if engine.graphs is not None:
         res.cuda_graphs = sorted(engine.graphs.entries)
+        res.decode_launch = engine.graphs.launch
         res.eager_reasons = dict(engine.graphs.failed)
     if worker is not None:
         tm = worker.timings
@@ -135,6 +138,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculate", default=None, metavar="ngram|draft:DIR|mtp", help="speculative decoding")
     p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
     p.add_argument("--eager", action="store_true", help="launch decode kernels one by one (no CUDA graphs)")
+    p.add_argument(
+        "--decode-launch",
+        choices=LAUNCH_MODES,
+        default="pipelined",
+        help="how the host drives the decode graphs: the CPU experts between launches (in_turn), one "
+        "hand-off behind them (pipelined), or on a worker thread with the whole step launched (ahead)",
+    )
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
     p.add_argument(
         "--gpus",
@@ -168,6 +178,7 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
         max_model_len=args.prompt_len + args.gen + 8,
         max_step_tokens=max(512, args.prompt_len),
         cuda_graphs=not args.eager,
+        decode_launch=args.decode_launch,
     )
     rt = load_runtime(args.model, opts, par)
     if args.defer_experts:
@@ -199,6 +210,8 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
     )
     if res.speculation:
         print(f"speculation: {res.speculation}")
+    if res.cuda_graphs:
+        print(f"decode ran as CUDA graphs (batch sizes {res.cuda_graphs}), launched {res.decode_launch}")
     if res.plan_gpu_bytes:
         print(
             f"device memory: peak {res.gpu_peak_bytes / 2**30:.2f} GiB held by torch, "

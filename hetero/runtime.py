@@ -18,6 +18,7 @@ from hetero.config import ModelSpec
 from hetero.distributed import SINGLE, Parallel, local_spec, rank0_first
 from hetero.engine import Engine, EngineConfig
 from hetero.errors import HeteroError
+from hetero.graphs import LAUNCH_MODES
 from hetero.kv_cache import KVCache, kv_bytes_per_token
 from hetero.model import load_model
 from hetero.planning import make_plan, model_formats, with_kernel_rate
@@ -72,6 +73,7 @@ class RuntimeOptions:
     group_size: int = 64
     gpu_weights: str = "auto"
     cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only; --eager turns them off)
+    decode_launch: str = "pipelined"  # how the host drives those graphs: hetero.graphs.LAUNCH_MODES
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -79,6 +81,8 @@ class RuntimeOptions:
             raise ValueError(f"dtype {self.dtype!r}: choose auto, {', '.join(_DTYPES)}")
         if self.host_kv_mem < 0 or (self.host_kv_mem and not self.prefix_caching):
             raise ValueError("host_kv_mem must be >= 0 and needs prefix_caching on")
+        if self.decode_launch not in LAUNCH_MODES:
+            raise ValueError(f"decode_launch {self.decode_launch!r}: choose one of {', '.join(LAUNCH_MODES)}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -220,4 +224,5 @@ def load_runtime(
             device=device,
             scratch_block=kv.scratch_block,
         )
+        engine.graphs.launch = opts.decode_launch
     return Runtime(path, spec, tokenizer, engine, plan, parallel)

@@ -327,3 +327,11 @@ def test_launch_modes_order_graphs_and_cpu_work(launch, ops, want):
     assert " ".join(log) == want
     n = 3 if ops is _three_layers else 4
     assert flags[:n] == [1] * n and not any(flags[n:])
+
+
+def test_runtime_options_check_the_decode_launch():
+    from hetero.runtime import RuntimeOptions
+
+    assert RuntimeOptions().decode_launch == "pipelined"
+    with pytest.raises(ValueError, match="in_turn, pipelined, ahead"):
+        RuntimeOptions(decode_launch="sideways")
