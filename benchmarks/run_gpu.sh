@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests kernels moe cpu threads launch e2e hf profile pprofile load convert spec serve prefix nccl
+#   stages: tests gtests kernels moe cpu threads launch e2e hf profile modes pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -43,7 +43,7 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     tests) python3 -m pytest -q -m gpu --tb=short --continue-on-collection-errors tests/ 2>&1 | tail -30 ;;
-    gtests) python3 -m pytest -q -m gpu --tb=line -rf tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py tests/test_gpu_kernels.py 2>&1 | tail -40 ;;
+    gtests) python3 -m pytest -q -m gpu --tb=line -rf tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py tests/test_gpu_kernels.py tests/test_layer_kernels.py tests/test_mtp.py 2>&1 | tail -40 ;;
     kernels) python3 benchmarks/gpu_kernels.py ${KERNEL_ARGS:-} 2>&1 | tail -60 ;;  # KERNEL_ARGS=--no-tune: shipped configs only
     moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
     nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;
@@ -73,6 +73,10 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
     pprofile) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts int4 --gen 32 --tag profile \
         --profile --trace "$out/trace-{part}.json" 2>&1 | grep -v "^loading" | tail -75 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
+    modes) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # the decode graphs' launch modes, alternating
+        python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 --compare-launch 2>&1 \
+          | grep -v "^loading\|step split\|unprofiled" | tail -6
+      done ;;
     hf) bf=/tmp/ckpt-$preset-bf16  # transformers runs the bf16 checkpoint a user downloads
       if [ ! -f "$bf/config.json" ]; then
         # 31 GB more on a 64 GiB disk: the converted copy goes first when room is short.
