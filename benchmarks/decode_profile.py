@@ -157,7 +157,6 @@ def in_step_calls(engine, steps: int) -> dict:
     orig = graphs._run_handoff
     rows: list[tuple[int, float, float]] = []  # (first is the step's own call, first, second) seconds
     pairs: list[int] = []
-    pageable: list[float] = []
     flip = [0]
 
     def timed(h, live, flags):
@@ -185,12 +184,6 @@ def in_step_calls(engine, steps: int) -> dict:
             took.append(time.perf_counter() - t)
         rows.append((own_first, took[0], took[1]))
         pairs.append(n)
-        # the same call on pageable copies of the page-locked inputs and output (on the step's own
-        # experts, just read: partly from cache)
-        xc, idc, wc = x.copy(), ids.copy(), w.copy()
-        t = time.perf_counter()
-        cpu_kernels.fused_moe(xc, idc, wc, packed, out=spare)
-        pageable.append(time.perf_counter() - t)
 
     graphs._run_handoff = timed
     try:
@@ -210,16 +203,7 @@ def in_step_calls(engine, steps: int) -> dict:
         "fresh_second_us": med([b for f, _, b in rows if f]),
         "fresh_first_us": med([a for f, a, _ in rows if not f]),
         "own_second_us": med([b for f, _, b in rows if not f]),
-        "own_on_pageable_copies_us": med(pageable),
     }
-    # reading 8 KB: page-locked (torch) against pageable memory
-    pin = torch.randn(2048, pin_memory=True).numpy()
-    for name, a in (("read_8KB_pinned_us", pin), ("read_8KB_pageable_us", pin.copy())):
-        a.sum()
-        t = time.perf_counter()
-        for _ in range(1000):
-            a.sum()
-        out[name] = (time.perf_counter() - t) / 1000 * 1e6
     print("in-step CPU calls (median us):", {k: round(v, 1) for k, v in out.items() if v is not None})
     return out
 

@@ -171,8 +171,19 @@ class DecodeGraphs:
         self.failed: dict[int, str] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.stream_min = _stream_min_tokens(model)
-        self.launch = "pipelined"  # see the module's docstring
+        self._launch = "pipelined"
         self.flags = None  # page-locked flags every captured program waits on (with Triton)
+
+    @property
+    def launch(self) -> str:
+        """How the host drives a step: one of LAUNCH_MODES (see the module's docstring)."""
+        return self._launch
+
+    @launch.setter
+    def launch(self, mode: str) -> None:
+        if mode not in LAUNCH_MODES:
+            raise ValueError(f"launch must be one of {LAUNCH_MODES}, got {mode!r}")
+        self._launch = mode
 
     def usable(self, batch_size: int) -> bool:
         return (
@@ -320,8 +331,6 @@ class DecodeGraphs:
 
     def _replay(self, program: _Program, live: int) -> None:
         """Replay a step whose first ``live`` rows are real: the CPU experts see only those."""
-        if self.launch not in LAUNCH_MODES:
-            raise ValueError(f"launch must be one of {LAUNCH_MODES}, got {self.launch!r}")
         flags = program.flags.numpy() if program.flags is not None else None
         mode = self.launch if flags is not None else "in_turn"
         jobs, queued = [], deque()  # hand-offs staged, their CPU kernels not yet run, in slot order
