@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 try:
@@ -22,6 +25,25 @@ except ImportError:  # kernels below stay plain, never-called functions
     triton = _TritonStub()
     tl = _LanguageStub()
     HAS_TRITON = False
+
+
+try:  # programmatic dependent launch (sm_90+): a kernel starts while the one before it finishes
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # no Triton, or one without it: kernels launch one after another
+    gdc_launch_dependents = gdc_wait = None
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on `device` may launch with programmatic dependent launch (Hopper and later,
+    compiled: the interpreter runs programs one by one and has no launch to overlap)."""
+    if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _capability(device.index) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -25,25 +25,17 @@ nibbles multiply the even and odd activation columns, each group's sum is scaled
 become float by placing them in the mantissa of 2^23 (an OR and a subtract) rather than converting.
 On sm_90+ a config with PDL = 1 launches down and sum with programmatic dependent launch: they start
 while the kernel before them finishes, load what does not depend on it (down: its weights), and wait
-(gdc_wait) before reading its output. Off by default (see _GEMV_DEFAULT).
+(gdc_wait) before reading its output. On by default (see _GEMV_DEFAULT).
 The argument checks and launch-setting lookup here serve the sorted path too.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-from ._triton import cdiv, next_pow2, tl, triton
+from ._triton import cdiv, gdc_launch_dependents, gdc_wait, next_pow2, pdl_supported, tl, triton
 from .quant import _FMT_ID, QuantWeight
 from .tuning import get_config
-
-try:  # programmatic dependent launch (sm_90+): a kernel starts while the one before it finishes
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # no Triton, or one without it: the GEMV kernels launch one after another
-    gdc_launch_dependents = gdc_wait = None
 
 
 def _as_quant(w: QuantWeight | torch.Tensor) -> QuantWeight:
@@ -355,9 +347,8 @@ GEMV_MAX_SLOTS = 64
 # gate/up split's partial sums, so their count stays bounded). A config without them (as stored before
 # they existed) runs unsplit when passed as `config`, and takes these caps when read through
 # fused_moe_gemv_config. int4 BLOCK_K is rounded up to whole groups. PDL: launch down and sum with
-# programmatic dependent launch (sm_90+; ignored elsewhere). Off: it saved 2-4 us a call at T = 1 on
-# an H100, but with it on, decode-graph tests that ran after launched-ahead ones (host-flag waits)
-# failed with an invalid-argument CUDA error in the same process; with it off they pass.
+# programmatic dependent launch (sm_90+; ignored elsewhere): it saves 1-3 us a call at T = 1 on an H100
+# (benchmarks/results/gpu_kernels-*.json has the best config with and without it).
 # Defaults from benchmarks/moe_gemv_sweep.py on an H100 (V2-Lite and Qwen3-30B-A3B experts, T = 1 and 4,
 # CUDA-graph replays): one weight tile a program was fastest or within a few % for every format; the
 # per-format tiles below were within ~10% of each case's best.
@@ -366,7 +357,7 @@ _GEMV_DEFAULT = {
     "BLOCK_K": 128,
     "SPLIT_K": 16,
     "SPLIT_K2": 16,
-    "PDL": 0,
+    "PDL": 1,
     "num_warps": 4,
     "num_stages": 1,
 }
@@ -381,18 +372,6 @@ _GEMV_FORMAT = {
 def fused_moe_gemv_config(T: int, E: int, inter_dim: int, fmt: str, group_size: int) -> dict:
     default = {**_GEMV_DEFAULT, **_GEMV_FORMAT.get(fmt, {})}
     return _tuned("fused_moe_gemv", T, E, inter_dim, fmt, default)
-
-
-def _pdl(device: torch.device) -> bool:
-    """Whether the GEMV kernels launch with programmatic dependent launch (Hopper and later, compiled)."""
-    if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return _capability(device.index) >= (9, 0)
-
-
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def _gemv_split(kdim: int, block_k: int, split: int) -> tuple[int, int]:
@@ -435,7 +414,7 @@ def fused_moe_gemv(
     out = torch.empty(T, H, dtype=x.dtype, device=dev)  # [T, H]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     # down and sum launch early, waiting (gdc_wait) only where they read the previous one
-    pdl = int(bool(cfg.get("PDL", 0))) if _pdl(dev) else 0
+    pdl = int(bool(cfg.get("PDL", 0))) if pdl_supported(dev) else 0
     after = {"launch_pdl": True} if pdl else {}
     _moe_gemv_gate_up_kernel[(TK, cdiv(inter_dim, bn), split1)](
         x, w13.data, _scales(w13), ids, inter, TK, inter_dim, H, x.stride(0), *_strides(w13),

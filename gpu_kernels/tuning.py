@@ -4,7 +4,7 @@ File layout (`configs/<kernel>.json`)::
 
     {"NVIDIA H100 80GB HBM3": {"E=64,N=1408": {"1": {"BLOCK_M": 16, ...}, "64": {...}}}}
 
-The entry whose batch size is nearest to the asked one wins; a missing device or shape falls back to
+The entry whose batch size is nearest to the asked one (by ratio) wins; a missing device or shape falls back to
 the caller's defaults and says so once in the log.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def get_config(kernel: str, shape_key: str, batch: int, default: dict, device: s
     if not by_batch:
         _warn_once(kernel, device, shape_key)
         return dict(default)
-    nearest = min(by_batch, key=lambda b: abs(int(b) - batch))
+    # nearest by ratio: a 200-token chunk takes the entry tuned at 512 rather than the one at 64
+    nearest = min(by_batch, key=lambda b: abs(math.log(max(1, int(b)) / max(1, batch))))
     return {**default, **by_batch[nearest]}
 
 

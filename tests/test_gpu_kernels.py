@@ -286,6 +286,8 @@ def test_tuned_config_lookup(tmp_path, monkeypatch):
     tuning._load.cache_clear()
     assert tuning.get_config("k", "E=8", 2, {"BLOCK_N": 64, "w": 4}, device="dev") == {"BLOCK_N": 32, "w": 4}
     assert tuning.get_config("k", "E=8", 50, {"BLOCK_N": 64}, device="dev")["BLOCK_N"] == 128
+    # nearest by ratio: 12 is nearer 64 (x5.3) than 1 (x12), though 11 from 1 and 52 from 64
+    assert tuning.get_config("k", "E=8", 12, {"BLOCK_N": 64}, device="dev")["BLOCK_N"] == 128
     # Another number of experts takes the nearest E's entry; another shape falls back to the defaults.
     assert tuning.get_config("k", "E=9", 50, {"BLOCK_N": 64}, device="dev")["BLOCK_N"] == 128
     assert tuning.get_config("k", "N=9", 50, {"BLOCK_N": 64}, device="dev")["BLOCK_N"] == 64
