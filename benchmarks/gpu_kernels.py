@@ -4,7 +4,8 @@ Run on a CUDA machine: python benchmarks/gpu_kernels.py [--out DIR]
 Prints one table last and writes gpu_kernels-<gpu>.json (card, CPU, every row) under --out
 (default benchmarks/results). Times are medians from triton.testing.do_bench, which flushes L2 between runs:
 "us" is one eager call; "graph us" is a call's share of one CUDA graph of LAYERS calls, each on its own
-data (KV blocks, experts, weights), as a decode step replays them layer after layer.
+data (KV blocks, experts, weights), as a decode step replays them layer after layer. Fused-MoE
+candidates are ranked by that graph time, at decode batches and at prefill chunks (512, 2048 tokens).
 """
 
 from __future__ import annotations
@@ -220,6 +221,9 @@ def moe_layer_calls(x, w13, w2, ids, wts, cfg) -> list[tuple[tuple, dict]]:
     return calls
 
 
+# decode batches, then prefill chunks (hetero bench runs a prompt as one chunk of up to its length; the
+# server's steps hold 512 tokens): streamed prefill runs the sorted kernels at those sizes, compute-bound
+MOE_BATCHES = (1, 16, 64, 512, 2048)
 TUNE = True  # --no-tune: time only the shipped config of each shape (what fused_moe / quant_linear run)
 
 
@@ -227,40 +231,51 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
     for name, (E, H, inter, K) in MOE_SHAPES.items():
         for fmt in ("bf16", "int8", "int4"):
             w13, w2 = moe_weights(E, H, inter, fmt)
-            for T in (1, 16, 64):
+            for T in MOE_BATCHES:
                 x = torch.randn(T, H, device=DEV).bfloat16()
                 ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).int()
                 wts = torch.rand(T, K, device=DEV)
-                best = {}  # path -> (ms, config); a config with BLOCK_M runs the sorted path
+                # path -> (graph ms, config); a config with BLOCK_M runs the sorted path. Candidates are
+                # ranked by their share of a graph of layer calls: decode steps replay graphs, and an
+                # eager call's launch cost would rank them by the host instead
+                best = {}
                 shipped = (
                     moe_gemv.fused_moe_gemv_config(T, E, inter, fmt, 128)
                     if T * K <= moe_gemv.GEMV_MAX_SLOTS
                     else moe.fused_moe_config(T, E, inter, fmt, 128)
                 )
                 for cfg in moe_candidates(T, K, fmt) if TUNE else [shipped]:
-                    ms = bench_ms(moe.fused_moe_triton, x, w13, w2, ids, wts, cfg, rep=100)
+                    try:
+                        calls = moe_layer_calls(x, w13, w2, ids, wts, cfg)
+                        g = graph_calls_ms(moe.fused_moe_triton, calls, rep=100)
+                    except Exception as err:  # e.g. a tile over the shared memory: not a candidate here
+                        print(f"skip {cfg}: {str(err)[:100]}", flush=True)
+                        continue
                     path = "sorted" if "BLOCK_M" in cfg else "gemv"
-                    if path not in best or ms < best[path][0]:
-                        best[path] = (ms, cfg)
+                    if g == g and (path not in best or g < best[path][0]):  # g is NaN if capture failed
+                        best[path] = (g, cfg)
                 for path, (_, cfg) in best.items():
                     kernel = "fused_moe" if path == "sorted" else "fused_moe_gemv"
                     tuned.setdefault(kernel, {}).setdefault(f"E={E},N={inter},fmt={fmt}", {})[str(T)] = cfg
-                ms, cfg = min(best.values(), key=lambda b: b[0])
-                per_path = {f"{path}_ms": b[0] for path, b in best.items()}
+                g_ms, cfg = min(best.values(), key=lambda b: b[0])
+                per_path = {f"{path}_graph_ms": b[0] for path, b in best.items()}
                 if "BLOCK_M" in cfg:
                     per_path["align_ms"] = bench_ms(gk.moe_align_block_size, ids, cfg["BLOCK_M"], E)
-                ref_ms = bench_ms(moe.fused_moe_reference, x, w13, w2, ids, wts, rep=50)
+                # the torch reference loops over experts in Python: seconds a call at prefill sizes
+                ref_ms = bench_ms(moe.fused_moe_reference, x, w13, w2, ids, wts, rep=50) if T <= 64 else None
+                flops = 2 * T * K * 3 * H * inter  # gate, up and down of every routed slot
+                per_path["TFLOPs"] = flops / (g_ms * 1e-3) / 1e12
                 rows.append(
                     row(
                         "fused_moe",
                         f"{name} E={E},H={H},I={inter},K={K},{fmt}",
                         T,
                         moe_bytes(w13, w2, ids),
-                        ms,
+                        bench_ms(moe.fused_moe_triton, x, w13, w2, ids, wts, cfg, rep=100),
                         ref_ms,
                         copy_bw,
                         {"config": cfg, **per_path},
-                        g_ms=graph_calls_ms(moe.fused_moe_triton, moe_layer_calls(x, w13, w2, ids, wts, cfg)),
+                        g_ms=g_ms,
                     )
                 )
 
@@ -271,11 +286,19 @@ def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
     GEMV tiles are (BLOCK_N, BLOCK_K, SPLIT_K, SPLIT_K2, num_warps, PDL); a split count is a cap that the
     wrapper cuts to the input dim's BLOCK_K tiles, so 16 is one tile a program at these shapes."""
     sorted_tiles = ((32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 128, 8, 4))
+    if T >= 512:  # prefill chunks: taller tiles amortize each dequantized weight tile over more rows
+        sorted_tiles += (
+            (128, 64, 8, 3, 128),
+            (64, 64, 4, 4, 128),
+            (128, 64, 8, 4, 128),
+            (128, 64, 4, 3, 32),
+        )
     sorted_cfg = moe.fused_moe_config(T, 1, 1, fmt, 128)
     out = [sorted_cfg]
-    for bn, bk, w, st in sorted_tiles:
+    for bn, bk, w, st, *bm in sorted_tiles:
         bk = min(bk, 128) if fmt == "int4" else bk  # the sorted path's tile: one group scale
         cand = {**sorted_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+        cand.update({"BLOCK_M": bm[0]} if bm else {})
         if cand not in out:
             out.append(cand)
     if T * K > 2 * moe_gemv.GEMV_MAX_SLOTS:
@@ -370,6 +393,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
+    global TUNE, MOE_BATCHES
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="gqa,mla,moe,qlinear")
@@ -379,9 +403,10 @@ def main() -> None:
         help="store the tuned configs of an earlier run's JSON in gpu_kernels/configs and exit (no GPU needed)",
     )
     ap.add_argument("--no-tune", action="store_true", help="time the shipped configs only, no candidates")
+    ap.add_argument("--moe-batches", type=int, nargs="+", default=list(MOE_BATCHES), help="fused-MoE tokens")
     args = ap.parse_args()
-    global TUNE
     TUNE = not args.no_tune
+    MOE_BATCHES = tuple(args.moe_batches)
     if args.save_configs:
         for kernel, by_device in json.loads(Path(args.save_configs).read_text())["tuned_configs"].items():
             print(f"{kernel}: {save_configs(kernel, by_device)}")
