@@ -347,8 +347,8 @@ GEMV_MAX_SLOTS = 64
 # gate/up split's partial sums, so their count stays bounded). A config without them (as stored before
 # they existed) runs unsplit when passed as `config`, and takes these caps when read through
 # fused_moe_gemv_config. int4 BLOCK_K is rounded up to whole groups. PDL: launch down and sum with
-# programmatic dependent launch (sm_90+; ignored elsewhere): it saves 1-3 us a call at T = 1 on an H100
-# (benchmarks/results/gpu_kernels-*.json has the best config with and without it).
+# programmatic dependent launch (sm_90+; ignored elsewhere): it saved 1-3 us a call at T = 1 on an H100,
+# the best settings with it against the best without, side by side.
 # Defaults from benchmarks/moe_gemv_sweep.py on an H100 (V2-Lite and Qwen3-30B-A3B experts, T = 1 and 4,
 # CUDA-graph replays): one weight tile a program was fastest or within a few % for every format; the
 # per-format tiles below were within ~10% of each case's best.
