@@ -191,23 +191,28 @@ def _merge_splits_kernel(
     dmask = d < D
     s_blk = tl.arange(0, BLOCK_S)
     base = lse_ptr + r * n_splits
-    top = tl.max(tl.load(base + s_blk, mask=s_blk < n_splits, other=float("-inf")), axis=0)
-    for s0 in range(BLOCK_S, n_splits, BLOCK_S):
-        s = s0 + s_blk
-        top = tl.maximum(top, tl.max(tl.load(base + s, mask=s < n_splits, other=float("-inf")), axis=0))
-    total = tl.zeros([BLOCK_S], tl.float32)
+    # one pass, rescaling as the running maximum grows: a chunk's log-sum-exps and partials load
+    # together instead of the partials waiting for a first pass over every log-sum-exp
+    top = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(0, n_splits, BLOCK_S):
         s = s0 + s_blk
-        w = tl.exp2(tl.load(base + s, mask=s < n_splits, other=float("-inf")) - top)  # empty splits weigh 0
+        smask = s < n_splits
+        lse = tl.load(base + s, mask=smask, other=float("-inf"))  # [BLOCK_S]
         o = tl.load(
             o_ptr + (r * n_splits + s[:, None]) * D + d[None, :],
-            mask=(w[:, None] > 0) & dmask[None, :],
+            mask=smask[:, None] & dmask[None, :],
             other=0.0,
         )  # [BLOCK_S, BLOCK_D]
-        acc += tl.sum(o * w[:, None], axis=0)
-        total += w
-    tl.store(out_ptr + r * D + d, (acc / tl.sum(total, axis=0)).to(out_ptr.dtype.element_ty), mask=dmask)
+        new_top = tl.maximum(top, tl.max(lse, axis=0))
+        w = tl.exp2(lse - new_top)  # empty splits (lse -inf) weigh 0
+        o = tl.where(w[:, None] > 0, o, 0.0)  # and their partials were never written
+        rescale = tl.exp2(top - new_top)
+        acc = acc * rescale + tl.sum(o * w[:, None], axis=0)
+        total = total * rescale + tl.sum(w, axis=0)
+        top = new_top
+    tl.store(out_ptr + r * D + d, (acc / total).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
