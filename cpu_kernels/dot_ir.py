@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .cpu_info import has_avx512_vnni
+from .cpu_info import cpu_flags, has_avx512_vnni
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
@@ -45,6 +45,9 @@ V16I16 = ir.VectorType(I16, 16)
 # the fast path falls back to portable IR at code generation time.
 _EMIT_VNNI = has_avx512_vnni()
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
+# Without it, AVX2's vpmaddwd (16-bit products summed in pairs) serves instead; AVX2's byte
+# multiply (vpmaddubsw) would saturate its 16-bit pair sums for the codes here (up to 255 x 127).
+_EMIT_PMADDWD = _X86 and not _EMIT_VNNI and "avx2" in cpu_flags()
 
 
 def _c(ty: ir.Type, v: int | float) -> ir.Constant:
@@ -95,6 +98,28 @@ def _mac_u8s8(
         wv = builder.bitcast(w, vi)
         av = builder.bitcast(a, vi)
         return builder.call(fn, [ir.Constant(vi, None) if acc is None else acc, wv, av])
+    if _EMIT_PMADDWD:
+        # bytes widened to 16 bits (exactly) and multiplied by vpmaddwd, which adds products in pairs:
+        # one pass over bytes 4l, 4l + 1 and one over 4l + 2, 4l + 3, added, give lane l exactly the
+        # sum vpdpbusd gives it (the callers' per-lane offsets cancel within a lane)
+        fn = _intrin(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [V16I16, V16I16])
+
+        def pairs(v, first: int, base: int, ext):  # bytes base + 4l + first + {0, 1}, l < 8: [16] i16
+            idx = [base + 4 * lane + first + k for lane in range(8) for k in (0, 1)]
+            picked = builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(V16I32, idx))
+            return ext(picked, V16I16)
+
+        runs = []
+        for base in range(0, nb, 32):  # 8 lanes from each 32 bytes
+            lo, hi = (
+                builder.call(fn, [pairs(w, f, base, builder.zext), pairs(a, f, base, builder.sext)])
+                for f in (0, 2)
+            )
+            runs.append(builder.add(lo, hi))
+        res = runs[0]
+        if len(runs) == 2:
+            res = builder.shuffle_vector(runs[0], runs[1], ir.Constant(vi, list(range(16))))
+        return res if acc is None else builder.add(acc, res)
     wide = ir.VectorType(I32, nb)
     prod = builder.mul(builder.zext(w, wide), builder.sext(a, wide))  # [nb]
     for k in range(4):
