@@ -283,7 +283,8 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
 def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
     """Sorted-path configs, then GEMV ones (no BLOCK_M) up to twice the slots where GEMV is the default.
 
-    GEMV tiles are (BLOCK_N, BLOCK_K, SPLIT_K, SPLIT_K2, num_warps, PDL); a split count is a cap that the
+    Sorted tiles are (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]), BLOCK_M otherwise the
+    batch's default. GEMV tiles are (BLOCK_N, BLOCK_K, SPLIT_K, SPLIT_K2, num_warps, PDL); a split count is a cap that the
     wrapper cuts to the input dim's BLOCK_K tiles, so 16 is one tile a program at these shapes."""
     sorted_tiles = ((32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 128, 8, 4))
     if T >= 512:  # prefill chunks: taller tiles amortize each dequantized weight tile over more rows

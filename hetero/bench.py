@@ -141,7 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--decode-launch",
         choices=LAUNCH_MODES,
-        default="pipelined",
+        default=RuntimeOptions.decode_launch,
         help="how the host drives the decode graphs: the CPU experts between launches (in_turn), one "
         "hand-off behind them (pipelined), or on a worker thread with the whole step launched (ahead)",
     )
