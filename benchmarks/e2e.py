@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from hetero.bench import cap_device_memory, run_bench  # noqa: E402
 from hetero.distributed import SINGLE, Parallel, launch, rank0_first  # noqa: E402
-from hetero.experts import HybridExperts  # noqa: E402
+from hetero.experts import HybridExperts, set_pcie_share  # noqa: E402
 from hetero.graphs import LAUNCH_MODES  # noqa: E402
 from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
 from placement import detect  # noqa: E402
@@ -237,6 +237,17 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 rt.engine.graphs.launch = mode
                 key = f"{mode}_again" if mode == default else mode
                 by_launch[key] = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
+        share = rt.plan.cost_inputs.pcie_share if rt.engine.graphs is not None else 0.0
+        pcie_off = None
+        if share > 0:
+            # The same decode with the CPU computing every RAM expert (graphs captured afresh), then
+            # the default again: side by side with the GPU reading its share over PCIe.
+            runs = {}
+            for s in (0.0, share):
+                set_pcie_share(rt.engine.model, s)
+                rt.engine.graphs.entries.clear()
+                runs[s] = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
+            pcie_off, by_launch["pcie_again"] = runs[0.0], runs[share]
         graphs, rt.engine.graphs = rt.engine.graphs, None  # the same decode, kernels launched one by one
         eager = run_bench(rt, args.prompt_len, min(args.gen, 32), 1)
         rt.engine.graphs = graphs
@@ -253,6 +264,8 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
             profile_tables(rt, args.prefill_len, args.prompt_len, show=par.is_first, trace=args.trace)
         per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
         roof = rates["cpu_bw"] / per_token if per_token else float("inf")
+        # both links at their measured rates: the CPU's reads and the GPU's over PCIe, added up
+        both = (rates["cpu_bw"] + rates["pcie"]) / per_token if per_token else float("inf")
         bound_s = prefill_bound_s(rt.engine.model, rt.spec, args.prefill_len, rates)
         bound = args.prefill_len / bound_s if bound_s else float("inf")
         pred = rt.plan.predicted
@@ -262,6 +275,9 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "decode_tok_s": dec.decode_tok_s,
                 "decode_roofline_tok_s": roof,
                 "decode_over_roofline": dec.decode_tok_s / roof,
+                "pcie_share": share,
+                "decode_pcie_off_tok_s": pcie_off,  # the CPU computing every RAM expert, same run
+                "decode_over_cpu_plus_pcie_roofline": dec.decode_tok_s / both,
                 "decode_eager_tok_s": eager.decode_tok_s,
                 "decode_launch": rt.engine.graphs.launch if rt.engine.graphs is not None else None,
                 "decode_by_launch_tok_s": by_launch,  # each way of driving the graphs, the default again last
@@ -318,13 +334,14 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
             print(f"{r['experts']} decode ran eagerly: {r['decode_detail']['eager_reasons']}")
     modes = sorted({k for r in rows for k in r["decode_by_launch_tok_s"]})
     hdr = f"{'experts':8} {'decode':>8} " + " ".join(f"{m:>12}" for m in modes)
-    hdr += f" {'eager':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
+    hdr += f" {'no-pcie':>8} {'eager':>8} {'roof':>8} {'ratio':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
     print(hdr)
     for r in rows:
         by = r["decode_by_launch_tok_s"]
         print(
             f"{r['experts']:8} {r['decode_tok_s']:8.2f} "
             + " ".join(f"{by.get(m, float('nan')):12.2f}" for m in modes)
+            + f" {r['decode_pcie_off_tok_s'] or float('nan'):8.2f}"
             + f" {r['decode_eager_tok_s']:8.2f} {r['decode_roofline_tok_s']:8.2f} "
             f"{r['decode_over_roofline']:6.2f} {r['decode_predicted_tok_s']:8.2f} {r['prefill_tok_s']:9.1f} "
             f"{r['prefill_bound_tok_s']:9.1f} {r['prefill_over_bound']:6.2f} {r['prefill_predicted_tok_s']:9.1f}"

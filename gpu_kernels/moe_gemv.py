@@ -88,16 +88,38 @@ def _exact_float(q, offset: tl.constexpr):
 
 
 @triton.jit
+def _cpu4_seg(GROUP: tl.constexpr):
+    """CPU int4 layout: bytes per tile segment, W = min(GROUP, 64): a segment's low nibbles (and its
+    high nibbles) fall in one quantization group each."""
+    return tl.constexpr(64 if GROUP >= 64 else GROUP)
+
+
+@triton.jit
+def _cpu4_first_cols(k0, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """CPU int4 layout: [NS] first low-nibble column of each segment of the tile at k0. A block of 128
+    inputs is 64 bytes, byte j holding input j (low nibble) and 64 + j (high); segment s covers bytes
+    [(s % R) * W, + W) of block s // R, R = 64 / W."""
+    W: tl.constexpr = _cpu4_seg(GROUP)
+    R: tl.constexpr = 64 // W
+    rs = tl.arange(0, (BLOCK_K // 128) * R)
+    return k0 + (rs // R) * 128 + (rs % R) * W
+
+
+@triton.jit
 def _gemv_cols(k0, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """Input columns of the weight tile at k0, shaped as _gemv_dot multiplies them.
 
     int4: (even, odd), each [BLOCK_K / GROUP, GROUP / 2]: column k0 + g * GROUP + 2j, and that + 1;
+    CPU int4: (low, high nibbles), each [NS, W] (_cpu4_seg): segment s's columns, and those + 64;
     other formats: ([BLOCK_K] columns k0 + j, the same again)."""
     if FMT == 3:
         rg = tl.arange(0, BLOCK_K // GROUP)
         rj = tl.arange(0, GROUP // 2)
         even = k0 + rg[:, None] * GROUP + 2 * rj[None, :]  # [NG, GROUP / 2]
         odd = even + 1
+    elif FMT == 4:
+        even = _cpu4_first_cols(k0, GROUP, BLOCK_K)[:, None] + tl.arange(0, _cpu4_seg(GROUP))[None, :]
+        odd = even + 64
     else:
         even = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         odd = even
@@ -122,8 +144,9 @@ def _gemv_load(
     program's loads are all in flight together.
 
     int4: packed bytes [BLOCK_N, NG, GROUP / 2] (NG = BLOCK_K / GROUP groups; byte j of group g holds
-    columns 2j and 2j + 1) and scales [BLOCK_N, NG]; other formats: [BLOCK_N, BLOCK_K] and an unused
-    [BLOCK_N] (their per-row scale is applied after the sum)."""
+    columns 2j and 2j + 1) and scales [BLOCK_N, NG]; CPU int4: bytes [BLOCK_N, NS, W] and the low and
+    high nibbles' scales joined [BLOCK_N, NS, 2] (fp16 in memory); other formats: [BLOCK_N, BLOCK_K]
+    and an unused [BLOCK_N] (their per-row scale is applied after the sum)."""
     if FMT == 3:
         NG: tl.constexpr = BLOCK_K // GROUP
         HALF: tl.constexpr = GROUP // 2
@@ -134,11 +157,25 @@ def _gemv_load(
             w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :], mask=gmask[:, :, None], other=0x88
         )  # [BLOCK_N, NG, HALF] uint8
         s = tl.load(s_ptr + rn[:, None] * stride_sn + (k0 // GROUP + rg)[None, :], mask=gmask, other=0.0)
+    elif FMT == 4:
+        col = _cpu4_first_cols(k0, GROUP, BLOCK_K)  # [NS]
+        smask = nmask[:, None] & (col < KDIM)[None, :]  # [BLOCK_N, NS]
+        byte = (col // 128 * 64 + col % 128)[:, None] + tl.arange(0, _cpu4_seg(GROUP))[None, :]  # [NS, W]
+        w = tl.load(
+            w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :], mask=smask[:, :, None], other=0x88
+        )  # [BLOCK_N, NS, W] uint8
+        srow = s_ptr + rn[:, None] * stride_sn
+        s_lo = tl.load(srow + (col // GROUP)[None, :], mask=smask, other=0.0).to(tl.float32)
+        hmask = smask & (col + 64 < KDIM)[None, :]
+        s_hi = tl.load(srow + ((col + 64) // GROUP)[None, :], mask=hmask, other=0.0).to(tl.float32)
+        s = tl.join(s_lo, s_hi)  # [BLOCK_N, NS, 2]
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
         if FMT == 1:  # no fp8 `other`: _gemv_dot zeroes the masked lanes
             w = tl.load(ptrs, mask=nmask[:, None] & (rk[None, :] < KDIM))
+        elif FMT == 5:  # code 128 is 0
+            w = tl.load(ptrs, mask=nmask[:, None] & (rk[None, :] < KDIM), other=128)
         else:
             w = tl.load(ptrs, mask=nmask[:, None] & (rk[None, :] < KDIM), other=0)
         s = nmask
@@ -155,11 +192,19 @@ def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.cons
         hi = _exact_float(q >> 4, 8.0)  # of the odd columns
         part = tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2)  # [BLOCK_N, NG] per group
         acc = tl.sum(part * s, axis=1)
+    elif FMT == 4:
+        q = w.to(tl.int32)
+        s_lo, s_hi = tl.split(s)
+        lo = tl.sum(_exact_float(q & 0xF, 8.0) * xa[None, :, :], axis=2)  # [BLOCK_N, NS] per segment
+        hi = tl.sum(_exact_float(q >> 4, 8.0) * xb[None, :, :], axis=2)
+        acc = tl.sum(lo * s_lo + hi * s_hi, axis=1)
     else:
         if FMT == 2:
             # q + 128 is the byte read unsigned with its top bit flipped: one XOR flips it and sets 2^23's bits
             u = w.to(tl.uint8, bitcast=True).to(tl.int32)
             wf = (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+        elif FMT == 5:  # the CPU layout's codes already are q + 128
+            wf = (w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
         elif FMT == 1:
             rk = k0 + tl.arange(0, BLOCK_K)
             # masked lanes may hold fp8 NaN patterns
@@ -185,6 +230,8 @@ def _moe_gemv_gate_up_kernel(
     stride_wn,
     stride_se,
     stride_sn,
+    up_w,  # up row i's data at gate row i's + up_w (w13: I rows on; the CPU layout: the next row)
+    up_s,  # and its scales at gate row i's + up_s
     TOPK: tl.constexpr,
     FMT: tl.constexpr,
     GROUP: tl.constexpr,
@@ -193,6 +240,7 @@ def _moe_gemv_gate_up_kernel(
     ITERS: tl.constexpr,  # BLOCK_K tiles per split: split pid_k sums columns [pid_k, pid_k + 1) * ITERS * BLOCK_K
     SPLIT_K: tl.constexpr,
     USE_PDL: tl.constexpr,  # the down kernel may start (and load its weights) once all programs here run
+    SROW: tl.constexpr,  # per-row scales (fp8 / int8): row i's at i * SROW
 ):
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -207,25 +255,25 @@ def _moe_gemv_gate_up_kernel(
     we = w_ptr + e * stride_we
     se = s_ptr + e * stride_se
     xt = x_ptr + (slot // TOPK) * stride_xt
-    if FMT == 1 or FMT == 2:  # one scale per row, applied to the sums
-        sg = tl.load(se + rn, mask=nmask, other=0.0)
-        su = tl.load(se + inter_dim + rn, mask=nmask, other=0.0)
+    if FMT == 1 or FMT == 2 or FMT == 5:  # one scale per row, applied to the sums
+        sg = tl.load(se + rn * SROW, mask=nmask, other=0.0)
+        su = tl.load(se + up_s + rn * SROW, mask=nmask, other=0.0)
     acc_g = tl.zeros([BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_N], tl.float32)
     for it in tl.static_range(ITERS):
         k0 = (pid_k * ITERS + it) * BLOCK_K
         wg, s_g = _gemv_load(we, se, rn, nmask, k0, HID, stride_wn, stride_sn, FMT, GROUP, BLOCK_K)
         wu, s_u = _gemv_load(
-            we, se, rn + inter_dim, nmask, k0, HID, stride_wn, stride_sn, FMT, GROUP, BLOCK_K
+            we + up_w, se + up_s, rn, nmask, k0, HID, stride_wn, stride_sn, FMT, GROUP, BLOCK_K
         )
         ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K)
         xa = tl.load(xt + ca, mask=ca < HID, other=0.0).to(tl.float32)
         xb = xa
-        if FMT == 3:
+        if FMT == 3 or FMT == 4:
             xb = tl.load(xt + cb, mask=cb < HID, other=0.0).to(tl.float32)
         acc_g += _gemv_dot(wg, s_g, nmask, k0, HID, xa, xb, FMT, BLOCK_K)
         acc_u += _gemv_dot(wu, s_u, nmask, k0, HID, xa, xb, FMT, BLOCK_K)
-    if FMT == 1 or FMT == 2:
+    if FMT == 1 or FMT == 2 or FMT == 5:
         acc_g = acc_g * sg
         acc_u = acc_u * su
     if SPLIT_K == 1:
@@ -296,7 +344,7 @@ def _moe_gemv_down_kernel(
         return
     we = w_ptr + e * stride_we
     se = s_ptr + e * stride_se
-    if FMT == 1 or FMT == 2:
+    if FMT == 1 or FMT == 2 or FMT == 5:
         scale = tl.load(se + rn, mask=nmask, other=0.0)
     for it in tl.static_range(ITERS):
         k0 = (pid_k * ITERS + it) * BLOCK_K
@@ -306,10 +354,10 @@ def _moe_gemv_down_kernel(
         ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K)
         ha = _silu_mul_cols(p_ptr, slot, ca, TK, inter_dim, SPLIT_K)
         hb = ha
-        if FMT == 3:
+        if FMT == 3 or FMT == 4:
             hb = _silu_mul_cols(p_ptr, slot, cb, TK, inter_dim, SPLIT_K)
         acc += _gemv_dot(w, s, nmask, k0, inter_dim, ha, hb, FMT, BLOCK_K)
-    if FMT == 1 or FMT == 2:
+    if FMT == 1 or FMT == 2 or FMT == 5:
         acc = acc * scale
     acc = acc * tl.load(tw_ptr + slot)
     tl.store(out, acc, mask=nmask)
@@ -393,12 +441,83 @@ def fused_moe_gemv(
     Three launches: gate/up partial sums, down (adding those up, SiLU, weighted partial sums), and the sum
     over splits and the K slots of each token. Deterministic, and graph-capturable (no host syncs)."""
     w13, w2 = _moe_args(x, w13, w2, topk_ids, topk_weights)
-    (T, H), K, (E, inter_dim) = x.shape, topk_ids.shape[1], (w13.shape[0], w13.shape[1] // 2)
+    T, E, inter_dim = x.shape[0], w13.shape[0], w13.shape[1] // 2
     cfg = config or fused_moe_gemv_config(T, E, inter_dim, w13.fmt, w13.group_size)
-    fmt, group = _FMT_ID[w13.fmt], w13.group_size
+    if w13.fmt == "int4":
+        assert w2.group_size == w13.group_size, "gate/up and down weights share one group size"
+    we, wn, se, sn = _strides(w13)
+    # up rows follow the I gate rows; per-row scales [E, 2I] (sn 0) sit I entries on
+    gate_up = (w13.data, _scales(w13), we, wn, se, sn, inter_dim * wn, inter_dim * (sn or 1))
+    return _gemv(x, gate_up, (w2.data, _scales(w2), *_strides(w2)), _FMT_ID[w13.fmt], w13.group_size,
+                 inter_dim, topk_ids, topk_weights, cfg, 1)  # fmt: skip
+
+
+# The CPU kernels' packed formats (cpu_kernels.formats), read where they lie by fused_moe_packed
+_PACKED_FMT = {"int4": 4, "int8": 5}
+_PACKED_DEFAULT = {"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 16, "SPLIT_K2": 16, "PDL": 1, "num_warps": 4}
+
+
+def fused_moe_packed(
+    x: torch.Tensor,
+    fmt: str,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down_scale: torch.Tensor,
+    group_size: int,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The GEMV path over experts in the CPU kernels' layout, e.g. in page-locked host memory mapped for
+    the device, which the kernels then read over PCIe as they go (zero-copy): no copy, no unpacking.
+
+    Legend as above, plus Hp / Ip = H / I padded to 128 and g = group_size. fmt "int4" (symmetric) or
+    "int8":
+        gate_up        uint8 [E, I, 2, Hp / 2] (int4) | [E, I, 2, Hp] (int8): gate row i, then up row i
+        down           uint8 [E, H, Ip / 2] | [E, H, Ip]
+        gate_up_scale  float16 [E, I, 2, Hp / g] (int4) | float32 [E, I, 2] (int8)
+        down_scale     float16 [E, H, Ip / g] | float32 [E, H]
+    int4 nibbles q (weight (q - 8) * scale): in each block of 128 inputs byte j holds input j (low) and
+    64 + j (high); int8 bytes are q + 128 with one scale per row. x, topk_*, out: as fused_moe_gemv."""
+    if fmt not in _PACKED_FMT:
+        raise ValueError(f"packed experts must be int4 or int8, got {fmt!r}")
+    fmt_id = _PACKED_FMT[fmt]
+    T, H = x.shape
+    E, inter_dim, two, row = gate_up.shape
+    assert two == 2 and gate_up.dtype == torch.uint8 and down.dtype == torch.uint8
+    assert gate_up.is_contiguous() and down.is_contiguous() and x.stride(-1) == 1
+    assert topk_ids.dtype == torch.int32 and topk_weights.dtype == torch.float32
+    assert topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == T
+    per_byte = 2 if fmt == "int4" else 1
+    assert row * per_byte >= H and row * per_byte % 128 == 0, f"gate_up rows of {row} bytes for H={H}"
+    assert tuple(down.shape[:2]) == (E, H) and down.shape[2] * per_byte >= inter_dim, (
+        f"down {tuple(down.shape)}"
+    )
+    cfg = config or get_config("fused_moe_packed", f"E={E},N={inter_dim},fmt={fmt}", T, _PACKED_DEFAULT)
+    su, sd = gate_up_scale, down_scale
+    if fmt == "int4":
+        assert group_size in (32, 64, 128) and cfg["BLOCK_K"] % 128 == 0, (group_size, cfg["BLOCK_K"])
+        assert su.dtype == sd.dtype == torch.float16 and su.shape[:3] == (E, inter_dim, 2)
+        # gate row i at 2i, up row i at 2i + 1; each row's group scales likewise
+        gu = (gate_up, su, gate_up.stride(0), 2 * row, su.stride(0), su.stride(1), row, su.stride(2))
+        dn = (down, sd, down.stride(0), down.stride(1), sd.stride(0), sd.stride(1))
+    else:
+        assert su.dtype == sd.dtype == torch.float32 and tuple(su.shape) == (E, inter_dim, 2)
+        gu = (gate_up, su, gate_up.stride(0), 2 * row, su.stride(0), 0, row, 1)  # scales: gate 2i, up 2i + 1
+        dn = (down, sd, down.stride(0), down.stride(1), sd.stride(0), 0)
+    return _gemv(
+        x, gu, dn, fmt_id, group_size, inter_dim, topk_ids, topk_weights, cfg, 2 if fmt == "int8" else 1
+    )
+
+
+def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, topk_ids, topk_weights,
+          cfg: dict, srow: int) -> torch.Tensor:  # fmt: skip
+    """Launch the three GEMV kernels. gate_up: (data, scales, expert stride, row stride, scales' expert
+    stride, scales' row stride, up offset of data, up offset of scales); down: the first six of those."""
+    (T, H), K = x.shape, topk_ids.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     if fmt == 3:  # an int4 tile holds whole groups: [BLOCK_N, BLOCK_K / group, group / 2] bytes
-        assert w2.group_size == group, "gate/up and down weights share one group size"
         bk = max(bk, group)
     assert bk & (bk - 1) == 0 and bk % (group if fmt == 3 else 1) == 0, (
         f"BLOCK_K={bk} must be a power of two (int4: a multiple of the group size {group})"
@@ -412,17 +531,17 @@ def fused_moe_gemv(
     inter = torch.empty(inter_shape, dtype=torch.float32, device=dev)
     part = torch.empty(split2, TK, H, dtype=torch.float32, device=dev)  # [split2, T*K, H] weighted partials
     out = torch.empty(T, H, dtype=x.dtype, device=dev)  # [T, H]
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)}
     # down and sum launch early, waiting (gdc_wait) only where they read the previous one
     pdl = int(bool(cfg.get("PDL", 0))) if pdl_supported(dev) else 0
     after = {"launch_pdl": True} if pdl else {}
     _moe_gemv_gate_up_kernel[(TK, cdiv(inter_dim, bn), split1)](
-        x, w13.data, _scales(w13), ids, inter, TK, inter_dim, H, x.stride(0), *_strides(w13),
+        x, gate_up[0], gate_up[1], ids, inter, TK, inter_dim, H, x.stride(0), *gate_up[2:],
         TOPK=K, FMT=fmt, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters1, SPLIT_K=split1, USE_PDL=pdl,
-        **launch,
+        SROW=srow, **launch,
     )  # fmt: skip
     _moe_gemv_down_kernel[(TK, cdiv(H, bn), split2)](
-        inter, w2.data, _scales(w2), ids, topk_weights.reshape(-1), part, TK, inter_dim, H, *_strides(w2),
+        inter, down[0], down[1], ids, topk_weights.reshape(-1), part, TK, inter_dim, H, *down[2:],
         FMT=fmt, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters2, SPLIT_K=split1, USE_PDL=pdl,
         **launch, **after,
     )  # fmt: skip

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from hetero.checkpoint import Checkpoint
 from hetero.config import ModelSpec
 from hetero.distributed import SINGLE, Parallel, ZeroExperts, check_divisible, reduce_outputs, shard_dense
-from hetero.experts import CPUExperts, GPUExperts, HybridExperts, StreamedExperts
+from hetero.experts import CPUExperts, GPUExperts, HybridExperts, PCIeExperts, StreamedExperts
 from hetero.model import Transformer, checkpoint_names, keep_fp32, load_tensor, named_tensors
 from hetero.moe import MoE
 from hetero.pipeline import CPUHandoff, CPUWorker
@@ -39,6 +39,7 @@ class Placement:
     group_size: int = 64
     gpu_weights: str = "bf16"
     stream_min_tokens: int | None = None  # batches this large stream RAM experts to the GPU; None = never
+    pcie_share: float = 0.0  # of a decode step's RAM experts hit, the share the GPU reads over PCIe itself
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -259,7 +260,7 @@ def load_placed(
 
 
 def _place_layer(source, spec, i, on_gpu, on_cpu, p: Placement, device, dtype, worker) -> HybridExperts:
-    gpu = cpu = streamed = None
+    gpu = cpu = streamed = pcie = None
     global_ids = False
     if on_gpu:
         # The plan priced device experts in the expert format; bf16 only when that is the format.
@@ -276,9 +277,13 @@ def _place_layer(source, spec, i, on_gpu, on_cpu, p: Placement, device, dtype, w
         cpu = CPUExperts(packed, CPUHandoff(worker, device, spec.hidden_size, spec.top_k, layer=i))
         if p.stream_min_tokens is not None:
             streamed = StreamedExperts(packed, device)
+        if p.pcie_share > 0 and PCIeExperts.supports(packed):
+            pcie = PCIeExperts(packed, device)
     if gpu is None and cpu is None:
         gpu = ZeroExperts()  # a rank that holds none of this layer's experts
-    hybrid = HybridExperts(spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens)
+    hybrid = HybridExperts(
+        spec.num_experts, on_gpu, gpu, cpu, streamed, p.stream_min_tokens, pcie, p.pcie_share if pcie else 0.0
+    )
     if len(on_gpu) + len(on_cpu) < spec.num_experts:
         # Other ranks hold the rest on their devices: only ``on_cpu`` may reach the RAM experts.
         ram = torch.zeros(spec.num_experts + 1, dtype=torch.bool)

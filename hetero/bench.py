@@ -68,14 +68,14 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
     seqs = [engine.add_request(p, params) for p in prompts]
     hybrid = [m for m in engine.model.modules() if isinstance(getattr(m, "experts", None), HybridExperts)]
     for m in hybrid:
-        m.experts.ram_calls = {"cpu": 0, "stream": 0}
+        m.experts.ram_calls = dict.fromkeys(m.experts.ram_calls, 0)
     _sync(rt)
     t0 = time.perf_counter()
     while not all(s.output_ids for s in seqs):
         engine.step()
     _sync(rt)
     t1 = time.perf_counter()
-    ram_paths = {k: sum(m.experts.ram_calls[k] for m in hybrid) for k in ("cpu", "stream")}
+    ram_paths = {k: sum(m.experts.ram_calls[k] for m in hybrid) for k in ("cpu", "stream", "pcie")}
     if worker is not None:
         worker.timings.reset()
     steps = 0
@@ -145,6 +145,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how the host drives the decode graphs: the CPU experts between launches (in_turn), one "
         "hand-off behind them (pipelined), or on a worker thread with the whole step launched (ahead)",
     )
+    p.add_argument(
+        "--pcie-share",
+        type=float,
+        default=None,
+        help="share of each decode step's RAM experts the GPU computes, reading them over PCIe "
+        "(default: the plan's; 0: the CPU computes all)",
+    )
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
     p.add_argument(
         "--gpus",
@@ -179,6 +186,7 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
         max_step_tokens=max(512, args.prompt_len),
         cuda_graphs=not args.eager,
         decode_launch=args.decode_launch,
+        pcie_share=args.pcie_share,
     )
     rt = load_runtime(args.model, opts, par)
     if args.defer_experts:

@@ -48,6 +48,14 @@ LAYER_OVERHEAD_S = 30e-6
 # (benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json).
 HANDOFF_S = 140e-6
 
+# Decode steps split their RAM experts between the CPU kernels and the GPU reading the packed bytes
+# in place over PCIe (hetero.experts.PCIeExperts). Such a kernel read host memory at 46 GB/s over the
+# reference machine's PCIe Gen5 x16 (54.5 GB/s pinned copies) while the CPU kernels ran beside it at
+# their own rate: the two reads add up (H100 + 16-core Xeon, measured side by side).
+ZERO_COPY_EFF = 0.85
+PCIE_SPLIT_FORMATS = ("int4", "int8")
+PCIE_MAX_PAIRS = 64  # decode steps of up to this many token-expert choices split (the GEMV kernels' sizes)
+
 # Several GPUs: two all-reduces of the hidden states per layer (attention, then MLP / MoE), each
 # priced as its bf16 bytes over an assumed GPU-to-GPU bandwidth plus a fixed launch latency.
 LINK_BW = 100e9
@@ -162,6 +170,9 @@ class CostInputs:
     batch: int
     gpus: int = 1  # GPUs the GPU part is split over; more than one adds the all-reduces
     link_bw: float = LINK_BW  # bytes/s between GPUs, for the all-reduces
+    # Share of a decode step's RAM expert reads the GPU takes over PCIe (``pcie_share``); 0: none
+    pcie_share: float = 0.0
+    top_k: int = 0  # experts per token (0: unknown; then no step splits)
 
     def link_time(self, tokens: int) -> float:
         """One layer's two all-reduces of ``tokens`` hidden states (bf16); 0 on one GPU."""
@@ -295,6 +306,15 @@ def routed_tokens(batch: int, tokens_per_step: int = 1) -> float:
     return batch * tokens_per_step**SEQ_ROUTING_EXPONENT
 
 
+def pcie_share(r: Rates, expert_format: str, gpus: int = 1) -> float:
+    """Share of a decode step's RAM expert bytes the GPU reads itself over PCIe, so that both sides
+    finish together: PCIe rate over the sum of the two rates (0 where the runtime does not split)."""
+    if gpus != 1 or expert_format not in PCIE_SPLIT_FORMATS:
+        return 0.0
+    zc = r.pcie_bw * ZERO_COPY_EFF
+    return zc / (zc + r.cpu_bw)
+
+
 def decode_layer_time(
     lc: LayerCost,
     gpu: Branch,
@@ -305,10 +325,12 @@ def decode_layer_time(
     context: int,
     stream: bool = False,
     n: int | None = None,
+    share: float = 0.0,
 ) -> tuple[float, dict[str, float]]:
     """Seconds of one layer for ``n`` tokens (default ``gpu.n``; the branches may be built over
     fewer, ``routed_tokens``), ``batch`` sequences at ``context`` cached tokens; ``stream``: the
-    RAM experts cross PCIe to run on the GPU (a step of many rows) instead of on the CPU."""
+    RAM experts cross PCIe to run on the GPU (a step of many rows) instead of on the CPU;
+    ``share``: of the RAM experts' bytes, what the GPU reads in place over PCIe (not streaming)."""
     n = gpu.n if n is None else n
     kv = lc.kv_bytes_per_pos * context * batch
     t_pre, res_pre = _roof(
@@ -321,20 +343,29 @@ def decode_layer_time(
         r.gpu_flops,
         "gpu",
     )
+    share = 0.0 if stream else share
     t_c, res_c = _roof(
-        cpu.touched * lc.expert_bytes, n * cpu.load * lc.expert_flops, r.cpu_bw, r.cpu_flops, "cpu"
+        (1 - share) * cpu.touched * lc.expert_bytes,
+        (1 - share) * n * cpu.load * lc.expert_flops,
+        r.cpu_bw,
+        r.cpu_flops,
+        "cpu",
     )
+    # the GPU's share, read over PCIe after the resident experts, while the CPU computes the rest
+    t_z = share * cpu.touched * lc.expert_bytes / (r.pcie_bw * ZERO_COPY_EFF)
     p_any = 1.0 - math.exp(cpu.log_none)
     hand = p_any * (HANDOFF_S + 2 * n * hidden * 2 / r.pcie_bw)  # activations there and back, bf16
     parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
     if stream and lc.cpu_probs:  # priced as a streamed prefill layer, run eagerly
         _overlap(parts, *_streamed(lc, gpu, cpu, n, r))
         parts["overhead"] += STREAMED_STEP_LAYER_S
-    elif t_c + hand > t_g:
+    elif t_c + hand > t_g + t_z:
         parts[res_c] = parts.get(res_c, 0.0) + t_c
         parts["pcie"] = hand
+    elif t_z > t_g:
+        parts["pcie"] = parts.get("pcie", 0.0) + t_z + t_g
     else:
-        parts[res_g] = parts.get(res_g, 0.0) + t_g
+        parts[res_g] = parts.get(res_g, 0.0) + t_g + t_z
     return sum(parts.values()), parts
 
 
@@ -363,11 +394,12 @@ def decode_step_time(
         stream_from = stream_min_tokens(ci)
     stream = stream_from is not None and n >= stream_from
     routed = routed_tokens(batch, tokens_per_step)
+    share = ci.pcie_share if 0 < n * ci.top_k <= PCIE_MAX_PAIRS else 0.0
     out = StepTime(0.0, n, dict.fromkeys(RESOURCES, 0.0))
     for lc in ci.layers:
         t, parts = decode_layer_time(
             lc, Branch.of(lc.gpu_probs, routed), Branch.of(lc.cpu_probs, routed), r, ci.hidden_size,
-            batch, context, stream, n,
+            batch, context, stream, n, share,
         )  # fmt: skip
         if ci.gpus > 1:
             parts["link"] = ci.link_time(n)

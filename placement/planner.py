@@ -31,6 +31,7 @@ from placement.cost import (
     Rates,
     decode_layer_time,
     decode_step_time,
+    pcie_share,
     prefill_time,
     touch_probability,
 )
@@ -248,6 +249,8 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
         ctx,
         opts.batch,
         gpus=opts.gpus,
+        pcie_share=pcie_share(rates, opts.experts, opts.gpus),
+        top_k=inv.top_k,
     )
     dec = decode_step_time(ci, 1)
     pre = prefill_time(ci, min(opts.prefill_tokens, opts.context))

@@ -400,6 +400,40 @@ def check_moe_chunks(fmt: str, group: int) -> None:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def packed_moe_inputs(T: int, K: int, fmt: str, group: int, seed: int = 0):
+    """Experts packed by the CPU kernels (cpu_kernels.pack_experts), their exact MoE in float64, and the
+    torch views fused_moe_packed reads. H and I are not multiples of 128 (the layout pads them)."""
+    import cpu_kernels
+    from hetero.experts import torch_moe
+    from hetero.packed import dequantize_packed
+
+    gen = torch.Generator().manual_seed(seed)
+    E, H, inter = 5, 320, 200
+    w = [torch.randn(E, *shape, generator=gen) * 0.1 for shape in ((inter, H), (inter, H), (H, inter))]
+    p = cpu_kernels.pack_experts(*(a.numpy() for a in w), fmt=fmt, group_size=group)
+    x = torch.randn(T, H, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int()
+    ids[0, 0] = -1  # a slot another backend handles
+    weights = torch.rand(T, K, generator=gen)
+    dense = dequantize_packed(p, list(range(E)), torch.float64)
+    ref = torch_moe(x.double(), ids.long(), weights.double(), *dense)
+    scale = torch.float16 if fmt == "int4" else torch.float32
+    views = [torch.from_numpy(p.gate_up), torch.from_numpy(p.down)]
+    views += [torch.from_numpy(a).view(scale) for a in (p.gate_up_scale, p.down_scale)]
+    return x, ids, weights, views, ref
+
+
+def check_moe_packed(fmt: str, group: int) -> None:
+    """Run with TRITON_INTERPRET=1: the GEMV kernels over the CPU kernels' packed layout, default and
+    unsplit launch settings, against the packed weights' exact MoE."""
+    x, ids, weights, views, ref = packed_moe_inputs(3, 2, fmt, group)
+    unsplit = {"BLOCK_N": 8, "BLOCK_K": 128, "SPLIT_K": 1, "SPLIT_K2": 1, "num_warps": 2}
+    for cfg in (None, unsplit):
+        out = moe_gemv.fused_moe_packed(x, fmt, *views, group, ids, weights, cfg)
+        print(f"max error {(out.double() - ref).abs().max():.2e}")
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def _rows(scales, lo: int, hi: int):
     return None if scales is None else scales[lo:hi]
 
@@ -425,6 +459,18 @@ def test_moe_sorted_kernels_over_expert_chunks_in_interpreter(fmt, group):
 @pytest.mark.parametrize("fmt,group", GEMV_CASES)
 def test_moe_gemv_kernels_in_interpreter(fmt, group):
     in_interpreter(f"check_moe_gemv({fmt!r}, {group})")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 64)])
+def test_moe_packed_kernels_in_interpreter(fmt, group):
+    in_interpreter(f"check_moe_packed({fmt!r}, {group})")
+
+
+def test_packed_moe_rejects_other_formats():
+    x, ids, weights, views, _ = packed_moe_inputs(1, 2, "int8", 64)
+    with pytest.raises(ValueError, match="int4 or int8"):
+        moe_gemv.fused_moe_packed(x, "bf16", *views, 64, ids, weights)
 
 
 @pytest.mark.parametrize("rows,heads,ctx", [(1, 4, 32768), (16, 4, 32768), (3, 1, 700), (64, 8, 100)])
@@ -669,6 +715,29 @@ def test_fused_moe_kernel(T, E, K, fmt, group, path):
     assert rel_err(out, ref) < 2e-2
     if (T * K <= moe_gemv.GEMV_MAX_SLOTS) == (path == "gemv"):  # the path a call without a config takes
         assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights), out)
+
+
+@gpu
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 64)])
+@pytest.mark.parametrize("T", [1, 4])
+def test_packed_moe_reads_host_memory_in_place(fmt, group, T):
+    """The GPU computes experts lying in page-locked host memory (zero-copy over PCIe), also replayed in
+    a CUDA graph with new routing."""
+    from hetero.experts import pin_in_place
+
+    x, ids, weights, views, ref = packed_moe_inputs(T, 3, fmt, group, seed=T)
+    assert all(pin_in_place(v) for v in views)
+    xc, idc, wc = x.to(CUDA, torch.bfloat16), ids.to(CUDA), weights.to(CUDA)
+    out = moe_gemv.fused_moe_packed(xc, fmt, *views, group, idc, wc)
+    assert rel_err(out.double().cpu(), ref) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = moe_gemv.fused_moe_packed(xc, fmt, *views, group, idc, wc)
+    x2, ids2, w2, _, ref2 = packed_moe_inputs(T, 3, fmt, group, seed=T + 10)
+    xc.copy_(x2), idc.copy_(ids2), wc.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(static.double().cpu(), ref2) < 1e-2
 
 
 @gpu

@@ -8,7 +8,7 @@ import torch
 from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
-from hetero.experts import HybridExperts
+from hetero.experts import HybridExperts, pcie_split
 from hetero.kv_cache import KVCache
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
@@ -238,12 +238,12 @@ def test_bench_reports_how_ram_experts_ran(tiny):
     rt = Runtime(path, spec, Tokenizer.from_pretrained(path), engine)
     res = run_bench(rt, prompt_len=40, gen=3, batch=1)
     # 40 tokens in chunks of 16: 16 and 16 stay below the threshold of 24, as does the last 8.
-    assert res.prefill_ram_experts == {"cpu": 3 * len(spec.moe_layers), "stream": 0}
+    assert res.prefill_ram_experts == {"cpu": 3 * len(spec.moe_layers), "stream": 0, "pcie": 0}
     assert res.decode_tok_s > 0 and res.prefill_tok_s > 0
     engine.config.max_step_tokens = engine.scheduler.config.max_step_tokens = 32
     res = run_bench(rt, prompt_len=40, gen=2, batch=1, seed=5)  # new prompts: nothing cached
     # Chunks of 32 and 8: the first streams its RAM experts, the second runs them on the CPU.
-    assert res.prefill_ram_experts == {"cpu": len(spec.moe_layers), "stream": len(spec.moe_layers)}
+    assert res.prefill_ram_experts == {"cpu": len(spec.moe_layers), "stream": len(spec.moe_layers), "pcie": 0}
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
@@ -280,3 +280,50 @@ def test_device_experts_load_a_few_at_a_time_into_the_same_weights(fmt, monkeypa
             assert torch.equal(a, b)
         else:
             assert a.shape == b.shape and torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 0.5, 0.99])
+def test_pcie_split_gives_each_expert_to_one_side(share):
+    """The GPU's part of a step's RAM choices: round(share * experts hit) experts, the most chosen,
+    each with all its tokens; every choice lands on exactly one side."""
+    g = torch.Generator().manual_seed(int(share * 100))
+    n = 12
+    for T, K in ((1, 6), (3, 4), (9, 6)):
+        local = torch.stack([torch.randperm(n + 4, generator=g)[:K] for _ in range(T)])
+        local = torch.where(local >= n, -1, local)  # some choices are not RAM experts
+        cpu, gpu = pcie_split(local, n, share, cap=4)
+        assert torch.equal(torch.where(cpu >= 0, cpu, gpu), local)
+        assert not ((cpu >= 0) & (gpu >= 0)).any()
+        hit = local[local >= 0].unique()
+        picked = gpu[gpu >= 0].unique()
+        assert not set(picked.tolist()) & set(cpu[cpu >= 0].tolist())  # an expert is read by one side
+        assert picked.numel() == min(4, int(hit.numel() * share + 0.5))
+        counts = torch.bincount(local[local >= 0], minlength=n)
+        rest = cpu[cpu >= 0]
+        if picked.numel() and rest.numel():
+            assert counts[picked].min() >= counts[rest].max()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_pcie_experts_share_decode_with_the_cpu(tiny, fmt):
+    """Decode with part of each step's RAM experts computed from the packed bytes by the "GPU" (torch
+    here; zero-copy kernels on CUDA): the CPU kernels' numbers within their activation rounding, the
+    same greedy tokens, and the shared path did run."""
+    path = tiny("deepseek-v2")
+    spec = ModelSpec.from_pretrained(path)
+    prompt = list(range(1000, 1024))
+    runs = {}
+    for share in (0.0, 0.5):
+        placement = Placement(split(spec), expert_format=fmt, group_size=32, pcie_share=share)
+        model = load_placed(path, placement, torch.device("cpu"), torch.float32, progress=False)
+        runs[share] = decode(model, prompt, steps=6)
+        layers = [
+            m.mlp.experts
+            for m in model.model.layers
+            if isinstance(getattr(m.mlp, "experts", None), HybridExperts)
+        ]
+        assert (sum(m.ram_calls["pcie"] for m in layers) > 0) == (share > 0)
+    (tokens, logits), (ref_tokens, ref_logits) = runs[0.5], runs[0.0]
+    assert tokens == ref_tokens
+    errs = [float((a - b).norm() / b.norm()) for a, b in zip(logits, ref_logits)]
+    assert errs[0] == 0 and 0 < max(errs) < 5e-2  # the prompt's chunk is too wide to split

@@ -354,7 +354,10 @@ def test_measured_kernel_rate_prices_cpu_experts():
     measured = make_plan(INV, slow, opts)
     assert make_plan(INV, other, opts).predicted["decode_tok_s"] == estimated.predicted["decode_tok_s"]
     cpu_s = [p.predicted["decode_seconds_by_resource"]["cpu-memory"] for p in (estimated, measured)]
-    assert cpu_s[1] / cpu_s[0] == pytest.approx(7)  # 0.7 -> 0.1 of the read bandwidth
+    # 0.7 -> 0.1 of the read bandwidth; a slower CPU also leaves the GPU a larger share over PCIe
+    shares = [1 - p.cost_inputs.pcie_share for p in (estimated, measured)]
+    assert 0 < shares[0] < 1 and shares[1] < shares[0]
+    assert cpu_s[1] / cpu_s[0] == pytest.approx(7 * shares[1] / shares[0])
     assert measured.predicted["decode_tok_s"] < estimated.predicted["decode_tok_s"]
     # Planning for another machine's bandwidth carries the kernels' measured share over.
     moved = slow.with_overrides(cpu_bw=2 * base.cpu_read_bw)
@@ -376,3 +379,22 @@ def test_kernel_rate_between_probed_batches():
     # DeepSeek-V3's 256 nearer the one-token rate; the probe's own shape gets the 16-token rate.
     v2, v3 = kernel_bw(m, "int4", 16, 6, 64), kernel_bw(m, "int4", 16, 8, 256)
     assert 20e9 < v2 < v3 < 40e9 and kernel_bw(m, "int4", 16, PROBE_TOP_K, PROBE_EXPERTS) == 20e9
+
+
+def test_decode_splits_ram_experts_with_the_gpu_over_pcie():
+    """A plan for one GPU gives the GPU the share of the RAM experts' reads that PCIe can carry while the
+    CPU reads the rest (both finishing together), and prices decode accordingly; none for bf16 experts
+    or several GPUs, and none for steps wider than the GEMV kernels."""
+    from placement.cost import ZERO_COPY_EFF, decode_step_time
+
+    opts = PlanOptions(gpu_mem=fixed_gpu_bytes(), gpu_weights="int4", **OPTS)
+    plan = make_plan(INV, toy_profile(), opts)
+    ci = plan.cost_inputs
+    zc = ci.rates.pcie_bw * ZERO_COPY_EFF
+    assert ci.pcie_share == pytest.approx(zc / (zc + ci.rates.cpu_bw))
+    alone = dataclasses.replace(ci, pcie_share=0.0)
+    assert decode_step_time(ci).seconds < decode_step_time(alone).seconds
+    wide = 100  # rows: more token-expert choices than the split handles
+    assert decode_step_time(ci, batch=wide).seconds == decode_step_time(alone, batch=wide).seconds
+    bf16 = dataclasses.replace(opts, experts="bf16")
+    assert make_plan(INV, toy_profile(), bf16).cost_inputs.pcie_share == 0
