@@ -88,18 +88,12 @@ def _exact_float(q, offset: tl.constexpr):
 
 
 @triton.jit
-def _cpu4_seg(GROUP: tl.constexpr):
-    """CPU int4 layout: bytes per tile segment, W = min(GROUP, 64): a segment's low nibbles (and its
-    high nibbles) fall in one quantization group each."""
-    return tl.constexpr(64 if GROUP >= 64 else GROUP)
-
-
-@triton.jit
 def _cpu4_first_cols(k0, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """CPU int4 layout: [NS] first low-nibble column of each segment of the tile at k0. A block of 128
     inputs is 64 bytes, byte j holding input j (low nibble) and 64 + j (high); segment s covers bytes
-    [(s % R) * W, + W) of block s // R, R = 64 / W."""
-    W: tl.constexpr = _cpu4_seg(GROUP)
+    [(s % R) * W, + W) of block s // R, R = 64 / W, W = min(GROUP, 64) (so a segment's low nibbles, and
+    its high nibbles, fall in one quantization group each)."""
+    W: tl.constexpr = 64 if GROUP >= 64 else GROUP
     R: tl.constexpr = 64 // W
     rs = tl.arange(0, (BLOCK_K // 128) * R)
     return k0 + (rs // R) * 128 + (rs % R) * W
@@ -110,7 +104,7 @@ def _gemv_cols(k0, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr
     """Input columns of the weight tile at k0, shaped as _gemv_dot multiplies them.
 
     int4: (even, odd), each [BLOCK_K / GROUP, GROUP / 2]: column k0 + g * GROUP + 2j, and that + 1;
-    CPU int4: (low, high nibbles), each [NS, W] (_cpu4_seg): segment s's columns, and those + 64;
+    CPU int4: (low, high nibbles), each [NS, W] (_cpu4_first_cols): segment s's columns, and those + 64;
     other formats: ([BLOCK_K] columns k0 + j, the same again)."""
     if FMT == 3:
         rg = tl.arange(0, BLOCK_K // GROUP)
@@ -118,7 +112,8 @@ def _gemv_cols(k0, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr
         even = k0 + rg[:, None] * GROUP + 2 * rj[None, :]  # [NG, GROUP / 2]
         odd = even + 1
     elif FMT == 4:
-        even = _cpu4_first_cols(k0, GROUP, BLOCK_K)[:, None] + tl.arange(0, _cpu4_seg(GROUP))[None, :]
+        W: tl.constexpr = 64 if GROUP >= 64 else GROUP
+        even = _cpu4_first_cols(k0, GROUP, BLOCK_K)[:, None] + tl.arange(0, W)[None, :]
         odd = even + 64
     else:
         even = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -160,7 +155,8 @@ def _gemv_load(
     elif FMT == 4:
         col = _cpu4_first_cols(k0, GROUP, BLOCK_K)  # [NS]
         smask = nmask[:, None] & (col < KDIM)[None, :]  # [BLOCK_N, NS]
-        byte = (col // 128 * 64 + col % 128)[:, None] + tl.arange(0, _cpu4_seg(GROUP))[None, :]  # [NS, W]
+        W: tl.constexpr = 64 if GROUP >= 64 else GROUP
+        byte = (col // 128 * 64 + col % 128)[:, None] + tl.arange(0, W)[None, :]  # [NS, W]
         w = tl.load(
             w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :], mask=smask[:, :, None], other=0x88
         )  # [BLOCK_N, NS, W] uint8

@@ -147,10 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--pcie-share",
-        type=float,
-        default=None,
-        help="share of each decode step's RAM experts the GPU computes, reading them over PCIe "
-        "(default: the plan's; 0: the CPU computes all)",
+        default="0",
+        help="share of each decode step's RAM experts the GPU computes, reading them over PCIe: "
+        "a number in [0, 1) (default 0: the CPU computes all) or 'auto' (balanced by the rates)",
     )
     p.add_argument("--trace", default=None, help="write a Chrome trace of the decode phase to this file")
     p.add_argument(
@@ -172,6 +171,18 @@ def _run(args: argparse.Namespace) -> int:
     return launch(_bench, args.gpus, args, backend=backend)[0]  # rank 0 printed; all ran the same steps
 
 
+def _share_arg(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share < 1:
+        raise HeteroError(f"--pcie-share must be a number in [0, 1) or auto, got {text!r}")
+    return share
+
+
 def _bench(par: Parallel, args: argparse.Namespace) -> int:
     opts = capped_options(
         args.gpu_mem,
@@ -186,7 +197,7 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
         max_step_tokens=max(512, args.prompt_len),
         cuda_graphs=not args.eager,
         decode_launch=args.decode_launch,
-        pcie_share=args.pcie_share,
+        pcie_share=_share_arg(args.pcie_share),
     )
     rt = load_runtime(args.model, opts, par)
     if args.defer_experts:

@@ -529,7 +529,7 @@ class PCIeExperts:
 
 
 def pcie_split(
-    local: torch.Tensor, n_local: int, share: float, cap: int = PCIE_MAX_EXPERTS
+    local: torch.Tensor, n_local: int, share: float | torch.Tensor, cap: int = PCIE_MAX_EXPERTS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a step's RAM expert choices between the CPU and PCIeExperts: local [T, K] ids of the RAM
     experts (-1: elsewhere) -> (the CPU's, the GPU's), each -1 where the other has it.
@@ -537,25 +537,27 @@ def pcie_split(
     The GPU takes round(share * distinct experts hit), at most ``cap``, those chosen by the most tokens,
     with all their tokens (each expert is read by one side only). Any split gives the same sum; this one
     balances the two sides' reads. Fixed shapes and no host sync, so decode graphs capture it."""
+    dev = local.device
     flat = (local + 1).reshape(-1)  # 0: not a RAM expert
-    counts = torch.zeros(n_local + 1, dtype=torch.int32, device=local.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    counts[0] = 0
+    counts = torch.zeros(n_local + 1, dtype=torch.int32, device=dev)
+    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))[1:]  # tokens per expert
     take = ((counts > 0).sum() * share + 0.5).floor()
     k = min(cap, n_local)
     top = counts.topk(k)
-    pick = (top.values > 0) & (torch.arange(k, device=local.device) < take)
-    chosen = torch.zeros(n_local + 1, dtype=torch.bool, device=local.device).scatter_(0, top.indices, pick)
+    pick = (top.values > 0) & (torch.arange(k, device=dev) < take)
+    chosen = torch.zeros(n_local + 1, dtype=torch.bool, device=dev).scatter_(0, top.indices + 1, pick)
     gpu = chosen[flat].view_as(local)
     return local.masked_fill(gpu, -1), local.masked_fill(~gpu, -1)
 
 
 def set_pcie_share(model: nn.Module, share: float) -> None:
     """Set the PCIe share of every layer that has PCIe experts (0: the CPU computes all RAM experts).
-    Decode graphs captured before keep the old split: clear them (``DecodeGraphs.entries``)."""
+    Captured decode graphs follow it: they read the share from device memory."""
     for m in model.modules():
         if isinstance(m, HybridExperts) and m.pcie is not None:
             m.pcie_share = share
+            if m._share is not None:
+                m._share.fill_(share)
 
 
 # ----------------------------------------------------------------------------- a layer's mix
@@ -592,8 +594,10 @@ class HybridExperts:
         self.num_experts = num_experts
         self.gpu, self.cpu, self.streamed = gpu, cpu, streamed
         self.stream_min_tokens = stream_min_tokens
-        # Decode steps: the share of the RAM experts hit that the GPU reads over PCIe itself (pcie_split)
+        # Decode steps: the share of the RAM experts hit that the GPU reads over PCIe itself (pcie_split),
+        # also held on the device (_share), where captured graphs read it
         self.pcie, self.pcie_share = pcie, pcie_share
+        self._share: torch.Tensor | None = None
         on_gpu = torch.zeros(num_experts, dtype=torch.bool)
         on_gpu[list(gpu_ids)] = True
         # One extra entry, -1: an id of -1 (not routed) indexes it and stays -1 on every backend.
@@ -639,13 +643,10 @@ class HybridExperts:
             ram = self.streamed if streams else self.cpu
             local = cpu_local[ids]
             by_pcie = None
-            if (
-                not streams
-                and self.pcie is not None
-                and self.pcie_share > 0
-                and ids.numel() <= PCIE_MAX_PAIRS
-            ):
-                local, by_pcie = pcie_split(local, self.pcie.packed.E, self.pcie_share)
+            if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:
+                if self._share is None or self._share.device != ids.device:
+                    self._share = torch.full((), self.pcie_share, dtype=torch.float32, device=ids.device)
+                local, by_pcie = pcie_split(local, self.pcie.packed.E, self._share)
             try:
                 handle = ram.submit(x, local, weights)
             except torch.OutOfMemoryError:

@@ -75,8 +75,9 @@ class RuntimeOptions:
     cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only; --eager turns them off)
     decode_launch: str = "pipelined"  # how the host drives those graphs: hetero.graphs.LAUNCH_MODES
     # Share of a decode step's RAM experts the GPU computes itself, reading them over PCIe while the CPU
-    # computes the rest (hetero.experts.PCIeExperts); None: the plan's (CUDA only), 0: off
-    pcie_share: float | None = None
+    # computes the rest (hetero.experts.PCIeExperts, CUDA only); 0: off (the default: both read one
+    # DRAM, see placement.cost); None: the share that balances the two rates
+    pcie_share: float | None = 0.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -86,7 +87,7 @@ class RuntimeOptions:
             raise ValueError("host_kv_mem must be >= 0 and needs prefix_caching on")
         if self.pcie_share is not None and not 0 <= self.pcie_share < 1:
             raise ValueError(
-                f"pcie_share {self.pcie_share}: choose a share in [0, 1), or None for the plan's"
+                f"pcie_share {self.pcie_share}: choose a share in [0, 1), or None for the balanced one"
             )
         if self.decode_launch not in LAUNCH_MODES:
             raise ValueError(f"decode_launch {self.decode_launch!r}: choose one of {', '.join(LAUNCH_MODES)}")
@@ -174,14 +175,13 @@ def load_runtime(
             group_size=group_size,
             gpu_weights=opts.gpu_weights,
             gpus=parallel.world_size,
+            pcie_share=opts.pcie_share,
         )
         # Streaming means copying over PCIe; with no GPU the "device" already is the CPU.
         stream_from = stream_min_tokens(plan.cost_inputs) if device.type == "cuda" else None
         placement = Placement.from_plan(plan, stream_from)
         # The GPU reads RAM experts in place over PCIe: with CUDA only (the CPU device has no link).
         placement.pcie_share = plan.cost_inputs.pcie_share if device.type == "cuda" else 0.0
-        if opts.pcie_share is not None:
-            placement.pcie_share = opts.pcie_share
         net = load_placed(
             path,
             placement,

@@ -48,10 +48,13 @@ LAYER_OVERHEAD_S = 30e-6
 # (benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json).
 HANDOFF_S = 140e-6
 
-# Decode steps split their RAM experts between the CPU kernels and the GPU reading the packed bytes
-# in place over PCIe (hetero.experts.PCIeExperts). Such a kernel read host memory at 46 GB/s over the
-# reference machine's PCIe Gen5 x16 (54.5 GB/s pinned copies) while the CPU kernels ran beside it at
-# their own rate: the two reads add up (H100 + 16-core Xeon, measured side by side).
+# Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
+# bytes in place over PCIe (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
+# host memory at 46-51 GB/s over the reference machine's PCIe Gen5 x16 (54.5 GB/s pinned copies).
+# Both sides read the same DRAM, so a split step is priced no faster than all its RAM bytes at the
+# measured read bandwidth (``CostInputs.ram_bw``). On that machine (H100 + 16-core Xeon, V2-Lite int4,
+# benchmarks/results/decode_pcie_share-*.json) the CPU kernels already read close to it and slowed
+# down more than their share shrank: decode went from 66 tok/s unsplit to 59-68 split.
 ZERO_COPY_EFF = 0.85
 PCIE_SPLIT_FORMATS = ("int4", "int8")
 PCIE_MAX_PAIRS = 64  # decode steps of up to this many token-expert choices split (the GEMV kernels' sizes)
@@ -173,6 +176,7 @@ class CostInputs:
     # Share of a decode step's RAM expert reads the GPU takes over PCIe (``pcie_share``); 0: none
     pcie_share: float = 0.0
     top_k: int = 0  # experts per token (0: unknown; then no step splits)
+    ram_bw: float = 0.0  # bytes/s the CPU can read from RAM, which a split step shares (0: unknown)
 
     def link_time(self, tokens: int) -> float:
         """One layer's two all-reduces of ``tokens`` hidden states (bf16); 0 on one GPU."""
@@ -306,11 +310,14 @@ def routed_tokens(batch: int, tokens_per_step: int = 1) -> float:
     return batch * tokens_per_step**SEQ_ROUTING_EXPONENT
 
 
-def pcie_share(r: Rates, expert_format: str, gpus: int = 1) -> float:
-    """Share of a decode step's RAM expert bytes the GPU reads itself over PCIe, so that both sides
-    finish together: PCIe rate over the sum of the two rates (0 where the runtime does not split)."""
+def pcie_share(r: Rates, expert_format: str, gpus: int = 1, share: float | None = None) -> float:
+    """Share of a decode step's RAM expert bytes the GPU reads itself over PCIe: ``share`` as given,
+    or (None) the one that has both sides finish together, PCIe rate over the sum of the two rates;
+    0 where the runtime does not split (several GPUs, bf16 experts)."""
     if gpus != 1 or expert_format not in PCIE_SPLIT_FORMATS:
         return 0.0
+    if share is not None:
+        return share
     zc = r.pcie_bw * ZERO_COPY_EFF
     return zc / (zc + r.cpu_bw)
 
@@ -326,11 +333,13 @@ def decode_layer_time(
     stream: bool = False,
     n: int | None = None,
     share: float = 0.0,
+    ram_bw: float = 0.0,
 ) -> tuple[float, dict[str, float]]:
     """Seconds of one layer for ``n`` tokens (default ``gpu.n``; the branches may be built over
     fewer, ``routed_tokens``), ``batch`` sequences at ``context`` cached tokens; ``stream``: the
     RAM experts cross PCIe to run on the GPU (a step of many rows) instead of on the CPU;
-    ``share``: of the RAM experts' bytes, what the GPU reads in place over PCIe (not streaming)."""
+    ``share``: of the RAM experts' bytes, what the GPU reads in place over PCIe (not streaming), the
+    two sides together no faster than ``ram_bw`` (when known)."""
     n = gpu.n if n is None else n
     kv = lc.kv_bytes_per_pos * context * batch
     t_pre, res_pre = _roof(
@@ -353,6 +362,8 @@ def decode_layer_time(
     )
     # the GPU's share, read over PCIe after the resident experts, while the CPU computes the rest
     t_z = share * cpu.touched * lc.expert_bytes / (r.pcie_bw * ZERO_COPY_EFF)
+    if share > 0 and ram_bw > 0:  # one DRAM serves both
+        t_c = max(t_c, cpu.touched * lc.expert_bytes / ram_bw)
     p_any = 1.0 - math.exp(cpu.log_none)
     hand = p_any * (HANDOFF_S + 2 * n * hidden * 2 / r.pcie_bw)  # activations there and back, bf16
     parts = {res_pre: t_pre, "overhead": LAYER_OVERHEAD_S}
@@ -399,7 +410,7 @@ def decode_step_time(
     for lc in ci.layers:
         t, parts = decode_layer_time(
             lc, Branch.of(lc.gpu_probs, routed), Branch.of(lc.cpu_probs, routed), r, ci.hidden_size,
-            batch, context, stream, n, share,
+            batch, context, stream, n, share, ci.ram_bw,
         )  # fmt: skip
         if ci.gpus > 1:
             parts["link"] = ci.link_time(n)

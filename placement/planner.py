@@ -74,6 +74,10 @@ class PlanOptions:
     freq: str | dict | None = None  # {"layer": {"expert": count or probability}} or a JSON file of it
     workspace: int | None = None  # GPU bytes for activations and staging; None: sized from the model
     prefill_tokens: int = 2048  # prompt length at which prefill speed is predicted
+    # Share of a decode step's RAM expert reads the GPU takes itself over PCIe (one GPU, int4 / int8
+    # experts); 0: none (the default: on the reference machine it did not pay, see placement.cost);
+    # None: the share that balances the two rates
+    pcie_share: float | None = 0.0
     expert_freq: dict[int, dict[int, float]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +96,8 @@ class PlanOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise PlanError(f"{name} must be a positive integer, got {v!r}")
+        if self.pcie_share is not None and not 0 <= self.pcie_share < 1:
+            raise PlanError(f"pcie_share must be in [0, 1) or None (balanced), got {self.pcie_share!r}")
         for name in ("gpu_mem", "cpu_mem", "workspace"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
@@ -249,8 +255,9 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
         ctx,
         opts.batch,
         gpus=opts.gpus,
-        pcie_share=pcie_share(rates, opts.experts, opts.gpus),
+        pcie_share=pcie_share(rates, opts.experts, opts.gpus, opts.pcie_share),
         top_k=inv.top_k,
+        ram_bw=profile.cpu_read_bw,
     )
     dec = decode_step_time(ci, 1)
     pre = prefill_time(ci, min(opts.prefill_tokens, opts.context))

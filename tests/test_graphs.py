@@ -119,6 +119,27 @@ def test_graph_decode_matches_eager(tiny, preset, fmt, launch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_graph_decode_with_the_gpu_reading_ram_experts_over_pcie(tiny, fmt):
+    """The PCIe split captured in the decode graphs: what eager steps with the same split give, and
+    within the format's rounding of the CPU kernels alone."""
+    path = tiny("deepseek-v2")
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format=fmt, group_size=32, stream_min_tokens=16, pcie_share=0.5)
+    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
+    ref, ref_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
+    got, logits, engine = run(
+        model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch="pipelined"
+    )
+    assert engine.graphs.failed == {} and sorted(engine.graphs.entries) == [1, 2, 3]
+    layers = [m.mlp.experts for m in model.model.layers if hasattr(m.mlp, "experts")]
+    assert sum(getattr(m, "ram_calls", {}).get("pcie", 0) for m in layers) > 0
+    assert got == ref
+    for a, b in zip(logits, ref_logits):
+        assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn"])
 def test_graph_decode_with_expert_deferral_matches_eager(tiny, launch):
     """With each layer's lightest expert deferred, two hand-offs overlap (a layer's late experts are

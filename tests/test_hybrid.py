@@ -327,3 +327,13 @@ def test_pcie_experts_share_decode_with_the_cpu(tiny, fmt):
     assert tokens == ref_tokens
     errs = [float((a - b).norm() / b.norm()) for a, b in zip(logits, ref_logits)]
     assert errs[0] == 0 and 0 < max(errs) < 5e-2  # the prompt's chunk is too wide to split
+
+
+def test_bench_rejects_a_bad_pcie_share():
+    from hetero.bench import _share_arg
+    from hetero.errors import HeteroError
+
+    assert _share_arg("auto") is None and _share_arg("0.25") == 0.25
+    for bad in ("1.5", "half", "-0.1"):
+        with pytest.raises(HeteroError, match="--pcie-share"):
+            _share_arg(bad)
