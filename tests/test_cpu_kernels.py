@@ -560,3 +560,22 @@ def test_int4_zero_points_many_draws(g: int) -> None:
                     f"seed={seed} T={T} K={K}: relative error {err / size:.2e}, "
                     f"from values at rounding ties at most {np.linalg.norm(slack) / size:.2e}"
                 )
+
+
+def test_kernel_cache_keys_on_the_inlined_intrinsics(monkeypatch):
+    """The on-disk cache of a kernel is stamped with dot_ir.py's contents too, not only its own file's:
+    a changed dot_ir.py recompiles the kernels instead of loading the old machine code."""
+    from numba.core import caching
+
+    from cpu_kernels import _cache, formats, moe_kernels
+
+    for kernel in (moe_kernels._moe_quant, formats._int4_codes):
+        loc = kernel._cache._impl.locator
+        assert isinstance(loc, (_cache.InTreeLocator, _cache.UserWideLocator, _cache.UserProvidedLocator))
+        before = loc.get_source_stamp()
+        own = caching.InTreeCacheLocator(kernel.py_func, loc._py_file).get_source_stamp()
+        assert before != own
+        monkeypatch.setattr(_cache, "dependencies_digest", lambda: b"another dot_ir.py")
+        assert loc.get_source_stamp() != before
+        monkeypatch.undo()
+        assert loc.get_source_stamp() == before
