@@ -331,8 +331,10 @@ def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
     for bn, bk, s1, s2, w, pdl in gemv_tiles:
         cand = {**gemv_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s1, "SPLIT_K2": s2, "num_warps": w}
         cand["PDL"] = pdl
-        if cand not in out:
-            out.append(cand)
+        # int4: integer dot products on int8-rounded activations (DP4A) and the float path, both
+        for variant in ({**cand, "DP4A": 1}, {**cand, "DP4A": 0}) if fmt == "int4" else (cand,):
+            if variant not in out:
+                out.append(variant)
     return out
 
 

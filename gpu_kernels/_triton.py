@@ -33,10 +33,15 @@ except ImportError:  # no Triton, or one without it: kernels launch one after an
     gdc_launch_dependents = gdc_wait = None
 
 
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1): no inline PTX there."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on `device` may launch with programmatic dependent launch (Hopper and later,
     compiled: the interpreter runs programs one by one and has no launch to overlap)."""
-    if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if gdc_wait is None or device.type != "cuda" or interpreting():
         return False
     return _capability(device.index) >= (9, 0)
 

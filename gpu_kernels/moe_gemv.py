@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, gdc_launch_dependents, gdc_wait, next_pow2, pdl_supported, tl, triton
+from ._triton import cdiv, gdc_launch_dependents, gdc_wait, interpreting, next_pow2, pdl_supported, tl, triton
 from .quant import _FMT_ID, QuantWeight
 from .tuning import get_config
 
@@ -106,7 +106,7 @@ def _gemv_cols(k0, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr
     int4: (even, odd), each [BLOCK_K / GROUP, GROUP / 2]: column k0 + g * GROUP + 2j, and that + 1;
     CPU int4: (low, high nibbles), each [NS, W] (_cpu4_first_cols): segment s's columns, and those + 64;
     other formats: ([BLOCK_K] columns k0 + j, the same again)."""
-    if FMT == 3:
+    if FMT == 3 or FMT >= 6:
         rg = tl.arange(0, BLOCK_K // GROUP)
         rj = tl.arange(0, GROUP // 2)
         even = k0 + rg[:, None] * GROUP + 2 * rj[None, :]  # [NG, GROUP / 2]
@@ -152,6 +152,20 @@ def _gemv_load(
             w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :], mask=gmask[:, :, None], other=0x88
         )  # [BLOCK_N, NG, HALF] uint8
         s = tl.load(s_ptr + rn[:, None] * stride_sn + (k0 // GROUP + rg)[None, :], mask=gmask, other=0.0)
+    elif (
+        FMT >= 6
+    ):  # int4 read as 32-bit words (w_ptr, stride_wn in words): bytes 4i .. 4i + 3 of a group each
+        NG: tl.constexpr = BLOCK_K // GROUP
+        WORDS: tl.constexpr = GROUP // 8
+        rg = tl.arange(0, NG)
+        gmask = nmask[:, None] & (k0 + rg * GROUP < KDIM)[None, :]  # [BLOCK_N, NG]
+        word = k0 // 8 + rg[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [NG, WORDS]
+        w = tl.load(
+            w_ptr + rn[:, None, None] * stride_wn + word[None, :, :],
+            mask=gmask[:, :, None],
+            other=-2004318072,
+        )  # [BLOCK_N, NG, WORDS] int32; other: 0x88888888, code 8 (a zero weight) in every nibble
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + (k0 // GROUP + rg)[None, :], mask=gmask, other=0.0)
     elif FMT == 4:
         col = _cpu4_first_cols(k0, GROUP, BLOCK_K)  # [NS]
         smask = nmask[:, None] & (col < KDIM)[None, :]  # [BLOCK_N, NS]
@@ -179,7 +193,31 @@ def _gemv_load(
 
 
 @triton.jit
-def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + the dot product of a's four unsigned bytes with b's four signed bytes, per int32 element:
+    one dp4a instruction (ASM), or the same sum in plain integer operations (Triton's interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+    r = c
+    for i in tl.static_range(4):
+        r += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return r
+
+
+@triton.jit
+def _q8_words(v, xs, NG: tl.constexpr, WORDS: tl.constexpr):
+    """v [NG, 4 * WORDS] float32 over per-group scales xs [NG] -> (int8 codes packed four to an int32
+    [NG, WORDS], their sums per group [NG] int32); codes round half up, within -127..127."""
+    q = tl.floor(v / xs[:, None] + 0.5).to(tl.int32)
+    shift = tl.arange(0, 4) * 8
+    packed = tl.sum((tl.reshape(q, [NG, WORDS, 4]) & 0xFF) << shift[None, None, :], axis=2)  # disjoint bits
+    return packed, tl.sum(q, axis=1)
+
+
+@triton.jit
+def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """[BLOCK_N] float32 sums of a _gemv_load tile times the activation columns _gemv_cols gives
     (float32, 0 past KDIM; xb is read for int4 only). int4 comes back scaled; fp8 / int8 unscaled."""
     if FMT == 3:
@@ -188,6 +226,23 @@ def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.cons
         hi = _exact_float(q >> 4, 8.0)  # of the odd columns
         part = tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2)  # [BLOCK_N, NG] per group
         acc = tl.sum(part * s, axis=1)
+    elif FMT >= 6:
+        # Integer dot products: the activations become int8 per group (scale amax / 127, as the CPU
+        # kernels do), four nibbles and four codes meet in one dp4a, and the weights' offset 8 comes off
+        # as 8 * the codes' sum. A few integer operations per 8 weights instead of float ones per weight.
+        NG: tl.constexpr = BLOCK_K // GROUP
+        WORDS: tl.constexpr = GROUP // 8
+        amax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))  # [NG]
+        xs = tl.where(amax > 0, amax / 127.0, 1.0)
+        qa, suma = _q8_words(xa, xs, NG, WORDS)  # even columns: the low nibbles' partners
+        qb, sumb = _q8_words(xb, xs, NG, WORDS)
+        lo = w & 0x0F0F0F0F  # [BLOCK_N, NG, WORDS]: the low nibbles of four bytes, one a byte
+        hi = (w >> 4) & 0x0F0F0F0F
+        zero = tl.zeros_like(lo)
+        d = _dp4a(lo, qa[None, :, :] + zero, zero, FMT == 6)
+        d = _dp4a(hi, qb[None, :, :] + zero, d, FMT == 6)
+        isum = tl.sum(d, axis=2) - 8 * (suma + sumb)[None, :]  # [BLOCK_N, NG] sum of (q - 8) * code
+        acc = tl.sum(isum.to(tl.float32) * s * xs[None, :], axis=1)
     elif FMT == 4:
         q = w.to(tl.int32)
         s_lo, s_hi = tl.split(s)
@@ -265,10 +320,10 @@ def _moe_gemv_gate_up_kernel(
         ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K)
         xa = tl.load(xt + ca, mask=ca < HID, other=0.0).to(tl.float32)
         xb = xa
-        if FMT == 3 or FMT == 4:
+        if FMT == 3 or FMT == 4 or FMT >= 6:
             xb = tl.load(xt + cb, mask=cb < HID, other=0.0).to(tl.float32)
-        acc_g += _gemv_dot(wg, s_g, nmask, k0, HID, xa, xb, FMT, BLOCK_K)
-        acc_u += _gemv_dot(wu, s_u, nmask, k0, HID, xa, xb, FMT, BLOCK_K)
+        acc_g += _gemv_dot(wg, s_g, nmask, k0, HID, xa, xb, FMT, BLOCK_K, GROUP)
+        acc_u += _gemv_dot(wu, s_u, nmask, k0, HID, xa, xb, FMT, BLOCK_K, GROUP)
     if FMT == 1 or FMT == 2 or FMT == 5:
         acc_g = acc_g * sg
         acc_u = acc_u * su
@@ -350,9 +405,9 @@ def _moe_gemv_down_kernel(
         ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K)
         ha = _silu_mul_cols(p_ptr, slot, ca, TK, inter_dim, SPLIT_K)
         hb = ha
-        if FMT == 3 or FMT == 4:
+        if FMT == 3 or FMT == 4 or FMT >= 6:
             hb = _silu_mul_cols(p_ptr, slot, cb, TK, inter_dim, SPLIT_K)
-        acc += _gemv_dot(w, s, nmask, k0, inter_dim, ha, hb, FMT, BLOCK_K)
+        acc += _gemv_dot(w, s, nmask, k0, inter_dim, ha, hb, FMT, BLOCK_K, GROUP)
     if FMT == 1 or FMT == 2 or FMT == 5:
         acc = acc * scale
     acc = acc * tl.load(tw_ptr + slot)
@@ -409,8 +464,12 @@ _GEMV_FORMAT = {
     "bf16": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8},
     "fp8": {"BLOCK_N": 16, "BLOCK_K": 1024, "SPLIT_K": 1},  # gate/up unsplit: 2 tiles a program
     "int8": {},
-    "int4": {"num_warps": 2},  # one group a tile
+    "int4": {"num_warps": 2, "DP4A": 1},  # one group a tile
 }
+# DP4A (int4): integer dot products, the activations rounded to int8 per group first (_gemv_dot). On an
+# H100 (V2-Lite / Qwen3-30B-A3B experts, CUDA-graph replays, best tiles each way) it ran batch 1 in
+# 19.0 / 17.1 us against 25.5 / 22.0, batch 4 in 51 / 41 against 75 / 57; the output moves by ~1.6%
+# of its norm against the float path's ~0.2% (the int4 weights' own rounding is larger still).
 
 
 def fused_moe_gemv_config(T: int, E: int, inter_dim: int, fmt: str, group_size: int) -> dict:
@@ -441,11 +500,16 @@ def fused_moe_gemv(
     cfg = config or fused_moe_gemv_config(T, E, inter_dim, w13.fmt, w13.group_size)
     if w13.fmt == "int4":
         assert w2.group_size == w13.group_size, "gate/up and down weights share one group size"
-    we, wn, se, sn = _strides(w13)
+    fmt, d13, d2 = _FMT_ID[w13.fmt], w13.data, w2.data
+    (we, wn, se, sn), (we2, wn2, se2, sn2) = _strides(w13), _strides(w2)
+    if fmt == 3 and cfg.get("DP4A", 0) and x.shape[1] % 8 == 0 and inter_dim % 8 == 0:
+        # the same bytes read as 32-bit words (strides in words): integer dot products (_gemv_dot)
+        fmt, d13, d2 = 7 if interpreting() else 6, d13.view(torch.int32), d2.view(torch.int32)
+        we, wn, we2, wn2 = we // 4, wn // 4, we2 // 4, wn2 // 4
     # up rows follow the I gate rows; per-row scales [E, 2I] (sn 0) sit I entries on
-    gate_up = (w13.data, _scales(w13), we, wn, se, sn, inter_dim * wn, inter_dim * (sn or 1))
-    return _gemv(x, gate_up, (w2.data, _scales(w2), *_strides(w2)), _FMT_ID[w13.fmt], w13.group_size,
-                 inter_dim, topk_ids, topk_weights, cfg, 1)  # fmt: skip
+    gate_up = (d13, _scales(w13), we, wn, se, sn, inter_dim * wn, inter_dim * (sn or 1))
+    down = (d2, _scales(w2), we2, wn2, se2, sn2)
+    return _gemv(x, gate_up, down, fmt, w13.group_size, inter_dim, topk_ids, topk_weights, cfg, 1)
 
 
 # The CPU kernels' packed formats (cpu_kernels.formats), read where they lie by fused_moe_packed
@@ -513,9 +577,10 @@ def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, 
     stride, scales' row stride, up offset of data, up offset of scales); down: the first six of those."""
     (T, H), K = x.shape, topk_ids.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if fmt == 3:  # an int4 tile holds whole groups: [BLOCK_N, BLOCK_K / group, group / 2] bytes
+    int4 = fmt == 3 or fmt >= 6
+    if int4:  # an int4 tile holds whole groups: [BLOCK_N, BLOCK_K / group, group / 2] bytes
         bk = max(bk, group)
-    assert bk & (bk - 1) == 0 and bk % (group if fmt == 3 else 1) == 0, (
+    assert bk & (bk - 1) == 0 and bk % (group if int4 else 1) == 0, (
         f"BLOCK_K={bk} must be a power of two (int4: a multiple of the group size {group})"
     )
     split1, iters1 = _gemv_split(H, bk, cfg.get("SPLIT_K", 1))

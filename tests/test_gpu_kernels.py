@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -356,24 +357,27 @@ def check_moe_gemv(fmt: str, group: int) -> None:
     runs = [(case, None) for case in cases] + [
         (c, s) for s in splits for c in (cases[2], cases[4], cases[-1])
     ]
-    for (T, K, dtype), split in runs:
+    # int4: the float path and integer dot products on int8-rounded activations (DP4A)
+    variants = ({"DP4A": 0}, {"DP4A": 1}) if fmt == "int4" else ({},)
+    for ((T, K, dtype), split), variant in itertools.product(runs, variants):
         x, w13, w2, ids, weights, cfg = gemv_moe_inputs(T, K, fmt, group, dtype, gen)
-        cfg = cfg if split is None else {**cfg, **split}
+        cfg = {**cfg, **variant, **(split or {})}
         out = moe_gemv.fused_moe_gemv(x, w13, w2, ids, weights, cfg)
         ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
         assert out.dtype == dtype and out.shape == ref.shape
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # float32 x: the sums' order is the only difference
-        print(f"T={T} K={K} {dtype} {split}: max error {(out.float() - ref).abs().max():.2e}")
-        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
-        assert rel_err(out, ref) < tol / 2
+        print(f"T={T} K={K} {dtype} {split} {variant}: max error {(out.float() - ref).abs().max():.2e}")
+        if cfg.get("DP4A"):  # rounding the activations to int8 per group moves the output ~1.5%
+            assert 1e-3 < rel_err(out, ref) < 3e-2
+        else:
+            torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+            assert rel_err(out, ref) < tol / 2
         if split is not None:  # no atomics: a second call gives the same bits
             assert torch.equal(moe_gemv.fused_moe_gemv(x, w13, w2, ids, weights, cfg), out)
     # default config through the dispatcher (T*K small picks GEMV); every slot skipped gives exact zeros
     x, w13, w2, ids, weights, cfg = gemv_moe_inputs(1, 2, fmt, group, torch.bfloat16, gen)
     out = moe.fused_moe_triton(x, w13, w2, ids, weights)
-    torch.testing.assert_close(
-        out.float(), moe.fused_moe_reference(x.float(), w13, w2, ids, weights), rtol=2e-2, atol=2e-2
-    )
+    assert rel_err(out, moe.fused_moe_reference(x.float(), w13, w2, ids, weights)) < 3e-2
     for config in (None, {**cfg, **splits[0]}):
         out = moe_gemv.fused_moe_gemv(x, w13, w2, torch.full_like(ids, -1), weights, config)
         assert torch.equal(out, torch.zeros_like(out))
@@ -709,10 +713,14 @@ def test_fused_moe_kernel(T, E, K, fmt, group, path):
     ids[0, 0] = -1
     weights = torch.rand(T, K, generator=gen, device=CUDA)
     config_of = moe_gemv.fused_moe_gemv_config if path == "gemv" else moe.fused_moe_config
-    out = moe.fused_moe_triton(x, w13, w2, ids, weights, config_of(T, E, inter, fmt, group))
+    cfg = config_of(T, E, inter, fmt, group)
+    out = moe.fused_moe_triton(x, w13, w2, ids, weights, cfg)
     ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
-    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
-    assert rel_err(out, ref) < 2e-2
+    if path == "gemv" and cfg.get("DP4A"):  # int8-rounded activations: ~1.5% of the output's norm
+        assert rel_err(out, ref) < 3e-2
+    else:
+        torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+        assert rel_err(out, ref) < 2e-2
     if (T * K <= moe_gemv.GEMV_MAX_SLOTS) == (path == "gemv"):  # the path a call without a config takes
         assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights), out)
 
