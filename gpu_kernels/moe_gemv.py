@@ -23,6 +23,11 @@ summation order, no atomics) and graph-capturable:
 int4 tiles span whole groups ([BLOCK_N, BLOCK_K / GROUP, GROUP / 2] packed bytes): the low and high
 nibbles multiply the even and odd activation columns, each group's sum is scaled once. Integer weights
 become float by placing them in the mantissa of 2^23 (an OR and a subtract) rather than converting.
+With DP4A = 1 (int4's default) int4 takes integer dot products instead: the tile's activations are
+rounded to int8 per group and one dp4a multiplies four nibbles by four codes (_gemv_dot; internal format
+ids 6, and 7 in the interpreter, read the weights as 32-bit words).
+fused_moe_packed runs the same kernels over the CPU kernels' packed int4 / int8 layout (ids 4 and 5),
+which may lie in page-locked host memory that the kernels then read over PCIe.
 On sm_90+ a config with PDL = 1 launches down and sum with programmatic dependent launch: they start
 while the kernel before them finishes, load what does not depend on it (down: its weights), and wait
 (gdc_wait) before reading its output. On by default (see _GEMV_DEFAULT).

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from placement.cost import PCIE_MAX_PAIRS
 from placement.planner import STREAM_CHUNK_BYTES, STREAM_SLOTS
 
 log = logging.getLogger(__name__)
@@ -464,19 +465,17 @@ def pin_streamed(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- read over PCIe by the GPU
 
-# Decode steps of up to this many (token, expert) choices split their RAM experts between the CPU and
-# PCIeExperts: the fused MoE kernels' GEMV sizes (gpu_kernels.moe_gemv.GEMV_MAX_SLOTS).
-PCIE_MAX_PAIRS = 64
-PCIE_MAX_EXPERTS = 8  # of one layer and step, at most
+PCIE_MAX_EXPERTS = 8  # PCIeExperts of one layer and step, at most
 
 
 class PCIeExperts:
     """RAM experts the GPU computes itself at decode, reading the CPU kernels' packed arrays where they
     lie (page-locked and mapped for the device) over PCIe as the kernels go: no copy, no unpacking
-    (``gpu_kernels.moe_gemv.fused_moe_packed``). The CPU kernels' reads and these add up: on the H100 +
-    16-core Xeon a kernel reading host memory this way took 46 GB/s while the CPU kernels ran at their
-    own rate beside it. So a decode step whose RAM experts are split between the two
-    (``HybridExperts``, ``pcie_split``) finishes them sooner than the CPU alone.
+    (``gpu_kernels.moe_gemv.fused_moe_packed``). A decode step's RAM experts split between the two
+    (``HybridExperts``, ``pcie_split``) finish sooner only where the CPU, not the RAM, limits the CPU
+    kernels: both sides read the same DRAM. On the H100 + 16-core Xeon such a kernel read host memory
+    at ~50 GB/s alone, but beside the CPU kernels the two together read no more than those alone, so
+    it is off unless asked for (``RuntimeOptions.pcie_share``; placement.cost prices it).
 
     Symmetric int4 and int8 (``supports``). Without CUDA the same math runs in torch on the hit experts.
     """

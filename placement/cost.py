@@ -57,7 +57,9 @@ HANDOFF_S = 140e-6
 # down more than their share shrank: decode went from 66 tok/s unsplit to 59-68 split.
 ZERO_COPY_EFF = 0.85
 PCIE_SPLIT_FORMATS = ("int4", "int8")
-PCIE_MAX_PAIRS = 64  # decode steps of up to this many token-expert choices split (the GEMV kernels' sizes)
+# Decode steps of up to this many token-expert choices split (gpu_kernels.moe_gemv.GEMV_MAX_SLOTS: the
+# fused MoE's GEMV sizes); the runtime (hetero.experts) uses this same number
+PCIE_MAX_PAIRS = 64
 
 # Several GPUs: two all-reduces of the hidden states per layer (attention, then MLP / MoE), each
 # priced as its bf16 bytes over an assumed GPU-to-GPU bandwidth plus a fixed launch latency.

@@ -282,6 +282,13 @@ def test_device_experts_load_a_few_at_a_time_into_the_same_weights(fmt, monkeypa
             assert a.shape == b.shape and torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales)
 
 
+def test_pcie_split_covers_the_gemv_sizes():
+    from gpu_kernels.moe_gemv import GEMV_MAX_SLOTS
+    from placement.cost import PCIE_MAX_PAIRS
+
+    assert PCIE_MAX_PAIRS == GEMV_MAX_SLOTS  # the split's kernels are the GEMV path's
+
+
 @pytest.mark.parametrize("share", [0.0, 0.3, 0.5, 0.99])
 def test_pcie_split_gives_each_expert_to_one_side(share):
     """The GPU's part of a step's RAM choices: round(share * experts hit) experts, the most chosen,
