@@ -49,6 +49,7 @@ W = block-table width.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from concurrent import futures
@@ -58,6 +59,7 @@ import torch
 
 from hetero.attention import AttentionBatch
 
+log = logging.getLogger(__name__)
 _capture: _Program | None = None  # the program being recorded, if any
 
 
@@ -312,6 +314,9 @@ class DecodeGraphs:
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
             self.failed[b] = str(err).splitlines()[0][:200]
+            log.warning(
+                "decode steps of %d rows run eagerly (slower): their CUDA graph failed: %s", b, self.failed[b]
+            )
             return None
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)

@@ -477,6 +477,43 @@ def test_packed_moe_rejects_other_formats():
         moe_gemv.fused_moe_packed(x, "bf16", *views, 64, ids, weights)
 
 
+# the GEMV kernels' format ids: 1 fp8, 2 int8, 3 int4, 4 / 5 the CPU kernels' int4 / int8, 6 int4 by dp4a
+GEMV_COMPILE = [(1, "*fp8e4nv", "*fp32", 128), (2, "*i8", "*fp32", 128), (3, "*u8", "*fp32", 64)]
+GEMV_COMPILE += [(4, "*u8", "*fp16", 32), (5, "*u8", "*fp32", 64), (6, "*i32", "*fp32", 128)]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+@pytest.mark.parametrize("fmt,w,s,group", GEMV_COMPILE)
+def test_gemv_kernels_compile_for_hopper(fmt, w, s, group):
+    """The GEMV kernels compile to sm_90 machine code here, without a GPU: the interpreter runs what the
+    compiler may reject (a jit helper's result where a constexpr is needed, inline PTX)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    def build(kernel, sig: dict, const: dict) -> None:
+        sig = {**sig, **dict.fromkeys(const, "constexpr")}
+        names = list(sig)
+        src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+        compile(src, target=GPUTarget("cuda", 90, 32))
+
+    common = {
+        "FMT": fmt,
+        "GROUP": group,
+        "BLOCK_N": 32,
+        "BLOCK_K": 256,
+        "ITERS": 1,
+        "SPLIT_K": 8,
+        "USE_PDL": 1,
+    }
+    ints = {n: "i32" for n in ("TK", "inter_dim", "HID")}
+    strides = {"stride_we": "i64", "stride_wn": "i32", "stride_se": "i32", "stride_sn": "i32"}
+    gate_up = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "ids_ptr": "*i32", "p_ptr": "*fp32", **ints}
+    gate_up.update(stride_xt="i32", **strides, up_w="i32", up_s="i32")
+    build(moe_gemv._moe_gemv_gate_up_kernel, gate_up, {"TOPK": 6, **common, "SROW": 1})
+    down = {"p_ptr": "*fp32", "w_ptr": w, "s_ptr": s, "ids_ptr": "*i32", "tw_ptr": "*fp32", "o_ptr": "*fp32"}
+    build(moe_gemv._moe_gemv_down_kernel, {**down, **ints, **strides}, common)
+
+
 @pytest.mark.parametrize("rows,heads,ctx", [(1, 4, 32768), (16, 4, 32768), (3, 1, 700), (64, 8, 100)])
 def test_decode_partitions_cover_the_context(rows, heads, ctx):
     """Every default launch setting splits a row's context into whole tiles that cover it, within
