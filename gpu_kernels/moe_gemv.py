@@ -144,32 +144,20 @@ def _gemv_load(
     program's loads are all in flight together.
 
     int4: packed bytes [BLOCK_N, NG, GROUP / 2] (NG = BLOCK_K / GROUP groups; byte j of group g holds
-    columns 2j and 2j + 1) and scales [BLOCK_N, NG]; CPU int4: bytes [BLOCK_N, NS, W] and the low and
+    columns 2j and 2j + 1), or words [BLOCK_N, NG, GROUP / 8] (FMT 6 / 7), and scales [BLOCK_N, NG]; CPU int4: bytes [BLOCK_N, NS, W] and the low and
     high nibbles' scales joined [BLOCK_N, NS, 2] (fp16 in memory); other formats: [BLOCK_N, BLOCK_K]
     and an unused [BLOCK_N] (their per-row scale is applied after the sum)."""
-    if FMT == 3:
+    if FMT == 3 or FMT >= 6:
+        # int4 by bytes, or (FMT 6 / 7) as 32-bit words, w_ptr and stride_wn then in words
         NG: tl.constexpr = BLOCK_K // GROUP
-        HALF: tl.constexpr = GROUP // 2
+        PER: tl.constexpr = GROUP // 2 if FMT == 3 else GROUP // 8  # elements a group
+        FILL: tl.constexpr = 0x88 if FMT == 3 else -2004318072  # code 8 (a zero weight) in every nibble
         rg = tl.arange(0, NG)
         gmask = nmask[:, None] & (k0 + rg * GROUP < KDIM)[None, :]  # [BLOCK_N, NG]
-        byte = k0 // 2 + rg[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [NG, HALF]
+        elem = (k0 // GROUP + rg[:, None]) * PER + tl.arange(0, PER)[None, :]  # [NG, PER]
         w = tl.load(
-            w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :], mask=gmask[:, :, None], other=0x88
-        )  # [BLOCK_N, NG, HALF] uint8
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + (k0 // GROUP + rg)[None, :], mask=gmask, other=0.0)
-    elif (
-        FMT >= 6
-    ):  # int4 read as 32-bit words (w_ptr, stride_wn in words): bytes 4i .. 4i + 3 of a group each
-        NG: tl.constexpr = BLOCK_K // GROUP
-        WORDS: tl.constexpr = GROUP // 8
-        rg = tl.arange(0, NG)
-        gmask = nmask[:, None] & (k0 + rg * GROUP < KDIM)[None, :]  # [BLOCK_N, NG]
-        word = k0 // 8 + rg[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [NG, WORDS]
-        w = tl.load(
-            w_ptr + rn[:, None, None] * stride_wn + word[None, :, :],
-            mask=gmask[:, :, None],
-            other=-2004318072,
-        )  # [BLOCK_N, NG, WORDS] int32; other: 0x88888888, code 8 (a zero weight) in every nibble
+            w_ptr + rn[:, None, None] * stride_wn + elem[None, :, :], mask=gmask[:, :, None], other=FILL
+        )  # [BLOCK_N, NG, PER] uint8 or int32
         s = tl.load(s_ptr + rn[:, None] * stride_sn + (k0 // GROUP + rg)[None, :], mask=gmask, other=0.0)
     elif FMT == 4:
         col = _cpu4_first_cols(k0, GROUP, BLOCK_K)  # [NS]

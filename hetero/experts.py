@@ -512,13 +512,12 @@ class PCIeExperts:
                 x, p.fmt, h["gate_up"], h["down"], h["gate_up_scale"], h["down_scale"], p.group_size,
                 ids.to(torch.int32), weights.float(),
             )  # fmt: skip
+        from hetero.packed import dequantize_packed
+
         used = torch.unique(ids[ids >= 0])
         if used.numel() == 0:
             return torch.zeros_like(x)
-        arrays = {
-            n: _as_torch(getattr(p, n))[used] for n in ("gate_up", "down", "gate_up_scale", "down_scale")
-        }
-        gate, up, down = unpack_experts(arrays, p.fmt, p.group_size, p.H, p.I, True, x.dtype)
+        gate, up, down = dequantize_packed(p, used.tolist(), x.dtype)
         local = torch.full((p.E + 1,), -1, dtype=torch.long)
         local[used] = torch.arange(used.numel())
         return torch_moe(x, local[ids], weights, gate, up, down)
@@ -615,6 +614,8 @@ class HybridExperts:
                 self.cpu_local.to(device),
                 device,
             )
+            if self.pcie is not None:  # where captured decode graphs read the PCIe share
+                self._share = torch.full((), self.pcie_share, dtype=torch.float32, device=device)
         return self.gpu_local, self.cpu_local
 
     def _streams(self, tokens: int) -> bool:
@@ -643,8 +644,6 @@ class HybridExperts:
             local = cpu_local[ids]
             by_pcie = None
             if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:
-                if self._share is None or self._share.device != ids.device:
-                    self._share = torch.full((), self.pcie_share, dtype=torch.float32, device=ids.device)
                 local, by_pcie = pcie_split(local, self.pcie.packed.E, self._share)
             try:
                 handle = ram.submit(x, local, weights)
