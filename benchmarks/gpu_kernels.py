@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import gpu_kernels as gk  # noqa: E402
-from gpu_kernels import moe, moe_gemv, quant  # noqa: E402
+from gpu_kernels import linear_gemv, moe, moe_gemv, quant  # noqa: E402
 from gpu_kernels.mla_attention import mla_decode_attention_triton  # noqa: E402
 from gpu_kernels.paged_attention import paged_decode_attention_triton  # noqa: E402
 from gpu_kernels.tuning import save_configs  # noqa: E402
@@ -224,12 +224,13 @@ def moe_layer_calls(x, w13, w2, ids, wts, cfg) -> list[tuple[tuple, dict]]:
 # decode batches, then prefill chunks (hetero bench runs a prompt as one chunk of up to its length; the
 # server's steps hold 512 tokens): streamed prefill runs the sorted kernels at those sizes, compute-bound
 MOE_BATCHES = (1, 16, 64, 512, 2048)
+MOE_FORMATS = ("bf16", "int8", "int4")
 TUNE = True  # --no-tune: time only the shipped config of each shape (what fused_moe / quant_linear run)
 
 
 def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
     for name, (E, H, inter, K) in MOE_SHAPES.items():
-        for fmt in ("bf16", "int8", "int4"):
+        for fmt in MOE_FORMATS:
             w13, w2 = moe_weights(E, H, inter, fmt)
             for T in MOE_BATCHES:
                 x = torch.randn(T, H, device=DEV).bfloat16()
@@ -323,16 +324,21 @@ def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
             (64, 128, 16, 16, 2, 1), (32, 256, 16, 16, 2, 1), (32, 256, 16, 16, 4, 1), (64, 256, 16, 16, 4, 1),
             (32, 128, 16, 16, 2, 1), (16, 256, 16, 16, 2, 1), (32, 512, 16, 16, 4, 1), (64, 256, 16, 16, 2, 1),
             (32, 256, 16, 16, 4, 0), (32, 256, 16, 16, 2, 0), (64, 256, 16, 16, 4, 0), (64, 128, 16, 16, 2, 0),
-            (64, 256, 16, 16, 2, 0),
+            (64, 256, 16, 16, 2, 0), (32, 1024, 16, 16, 4, 1), (16, 1024, 16, 16, 4, 1), (16, 2048, 16, 16, 4, 1),
+            (64, 512, 16, 16, 4, 1), (32, 512, 16, 16, 2, 1), (8, 2048, 16, 16, 4, 1), (32, 1024, 16, 16, 8, 1),
         ),
     }[fmt]  # fmt: skip
     gemv_cfg = moe_gemv.fused_moe_gemv_config(T, 1, 1, fmt, 128)
     out.append(gemv_cfg)
-    for bn, bk, s1, s2, w, pdl in gemv_tiles:
+    for i, (bn, bk, s1, s2, w, pdl) in enumerate(gemv_tiles):
         cand = {**gemv_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s1, "SPLIT_K2": s2, "num_warps": w}
         cand["PDL"] = pdl
-        # int4: integer dot products on int8-rounded activations (DP4A) and the float path, both
-        for variant in ({**cand, "DP4A": 1}, {**cand, "DP4A": 0}) if fmt == "int4" else (cand,):
+        # int4 / int8: integer dot products on int8-rounded activations (DP4A) and the float path, both
+        # (int4's float path, slower on an H100 at every tile measured, over the first few tiles only)
+        dot4 = fmt == "int8" or (fmt == "int4" and i < 4)
+        for variant in (
+            ({**cand, "DP4A": 1}, {**cand, "DP4A": 0}) if dot4 else ({**cand, "DP4A": int(fmt == "int4")},)
+        ):
             if variant not in out:
                 out.append(variant)
     return out
@@ -372,19 +378,23 @@ def bench_quant_linear(copy_bw: float, rows: list, tuned: dict) -> None:
 
 
 def ql_candidates(M, N, K, fmt) -> list[dict]:
+    """tl.dot tiles (BLOCK_N, BLOCK_K, num_warps, num_stages), then for quantized weights at up to 16 rows
+    GEMV tiles (BLOCK_N, BLOCK_K, SPLIT_K, num_warps), int8 / int4 each DP4A way."""
     base = quant.quant_linear_config(M, N, K, fmt, 128)
-    out = [base]
-    for bn, bk, w, st in ((16, 256, 4, 4), (64, 128, 4, 4)):
-        out.append(
-            {
-                **base,
-                "BLOCK_N": bn,
-                "BLOCK_K": min(bk, 128) if fmt == "int4" else bk,
-                "num_warps": w,
-                "num_stages": st,
-            }
-        )
-    return out
+    dot_base = base if "BLOCK_M" in base else {**quant._DEFAULT, "BLOCK_K": 128 if fmt == "int4" else 256}
+    out = [base, dot_base]
+    for bn, bk, w, st in ((32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4)):
+        bk = min(bk, 128) if fmt == "int4" else bk
+        out.append({**dot_base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st})
+    if fmt == "bf16" or M > 16:
+        return [c for i, c in enumerate(out) if c not in out[:i]]
+    gemv_base = linear_gemv.linear_gemv_config(M, N, K, fmt)
+    tiles = ((32, 512, 8, 4), (64, 256, 16, 4), (32, 256, 16, 2), (16, 1024, 4, 4), (64, 512, 8, 8),
+             (32, 1024, 4, 4), (16, 512, 8, 4), (128, 256, 16, 8), (32, 2048, 2, 4))  # fmt: skip
+    for bn, bk, split, w in tiles:
+        cand = {**gemv_base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": w}
+        out += [{**cand, "DP4A": 1}, {**cand, "DP4A": 0}] if fmt in ("int8", "int4") else [cand]
+    return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
 def cpu_name() -> str:
@@ -396,7 +406,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    global TUNE, MOE_BATCHES
+    global TUNE, MOE_BATCHES, MOE_FORMATS
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="gqa,mla,moe,qlinear")
@@ -407,9 +417,10 @@ def main() -> None:
     )
     ap.add_argument("--no-tune", action="store_true", help="time the shipped configs only, no candidates")
     ap.add_argument("--moe-batches", type=int, nargs="+", default=list(MOE_BATCHES), help="fused-MoE tokens")
+    ap.add_argument("--moe-formats", nargs="+", default=list(MOE_FORMATS), choices=MOE_FORMATS)
     args = ap.parse_args()
     TUNE = not args.no_tune
-    MOE_BATCHES = tuple(args.moe_batches)
+    MOE_BATCHES, MOE_FORMATS = tuple(args.moe_batches), tuple(args.moe_formats)
     if args.save_configs:
         for kernel, by_device in json.loads(Path(args.save_configs).read_text())["tuned_configs"].items():
             print(f"{kernel}: {save_configs(kernel, by_device)}")

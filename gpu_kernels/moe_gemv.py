@@ -23,9 +23,9 @@ summation order, no atomics) and graph-capturable:
 int4 tiles span whole groups ([BLOCK_N, BLOCK_K / GROUP, GROUP / 2] packed bytes): the low and high
 nibbles multiply the even and odd activation columns, each group's sum is scaled once. Integer weights
 become float by placing them in the mantissa of 2^23 (an OR and a subtract) rather than converting.
-With DP4A = 1 (int4's default) int4 takes integer dot products instead: the tile's activations are
-rounded to int8 per group and one dp4a multiplies four nibbles by four codes (_gemv_dot; internal format
-ids 6, and 7 in the interpreter, read the weights as 32-bit words).
+With DP4A = 1 int4 and int8 take integer dot products instead (the DOT4 constexpr; _gemv_dot): the tile's
+activations are rounded to int8 per group (int4: its quantization group; int8: 128 columns), the weights
+are read as 32-bit words, and one dp4a multiplies four weights by four activation codes.
 fused_moe_packed runs the same kernels over the CPU kernels' packed int4 / int8 layout (ids 4 and 5),
 which may lie in page-locked host memory that the kernels then read over PCIe.
 On sm_90+ a config with PDL = 1 launches down and sum with programmatic dependent launch: they start
@@ -105,13 +105,18 @@ def _cpu4_first_cols(k0, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_cols(k0, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_cols(k0, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, DOT4: tl.constexpr):
     """Input columns of the weight tile at k0, shaped as _gemv_dot multiplies them.
 
     int4: (even, odd), each [BLOCK_K / GROUP, GROUP / 2]: column k0 + g * GROUP + 2j, and that + 1;
     CPU int4: (low, high nibbles), each [NS, W] (_cpu4_first_cols): segment s's columns, and those + 64;
+    int8 by dp4a: ([BLOCK_K / A8, A8] columns k0 + g * A8 + j, the same again), A8 = min(BLOCK_K, 128);
     other formats: ([BLOCK_K] columns k0 + j, the same again)."""
-    if FMT == 3 or FMT >= 6:
+    if FMT == 2 and DOT4 > 0:
+        A8: tl.constexpr = BLOCK_K if BLOCK_K < 128 else 128
+        even = k0 + tl.arange(0, BLOCK_K // A8)[:, None] * A8 + tl.arange(0, A8)[None, :]
+        odd = even
+    elif FMT == 3:
         rg = tl.arange(0, BLOCK_K // GROUP)
         rj = tl.arange(0, GROUP // 2)
         even = k0 + rg[:, None] * GROUP + 2 * rj[None, :]  # [NG, GROUP / 2]
@@ -139,19 +144,28 @@ def _gemv_load(
     FMT: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT4: tl.constexpr,
 ):
     """The raw weight tile at (rn, k0) and its group scales, loaded before any arithmetic so that a
     program's loads are all in flight together.
 
     int4: packed bytes [BLOCK_N, NG, GROUP / 2] (NG = BLOCK_K / GROUP groups; byte j of group g holds
-    columns 2j and 2j + 1), or words [BLOCK_N, NG, GROUP / 8] (FMT 6 / 7), and scales [BLOCK_N, NG]; CPU int4: bytes [BLOCK_N, NS, W] and the low and
-    high nibbles' scales joined [BLOCK_N, NS, 2] (fp16 in memory); other formats: [BLOCK_N, BLOCK_K]
-    and an unused [BLOCK_N] (their per-row scale is applied after the sum)."""
-    if FMT == 3 or FMT >= 6:
-        # int4 by bytes, or (FMT 6 / 7) as 32-bit words, w_ptr and stride_wn then in words
+    columns 2j and 2j + 1), or with DOT4 32-bit words [BLOCK_N, NG, GROUP / 8], and scales [BLOCK_N, NG];
+    CPU int4: bytes [BLOCK_N, NS, W] and the low and high nibbles' scales joined [BLOCK_N, NS, 2] (fp16 in
+    memory); int8 with DOT4: words [BLOCK_N, BLOCK_K / A8, A8 / 4] (_gemv_cols); other formats:
+    [BLOCK_N, BLOCK_K]. Per-row scales (fp8, int8) are applied after the sum: s is then an unused [BLOCK_N].
+    With DOT4, w_ptr and stride_wn count 32-bit words."""
+    if FMT == 2 and DOT4 > 0:
+        A8: tl.constexpr = BLOCK_K if BLOCK_K < 128 else 128
+        ra = tl.arange(0, BLOCK_K // A8)[:, None] * (A8 // 4) + tl.arange(0, A8 // 4)[None, :]  # [NA, A8 / 4]
+        wmask = nmask[:, None, None] & (k0 + 4 * ra < KDIM)[None, :, :]
+        w = tl.load(w_ptr + rn[:, None, None] * stride_wn + (k0 // 4 + ra)[None, :, :], mask=wmask, other=0)
+        s = nmask
+    elif FMT == 3:
+        # int4 by bytes, or (DOT4) as 32-bit words
         NG: tl.constexpr = BLOCK_K // GROUP
-        PER: tl.constexpr = GROUP // 2 if FMT == 3 else GROUP // 8  # elements a group
-        FILL: tl.constexpr = 0x88 if FMT == 3 else -2004318072  # code 8 (a zero weight) in every nibble
+        PER: tl.constexpr = GROUP // 8 if DOT4 > 0 else GROUP // 2  # elements a group
+        FILL: tl.constexpr = -2004318072 if DOT4 > 0 else 0x88  # code 8 (a zero weight) in every nibble
         rg = tl.arange(0, NG)
         gmask = nmask[:, None] & (k0 + rg * GROUP < KDIM)[None, :]  # [BLOCK_N, NG]
         elem = (k0 // GROUP + rg[:, None]) * PER + tl.arange(0, PER)[None, :]  # [NG, PER]
@@ -186,16 +200,22 @@ def _gemv_load(
 
 
 @triton.jit
-def _dp4a(a, b, c, ASM: tl.constexpr):
-    """c + the dot product of a's four unsigned bytes with b's four signed bytes, per int32 element:
-    one dp4a instruction (ASM), or the same sum in plain integer operations (Triton's interpreter)."""
+def _dp4a(a, b, c, ASM: tl.constexpr, SIGNED: tl.constexpr):
+    """c + the dot product of a's four bytes (signed if SIGNED, else unsigned) with b's four signed bytes,
+    per int32 element: one dp4a instruction (ASM), or the same sum in plain integer operations (Triton's
+    interpreter)."""
     if ASM:
+        if SIGNED:
+            return tl.inline_asm_elementwise(
+                "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+            )
         return tl.inline_asm_elementwise(
             "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
         )
     r = c
     for i in tl.static_range(4):
-        r += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        ai = (a << (24 - 8 * i)) >> 24 if SIGNED else (a >> (8 * i)) & 0xFF
+        r += ai * ((b << (24 - 8 * i)) >> 24)
     return r
 
 
@@ -210,16 +230,29 @@ def _q8_words(v, xs, NG: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+              DOT4: tl.constexpr):  # fmt: skip
     """[BLOCK_N] float32 sums of a _gemv_load tile times the activation columns _gemv_cols gives
-    (float32, 0 past KDIM; xb is read for int4 only). int4 comes back scaled; fp8 / int8 unscaled."""
-    if FMT == 3:
+    (float32, 0 past KDIM; xb is read for int4 only). int4 comes back scaled; fp8 / int8 unscaled.
+    DOT4: 0 float arithmetic; 1 integer dot products by dp4a; 2 the same sums without PTX (interpreter)."""
+    if FMT == 2 and DOT4 > 0:
+        # int8 weights times the activations rounded to int8 per A8 columns (scale amax / 127): one dp4a
+        # per four weights instead of a conversion and an FMA per weight
+        A8: tl.constexpr = BLOCK_K if BLOCK_K < 128 else 128
+        NA: tl.constexpr = BLOCK_K // A8
+        amax = tl.max(tl.abs(xa), axis=1)  # [NA]
+        xs = tl.where(amax > 0, amax / 127.0, 1.0)
+        qa, _ = _q8_words(xa, xs, NA, A8 // 4)
+        zero = tl.zeros_like(w)  # [BLOCK_N, NA, A8 / 4]
+        d = _dp4a(w, qa[None, :, :] + zero, zero, DOT4 == 1, True)
+        acc = tl.sum(tl.sum(d, axis=2).to(tl.float32) * xs[None, :], axis=1)
+    elif FMT == 3 and DOT4 == 0:
         q = w.to(tl.int32)
         lo = _exact_float(q & 0xF, 8.0)  # [BLOCK_N, NG, HALF] q - 8 of the even columns
         hi = _exact_float(q >> 4, 8.0)  # of the odd columns
         part = tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2)  # [BLOCK_N, NG] per group
         acc = tl.sum(part * s, axis=1)
-    elif FMT >= 6:
+    elif FMT == 3:
         # Integer dot products: the activations become int8 per group (scale amax / 127, as the CPU
         # kernels do), four nibbles and four codes meet in one dp4a, and the weights' offset 8 comes off
         # as 8 * the codes' sum. A few integer operations per 8 weights instead of float ones per weight.
@@ -232,8 +265,8 @@ def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.cons
         lo = w & 0x0F0F0F0F  # [BLOCK_N, NG, WORDS]: the low nibbles of four bytes, one a byte
         hi = (w >> 4) & 0x0F0F0F0F
         zero = tl.zeros_like(lo)
-        d = _dp4a(lo, qa[None, :, :] + zero, zero, FMT == 6)
-        d = _dp4a(hi, qb[None, :, :] + zero, d, FMT == 6)
+        d = _dp4a(lo, qa[None, :, :] + zero, zero, DOT4 == 1, False)
+        d = _dp4a(hi, qb[None, :, :] + zero, d, DOT4 == 1, False)
         isum = tl.sum(d, axis=2) - 8 * (suma + sumb)[None, :]  # [BLOCK_N, NG] sum of (q - 8) * code
         acc = tl.sum(isum.to(tl.float32) * s * xs[None, :], axis=1)
     elif FMT == 4:
@@ -285,6 +318,7 @@ def _moe_gemv_gate_up_kernel(
     SPLIT_K: tl.constexpr,
     USE_PDL: tl.constexpr,  # the down kernel may start (and load its weights) once all programs here run
     SROW: tl.constexpr,  # per-row scales (fp8 / int8): row i's at i * SROW
+    DOT4: tl.constexpr,  # int4 / int8 by integer dot products: 1 dp4a, 2 without PTX (_gemv_dot)
 ):
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -306,17 +340,17 @@ def _moe_gemv_gate_up_kernel(
     acc_u = tl.zeros([BLOCK_N], tl.float32)
     for it in tl.static_range(ITERS):
         k0 = (pid_k * ITERS + it) * BLOCK_K
-        wg, s_g = _gemv_load(we, se, rn, nmask, k0, HID, stride_wn, stride_sn, FMT, GROUP, BLOCK_K)
+        wg, s_g = _gemv_load(we, se, rn, nmask, k0, HID, stride_wn, stride_sn, FMT, GROUP, BLOCK_K, DOT4)
         wu, s_u = _gemv_load(
-            we + up_w, se + up_s, rn, nmask, k0, HID, stride_wn, stride_sn, FMT, GROUP, BLOCK_K
+            we + up_w, se + up_s, rn, nmask, k0, HID, stride_wn, stride_sn, FMT, GROUP, BLOCK_K, DOT4
         )
-        ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K)
+        ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K, DOT4)
         xa = tl.load(xt + ca, mask=ca < HID, other=0.0).to(tl.float32)
         xb = xa
-        if FMT == 3 or FMT == 4 or FMT >= 6:
+        if FMT == 3 or FMT == 4:
             xb = tl.load(xt + cb, mask=cb < HID, other=0.0).to(tl.float32)
-        acc_g += _gemv_dot(wg, s_g, nmask, k0, HID, xa, xb, FMT, BLOCK_K, GROUP)
-        acc_u += _gemv_dot(wu, s_u, nmask, k0, HID, xa, xb, FMT, BLOCK_K, GROUP)
+        acc_g += _gemv_dot(wg, s_g, nmask, k0, HID, xa, xb, FMT, BLOCK_K, GROUP, DOT4)
+        acc_u += _gemv_dot(wu, s_u, nmask, k0, HID, xa, xb, FMT, BLOCK_K, GROUP, DOT4)
     if FMT == 1 or FMT == 2 or FMT == 5:
         acc_g = acc_g * sg
         acc_u = acc_u * su
@@ -369,6 +403,7 @@ def _moe_gemv_down_kernel(
     ITERS: tl.constexpr,  # BLOCK_K tiles per split of the I columns
     SPLIT_K: tl.constexpr,  # of the gate/up kernel
     USE_PDL: tl.constexpr,  # launched while the gate/up kernel runs: weights load before gdc_wait
+    DOT4: tl.constexpr,  # as the gate/up kernel's
 ):
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -392,15 +427,15 @@ def _moe_gemv_down_kernel(
         scale = tl.load(se + rn, mask=nmask, other=0.0)
     for it in tl.static_range(ITERS):
         k0 = (pid_k * ITERS + it) * BLOCK_K
-        w, s = _gemv_load(we, se, rn, nmask, k0, inter_dim, stride_wn, stride_sn, FMT, GROUP, BLOCK_K)
+        w, s = _gemv_load(we, se, rn, nmask, k0, inter_dim, stride_wn, stride_sn, FMT, GROUP, BLOCK_K, DOT4)
         if USE_PDL and it == 0:  # the gate/up kernel's sums are complete and visible past this
             gdc_wait()
-        ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K)
+        ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K, DOT4)
         ha = _silu_mul_cols(p_ptr, slot, ca, TK, inter_dim, SPLIT_K)
         hb = ha
-        if FMT == 3 or FMT == 4 or FMT >= 6:
+        if FMT == 3 or FMT == 4:
             hb = _silu_mul_cols(p_ptr, slot, cb, TK, inter_dim, SPLIT_K)
-        acc += _gemv_dot(w, s, nmask, k0, inter_dim, ha, hb, FMT, BLOCK_K, GROUP)
+        acc += _gemv_dot(w, s, nmask, k0, inter_dim, ha, hb, FMT, BLOCK_K, GROUP, DOT4)
     if FMT == 1 or FMT == 2 or FMT == 5:
         acc = acc * scale
     acc = acc * tl.load(tw_ptr + slot)
@@ -495,14 +530,15 @@ def fused_moe_gemv(
         assert w2.group_size == w13.group_size, "gate/up and down weights share one group size"
     fmt, d13, d2 = _FMT_ID[w13.fmt], w13.data, w2.data
     (we, wn, se, sn), (we2, wn2, se2, sn2) = _strides(w13), _strides(w2)
-    if fmt == 3 and cfg.get("DP4A", 0) and x.shape[1] % 8 == 0 and inter_dim % 8 == 0:
+    dot4 = 0
+    if fmt in (2, 3) and cfg.get("DP4A", 0) and x.shape[1] % 8 == 0 and inter_dim % 8 == 0:
         # the same bytes read as 32-bit words (strides in words): integer dot products (_gemv_dot)
-        fmt, d13, d2 = 7 if interpreting() else 6, d13.view(torch.int32), d2.view(torch.int32)
+        dot4, d13, d2 = 2 if interpreting() else 1, d13.view(torch.int32), d2.view(torch.int32)
         we, wn, we2, wn2 = we // 4, wn // 4, we2 // 4, wn2 // 4
     # up rows follow the I gate rows; per-row scales [E, 2I] (sn 0) sit I entries on
     gate_up = (d13, _scales(w13), we, wn, se, sn, inter_dim * wn, inter_dim * (sn or 1))
     down = (d2, _scales(w2), we2, wn2, se2, sn2)
-    return _gemv(x, gate_up, down, fmt, w13.group_size, inter_dim, topk_ids, topk_weights, cfg, 1)
+    return _gemv(x, gate_up, down, fmt, w13.group_size, inter_dim, topk_ids, topk_weights, cfg, 1, dot4)
 
 
 # The CPU kernels' packed formats (cpu_kernels.formats), read where they lie by fused_moe_packed
@@ -565,12 +601,13 @@ def fused_moe_packed(
 
 
 def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, topk_ids, topk_weights,
-          cfg: dict, srow: int) -> torch.Tensor:  # fmt: skip
+          cfg: dict, srow: int, dot4: int = 0) -> torch.Tensor:  # fmt: skip
     """Launch the three GEMV kernels. gate_up: (data, scales, expert stride, row stride, scales' expert
-    stride, scales' row stride, up offset of data, up offset of scales); down: the first six of those."""
+    stride, scales' row stride, up offset of data, up offset of scales); down: the first six of those.
+    dot4: the kernels' DOT4 (data then is 32-bit words, strides in words)."""
     (T, H), K = x.shape, topk_ids.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    int4 = fmt == 3 or fmt >= 6
+    int4 = fmt == 3
     if int4:  # an int4 tile holds whole groups: [BLOCK_N, BLOCK_K / group, group / 2] bytes
         bk = max(bk, group)
     assert bk & (bk - 1) == 0 and bk % (group if int4 else 1) == 0, (
@@ -592,12 +629,12 @@ def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, 
     _moe_gemv_gate_up_kernel[(TK, cdiv(inter_dim, bn), split1)](
         x, gate_up[0], gate_up[1], ids, inter, TK, inter_dim, H, x.stride(0), *gate_up[2:],
         TOPK=K, FMT=fmt, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters1, SPLIT_K=split1, USE_PDL=pdl,
-        SROW=srow, **launch,
+        SROW=srow, DOT4=dot4, **launch,
     )  # fmt: skip
     _moe_gemv_down_kernel[(TK, cdiv(H, bn), split2)](
         inter, down[0], down[1], ids, topk_weights.reshape(-1), part, TK, inter_dim, H, *down[2:],
         FMT=fmt, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters2, SPLIT_K=split1, USE_PDL=pdl,
-        **launch, **after,
+        DOT4=dot4, **launch, **after,
     )  # fmt: skip
     rows = next_pow2(split2 * K)
     block_h = min(256, max(32, 4096 // rows))

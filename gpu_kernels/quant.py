@@ -188,10 +188,20 @@ _DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_s
 
 
 def quant_linear_config(M: int, N: int, K: int, fmt: str, group_size: int) -> dict:
-    default = dict(_DEFAULT)
+    """Launch settings: a config with BLOCK_M runs the tl.dot kernel here, one without it the GEMV path
+    (`linear_gemv`). A tuned entry (the nearest batch's) decides; untuned, quantized weights take the
+    GEMV path at up to linear_gemv.GEMV_MAX_ROWS rows."""
+    from .linear_gemv import GEMV_MAX_ROWS, gemv_default
+
+    tuned = get_config("quant_linear", f"N={N},K={K},fmt={fmt}", M, {})
+    if tuned and "BLOCK_M" not in tuned:
+        return {**gemv_default(fmt), **tuned}
+    if not tuned and fmt != "bf16" and M <= GEMV_MAX_ROWS:
+        return gemv_default(fmt)
+    cfg = dict(_DEFAULT)
     if M > 16:
-        default.update(BLOCK_M=min(64, 1 << (M - 1).bit_length()), BLOCK_N=64, BLOCK_K=128)
-    cfg = get_config("quant_linear", f"N={N},K={K},fmt={fmt}", M, default)
+        cfg.update(BLOCK_M=min(64, 1 << (M - 1).bit_length()), BLOCK_N=64, BLOCK_K=128)
+    cfg.update(tuned)
     if fmt == "int4":
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)  # one scale per row per tile
     return cfg
@@ -205,8 +215,12 @@ def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | N
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     cfg = config or quant_linear_config(M, N, K, qw.fmt, qw.group_size)
+    if "BLOCK_M" not in cfg:
+        from .linear_gemv import linear_gemv
+
+        return linear_gemv(x, qw, bias, cfg)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     data = qw.data
     assert data.stride(-1) == 1
     scales = qw.scales if qw.scales is not None else data

@@ -357,9 +357,15 @@ def check_moe_gemv(fmt: str, group: int) -> None:
     runs = [(case, None) for case in cases] + [
         (c, s) for s in splits for c in (cases[2], cases[4], cases[-1])
     ]
-    # int4: the float path and integer dot products on int8-rounded activations (DP4A)
-    variants = ({"DP4A": 0}, {"DP4A": 1}) if fmt == "int4" else ({},)
-    for ((T, K, dtype), split), variant in itertools.product(runs, variants):
+    # int4 / int8: the float path, and integer dot products on int8-rounded activations (DP4A) over the
+    # split configs and one unsplit case (the interpreter runs dp4a's integer sums slowly)
+    variants = ({"DP4A": 0}, {"DP4A": 1}) if fmt in ("int4", "int8") else ({},)
+    runs = [
+        (run, v)
+        for run, v in itertools.product(runs, variants)
+        if not v.get("DP4A") or run[1] or run[0] == cases[2]
+    ]
+    for ((T, K, dtype), split), variant in runs:
         x, w13, w2, ids, weights, cfg = gemv_moe_inputs(T, K, fmt, group, dtype, gen)
         cfg = {**cfg, **variant, **(split or {})}
         out = moe_gemv.fused_moe_gemv(x, w13, w2, ids, weights, cfg)
@@ -369,6 +375,8 @@ def check_moe_gemv(fmt: str, group: int) -> None:
         print(f"T={T} K={K} {dtype} {split} {variant}: max error {(out.float() - ref).abs().max():.2e}")
         if cfg.get("DP4A"):  # rounding the activations to int8 per group moves the output ~1.5%
             assert 1e-3 < rel_err(out, ref) < 3e-2
+            cfg_float = {**cfg, "DP4A": 0}  # and differently from the float path: the variant ran
+            assert not torch.equal(out, moe_gemv.fused_moe_gemv(x, w13, w2, ids, weights, cfg_float))
         else:
             torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
             assert rel_err(out, ref) < tol / 2
@@ -465,6 +473,47 @@ def test_moe_gemv_kernels_in_interpreter(fmt, group):
     in_interpreter(f"check_moe_gemv({fmt!r}, {group})")
 
 
+def check_linear_gemv(fmt: str, group: int) -> None:
+    """Run with TRITON_INTERPRET=1: quant_linear's GEMV path on CPU tensors vs the dequantized weight,
+    N not a multiple of BLOCK_N, K split into partial tiles, with and without a bias, each DP4A way."""
+    from gpu_kernels import linear_gemv
+
+    gen = torch.Generator().manual_seed(group + len(fmt))
+    N, K = 72, 384
+    qw = gk.quantize_weight(torch.randn(N, K, generator=gen) * 0.05, fmt, group)
+    w = gk.dequantize_weight(qw, torch.float64)
+    tiles = [
+        {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2},  # 3 tiles: splits of 2 and 1
+        {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 1},  # unsplit, the last tile partial
+        {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 16},  # int4 g128: rounded up to whole groups
+    ]
+    variants = ({"DP4A": 0}, {"DP4A": 1}) if fmt in ("int4", "int8") else ({},)
+    for M, tile, variant, with_bias in itertools.product((1, 3), tiles, variants, (False, True)):
+        cfg = {**tile, **variant, "num_warps": 4}
+        x = torch.randn(M, K, generator=gen)
+        b = torch.randn(N, generator=gen) if with_bias else None
+        out = quant.quant_linear_triton(x, qw, b, cfg)
+        ref = x.double() @ w.T + (0 if b is None else b.double())
+        print(f"M={M} {cfg} bias={with_bias}: error {rel_err(out, ref):.2e}")
+        assert out.shape == (M, N) and out.dtype == x.dtype
+        if cfg.get("DP4A"):  # activations rounded to int8 per 128 columns or group
+            assert 1e-4 < rel_err(out, ref) < 3e-2
+        else:
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(linear_gemv.linear_gemv(x, qw, b, cfg), out)  # no atomics
+    x = torch.randn(2, 3, K, generator=gen).bfloat16()  # leading dims; the default config takes this path
+    assert "BLOCK_M" not in quant.quant_linear_config(3, N, K, fmt, group)  # no tuned entry on the CPU
+    assert "BLOCK_M" in quant.quant_linear_config(linear_gemv.GEMV_MAX_ROWS + 1, N, K, fmt, group)
+    out = quant.quant_linear_triton(x[:1], qw)
+    assert out.shape == (1, 3, N) and rel_err(out, x[:1].double() @ w.T) < 3e-2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)])
+def test_linear_gemv_in_interpreter(fmt, group):
+    in_interpreter(f"check_linear_gemv({fmt!r}, {group})")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 64)])
 def test_moe_packed_kernels_in_interpreter(fmt, group):
@@ -477,41 +526,93 @@ def test_packed_moe_rejects_other_formats():
         moe_gemv.fused_moe_packed(x, "bf16", *views, 64, ids, weights)
 
 
-# the GEMV kernels' format ids: 1 fp8, 2 int8, 3 int4, 4 / 5 the CPU kernels' int4 / int8, 6 int4 by dp4a
-GEMV_COMPILE = [(1, "*fp8e4nv", "*fp32", 128), (2, "*i8", "*fp32", 128), (3, "*u8", "*fp32", 64)]
-GEMV_COMPILE += [(4, "*u8", "*fp16", 32), (5, "*u8", "*fp32", 64), (6, "*i32", "*fp32", 128)]
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
-@pytest.mark.parametrize("fmt,w,s,group", GEMV_COMPILE)
-def test_gemv_kernels_compile_for_hopper(fmt, w, s, group):
-    """The GEMV kernels compile to sm_90 machine code here, without a GPU: the interpreter runs what the
-    compiler may reject (a jit helper's result where a constexpr is needed, inline PTX)."""
+def compile_for_hopper(kernel, const: dict, types: dict) -> None:
+    """Compile a @triton.jit kernel to sm_90 machine code, no GPU needed: `const` gives its constexprs,
+    `types` every pointer's (and any non-int32 scalar's) type; other arguments are int32."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    def build(kernel, sig: dict, const: dict) -> None:
-        sig = {**sig, **dict.fromkeys(const, "constexpr")}
-        names = list(sig)
-        src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-        compile(src, target=GPUTarget("cuda", 90, 32))
+    names = kernel.arg_names
+    assert set(const) | set(types) <= set(names), (set(const) | set(types)) - set(names)
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    untyped = [n for n in names if n.endswith("_ptr") and n not in types]
+    assert not untyped, f"pointers without a type: {untyped}"
+    constexprs = {(names.index(k),): v for k, v in const.items()}
+    compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 
-    common = {
+
+# the GEMV kernels' format ids (1 fp8, 2 int8, 3 int4, 4 / 5 the CPU kernels' int4 / int8) and DOT4
+GEMV_COMPILE = [(1, 0, "*fp8e4nv", "*fp32", 128), (2, 0, "*i8", "*fp32", 128), (3, 0, "*u8", "*fp32", 64)]
+GEMV_COMPILE += [(4, 0, "*u8", "*fp16", 32), (5, 0, "*u8", "*fp32", 64)]
+GEMV_COMPILE += [(3, 1, "*i32", "*fp32", 128), (2, 1, "*i32", "*fp32", 128)]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+@pytest.mark.parametrize("fmt,dot4,w,s,group", GEMV_COMPILE)
+def test_gemv_kernels_compile_for_hopper(fmt, dot4, w, s, group):
+    """The GEMV kernels compile to sm_90 machine code here, without a GPU: the interpreter runs what the
+    compiler may reject (a jit helper's result where a constexpr is needed, inline PTX)."""
+    tiles = {
         "FMT": fmt,
         "GROUP": group,
         "BLOCK_N": 32,
         "BLOCK_K": 256,
         "ITERS": 1,
         "SPLIT_K": 8,
-        "USE_PDL": 1,
+        "DOT4": dot4,
     }
-    ints = {n: "i32" for n in ("TK", "inter_dim", "HID")}
-    strides = {"stride_we": "i64", "stride_wn": "i32", "stride_se": "i32", "stride_sn": "i32"}
-    gate_up = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "ids_ptr": "*i32", "p_ptr": "*fp32", **ints}
-    gate_up.update(stride_xt="i32", **strides, up_w="i32", up_s="i32")
-    build(moe_gemv._moe_gemv_gate_up_kernel, gate_up, {"TOPK": 6, **common, "SROW": 1})
-    down = {"p_ptr": "*fp32", "w_ptr": w, "s_ptr": s, "ids_ptr": "*i32", "tw_ptr": "*fp32", "o_ptr": "*fp32"}
-    build(moe_gemv._moe_gemv_down_kernel, {**down, **ints, **strides}, common)
+    types = {"w_ptr": w, "s_ptr": s, "ids_ptr": "*i32", "stride_we": "i64"}
+    gate_up = {"x_ptr": "*bf16", "p_ptr": "*fp32", **types}
+    compile_for_hopper(
+        moe_gemv._moe_gemv_gate_up_kernel, {**tiles, "TOPK": 6, "USE_PDL": 1, "SROW": 1}, gate_up
+    )
+    down = {"p_ptr": "*fp32", "tw_ptr": "*fp32", "o_ptr": "*fp32", **types}
+    compile_for_hopper(moe_gemv._moe_gemv_down_kernel, {**tiles, "USE_PDL": 1}, down)
+    if fmt <= 3:  # quant_linear's GEMV path shares the tiles
+        from gpu_kernels import linear_gemv
+
+        lin = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "b_ptr": "*bf16", "o_ptr": "*fp32"}
+        compile_for_hopper(linear_gemv._linear_gemv_kernel, {**tiles, "HAS_BIAS": 1}, lin)
+
+
+# weight formats as the tl.dot kernels read them: (FMT, data, scales, group)
+DOT_COMPILE = [(0, "*bf16", "*bf16", 128), (1, "*fp8e4nv", "*fp32", 128), (2, "*i8", "*fp32", 128)]
+DOT_COMPILE += [(3, "*u8", "*fp32", 64)]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+@pytest.mark.parametrize("fmt,w,s,group", DOT_COMPILE)
+def test_dot_kernels_compile_for_hopper(fmt, w, s, group):
+    """The sorted fused-MoE and tl.dot quantized-linear kernels compile for sm_90, every weight format."""
+    tiles = {"FMT": fmt, "GROUP": group, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+    ptrs = {"w_ptr": w, "s_ptr": s, "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32"}
+    ptrs.update(stride_we="i64")
+    gate_up = {"x_ptr": "*bf16", "h_ptr": "*bf16", **ptrs}
+    compile_for_hopper(moe._moe_gate_up_kernel, {**tiles, "TOPK": 6}, gate_up)
+    down = {"h_ptr": "*bf16", "tw_ptr": "*fp32", "o_ptr": "*bf16", **ptrs}
+    compile_for_hopper(moe._moe_down_kernel, tiles, down)
+    lin = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "b_ptr": "*bf16", "o_ptr": "*bf16"}
+    compile_for_hopper(quant._quant_linear_kernel, {**tiles, "HAS_BIAS": 1}, lin)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+@pytest.mark.parametrize("quant_kind,kv", [(0, "*bf16"), (1, "*i8"), (2, "*fp8e4nv")])
+def test_attention_kernels_compile_for_hopper(quant_kind, kv):
+    """GQA decode (bf16, int8 and fp8 caches), the split merge and MLA decode compile for sm_90."""
+    out = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
+    gqa = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "ks_ptr": "*fp32", "vs_ptr": "*fp32", **out}
+    shape = {"HKV": 4, "GROUP": 8, "G_PAD": 16, "D": 128, "D_PAD": 128, "DV": 128, "DV_PAD": 128}
+    compile_for_hopper(
+        paged_attention._gqa_decode_kernel,
+        {**shape, "BLOCK_SIZE": 16, "BLOCK_N": 64, "QUANT": quant_kind},
+        gqa,
+    )
+    merge = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
+    compile_for_hopper(paged_attention._merge_splits_kernel, {"D": 512, "BLOCK_D": 32, "BLOCK_S": 64}, merge)
+    if quant_kind == 0:
+        mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **out}
+        const = {"H": 16, "R": 512, "P": 64, "BLOCK_H": 16, "BLOCK_SIZE": 64, "BLOCK_N": 64}
+        compile_for_hopper(mla_attention._mla_decode_kernel, const, mla)
 
 
 @pytest.mark.parametrize("rows,heads,ctx", [(1, 4, 32768), (16, 4, 32768), (3, 1, 700), (64, 8, 100)])
@@ -728,10 +829,24 @@ def test_quant_linear_kernel(M, fmt, group):
     qw = gk.quantize_weight(w, fmt, group)
     x = torch.randn(M, K, generator=gen, device=CUDA).bfloat16()
     b = torch.randn(N, generator=gen, device=CUDA).bfloat16()
-    out = quant.quant_linear_triton(x, qw, b)
     ref = F.linear(x.float(), gk.dequantize_weight(qw, torch.float32), b.float())
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-    assert rel_err(out, ref) < 1e-2
+    default = quant.quant_linear_config(M, N, K, fmt, group)
+    configs = [default]
+    if fmt != "bf16" and M <= 16:  # both paths: tl.dot tiles, and the GEMV each DP4A way
+        from gpu_kernels import linear_gemv
+
+        gemv = linear_gemv.linear_gemv_config(M, N, K, fmt)
+        configs += [gemv, {**quant._DEFAULT, "BLOCK_K": 32}]
+        if fmt in ("int8", "int4"):
+            configs.append({**configs[1], "DP4A": 1 - configs[1].get("DP4A", 0)})
+    for cfg in configs:
+        out = quant.quant_linear_triton(x, qw, b, cfg)
+        if cfg.get("DP4A") and "BLOCK_M" not in cfg:  # activations rounded to int8: ~1.5% of the norm
+            assert rel_err(out, ref) < 3e-2
+        else:
+            torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+            assert rel_err(out, ref) < 1e-2
+    assert torch.equal(quant.quant_linear_triton(x, qw, b), quant.quant_linear_triton(x, qw, b, default))
 
 
 @gpu
@@ -750,14 +865,18 @@ def test_fused_moe_kernel(T, E, K, fmt, group, path):
     ids[0, 0] = -1
     weights = torch.rand(T, K, generator=gen, device=CUDA)
     config_of = moe_gemv.fused_moe_gemv_config if path == "gemv" else moe.fused_moe_config
-    cfg = config_of(T, E, inter, fmt, group)
-    out = moe.fused_moe_triton(x, w13, w2, ids, weights, cfg)
+    default = config_of(T, E, inter, fmt, group)
     ref = moe.fused_moe_reference(x.float(), w13, w2, ids, weights)
-    if path == "gemv" and cfg.get("DP4A"):  # int8-rounded activations: ~1.5% of the output's norm
-        assert rel_err(out, ref) < 3e-2
-    else:
-        torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
-        assert rel_err(out, ref) < 2e-2
+    # int4 / int8 GEMV: integer dot products (DP4A) and the float path, whichever is the default
+    dot4 = path == "gemv" and fmt in ("int4", "int8")
+    for cfg in [default] + ([{**default, "DP4A": 1 - default.get("DP4A", 0)}] if dot4 else []):
+        out = moe.fused_moe_triton(x, w13, w2, ids, weights, cfg)
+        if path == "gemv" and cfg.get("DP4A"):  # int8-rounded activations: ~1.5% of the output's norm
+            assert rel_err(out, ref) < 3e-2
+        else:
+            torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+            assert rel_err(out, ref) < 2e-2
+    out = moe.fused_moe_triton(x, w13, w2, ids, weights, default)
     if (T * K <= moe_gemv.GEMV_MAX_SLOTS) == (path == "gemv"):  # the path a call without a config takes
         assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights), out)
 

@@ -1,0 +1,137 @@
+"""Weight-only quantized linear at decode sizes (a few rows): the GEMV path of `quant.quant_linear_triton`.
+
+Legend: M = rows of x (tokens), N = output rows of the weight, K = input dim.
+    x     [M, K]  bf16 / fp16 / fp32
+    qw    QuantWeight [N, K]: fp8 / int8 (one scale per row) or int4 (grouped), as `quant` stores them
+    bias  [N] or None
+    out   [M, N] in x's dtype
+
+The tl.dot kernel in `quant` pads M up to a 16-row tile and dequantizes each weight tile to x's dtype
+before the tensor cores see it; at M = 1 that work, not the weight bytes, sets its pace (an H100 read
+int4 weights at ~0.28 of its copy bandwidth that way). Here, as in the fused-MoE GEMV (`moe_gemv`, whose
+tile loads and dot products this reuses): programs per (row, BLOCK_N outputs, split of K) multiply and
+sum without padding, int8 / int4 optionally by dp4a on activations rounded to int8 (DP4A), and a
+second launch adds the splits up in a fixed order (deterministic, graph-capturable):
+    gemv  grid (M, N / BLOCK_N, SPLIT_K): SPLIT_K == 1 writes out (bias added, cast); else float32
+          partial sums [SPLIT_K, M, N], split 0 holding the bias
+    sum   grid (M, N / BLOCK_H): out = the sum over splits, cast to x's dtype
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import cdiv, interpreting, next_pow2, tl, triton
+from .moe_gemv import _gemv_cols, _gemv_dot, _gemv_load, _gemv_split, _moe_gemv_sum_kernel
+from .quant import _FMT_ID, QuantWeight
+from .tuning import get_config
+
+# rows at or below which quant_linear runs this path for fp8 / int8 / int4 (bf16 keeps tl.dot: its
+# weights need no dequantizing); a tuned config with BLOCK_M picks the tl.dot path, one without the GEMV
+GEMV_MAX_ROWS = 4
+_DEFAULT = {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 8, "num_warps": 4, "num_stages": 1}
+_FORMAT = {"int4": {"BLOCK_K": 256, "DP4A": 1}, "int8": {}, "fp8": {}}
+
+
+@triton.jit(do_not_specialize=["M"])
+def _linear_gemv_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] (int4: [N, K / 2] bytes; with DOT4 both as 32-bit words)
+    s_ptr,  # [N] or [N, K / GROUP] float32
+    b_ptr,  # [N]
+    o_ptr,  # SPLIT_K == 1: out [M, N]; else partial sums [SPLIT_K, M, N] float32
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ITERS: tl.constexpr,  # BLOCK_K tiles a split
+    SPLIT_K: tl.constexpr,
+    DOT4: tl.constexpr,  # int8 / int4 by integer dot products: 1 dp4a, 2 without PTX (interpreter)
+):
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    xm = x_ptr + m * stride_xm
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for it in tl.static_range(ITERS):
+        k0 = (pid_k * ITERS + it) * BLOCK_K
+        w, s = _gemv_load(w_ptr, s_ptr, rn, nmask, k0, K, stride_wn, stride_sn, FMT, GROUP, BLOCK_K, DOT4)
+        ca, cb = _gemv_cols(k0, FMT, GROUP, BLOCK_K, DOT4)
+        xa = tl.load(xm + ca, mask=ca < K, other=0.0).to(tl.float32)
+        xb = xa
+        if FMT == 3:
+            xb = tl.load(xm + cb, mask=cb < K, other=0.0).to(tl.float32)
+        acc += _gemv_dot(w, s, nmask, k0, K, xa, xb, FMT, BLOCK_K, GROUP, DOT4)
+    if FMT == 1 or FMT == 2:
+        acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(o_ptr + m * N + rn, acc.to(o_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(o_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+
+
+def gemv_default(fmt: str) -> dict:
+    """Untuned launch settings of the GEMV path: BLOCK_N outputs by BLOCK_K inputs a tile, K cut into at
+    most SPLIT_K splits of whole tiles (int4 tiles hold whole groups); DP4A: int8 / int4 by dp4a."""
+    return {**_DEFAULT, **_FORMAT.get(fmt, {})}
+
+
+def linear_gemv_config(M: int, N: int, K: int, fmt: str) -> dict:
+    """The GEMV settings quant_linear would run at M rows: its tuned entry if that is a GEMV one, else
+    the defaults."""
+    tuned = get_config("quant_linear", f"N={N},K={K},fmt={fmt}", M, {})
+    return {**gemv_default(fmt), **(tuned if "BLOCK_M" not in tuned else {})}
+
+
+def linear_gemv(
+    x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, config: dict | None = None
+) -> torch.Tensor:
+    """x [..., K] @ dequant(qw)^T (+ bias [N]) -> [..., N] for fp8 / int8 / int4 weights [N, K], by GEMV."""
+    N, K = qw.shape
+    assert len(qw.shape) == 2 and x.shape[-1] == K, f"x {tuple(x.shape)} vs weight {qw.shape}"
+    assert qw.fmt in ("fp8", "int8", "int4"), f"the GEMV path takes quantized weights, not {qw.fmt}"
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    assert qw.data.is_contiguous() and (qw.scales is None or qw.scales.is_contiguous())
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    cfg = config or linear_gemv_config(M, N, K, qw.fmt)
+    fmt, data, group = _FMT_ID[qw.fmt], qw.data, qw.group_size
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if fmt == 3:
+        bk = max(bk, group)  # whole groups a tile
+    assert bk & (bk - 1) == 0 and (fmt != 3 or bk % group == 0), f"BLOCK_K={bk}, group {group}"
+    stride_wn = data.stride(0)
+    dot4 = 0
+    if fmt in (2, 3) and cfg.get("DP4A", 0) and K % 8 == 0:
+        dot4, data, stride_wn = (2 if interpreting() else 1), data.view(torch.int32), stride_wn // 4
+    split, iters = _gemv_split(K, bk, cfg.get("SPLIT_K", 1))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    scales = qw.scales if qw.scales is not None else data
+    _linear_gemv_kernel[(M, cdiv(N, bn), split)](
+        x2, data, scales, bias if bias is not None else x2, dst, M, N, K, x2.stride(0), stride_wn,
+        scales.stride(0) if fmt == 3 else 0,
+        FMT=fmt, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters, SPLIT_K=split,
+        DOT4=dot4, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+    )  # fmt: skip
+    if split > 1:
+        rows = next_pow2(split)
+        block_h = min(256, max(32, 4096 // rows))
+        _moe_gemv_sum_kernel[(M, cdiv(N, block_h))](
+            dst, out, M, N, TOPK=1, ROWS=split, BLOCK_R=rows, BLOCK_H=block_h, USE_PDL=0, num_warps=4
+        )
+    return out.reshape(*x.shape[:-1], N)
