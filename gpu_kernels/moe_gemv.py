@@ -491,13 +491,15 @@ _GEMV_DEFAULT = {
 _GEMV_FORMAT = {
     "bf16": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8},
     "fp8": {"BLOCK_N": 16, "BLOCK_K": 1024, "SPLIT_K": 1},  # gate/up unsplit: 2 tiles a program
-    "int8": {},
+    "int8": {"DP4A": 1},
     "int4": {"num_warps": 2, "DP4A": 1},  # one group a tile
 }
-# DP4A (int4): integer dot products, the activations rounded to int8 per group first (_gemv_dot). On an
-# H100 (V2-Lite / Qwen3-30B-A3B experts, CUDA-graph replays, best tiles each way) it ran batch 1 in
+# DP4A: integer dot products, the activations rounded to int8 per group first (_gemv_dot). On an H100
+# (V2-Lite / Qwen3-30B-A3B experts, CUDA-graph replays, best tiles each way) int4 ran batch 1 in
 # 19.0 / 17.1 us against 25.5 / 22.0, batch 4 in 51 / 41 against 75 / 57; the output moves by ~1.6%
-# of its norm against the float path's ~0.2% (the int4 weights' own rounding is larger still).
+# of its norm against the float path's ~0.2% (the int4 weights' own rounding is larger still). For int8
+# the tuner's best tile took DP4A at batch 1 and 4 on both (batch 1: 25.5 / 20.6 us, against the float
+# path's 26.6 / 22.3 in an earlier run).
 
 
 def fused_moe_gemv_config(T: int, E: int, inter_dim: int, fmt: str, group_size: int) -> dict:
