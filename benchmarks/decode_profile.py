@@ -21,7 +21,7 @@ sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hetero.bench import cap_device_memory  # noqa: E402
+from hetero.bench import cap_device_memory, ram_expert_bytes_per_token  # noqa: E402
 from hetero.experts import HybridExperts  # noqa: E402
 from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
 from hetero.sampling import SamplingParams  # noqa: E402
@@ -411,9 +411,19 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--compare-launch needs CUDA graphs")
         row = compare_launch(engine, prompt, args.steps)
         from cpu_kernels.cpu_info import machine_name
+        from placement import detect
 
         row["machine"] = f"{torch.cuda.get_device_name(0)} + {machine_name()}"
-        name = Path(args.model).name
+        # the decode roofline of e2e.py: RAM expert bytes a token reads at the probed read bandwidth
+        cpu_bw = detect().cpu_read_bw
+        roof = cpu_bw / ram_expert_bytes_per_token(engine.model, rt.spec.top_k)
+        row.update(defer=args.defer, cpu_read_bw_GBs=cpu_bw / 1e9, decode_roofline_tok_s=roof)
+        for t in row["medians"]:
+            t["over_roofline"] = 1e3 / t["step_ms"] / roof
+            print(
+                f"{t['launch']:>10}: {1e3 / t['step_ms']:.1f} tok/s, {t['over_roofline']:.2f} of the roofline"
+            )
+        name = Path(args.model).name + (f"-defer{args.defer}" if args.defer else "")
         gpu = torch.cuda.get_device_name(0).replace(" ", "_")
         out = RESULTS / f"decode_launch-{name}-{args.experts}-{gpu}.json"
         out.write_text(json.dumps(row, indent=2))

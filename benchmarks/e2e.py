@@ -29,7 +29,7 @@ sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve()
 
 import torch  # noqa: E402
 
-from hetero.bench import cap_device_memory, run_bench  # noqa: E402
+from hetero.bench import cap_device_memory, ram_expert_bytes_per_token, run_bench  # noqa: E402
 from hetero.distributed import SINGLE, Parallel, launch, rank0_first  # noqa: E402
 from hetero.experts import HybridExperts, set_pcie_share  # noqa: E402
 from hetero.graphs import LAUNCH_MODES  # noqa: E402
@@ -38,17 +38,6 @@ from placement import detect  # noqa: E402
 from placement.units import parse_size  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def ram_expert_bytes_per_token(model, top_k: int) -> float:
-    """Bytes of RAM-resident expert weights one decoded token reads (uniform routing)."""
-    total = 0.0
-    for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if isinstance(experts, HybridExperts) and experts.cpu is not None:
-            packed = experts.cpu.packed
-            total += top_k * (packed.E / experts.num_experts) * packed.expert_nbytes()
-    return total
 
 
 def prefill_bound_s(model, spec, tokens: int, rates) -> float:

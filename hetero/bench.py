@@ -43,6 +43,18 @@ class BenchResult:
     plan_gpu_bytes: int = 0  # what the plan budgeted for the device
 
 
+def ram_expert_bytes_per_token(model: torch.nn.Module, top_k: int) -> float:
+    """Bytes of RAM-resident expert weights one decoded token reads (uniform routing): the
+    decode roofline is the measured CPU read bandwidth over this."""
+    total = 0.0
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if isinstance(experts, HybridExperts) and experts.cpu is not None:
+            packed = experts.cpu.packed
+            total += top_k * (packed.E / experts.num_experts) * packed.expert_nbytes()
+    return total
+
+
 def _sync(rt: Runtime) -> None:
     if rt.engine.device.type == "cuda":
         torch.cuda.synchronize()
