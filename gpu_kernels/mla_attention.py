@@ -118,13 +118,19 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     """Launch settings for MLA decode: BLOCK_H heads share each latent tile of BLOCK_N tokens;
     WAVES x SMs programs, at most MAX_SPLITS splits a row (each split leaves an [H, R] float32 partial).
 
-    Defaults from a sweep on an H100 at 32k context (benchmarks/attention_sweep.py): 16 heads take one
+    Defaults from sweeps on an H100 at 32k context (benchmarks/attention_sweep.py): 16 heads take one
     head block (a single row: 64-token tiles, eight warps, half the splits and so half the partials
-    to merge); 128 heads take blocks of 32 over 64-token tiles, split finer when many rows share the GPU."""
+    to merge). 64 heads and more take blocks of 64 over 64-token tiles with eight warps, whose dots
+    compile to Hopper's warpgroup MMA (wgmma; blocks of 32 run mma.sync): 128 heads at batch 1 / 16 went
+    from 66.4 / 847 us to 58.7 / 698 (attention_sweep-mla128-h100.json); a single row's two head blocks
+    split the context the least. Between 16 and 64 heads, blocks of 32."""
     if H <= 16 and n_rows == 1:
         cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 2, "num_warps": 8}
     elif H <= 16:
         cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 2}
+    elif H >= 64:
+        waves = 4 if n_rows * cdiv(H, 64) >= 16 else 1
+        cfg = {"BLOCK_H": 64, "BLOCK_N": 64, "WAVES": waves, "num_stages": 2, "num_warps": 8}
     else:
         cfg = {"BLOCK_H": 32, "BLOCK_N": 64, "WAVES": 8 if n_rows * cdiv(H, 32) >= 32 else 2, "num_stages": 3}
     cfg = {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, **cfg}

@@ -526,9 +526,10 @@ def test_packed_moe_rejects_other_formats():
         moe_gemv.fused_moe_packed(x, "bf16", *views, 64, ids, weights)
 
 
-def compile_for_hopper(kernel, const: dict, types: dict) -> None:
+def compile_for_hopper(kernel, const: dict, types: dict, **options) -> str:
     """Compile a @triton.jit kernel to sm_90 machine code, no GPU needed: `const` gives its constexprs,
-    `types` every pointer's (and any non-int32 scalar's) type; other arguments are int32."""
+    `types` every pointer's (and any non-int32 scalar's) type; other arguments are int32. `options`
+    (num_warps, num_stages) go to the compiler. Returns the PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -538,7 +539,8 @@ def compile_for_hopper(kernel, const: dict, types: dict) -> None:
     untyped = [n for n in names if n.endswith("_ptr") and n not in types]
     assert not untyped, f"pointers without a type: {untyped}"
     constexprs = {(names.index(k),): v for k, v in const.items()}
-    compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    return compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
 # the GEMV kernels' format ids (1 fp8, 2 int8, 3 int4, 4 / 5 the CPU kernels' int4 / int8) and DOT4
@@ -611,8 +613,13 @@ def test_attention_kernels_compile_for_hopper(quant_kind, kv):
     compile_for_hopper(paged_attention._merge_splits_kernel, {"D": 512, "BLOCK_D": 32, "BLOCK_S": 64}, merge)
     if quant_kind == 0:
         mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **out}
-        const = {"H": 16, "R": 512, "P": 64, "BLOCK_H": 16, "BLOCK_SIZE": 64, "BLOCK_N": 64}
-        compile_for_hopper(mla_attention._mla_decode_kernel, const, mla)
+        for H in (16, 128):  # each head count's default settings; 128 heads' dots take warpgroup MMA
+            cfg = mla_attention.mla_decode_config(1, H)
+            const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16}
+            const.update({k: cfg[k] for k in ("BLOCK_H", "BLOCK_N")})
+            launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
+            ptx = compile_for_hopper(mla_attention._mla_decode_kernel, const, mla, **launch)
+            assert ("wgmma" in ptx) == (cfg["BLOCK_H"] >= 64)
 
 
 @pytest.mark.parametrize("rows,heads,ctx", [(1, 4, 32768), (16, 4, 32768), (3, 1, 700), (64, 8, 100)])
