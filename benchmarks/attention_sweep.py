@@ -53,19 +53,27 @@ def cases(ctxs, only, rows=(1, 16), mla_heads=(16, 128)):
 def candidates(kind: str, quick: bool) -> list[dict]:
     splits = [(4, 256), (2, 128), (8, 512), (1, 64)]
     if kind == "gqa":
-        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits + [(6, 384), (3, 192)])
+        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits + [(6, 384), (3, 192)], (0, 1))
         return [
-            {"BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": wv, "MAX_SPLITS": ms}
-            for bn, w, st, (wv, ms) in grid
-            if not quick or st == 3
+            {
+                "BLOCK_N": bn,
+                "num_warps": w,
+                "num_stages": st,
+                "WAVES": wv,
+                "MAX_SPLITS": ms,
+                "BT_AHEAD": ahead,
+            }
+            for bn, w, st, (wv, ms), ahead in grid
+            if not quick or (st == 3 and ahead)
         ]
     heads = (16,) if kind == "mla16" else (32, 64)
-    grid = itertools.product(heads, (16, 32, 64), (4, 8), (1, 2, 3), splits)
+    grid = itertools.product(heads, (16, 32, 64), (4, 8), (1, 2, 3), splits, (0, 1))
     return [
         {"BLOCK_H": bh, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": wv, "MAX_SPLITS": ms}
-        for bh, bn, w, st, (wv, ms) in grid
+        | {"BT_AHEAD": ahead}
+        for bh, bn, w, st, (wv, ms), ahead in grid
         # 64 heads by 64 tokens: two stages fit (144 KB of shared memory), eight warps hold the accumulator
-        if not (bh == 64 and bn == 64 and (w, st) != (8, 2)) and (not quick or st == 2)
+        if not (bh == 64 and bn == 64 and (w, st) != (8, 2)) and (not quick or st == 2 + ahead)
     ]
 
 

@@ -55,6 +55,7 @@ def _mla_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     S,
+    BT_AHEAD: tl.constexpr,  # load each tile's block ids one tile ahead
 ):
     row = tl.program_id(0)
     hb = tl.program_id(1)
@@ -82,10 +83,18 @@ def _mla_decode_kernel(
     denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     offs = tl.arange(0, BLOCK_N)
+    if BT_AHEAD:
+        t1 = start + offs
+        blk_next = tl.load(bt_ptr + row * stride_btn + t1 // BLOCK_SIZE, mask=t1 < end, other=0)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs
         tmask = t < end
-        blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
+        if BT_AHEAD:  # this tile's block ids came with the last tile; the next tile's load now
+            blk = blk_next
+            tn = t + BLOCK_N
+            blk_next = tl.load(bt_ptr + row * stride_btn + tn // BLOCK_SIZE, mask=tn < end, other=0)
+        else:
+            blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
         base = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (R + P)  # [BLOCK_N]
         c = tl.load(c_ptr + base[:, None] + r[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, R]
         kpe = tl.load(c_ptr + base[:, None] + R + p[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, P]
@@ -119,15 +128,17 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     WAVES x SMs programs, at most MAX_SPLITS splits a row (each split leaves an [H, R] float32 partial).
 
     Defaults from sweeps on an H100 at 32k context (benchmarks/attention_sweep.py): 16 heads take one
-    head block (a single row: 64-token tiles, eight warps, half the splits and so half the partials
-    to merge). 64 heads and more take blocks of 64 over 64-token tiles with eight warps, whose dots
+    head block (a single row: 64-token tiles and half the splits, so half the partials to merge), each
+    tile's block ids loaded with the tile before (BT_AHEAD) and three stages: the KV loads then run
+    ahead of the block-table loads (batch 1: 29.7 -> 25.0 us; 16: 237.7 -> 231.0; either change alone
+    gained nothing; attention_sweep-bt-ahead-h100.json). 64 heads and more take blocks of 64 over 64-token tiles with eight warps, whose dots
     compile to Hopper's warpgroup MMA (wgmma; blocks of 32 run mma.sync): 128 heads at batch 1 / 16 went
     from 66.4 / 847 us to 58.7 / 698 (attention_sweep-mla128-h100.json); a single row's two head blocks
     split the context the least. Between 16 and 64 heads, blocks of 32."""
     if H <= 16 and n_rows == 1:
-        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 2, "num_warps": 8}
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
     elif H <= 16:
-        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 2}
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 3, "BT_AHEAD": 1}
     elif H >= 64:
         waves = 4 if n_rows * cdiv(H, 64) >= 16 else 1
         cfg = {"BLOCK_H": 64, "BLOCK_N": 64, "WAVES": waves, "num_stages": 2, "num_warps": 8}
@@ -175,6 +186,7 @@ def mla_decode_attention_triton(
         BLOCK_SIZE=bs,
         BLOCK_N=block_n,
         S=S,
+        BT_AHEAD=cfg.get("BT_AHEAD", 0),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

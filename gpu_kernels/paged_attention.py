@@ -94,6 +94,7 @@ def _gqa_decode_kernel(
     BLOCK_N: tl.constexpr,
     S,
     QUANT: tl.constexpr,
+    BT_AHEAD: tl.constexpr,  # load each tile's block ids one tile ahead
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -128,10 +129,18 @@ def _gqa_decode_kernel(
     denom = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
     offs = tl.arange(0, BLOCK_N)
+    if BT_AHEAD:
+        t1 = start + offs
+        blk_next = tl.load(bt_ptr + row * stride_btn + t1 // BLOCK_SIZE, mask=t1 < end, other=0)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs  # [BLOCK_N]
         tmask = t < end
-        blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
+        if BT_AHEAD:  # this tile's block ids came with the last tile; the next tile's load now
+            blk = blk_next
+            tn = t + BLOCK_N
+            blk_next = tl.load(bt_ptr + row * stride_btn + tn // BLOCK_SIZE, mask=tn < end, other=0)
+        else:
+            blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
         slot = blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE  # [BLOCK_N]
         k = tl.load(
             k_ptr + (slot[:, None] * HKV + kvh) * D + d[None, :],
@@ -276,14 +285,22 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     """Launch settings for GQA decode: BLOCK_N tokens per tile, WAVES x SMs programs at most
     MAX_SPLITS splits a row, and the compiler's warps / pipeline stages.
 
-    Defaults from a sweep on an H100 at 32k context (benchmarks/attention_sweep.py): few rows x heads
-    take long tiles, two stages and few splits; many take finer splits, one-byte caches longer tiles."""
+    BT_AHEAD loads each tile's block ids with the tile before, so that the KV loads of a tile do not
+    wait on them.
+
+    Defaults from sweeps on an H100 at 32k context (benchmarks/attention_sweep.py, then
+    attention_sweep-bt-ahead-h100.json): few rows x heads take few splits (a bf16 cache 32-token tiles
+    three stages deep, a one-byte cache 128-token tiles); many take finer splits, one-byte caches
+    longer tiles. Block ids one tile ahead gained 1-2% on the one-byte cache and, with 32-token tiles,
+    on a bf16 cache at one row (32.3 -> 31.9 us); elsewhere they were within noise, and are left off."""
     if D > 128:
         cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
+    elif n_rows * Hkv < 32 and quantized:
+        cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 2, "BT_AHEAD": 1}
     elif n_rows * Hkv < 32:
-        cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 2}
+        cfg = {"BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
     elif quantized:
-        cfg = {"BLOCK_N": 128, "WAVES": 8, "num_stages": 2}
+        cfg = {"BLOCK_N": 128, "WAVES": 8, "num_stages": 3, "BT_AHEAD": 1}
     else:
         cfg = {"BLOCK_N": 64, "WAVES": 8, "num_stages": 3}
     cfg.update(MAX_SPLITS=64 * cfg["WAVES"], num_warps=4)
@@ -340,6 +357,7 @@ def paged_decode_attention_triton(
         BLOCK_N=block_n,
         S=S,
         QUANT=0 if not quant else 1 if k_cache.dtype == torch.int8 else 2,
+        BT_AHEAD=cfg.get("BT_AHEAD", 0),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

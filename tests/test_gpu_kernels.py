@@ -606,7 +606,7 @@ def test_attention_kernels_compile_for_hopper(quant_kind, kv):
     shape = {"HKV": 4, "GROUP": 8, "G_PAD": 16, "D": 128, "D_PAD": 128, "DV": 128, "DV_PAD": 128}
     compile_for_hopper(
         paged_attention._gqa_decode_kernel,
-        {**shape, "BLOCK_SIZE": 16, "BLOCK_N": 64, "QUANT": quant_kind},
+        {**shape, "BLOCK_SIZE": 16, "BLOCK_N": 64, "QUANT": quant_kind, "BT_AHEAD": quant_kind % 2},
         gqa,
     )
     merge = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
@@ -615,7 +615,7 @@ def test_attention_kernels_compile_for_hopper(quant_kind, kv):
         mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **out}
         for H in (16, 128):  # each head count's default settings; 128 heads' dots take warpgroup MMA
             cfg = mla_attention.mla_decode_config(1, H)
-            const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16}
+            const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16, "BT_AHEAD": int(H > 16)}
             const.update({k: cfg[k] for k in ("BLOCK_H", "BLOCK_N")})
             launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
             ptx = compile_for_hopper(mla_attention._mla_decode_kernel, const, mla, **launch)
@@ -639,16 +639,18 @@ def test_decode_partitions_cover_the_context(rows, heads, ctx):
     assert paged_attention.gqa_decode_config(rows, heads, 128, False, {"BLOCK_N": 32})["BLOCK_N"] == 32
 
 
-def check_decode_attention(kind: str) -> None:
+def check_decode_attention(kind: str, bt_ahead: int = 0) -> None:
     """Run with TRITON_INTERPRET=1: GQA (bf16 and int8 caches) or MLA decode on CPU tensors against the
     references, with tiles small enough that rows split into more partitions than the merge takes at once.
-    The interpreter's bf16 dots are wrong, so tiles are float32 (fp16 queries for the int8 cache)."""
+    The interpreter's bf16 dots are wrong, so tiles are float32 (fp16 queries for the int8 cache).
+    bt_ahead: the kernels' BT_AHEAD (block ids loaded one tile ahead)."""
     gen = torch.Generator().manual_seed(len(kind))
     bs, lens = 16, [700, 1, 333]
     nb = sum(math.ceil(n / bs) for n in lens) + 2
     table = make_block_tables(lens, bs, nb, gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     cfg = {"BLOCK_N": 16, "MAX_SPLITS": 64, "num_warps": 4, "num_stages": 2}  # 700 tokens -> 44 splits
+    cfg["BT_AHEAD"] = bt_ahead
     if kind == "mla":
         R, P, H = 64, 16, 5
         cache = torch.randn(nb, bs, R + P, generator=gen)
@@ -688,9 +690,9 @@ def check_decode_attention(kind: str) -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
-@pytest.mark.parametrize("kind", ["float32", "int8", "mla"])
-def test_decode_attention_kernels_in_interpreter(kind):
-    in_interpreter(f"check_decode_attention({kind!r})")
+@pytest.mark.parametrize("kind,bt_ahead", [("float32", 0), ("int8", 0), ("mla", 0), ("int8", 1), ("mla", 1)])
+def test_decode_attention_kernels_in_interpreter(kind, bt_ahead):
+    in_interpreter(f"check_decode_attention({kind!r}, {bt_ahead})")
 
 
 # ---------------------------------------------------------------- GPU: Triton kernels vs references
