@@ -76,6 +76,33 @@ def graph_calls_ms(fn, calls: list[tuple[tuple, dict]], rep: int = 200) -> float
         return float("nan")
 
 
+KERNEL_TIMES = False  # --kernel-times: each row also gets its kernels' device time inside the graph
+
+
+def graph_kernel_us(fn, calls: list[tuple[tuple, dict]], reps: int = 20) -> dict[str, float]:
+    """Device microseconds per call of each kernel in the graph of graph_calls_ms, from the profiler:
+    where a call's time goes (a kernel launched early by programmatic dependent launch counts its
+    wait too, so these may add up to more than the graph's time)."""
+    graph = capture_graph(fn, calls)
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:60]] = per.get(e.name[:60], 0.0) + e.device_time_total / (reps * len(calls))
+    return per
+
+
+def graph_extra(fn, calls: list[tuple[tuple, dict]]) -> dict:
+    """{"kernel_us": ...} with --kernel-times, else nothing."""
+    return {"kernel_us": graph_kernel_us(fn, calls)} if KERNEL_TIMES else {}
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus bytes written, GB/s."""
     src = torch.randn(256 * 2**20, device=DEV)  # 1 GiB
@@ -174,7 +201,8 @@ def bench_gqa(copy_bw: float, rows: list) -> None:
                 ref_ms = bench_ms(gk.paged_decode_attention_reference, *args, rep=50)
                 g = graph_calls_ms(paged_decode_attention_triton, calls)
                 shape = f"Hq=32,Hkv=4,D=128,{cache},ctx={ctx}"
-                rows.append(row("gqa", shape, N, nbytes, ms, ref_ms, copy_bw, g_ms=g))
+                extra = graph_extra(paged_decode_attention_triton, calls)
+                rows.append(row("gqa", shape, N, nbytes, ms, ref_ms, copy_bw, extra, g_ms=g))
 
 
 def bench_mla(copy_bw: float, rows: list) -> None:
@@ -187,7 +215,17 @@ def bench_mla(copy_bw: float, rows: list) -> None:
                 ref_ms = bench_ms(gk.mla_decode_attention_reference, *args, rep=50)
                 g = graph_calls_ms(mla_decode_attention_triton, calls)
                 rows.append(
-                    row("mla", f"{name} H={H},R=512,P=64,ctx={ctx}", N, nbytes, ms, ref_ms, copy_bw, g_ms=g)
+                    row(
+                        "mla",
+                        f"{name} H={H},R=512,P=64,ctx={ctx}",
+                        N,
+                        nbytes,
+                        ms,
+                        ref_ms,
+                        copy_bw,
+                        graph_extra(mla_decode_attention_triton, calls),
+                        g_ms=g,
+                    )
                 )
 
 
@@ -266,6 +304,7 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                 ref_ms = bench_ms(moe.fused_moe_reference, x, w13, w2, ids, wts, rep=50) if T <= 64 else None
                 flops = 2 * T * K * 3 * H * inter  # gate, up and down of every routed slot
                 per_path["TFLOPs"] = flops / (g_ms * 1e-3) / 1e12
+                per_path.update(graph_extra(moe.fused_moe_triton, moe_layer_calls(x, w13, w2, ids, wts, cfg)))
                 rows.append(
                     row(
                         "fused_moe",
@@ -406,7 +445,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    global TUNE, MOE_BATCHES, MOE_FORMATS
+    global TUNE, MOE_BATCHES, MOE_FORMATS, KERNEL_TIMES
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="gqa,mla,moe,qlinear")
@@ -418,8 +457,13 @@ def main() -> None:
     ap.add_argument("--no-tune", action="store_true", help="time the shipped configs only, no candidates")
     ap.add_argument("--moe-batches", type=int, nargs="+", default=list(MOE_BATCHES), help="fused-MoE tokens")
     ap.add_argument("--moe-formats", nargs="+", default=list(MOE_FORMATS), choices=MOE_FORMATS)
+    ap.add_argument(
+        "--kernel-times",
+        action="store_true",
+        help="profile each attention / MoE row's kernels inside its graph",
+    )
     args = ap.parse_args()
-    TUNE = not args.no_tune
+    TUNE, KERNEL_TIMES = not args.no_tune, args.kernel_times
     MOE_BATCHES, MOE_FORMATS = tuple(args.moe_batches), tuple(args.moe_formats)
     if args.save_configs:
         for kernel, by_device in json.loads(Path(args.save_configs).read_text())["tuned_configs"].items():
