@@ -9,7 +9,7 @@ CUDA, replaying a graph of small kernels and waiting on its event (``cuda``: the
 step's pattern). Run it under different NUMBA_THREADING_LAYER / OMP_WAIT_POLICY settings to
 compare them.
 
-    python benchmarks/cpu_launch.py [--tag NAME] [--threads 15 16] [--gaps spin cuda]
+    python benchmarks/cpu_launch.py [--tag NAME] [--threads 15 16] [--gaps spin cuda] [--ladder]
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fmt", default="int4", choices=["int4", "int8"])
     ap.add_argument(
         "--torch-threads", type=int, default=0, help="import torch first and set its thread count"
+    )
+    ap.add_argument(
+        "--ladder",
+        action="store_true",
+        help="also time calls of 1, 2 and 6 experts and one whose experts all lie elsewhere (ids -1): "
+        "a call's fixed cost is the line's intercept",
     )
     args = ap.parse_args(argv)
     if args.torch_threads:
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 took.append(time.perf_counter() - t)
             row[f"after_{name}_ms"] = round(sum(took) / len(took) * 1e3, 3)
             row[f"after_{name}_p90_ms"] = round(float(np.percentile(took, 90)) * 1e3, 3)
+        if args.ladder:
+            row.update(_ladder(x, layers, args.calls, threads, packed.expert_nbytes(), rng))
         rows.append(row)
     env = {k: os.environ.get(k, "") for k in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["torch_threads"] = str(args.torch_threads or "")
@@ -116,6 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threading layer {data['layer']}, env {env}")
     print(format_table(rows, list(rows[0])))
     return 0
+
+
+def _ladder(x, layers, calls: int, threads: int, expert_bytes: int, rng) -> dict:
+    """Median us of one-token calls reading 1, 2 and 6 experts and of one reading none (every id -1),
+    and the straight line through the first three: us per expert (its GB/s) and the fixed cost."""
+    E, out, row = layers[0].E, np.empty_like(x), {}
+    for k in (0, 1, 2, 6):
+        w = np.full((1, max(k, 6)), 1.0 / 6, np.float32)
+        took = []
+        for i in range(calls):
+            ids = (
+                np.full((1, 6), -1, np.int32)
+                if k == 0
+                else rng.choice(E, k, replace=False).astype(np.int32)[None]
+            )
+            t = time.perf_counter()
+            ck.fused_moe(x, ids, w[:, : ids.shape[1]], layers[i % len(layers)], out=out, threads=threads)
+            took.append(time.perf_counter() - t)
+        row["none_us" if k == 0 else f"experts{k}_us"] = round(float(np.median(took)) * 1e6, 1)
+    per, fixed = np.polyfit([1, 2, 6], [row["experts1_us"], row["experts2_us"], row["experts6_us"]], 1)
+    row.update(per_expert_us=round(float(per), 1), fixed_us=round(float(fixed), 1))
+    row["per_expert_GBs"] = round(expert_bytes / per / 1e3, 1)
+    return row
 
 
 def _spin(seconds: float):
