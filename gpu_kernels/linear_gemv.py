@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, interpreting, next_pow2, tl, triton
-from .moe_gemv import _gemv_cols, _gemv_dot, _gemv_load, _gemv_split, _moe_gemv_sum_kernel
+from ._triton import cdiv, tl, triton
+from .moe_gemv import _dot4, _gemv_cols, _gemv_dot, _gemv_load, _gemv_split, _sum_splits, _tile_k
 from .quant import _FMT_ID, QuantWeight
 from .tuning import get_config
 
@@ -110,14 +110,11 @@ def linear_gemv(
     M = x2.shape[0]
     cfg = config or linear_gemv_config(M, N, K, qw.fmt)
     fmt, data, group = _FMT_ID[qw.fmt], qw.data, qw.group_size
-    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if fmt == 3:
-        bk = max(bk, group)  # whole groups a tile
-    assert bk & (bk - 1) == 0 and (fmt != 3 or bk % group == 0), f"BLOCK_K={bk}, group {group}"
+    bn, bk = cfg["BLOCK_N"], _tile_k(cfg["BLOCK_K"], fmt, group)
     stride_wn = data.stride(0)
-    dot4 = 0
-    if fmt in (2, 3) and cfg.get("DP4A", 0) and K % 8 == 0:
-        dot4, data, stride_wn = (2 if interpreting() else 1), data.view(torch.int32), stride_wn // 4
+    dot4 = _dot4(fmt, cfg, K)
+    if dot4:  # the same bytes as 32-bit words
+        data, stride_wn = data.view(torch.int32), stride_wn // 4
     split, iters = _gemv_split(K, bk, cfg.get("SPLIT_K", 1))
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
@@ -129,9 +126,5 @@ def linear_gemv(
         DOT4=dot4, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
     )  # fmt: skip
     if split > 1:
-        rows = next_pow2(split)
-        block_h = min(256, max(32, 4096 // rows))
-        _moe_gemv_sum_kernel[(M, cdiv(N, block_h))](
-            dst, out, M, N, TOPK=1, ROWS=split, BLOCK_R=rows, BLOCK_H=block_h, USE_PDL=0, num_warps=4
-        )
+        _sum_splits(dst, out, 1, split, 0)
     return out.reshape(*x.shape[:-1], N)

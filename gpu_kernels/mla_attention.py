@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import cdiv, dot, next_pow2, tl, triton, use_triton
-from .paged_attention import _LOG2E, gather_kv, merge_splits, pick_partition
+from .paged_attention import _LOG2E, _first_blocks, _tile_blocks, gather_kv, merge_splits, pick_partition
 
 
 def mla_decode_attention_reference(
@@ -83,18 +83,12 @@ def _mla_decode_kernel(
     denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     offs = tl.arange(0, BLOCK_N)
-    if BT_AHEAD:
-        t1 = start + offs
-        blk_next = tl.load(bt_ptr + row * stride_btn + t1 // BLOCK_SIZE, mask=t1 < end, other=0)
+    bt_row = bt_ptr + row * stride_btn
+    ahead = _first_blocks(bt_row, start, end, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs
         tmask = t < end
-        if BT_AHEAD:  # this tile's block ids came with the last tile; the next tile's load now
-            blk = blk_next
-            tn = t + BLOCK_N
-            blk_next = tl.load(bt_ptr + row * stride_btn + tn // BLOCK_SIZE, mask=tn < end, other=0)
-        else:
-            blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
+        blk, ahead = _tile_blocks(bt_row, t, end, ahead, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
         base = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (R + P)  # [BLOCK_N]
         c = tl.load(c_ptr + base[:, None] + r[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, R]
         kpe = tl.load(c_ptr + base[:, None] + R + p[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, P]

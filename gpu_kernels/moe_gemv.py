@@ -508,6 +508,35 @@ def fused_moe_gemv_config(T: int, E: int, inter_dim: int, fmt: str, group_size: 
     return _tuned("fused_moe_gemv", T, E, inter_dim, fmt, default)
 
 
+def _tile_k(block_k: int, fmt: int, group: int) -> int:
+    """BLOCK_K as the GEMV kernels take it: a power of two; an int4 tile holds whole groups
+    ([BLOCK_N, BLOCK_K / group, group / 2] bytes), so int4 rounds it up to the group size."""
+    bk = max(block_k, group) if fmt == 3 else block_k
+    assert bk & (bk - 1) == 0 and bk % (group if fmt == 3 else 1) == 0, (
+        f"BLOCK_K={bk} must be a power of two (int4: a multiple of the group size {group})"
+    )
+    return bk
+
+
+def _dot4(fmt: int, cfg: dict, *input_dims: int) -> int:
+    """The kernels' DOT4 for a launch: int8 / int4 weights with DP4A set take integer dot products if
+    every input dim fills whole 32-bit words of weights (a multiple of 8); 1 by dp4a, 2 in Triton's
+    interpreter (no inline PTX); else 0."""
+    if fmt in (2, 3) and cfg.get("DP4A", 0) and all(d % 8 == 0 for d in input_dims):
+        return 2 if interpreting() else 1
+    return 0
+
+
+def _sum_splits(part: torch.Tensor, out: torch.Tensor, topk: int, splits: int, pdl: int, **launch) -> None:
+    """out [T, N] = the sum over splits s and slots k of part [splits, T * topk, N] (_moe_gemv_sum_kernel)."""
+    (T, N), rows = out.shape, next_pow2(splits * topk)
+    block_h = min(256, max(32, 4096 // rows))
+    _moe_gemv_sum_kernel[(T, cdiv(N, block_h))](
+        part, out, T * topk, N, TOPK=topk, ROWS=splits * topk, BLOCK_R=rows, BLOCK_H=block_h, USE_PDL=pdl,
+        num_warps=4, **launch,
+    )  # fmt: skip
+
+
 def _gemv_split(kdim: int, block_k: int, split: int) -> tuple[int, int]:
     """(splits, BLOCK_K tiles per split): kdim columns cut into at most `split` runs of whole tiles, none empty."""
     iters = cdiv(cdiv(kdim, max(1, split)), block_k)
@@ -533,10 +562,9 @@ def fused_moe_gemv(
         assert w2.group_size == w13.group_size, "gate/up and down weights share one group size"
     fmt, d13, d2 = _FMT_ID[w13.fmt], w13.data, w2.data
     (we, wn, se, sn), (we2, wn2, se2, sn2) = _strides(w13), _strides(w2)
-    dot4 = 0
-    if fmt in (2, 3) and cfg.get("DP4A", 0) and x.shape[1] % 8 == 0 and inter_dim % 8 == 0:
-        # the same bytes read as 32-bit words (strides in words): integer dot products (_gemv_dot)
-        dot4, d13, d2 = 2 if interpreting() else 1, d13.view(torch.int32), d2.view(torch.int32)
+    dot4 = _dot4(fmt, cfg, x.shape[1], inter_dim)
+    if dot4:  # the same bytes read as 32-bit words (strides in words): integer dot products (_gemv_dot)
+        d13, d2 = d13.view(torch.int32), d2.view(torch.int32)
         we, wn, we2, wn2 = we // 4, wn // 4, we2 // 4, wn2 // 4
     # up rows follow the I gate rows; per-row scales [E, 2I] (sn 0) sit I entries on
     gate_up = (d13, _scales(w13), we, wn, se, sn, inter_dim * wn, inter_dim * (sn or 1))
@@ -609,13 +637,7 @@ def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, 
     stride, scales' row stride, up offset of data, up offset of scales); down: the first six of those.
     dot4: the kernels' DOT4 (data then is 32-bit words, strides in words)."""
     (T, H), K = x.shape, topk_ids.shape[1]
-    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    int4 = fmt == 3
-    if int4:  # an int4 tile holds whole groups: [BLOCK_N, BLOCK_K / group, group / 2] bytes
-        bk = max(bk, group)
-    assert bk & (bk - 1) == 0 and bk % (group if int4 else 1) == 0, (
-        f"BLOCK_K={bk} must be a power of two (int4: a multiple of the group size {group})"
-    )
+    bn, bk = cfg["BLOCK_N"], _tile_k(cfg["BLOCK_K"], fmt, group)
     split1, iters1 = _gemv_split(H, bk, cfg.get("SPLIT_K", 1))
     split2, iters2 = _gemv_split(inter_dim, bk, cfg.get("SPLIT_K2", 1))
     TK, dev = T * K, x.device
@@ -639,10 +661,5 @@ def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, 
         FMT=fmt, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters2, SPLIT_K=split1, USE_PDL=pdl,
         DOT4=dot4, **launch, **after,
     )  # fmt: skip
-    rows = next_pow2(split2 * K)
-    block_h = min(256, max(32, 4096 // rows))
-    _moe_gemv_sum_kernel[(T, cdiv(H, block_h))](
-        part, out, TK, H, TOPK=K, ROWS=split2 * K, BLOCK_R=rows, BLOCK_H=block_h, USE_PDL=pdl,
-        num_warps=4, **after,
-    )  # fmt: skip
+    _sum_splits(part, out, K, split2, pdl, **after)
     return out

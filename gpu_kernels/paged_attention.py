@@ -67,6 +67,31 @@ def int8_to_f16(x):
     return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
 
 
+@triton.jit
+def _first_blocks(
+    bt_row, start, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BT_AHEAD: tl.constexpr
+):
+    """What _tile_blocks carries into a split's first tile: with BT_AHEAD the block ids of its tokens
+    (start + [0, BLOCK_N); 0 from end on), else zeros it never reads."""
+    t = start + tl.arange(0, BLOCK_N)
+    if BT_AHEAD:
+        return tl.load(bt_row + t // BLOCK_SIZE, mask=t < end, other=0)
+    return tl.zeros([BLOCK_N], tl.int32)
+
+
+@triton.jit
+def _tile_blocks(
+    bt_row, t, end, ahead, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BT_AHEAD: tl.constexpr
+):
+    """(block ids of tokens t [BLOCK_N], what the next tile gets as `ahead`), 0 from end on. BT_AHEAD:
+    this tile's ids came with the tile before (`ahead`) and the next tile's load now, so the KV loads of
+    a tile do not wait on a block-table load of their own; else they load here."""
+    if BT_AHEAD:
+        tn = t + BLOCK_N
+        return ahead, tl.load(bt_row + tn // BLOCK_SIZE, mask=tn < end, other=0)
+    return tl.load(bt_row + t // BLOCK_SIZE, mask=t < end, other=0), ahead
+
+
 @triton.jit(do_not_specialize=["stride_btn", "partition", "S"])  # all three follow the context
 def _gqa_decode_kernel(
     q_ptr,  # [N, Hq, D]
@@ -129,18 +154,12 @@ def _gqa_decode_kernel(
     denom = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
     offs = tl.arange(0, BLOCK_N)
-    if BT_AHEAD:
-        t1 = start + offs
-        blk_next = tl.load(bt_ptr + row * stride_btn + t1 // BLOCK_SIZE, mask=t1 < end, other=0)
+    bt_row = bt_ptr + row * stride_btn
+    ahead = _first_blocks(bt_row, start, end, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs  # [BLOCK_N]
         tmask = t < end
-        if BT_AHEAD:  # this tile's block ids came with the last tile; the next tile's load now
-            blk = blk_next
-            tn = t + BLOCK_N
-            blk_next = tl.load(bt_ptr + row * stride_btn + tn // BLOCK_SIZE, mask=tn < end, other=0)
-        else:
-            blk = tl.load(bt_ptr + row * stride_btn + t // BLOCK_SIZE, mask=tmask, other=0)
+        blk, ahead = _tile_blocks(bt_row, t, end, ahead, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
         slot = blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE  # [BLOCK_N]
         k = tl.load(
             k_ptr + (slot[:, None] * HKV + kvh) * D + d[None, :],
