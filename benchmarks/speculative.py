@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from hetero.bench import cap_device_memory  # noqa: E402
 from hetero.engine import settle_heap  # noqa: E402
-from hetero.experts import DeferredExperts, HybridExperts  # noqa: E402
+from hetero.experts import HybridExperts  # noqa: E402
 from hetero.moe import MoE  # noqa: E402
 from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
 from hetero.sampling import SamplingParams  # noqa: E402
@@ -351,7 +351,7 @@ class RouterCounter:
         self.seen: dict[int, set[int]] = {}
         self.handles = []
         for i, moe in enumerate(m for m in model.modules() if isinstance(m, MoE)):
-            experts = moe.experts.inner if isinstance(moe.experts, DeferredExperts) else moe.experts
+            experts = moe.experts
             if isinstance(experts, HybridExperts) and experts.cpu is not None:
                 on_cpu = (experts.cpu_local[: experts.num_experts] >= 0).cpu()
             else:
@@ -381,7 +381,6 @@ def stream_min_tokens(model) -> int | None:
     computing them on the CPU (None: never)."""
     for m in model.modules():
         experts = getattr(m, "experts", None)
-        experts = experts.inner if isinstance(experts, DeferredExperts) else experts
         if isinstance(experts, HybridExperts) and experts.cpu is not None:
             return experts.stream_min_tokens if experts.streamed is not None else None
     return None

@@ -224,6 +224,22 @@ def fetch_add(typingctx, arr, idx, val):
 
 
 @intrinsic
+def set_flag(typingctx, arr, idx):
+    """arr[idx] = 1 for an int32 array (a flag that another agent polls, such as a GPU reading
+    page-locked memory): a release store, so everything this thread wrote or saw counted before it
+    (fetch_add) is visible first."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        ty = sig.args
+        p = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I32)
+        builder.store_atomic(_c(I32, 1), p, "release", 4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def wait_at_least(typingctx, arr, idx, n):
     """Spin until arr[idx] >= n (an int64 array that other threads count up with fetch_add); returns it.
 

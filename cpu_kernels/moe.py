@@ -24,7 +24,7 @@ import numpy as np
 from . import tuning
 from .cpu_info import has_avx512_vnni
 from .formats import PackedExperts
-from .moe_kernels import _moe_bf16, _moe_quant
+from .moe_kernels import _moe_bf16, _moe_quant, late_pairs
 
 # Quantized decode steps of up to this many (token, expert) pairs run in one parallel region, with
 # per-pair down outputs [P, H] (at most 7 MB for H = 7168); larger calls are long enough that two
@@ -60,7 +60,8 @@ def set_vnni(enabled: bool) -> None:
 
 
 _local = threading.local()
-_NO_PART = np.empty((0, 0), np.float32)  # two regions: no per-pair down outputs
+_NO_PART = np.empty((0, 0), np.float32)  # two regions: no per-pair down outputs (nor add / late_out)
+_NO_FLAG = np.empty(0, np.int32)
 
 
 def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
@@ -76,7 +77,7 @@ def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
     if kind == "bf16":
         bufs = (np.zeros((T, Hp), np.float32), np.zeros((P, Ip), np.float32), np.zeros(2, np.int64))
     elif kind == "part":  # one region: per-pair down outputs, counters a cache line apart
-        bufs = (np.empty((P, Hp), np.float32), np.zeros(8 * (3 + P + Hp // 64), np.int64))
+        bufs = (np.empty((P, Hp), np.float32), np.zeros(8 * (4 + P + 2 * (Hp // 64)), np.int64))
     else:
         bufs = (
             (
@@ -153,6 +154,10 @@ def fused_moe(
     out: np.ndarray | None = None,
     prefer: str = "auto",
     threads: int | None = None,
+    defer: int = 0,
+    late_out: np.ndarray | None = None,
+    add: np.ndarray | None = None,
+    signal: tuple[np.ndarray, int] | None = None,
 ) -> np.ndarray:
     """Routed experts of one layer for T tokens; returns out [T, H] float32.
 
@@ -162,8 +167,30 @@ def fused_moe(
     (token blocks sized for L2), or "auto" (picked from tokens per expert with tuned settings).
     threads: Numba threads for this call (default: get_num_threads() of the calling thread).
     The GIL is released for the whole computation.
+
+    Expert deferral: with defer > 0, each token's ``defer`` lowest-weight pairs (of those with
+    ids >= 0; ``late_pairs``) are left out of out and written, weighted and summed, to late_out
+    [T, H] float32 instead. add: optional float32 [T, H] added to out (the late pairs of the layer
+    before). signal: optional (flags int32 [N], i): flags[i] = 1 once out is whole; a decode step
+    sets it before computing the late pairs, so whoever polls it goes on meanwhile.
     """
     _check_inputs(x, topk_ids, topk_weights, experts, out)
+    for name, a in (("late_out", late_out), ("add", add)):
+        if a is not None and (
+            not isinstance(a, np.ndarray)
+            or a.dtype != np.float32
+            or a.shape != x.shape
+            or not a.flags.c_contiguous
+        ):
+            raise ValueError(f"{name} must be a C-contiguous float32 array of shape {x.shape}")
+    if defer < 0 or (defer > 0 and late_out is None):
+        raise ValueError(f"defer must be >= 0 and come with late_out, got defer={defer}")
+    if signal is not None:
+        flags, idx = signal
+        if not isinstance(flags, np.ndarray) or flags.dtype != np.int32 or flags.ndim != 1:
+            raise ValueError("signal must be (an int32 1-D flags array, an index)")
+        if not 0 <= idx < flags.shape[0]:
+            raise ValueError(f"signal index {idx} outside the {flags.shape[0]} flags")
     if prefer not in ("auto", "decode", "prefill"):
         raise ValueError(f"prefer must be 'auto', 'decode' or 'prefill', got {prefer!r}")
     ex = experts
@@ -184,6 +211,25 @@ def fused_moe(
     rb, tb = decode if mode == "decode" else prefill
     nthr = threads or get_num_threads()
     numba.set_num_threads(nthr)  # thread-local in Numba: set by the calling thread
+    one_region = ex.fmt != "bf16" and mode == "decode" and T * K <= ONE_REGION_PAIRS
+    if not one_region and (defer or add is not None or signal is not None):
+        # Two regions (bf16, or many pairs): the late pairs as a call of their own, after out.
+        late = late_pairs(ids, wts, defer) if defer else None
+        now = np.where(late, -1, ids).astype(np.int32) if defer else ids
+        _run(x, now, wts, ex, out, mode, rb, tb, nthr, False, 0, None, None, None)
+        if add is not None:
+            out += add
+        if signal is not None:
+            signal[0][signal[1]] = 1
+        if defer:
+            late_ids = np.where(late, ids, -1).astype(np.int32)
+            _run(x, late_ids, wts, ex, late_out, mode, rb, tb, nthr, False, 0, None, None, None)
+        return out
+    return _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal)
+
+
+def _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal) -> np.ndarray:
+    T, K = ids.shape
     if ex.fmt == "bf16":
         xp, h, ctr = _scratch("bf16", ex.Hp, ex.Ip, T, T * K)
         ok = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
@@ -192,12 +238,14 @@ def fused_moe(
         gsel = (ex.group_size // 64) if is4 else 0  # 32 / 64 / 128 -> 0 / 1 / 2
         bufs, ctr = _scratch("q", ex.Hp, ex.Ip, T, T * K)
         part = _NO_PART
-        if mode == "decode" and T * K <= ONE_REGION_PAIRS:
+        if one_region:
             part, ctr = _scratch("part", ex.Hp, 0, 0, T * K)
+        flags, idx = signal if signal is not None else (_NO_FLAG, 0)
         ok = _moe_quant(
             x, ids, wts, ex.gate_up, ex.gate_up_scale.reshape(-1), ex.gate_up_zero.reshape(-1), ex.down,
             ex.down_scale.reshape(-1), ex.down_zero.reshape(-1), out, ex.I, gsel, rb, tb, _state["vnni"], is4,
-            ex.symmetric, bufs, ctr, nthr, part,
+            ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
+            _NO_PART if late_out is None else late_out, flags, idx,
         )  # fmt: skip
     if not ok:
         raise _bad_ids(ids, ex.E)

@@ -18,13 +18,18 @@ keep running for the whole call. Inside it, two parallel regions (three for long
 Pairs are grouped by expert first (counting sort), so each expert's weights are read once.
 
 A quantized decode step (up to ``moe.ONE_REGION_PAIRS`` pairs; the wrapper then passes per-pair
-outputs) runs 2 and 3 in one region: each thread takes gate/up items until none is left, then
+outputs) runs 2 and 3 in one region: each thread claims gate/up items until none is left, then
 down items (active expert, block of H rows), each waiting for its expert's gate/up items only
 (per-expert completion counters). An item writes its
 pairs' weighted rows to per-pair outputs [P, H]; the last item of a block of H rows to finish
 sums them into out (in expert order, as region 3 adds them: the same numbers). A V2-Lite layer
 at T = 1 has ~0.3 ms of work on 16 cores: one region launch and barrier instead of two, and
 6 x 32 down items instead of 32, so a slow item no longer leaves most threads idle.
+
+Expert deferral (one region only): each token's ``defer`` lightest pairs are grouped as experts
+E..2E-1 and their items come after all the others, summed into a second output. The region
+sets a flag (page-locked memory a GPU polls) as soon as the first output is whole, so the GPU
+goes on with the next layer while the late pairs are still being computed here.
 
 Regions hand out work items through an atomic counter instead of a static split:
 a thread that the OS deschedules (e.g. the core shared with the caller's GPU-launch
@@ -39,7 +44,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .dot_ir import dot_bf16, dot_q4_rows, dot_q8_rows, fetch_add, wait_at_least
+from .dot_ir import dot_bf16, dot_q4_rows, dot_q8_rows, fetch_add, set_flag, wait_at_least
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
 ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
@@ -53,39 +58,65 @@ DOWN_ROWS = 64
 
 
 @numba.njit(cache=True, nogil=True)
-def _group_pairs(ids, wts, E):
-    """ids [T, K] int32 -> ok, start [E + 1], slot_tok [P], slot_wt [P] float32, active [A].
+def late_pairs(ids, wts, defer):
+    """bool [T, K]: each token's ``defer`` lowest-weight pairs among those here (ids >= 0), the
+    earlier column first among equal weights; all of them when it has no more."""
+    T, K = ids.shape
+    late = np.zeros((T, K), np.bool_)
+    for t in range(T):
+        for _ in range(defer):
+            best = -1
+            for k in range(K):
+                if ids[t, k] >= 0 and not late[t, k] and (best < 0 or wts[t, k] < wts[t, best]):
+                    best = k
+            if best < 0:
+                break
+            late[t, best] = True
+    return late
 
-    ok is False (and nothing else is meaningful) when an id lies outside -1..E-1.
+
+@numba.njit(cache=True, nogil=True)
+def _group_pairs(ids, wts, E, defer):
+    """ids [T, K] int32 -> ok, start [NE + 1], slot_tok [P], slot_wt [P] float32, active [A].
+
+    ok is False (and nothing else is meaningful) when an id lies outside -1..E-1. With defer > 0
+    each token's late pairs (``late_pairs``) count as experts E..2E-1 (NE = 2E: the same weights,
+    after every expert on time), else NE = E.
     """
     T, K = ids.shape
-    start = np.zeros(E + 1, np.int64)
+    NE = 2 * E if defer > 0 else E
+    start = np.zeros(NE + 1, np.int64)
     for t in range(T):
         for k in range(K):
             e = ids[t, k]
             if e < -1 or e >= E:
                 return False, start, start, np.empty(0, np.float32), start
-            if e >= 0:
-                start[e + 1] += 1
-    nact = 0
-    for e in range(E):
-        if start[e + 1] > 0:
-            nact += 1
-        start[e + 1] += start[e]
-    pos = start[:E].copy()
-    slot_tok = np.empty(start[E], np.int64)
-    slot_wt = np.empty(start[E], np.float32)
+    late = late_pairs(ids, wts, defer)
     for t in range(T):
         for k in range(K):
             e = ids[t, k]
             if e >= 0:
+                start[e + E * late[t, k] + 1] += 1
+    nact = 0
+    for e in range(NE):
+        if start[e + 1] > 0:
+            nact += 1
+        start[e + 1] += start[e]
+    pos = start[:NE].copy()
+    slot_tok = np.empty(start[NE], np.int64)
+    slot_wt = np.empty(start[NE], np.float32)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            if e >= 0:
+                e += E * late[t, k]
                 s = pos[e]
                 pos[e] += 1
                 slot_tok[s] = t
                 slot_wt[s] = wts[t, k]
     active = np.empty(nact, np.int64)
     nact = 0
-    for e in range(E):
+    for e in range(NE):
         if start[e + 1] > start[e]:
             active[nact] = e
             nact += 1
@@ -175,16 +206,13 @@ def _q8_rows(vnni, R, w, wo, wst, a, ao, sa, sao, ac, aco, nblk):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gate_up_items(
-    ctr, one, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb, tb,  # noqa: E741
-    vnni, is_int4, sym,
+def _gate_up_item(
+    e, we, r0, rbg, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb, tb, vnni, is_int4,  # noqa: E741
+    sym,
 ):  # fmt: skip
-    """Gate/up items claimed through ctr[0] until none is left (A * nbi); one region: each done item
-    counted in ctr[8 (2 + a)] for its active expert a, after its h and hq are written (acq_rel).
-
-    Item task: rows r0..r1-1 (rbg of them, a multiple of 64) of the active expert task // nbi for
-    its pairs s0..s1-1: h, and the blocks of 64 of h that the item wrote whole (the expert's last
-    item: up to Ip) quantized.
+    """One gate/up item: rows r0..r0+rbg-1 (a multiple of 64) of expert we's weights for the pairs
+    start[e]..start[e + 1]-1 (e: the expert as grouped, late pairs counting as E + we): h, and the
+    blocks of 64 of h that the item wrote whole (the expert's last item: up to Ip) quantized.
 
     Four packed rows per dot, one from each quarter of the item's 2 * (r1 - r0) packed rows, so
     each activation vector is loaded once for four rows and the weights stream as four long
@@ -192,51 +220,43 @@ def _gate_up_items(
     """
     Hp, Ip = xq.shape[1], hq.shape[1]
     ngh, nbx, nbh64 = (Hp // 32) >> gsel, Hp // 64, Ip // 64
-    while True:
-        task = fetch_add(ctr, 0, 1)
-        if task >= active.shape[0] * nbi:
-            break
-        e = active[task // nbi]
-        r0 = (task % nbi) * rbg
-        r1, s0, s1 = min(r0 + rbg, I), start[e], start[e + 1]
-        # one token block: the whole item in one pass, so its weights stream in long runs
-        rstep = rb if s1 - s0 > tb else r1 - r0
-        pre = np.empty((s1 - s0, 2 * (r1 - r0)))  # gate, up values of rows r0..r1-1, interleaved
-        for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
-            ce = min(c0 + rstep, r1)
-            # packed rows p0.. (gate, up of each row) in four streams, one per quarter
-            p0, npk = (e * I + c0) * 2, 2 * (ce - c0)
-            q = npk // 4
-            for tb0 in range(s0, s1, tb):
-                # k < q: packed rows p0 + k + m * q (m < 4); then the npk % 4 left, each alone
-                # (as four copies of itself: one call site, so one compiled copy of the dots)
-                for k in range(q + npk - 4 * q):
-                    kk = k if k < q else 3 * q + k
-                    p, j, st = p0 + kk, 2 * (c0 - r0) + kk, q if k < q else 0  # packed row, column, stride
-                    for s in range(tb0, min(tb0 + tb, s1)):
-                        t = slot_tok[s]
-                        if is_int4:
-                            v = _q4_rows(
-                                vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
-                                t * nbx, xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
-                            )  # fmt: skip
-                            for m in range(4 if k < q else 1):
-                                pre[s - s0, j + m * q] = v[m]
-                        else:
-                            v = _q8_rows(
-                                vnni, 4, gu, p * Hp, st * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
-                            )  # fmt: skip
-                            for m in range(4 if k < q else 1):
-                                pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
-        for s in range(s0, s1):
-            for i in range(r0, r1):
-                h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
-        bend = nbh64 if r1 == I else r1 // 64
-        for s in range(s0, s1):
-            for b in range(r0 // 64, bend):
-                _quantize_block(h[s], I, b, hq[s], hs[s], hc[s])
-        if one:
-            fetch_add(ctr, 8 * (2 + task // nbi), 1)
+    r1, s0, s1 = min(r0 + rbg, I), start[e], start[e + 1]
+    # one token block: the whole item in one pass, so its weights stream in long runs
+    rstep = rb if s1 - s0 > tb else r1 - r0
+    pre = np.empty((s1 - s0, 2 * (r1 - r0)))  # gate, up values of rows r0..r1-1, interleaved
+    for c0 in range(r0, r1, rstep):  # rstep rows at a time stay in L2 across token blocks
+        ce = min(c0 + rstep, r1)
+        # packed rows p0.. (gate, up of each row) in four streams, one per quarter
+        p0, npk = (we * I + c0) * 2, 2 * (ce - c0)
+        q = npk // 4
+        for tb0 in range(s0, s1, tb):
+            # k < q: packed rows p0 + k + m * q (m < 4); then the npk % 4 left, each alone
+            # (as four copies of itself: one call site, so one compiled copy of the dots)
+            for k in range(q + npk - 4 * q):
+                kk = k if k < q else 3 * q + k
+                p, j, st = p0 + kk, 2 * (c0 - r0) + kk, q if k < q else 0  # packed row, column, stride
+                for s in range(tb0, min(tb0 + tb, s1)):
+                    t = slot_tok[s]
+                    if is_int4:
+                        v = _q4_rows(
+                            vnni, gsel, sym, 4, gu, p * (Hp // 2), st * (Hp // 2), xq, t * Hp, xs,
+                            t * nbx, xc, t * (Hp // 4), gus, p * ngh, st * ngh, guz, Hp // 128,
+                        )  # fmt: skip
+                        for m in range(4 if k < q else 1):
+                            pre[s - s0, j + m * q] = v[m]
+                    else:
+                        v = _q8_rows(
+                            vnni, 4, gu, p * Hp, st * Hp, xq, t * Hp, xs, t * nbx, xc, t * (Hp // 4), nbx,
+                        )  # fmt: skip
+                        for m in range(4 if k < q else 1):
+                            pre[s - s0, j + m * q] = np.float64(v[m]) * gus[p + m * q]
+    for s in range(s0, s1):
+        for i in range(r0, r1):
+            h[s, i] = _silu_mul(pre[s - s0, 2 * (i - r0)], pre[s - s0, 2 * (i - r0) + 1])
+    bend = nbh64 if r1 == I else r1 // 64
+    for s in range(s0, s1):
+        for b in range(r0 // 64, bend):
+            _quantize_block(h[s], I, b, hq[s], hs[s], hc[s])
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -293,7 +313,7 @@ def _down_rows(
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _moe_quant(
     x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr,
-    part,
+    part, defer, add, late_out, flag, flag_idx,
 ):  # fmt: skip
     """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32.
 
@@ -302,15 +322,20 @@ def _moe_quant(
     int4: gu u8 [E, I, 2, Hp/2], gus u16 [E * I * 2 * Hp/g], guz u8 same (or [1] when sym),
           dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same (or [1]); g = 32 << gsel.
     bufs: scratch (xq, xs, xc, h, hq, hs, hc) with at least T / P rows; nthr: the Numba thread
-    count of this call. part: per-pair down outputs [>= P, >= H] f32 and ctr int64 [>= 8 (3 + P + H / 64)]
-    for one region (a decode step), else part [0, 0] and ctr int64 [>= 16] for two regions.
+    count of this call. part: per-pair down outputs [>= P, >= H] f32 and ctr int64
+    [>= 8 (4 + P + 2 Hp / 64)] for one region (a decode step), else part [0, 0] and ctr int64 [>= 16]
+    for two regions.
+
+    One region only (else defer 0, add / late_out [0, 0], flag [0]): each token's ``defer`` lightest
+    pairs go to late_out [T, H] instead of out; add [T, H] (or [0, 0]) is added to out; once out is
+    whole, flag[flag_idx] = 1 (flag [0]: no flag), and the late pairs run after that.
     """
     I = inter  # noqa: E741
     xq, xs, xc, h, hq, hs, hc = bufs
     T, H = x.shape
     E = gu.shape[0]
     Hp = xq.shape[1]
-    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, defer)
     if not ok:
         return False
     A = active.shape[0]
@@ -326,58 +351,25 @@ def _moe_quant(
 
     rbg = -(-_rows_per_item(A * I, rb, nthr) // 64) * 64  # whole blocks of h
     nbi = (I + rbg - 1) // rbg
-    if part.shape[0] > 0:  # one region: gate/up items, then (expert, block of H rows) down items
-        if A == 0:
-            for t in range(T):
-                for r in range(H):
-                    out[t, r] = 0.0
-            return True
-        # about ITEMS_PER_THREAD items per thread over all experts, whole multiples of DOWN_ROWS
-        rbd = min(max(_rows_per_item(A * H, rb, nthr) // DOWN_ROWS, 1) * DOWN_ROWS, H)
-        nbh = (H + rbd - 1) // rbd
-        ndown = A * nbh
-        # counters a cache line apart: 0 gate/up claims, 8 down claims, 8 (2 + a) gate/up items
-        # of active expert a done, 8 (2 + A + b) down items of row block b done
-        for c in range(2 + A + nbh):
-            ctr[8 * c] = 0
-        for _ in prange(nthr):
-            # A thread waits only after its last gate/up item is done and every item is claimed,
-            # so whatever it waits for is in progress on a running thread: no deadlock with any
-            # number of threads, one included.
-            _gate_up_items(
-                ctr, True, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel,
-                rb, tb, vnni, is_int4, sym,
-            )  # fmt: skip
-            while True:
-                task = fetch_add(ctr, 8, 1)
-                if task >= ndown:
-                    break
-                ai, b = task // nbh, task % nbh
-                e = active[ai]
-                r0, r1 = b * rbd, min(b * rbd + rbd, H)
-                wait_at_least(ctr, 8 * (2 + ai), nbi)  # this expert's h
-                _down_rows(
-                    e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq, hs, hc, gsel,
-                    rb, tb, vnni, is_int4, sym, part, False,
-                )  # fmt: skip
-                # the block's last item sums it: no wait, and the sums spread over the threads
-                if fetch_add(ctr, 8 * (2 + A + b), 1) == A - 1:
-                    for t in range(T):
-                        for r in range(r0, r1):
-                            out[t, r] = 0.0
-                    for s in range(start[E]):  # pairs in expert order, as two regions add them
-                        t = slot_tok[s]
-                        for r in range(r0, r1):
-                            out[t, r] += part[s, r]
+    if part.shape[0] > 0:
+        _one_region(
+            x, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,
+            add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, rbg, nbi,
+        )  # fmt: skip
         return True
 
     ctr[0] = 0
     ctr[8] = 0
     for _ in prange(nthr):
-        _gate_up_items(
-            ctr, False, nbi, rbg, active, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc, gsel, rb,
-            tb, vnni, is_int4, sym,
-        )  # fmt: skip
+        while True:
+            task = fetch_add(ctr, 0, 1)
+            if task >= A * nbi:
+                break
+            e = active[task // nbi]
+            _gate_up_item(
+                e, e, (task % nbi) * rbg, rbg, start, slot_tok, gu, gus, guz, I, xq, xs, xc, h, hq, hs, hc,
+                gsel, rb, tb, vnni, is_int4, sym,
+            )  # fmt: skip
 
     rbd = max(_rows_per_item(H, rb, nthr), min(DOWN_ROWS, H))  # four streams of >= DOWN_ROWS / 4 rows
     nbh = (H + rbd - 1) // rbd
@@ -400,6 +392,100 @@ def _moe_quant(
     return True
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sum_pairs(dst, r0, r1, T, s0, s1, slot_tok, part, add):
+    """dst[t, r0:r1] = the pairs s0..s1-1's rows of part summed per token (in slot order), + add."""
+    for t in range(T):
+        for r in range(r0, r1):
+            dst[t, r] = 0.0
+    for s in range(s0, s1):
+        t = slot_tok[s]
+        for r in range(r0, r1):
+            dst[t, r] += part[s, r]
+    if add.shape[0] > 0:
+        for t in range(T):
+            for r in range(r0, r1):
+                dst[t, r] += add[t, r]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")  # its prange runs as the caller's parallel region
+def _one_region(
+    x, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,  # noqa: E741
+    add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, rbg, nbi,
+):  # fmt: skip
+    """A decode step's work items in one parallel region, claimed in this order from one counter:
+    gate/up items of the experts on time, their down items (active expert, block of H rows), then
+    the same two for the late pairs (experts E.. as grouped). A down item waits for its expert's
+    gate/up items only (per-expert completion counters) and writes its pairs' weighted rows to
+    part; the last item of a block of H rows to finish sums them into out (or late_out), in expert
+    order, as two regions add them. The last block of out to be summed sets the flag.
+
+    A thread waits only for items claimed before its own, which threads that wait on nothing
+    later are running: no deadlock with any number of threads, one included.
+    """
+    xq, xs, xc, h, hq, hs, hc = bufs
+    T, H = x.shape
+    E = gu.shape[0]
+    NE = start.shape[0] - 1
+    A = active.shape[0]
+    a_now = 0
+    while a_now < A and active[a_now] < E:
+        a_now += 1
+    a_late = A - a_now
+    if a_now == 0:  # nothing on time: out is add alone
+        _sum_pairs(out, 0, H, T, 0, 0, slot_tok, part, add)
+        if flag.shape[0] > 0:
+            set_flag(flag, flag_idx)
+    if a_late == 0 and late_out.shape[0] > 0:
+        _sum_pairs(late_out, 0, H, T, 0, 0, slot_tok, part, late_out[:0])
+    if A == 0:
+        return
+    # about ITEMS_PER_THREAD items per thread over all experts, whole multiples of DOWN_ROWS
+    rbd = min(max(_rows_per_item(A * H, rb, nthr) // DOWN_ROWS, 1) * DOWN_ROWS, H)
+    nbh = (H + rbd - 1) // rbd
+    n_now = a_now * (nbi + nbh)
+    total = A * (nbi + nbh)
+    # counters a cache line apart: 0 claims, 8 (1 + a) gate/up items of active expert a done,
+    # 8 (1 + A + b) down items of row block b done (8 (1 + A + nbh + b): late pairs), 8 (1 + A + 2 nbh)
+    # blocks of out summed
+    for c in range(2 + A + 2 * nbh):
+        ctr[8 * c] = 0
+    for _ in prange(nthr):
+        while True:
+            task = fetch_add(ctr, 0, 1)
+            if task >= total:
+                break
+            late = task >= n_now
+            j = task - n_now if late else task
+            a0, na = (a_now, a_late) if late else (0, a_now)
+            if j < na * nbi:
+                ai = a0 + j // nbi
+                e = active[ai]
+                _gate_up_item(
+                    e, e - E if late else e, (j % nbi) * rbg, rbg, start, slot_tok, gu, gus, guz, I, xq, xs,
+                    xc, h, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,
+                )  # fmt: skip
+                fetch_add(ctr, 8 * (1 + ai), 1)
+                continue
+            j -= na * nbi
+            ai, b = a0 + j // nbh, j % nbh
+            e = active[ai]
+            r0, r1 = b * rbd, min(b * rbd + rbd, H)
+            wait_at_least(ctr, 8 * (1 + ai), nbi)  # this expert's h
+            _down_rows(
+                e - E if late else e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq,
+                hs, hc, gsel, rb, tb, vnni, is_int4, sym, part, False,
+            )  # fmt: skip
+            # the block's last item sums it: no wait, and the sums spread over the threads
+            if fetch_add(ctr, 8 * (1 + A + b + (nbh if late else 0)), 1) == na - 1:
+                if late:
+                    _sum_pairs(late_out, r0, r1, T, start[E], start[NE], slot_tok, part, late_out[:0])
+                else:
+                    _sum_pairs(out, r0, r1, T, 0, start[E], slot_tok, part, add)
+                    if fetch_add(ctr, 8 * (1 + A + 2 * nbh), 1) == nbh - 1 and flag.shape[0] > 0:
+                        set_flag(flag, flag_idx)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E741
     """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; gu u16 [E, I, 2, Hp]; dn u16 [E, H, Ip]; out [T, H] f32.
@@ -409,7 +495,7 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
     T, H = x.shape
     E, _, _, Hp = gu.shape
     Ip = dn.shape[2]
-    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E)
+    ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, 0)
     if not ok:
         return False
     ctr[0] = 0

@@ -49,7 +49,6 @@ def ram_expert_bytes_per_token(model: torch.nn.Module, top_k: int) -> float:
     total = 0.0
     for layer in model.model.layers:
         experts = getattr(layer.mlp, "experts", None)
-        experts = getattr(experts, "inner", experts)  # expert deferral wraps the layer's backend
         if isinstance(experts, HybridExperts) and experts.cpu is not None:
             packed = experts.cpu.packed
             total += top_k * (packed.E / experts.num_experts) * packed.expert_nbytes()

@@ -166,19 +166,50 @@ def _write_rows(dst, lo: int, part) -> None:
 
 
 class CPUExperts:
-    """Experts packed for the CPU kernels; computed on the CPU worker thread."""
+    """Experts packed for the CPU kernels; computed on the CPU worker thread.
+
+    Expert deferral (``hetero.moe.defer_experts``, off by default): each token's ``defer``
+    lowest-weight experts of those in RAM are computed after the rest, in the same kernel call,
+    into ``late``; the next MoE layer's call (``next``, whose ``prev`` this is) adds them to its
+    own output. In a decode graph the kernel sets the hand-off's flag before it starts on them,
+    so they run while the GPU computes the next layer's attention (as KTransformers does). Only
+    batches that never stream RAM experts (fewer than ``defer_below`` tokens) defer, so the next
+    layer always runs its CPU call and collects them.
+    """
 
     def __init__(self, packed, handoff):
         self.packed = packed  # cpu_kernels.PackedExperts
         self.handoff = handoff  # hetero.pipeline.CPUHandoff
+        self.defer, self.defer_below = 0, 0
+        self.prev: CPUExperts | None = None
+        self.late = None  # numpy float32 [rows, H]: the late experts' output, for the next layer
+        self.late_rows = 0  # rows of `late` written by the last call and not yet collected
 
-    def _kernel(self, x, ids, weights, out) -> None:
+    def _kernel(self, x, ids, weights, out, signal=None) -> None:
+        import numpy as np
+
         import cpu_kernels
 
-        cpu_kernels.fused_moe(x, ids, weights, self.packed, out=out)
+        t = x.shape[0]
+        add = None
+        prev = self.prev
+        if prev is not None and prev.late_rows:
+            if prev.late_rows != t:
+                raise RuntimeError(f"the layer before deferred experts of {prev.late_rows} rows, not {t}")
+            add, prev.late_rows = prev.late[:t], 0
+        late = None
+        if self.defer and t < self.defer_below:
+            if self.late is None or self.late.shape[0] < t:
+                self.late = np.zeros((max(t, 16), self.packed.H), np.float32)
+            late = self.late[:t]
+        cpu_kernels.fused_moe(
+            x, ids, weights, self.packed, out=out, defer=self.defer if late is not None else 0, late_out=late,
+            add=add, signal=signal,
+        )  # fmt: skip
+        self.late_rows = t if late is not None else 0
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        return self.handoff.submit(self._kernel, x, ids, weights)
+        return self.handoff.submit(self._kernel, x, ids, weights, signals=True)
 
     def wait(self, handle) -> torch.Tensor:
         return self.handoff.wait(handle)
@@ -670,47 +701,3 @@ class HybridExperts:
         for o in outs[1:]:
             total = total + o.to(total.dtype)
         return total
-
-
-# ----------------------------------------------------------------------------- expert deferral
-
-
-class Deferral:
-    """The deferred experts still running for the previous MoE layer of this forward."""
-
-    def __init__(self):
-        self.pending = None  # (backend, handle) or None
-
-
-class DeferredExperts:
-    """Runs each token's ``defer`` lowest-weight experts late: they finish while the next layer's
-    attention runs, and their output joins the next MoE layer's (as KTransformers does).
-
-    This changes the model's numbers slightly (the next layer does not see those experts'
-    contribution in its input), so it is off unless asked for.
-    """
-
-    def __init__(self, inner: HybridExperts, state: Deferral, defer: int, last: bool):
-        self.inner, self.state, self.defer, self.last = inner, state, defer, last
-
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        late = None
-        if not self.last and self.defer > 0 and ids.shape[1] > self.defer:
-            order = weights.argsort(dim=1)  # ascending: the first `defer` columns are the lightest
-            lightest = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, order[:, : self.defer], True)
-            now_ids = ids.masked_fill(lightest, -1)
-            late = (x, ids.masked_fill(~lightest, -1), weights)
-            return self.inner.submit(x, now_ids, weights), late
-        return self.inner.submit(x, ids, weights), late
-
-    def wait(self, handle) -> torch.Tensor:
-        now, late = handle
-        out = self.inner.wait(now)
-        prev = self.state.pending
-        self.state.pending = None
-        if late is not None:
-            self.state.pending = (self.inner, self.inner.submit(*late))
-        if prev is not None:
-            backend, h = prev
-            out = out + backend.wait(h).to(out.dtype)
-        return out

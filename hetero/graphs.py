@@ -9,8 +9,10 @@ from Python, the host, not the GPU, sets the pace. Here the step runs as a short
     join:    the CPU waits for the staged event, runs the CPU experts on the pinned buffers
     graph 1: copy the CPU result back, add it, go on to the next CPU MoE layer's router ...
 
-With expert deferral a layer's late experts are a second hand-off, joined in the next layer, so
-hand-offs overlap: the CPU runs them in the order they were staged, and each join waits for its own.
+Hand-offs may overlap (one staged before an earlier one is joined): the CPU runs them in the
+order they were staged, and each join waits for its own. A hand-off's kernel may set its flag
+itself before it returns (expert deferral: once the layer's output is whole, before its late
+experts), so the GPU goes on while the CPU still works.
 
 The graph after a join begins with a kernel that spins until the hand-off's flag in page-locked
 memory is set (``gpu_kernels.host_flag``; it clears the flag again), so the GPU may be handed a
@@ -27,6 +29,9 @@ graph before the CPU experts it reads are done. How the host drives a step (``De
 - ``ahead``: it launches the whole program at once; each hand-off goes to the CPU worker thread
   with an event to wait for, so the host is free during the step (but the CPU kernels run on a
   thread fewer).
+- ``upfront``: it launches the whole program at once, then runs the CPU experts itself (all the
+  kernels' threads), each after its staging. No launch falls between two CPU calls; a kernel that
+  flags its output early (expert deferral) lets the GPU go on at once.
 
 Without Triton no waits are captured and every step runs in turn.
 
@@ -92,14 +97,14 @@ class _Program:
         self.staged.clear()
         self.graph = None
 
-    def handoff(self, fn, args: tuple, worker, layer: int) -> _Handoff:
+    def handoff(self, fn, args: tuple, worker, layer: int, signals: bool = False) -> _Handoff:
         """Called after the staging of a CPU hand-off was captured: an event recorded by the graph
         itself marks the staging done, and the graph goes on (the layer's shared and GPU-resident
-        experts). Hand-offs may overlap (expert deferral: a layer's late experts are joined a layer
-        later); the CPU runs them in order."""
+        experts). Hand-offs may overlap (one joined after a later one is staged); the CPU runs
+        them in order."""
         ready = torch.cuda.Event(external=True)  # a node of the graph, recorded at every replay
         ready.record()
-        h = _Handoff(fn, args, worker, layer, self.handoffs, ready)
+        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals)
         self.staged.append(h)
         self.handoffs += 1
         return h
@@ -128,6 +133,7 @@ class _Handoff:
     layer: int
     slot: int  # its flag in DecodeGraphs.flags: set by the worker when fn is done
     ready: torch.cuda.Event  # recorded by the graph that stages the inputs in the pinned buffers
+    signals: bool = False  # fn takes signal=(flags, slot) and sets the flag itself, once its output is whole
 
 
 @dataclass
@@ -351,13 +357,13 @@ class DecodeGraphs:
                         jobs.append(h.worker.submit(_run_handoff, h, live, flags))
                     else:
                         queued.append(h)
-                elif mode != "ahead":  # the host runs the CPU experts itself, in order
+                elif mode in ("in_turn", "pipelined"):  # the host runs the CPU experts itself, in order
                     if mode == "in_turn":
                         due = op[1].slot
                     while queued and queued[0].slot <= due:
                         _run_handoff(queued.popleft(), live, flags)
                     due = op[1].slot
-            while queued:  # pipelined: the last join's
+            while queued:  # pipelined: the last join's; upfront: all of them
                 _run_handoff(queued.popleft(), live, flags)
         except BaseException:
             # Launching stopped midway: release the GPU from every flag it may wait on (each wait
@@ -374,21 +380,28 @@ class DecodeGraphs:
             job.result()
 
 
-LAUNCH_MODES = ("in_turn", "pipelined", "ahead")
-MAX_HANDOFFS = 1024  # per decode step: two per MoE layer (with deferral) of the deepest models
+LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront")
+MAX_HANDOFFS = 1024  # per decode step: one per CPU MoE layer, with room to spare
 
 
 def _run_handoff(h: _Handoff, live: int, flags) -> None:
     """Wait for the hand-off's inputs, run its CPU kernel on the ``live`` rows, then set its flag
-    (always: a stream waits on it)."""
+    (always: a stream waits on it), unless the kernel set it itself (``signals``: as soon as its
+    output was whole, before any work it does after)."""
+    signaled = False
     try:
         t0 = time.perf_counter()
         h.ready.synchronize()
         t1 = time.perf_counter()
-        h.fn(*(a[:live] for a in h.args))  # [S, ...] pinned buffers -> the live rows
+        args = [a[:live] for a in h.args]  # [S, ...] pinned buffers -> the live rows
+        if h.signals and flags is not None:
+            h.fn(*args, signal=(flags, h.slot))
+            signaled = True
+        else:
+            h.fn(*args)
         t2 = time.perf_counter()
     finally:
-        if flags is not None:
+        if flags is not None and not signaled:
             flags[h.slot] = 1
     timings = h.worker.timings
     timings.copies += t1 - t0  # the layer's GPU work and the copy: the CPU waits for both

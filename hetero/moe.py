@@ -79,13 +79,23 @@ class MoE(nn.Module):
 
 
 def defer_experts(model: nn.Module, defer: int) -> None:
-    """Let each MoE layer but the last finish its tokens' ``defer`` lightest experts during the next layer."""
-    from hetero.experts import Deferral, DeferredExperts
+    """Let each MoE layer's CPU call finish its tokens' ``defer`` lightest RAM experts after handing
+    its output over; they join the next MoE layer's output (``hetero.experts.CPUExperts``). Layers
+    whose next MoE layer has no CPU experts (and the last) defer nothing; 0 turns it off."""
+    from hetero.experts import CPUExperts, HybridExperts
 
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
-    state = Deferral()
-    for k, moe in enumerate(layers):
-        inner = moe.experts.inner if isinstance(moe.experts, DeferredExperts) else moe.experts
-        if isinstance(inner, nn.Module):
-            del moe.experts  # a registered submodule cannot be replaced by a plain object
-        moe.experts = DeferredExperts(inner, state, defer, last=k == len(layers) - 1) if defer else inner
+    if defer < 0:
+        raise ValueError(f"defer must be >= 0, got {defer}")
+    experts = [layer.mlp.experts for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+    hybrids = [h for h in experts if isinstance(h, HybridExperts)]
+    mins = [
+        h.stream_min_tokens for h in hybrids if h.streamed is not None and h.stream_min_tokens is not None
+    ]
+    below = min(mins) if mins else 1 << 62
+    cpus = [h.cpu if isinstance(getattr(h, "cpu", None), CPUExperts) else None for h in experts] + [None]
+    for cpu, nxt in zip(cpus, cpus[1:]):
+        if cpu is None:
+            continue
+        cpu.defer, cpu.defer_below, cpu.late_rows = (defer if nxt is not None else 0), below, 0
+        if nxt is not None:
+            nxt.prev = cpu

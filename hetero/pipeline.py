@@ -105,7 +105,11 @@ class CPUHandoff:
         self.buffers = HostBuffers(hidden, top_k, torch.float32, pin=self.cuda)
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
 
-    def submit(self, kernel, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
+    def submit(
+        self, kernel, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, signals: bool = False
+    ) -> Future:
+        """signals: the kernel takes ``signal=(flags, index)`` and sets that flag itself once ``out``
+        is whole (it may go on with other work); a decode graph's wait then starts the GPU then."""
         from gpu_kernels.handoff import stage_handoff
 
         t = x.shape[0]
@@ -119,7 +123,7 @@ class CPUHandoff:
             # (their storage stays referenced here).
             stage_handoff(x, ids, weights, hx, hids, hw)
             args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
-            return _Captured(hout, program.handoff(kernel, args, self.worker, self.layer))
+            return _Captured(hout, program.handoff(kernel, args, self.worker, self.layer, signals))
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()

@@ -236,6 +236,46 @@ def test_one_region_decode_experts_without_tokens(monkeypatch, fmt, g, sym):
         np.testing.assert_array_equal(out, _two_regions(monkeypatch, x, ids, w, experts, prefer="decode"))
 
 
+@pytest.mark.parametrize("fmt,g,sym", [("int8", 0, True), ("int4", 64, False), ("bf16", 0, True)])
+@pytest.mark.parametrize("T,K,defer", [(1, 6, 2), (3, 3, 1), (2, 2, 3), (40, 8, 2)])
+def test_deferral_splits_each_token_lightest_pairs(monkeypatch, fmt, g, sym, T, K, defer):
+    """out holds each token's on-time pairs plus add, late_out its `defer` lightest pairs of those
+    here (all of them when it has no more): the same numbers as two calls on the split ids. The
+    flag is set. Decode steps in one region (any thread count) and in two (bf16, 40 tokens)."""
+    H, I, E = 640, 584, 8  # noqa: E741
+    _, experts = packed(fmt, g, sym, E, H, I)
+    x, ids, w = make_batch(T, K, E, H, seed=70 + T * K)
+    ids[0, 1] = -1  # not here: never deferred
+    add = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    late = ck.moe.late_pairs(ids, w, defer)
+    for t in range(T):
+        here = np.flatnonzero(ids[t] >= 0)
+        want = here[np.argsort(w[t, here], kind="stable")[:defer]]
+        assert sorted(np.flatnonzero(late[t])) == sorted(want)
+    now_ids, late_ids = np.where(late, -1, ids).astype(np.int32), np.where(late, ids, -1).astype(np.int32)
+    for threads in sorted({1, ck.moe.numba.config.NUMBA_NUM_THREADS}):
+        want_now = ck.fused_moe(x, now_ids, w, experts, prefer="decode", threads=threads) + add
+        want_late = ck.fused_moe(x, late_ids, w, experts, prefer="decode", threads=threads)
+        flags = np.zeros(4, np.int32)
+        late_out = np.full_like(x, np.nan)
+        out = ck.fused_moe(
+            x, ids, w, experts, prefer="decode", threads=threads, defer=defer, late_out=late_out, add=add,
+            signal=(flags, 2),
+        )  # fmt: skip
+        np.testing.assert_array_equal(out, want_now)
+        np.testing.assert_array_equal(late_out, want_late)
+        assert flags.tolist() == [0, 0, 1, 0]
+    whole = ck.fused_moe(x, ids, w, experts, prefer="decode")
+    assert rel_err(out - add + late_out, whole) < 1e-5
+    if fmt != "bf16":  # the same split in two regions
+        late_out2 = np.empty_like(x)
+        out2 = _two_regions(
+            monkeypatch, x, ids, w, experts, prefer="decode", defer=defer, late_out=late_out2, add=add
+        )
+        np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(late_out2, late_out, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt,g", [("int8", 0), ("int4", 64)])
 def test_quantizer_round_trip(fmt, g):
     """Dequantized weights are exactly representable: packing them again gives the same bytes."""
@@ -301,6 +341,11 @@ def _bad_calls():
     yield "PackedExperts", (x, ids, w, {"fmt": "int8"}), {}
     yield "out must", (x, ids, w, experts), {"out": np.empty((2, ODD[0]), np.float32)}
     yield "prefer", (x, ids, w, experts), {"prefer": "fast"}
+    yield "defer must", (x, ids, w, experts), {"defer": 1}
+    yield "late_out must", (x, ids, w, experts), {"defer": 1, "late_out": np.empty((3, 5), np.float32)}
+    yield "add must", (x, ids, w, experts), {"add": x.astype(np.float64)}
+    yield "signal must", (x, ids, w, experts), {"signal": (np.zeros(2, np.int64), 0)}
+    yield "signal index", (x, ids, w, experts), {"signal": (np.zeros(2, np.int32), 2)}
 
 
 @pytest.mark.parametrize("match,args,kw", list(_bad_calls()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,7 +99,7 @@ def test_warm_up_decodes_each_batch_size_and_leaves_no_trace(tiny):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b", "qwen2-57b-a14b"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
-@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn"])
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn", "upfront"])
 def test_graph_decode_matches_eager(tiny, preset, fmt, launch):
     path = tiny(preset)
     spec = ModelSpec.from_pretrained(path)
@@ -140,15 +141,16 @@ def test_graph_decode_with_the_gpu_reading_ram_experts_over_pcie(tiny, fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn"])
-def test_graph_decode_with_expert_deferral_matches_eager(tiny, launch):
-    """With each layer's lightest expert deferred, two hand-offs overlap (a layer's late experts are
-    joined in the next layer): the graphs run them in order and give what eager steps give."""
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn", "upfront"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_graph_decode_with_expert_deferral_matches_eager(tiny, launch, fmt):
+    """With each token's lightest RAM expert deferred, a layer's CPU kernel flags its output before it
+    computes those (joined in the next layer's): the graphs give what eager steps give."""
     from hetero.moe import defer_experts
 
     path = tiny("deepseek-v2")
     spec = ModelSpec.from_pretrained(path)
-    placement = Placement(split(spec), expert_format="bf16", stream_min_tokens=16)
+    placement = Placement(split(spec), expert_format=fmt, group_size=32, stream_min_tokens=16)
     model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
     exact, exact_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
     defer_experts(model, 1)
@@ -215,7 +217,7 @@ def test_padded_graphs_match_eager(tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", ["ahead", "pipelined"])
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "upfront"])
 def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
     """Launched ahead or pipelined, a CPU kernel that fails releases the GPU from every flag: the
     step raises instead of the stream waiting forever, and the next step runs."""
@@ -233,7 +235,7 @@ def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
     handoffs = [op[1] for op in g.entries[1].program.ops if op[0] == "cpu"]
     fn = handoffs[1].fn
 
-    def broken(*a):
+    def broken(*a, **kw):
         raise ValueError("kernel failed")
 
     handoffs[1].fn = broken
@@ -319,8 +321,8 @@ def _three_layers(Graph, handoff):
 
 
 def _deferred(Graph, handoff):
-    """Expert deferral as a capture records it: a layer's late experts (slots 1, 3) are staged in
-    the graph after its join and joined a layer later, after that layer's own (slot 2)."""
+    """Overlapping hand-offs: slots 1 and 3 are staged in the graph after a join and joined a layer
+    later, after that layer's own (slot 2)."""
     a0, d0, a1, d1 = (handoff(i) for i in range(4))
     return [
         ("graph", Graph(0)), ("cpu", a0), ("join", a0),
@@ -337,6 +339,8 @@ def _deferred(Graph, handoff):
         # the graphs up to the next join go out before the CPU experts they wait for
         ("pipelined", _three_layers, "g0 g1 cpu0 g2 cpu1 g3 cpu2"),
         ("ahead", _three_layers, "g0 cpu0 g1 cpu1 g2 cpu2 g3"),  # this worker runs each at submit
+        ("upfront", _three_layers, "g0 g1 g2 g3 cpu0 cpu1 cpu2"),
+        ("upfront", _deferred, "g0 g1 g2 g3 g4 cpu0 cpu1 cpu2 cpu3"),
         ("in_turn", _deferred, "g0 cpu0 g1 cpu1 cpu2 g2 g3 cpu3 g4"),  # in slot order up to each join
         ("pipelined", _deferred, "g0 g1 cpu0 g2 cpu1 cpu2 g3 g4 cpu3"),
     ],
@@ -350,9 +354,38 @@ def test_launch_modes_order_graphs_and_cpu_work(launch, ops, want):
     assert flags[:n] == [1] * n and not any(flags[n:])
 
 
+def test_a_kernel_that_signals_sets_its_own_flag():
+    """A hand-off whose kernel sets its flag itself (expert deferral: before its late experts) is not
+    flagged again after it returns: the GPU may already have cleared it. One that fails first is."""
+    from types import SimpleNamespace
+
+    from hetero.graphs import _Handoff, _run_handoff
+    from hetero.pipeline import Timings
+
+    flags = np.zeros(4, np.int32)
+    seen = []
+
+    def kernel(x, signal=None):
+        f, i = signal
+        f[i] = 1
+        seen.append(f[i])
+        f[i] = 0  # what the GPU's wait does once it has seen it
+
+    def failing(x, signal=None):
+        raise ValueError("bad ids")
+
+    worker = SimpleNamespace(timings=Timings())
+    ready = SimpleNamespace(synchronize=lambda: None)
+    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 1, ready, signals=True), 1, flags)
+    assert seen == [1] and flags.tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="bad ids"):
+        _run_handoff(_Handoff(failing, (np.zeros(2),), worker, 0, 2, ready, signals=True), 1, flags)
+    assert flags.tolist() == [0, 0, 1, 0]
+
+
 def test_runtime_options_check_the_decode_launch():
     from hetero.runtime import RuntimeOptions
 
     assert RuntimeOptions().decode_launch == "pipelined"
-    with pytest.raises(ValueError, match="in_turn, pipelined, ahead"):
+    with pytest.raises(ValueError, match="in_turn, pipelined, ahead, upfront"):
         RuntimeOptions(decode_launch="sideways")

@@ -140,43 +140,54 @@ def test_hybrid_on_cuda_matches_cpu_reference(tiny, preset):
     assert model.worker.timings.calls > 0
 
 
-def test_deferred_experts_move_the_lightest_to_the_next_layer():
-    """What a layer defers arrives, whole, with the next layer's output; nothing is lost or doubled."""
-    from hetero.experts import Deferral, DeferredExperts, TorchExperts
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_deferred_experts_move_the_lightest_to_the_next_layer(fmt):
+    """What a layer's CPU call defers (each token's lightest RAM expert) arrives, whole, with the next
+    layer's output; nothing is lost or doubled, and a batch that would stream defers nothing."""
+    import cpu_kernels
+    from hetero.experts import CPUExperts
+    from hetero.pipeline import CPUHandoff, CPUWorker
 
-    torch.manual_seed(0)
-    e, h, i, k = 8, 16, 12, 3
-    inner = TorchExperts(e, h, i)
-    for p in inner.parameters():
-        p.data.normal_()
-    hybrid = HybridExperts(e, list(range(e)), gpu=_Sync(inner))
-    state = Deferral()
-    first, second = (
-        DeferredExperts(hybrid, state, 1, last=False),
-        DeferredExperts(hybrid, state, 1, last=True),
-    )
-    x = torch.randn(5, h)
-    ids = torch.stack([torch.randperm(e)[:k] for _ in range(5)])
-    w = torch.rand(5, k)
-    full = hybrid.wait(hybrid.submit(x, ids, w))
-    a = first.wait(first.submit(x, ids, w))
-    b = second.wait(second.submit(x, ids, w))
-    lightest = w.argmin(dim=1, keepdim=True)
-    only_light = hybrid.wait(hybrid.submit(x, torch.where(torch.arange(k) == lightest, ids, -1), w))
-    torch.testing.assert_close(a, full - only_light, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b, full + only_light, rtol=1e-5, atol=1e-5)
-    assert state.pending is None
+    rng = torch.Generator().manual_seed(0)
+    e, h, i, k, t = 8, 64, 64, 3, 5
+    worker = CPUWorker()
+    layers = []
+    for n in range(2):
+        w = [torch.randn(e, i, h, generator=rng) / 8, torch.randn(e, i, h, generator=rng) / 8]
+        w.append(torch.randn(e, h, i, generator=rng) / 8)
+        packed = cpu_kernels.pack_experts(*(a.numpy() for a in w), fmt=fmt)
+        layers.append(CPUExperts(packed, CPUHandoff(worker, torch.device("cpu"), h, k, layer=n)))
+    first, second = layers
+    first.defer, first.defer_below, second.prev = 1, 16, first
+    x = torch.randn(t, h, generator=rng)
+    ids = torch.stack([torch.randperm(e, generator=rng)[:k] for _ in range(t)]).int()
+    ids[0, 0] = -1  # an expert elsewhere: never the one deferred
+    w = torch.rand(t, k, generator=rng)
+
+    def call(layer, ids):
+        return layer.wait(layer.submit(x, ids, w))
+
+    here = torch.where(ids >= 0, w, float("inf"))
+    lightest = torch.arange(k) == here.argmin(dim=1, keepdim=True)
+    full_a, full_b = call(_plain(first), ids), call(_plain(second), ids)
+    only_light = call(_plain(first), torch.where(lightest, ids, -1))
+    a = call(first, ids)
+    assert first.late_rows == t
+    b = call(second, ids)
+    assert first.late_rows == 0
+    torch.testing.assert_close(a, full_a - only_light, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, full_b + only_light, rtol=1e-5, atol=1e-5)
+    first.defer_below = t  # this batch would stream: nothing deferred
+    torch.testing.assert_close(call(first, ids), full_a)
+    torch.testing.assert_close(call(second, ids), full_b)
+    worker.close()
 
 
-class _Sync:
-    def __init__(self, experts):
-        self.experts = experts
+def _plain(layer):
+    """The layer's experts, undeferred and unchained."""
+    from hetero.experts import CPUExperts
 
-    def submit(self, x, ids, w):
-        return self.experts.submit(x, ids, w)
-
-    def wait(self, handle):
-        return handle
+    return CPUExperts(layer.packed, layer.handoff)
 
 
 def test_expert_deferral_is_off_by_default_and_switches_back(tiny):
