@@ -336,37 +336,88 @@ def compare_launch(engine, prompt: list[int], steps: int, reps: int = 3) -> dict
     from hetero.graphs import LAUNCH_MODES
 
     default = engine.graphs.launch
-    runs: dict[str, list[dict]] = {m: [] for m in LAUNCH_MODES}
-    for mode in LAUNCH_MODES:  # each mode's first steps (flags, the worker's threads) untimed
-        engine.graphs.launch = mode
+    variants = {m: (lambda m=m: setattr(engine.graphs, "launch", m)) for m in LAUNCH_MODES}
+    out = compare(engine, prompt, steps, variants, reps, key="launch")
+    engine.graphs.launch = default
+    return {"default": default, **out}
+
+
+def compare_defer(engine, prompt: list[int], steps: int, defers: list[int], reps: int = 3) -> dict:
+    """Expert deferral of 0, 1, ... experts a token (``hetero.moe.defer_experts``), alternating, with
+    the default launch, as ``compare_launch`` times them; and what each does to the numbers: greedy
+    decoding from the same prompt against no deferral, the steps until the first other token and the
+    logits' relative difference over them (median and largest)."""
+    from hetero.moe import defer_experts
+
+    model = engine.model
+    variants = {f"defer{d}": (lambda d=d: defer_experts(model, d)) for d in defers}
+    out = compare(engine, prompt, steps, variants, reps, key="variant")
+    runs = {}
+    full = model.logits
+    for d in [0] + [d for d in defers if d]:
+        defer_experts(model, d)
+        got: list[torch.Tensor] = []
+        model.logits = lambda h, got=got: got.append(full(h).float().cpu()) or got[-1]
+        try:
+            (seq,) = engine.generate(
+                [prompt], SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+            )
+        finally:
+            model.logits = full
+        runs[d] = (seq.output_ids, got)
+    defer_experts(model, 0)
+    ref_ids, ref_logits = runs[0]
+    accuracy = []
+    for d in defers:
+        if not d:
+            continue
+        ids, logits = runs[d]
+        same = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), len(ids))
+        # logits of step i are the same inputs up to the first other token (i <= same)
+        rel = [
+            float((a - b).norm() / b.norm()) for a, b in zip(logits[1 : same + 2], ref_logits[1 : same + 2])
+        ]
+        accuracy.append(
+            {"defer": d, "same_tokens": same, "of": len(ids), "logits_rel_median": float(np.median(rel)),
+             "logits_rel_max": max(rel)}
+        )  # fmt: skip
+        print(
+            f"defer {d}: {same} of {len(ids)} greedy tokens as without; logits differ by {np.median(rel):.3f}"
+        )
+    return {**out, "accuracy": accuracy}
+
+
+def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, key: str) -> dict:
+    """Each variant (name -> a function that sets it up), alternating ``reps`` times: the step split of
+    ``replay_times`` per run, and per variant the median step, time outside the CPU calls and in them."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for setup in variants.values():  # each variant's first steps (flags, the worker's threads) untimed
+        setup()
         engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     for _ in range(reps):
-        for mode in LAUNCH_MODES:
-            engine.graphs.launch = mode
+        for name, setup in variants.items():
+            setup()
             seq = engine.add_request(
                 prompt, SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
             )
             while not seq.output_ids:
                 engine.step()
-            runs[mode].append(replay_times(engine, steps)["step_split_ms"])
+            runs[name].append(replay_times(engine, steps)["step_split_ms"])
             while not seq.finished:
                 engine.step()
-    engine.graphs.launch = default
     table = [
         {
-            "launch": m,
+            key: v,
             "step_ms": float(np.median([r["step"] for r in rs])),
             "outside_cpu_calls_ms": float(np.median([r["outside_cpu_calls"] for r in rs])),
             "cpu_calls_ms": float(np.median([r["replay_cpu_calls"] for r in rs])),
         }
-        for m, rs in runs.items()
+        for v, rs in runs.items()
     ]
-    print(f"{'launch':>10} {'step ms':>8} {'outside CPU calls':>18} {'CPU calls':>10}")
+    print(f"{key:>10} {'step ms':>8} {'outside CPU calls':>18} {'CPU calls':>10}")
     for t in table:
-        print(
-            f"{t['launch']:>10} {t['step_ms']:8.2f} {t['outside_cpu_calls_ms']:18.2f} {t['cpu_calls_ms']:10.2f}"
-        )
-    return {"default": default, "medians": table, "runs": runs}
+        print(f"{t[key]:>10} {t['step_ms']:8.2f} {t['outside_cpu_calls_ms']:18.2f} {t['cpu_calls_ms']:10.2f}")
+    return {"medians": table, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,6 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--compare-launch", action="store_true", help="only time each way of driving the graphs, alternating"
+    )
+    ap.add_argument(
+        "--compare-defer",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="only time expert deferral of each N experts a token, alternating, and its effect on the logits",
     )
     args = ap.parse_args(argv)
     cap = parse_size(args.gpu_mem)
@@ -406,10 +465,13 @@ def main(argv: list[str] | None = None) -> int:
         engine.graphs.launch = args.launch
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    if args.compare_launch:
+    if args.compare_launch or args.compare_defer:
         if engine.graphs is None or not torch.cuda.is_available():
-            raise SystemExit("--compare-launch needs CUDA graphs")
-        row = compare_launch(engine, prompt, args.steps)
+            raise SystemExit("--compare-launch / --compare-defer need CUDA graphs")
+        if args.compare_defer:
+            row = compare_defer(engine, prompt, args.steps, args.compare_defer)
+        else:
+            row = compare_launch(engine, prompt, args.steps)
         from cpu_kernels.cpu_info import machine_name
         from placement import detect
 
@@ -420,12 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         row.update(defer=args.defer, cpu_read_bw_GBs=cpu_bw / 1e9, decode_roofline_tok_s=roof)
         for t in row["medians"]:
             t["over_roofline"] = 1e3 / t["step_ms"] / roof
-            print(
-                f"{t['launch']:>10}: {1e3 / t['step_ms']:.1f} tok/s, {t['over_roofline']:.2f} of the roofline"
-            )
+            name = t.get("launch", t.get("variant"))
+            print(f"{name:>10}: {1e3 / t['step_ms']:.1f} tok/s, {t['over_roofline']:.2f} of the roofline")
         name = Path(args.model).name + (f"-defer{args.defer}" if args.defer else "")
         gpu = torch.cuda.get_device_name(0).replace(" ", "_")
-        out = RESULTS / f"decode_launch-{name}-{args.experts}-{gpu}.json"
+        kind = "decode_defer" if args.compare_defer else "decode_launch"
+        out = RESULTS / f"{kind}-{name}-{args.experts}-{gpu}.json"
         out.write_text(json.dumps(row, indent=2))
         print(f"wrote {out}")
         return 0

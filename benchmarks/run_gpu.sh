@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests kernels moe cpu threads launch e2e hf profile modes pprofile load convert spec serve prefix nccl
+#   stages: tests gtests kernels moe cpu threads launch e2e hf profile modes defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -77,6 +77,8 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 --compare-launch 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
+    defer) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4} \
+        --steps 32 --compare-defer ${DEFER:-0 1 2 3} 2>&1 | grep -v "^loading\|step split\|unprofiled" | tail -16 ;;
     hf) bf=/tmp/ckpt-$preset-bf16  # transformers runs the bf16 checkpoint a user downloads
       if [ ! -f "$bf/config.json" ]; then
         # 31 GB more on a 64 GiB disk: the converted copy goes first when room is short.
