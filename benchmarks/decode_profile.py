@@ -373,10 +373,8 @@ def compare_defer(engine, prompt: list[int], steps: int, defers: list[int], reps
             continue
         ids, logits = runs[d]
         same = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), len(ids))
-        # logits of step i are the same inputs up to the first other token (i <= same)
-        rel = [
-            float((a - b).norm() / b.norm()) for a, b in zip(logits[1 : same + 2], ref_logits[1 : same + 2])
-        ]
+        # logits i (0: the prompt's) choose token i: the same inputs up to the first other token (i <= same)
+        rel = [float((a - b).norm() / b.norm()) for a, b in zip(logits[: same + 1], ref_logits[: same + 1])]
         accuracy.append(
             {"defer": d, "same_tokens": same, "of": len(ids), "logits_rel_median": float(np.median(rel)),
              "logits_rel_max": max(rel)}
