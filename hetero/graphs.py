@@ -29,9 +29,11 @@ graph before the CPU experts it reads are done. How the host drives a step (``De
 - ``ahead``: it launches the whole program at once; each hand-off goes to the CPU worker thread
   with an event to wait for, so the host is free during the step (but the CPU kernels run on a
   thread fewer).
-- ``upfront``: it launches the whole program at once, then runs the CPU experts itself (all the
-  kernels' threads), each after its staging. No launch falls between two CPU calls; a kernel that
-  flags its output early (expert deferral) lets the GPU go on at once.
+- ``upfront``: the step is captured as one graph, the waits on the flags inside it; the host
+  launches it, then runs the CPU experts itself (all the kernels' threads), each after its
+  staging. One launch a step instead of one per hand-off, and none between two CPU calls; a
+  kernel that flags its output early (expert deferral) lets the GPU go on at once. Switching to
+  or from this mode captures the steps anew.
 
 Without Triton no waits are captured and every step runs in turn.
 
@@ -84,6 +86,7 @@ class _Program:
     graph: torch.cuda.CUDAGraph | None = None
     staged: list = field(default_factory=list)  # hand-offs staged in the graph being captured
     handoffs: int = 0  # the "cpu" ops so far
+    single: bool = False  # one graph for the whole step, its waits inside it (needs flags)
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -111,10 +114,12 @@ class _Program:
 
     def join(self, h: _Handoff) -> None:
         """Called before the host-to-device copy of hand-off ``h``'s result is captured: the next
-        graph starts by waiting for the hand-off's flag."""
-        self.end()
-        self.ops.append(("join", h))
-        self.begin()
+        graph starts by waiting for the hand-off's flag (one graph a step: the graph goes on with
+        that wait, and every CPU op follows it)."""
+        if not self.single:
+            self.end()
+            self.ops.append(("join", h))
+            self.begin()
         if self.flags is not None:
             from gpu_kernels.host_flag import wait_host_flag
 
@@ -191,6 +196,8 @@ class DecodeGraphs:
     def launch(self, mode: str) -> None:
         if mode not in LAUNCH_MODES:
             raise ValueError(f"launch must be one of {LAUNCH_MODES}, got {mode!r}")
+        if (mode == "upfront") != (self._launch == "upfront"):
+            self.entries.clear()  # captured as one graph a step or as one per hand-off: capture anew
         self._launch = mode
 
     def usable(self, batch_size: int) -> bool:
@@ -287,8 +294,14 @@ class DecodeGraphs:
     def _capture(self, b, ids, positions, slots, context_lens, tables) -> _Entry | None:
         global _capture
         static_ids, batch, staging, host_tables = self._static(b)
+        flags = self._flags()
         entry = _Entry(
-            _Program(self.pool, self._flags(), self.device), static_ids, batch, None, staging, host_tables
+            _Program(self.pool, flags, self.device, single=flags is not None and self.launch == "upfront"),
+            static_ids,
+            batch,
+            None,
+            staging,
+            host_tables,
         )
         self._load(entry, ids, positions, slots, context_lens, tables)
         side = torch.cuda.Stream(self.device)

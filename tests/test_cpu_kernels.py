@@ -215,6 +215,7 @@ def test_one_region_decode_any_thread_count(monkeypatch, fmt, g, sym):
         for os_threads in sorted({1, n}):  # 8 iterations of the region's loop on fewer threads
             with monkeypatch.context() as m:
                 m.setattr(ck.moe.numba, "set_num_threads", lambda k, o=os_threads: real(min(k, o)))
+                ck.moe._local.threads = 0  # the count a call last set: set again, through the patch
                 for i in range(4):
                     out = ck.fused_moe(*batches[i % 2], experts, prefer="decode", threads=8)
                     np.testing.assert_array_equal(out, want[i % 2], err_msg=f"T={T} K={K} 8 on {os_threads}")
