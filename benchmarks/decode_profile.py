@@ -392,6 +392,8 @@ def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, ke
     for setup in variants.values():  # each variant's first steps (flags, the worker's threads) untimed
         setup()
         engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        if engine.graphs.failed:
+            raise SystemExit(f"decode steps ran eagerly: {engine.graphs.failed}")
     for _ in range(reps):
         for name, setup in variants.items():
             setup()

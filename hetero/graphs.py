@@ -32,8 +32,8 @@ graph before the CPU experts it reads are done. How the host drives a step (``De
 - ``upfront``: the step is captured as one graph, the waits on the flags inside it; the host
   launches it, then runs the CPU experts itself (all the kernels' threads), each after its
   staging. One launch a step instead of one per hand-off, and none between two CPU calls; a
-  kernel that flags its output early (expert deferral) lets the GPU go on at once. Switching to
-  or from this mode captures the steps anew.
+  kernel that flags its output early (expert deferral) lets the GPU go on at once. Its steps are
+  captured apart from the other modes' (both sets share the memory pool: a step replays one set).
 
 Without Triton no waits are captured and every step runs in turn.
 
@@ -180,7 +180,8 @@ class DecodeGraphs:
         self.block_size = kv_layers[0][0].shape[1] if kv_layers else 1
         self.max_blocks, self.max_batch = max_blocks, max_batch
         self.device = device or next(model.parameters()).device
-        self.entries: dict[int, _Entry] = {}
+        # captured steps by size, one graph per hand-off (False) or one a step (True: upfront)
+        self._entries: dict[bool, dict[int, _Entry]] = {False: {}, True: {}}
         self.failed: dict[int, str] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.stream_min = _stream_min_tokens(model)
@@ -196,9 +197,12 @@ class DecodeGraphs:
     def launch(self, mode: str) -> None:
         if mode not in LAUNCH_MODES:
             raise ValueError(f"launch must be one of {LAUNCH_MODES}, got {mode!r}")
-        if (mode == "upfront") != (self._launch == "upfront"):
-            self.entries.clear()  # captured as one graph a step or as one per hand-off: capture anew
         self._launch = mode
+
+    @property
+    def entries(self) -> dict[int, _Entry]:
+        """The steps captured for the current launch mode, by size (upfront: one graph a step)."""
+        return self._entries[self._launch == "upfront"]
 
     def usable(self, batch_size: int) -> bool:
         return (

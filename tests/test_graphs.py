@@ -206,7 +206,7 @@ def test_padded_graphs_match_eager(tiny):
             for op in g.entries[16].program.ops:
                 if op[0] == "cpu":
                     fn = op[1].fn
-                    op[1].fn = lambda *a, fn=fn: cpu_rows.append(a[0].shape[0]) or fn(*a)
+                    op[1].fn = lambda *a, fn=fn, **kw: cpu_rows.append(a[0].shape[0]) or fn(*a, **kw)
         return [s.output_ids for s in engine.generate(prompts, params)], engine
 
     ref, _ = go(False)
