@@ -672,6 +672,10 @@ class HybridExperts:
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
         if self.cpu is not None:
             ram = self.streamed if streams else self.cpu
+            if streams and isinstance(self.cpu, CPUExperts):
+                self.cpu.late_rows = (
+                    0  # no CPU call: nothing deferred here (none left from a forward cut short)
+                )
             local = cpu_local[ids]
             by_pcie = None
             if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -179,6 +181,16 @@ def test_deferred_experts_move_the_lightest_to_the_next_layer(fmt):
     torch.testing.assert_close(b, full_b + only_light, rtol=1e-5, atol=1e-5)
     first.defer_below = t  # this batch would stream: nothing deferred
     torch.testing.assert_close(call(first, ids), full_a)
+    torch.testing.assert_close(call(second, ids), full_b)
+    # a forward cut short after the first layer deferred, then one in which that layer streams:
+    # the second layer must not collect what is left over
+    first.defer_below = 16
+    call(first, ids)
+    assert first.late_rows == t
+    streamed = SimpleNamespace(submit=lambda x, ids, w: torch.zeros_like(x), wait=lambda handle: handle)
+    layer = HybridExperts(e, [], cpu=first, streamed=streamed, stream_min_tokens=1)
+    layer.wait(layer.submit(x, ids.long(), w))
+    assert first.late_rows == 0
     torch.testing.assert_close(call(second, ids), full_b)
     worker.close()
 
