@@ -145,7 +145,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--defer-experts",
         type=int,
         default=0,
-        help="finish each token's N lightest experts during the next layer",
+        help="finish each token's N lightest RAM experts during the next layer (changes the numbers; "
+        "pairs best with --decode-launch upfront)",
     )
     p.add_argument("--speculate", default=None, metavar="ngram|draft:DIR|mtp", help="speculative decoding")
     p.add_argument("--spec-k", default="4", help="drafted tokens per step: N or auto")
