@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,7 +171,7 @@ class CPUExperts:
 
     Expert deferral (``hetero.moe.defer_experts``, off by default): each token's ``defer``
     lowest-weight experts of those in RAM are computed after the rest, in the same kernel call,
-    into ``late``; the next MoE layer's call (``next``, whose ``prev`` this is) adds them to its
+    into ``late``; the next MoE layer's call (the layer whose ``prev`` this is) adds them to its
     own output. In a decode graph the kernel sets the hand-off's flag before it starts on them,
     so they run while the GPU computes the next layer's attention (as KTransformers does). Only
     batches that never stream RAM experts (fewer than ``defer_below`` tokens) defer, so the next
@@ -186,8 +187,6 @@ class CPUExperts:
         self.late_rows = 0  # rows of `late` written by the last call and not yet collected
 
     def _kernel(self, x, ids, weights, out, signal=None) -> None:
-        import numpy as np
-
         import cpu_kernels
 
         t = x.shape[0]
@@ -673,9 +672,8 @@ class HybridExperts:
         if self.cpu is not None:
             ram = self.streamed if streams else self.cpu
             if streams and isinstance(self.cpu, CPUExperts):
-                self.cpu.late_rows = (
-                    0  # no CPU call: nothing deferred here (none left from a forward cut short)
-                )
+                # no CPU call: nothing deferred here (nor left over from a forward cut short)
+                self.cpu.late_rows = 0
             local = cpu_local[ids]
             by_pcie = None
             if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:
