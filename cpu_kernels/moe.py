@@ -102,7 +102,9 @@ def _bad_ids(topk_ids, E: int) -> ValueError:
     return ValueError(f"topk_ids must be -1 (skip) or in [0, {E}), got min {lo} max {hi}")
 
 
-def _check_inputs(x, topk_ids, topk_weights, experts, out) -> None:
+def _check_inputs(
+    x, topk_ids, topk_weights, experts, out, defer=0, late_out=None, add=None, signal=None
+) -> None:
     """Types and shapes; the ids' range is checked by the kernel's first pass over them."""
     if not isinstance(experts, PackedExperts):
         raise ValueError(f"experts must be PackedExperts (from pack_experts), got {type(experts).__name__}")
@@ -121,13 +123,23 @@ def _check_inputs(x, topk_ids, topk_weights, experts, out) -> None:
         raise ValueError(
             f"topk_ids {topk_ids.shape} and topk_weights {topk_weights.shape} must both be [T={T}, K]"
         )
-    if out is not None:
-        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (T, H):
-            raise ValueError(
-                f"out must be a float32 array of shape {(T, H)}, got {getattr(out, 'shape', out)}"
-            )
-        if not out.flags.c_contiguous:
-            raise ValueError("out must be C-contiguous")
+    for name, a in (("out", out), ("late_out", late_out), ("add", add)):  # float32 [T, H] buffers
+        if a is not None and (
+            not isinstance(a, np.ndarray)
+            or a.dtype != np.float32
+            or a.shape != (T, H)
+            or not a.flags.c_contiguous
+        ):
+            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{name} must be a C-contiguous float32 array of shape {(T, H)}, got {got}")
+    if defer < 0 or (defer > 0 and late_out is None):
+        raise ValueError(f"defer must be >= 0 and come with late_out, got defer={defer}")
+    if signal is not None:
+        flags, idx = signal
+        if not isinstance(flags, np.ndarray) or flags.dtype != np.int32 or flags.ndim != 1:
+            raise ValueError("signal must be (an int32 1-D flags array, an index)")
+        if not 0 <= idx < flags.shape[0]:
+            raise ValueError(f"signal index {idx} outside the {flags.shape[0]} flags")
 
 
 _settings: dict = {}
@@ -174,23 +186,7 @@ def fused_moe(
     before). signal: optional (flags int32 [N], i): flags[i] = 1 once out is whole; a decode step
     sets it before computing the late pairs, so whoever polls it goes on meanwhile.
     """
-    _check_inputs(x, topk_ids, topk_weights, experts, out)
-    for name, a in (("late_out", late_out), ("add", add)):
-        if a is not None and (
-            not isinstance(a, np.ndarray)
-            or a.dtype != np.float32
-            or a.shape != x.shape
-            or not a.flags.c_contiguous
-        ):
-            raise ValueError(f"{name} must be a C-contiguous float32 array of shape {x.shape}")
-    if defer < 0 or (defer > 0 and late_out is None):
-        raise ValueError(f"defer must be >= 0 and come with late_out, got defer={defer}")
-    if signal is not None:
-        flags, idx = signal
-        if not isinstance(flags, np.ndarray) or flags.dtype != np.int32 or flags.ndim != 1:
-            raise ValueError("signal must be (an int32 1-D flags array, an index)")
-        if not 0 <= idx < flags.shape[0]:
-            raise ValueError(f"signal index {idx} outside the {flags.shape[0]} flags")
+    _check_inputs(x, topk_ids, topk_weights, experts, out, defer, late_out, add, signal)
     if prefer not in ("auto", "decode", "prefill"):
         raise ValueError(f"prefer must be 'auto', 'decode' or 'prefill', got {prefer!r}")
     ex = experts

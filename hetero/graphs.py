@@ -299,14 +299,10 @@ class DecodeGraphs:
         global _capture
         static_ids, batch, staging, host_tables = self._static(b)
         flags = self._flags()
-        entry = _Entry(
-            _Program(self.pool, flags, self.device, single=flags is not None and self.launch == "upfront"),
-            static_ids,
-            batch,
-            None,
-            staging,
-            host_tables,
+        program = _Program(
+            self.pool, flags, self.device, single=flags is not None and self.launch == "upfront"
         )
+        entry = _Entry(program, static_ids, batch, None, staging, host_tables)
         self._load(entry, ids, positions, slots, context_lens, tables)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
