@@ -53,7 +53,7 @@ def cases(ctxs, only, rows=(1, 16), mla_heads=(16, 128)):
 def candidates(kind: str, quick: bool) -> list[dict]:
     splits = [(4, 256), (2, 128), (8, 512), (1, 64)]
     if kind == "gqa":
-        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits + [(6, 384), (3, 192)], (0, 1))
+        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits + [(6, 384), (3, 192)], (0, 1, 2))
         return [
             {
                 "BLOCK_N": bn,
@@ -67,13 +67,13 @@ def candidates(kind: str, quick: bool) -> list[dict]:
             if not quick or (st == 3 and ahead)
         ]
     heads = (16,) if kind == "mla16" else (32, 64)
-    grid = itertools.product(heads, (16, 32, 64), (4, 8), (1, 2, 3), splits, (0, 1))
+    grid = itertools.product(heads, (16, 32, 64), (4, 8), (1, 2, 3), splits, (0, 1, 2))
     return [
         {"BLOCK_H": bh, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": wv, "MAX_SPLITS": ms}
         | {"BT_AHEAD": ahead}
         for bh, bn, w, st, (wv, ms), ahead in grid
         # 64 heads by 64 tokens: two stages fit (144 KB of shared memory), eight warps hold the accumulator
-        if not (bh == 64 and bn == 64 and (w, st) != (8, 2)) and (not quick or st == 2 + ahead)
+        if not (bh == 64 and bn == 64 and (w, st) != (8, 2)) and (not quick or st == 2 + min(ahead, 1))
     ]
 
 
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--only", default="gqa,mla")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bt-ahead", type=int, nargs="+", default=[0, 1, 2], help="block-id modes to sweep")
     ap.add_argument("--mla-heads", type=int, nargs="+", default=[16, 128], choices=[16, 128])
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -93,7 +94,8 @@ def main() -> None:
     for name, fn, calls, nbytes, kind in cases(args.ctx, args.only, args.rows, args.mla_heads):
         ref = fn(*calls[0][0], **calls[0][1])
         timings = []
-        for cfg in [None, *candidates(kind, args.quick)]:
+        cands = [c for c in candidates(kind, args.quick) if c["BT_AHEAD"] in args.bt_ahead]
+        for cfg in [None, *cands]:
             with_cfg = [(a, {**k, "config": cfg}) for a, k in calls]
             try:
                 err = (fn(*with_cfg[0][0], **with_cfg[0][1]).float() - ref.float()).abs().max().item()

@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from ._triton import cdiv, dot, next_pow2, tl, triton, use_triton
-from .paged_attention import _LOG2E, _first_blocks, _tile_blocks, gather_kv, merge_splits, pick_partition
+from .paged_attention import (
+    _LOG2E,
+    _first_blocks,
+    _tile_blocks,
+    bt_mode,
+    gather_kv,
+    merge_splits,
+    pick_partition,
+)
 
 
 def mla_decode_attention_reference(
@@ -88,7 +96,7 @@ def _mla_decode_kernel(
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs
         tmask = t < end
-        blk, ahead = _tile_blocks(bt_row, t, end, ahead, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
+        blk, ahead = _tile_blocks(bt_row, t0, end, ahead, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
         base = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (R + P)  # [BLOCK_N]
         c = tl.load(c_ptr + base[:, None] + r[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, R]
         kpe = tl.load(c_ptr + base[:, None] + R + p[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, P]
@@ -130,14 +138,15 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     from 66.4 / 847 us to 58.7 / 698 (attention_sweep-mla128-h100.json); a single row's two head blocks
     split the context the least. Between 16 and 64 heads, blocks of 32."""
     if H <= 16 and n_rows == 1:
-        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 3}
     elif H <= 16:
-        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 3, "BT_AHEAD": 1}
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
     elif H >= 64:
         waves = 4 if n_rows * cdiv(H, 64) >= 16 else 1
         cfg = {"BLOCK_H": 64, "BLOCK_N": 64, "WAVES": waves, "num_stages": 2, "num_warps": 8}
     else:
         cfg = {"BLOCK_H": 32, "BLOCK_N": 64, "WAVES": 8 if n_rows * cdiv(H, 32) >= 32 else 2, "num_stages": 3}
+    cfg["BT_AHEAD"] = 2
     cfg = {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, **cfg}
     return {**cfg, **(config or {})}
 
@@ -180,7 +189,7 @@ def mla_decode_attention_triton(
         BLOCK_SIZE=bs,
         BLOCK_N=block_n,
         S=S,
-        BT_AHEAD=cfg.get("BT_AHEAD", 0),
+        BT_AHEAD=bt_mode(cfg, bs),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

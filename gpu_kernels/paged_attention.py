@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, dot, next_pow2, num_sms, tl, triton, use_triton
+from ._triton import cdiv, dot, interpreting, next_pow2, num_sms, tl, triton, use_triton
 from .kv_write import dequantize_per_token, is_quantized
 
 _LOG2E = 1.4426950408889634
@@ -60,36 +60,88 @@ def paged_decode_attention_reference(
 
 
 @triton.jit
-def int8_to_f16(x):
-    """int8 tile -> the same integers in float16, by bits instead of conversion instructions (which run
-    at a fraction of the ALU rate): x + 128 as a byte in the mantissa of 1024.0, minus 1152."""
-    u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)  # x + 128 in [0, 255]
-    return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+def int8_to_f16(x, BIAS: tl.constexpr, ASM: tl.constexpr):
+    """int8 tile -> float16 x + BIAS (0 or 1152), by bits instead of conversion instructions (which run
+    at a fraction of the ALU rate): x + 128 as a byte in the mantissa of 1024.0 is 1152 + x, exact.
+    ASM: four bytes at a time, one XOR and two byte permutes (PRMT) per four values."""
+    if ASM:
+        y = tl.inline_asm_elementwise(
+            "{.reg .b32 t; xor.b32 t, $2, 0x80808080;"
+            " prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;}",
+            "=r,=r,r",
+            [x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)  # x + 128 in [0, 255]
+        y = (u | 0x6400).to(tl.float16, bitcast=True)
+    if BIAS == 0:
+        y = y - 1152.0
+    return y
+
+
+@triton.jit
+def int8_words_to_f16(w, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 words [ROWS, COLS / 4], each four int8 values (the first in the low byte) -> float16
+    [ROWS, COLS], exact (as int8_to_f16, by PTX). A tile converted here, before it meets a dot, reaches
+    the dot's operand layout as float16 through shared memory (vector stores, ldmatrix); a tile
+    loaded as int8 bytes would be read back byte by byte in that layout instead."""
+    e0, e1, e2, e3 = tl.inline_asm_elementwise(
+        "{.reg .b32 t, c, a, b; xor.b32 t, $4, 0x80808080; mov.b32 c, 0x64806480;"
+        " prmt.b32 a, t, 0x64646464, 0x4140; prmt.b32 b, t, 0x64646464, 0x4342;"
+        " sub.f16x2 a, a, c; sub.f16x2 b, b, c; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b;}",
+        "=h,=h,=h,=h,r",
+        [w],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
+    # [ROWS, COLS / 4, 2, 2]: index (a, b) holds byte 2a + b of its word
+    return tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), [ROWS, COLS])
 
 
 @triton.jit
 def _first_blocks(
     bt_row, start, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BT_AHEAD: tl.constexpr
 ):
-    """What _tile_blocks carries into a split's first tile: with BT_AHEAD the block ids of its tokens
-    (start + [0, BLOCK_N); 0 from end on), else zeros it never reads."""
-    t = start + tl.arange(0, BLOCK_N)
-    if BT_AHEAD:
-        return tl.load(bt_row + t // BLOCK_SIZE, mask=t < end, other=0)
-    return tl.zeros([BLOCK_N], tl.int32)
+    """What _tile_blocks carries into a split's first tile: with BT_AHEAD 1 the block ids of its tokens
+    (start + [0, BLOCK_N); 0 from end on); 2 the ids of the blocks it spans, one each; else zeros it
+    never reads."""
+    NB: tl.constexpr = BLOCK_N // BLOCK_SIZE if BLOCK_N > BLOCK_SIZE else 1
+    if BT_AHEAD == 2:
+        b = start // BLOCK_SIZE + tl.arange(0, NB)
+        ids = tl.load(bt_row + b, mask=b * BLOCK_SIZE < end, other=0)
+    elif BT_AHEAD == 1:
+        t = start + tl.arange(0, BLOCK_N)
+        ids = tl.load(bt_row + t // BLOCK_SIZE, mask=t < end, other=0)
+    else:
+        ids = tl.zeros([BLOCK_N], tl.int32)
+    return ids
 
 
 @triton.jit
 def _tile_blocks(
-    bt_row, t, end, ahead, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BT_AHEAD: tl.constexpr
+    bt_row, t0, end, ahead, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BT_AHEAD: tl.constexpr
 ):
-    """(block ids of tokens t [BLOCK_N], what the next tile gets as `ahead`), 0 from end on. BT_AHEAD:
+    """(block ids of tokens t0 + [0, BLOCK_N), what the next tile gets as `ahead`), 0 from end on. BT_AHEAD:
     this tile's ids came with the tile before (`ahead`) and the next tile's load now, so the KV loads of
-    a tile do not wait on a block-table load of their own; else they load here."""
-    if BT_AHEAD:
+    a tile do not wait on a block-table load of their own; else they load here. BT_AHEAD 2 (a
+    power-of-two block size; t0 a multiple of BLOCK_N) carries one id per block the tile spans
+    and repeats each over its tokens: a few loads a tile instead of one per token and thread."""
+    NB: tl.constexpr = BLOCK_N // BLOCK_SIZE if BLOCK_N > BLOCK_SIZE else 1
+    t = t0 + tl.arange(0, BLOCK_N)
+    if BT_AHEAD == 2:
+        b = (t0 + BLOCK_N) // BLOCK_SIZE + tl.arange(0, NB)
+        nxt = tl.load(bt_row + b, mask=b * BLOCK_SIZE < end, other=0)
+        blk = tl.reshape(tl.broadcast_to(ahead[:, None], [NB, BLOCK_N // NB]), [BLOCK_N])
+    elif BT_AHEAD == 1:
         tn = t + BLOCK_N
-        return ahead, tl.load(bt_row + tn // BLOCK_SIZE, mask=tn < end, other=0)
-    return tl.load(bt_row + t // BLOCK_SIZE, mask=t < end, other=0), ahead
+        blk, nxt = ahead, tl.load(bt_row + tn // BLOCK_SIZE, mask=tn < end, other=0)
+    else:
+        blk, nxt = tl.load(bt_row + t // BLOCK_SIZE, mask=t < end, other=0), ahead
+    return blk, nxt
 
 
 @triton.jit(do_not_specialize=["stride_btn", "partition", "S"])  # all three follow the context
@@ -119,7 +171,8 @@ def _gqa_decode_kernel(
     BLOCK_N: tl.constexpr,
     S,
     QUANT: tl.constexpr,
-    BT_AHEAD: tl.constexpr,  # load each tile's block ids one tile ahead
+    BT_AHEAD: tl.constexpr,  # load each tile's block ids one tile ahead (2: one id per block)
+    ASM: tl.constexpr,  # int8 cache: convert by PTX byte permutes (not in Triton's interpreter)
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -148,6 +201,9 @@ def _gqa_decode_kernel(
         # the int8 path dots in float16: it holds a bf16 query exactly within float16's normal range
         # (6e-5 <= |q| <= 65504); smaller entries round, which moves a score by less than 1e-4 of |k|
         qd = q.to(tl.float32).to(tl.float16)
+        # what the biased keys add to each score: 1152 * the row's sum (products of float16 values by
+        # 1152 are exact in float32; the sums round alike, ~1e-6 of |s|)
+        qbias = 1152.0 * tl.sum(qd.to(tl.float32), axis=1)  # [G_PAD]
     else:
         qd = q
     m = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -159,25 +215,43 @@ def _gqa_decode_kernel(
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs  # [BLOCK_N]
         tmask = t < end
-        blk, ahead = _tile_blocks(bt_row, t, end, ahead, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
+        blk, ahead = _tile_blocks(bt_row, t0, end, ahead, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
         slot = blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE  # [BLOCK_N]
         k = tl.load(
             k_ptr + (slot[:, None] * HKV + kvh) * D + d[None, :],
             mask=tmask[:, None] & (d[None, :] < D),
             other=0.0,
         )  # [BLOCK_N, D_PAD]
-        v = tl.load(
-            v_ptr + (slot[:, None] * HKV + kvh) * DV + dv[None, :],
-            mask=tmask[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )  # [BLOCK_N, DV_PAD]
-        if QUANT == 1:  # int8 values are exact in float16: both dots run in it
-            kd, vd = int8_to_f16(k), int8_to_f16(v)
-        elif QUANT == 2:  # e4m3 values are exact in q's dtype
-            kd, vd = k.to(q.dtype), v.to(q.dtype)
+        if QUANT == 1 and ASM and DV == DV_PAD:  # V as 32-bit words, four values each
+            w = tl.arange(0, DV // 4)
+            vw = tl.load(
+                v_ptr.to(tl.pointer_type(tl.int32)) + (slot[:, None] * HKV + kvh) * (DV // 4) + w[None, :],
+                mask=tmask[:, None],
+                other=0,
+            )  # [BLOCK_N, DV / 4]
+            vd = int8_words_to_f16(vw, BLOCK_N, DV)
         else:
-            kd, vd = k, v
+            v = tl.load(
+                v_ptr + (slot[:, None] * HKV + kvh) * DV + dv[None, :],
+                mask=tmask[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )  # [BLOCK_N, DV_PAD]
+            if QUANT == 1:
+                vd = int8_to_f16(v, 0, ASM)
+            elif QUANT == 2:  # e4m3 values are exact in q's dtype
+                vd = v.to(q.dtype)
+            else:
+                vd = v
+        if QUANT == 1:  # int8 values are exact in float16: both dots run in it. K goes in as k + 1152
+            # (no subtract): the dot then holds 1152 * sum(q) too, taken off after it (qbias)
+            kd = int8_to_f16(k, 1152, ASM)
+        elif QUANT == 2:
+            kd = k.to(q.dtype)
+        else:
+            kd = k
         s = dot(qd, tl.trans(kd)).to(tl.float32)  # [G_PAD, BLOCK_N]
+        if QUANT == 1:
+            s = s - qbias[:, None]
         if QUANT:  # per-token scales factor out of the dots
             ks = tl.load(ks_ptr + slot * HKV + kvh, mask=tmask, other=0.0)
             s = s * (ks * qk_scale)[None, :]
@@ -313,17 +387,24 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     longer tiles. Block ids one tile ahead gained 1-2% on the one-byte cache and, with 32-token tiles,
     on a bf16 cache at one row (32.3 -> 31.9 us); elsewhere they were within noise, and are left off."""
     if D > 128:
-        cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
+        cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3, "BT_AHEAD": 2}
     elif n_rows * Hkv < 32 and quantized:
         cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 2, "BT_AHEAD": 1}
     elif n_rows * Hkv < 32:
-        cfg = {"BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
+        cfg = {"BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 2}
     elif quantized:
         cfg = {"BLOCK_N": 128, "WAVES": 8, "num_stages": 3, "BT_AHEAD": 1}
     else:
-        cfg = {"BLOCK_N": 64, "WAVES": 8, "num_stages": 3}
+        cfg = {"BLOCK_N": 64, "WAVES": 8, "num_stages": 3, "BT_AHEAD": 2}
     cfg.update(MAX_SPLITS=64 * cfg["WAVES"], num_warps=4)
     return {**cfg, **(config or {})}
+
+
+def bt_mode(cfg: dict, block_size: int) -> int:
+    """The kernels' BT_AHEAD for a launch: one id per block (2) needs a power-of-two block size,
+    else the ids load per token, one tile ahead (1)."""
+    mode = cfg.get("BT_AHEAD", 0)
+    return 1 if mode == 2 and block_size & (block_size - 1) else mode
 
 
 def paged_decode_attention_triton(
@@ -376,7 +457,8 @@ def paged_decode_attention_triton(
         BLOCK_N=block_n,
         S=S,
         QUANT=0 if not quant else 1 if k_cache.dtype == torch.int8 else 2,
-        BT_AHEAD=cfg.get("BT_AHEAD", 0),
+        BT_AHEAD=bt_mode(cfg, bs),
+        ASM=not interpreting(),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

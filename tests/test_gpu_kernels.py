@@ -602,19 +602,28 @@ def test_attention_kernels_compile_for_hopper(quant_kind, kv):
     out = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
     gqa = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "ks_ptr": "*fp32", "vs_ptr": "*fp32", **out}
     shape = {"HKV": 4, "GROUP": 8, "G_PAD": 16, "D": 128, "D_PAD": 128, "DV": 128, "DV_PAD": 128}
-    compile_for_hopper(
+    ptx = compile_for_hopper(
         paged_attention._gqa_decode_kernel,
-        {**shape, "BLOCK_SIZE": 16, "BLOCK_N": 64, "QUANT": quant_kind, "BT_AHEAD": quant_kind % 2},
+        {
+            **shape,
+            "BLOCK_SIZE": 16,
+            "BLOCK_N": 64,
+            "QUANT": quant_kind,
+            "BT_AHEAD": 2 - quant_kind % 2,
+            "ASM": 1,
+        },
         gqa,
     )
+    # an int8 cache becomes float16 by byte permutes, V through ldmatrix's transposing loads
+    assert ("prmt.b32" in ptx and ".trans" in ptx) or quant_kind != 1
     merge = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
     compile_for_hopper(paged_attention._merge_splits_kernel, {"D": 512, "BLOCK_D": 32, "BLOCK_S": 64}, merge)
     if quant_kind == 0:
         mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **out}
         for H in (16, 128):  # each head count's default settings; 128 heads' dots take warpgroup MMA
             cfg = mla_attention.mla_decode_config(1, H)
-            const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16, "BT_AHEAD": int(H > 16)}
-            const.update({k: cfg[k] for k in ("BLOCK_H", "BLOCK_N")})
+            const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16}
+            const.update({k: cfg[k] for k in ("BLOCK_H", "BLOCK_N", "BT_AHEAD")})
             launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
             ptx = compile_for_hopper(mla_attention._mla_decode_kernel, const, mla, **launch)
             assert ("wgmma" in ptx) == (cfg["BLOCK_H"] >= 64)
@@ -688,7 +697,10 @@ def check_decode_attention(kind: str, bt_ahead: int = 0) -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
-@pytest.mark.parametrize("kind,bt_ahead", [("float32", 0), ("int8", 0), ("mla", 0), ("int8", 1), ("mla", 1)])
+@pytest.mark.parametrize(
+    "kind,bt_ahead",
+    [("float32", 0), ("int8", 0), ("mla", 0), ("int8", 1), ("mla", 1), ("float32", 2), ("mla", 2)],
+)
 def test_decode_attention_kernels_in_interpreter(kind, bt_ahead):
     in_interpreter(f"check_decode_attention({kind!r}, {bt_ahead})")
 
