@@ -136,17 +136,19 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     gained nothing; attention_sweep-bt-ahead-h100.json). 64 heads and more take blocks of 64 over 64-token tiles with eight warps, whose dots
     compile to Hopper's warpgroup MMA (wgmma; blocks of 32 run mma.sync): 128 heads at batch 1 / 16 went
     from 66.4 / 847 us to 58.7 / 698 (attention_sweep-mla128-h100.json); a single row's two head blocks
-    split the context the least. Between 16 and 64 heads, blocks of 32."""
+    split the context the least; their block ids come one per block (BT_AHEAD 2), which cut register
+    spills and ~15% of a tile's instructions: 128 heads at batch 1 / 16 in 56.8 / 664 us
+    (gpu_kernels-attention-bt2-h100-80gb-hbm3.json). For 16 heads at one row the same took 26.3 us
+    against 24.9 with ids per token, and stays off. Between 16 and 64 heads, blocks of 32."""
     if H <= 16 and n_rows == 1:
-        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 3}
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
     elif H <= 16:
-        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 3, "BT_AHEAD": 1}
     elif H >= 64:
         waves = 4 if n_rows * cdiv(H, 64) >= 16 else 1
-        cfg = {"BLOCK_H": 64, "BLOCK_N": 64, "WAVES": waves, "num_stages": 2, "num_warps": 8}
+        cfg = {"BLOCK_H": 64, "BLOCK_N": 64, "WAVES": waves, "num_stages": 2, "num_warps": 8, "BT_AHEAD": 2}
     else:
         cfg = {"BLOCK_H": 32, "BLOCK_N": 64, "WAVES": 8 if n_rows * cdiv(H, 32) >= 32 else 2, "num_stages": 3}
-    cfg["BT_AHEAD"] = 2
     cfg = {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, **cfg}
     return {**cfg, **(config or {})}
 

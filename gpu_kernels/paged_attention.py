@@ -385,17 +385,20 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     attention_sweep-bt-ahead-h100.json): few rows x heads take few splits (a bf16 cache 32-token tiles
     three stages deep, a one-byte cache 128-token tiles); many take finer splits, one-byte caches
     longer tiles. Block ids one tile ahead gained 1-2% on the one-byte cache and, with 32-token tiles,
-    on a bf16 cache at one row (32.3 -> 31.9 us); elsewhere they were within noise, and are left off."""
+    on a bf16 cache at one row (32.3 -> 31.9 us); elsewhere they were within noise, and are left off.
+    One id per block (BT_AHEAD 2) cut a bf16 tile's instructions by a tenth but timed the same (31.6 /
+    31.7 us at one row); the one-byte cache at one row takes three stages since its conversion by byte
+    permutes (24.2 us against 25.8 with two; attention_sweep-int8-prmt-b1-h100.json)."""
     if D > 128:
-        cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3, "BT_AHEAD": 2}
+        cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
     elif n_rows * Hkv < 32 and quantized:
-        cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 2, "BT_AHEAD": 1}
+        cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
     elif n_rows * Hkv < 32:
-        cfg = {"BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 2}
+        cfg = {"BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
     elif quantized:
         cfg = {"BLOCK_N": 128, "WAVES": 8, "num_stages": 3, "BT_AHEAD": 1}
     else:
-        cfg = {"BLOCK_N": 64, "WAVES": 8, "num_stages": 3, "BT_AHEAD": 2}
+        cfg = {"BLOCK_N": 64, "WAVES": 8, "num_stages": 3}
     cfg.update(MAX_SPLITS=64 * cfg["WAVES"], num_warps=4)
     return {**cfg, **(config or {})}
 
