@@ -528,17 +528,9 @@ def compile_for_hopper(kernel, const: dict, types: dict, **options) -> str:
     """Compile a @triton.jit kernel to sm_90 machine code, no GPU needed: `const` gives its constexprs,
     `types` every pointer's (and any non-int32 scalar's) type; other arguments are int32. `options`
     (num_warps, num_stages) go to the compiler. Returns the PTX."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
+    from gpu_kernels.sass import compile_for
 
-    names = kernel.arg_names
-    assert set(const) | set(types) <= set(names), (set(const) | set(types)) - set(names)
-    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    untyped = [n for n in names if n.endswith("_ptr") and n not in types]
-    assert not untyped, f"pointers without a type: {untyped}"
-    constexprs = {(names.index(k),): v for k, v in const.items()}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    return compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return compile_for(kernel, const, types, **options).ptx
 
 
 # the GEMV kernels' format ids (1 fp8, 2 int8, 3 int4, 4 / 5 the CPU kernels' int4 / int8) and DOT4
@@ -627,6 +619,41 @@ def test_attention_kernels_compile_for_hopper(quant_kind, kv):
             launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
             ptx = compile_for_hopper(mla_attention._mla_decode_kernel, const, mla, **launch)
             assert ("wgmma" in ptx) == (cfg["BLOCK_H"] >= 64)
+
+
+def test_longest_loop_reads_the_main_loop_of_sass():
+    from gpu_kernels.sass import longest_loop
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 BRA 0x40 ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/               @P1 HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0040*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*0050*/              @!P2 BRA 0x20 ;
+        /*0060*/                   EXIT ;
+    """
+    count, ops = longest_loop(sass)
+    assert count == 4 and ops == {"LDG.E.128": 1, "HMMA.16816.F32": 1, "IADD3": 1, "BRA": 1}
+    assert longest_loop("        /*0000*/                   EXIT ;") == (0, {})
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+def test_machine_code_report_of_a_decode_kernel():
+    """compile_for reads registers and the main loop; pointers aligned as at a launch, the int8 cache's
+    tile loads vectorize (fewer instructions than the same kernel compiled unaligned)."""
+    from gpu_kernels.sass import compile_for
+
+    out = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
+    types = {"q_ptr": "*bf16", "k_ptr": "*i8", "v_ptr": "*i8", "ks_ptr": "*fp32", "vs_ptr": "*fp32", **out}
+    const = {"HKV": 4, "GROUP": 8, "G_PAD": 16, "D": 128, "D_PAD": 128, "DV": 128, "DV_PAD": 128}
+    const.update(BLOCK_SIZE=16, BLOCK_N=128, QUANT=1, BT_AHEAD=1, ASM=1)
+    aligned = compile_for(paged_attention._gqa_decode_kernel, const, types, num_warps=4, num_stages=2)
+    loose = compile_for(
+        paged_attention._gqa_decode_kernel, const, types, aligned=False, num_warps=4, num_stages=2
+    )
+    assert 0 < aligned.registers <= 255 and aligned.shared_bytes > 0
+    assert 0 < aligned.loop < loose.loop and aligned.loop_mix["HMMA.16816.F32"] == 64  # 128 tokens, 4 warps
 
 
 @pytest.mark.parametrize("rows,heads,ctx", [(1, 4, 32768), (16, 4, 32768), (3, 1, 700), (64, 8, 100)])

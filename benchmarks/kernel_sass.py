@@ -1,0 +1,115 @@
+"""Machine code of the decode attention kernels at their shipped launch settings, compiled for Hopper
+(sm_90) with Triton's own ptxas, on any machine (no GPU): registers, spills, shared memory, and the
+instructions of each kernel's main loop per tile, and what its warps issue per KB of cache read. Issue-bound kernels
+show it here before a GPU run; at batch 1 on an H100 these kernels were bound by latency instead
+(README, GPU kernels).
+
+    python benchmarks/kernel_sass.py [--out benchmarks/results]
+
+Prints a table last and writes kernel_sass-sm90.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from gpu_kernels import mla_attention, paged_attention  # noqa: E402
+from gpu_kernels.sass import compile_for  # noqa: E402
+
+_OUT = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
+
+
+def _case(name: str, kernel, cfg: dict, const: dict, types: dict, tile_bytes: int) -> tuple:
+    """(name, kernel, constexprs, types, compiler options, cache bytes a loop iteration reads)."""
+    const = {**const, "BLOCK_N": cfg["BLOCK_N"], "BT_AHEAD": cfg.get("BT_AHEAD", 0)}
+    return (
+        name,
+        kernel,
+        const,
+        types,
+        {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        tile_bytes,
+    )
+
+
+def gqa_cases():
+    Hkv, group, D = 4, 8, 128  # Qwen3-30B-A3B's heads
+    shape = {
+        "HKV": Hkv,
+        "GROUP": group,
+        "G_PAD": 16,
+        "D": D,
+        "D_PAD": D,
+        "DV": D,
+        "DV_PAD": D,
+        "BLOCK_SIZE": 16,
+    }
+    for cache, kv, quant, elt in (("bf16", "*bf16", 0, 2), ("int8", "*i8", 1, 1)):
+        types = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "ks_ptr": "*fp32", "vs_ptr": "*fp32", **_OUT}
+        per_token = 2 * D * elt + (8 if quant else 0)  # K and V of one kv head (+ their scales)
+        for rows in (1, 16):
+            cfg = paged_attention.gqa_decode_config(rows, Hkv, D, bool(quant))
+            const = {**shape, "QUANT": quant, "ASM": 1}
+            kernel = paged_attention._gqa_decode_kernel
+            yield _case(f"gqa {cache} N={rows}", kernel, cfg, const, types, cfg["BLOCK_N"] * per_token)
+
+
+def mla_cases():
+    R, P = 512, 64
+    types = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **_OUT}
+    for H in (16, 128):
+        for rows in (1, 16):
+            cfg = mla_attention.mla_decode_config(rows, H)
+            const = {"H": H, "R": R, "P": P, "BLOCK_SIZE": 16, "BLOCK_H": cfg["BLOCK_H"]}
+            kernel = mla_attention._mla_decode_kernel
+            yield _case(f"mla H={H} N={rows}", kernel, cfg, const, types, cfg["BLOCK_N"] * (R + P) * 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    rows = []
+    for name, kernel, const, types, opts, tile_bytes in [*gqa_cases(), *mla_cases()]:
+        ints = [n for n in kernel.arg_names if n.startswith("stride_q")]  # q's strides: multiples of 16
+        code = compile_for(kernel, const, types, aligned_ints=ints, **opts)
+        row = {
+            "case": name,
+            "launch": {**{k: v for k, v in const.items() if k in ("BLOCK_N", "BLOCK_H", "BT_AHEAD")}, **opts},
+            "registers": code.registers,
+            "spill_bytes": code.spill_bytes,
+            "shared_KB": round(code.shared_bytes / 1024, 1),
+            "loop_instructions": code.loop,
+            "tile_KB": round(tile_bytes / 1024, 1),
+            # what the SM issues: each of the program's warps runs the loop once a tile
+            "warp_instructions_per_KB": round(code.loop * opts["num_warps"] / (tile_bytes / 1024), 1),
+            "top_opcodes": code.loop_mix.most_common(6),
+        }
+        rows.append(row)
+        print(f"{name}: {row['loop_instructions']} instructions a {row['tile_KB']} KB tile", flush=True)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    result = {"target": "sm_90a", "ptxas": get_ptxas(90).version, "rows": rows}
+    out = Path(args.out) / "kernel_sass-sm90.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(
+        f"\nsm_90a, ptxas {result['ptxas']}: a loop iteration reads one tile; warp instructions a KB of cache"
+    )
+    head = f"{'case':16s} {'regs':>5s} {'spill B':>8s} {'smem KB':>8s} {'loop instr':>10s} {'tile KB':>8s}"
+    print(f"{head} {'warp instr/KB':>13s}")
+    for r in rows:
+        print(
+            f"{r['case']:16s} {r['registers']:5d} {r['spill_bytes']:8d} {r['shared_KB']:8.1f} "
+            f"{r['loop_instructions']:10d} {r['tile_KB']:8.1f} {r['warp_instructions_per_KB']:13.1f}"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
