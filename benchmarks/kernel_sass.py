@@ -1,4 +1,4 @@
-"""Machine code of the decode attention kernels at their shipped launch settings, compiled for Hopper
+"""Machine code of the decode attention and fused-MoE GEMV kernels at their shipped launch settings, compiled for Hopper
 (sm_90) with Triton's own ptxas, on any machine (no GPU): registers, spills, shared memory, and the
 instructions of each kernel's main loop per tile, and what its warps issue per KB of cache read. Issue-bound kernels
 show it here before a GPU run; at batch 1 on an H100 these kernels were bound by latency instead
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from gpu_kernels import mla_attention, paged_attention  # noqa: E402
+from gpu_kernels import mla_attention, moe_gemv, paged_attention  # noqa: E402
 from gpu_kernels.sass import compile_for  # noqa: E402
 
 _OUT = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
@@ -70,14 +70,51 @@ def mla_cases():
             yield _case(f"mla H={H} N={rows}", kernel, cfg, const, types, cfg["BLOCK_N"] * (R + P) * 2)
 
 
+def moe_cases():
+    """The fused-MoE GEMV kernels at batch 1 (V2-Lite experts, shipped settings): one weight tile a
+    program, no loop; the whole program's instructions against the weight bytes it reads."""
+    E, H, inter = 64, 2048, 1408
+    for fmt, elt, fmt_id, group in (("bf16", 2.0, 0, 128), ("int8", 1.0, 2, 128), ("int4", 0.5, 3, 128)):
+        cfg = moe_gemv.fused_moe_gemv_config(1, E, inter, fmt, group)
+        bk = moe_gemv._tile_k(cfg["BLOCK_K"], fmt_id, group)
+        dot4 = int(fmt != "bf16" and cfg.get("DP4A", 0))
+        w = "*i32" if dot4 else {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[fmt]
+        split1, iters1 = moe_gemv._gemv_split(H, bk, cfg.get("SPLIT_K", 1))
+        split2, iters2 = moe_gemv._gemv_split(inter, bk, cfg.get("SPLIT_K2", 1))
+        common = {
+            "FMT": fmt_id,
+            "GROUP": group,
+            "BLOCK_N": cfg["BLOCK_N"],
+            "BLOCK_K": bk,
+            "USE_PDL": 1,
+            "DOT4": dot4,
+        }
+        opts = {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)}
+        types = {"w_ptr": w, "s_ptr": "*fp32", "ids_ptr": "*i32"}
+        gate_up = {**common, "TOPK": 6, "ITERS": iters1, "SPLIT_K": split1, "SROW": 1}
+        gu_bytes = 2 * cfg["BLOCK_N"] * bk * iters1 * elt  # gate and up rows
+        yield (f"moe {fmt} gate/up", moe_gemv._moe_gemv_gate_up_kernel, gate_up,
+               {**types, "x_ptr": "*bf16", "p_ptr": "*fp32"}, opts, gu_bytes)  # fmt: skip
+        down = {**common, "ITERS": iters2, "SPLIT_K": split1}
+        yield (f"moe {fmt} down", moe_gemv._moe_gemv_down_kernel, down,
+               {**types, "p_ptr": "*fp32", "tw_ptr": "*fp32", "o_ptr": "*fp32"}, opts, cfg["BLOCK_N"] * bk * iters2 * elt)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     rows = []
-    for name, kernel, const, types, opts, tile_bytes in [*gqa_cases(), *mla_cases()]:
-        ints = [n for n in kernel.arg_names if n.startswith("stride_q")]  # q's strides: multiples of 16
+    for name, kernel, const, types, opts, tile_bytes in [*gqa_cases(), *mla_cases(), *moe_cases()]:
+        # strides and offsets that are multiples of 16 at a real launch
+        ints = [
+            n
+            for n in kernel.arg_names
+            if n.startswith(("stride_q", "stride_w", "stride_s", "stride_x", "up_"))
+        ]
         code = compile_for(kernel, const, types, aligned_ints=ints, **opts)
+        # no loop (the GEMV kernels): the whole program runs once a tile
+        per_tile = code.loop or code.instructions
         row = {
             "case": name,
             "launch": {**{k: v for k, v in const.items() if k in ("BLOCK_N", "BLOCK_H", "BT_AHEAD")}, **opts},
@@ -85,13 +122,14 @@ def main() -> None:
             "spill_bytes": code.spill_bytes,
             "shared_KB": round(code.shared_bytes / 1024, 1),
             "loop_instructions": code.loop,
+            "instructions_per_tile": per_tile,
             "tile_KB": round(tile_bytes / 1024, 1),
-            # what the SM issues: each of the program's warps runs the loop once a tile
-            "warp_instructions_per_KB": round(code.loop * opts["num_warps"] / (tile_bytes / 1024), 1),
+            # what the SM issues: each of the program's warps runs the loop (or the program) once a tile
+            "warp_instructions_per_KB": round(per_tile * opts["num_warps"] / (tile_bytes / 1024), 1),
             "top_opcodes": code.loop_mix.most_common(6),
         }
         rows.append(row)
-        print(f"{name}: {row['loop_instructions']} instructions a {row['tile_KB']} KB tile", flush=True)
+        print(f"{name}: {per_tile} instructions a {row['tile_KB']} KB tile", flush=True)
     from triton.backends.nvidia.compiler import get_ptxas
 
     result = {"target": "sm_90a", "ptxas": get_ptxas(90).version, "rows": rows}
@@ -101,12 +139,12 @@ def main() -> None:
     print(
         f"\nsm_90a, ptxas {result['ptxas']}: a loop iteration reads one tile; warp instructions a KB of cache"
     )
-    head = f"{'case':16s} {'regs':>5s} {'spill B':>8s} {'smem KB':>8s} {'loop instr':>10s} {'tile KB':>8s}"
+    head = f"{'case':16s} {'regs':>5s} {'spill B':>8s} {'smem KB':>8s} {'instr/tile':>10s} {'tile KB':>8s}"
     print(f"{head} {'warp instr/KB':>13s}")
     for r in rows:
         print(
             f"{r['case']:16s} {r['registers']:5d} {r['spill_bytes']:8d} {r['shared_KB']:8.1f} "
-            f"{r['loop_instructions']:10d} {r['tile_KB']:8.1f} {r['warp_instructions_per_KB']:13.1f}"
+            f"{r['instructions_per_tile']:10d} {r['tile_KB']:8.1f} {r['warp_instructions_per_KB']:13.1f}"
         )
     print(f"wrote {out}")
 

@@ -29,6 +29,7 @@ class MachineCode:
     shared_bytes: int
     loop: int  # instructions in the longest loop (a backward branch's span); 0 if none
     loop_mix: collections.Counter = field(default_factory=collections.Counter)  # its opcodes
+    instructions: int = 0  # in the whole kernel (a program without loops runs each once at most)
 
 
 def compile_for(
@@ -63,7 +64,8 @@ def compile_for(
     regs, spills = _ptxas_report(ptx, arch)
     sass = disassemble(compiled.asm["cubin"])
     count, mix = longest_loop(sass)
-    return MachineCode(ptx, sass, regs, spills, compiled.metadata.shared, count, mix)
+    total = sum(1 for line in sass.splitlines() if _INSTR.match(line))
+    return MachineCode(ptx, sass, regs, spills, compiled.metadata.shared, count, mix, total)
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
