@@ -587,31 +587,30 @@ def test_dot_kernels_compile_for_hopper(fmt, w, s, group):
     compile_for_hopper(quant._quant_linear_kernel, {**tiles, "HAS_BIAS": 1}, lin)
 
 
+_DECODE_OUT = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
+
+
+def _gqa_signature(kv: str) -> tuple[dict, dict]:
+    """GQA decode's argument types over a `kv` cache, and its shape constexprs (Qwen3-30B-A3B's heads,
+    16-token blocks, PTX conversions); the tile settings are the caller's."""
+    types = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "ks_ptr": "*fp32", "vs_ptr": "*fp32", **_DECODE_OUT}
+    shape = {"HKV": 4, "GROUP": 8, "G_PAD": 16, "D": 128, "D_PAD": 128, "DV": 128, "DV_PAD": 128}
+    return types, {**shape, "BLOCK_SIZE": 16, "ASM": 1}
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
 @pytest.mark.parametrize("quant_kind,kv", [(0, "*bf16"), (1, "*i8"), (2, "*fp8e4nv")])
 def test_attention_kernels_compile_for_hopper(quant_kind, kv):
     """GQA decode (bf16, int8 and fp8 caches), the split merge and MLA decode compile for sm_90."""
-    out = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
-    gqa = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "ks_ptr": "*fp32", "vs_ptr": "*fp32", **out}
-    shape = {"HKV": 4, "GROUP": 8, "G_PAD": 16, "D": 128, "D_PAD": 128, "DV": 128, "DV_PAD": 128}
-    ptx = compile_for_hopper(
-        paged_attention._gqa_decode_kernel,
-        {
-            **shape,
-            "BLOCK_SIZE": 16,
-            "BLOCK_N": 64,
-            "QUANT": quant_kind,
-            "BT_AHEAD": 2 - quant_kind % 2,
-            "ASM": 1,
-        },
-        gqa,
-    )
+    gqa, shape = _gqa_signature(kv)
+    shape.update(BLOCK_N=64, QUANT=quant_kind, BT_AHEAD=2 - quant_kind % 2)
+    ptx = compile_for_hopper(paged_attention._gqa_decode_kernel, shape, gqa)
     # an int8 cache becomes float16 by byte permutes, V through ldmatrix's transposing loads
     assert ("prmt.b32" in ptx and ".trans" in ptx) or quant_kind != 1
     merge = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
     compile_for_hopper(paged_attention._merge_splits_kernel, {"D": 512, "BLOCK_D": 32, "BLOCK_S": 64}, merge)
     if quant_kind == 0:
-        mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **out}
+        mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **_DECODE_OUT}
         for H in (16, 128):  # each head count's default settings; 128 heads' dots take warpgroup MMA
             cfg = mla_attention.mla_decode_config(1, H)
             const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16}
@@ -644,10 +643,8 @@ def test_machine_code_report_of_a_decode_kernel():
     tile loads vectorize (fewer instructions than the same kernel compiled unaligned)."""
     from gpu_kernels.sass import compile_for
 
-    out = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
-    types = {"q_ptr": "*bf16", "k_ptr": "*i8", "v_ptr": "*i8", "ks_ptr": "*fp32", "vs_ptr": "*fp32", **out}
-    const = {"HKV": 4, "GROUP": 8, "G_PAD": 16, "D": 128, "D_PAD": 128, "DV": 128, "DV_PAD": 128}
-    const.update(BLOCK_SIZE=16, BLOCK_N=128, QUANT=1, BT_AHEAD=1, ASM=1)
+    types, const = _gqa_signature("*i8")
+    const.update(BLOCK_N=128, QUANT=1, BT_AHEAD=1)
     aligned = compile_for(paged_attention._gqa_decode_kernel, const, types, num_warps=4, num_stages=2)
     loose = compile_for(
         paged_attention._gqa_decode_kernel, const, types, aligned=False, num_warps=4, num_stages=2
