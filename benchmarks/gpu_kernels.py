@@ -280,7 +280,7 @@ def bench_moe(copy_bw: float, rows: list, tuned: dict) -> None:
                 best = {}
                 shipped = (
                     moe_gemv.fused_moe_gemv_config(T, E, inter, fmt, 128)
-                    if T * K <= moe_gemv.GEMV_MAX_SLOTS
+                    if moe_gemv.takes_gemv(T * K, fmt)
                     else moe.fused_moe_config(T, E, inter, fmt, 128)
                 )
                 for cfg in moe_candidates(T, K, fmt) if TUNE else [shipped]:
@@ -324,8 +324,9 @@ def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
     """Sorted-path configs, then GEMV ones (no BLOCK_M) up to twice the slots where GEMV is the default.
 
     Sorted tiles are (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]), BLOCK_M otherwise the
-    batch's default. GEMV tiles are (BLOCK_N, BLOCK_K, SPLIT_K, SPLIT_K2, num_warps, PDL); a split count is a cap that the
-    wrapper cuts to the input dim's BLOCK_K tiles, so 16 is one tile a program at these shapes."""
+    batch's default. GEMV tiles are (BLOCK_N, BLOCK_K, SPLIT_K, SPLIT_K2, num_warps, PDL[, BLOCK_N2, num_warps2]); a split
+    count is a cap that the wrapper cuts to the input dim's BLOCK_K tiles, so 16 is one tile a program at
+    these shapes; BLOCK_N2 / num_warps2 are down's own tile rows / warps (else BLOCK_N / num_warps)."""
     sorted_tiles = ((32, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 128, 8, 4))
     if T >= 512:  # prefill chunks: taller tiles amortize each dequantized weight tile over more rows
         sorted_tiles += (
@@ -367,13 +368,17 @@ def moe_candidates(T: int, K: int, fmt: str) -> list[dict]:
             (64, 512, 16, 16, 4, 1), (32, 512, 16, 16, 2, 1), (8, 2048, 16, 16, 4, 1), (32, 1024, 16, 16, 8, 1),
             (32, 1024, 1, 16, 4, 1), (16, 1024, 1, 16, 4, 1), (16, 2048, 1, 16, 4, 1), (8, 2048, 1, 16, 4, 1),
             (64, 512, 2, 16, 4, 1), (32, 512, 4, 16, 4, 1), (32, 256, 4, 16, 2, 1), (64, 256, 2, 16, 4, 1),
+            # taller down tiles (BLOCK_N2, its warps): each re-reads the gate/up partials of its columns
+            (64, 256, 16, 16, 2, 1, 128, 4), (64, 256, 16, 16, 2, 1, 256, 4), (64, 256, 16, 16, 2, 1, 256, 8),
+            (64, 128, 16, 16, 2, 1, 256, 4), (64, 512, 16, 16, 4, 1, 256, 8), (32, 256, 16, 16, 2, 1, 512, 8),
+            (64, 256, 16, 16, 2, 1, 128, 2), (64, 512, 16, 16, 4, 1, 128, 4),
         ),
     }[fmt]  # fmt: skip
     gemv_cfg = moe_gemv.fused_moe_gemv_config(T, 1, 1, fmt, 128)
     out.append(gemv_cfg)
-    for i, (bn, bk, s1, s2, w, pdl) in enumerate(gemv_tiles):
+    for i, (bn, bk, s1, s2, w, pdl, *down) in enumerate(gemv_tiles):
         cand = {**gemv_cfg, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s1, "SPLIT_K2": s2, "num_warps": w}
-        cand["PDL"] = pdl
+        cand.update(PDL=pdl, **dict(zip(("BLOCK_N2", "num_warps2"), down)))
         # int4 / int8: integer dot products on int8-rounded activations (DP4A) and the float path, both
         # (int4's float path, slower on an H100 at every tile measured, over the first few tiles only)
         dot4 = fmt == "int8" or (fmt == "int4" and i < 4)

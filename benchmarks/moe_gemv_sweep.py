@@ -154,7 +154,17 @@ def sweep_case(shape: str, fmt: str, T: int, weights, candidates_of, copy_bw: fl
 
 
 def _short(cfg: dict) -> str:
-    keys = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "SPLIT_K2", "PDL", "num_warps", "num_stages")
+    keys = (
+        "BLOCK_N",
+        "BLOCK_K",
+        "SPLIT_K",
+        "SPLIT_K2",
+        "BLOCK_N2",
+        "PDL",
+        "num_warps",
+        "num_warps2",
+        "num_stages",
+    )
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 

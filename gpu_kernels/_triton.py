@@ -46,6 +46,11 @@ def pdl_supported(device: torch.device) -> bool:
     return _capability(device.index) >= (9, 0)
 
 
+def pdl_flags(cfg: dict, device: torch.device) -> int:
+    """A launch config's PDL setting where `device` takes programmatic dependent launch, else 0."""
+    return int(cfg.get("PDL", 0)) if pdl_supported(device) else 0
+
+
 @functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)

@@ -13,7 +13,7 @@ The (token, k) pairs are sorted by expert and each expert's run is padded to BLO
 expert's weights. Kernel 1 writes silu(gate) * up to an intermediate [T*K, I]; kernel 2 applies the
 down projection and the routing weight; the K slots of a token are summed at the end.
 
-At decode sizes (T*K <= GEMV_MAX_SLOTS) the GEMV path of moe_gemv.py runs instead.
+At decode sizes (moe_gemv.takes_gemv: T*K <= 64, int4 128) the GEMV path of moe_gemv.py runs instead.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ._triton import cdiv, dot, tl, triton, use_triton
 from .moe_gemv import (
-    GEMV_MAX_SLOTS,
     _as_quant,
     _check_moe,
     _moe_args,
@@ -33,6 +32,7 @@ from .moe_gemv import (
     _strides,
     _tuned,
     fused_moe_gemv,
+    takes_gemv,
 )
 from .quant import (
     _FMT_ID,
@@ -289,8 +289,11 @@ def fused_moe_triton(
     topk_weights: torch.Tensor,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Sorted path, or the GEMV path when T*K <= GEMV_MAX_SLOTS; a given config picks by having BLOCK_M."""
-    gemv = topk_ids.numel() <= GEMV_MAX_SLOTS if config is None else "BLOCK_M" not in config
+    """Sorted path, or the GEMV path at decode sizes (takes_gemv); a given config picks by having BLOCK_M."""
+    if config is None:
+        gemv = takes_gemv(topk_ids.numel(), getattr(w13, "fmt", "bf16"))
+    else:
+        gemv = "BLOCK_M" not in config
     if gemv:
         return fused_moe_gemv(x, w13, w2, topk_ids, topk_weights, config)
     w13, w2 = _moe_args(x, w13, w2, topk_ids, topk_weights)

@@ -1,4 +1,5 @@
-"""Fused mixture-of-experts at decode sizes (T*K <= GEMV_MAX_SLOTS): the GEMV path of `moe.fused_moe_triton`.
+"""Fused mixture-of-experts at decode sizes (T*K <= GEMV_MAX_SLOTS, int4 more: takes_gemv): the GEMV path of
+`moe.fused_moe_triton`.
 
 Legend: T = tokens, K = experts per token (top-k), E = experts held here, H = hidden, I = expert intermediate.
     x             [T, H]
@@ -16,9 +17,11 @@ across programs instead (split-K) to give the GPU enough of them. Three launches
 summation order, no atomics) and graph-capturable:
     gate/up  grid (T*K, I / BLOCK_N, SPLIT_K): its share of H for BLOCK_N gate and up rows;
              SPLIT_K == 1: silu(gate) * up [T*K, I]; else partial sums [SPLIT_K, T*K, 2, I] float32
-    down     grid (T*K, H / BLOCK_N, SPLIT_K2): adds the gate/up partials of its share of I up and applies
-             silu(gate) * up itself (tiny, L2-resident reads), then w[t,k] * its share of the down
-             projection -> partials [SPLIT_K2, T*K, H] float32; a skipped slot (id -1) writes zeros
+    down     grid (T*K, H / BLOCK_N2, SPLIT_K2): adds the gate/up partials of its share of I up and applies
+             silu(gate) * up itself (L2-resident reads), then w[t,k] * its share of the down projection
+             -> partials [SPLIT_K2, T*K, H] float32; a skipped slot (id -1) writes zeros. Every program
+             re-reads those partials (SPLIT_K * 2 floats a column), so taller tiles (BLOCK_N2, default
+             BLOCK_N) read fewer of them per weight byte
     sum      grid (T, H / BLOCK_H): out[t] = sum over splits and the K slots of t, cast to x's dtype
 int4 tiles span whole groups ([BLOCK_N, BLOCK_K / GROUP, GROUP / 2] packed bytes): the low and high
 nibbles multiply the even and odd activation columns, each group's sum is scaled once. Integer weights
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, gdc_launch_dependents, gdc_wait, interpreting, next_pow2, pdl_supported, tl, triton
+from ._triton import cdiv, gdc_launch_dependents, gdc_wait, interpreting, next_pow2, pdl_flags, tl, triton
 from .quant import _FMT_ID, QuantWeight
 from .tuning import get_config
 
@@ -468,6 +471,18 @@ def _moe_gemv_sum_kernel(
 
 # T*K at or below which fused_moe_triton runs the GEMV kernels; a config with BLOCK_M picks the sorted path
 GEMV_MAX_SLOTS = 64
+# Formats whose GEMV path stays ahead further. int4 at T = 16 (96 / 128 slots; H100, graph time, tuned
+# tiles each way): V2-Lite's experts in 122.5 us against the sorted path's 253.3, Qwen3-30B-A3B's in
+# 107.6 against 250.9 (gpu_kernels-moe-int4-h100-80gb-hbm3.json)
+GEMV_MAX_SLOTS_FORMAT = {"int4": 128}
+
+
+def takes_gemv(slots: int, fmt: str) -> bool:
+    """Whether fused_moe_triton without a config runs `slots` (T*K) token-expert pairs of `fmt`
+    weights through the GEMV kernels rather than the sorted path."""
+    return slots <= GEMV_MAX_SLOTS_FORMAT.get(fmt, GEMV_MAX_SLOTS)
+
+
 # GEMV launch settings. SPLIT_K / SPLIT_K2 cap how many programs share the input dim of gate/up (H) / of
 # down (I): the wrapper cuts a cap to that dim's BLOCK_K tiles, so 16 gives one tile a program at
 # H, I <= 2048 with BLOCK_K >= 128, and wider layers 2+ tiles a program (the down kernel reads every
@@ -638,6 +653,7 @@ def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, 
     dot4: the kernels' DOT4 (data then is 32-bit words, strides in words)."""
     (T, H), K = x.shape, topk_ids.shape[1]
     bn, bk = cfg["BLOCK_N"], _tile_k(cfg["BLOCK_K"], fmt, group)
+    bn2 = cfg.get("BLOCK_N2", bn)  # down's rows a program (and num_warps2 its warps), if not gate/up's
     split1, iters1 = _gemv_split(H, bk, cfg.get("SPLIT_K", 1))
     split2, iters2 = _gemv_split(inter_dim, bk, cfg.get("SPLIT_K2", 1))
     TK, dev = T * K, x.device
@@ -649,17 +665,17 @@ def _gemv(x, gate_up: tuple, down: tuple, fmt: int, group: int, inter_dim: int, 
     out = torch.empty(T, H, dtype=x.dtype, device=dev)  # [T, H]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)}
     # down and sum launch early, waiting (gdc_wait) only where they read the previous one
-    pdl = int(bool(cfg.get("PDL", 0))) if pdl_supported(dev) else 0
+    pdl = int(bool(pdl_flags(cfg, dev)))
     after = {"launch_pdl": True} if pdl else {}
     _moe_gemv_gate_up_kernel[(TK, cdiv(inter_dim, bn), split1)](
         x, gate_up[0], gate_up[1], ids, inter, TK, inter_dim, H, x.stride(0), *gate_up[2:],
         TOPK=K, FMT=fmt, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters1, SPLIT_K=split1, USE_PDL=pdl,
         SROW=srow, DOT4=dot4, **launch,
     )  # fmt: skip
-    _moe_gemv_down_kernel[(TK, cdiv(H, bn), split2)](
+    _moe_gemv_down_kernel[(TK, cdiv(H, bn2), split2)](
         inter, down[0], down[1], ids, topk_weights.reshape(-1), part, TK, inter_dim, H, *down[2:],
-        FMT=fmt, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters2, SPLIT_K=split1, USE_PDL=pdl,
-        DOT4=dot4, **launch, **after,
+        FMT=fmt, GROUP=group, BLOCK_N=bn2, BLOCK_K=bk, ITERS=iters2, SPLIT_K=split1, USE_PDL=pdl,
+        DOT4=dot4, **{**launch, "num_warps": cfg.get("num_warps2", launch["num_warps"])}, **after,
     )  # fmt: skip
     _sum_splits(part, out, K, split2, pdl, **after)
     return out
