@@ -3,6 +3,7 @@
 graph of calls on distinct KV blocks (gpu_kernels.py's graph timing), as a share of the copy bandwidth.
 
 Run on a CUDA machine: python benchmarks/attention_sweep.py [--out FILE] [--ctx 32768 4096] [--quick]
+[--pdl 0 1 3] [--defaults] (the default tiles only, under each programmatic-dependent-launch setting)
 Prints the best candidates per case and a table of the best last; writes every timing as JSON.
 """
 
@@ -86,6 +87,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bt-ahead", type=int, nargs="+", default=[0, 1, 2], help="block-id modes to sweep")
     ap.add_argument("--mla-heads", type=int, nargs="+", default=[16, 128], choices=[16, 128])
+    ap.add_argument(
+        "--pdl", type=int, nargs="+", default=[0], help="programmatic-dependent-launch flags to sweep (0-3)"
+    )
+    ap.add_argument("--defaults", action="store_true", help="only the default tiles (with each --pdl)")
     args = ap.parse_args()
     torch.manual_seed(0)
     copy_bw = bench.copy_bandwidth()
@@ -94,7 +99,8 @@ def main() -> None:
     for name, fn, calls, nbytes, kind in cases(args.ctx, args.only, args.rows, args.mla_heads):
         ref = fn(*calls[0][0], **calls[0][1])
         timings = []
-        cands = [c for c in candidates(kind, args.quick) if c["BT_AHEAD"] in args.bt_ahead]
+        tiles = [{}] if args.defaults else candidates(kind, args.quick)
+        cands = [{**c, "PDL": p} for c in tiles for p in args.pdl if c.get("BT_AHEAD", 0) in args.bt_ahead]
         for cfg in [None, *cands]:
             with_cfg = [(a, {**k, "config": cfg}) for a, k in calls]
             try:

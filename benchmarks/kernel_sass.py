@@ -26,7 +26,7 @@ _OUT = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32
 
 def _case(name: str, kernel, cfg: dict, const: dict, types: dict, tile_bytes: int) -> tuple:
     """(name, kernel, constexprs, types, compiler options, cache bytes a loop iteration reads)."""
-    const = {**const, "BLOCK_N": cfg["BLOCK_N"], "BT_AHEAD": cfg.get("BT_AHEAD", 0)}
+    const = {**const, "BLOCK_N": cfg["BLOCK_N"], "BT_AHEAD": cfg.get("BT_AHEAD", 0), "PDL": cfg.get("PDL", 0)}
     return (
         name,
         kernel,

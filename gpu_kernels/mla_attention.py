@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, dot, next_pow2, tl, triton, use_triton
+from ._triton import cdiv, dot, next_pow2, pdl_flags, tl, triton, use_triton
 from .paged_attention import (
     _LOG2E,
     _first_blocks,
+    _pdl_split,
     _tile_blocks,
     bt_mode,
     gather_kv,
@@ -64,7 +65,9 @@ def _mla_decode_kernel(
     BLOCK_N: tl.constexpr,
     S,
     BT_AHEAD: tl.constexpr,  # load each tile's block ids one tile ahead
+    PDL: tl.constexpr,  # programmatic dependent launch (sm_90+), as _pdl_split
 ):
+    _pdl_split(PDL)
     row = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -162,6 +165,7 @@ def mla_decode_attention_triton(
     assert R == next_pow2(R) and P == next_pow2(P) and P >= 16, "kernel tiles need power-of-two R and P"
     bs = latent_cache.shape[1]
     cfg = mla_decode_config(N, H, config)
+    pdl = pdl_flags(cfg, q_latent.device)
     block_h, block_n = cfg["BLOCK_H"], cfg["BLOCK_N"]
     n_hb = cdiv(H, block_h)
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
@@ -192,11 +196,13 @@ def mla_decode_attention_triton(
         BLOCK_N=block_n,
         S=S,
         BT_AHEAD=bt_mode(cfg, bs),
+        PDL=pdl,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"launch_pdl": True} if pdl & 2 else {}),
     )
     out = torch.empty(N, H, R, dtype=q_latent.dtype, device=q_latent.device)
-    return merge_splits(o_part, lse_part, out)
+    return merge_splits(o_part, lse_part, out, pdl)
 
 
 def mla_decode_attention(

@@ -22,7 +22,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, dot, interpreting, next_pow2, num_sms, tl, triton, use_triton
+from ._triton import (
+    cdiv,
+    dot,
+    gdc_launch_dependents,
+    gdc_wait,
+    interpreting,
+    next_pow2,
+    num_sms,
+    pdl_flags,
+    tl,
+    triton,
+    use_triton,
+)
 from .kv_write import dequantize_per_token, is_quantized
 
 _LOG2E = 1.4426950408889634
@@ -144,6 +156,17 @@ def _tile_blocks(
     return blk, nxt
 
 
+@triton.jit
+def _pdl_split(PDL: tl.constexpr):
+    """A split kernel's programmatic dependent launch (sm_90+). PDL bit 2: it was launched while the
+    kernel before it finishes, and waits for that one's writes (the query, this step's KV) before any
+    load; bit 1: the merge may launch now, and waits (in _merge_splits_kernel) for this grid."""
+    if PDL & 2:
+        gdc_wait()
+    if PDL & 1:
+        gdc_launch_dependents()
+
+
 @triton.jit(do_not_specialize=["stride_btn", "partition", "S"])  # all three follow the context
 def _gqa_decode_kernel(
     q_ptr,  # [N, Hq, D]
@@ -173,7 +196,9 @@ def _gqa_decode_kernel(
     QUANT: tl.constexpr,
     BT_AHEAD: tl.constexpr,  # load each tile's block ids one tile ahead (2: one id per block)
     ASM: tl.constexpr,  # int8 cache: convert by PTX byte permutes (not in Triton's interpreter)
+    PDL: tl.constexpr,  # programmatic dependent launch (sm_90+), see _pdl_split
 ):
+    _pdl_split(PDL)
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -287,7 +312,11 @@ def _merge_splits_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,  # launched while the split kernel runs: wait for its partials; the next may launch
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     r = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = d < D
@@ -317,11 +346,14 @@ def _merge_splits_kernel(
     tl.store(out_ptr + r * D + d, (acc / total).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def merge_splits(
+    o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, pdl: int = 0
+) -> torch.Tensor:
     """o_part [N, H, S, D] float32, lse_part [N, H, S] float32 -> out [N, H, D] (written in place).
 
     One program per (row, head, BLOCK_D columns), looping over the splits BLOCK_S at a time, so a
-    wide latent (MLA: D = 512) and hundreds of splits never make one register tile."""
+    wide latent (MLA: D = 512) and hundreds of splits never make one register tile. pdl: the split
+    kernel's PDL flags (pdl_flags); bit 1 launches this one while the split kernel runs."""
     N, H, S, D = o_part.shape
     # Two tile shapes only, so contexts of any length reuse two compiled kernels: eager steps
     # (many rows, few splits each) take the first, long single sequences the second.
@@ -335,7 +367,9 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor
         D=D,
         BLOCK_D=block_d,
         BLOCK_S=block_s,
+        PDL=pdl,
         num_warps=4,
+        **({"launch_pdl": True} if pdl & 1 else {}),
     )
     return out
 
@@ -428,6 +462,7 @@ def paged_decode_attention_triton(
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
     quant = is_quantized(k_cache)
     cfg = gqa_decode_config(N, Hkv, D, quant, config)
+    pdl = pdl_flags(cfg, q.device)
     block_n = cfg["BLOCK_N"]
     part = pick_partition(N, Hkv, max_ctx, block_n, q.device, cfg["WAVES"], cfg["MAX_SPLITS"])
     S = cdiv(max_ctx, part)
@@ -462,11 +497,13 @@ def paged_decode_attention_triton(
         QUANT=0 if not quant else 1 if k_cache.dtype == torch.int8 else 2,
         BT_AHEAD=bt_mode(cfg, bs),
         ASM=not interpreting(),
+        PDL=pdl,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"launch_pdl": True} if pdl & 2 else {}),
     )
     out = torch.empty(N, Hq, Dv, dtype=q.dtype, device=q.device)
-    return merge_splits(o_part, lse_part, out)
+    return merge_splits(o_part, lse_part, out, pdl)
 
 
 def paged_decode_attention(

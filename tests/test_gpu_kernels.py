@@ -340,12 +340,14 @@ def gemv_split_configs(fmt: str, group: int) -> list[dict]:
     if fmt == "int4":  # H = 5 groups, I = 3
         return [  # H: 2 splits of 2 tiles of 2 groups, the last 1 group; I: 2 splits, the last 1 group
             {"BLOCK_N": 2 * group, "BLOCK_K": 2 * group, "SPLIT_K": 2, "SPLIT_K2": 2},
-            # H: 2 splits of 1 tile of 4 groups, the last 1 group; I: 1 tile of 4 groups, 3 real
-            {"BLOCK_N": group, "BLOCK_K": 4 * group, "SPLIT_K": 3, "SPLIT_K2": 4},
+            # H: 2 splits of 1 tile of 4 groups, the last 1 group; I: 1 tile of 4 groups, 3 real; down's
+            # own tile: 4 groups of rows (2 row blocks over H, the last partial)
+            {"BLOCK_N": group, "BLOCK_K": 4 * group, "SPLIT_K": 3, "SPLIT_K2": 4, "BLOCK_N2": 4 * group},
         ]
     return [  # H = 200: 3 splits of 3 tiles, the last 8 columns; I = 72: 2 splits of 2 tiles, the last 8
         {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "SPLIT_K2": 2},
-        {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4, "SPLIT_K2": 1},  # H: 4 splits of 1 tile; I: unsplit
+        # H: 4 splits of 1 tile; I: unsplit; down: its own 128-row tiles and warps (2 over H, one partial)
+        {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4, "SPLIT_K2": 1, "BLOCK_N2": 128, "num_warps2": 2},
     ]
 
 
@@ -603,17 +605,21 @@ def _gqa_signature(kv: str) -> tuple[dict, dict]:
 def test_attention_kernels_compile_for_hopper(quant_kind, kv):
     """GQA decode (bf16, int8 and fp8 caches), the split merge and MLA decode compile for sm_90."""
     gqa, shape = _gqa_signature(kv)
-    shape.update(BLOCK_N=64, QUANT=quant_kind, BT_AHEAD=2 - quant_kind % 2)
+    # each PDL flag: launched early (waits for the kernel before), and letting the merge launch early
+    shape.update(BLOCK_N=64, QUANT=quant_kind, BT_AHEAD=2 - quant_kind % 2, PDL=quant_kind + 1)
     ptx = compile_for_hopper(paged_attention._gqa_decode_kernel, shape, gqa)
     # an int8 cache becomes float16 by byte permutes, V through ldmatrix's transposing loads
     assert ("prmt.b32" in ptx and ".trans" in ptx) or quant_kind != 1
+    assert ("griddepcontrol.wait" in ptx) == bool(shape["PDL"] & 2)
+    assert ("griddepcontrol.launch_dependents" in ptx) == bool(shape["PDL"] & 1)
     merge = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
-    compile_for_hopper(paged_attention._merge_splits_kernel, {"D": 512, "BLOCK_D": 32, "BLOCK_S": 64}, merge)
+    merge_const = {"D": 512, "BLOCK_D": 32, "BLOCK_S": 64, "PDL": quant_kind % 2}
+    compile_for_hopper(paged_attention._merge_splits_kernel, merge_const, merge)
     if quant_kind == 0:
         mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **_DECODE_OUT}
         for H in (16, 128):  # each head count's default settings; 128 heads' dots take warpgroup MMA
             cfg = mla_attention.mla_decode_config(1, H)
-            const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16}
+            const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16, "PDL": cfg.get("PDL", 0)}
             const.update({k: cfg[k] for k in ("BLOCK_H", "BLOCK_N", "BT_AHEAD")})
             launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
             ptx = compile_for_hopper(mla_attention._mla_decode_kernel, const, mla, **launch)
@@ -644,7 +650,7 @@ def test_machine_code_report_of_a_decode_kernel():
     from gpu_kernels.sass import compile_for
 
     types, const = _gqa_signature("*i8")
-    const.update(BLOCK_N=128, QUANT=1, BT_AHEAD=1)
+    const.update(BLOCK_N=128, QUANT=1, BT_AHEAD=1, PDL=0)
     aligned = compile_for(paged_attention._gqa_decode_kernel, const, types, num_warps=4, num_stages=2)
     loose = compile_for(
         paged_attention._gqa_decode_kernel, const, types, aligned=False, num_warps=4, num_stages=2
@@ -819,6 +825,54 @@ def test_mla_decode_kernel(N, H, max_len):
 
 
 @gpu
+@pytest.mark.parametrize("kind", ["bf16", "int8", "mla"])
+def test_decode_attention_with_dependent_launch_matches(kind):
+    """Programmatic dependent launch (PDL 1: the merge launches while the split kernel runs; 2: the
+    split kernel while the kernel before it runs) changes when kernels start, never the bits: a CUDA
+    graph of calls, each on a query the kernel just before it wrote, matches eager calls without it."""
+    gen = torch.Generator(CUDA).manual_seed(5)
+    bs, ctx, calls = 16, 5000, 4
+    seq_lens = torch.tensor([ctx], dtype=torch.int32, device=CUDA)
+    nb = -(-ctx // bs) + 1
+    table = make_block_tables([ctx], bs, nb, torch.Generator().manual_seed(3)).to(CUDA)
+    if kind == "mla":
+        latent = torch.randn(nb, bs, 576, generator=gen, device=CUDA).bfloat16()
+        qp = torch.randn(1, 16, 64, generator=gen, device=CUDA).bfloat16()
+        src = [torch.randn(1, 16, 512, generator=gen, device=CUDA).bfloat16() for _ in range(calls)]
+
+        def attend(q, config):
+            return mla_decode_attention_triton(q, qp, latent, table, seq_lens, 0.07, config=config)
+    else:
+        kc, vc = (_rand_cache(nb, bs, 4, 128, torch.float32, gen) for _ in range(2))
+        ks = vs = None
+        if kind == "int8":
+            (kc, ks), (vc, vs) = (
+                kv_write.quantize_per_token(kc, torch.int8),
+                kv_write.quantize_per_token(vc, torch.int8),
+            )
+        else:
+            kc, vc = kc.bfloat16(), vc.bfloat16()
+        src = [torch.randn(1, 32, 128, generator=gen, device=CUDA).bfloat16() for _ in range(calls)]
+
+        def attend(q, config):
+            return paged_decode_attention_triton(q, kc, vc, table, seq_lens, 0.088, ks, vs, config=config)
+
+    want = [attend(s, {"PDL": 0}) for s in src]
+    q = torch.empty_like(src[0])
+    for pdl in (1, 3):
+        attend(q, {"PDL": pdl})  # compile outside the capture
+        graph, outs = torch.cuda.CUDAGraph(), []
+        with torch.cuda.graph(graph):
+            for s in src:
+                torch.mul(s, 1, out=q)  # a kernel writes the query just before the split kernel
+                outs.append(attend(q, {"PDL": pdl}))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, ref in zip(outs, want):
+            assert torch.equal(got, ref), f"PDL {pdl}: {(got.float() - ref.float()).abs().max()}"
+
+
+@gpu
 def test_decode_attention_compiles_once_as_contexts_grow():
     """Eager steps meet ever longer contexts. Specialized on values that follow the context (split
     count, partition, block-table stride), a decode kernel would compile anew for new lengths, a
@@ -920,7 +974,7 @@ def test_fused_moe_kernel(T, E, K, fmt, group, path):
             torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
             assert rel_err(out, ref) < 2e-2
     out = moe.fused_moe_triton(x, w13, w2, ids, weights, default)
-    if (T * K <= moe_gemv.GEMV_MAX_SLOTS) == (path == "gemv"):  # the path a call without a config takes
+    if moe_gemv.takes_gemv(T * K, fmt) == (path == "gemv"):  # the path a call without a config takes
         assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights), out)
 
 
