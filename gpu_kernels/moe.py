@@ -13,7 +13,8 @@ The (token, k) pairs are sorted by expert and each expert's run is padded to BLO
 expert's weights. Kernel 1 writes silu(gate) * up to an intermediate [T*K, I]; kernel 2 applies the
 down projection and the routing weight; the K slots of a token are summed at the end.
 
-At decode sizes (moe_gemv.takes_gemv: T*K <= 64, int4 128) the GEMV path of moe_gemv.py runs instead.
+At decode sizes (moe_gemv.takes_gemv: T*K <= 64, bf16 / int8 / int4 128) the GEMV path of moe_gemv.py runs
+instead.
 """
 
 from __future__ import annotations

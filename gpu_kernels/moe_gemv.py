@@ -1,5 +1,5 @@
-"""Fused mixture-of-experts at decode sizes (T*K <= GEMV_MAX_SLOTS, int4 more: takes_gemv): the GEMV path of
-`moe.fused_moe_triton`.
+"""Fused mixture-of-experts at decode sizes (T*K <= 64 slots, bf16 / int8 / int4 128: takes_gemv): the GEMV path
+of `moe.fused_moe_triton`.
 
 Legend: T = tokens, K = experts per token (top-k), E = experts held here, H = hidden, I = expert intermediate.
     x             [T, H]
@@ -471,10 +471,12 @@ def _moe_gemv_sum_kernel(
 
 # T*K at or below which fused_moe_triton runs the GEMV kernels; a config with BLOCK_M picks the sorted path
 GEMV_MAX_SLOTS = 64
-# Formats whose GEMV path stays ahead further. int4 at T = 16 (96 / 128 slots; H100, graph time, tuned
-# tiles each way): V2-Lite's experts in 122.5 us against the sorted path's 253.3, Qwen3-30B-A3B's in
-# 107.6 against 250.9 (gpu_kernels-moe-int4-h100-80gb-hbm3.json)
-GEMV_MAX_SLOTS_FORMAT = {"int4": 128}
+# Formats whose GEMV path stays ahead further (fp8 not measured there). At T = 16 (96 / 128 slots; H100,
+# graph time, tuned tiles each way) it ran V2-Lite's / Qwen3-30B-A3B's experts in int4 in 122.5 / 107.6
+# us against the sorted path's 253.3 / 250.9 (gpu_kernels-moe-int4-h100-80gb-hbm3.json), int8 in
+# 200.4 / 162.2 against 294.2 / 294.0, bf16 in 336.8 / 284.6 against 384.4 / 358.1
+# (gpu_kernels-moe-b16-h100-80gb-hbm3.json)
+GEMV_MAX_SLOTS_FORMAT = {"bf16": 128, "int8": 128, "int4": 128}
 
 
 def takes_gemv(slots: int, fmt: str) -> bool:

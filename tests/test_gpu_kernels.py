@@ -1004,9 +1004,10 @@ def test_packed_moe_reads_host_memory_in_place(fmt, group, T):
 
 
 @gpu
-@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("T", [1, 32])
 def test_fused_moe_graph_replay(T):
-    """Both paths capture into a CUDA graph: new ids and inputs copied in give the reference's answer."""
+    """Both paths capture into a CUDA graph (T = 1 takes the GEMV path, 32 the sorted one): new ids and
+    inputs copied in give the reference's answer."""
     gen = torch.Generator(CUDA).manual_seed(T)
     E, K, H, inter = 16, 6, 512, 256
     w13, w2 = moe_weights(E, H, inter, "int8", 128, gen, CUDA)
@@ -1033,6 +1034,7 @@ def test_fused_moe_graph_replay(T):
         dst.copy_(src)
     graph.replay()
     ref = moe.fused_moe_reference(fresh[0].float(), w13, w2, *fresh[1:])
+    assert moe_gemv.takes_gemv(T * K, "int8") == (T == 1)
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
 
 
