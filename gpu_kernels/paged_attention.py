@@ -422,7 +422,9 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     on a bf16 cache at one row (32.3 -> 31.9 us); elsewhere they were within noise, and are left off.
     One id per block (BT_AHEAD 2) cut a bf16 tile's instructions by a tenth but timed the same (31.6 /
     31.7 us at one row); the one-byte cache at one row takes three stages since its conversion by byte
-    permutes (24.2 us against 25.8 with two; attention_sweep-int8-prmt-b1-h100.json)."""
+    permutes (24.2 us against 25.8 with two; attention_sweep-int8-prmt-b1-h100.json).
+    PDL (programmatic dependent launch, _pdl_split: bit 1 the merge, bit 2 this kernel) moved every GQA
+    and MLA case within ~2% either way on an H100 (attention_sweep-pdl-h100.json): off unless set."""
     if D > 128:
         cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
     elif n_rows * Hkv < 32 and quantized:
