@@ -95,9 +95,11 @@ def moe_cases():
         gu_bytes = 2 * cfg["BLOCK_N"] * bk * iters1 * elt  # gate and up rows
         yield (f"moe {fmt} gate/up", moe_gemv._moe_gemv_gate_up_kernel, gate_up,
                {**types, "x_ptr": "*bf16", "p_ptr": "*fp32"}, opts, gu_bytes)  # fmt: skip
-        down = {**common, "ITERS": iters2, "SPLIT_K": split1}
+        bn2 = cfg.get("BLOCK_N2", cfg["BLOCK_N"])  # down's own tile height and warps, where set
+        down = {**common, "BLOCK_N": bn2, "ITERS": iters2, "SPLIT_K": split1}
+        opts2 = {**opts, "num_warps": cfg.get("num_warps2", cfg["num_warps"])}
         yield (f"moe {fmt} down", moe_gemv._moe_gemv_down_kernel, down,
-               {**types, "p_ptr": "*fp32", "tw_ptr": "*fp32", "o_ptr": "*fp32"}, opts, cfg["BLOCK_N"] * bk * iters2 * elt)  # fmt: skip
+               {**types, "p_ptr": "*fp32", "tw_ptr": "*fp32", "o_ptr": "*fp32"}, opts2, bn2 * bk * iters2 * elt)  # fmt: skip
 
 
 def main() -> None:

@@ -142,9 +142,12 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     split the context the least; their block ids come one per block (BT_AHEAD 2), which cut register
     spills and ~15% of a tile's instructions: 128 heads at batch 1 / 16 in 56.8 / 664 us
     (gpu_kernels-attention-bt2-h100-80gb-hbm3.json). For 16 heads at one row the same took 26.3 us
-    against 24.9 with ids per token, and stays off. Between 16 and 64 heads, blocks of 32."""
+    against 24.9 with ids per token. Between 16 and 64 heads, blocks of 32. 16 heads at one row now take
+    32-token tiles, one block id per block and programmatic dependent launch of both kernels (PDL 3, see
+    gqa_decode_config): 25.1 -> 24.7 us from the tiles and ids, 23.9 with PDL as well; PDL alone, 25.5
+    (three alternations each way in one run, attention-pdl-b1-confirm-h100.json)."""
     if H <= 16 and n_rows == 1:
-        cfg = {"BLOCK_H": 16, "BLOCK_N": 64, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
+        cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 2, "PDL": 3}
     elif H <= 16:
         cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 4, "num_stages": 3, "BT_AHEAD": 1}
     elif H >= 64:

@@ -423,12 +423,16 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     One id per block (BT_AHEAD 2) cut a bf16 tile's instructions by a tenth but timed the same (31.6 /
     31.7 us at one row); the one-byte cache at one row takes three stages since its conversion by byte
     permutes (24.2 us against 25.8 with two; attention_sweep-int8-prmt-b1-h100.json).
-    PDL (programmatic dependent launch, _pdl_split: bit 1 the merge, bit 2 this kernel) moved every GQA
-    and MLA case within ~2% either way on an H100 (attention_sweep-pdl-h100.json): off unless set."""
+    PDL (programmatic dependent launch, _pdl_split: bit 1 the merge, bit 2 this kernel) moved most cases
+    within ~2% either way on an H100 (attention_sweep-pdl-h100.json), and is off for them; the one-byte
+    cache at one row takes both bits: 24.2 -> 23.4 us, three alternations each way in one run
+    (attention-pdl-b1-confirm-h100.json). In that graph of calls each split kernel also starts under
+    the merge before it; in a decode step the kernel before it does not signal early, so there bit 2
+    saves less."""
     if D > 128:
         cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
     elif n_rows * Hkv < 32 and quantized:
-        cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
+        cfg = {"BLOCK_N": 128, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1, "PDL": 3}
     elif n_rows * Hkv < 32:
         cfg = {"BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 1}
     elif quantized:
