@@ -20,6 +20,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from gpu_kernels import mla_attention, moe_gemv, paged_attention  # noqa: E402
 from gpu_kernels.sass import compile_for  # noqa: E402
+from gpu_kernels.tuning import get_config  # noqa: E402
+
+TUNED_ON = "NVIDIA H100 80GB HBM3"
 
 _OUT = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
 
@@ -75,7 +78,9 @@ def moe_cases():
     program, no loop; the whole program's instructions against the weight bytes it reads."""
     E, H, inter = 64, 2048, 1408
     for fmt, elt, fmt_id, group in (("bf16", 2.0, 0, 128), ("int8", 1.0, 2, 128), ("int4", 0.5, 3, 128)):
-        cfg = moe_gemv.fused_moe_gemv_config(1, E, inter, fmt, group)
+        # the settings tuned on the H100, whatever machine compiles them here
+        default = moe_gemv.fused_moe_gemv_config(1, E, inter, fmt, group)
+        cfg = get_config("fused_moe_gemv", f"E={E},N={inter},fmt={fmt}", 1, default, device=TUNED_ON)
         bk = moe_gemv._tile_k(cfg["BLOCK_K"], fmt_id, group)
         dot4 = int(fmt != "bf16" and cfg.get("DP4A", 0))
         w = "*i32" if dot4 else {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[fmt]
