@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from gpu_kernels import mla_attention, moe_gemv, paged_attention  # noqa: E402
+from gpu_kernels import gemv_tiles, mla_attention, moe_gemv, paged_attention  # noqa: E402
 from gpu_kernels.sass import compile_for  # noqa: E402
 from gpu_kernels.tuning import get_config  # noqa: E402
 
@@ -81,11 +81,11 @@ def moe_cases():
         # the settings tuned on the H100, whatever machine compiles them here
         default = moe_gemv.fused_moe_gemv_config(1, E, inter, fmt, group)
         cfg = get_config("fused_moe_gemv", f"E={E},N={inter},fmt={fmt}", 1, default, device=TUNED_ON)
-        bk = moe_gemv._tile_k(cfg["BLOCK_K"], fmt_id, group)
+        bk = gemv_tiles._tile_k(cfg["BLOCK_K"], fmt_id, group)
         dot4 = int(fmt != "bf16" and cfg.get("DP4A", 0))
         w = "*i32" if dot4 else {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[fmt]
-        split1, iters1 = moe_gemv._gemv_split(H, bk, cfg.get("SPLIT_K", 1))
-        split2, iters2 = moe_gemv._gemv_split(inter, bk, cfg.get("SPLIT_K2", 1))
+        split1, iters1 = gemv_tiles._gemv_split(H, bk, cfg.get("SPLIT_K", 1))
+        split2, iters2 = gemv_tiles._gemv_split(inter, bk, cfg.get("SPLIT_K2", 1))
         common = {
             "FMT": fmt_id,
             "GROUP": group,

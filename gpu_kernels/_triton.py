@@ -51,6 +51,11 @@ def pdl_flags(cfg: dict, device: torch.device) -> int:
     return int(cfg.get("PDL", 0)) if pdl_supported(device) else 0
 
 
+def pdl_launch(on: bool | int) -> dict:
+    """Launch keywords for a kernel that starts while the one before it finishes (on), else none."""
+    return {"launch_pdl": True} if on else {}
+
+
 @functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)

@@ -8,9 +8,9 @@ Legend: M = rows of x (tokens), N = output rows of the weight, K = input dim.
 
 The tl.dot kernel in `quant` pads M up to a 16-row tile and dequantizes each weight tile to x's dtype
 before the tensor cores see it; at M = 1 that work, not the weight bytes, sets its pace (an H100 read
-int4 weights at ~0.28 of its copy bandwidth that way). Here, as in the fused-MoE GEMV (`moe_gemv`, whose
-tile loads and dot products this reuses): programs per (row, BLOCK_N outputs, split of K) multiply and
-sum without padding, int8 / int4 optionally by dp4a on activations rounded to int8 (DP4A), and a
+int4 weights at ~0.28 of its copy bandwidth that way). Here, as in the fused-MoE GEMV (`moe_gemv`; both
+take their tile loads and dot products from `gemv_tiles`): programs per (row, BLOCK_N outputs, split of
+K) multiply and sum without padding, int8 / int4 optionally by dp4a on activations rounded to int8 (DP4A), and a
 second launch adds the splits up in a fixed order (deterministic, graph-capturable):
     gemv  grid (M, N / BLOCK_N, SPLIT_K): SPLIT_K == 1 writes out (bias added, cast); else float32
           partial sums [SPLIT_K, M, N], split 0 holding the bias
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import cdiv, tl, triton
-from .moe_gemv import _dot4, _gemv_cols, _gemv_dot, _gemv_load, _gemv_split, _sum_splits, _tile_k
+from .gemv_tiles import _dot4, _gemv_cols, _gemv_dot, _gemv_load, _gemv_split, _sum_splits, _tile_k
 from .quant import _FMT_ID, QuantWeight
 from .tuning import get_config
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, dot, next_pow2, pdl_flags, tl, triton, use_triton
+from ._triton import cdiv, dot, next_pow2, pdl_flags, pdl_launch, tl, triton, use_triton
 from .paged_attention import (
     _LOG2E,
     _first_blocks,
@@ -141,8 +141,8 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     from 66.4 / 847 us to 58.7 / 698 (attention_sweep-mla128-h100.json); a single row's two head blocks
     split the context the least; their block ids come one per block (BT_AHEAD 2), which cut register
     spills and ~15% of a tile's instructions: 128 heads at batch 1 / 16 in 56.8 / 664 us
-    (gpu_kernels-attention-bt2-h100-80gb-hbm3.json). For 16 heads at one row the same took 26.3 us
-    against 24.9 with ids per token. Between 16 and 64 heads, blocks of 32. 16 heads at one row now take
+    (gpu_kernels-attention-bt2-h100-80gb-hbm3.json); for 16 heads at one row over 64-token tiles the same
+    took 26.3 us against 24.9 with ids per token. Between 16 and 64 heads, blocks of 32. 16 heads at one row take
     32-token tiles, one block id per block and programmatic dependent launch of both kernels (PDL 3, see
     gqa_decode_config): 25.1 -> 24.7 us from the tiles and ids, 23.9 with PDL as well; PDL alone, 25.5
     (three alternations each way in one run, attention-pdl-b1-confirm-h100.json)."""
@@ -202,7 +202,7 @@ def mla_decode_attention_triton(
         PDL=pdl,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-        **({"launch_pdl": True} if pdl & 2 else {}),
+        **pdl_launch(pdl & 2),
     )
     out = torch.empty(N, H, R, dtype=q_latent.dtype, device=q_latent.device)
     return merge_splits(o_part, lse_part, out, pdl)

@@ -31,6 +31,7 @@ from ._triton import (
     next_pow2,
     num_sms,
     pdl_flags,
+    pdl_launch,
     tl,
     triton,
     use_triton,
@@ -369,7 +370,7 @@ def merge_splits(
         BLOCK_S=block_s,
         PDL=pdl,
         num_warps=4,
-        **({"launch_pdl": True} if pdl & 1 else {}),
+        **pdl_launch(pdl & 1),
     )
     return out
 
@@ -506,7 +507,7 @@ def paged_decode_attention_triton(
         PDL=pdl,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-        **({"launch_pdl": True} if pdl & 2 else {}),
+        **pdl_launch(pdl & 2),
     )
     out = torch.empty(N, Hq, Dv, dtype=q.dtype, device=q.device)
     return merge_splits(o_part, lse_part, out, pdl)
