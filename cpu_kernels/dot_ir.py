@@ -209,6 +209,20 @@ def dot_bf16(typingctx, w, w_off, x, x_off, nvec):
 
 
 @intrinsic
+def bits_to_f32(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits`` (a register move; no
+    round trip through memory, which type-based alias analysis would let the compiler reorder)."""
+    if not isinstance(bits, types.Integer):
+        return None
+    sig = types.float32(bits)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.trunc(args[0], I32) if bits.bitwidth > 32 else args[0], F32)
+
+    return sig, codegen
+
+
+@intrinsic
 def fetch_add(typingctx, arr, idx, val):
     """Atomically arr[idx] += val for an int64 array; returns the old value (work-item claiming,
     completion counts). Acquire-release: what this thread wrote before it is visible to a thread

@@ -52,6 +52,9 @@ class PackedExperts:
     down_zero: np.ndarray
     symmetric: bool = True
     nbytes: int = field(init=False)
+    # (Hp, Ip, then the four scale and zero-point arrays as 1-D views): what every kernel call passes,
+    # made once here rather than at each decode call
+    flat: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -59,6 +62,8 @@ class PackedExperts:
         arrays = (self.gate_up, self.down, self.gate_up_scale, self.down_scale)
         self.nbytes = sum(a.nbytes for a in arrays) + (0 if self.symmetric else self.gate_up_zero.nbytes)
         self.nbytes += 0 if self.symmetric else self.down_zero.nbytes
+        views = (self.gate_up_scale, self.gate_up_zero, self.down_scale, self.down_zero)
+        self.flat = (padded(self.H), padded(self.I), *(a.reshape(-1) for a in views))
 
     @property
     def Hp(self) -> int:

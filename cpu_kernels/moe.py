@@ -102,17 +102,20 @@ def _bad_ids(topk_ids, E: int) -> ValueError:
     return ValueError(f"topk_ids must be -1 (skip) or in [0, {E}), got min {lo} max {hi}")
 
 
+_F32, _I32 = np.dtype(np.float32), np.dtype(np.int32)  # compared as objects: cheaper than with types
+
+
 def _check_inputs(
     x, topk_ids, topk_weights, experts, out, defer=0, late_out=None, add=None, signal=None
 ) -> None:
     """Types and shapes; the ids' range is checked by the kernel's first pass over them."""
     if not isinstance(experts, PackedExperts):
         raise ValueError(f"experts must be PackedExperts (from pack_experts), got {type(experts).__name__}")
-    for name, a, dt, nd in (("x", x, np.float32, 2), ("topk_ids", topk_ids, np.int32, 2)):
-        if not isinstance(a, np.ndarray) or a.dtype != dt or a.ndim != nd:
+    for name, a, dt in (("x", x, _F32), ("topk_ids", topk_ids, _I32)):
+        if not isinstance(a, np.ndarray) or a.dtype != dt or a.ndim != 2:
             got = f"{a.dtype} with {a.ndim} dims" if isinstance(a, np.ndarray) else type(a).__name__
-            raise ValueError(f"{name} must be a {nd}-D {np.dtype(dt).name} numpy array, got {got}")
-    if not isinstance(topk_weights, np.ndarray) or topk_weights.dtype != np.float32:
+            raise ValueError(f"{name} must be a 2-D {dt.name} numpy array, got {got}")
+    if not isinstance(topk_weights, np.ndarray) or topk_weights.dtype != _F32:
         raise ValueError(
             f"topk_weights must be a float32 numpy array, got {getattr(topk_weights, 'dtype', None)}"
         )
@@ -125,10 +128,7 @@ def _check_inputs(
         )
     for name, a in (("out", out), ("late_out", late_out), ("add", add)):  # float32 [T, H] buffers
         if a is not None and (
-            not isinstance(a, np.ndarray)
-            or a.dtype != np.float32
-            or a.shape != (T, H)
-            or not a.flags.c_contiguous
+            not isinstance(a, np.ndarray) or a.dtype != _F32 or a.shape != (T, H) or not a.flags.c_contiguous
         ):
             got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"{name} must be a C-contiguous float32 array of shape {(T, H)}, got {got}")
@@ -228,20 +228,20 @@ def fused_moe(
 
 def _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal) -> np.ndarray:
     T, K = ids.shape
+    Hp, Ip, gus, guz, dns, dnz = ex.flat
     if ex.fmt == "bf16":
-        xp, h, ctr = _scratch("bf16", ex.Hp, ex.Ip, T, T * K)
+        xp, h, ctr = _scratch("bf16", Hp, Ip, T, T * K)
         ok = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
     else:
         is4 = ex.fmt == "int4"
         gsel = (ex.group_size // 64) if is4 else 0  # 32 / 64 / 128 -> 0 / 1 / 2
-        bufs, ctr = _scratch("q", ex.Hp, ex.Ip, T, T * K)
+        bufs, ctr = _scratch("q", Hp, Ip, T, T * K)
         part = _NO_PART
         if one_region:
-            part, ctr = _scratch("part", ex.Hp, 0, 0, T * K)
+            part, ctr = _scratch("part", Hp, 0, 0, T * K)
         flags, idx = signal if signal is not None else (_NO_FLAG, 0)
         ok = _moe_quant(
-            x, ids, wts, ex.gate_up, ex.gate_up_scale.reshape(-1), ex.gate_up_zero.reshape(-1), ex.down,
-            ex.down_scale.reshape(-1), ex.down_zero.reshape(-1), out, ex.I, gsel, rb, tb, _state["vnni"], is4,
+            x, ids, wts, ex.gate_up, gus, guz, ex.down, dns, dnz, out, ex.I, gsel, rb, tb, _state["vnni"], is4,
             ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
             _NO_PART if late_out is None else late_out, flags, idx,
         )  # fmt: skip

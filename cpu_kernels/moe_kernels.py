@@ -44,7 +44,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .dot_ir import dot_bf16, dot_q4_rows, dot_q8_rows, fetch_add, set_flag, wait_at_least
+from .dot_ir import bits_to_f32, dot_bf16, dot_q4_rows, dot_q8_rows, fetch_add, set_flag, wait_at_least
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
 ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
@@ -130,21 +130,36 @@ def _quantize_block(v, n, b, q, qs, qc):
     dots' vpdpbusd, cancelling the weight codes' offset, +128 or the int4 zero point, exactly).
 
     q = rint(v / s) with s = amax / 127 per block (1 for an all-zero block); inputs past n are zero.
+    A whole block runs as straight loops that compile to vector instructions (the largest |v| as
+    the largest integer of the sign-cleared bits, which order as the floats do): a decode step
+    quantizes its input serially before its parallel region, ~7 us for H = 2048 as scalar code.
     """
-    amax = np.float32(0.0)
-    for i in range(b * 64, min(b * 64 + 64, n)):
-        amax = max(amax, abs(v[i]))
-    s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+    lo = b * 64
+    if lo + 64 <= n:
+        bits = v.view(np.int32)
+        m = np.int32(0)
+        for i in range(lo, lo + 64):
+            m = max(m, bits[i] & np.int32(0x7FFFFFFF))
+        amax = bits_to_f32(m)
+        s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+        for i in range(lo, lo + 64):
+            q[i] = np.int8(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
+    else:  # the last, partial block
+        amax = np.float32(0.0)
+        for i in range(lo, n):
+            amax = max(amax, abs(v[i]))
+        s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+        for i in range(lo, lo + 64):
+            qi = np.float32(0.0)
+            if i < n:
+                qi = min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0))
+            q[i] = np.int8(qi)
     qs[b] = s
     for lane in range(16):
-        four = 0
-        for i in range(b * 64 + 4 * lane, b * 64 + 4 * lane + 4):
-            qi = 0
-            if i < n:
-                qi = int(min(max(np.rint(v[i] / s), np.float32(-127.0)), np.float32(127.0)))
-            q[i] = qi
-            four += qi
-        qc[16 * b + lane] = -128 * four
+        i = lo + 4 * lane
+        qc[16 * b + lane] = -128 * (
+            np.int32(q[i]) + np.int32(q[i + 1]) + np.int32(q[i + 2]) + np.int32(q[i + 3])
+        )
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
