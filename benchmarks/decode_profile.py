@@ -438,6 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-launch", action="store_true", help="only time each way of driving the graphs, alternating"
     )
     ap.add_argument(
+        "--compare-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="only time the CPU expert kernels on each N threads, alternating (with --defer as given)",
+    )
+    ap.add_argument(
         "--compare-defer",
         type=int,
         nargs="+",
@@ -465,11 +473,18 @@ def main(argv: list[str] | None = None) -> int:
         engine.graphs.launch = args.launch
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    if args.compare_launch or args.compare_defer:
+    if args.compare_launch or args.compare_defer or args.compare_threads:
         if engine.graphs is None or not torch.cuda.is_available():
-            raise SystemExit("--compare-launch / --compare-defer need CUDA graphs")
+            raise SystemExit("--compare-launch / --compare-defer / --compare-threads need CUDA graphs")
         if args.compare_defer:
             row = compare_defer(engine, prompt, args.steps, args.compare_defer)
+        elif args.compare_threads:
+            import cpu_kernels
+
+            variants = {
+                f"threads{n}": (lambda n=n: cpu_kernels.set_num_threads(n)) for n in args.compare_threads
+            }
+            row = compare(engine, prompt, args.steps, variants, 3, key="variant")
         else:
             row = compare_launch(engine, prompt, args.steps)
         from cpu_kernels.cpu_info import machine_name
@@ -486,7 +501,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>10}: {1e3 / t['step_ms']:.1f} tok/s, {t['over_roofline']:.2f} of the roofline")
         name = Path(args.model).name + (f"-defer{args.defer}" if args.defer else "")
         gpu = torch.cuda.get_device_name(0).replace(" ", "_")
-        kind = "decode_defer" if args.compare_defer else "decode_launch"
+        kind = (
+            "decode_defer"
+            if args.compare_defer
+            else "decode_threads"
+            if args.compare_threads
+            else "decode_launch"
+        )
         out = RESULTS / f"{kind}-{name}-{args.experts}-{gpu}.json"
         out.write_text(json.dumps(row, indent=2))
         print(f"wrote {out}")
