@@ -352,6 +352,15 @@ def compare_defer(engine, prompt: list[int], steps: int, defers: list[int], reps
     model = engine.model
     variants = {f"defer{d}": (lambda d=d: defer_experts(model, d)) for d in defers}
     out = compare(engine, prompt, steps, variants, reps, key="variant")
+    return {**out, "accuracy": deferral_accuracy(engine, prompt, steps, defers)}
+
+
+def deferral_accuracy(engine, prompt: list[int], steps: int, defers: list[int]) -> list[dict]:
+    """Greedy decoding from ``prompt`` with each deferral against none: the steps until the first other
+    token and the logits' relative difference over them (median and largest); deferral off after."""
+    from hetero.moe import defer_experts
+
+    model = engine.model
     runs = {}
     full = model.logits
     for d in [0] + [d for d in defers if d]:
@@ -382,7 +391,7 @@ def compare_defer(engine, prompt: list[int], steps: int, defers: list[int], reps
         print(
             f"defer {d}: {same} of {len(ids)} greedy tokens as without; logits differ by {np.median(rel):.3f}"
         )
-    return {**out, "accuracy": accuracy}
+    return accuracy
 
 
 def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, key: str) -> dict:

@@ -168,10 +168,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gpus", type=int, default=1, help="split the GPU part over N GPUs (--gpu-mem is per GPU)"
     )
+    ap.add_argument(
+        "--defer",
+        type=int,
+        default=0,
+        help="also decode with each token's N lightest RAM experts deferred (launched upfront), and "
+        "report what that does to the logits",
+    )
     args = ap.parse_args(argv)
     if args.gpus > 1:
         return launch(measure, args.gpus, args)[0]
     return measure(SINGLE, args)
+
+
+def _deferred_decode(rt, args: argparse.Namespace) -> dict:
+    """Decode with args.defer experts a token deferred, the graphs launched upfront (the pairing that
+    overlaps the late experts with the next layer's GPU work), then the logits against no deferral."""
+    import importlib.util
+
+    from hetero.moe import defer_experts
+    from hetero.sampling import SamplingParams
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_profile", Path(__file__).with_name("decode_profile.py")
+    )
+    decode_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_profile)
+    engine, launch = rt.engine, rt.engine.graphs.launch
+    prompt = list(range(1000, 1064))
+    try:
+        engine.graphs.launch = "upfront"
+        defer_experts(engine.model, args.defer)
+        engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # captures
+        tok_s = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
+    finally:
+        defer_experts(engine.model, 0)
+        engine.graphs.launch = launch
+    (accuracy,) = decode_profile.deferral_accuracy(engine, prompt, 32, [args.defer])
+    return {"defer": args.defer, "tok_s": tok_s, "accuracy": accuracy}
+
+
+def _deferred_row(deferred: dict | None, roof: float, roof_adjacent: float) -> dict:
+    if deferred is None:
+        return {}
+    return {
+        "decode_defer": deferred["defer"],  # experts a token, launched upfront
+        "decode_defer_tok_s": deferred["tok_s"],
+        "decode_defer_over_roofline": deferred["tok_s"] / roof,
+        "decode_defer_over_adjacent_roofline": deferred["tok_s"] / roof_adjacent,
+        "decode_defer_accuracy": deferred["accuracy"],  # greedy tokens kept, logits' relative change
+    }
 
 
 def adjacent_read_bw(prof, par: Parallel) -> float:
@@ -247,6 +293,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 rt.engine.graphs.launch = mode
                 key = f"{mode}_again" if mode == default else mode
                 by_launch[key] = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
+        deferred = _deferred_decode(rt, args) if args.defer and rt.engine.graphs is not None else None
         share = rt.plan.cost_inputs.pcie_share if rt.engine.graphs is not None else 0.0
         pcie_off = None
         if share > 0:
@@ -294,6 +341,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "decode_launch": rt.engine.graphs.launch if rt.engine.graphs is not None else None,
                 "decode_by_launch_tok_s": by_launch,  # each way of driving the graphs, the default again last
                 "graphs_over_eager": dec.decode_tok_s / eager.decode_tok_s,
+                **_deferred_row(deferred, roof, roof_adjacent),
                 "decode_predicted_tok_s": pred["decode_tok_s"],
                 "decode_measured_over_predicted": dec.decode_tok_s / pred["decode_tok_s"],
                 "prefill_tok_s": pre.prefill_tok_s,
@@ -344,6 +392,14 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         )
         if r["decode_detail"]["eager_reasons"]:
             print(f"{r['experts']} decode ran eagerly: {r['decode_detail']['eager_reasons']}")
+        if "decode_defer" in r:
+            acc = r["decode_defer_accuracy"]
+            print(
+                f"{r['experts']} with {r['decode_defer']} experts deferred (upfront launch): "
+                f"{r['decode_defer_tok_s']:.1f} tok/s, {r['decode_defer_over_roofline']:.2f} of the roofline "
+                f"({r['decode_defer_over_adjacent_roofline']:.2f} adjacent); greedy tokens as without for "
+                f"{acc['same_tokens']} of {acc['of']}, logits {acc['logits_rel_median']:.3f} apart"
+            )
     modes = sorted({k for r in rows for k in r["decode_by_launch_tok_s"]})
     hdr = f"{'experts':8} {'decode':>8} " + " ".join(f"{m:>12}" for m in modes)
     hdr += f" {'no-pcie':>8} {'eager':>8} {'roof':>8} {'ratio':>6} {'adj':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
