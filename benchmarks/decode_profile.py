@@ -372,7 +372,9 @@ def deferral_accuracy(engine, prompt: list[int], steps: int, defers: list[int]) 
                 [prompt], SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
             )
         finally:
-            model.logits = full
+            # the class's method again: an instance attribute holding a bound method would tie the
+            # model to itself, a cycle the frozen heap (hetero.engine.settle_heap) never collects
+            del model.logits
         runs[d] = (seq.output_ids, got)
     defer_experts(model, 0)
     ref_ids, ref_logits = runs[0]
