@@ -44,9 +44,13 @@ LAYER_OVERHEAD_S = 30e-6
 # wait for it, the copy back and the next graph's work up to the next router, unpriced small
 # kernels mostly. Measured: int4 decode on an H100 with a 16-core Xeon (V2-Lite shape, CUDA graphs)
 # took 13.6 ms a step, 8.7 ms of it in the CPU kernels; of the other 4.9 ms, 1.35 ms is priced GPU
-# work and overhead, and ~140 us for each of the 26 hand-offs is this
-# (benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json).
-HANDOFF_S = 140e-6
+# work and overhead, and ~140 us for each of the 26 hand-offs was this
+# (benchmarks/results/e2e-deepseek-v2-lite-fp8-h100-6GiB.json). The fused block kernels since
+# (gpu_kernels/norm.py, rope.py, router.py, handoff.py) cut the CPU side's wait for the GPU from 73 to
+# 29 us a layer (int4; e2e-...-fused.json), so ~95 us. Against three later runs (e2e-...-h200-6GiB-int4,
+# -int8, e2e-...-h100-6GiB-int4-defer2) 140 us had priced decode 12%, 20% and 6% under the measurement;
+# 95 us, on the same inputs, 3% and 15% under and 2% over.
+HANDOFF_S = 95e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
 # bytes in place over PCIe (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
