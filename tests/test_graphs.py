@@ -389,3 +389,7 @@ def test_runtime_options_check_the_decode_launch():
     assert RuntimeOptions().decode_launch == "pipelined"
     with pytest.raises(ValueError, match="in_turn, pipelined, ahead, upfront"):
         RuntimeOptions(decode_launch="sideways")
+    from hetero.bench import _default_launch
+
+    # hetero bench: deferred experts launch the whole step first unless told otherwise
+    assert _default_launch(0) == "pipelined" and _default_launch(2) == "upfront"
