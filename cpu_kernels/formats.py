@@ -52,8 +52,10 @@ class PackedExperts:
     down_zero: np.ndarray
     symmetric: bool = True
     nbytes: int = field(init=False)
-    # (Hp, Ip, then the four scale and zero-point arrays as 1-D views): what every kernel call passes,
-    # made once here rather than at each decode call
+    Hp: int = field(init=False)  # H and I padded to whole blocks of 128
+    Ip: int = field(init=False)
+    # the four scale and zero-point arrays as 1-D views, as every kernel call passes them: made once
+    # here rather than at each decode call
     flat: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -62,16 +64,9 @@ class PackedExperts:
         arrays = (self.gate_up, self.down, self.gate_up_scale, self.down_scale)
         self.nbytes = sum(a.nbytes for a in arrays) + (0 if self.symmetric else self.gate_up_zero.nbytes)
         self.nbytes += 0 if self.symmetric else self.down_zero.nbytes
+        self.Hp, self.Ip = padded(self.H), padded(self.I)
         views = (self.gate_up_scale, self.gate_up_zero, self.down_scale, self.down_zero)
-        self.flat = (padded(self.H), padded(self.I), *(a.reshape(-1) for a in views))
-
-    @property
-    def Hp(self) -> int:
-        return padded(self.H)
-
-    @property
-    def Ip(self) -> int:
-        return padded(self.I)
+        self.flat = tuple(a.reshape(-1) for a in views)
 
     def expert_nbytes(self) -> int:
         """Bytes one expert's weights (with scales) occupy: what a decode step reads per selected expert."""

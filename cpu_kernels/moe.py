@@ -228,7 +228,7 @@ def fused_moe(
 
 def _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal) -> np.ndarray:
     T, K = ids.shape
-    Hp, Ip, gus, guz, dns, dnz = ex.flat
+    Hp, Ip, (gus, guz, dns, dnz) = ex.Hp, ex.Ip, ex.flat
     if ex.fmt == "bf16":
         xp, h, ctr = _scratch("bf16", Hp, Ip, T, T * K)
         ok = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
