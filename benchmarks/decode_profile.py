@@ -159,15 +159,18 @@ def in_step_calls(engine, steps: int) -> dict:
     pairs: list[int] = []
     flip = [0]
 
-    def timed(h, live, flags):
+    def timed(h, live, flags, ready=None):
         try:
-            measure(h, live)
+            measure(h, live, ready)
         finally:
             if flags is not None:
                 flags[h.slot] = 1  # the graph after the join waits on it
 
-    def measure(h, live):
-        h.ready.synchronize()
+    def measure(h, live, ready):
+        if h.waits and ready is not None:  # the staging sets this flag instead of an event the host waits on
+            cpu_kernels.moe.wait_ready(ready, h.slot, cpu_kernels.moe.READY_POLLS)
+        else:
+            h.ready.synchronize()
         x, ids, w, out = (a[:live] for a in h.args)
         packed = h.fn.__self__.packed
         n = int((ids >= 0).sum())
@@ -457,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only time the CPU expert kernels on each N threads, alternating (with --defer as given)",
     )
     ap.add_argument(
+        "--compare-early",
+        action="store_true",
+        help="only time CPU expert calls made ahead of their inputs (waiting on the staging's flag) "
+        "against calls made once the staging's event is done, alternating (hetero.graphs.early_calls)",
+    )
+    ap.add_argument(
         "--compare-defer",
         type=int,
         nargs="+",
@@ -484,11 +493,19 @@ def main(argv: list[str] | None = None) -> int:
         engine.graphs.launch = args.launch
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    if args.compare_launch or args.compare_defer or args.compare_threads:
+    if args.compare_launch or args.compare_defer or args.compare_threads or args.compare_early:
         if engine.graphs is None or not torch.cuda.is_available():
-            raise SystemExit("--compare-launch / --compare-defer / --compare-threads need CUDA graphs")
+            raise SystemExit("--compare-* need CUDA graphs")
         if args.compare_defer:
             row = compare_defer(engine, prompt, args.steps, args.compare_defer)
+        elif args.compare_early:
+            graphs = engine.graphs
+            variants = {
+                "early": lambda: setattr(graphs, "early_calls", True),
+                "after_event": lambda: setattr(graphs, "early_calls", False),
+            }
+            row = compare(engine, prompt, args.steps, variants, 3, key="variant")
+            graphs.early_calls = True
         elif args.compare_threads:
             import cpu_kernels
 
@@ -517,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_defer
             else "decode_threads"
             if args.compare_threads
+            else "decode_early"
+            if args.compare_early
             else "decode_launch"
         )
         out = RESULTS / f"{kind}-{name}-{args.experts}-{gpu}.json"

@@ -253,6 +253,51 @@ def set_flag(typingctx, arr, idx):
     return sig, codegen
 
 
+def _spin(builder: ir.IRBuilder, poll, limit: ir.Value | None = None) -> ir.Value:
+    """Poll until ``poll()`` gives (value, done) with done set, a pause between polls, at most
+    ``limit`` polls (None: no limit); returns the last value."""
+    entry = builder.block
+    loop = builder.append_basic_block("spin")
+    pause = builder.append_basic_block("spin.pause")
+    done = builder.append_basic_block("spin.done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    n = builder.phi(I64)
+    n.add_incoming(_c(I64, 0), entry)
+    v, ok = poll()
+    if limit is not None:
+        ok = builder.or_(ok, builder.icmp_signed(">=", n, limit))
+    builder.cbranch(ok, done, pause)
+    builder.position_at_end(pause)
+    if _X86:
+        builder.call(_intrin(builder, "llvm.x86.sse2.pause", ir.VoidType(), []), [])
+    n.add_incoming(builder.add(n, _c(I64, 1)), pause)
+    builder.branch(loop)
+    builder.position_at_end(done)
+    return v
+
+
+@intrinsic
+def wait_flag(typingctx, arr, idx, tries):
+    """Spin until arr[idx] != 0 (an int32 flag another agent sets, such as a GPU storing into
+    page-locked memory), at most ``tries`` polls; returns the flag's value (0: it never came).
+
+    Acquire loads, so what the setter wrote before its release store is visible after."""
+    sig = types.int32(arr, idx, tries)
+
+    def codegen(context, builder, sig, args):
+        ty = sig.args
+        p = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I32)
+
+        def poll():
+            v = builder.load_atomic(p, "acquire", 4)
+            return v, builder.icmp_signed("!=", v, _c(I32, 0))
+
+        return _spin(builder, poll, _as_i64(context, builder, args[2], ty[2]))
+
+    return sig, codegen
+
+
 @intrinsic
 def wait_at_least(typingctx, arr, idx, n):
     """Spin until arr[idx] >= n (an int64 array that other threads count up with fetch_add); returns it.
@@ -266,19 +311,12 @@ def wait_at_least(typingctx, arr, idx, n):
         ty = sig.args
         p = _ptr(context, builder, ty[0], args[0], _as_i64(context, builder, args[1], ty[1]), I64)
         target = _as_i64(context, builder, args[2], ty[2])
-        loop = builder.append_basic_block("spin")
-        pause = builder.append_basic_block("spin.pause")
-        done = builder.append_basic_block("spin.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        v = builder.load_atomic(p, "acquire", 8)
-        builder.cbranch(builder.icmp_signed(">=", v, target), done, pause)
-        builder.position_at_end(pause)
-        if _X86:
-            builder.call(_intrin(builder, "llvm.x86.sse2.pause", ir.VoidType(), []), [])
-        builder.branch(loop)
-        builder.position_at_end(done)
-        return v
+
+        def poll():
+            v = builder.load_atomic(p, "acquire", 8)
+            return v, builder.icmp_signed(">=", v, target)
+
+        return _spin(builder, poll)
 
     return sig, codegen
 

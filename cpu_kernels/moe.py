@@ -24,12 +24,14 @@ import numpy as np
 from . import tuning
 from .cpu_info import has_avx512_vnni
 from .formats import PackedExperts
-from .moe_kernels import _moe_bf16, _moe_quant, late_pairs
+from .moe_kernels import BAD_IDS, NOT_READY, _moe_bf16, _moe_quant, late_pairs, wait_ready
 
 # Quantized decode steps of up to this many (token, expert) pairs run in one parallel region, with
 # per-pair down outputs [P, H] (at most 7 MB for H = 7168); larger calls are long enough that two
 # regions cost little, and write no per-pair outputs.
 ONE_REGION_PAIRS = 256
+# Polls of an input flag (``ready``) before a call gives up: seconds, far beyond any layer's GPU work.
+READY_POLLS = 1 << 27
 
 _state = {"threads": 0, "vnni": has_avx512_vnni()}  # threads 0: default (see module doc)
 
@@ -106,7 +108,7 @@ _F32, _I32 = np.dtype(np.float32), np.dtype(np.int32)  # compared as objects: ch
 
 
 def _check_inputs(
-    x, topk_ids, topk_weights, experts, out, defer=0, late_out=None, add=None, signal=None
+    x, topk_ids, topk_weights, experts, out, defer=0, late_out=None, add=None, signal=None, ready=None
 ) -> None:
     """Types and shapes; the ids' range is checked by the kernel's first pass over them."""
     if not isinstance(experts, PackedExperts):
@@ -134,12 +136,14 @@ def _check_inputs(
             raise ValueError(f"{name} must be a C-contiguous float32 array of shape {(T, H)}, got {got}")
     if defer < 0 or (defer > 0 and late_out is None):
         raise ValueError(f"defer must be >= 0 and come with late_out, got defer={defer}")
-    if signal is not None:
-        flags, idx = signal
+    for name, f in (("signal", signal), ("ready", ready)):
+        if f is None:
+            continue
+        flags, idx = f
         if not isinstance(flags, np.ndarray) or flags.dtype != np.int32 or flags.ndim != 1:
-            raise ValueError("signal must be (an int32 1-D flags array, an index)")
+            raise ValueError(f"{name} must be (an int32 1-D flags array, an index)")
         if not 0 <= idx < flags.shape[0]:
-            raise ValueError(f"signal index {idx} outside the {flags.shape[0]} flags")
+            raise ValueError(f"{name} index {idx} outside the {flags.shape[0]} flags")
 
 
 _settings: dict = {}
@@ -170,6 +174,7 @@ def fused_moe(
     late_out: np.ndarray | None = None,
     add: np.ndarray | None = None,
     signal: tuple[np.ndarray, int] | None = None,
+    ready: tuple[np.ndarray, int] | None = None,
 ) -> np.ndarray:
     """Routed experts of one layer for T tokens; returns out [T, H] float32.
 
@@ -185,11 +190,19 @@ def fused_moe(
     [T, H] float32 instead. add: optional float32 [T, H] added to out (the late pairs of the layer
     before). signal: optional (flags int32 [N], i): flags[i] = 1 once out is whole; a decode step
     sets it before computing the late pairs, so whoever polls it goes on meanwhile.
+
+    ready: optional (flags int32 [N], i): x, topk_ids and topk_weights are still being written
+    (a GPU storing them into page-locked memory) until flags[i] is set; the call waits for it, then
+    clears it. Only their shapes are read before. A decode step calls ahead of its inputs this way,
+    so that the call's own start runs while the GPU still works.
     """
-    _check_inputs(x, topk_ids, topk_weights, experts, out, defer, late_out, add, signal)
+    _check_inputs(x, topk_ids, topk_weights, experts, out, defer, late_out, add, signal, ready)
     if prefer not in ("auto", "decode", "prefill"):
         raise ValueError(f"prefer must be 'auto', 'decode' or 'prefill', got {prefer!r}")
     ex = experts
+    if ready is not None and not all(a.flags.c_contiguous for a in (x, topk_ids, topk_weights)):
+        _wait(ready)  # copied below
+        ready = None
     x = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     ids = topk_ids if topk_ids.flags.c_contiguous else np.ascontiguousarray(topk_ids)
     wts = topk_weights if topk_weights.flags.c_contiguous else np.ascontiguousarray(topk_weights)
@@ -198,9 +211,13 @@ def fused_moe(
     T, K = ids.shape
     thresh, decode, prefill = _cfg(ex.fmt, ex.H, ex.I)
     mode = prefer
+    count = mode == "auto" and T * K >= thresh * min(ex.E, T * K)  # cheap bound: decode steps never count
+    if ready is not None and (count or ex.fmt == "bf16"):
+        _wait(ready)  # the ids are read below, or by a kernel that does not wait itself
+        ready = None
     if mode == "auto":
         mode = "decode"
-        if T * K >= thresh * min(ex.E, T * K):  # cheap bound first: decode steps never count pairs
+        if count:
             pairs = int(np.count_nonzero(ids >= 0))
             if pairs / max(1, min(ex.E, pairs)) >= thresh:
                 mode = "prefill"
@@ -212,6 +229,8 @@ def fused_moe(
     one_region = ex.fmt != "bf16" and mode == "decode" and T * K <= ONE_REGION_PAIRS
     if not one_region and (defer or add is not None or signal is not None):
         # Two regions (bf16, or many pairs): the late pairs as a call of their own, after out.
+        if ready is not None:
+            _wait(ready)
         late = late_pairs(ids, wts, defer) if defer else None
         now = np.where(late, -1, ids).astype(np.int32) if defer else ids
         _run(x, now, wts, ex, out, mode, rb, tb, nthr, False, 0, None, None, None)
@@ -223,15 +242,28 @@ def fused_moe(
             late_ids = np.where(late, ids, -1).astype(np.int32)
             _run(x, late_ids, wts, ex, late_out, mode, rb, tb, nthr, False, 0, None, None, None)
         return out
-    return _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal)
+    return _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal, ready)
 
 
-def _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal) -> np.ndarray:
+def _wait(ready: tuple[np.ndarray, int]) -> None:
+    if not wait_ready(ready[0], ready[1], READY_POLLS):
+        raise RuntimeError(_NOT_READY)
+
+
+_NOT_READY = (
+    "the CPU experts' inputs were never marked ready (their input flag stayed 0 for seconds): "
+    "the device work that stages them failed or was never launched"
+)
+
+
+def _run(
+    x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal, ready=None
+) -> np.ndarray:
     T, K = ids.shape
     Hp, Ip, (gus, guz, dns, dnz) = ex.Hp, ex.Ip, ex.flat
     if ex.fmt == "bf16":
         xp, h, ctr = _scratch("bf16", Hp, Ip, T, T * K)
-        ok = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
+        status = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
     else:
         is4 = ex.fmt == "int4"
         gsel = (ex.group_size // 64) if is4 else 0  # 32 / 64 / 128 -> 0 / 1 / 2
@@ -240,11 +272,14 @@ def _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, 
         if one_region:
             part, ctr = _scratch("part", Hp, 0, 0, T * K)
         flags, idx = signal if signal is not None else (_NO_FLAG, 0)
-        ok = _moe_quant(
+        rflags, ridx = ready if ready is not None else (_NO_FLAG, 0)
+        status = _moe_quant(
             x, ids, wts, ex.gate_up, gus, guz, ex.down, dns, dnz, out, ex.I, gsel, rb, tb, _state["vnni"], is4,
             ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
-            _NO_PART if late_out is None else late_out, flags, idx,
+            _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, READY_POLLS,
         )  # fmt: skip
-    if not ok:
+    if status == NOT_READY:
+        raise RuntimeError(_NOT_READY)
+    if status == BAD_IDS:
         raise _bad_ids(ids, ex.E)
     return out

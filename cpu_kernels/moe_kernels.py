@@ -44,7 +44,16 @@ import numba
 import numpy as np
 from numba import prange
 
-from .dot_ir import bits_to_f32, dot_bf16, dot_q4_rows, dot_q8_rows, fetch_add, set_flag, wait_at_least
+from .dot_ir import (
+    bits_to_f32,
+    dot_bf16,
+    dot_q4_rows,
+    dot_q8_rows,
+    fetch_add,
+    set_flag,
+    wait_at_least,
+    wait_flag,
+)  # fmt: skip
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
 ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
@@ -53,8 +62,19 @@ SERIAL_BLOCKS = 256  # input blocks of 64 quantized serially (no parallel region
 # so each item's four weight streams (one per quarter of its rows, per expert) run 16+ rows: with
 # 16 threads and H = 2048, ITEMS_PER_THREAD alone gives 16-row items, four streams of 4 rows each.
 DOWN_ROWS = 64
+OK, BAD_IDS, NOT_READY = 0, 1, 2  # what a kernel call returns
 
 # ---------------------------------------------------------------- shared pieces (serial, inlined)
+
+
+@numba.njit(cache=True, nogil=True)
+def wait_ready(ready, idx, polls):
+    """Wait for, then clear, the input flag ready[idx] (see ``_moe_quant``): for the calls that
+    read their inputs before a kernel does. Returns whether it came within ``polls`` polls."""
+    if wait_flag(ready, idx, polls) == 0:
+        return False
+    ready[idx] = 0
+    return True
 
 
 @numba.njit(cache=True, nogil=True)
@@ -328,9 +348,9 @@ def _down_rows(
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _moe_quant(
     x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr,
-    part, defer, add, late_out, flag, flag_idx,
+    part, defer, add, late_out, flag, flag_idx, ready, ready_idx, polls,
 ):  # fmt: skip
-    """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32.
+    """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32. Returns OK, BAD_IDS or NOT_READY.
 
     Scales and zero points come flattened (1-D views of the packed arrays):
     int8: gu u8 [E, I, 2, Hp], gus f32 [E * I * 2], dn u8 [E, H, Ip], dns f32 [E * H].
@@ -344,7 +364,16 @@ def _moe_quant(
     One region only (else defer 0, add / late_out [0, 0], flag [0]): each token's ``defer`` lightest
     pairs go to late_out [T, H] instead of out; add [T, H] (or [0, 0]) is added to out; once out is
     whole, flag[flag_idx] = 1 (flag [0]: no flag), and the late pairs run after that.
+
+    ready int32 [N] (or [0]: none): the inputs x, ids, wts are whole only once ready[ready_idx] is
+    set (a GPU storing them into page-locked memory sets it after them); the call waits for it and
+    clears it, so that its own start (Python, the dispatch) runs while they are still being made;
+    after ``polls`` polls of it, it gives up.
     """
+    if ready.shape[0] > 0:
+        if wait_flag(ready, ready_idx, polls) == 0:
+            return NOT_READY
+        ready[ready_idx] = 0
     I = inter  # noqa: E741
     xq, xs, xc, h, hq, hs, hc = bufs
     T, H = x.shape
@@ -352,7 +381,7 @@ def _moe_quant(
     Hp = xq.shape[1]
     ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, defer)
     if not ok:
-        return False
+        return BAD_IDS
     A = active.shape[0]
     nbx = Hp // 64
     if T * nbx <= SERIAL_BLOCKS:  # a decode step: cheaper than starting a parallel region
@@ -371,7 +400,7 @@ def _moe_quant(
             x, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,
             add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, rbg, nbi,
         )  # fmt: skip
-        return True
+        return OK
 
     ctr[0] = 0
     ctr[8] = 0
@@ -404,7 +433,7 @@ def _moe_quant(
                     e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq, hs, hc, gsel,
                     rb, tb, vnni, is_int4, sym, out, True,
                 )  # fmt: skip
-    return True
+    return OK
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -512,7 +541,7 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
     Ip = dn.shape[2]
     ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, 0)
     if not ok:
-        return False
+        return BAD_IDS
     ctr[0] = 0
     ctr[1] = 0
     if T * H <= SERIAL_BLOCKS * 64:
@@ -567,4 +596,4 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
                             for s in range(tb0, min(tb0 + tb, s1)):
                                 y = dot_bf16(dn, (e * H + r) * Ip, h, s * Ip, Ip // 64)
                                 out[slot_tok[s], r] += slot_wt[s] * y
-    return True
+    return OK

@@ -6,6 +6,11 @@ device and three device-to-host copies, each a node of a decode step's graph; he
 converts and stores all three straight into the page-locked buffers, which the device writes
 through unified addressing over PCIe (as ``host_flag`` reads its flags).
 
+A decode step may also have the kernel mark the hand-off ready: once every program's stores are
+done, the last one to finish sets an int32 flag in page-locked memory (a release store at system
+scope), which the CPU experts' call polls (``cpu_kernels.fused_moe(ready=...)``). The CPU call can
+so be made before the GPU has come this far, and its own start overlaps the GPU's work.
+
 Shapes (T = tokens, H = hidden, K = experts per token):
     x [T, H] (bf16/fp16/fp32), ids [T, K] (int32/int64), weights [T, K] float32  on the device
     hx [>= T, H] float32, hids [>= T, K] int32, hw [>= T, K] float32            page-locked host memory
@@ -24,7 +29,7 @@ STORE_MAX_BYTES = 4 << 20
 
 # Host addresses as integers, never specialized: a buffer's alignment must not pick a variant that
 # would compile inside a graph capture.
-@triton.jit(do_not_specialize=["hx_addr", "hids_addr", "hw_addr"])
+@triton.jit(do_not_specialize=["hx_addr", "hids_addr", "hw_addr", "ready_addr", "count_addr"])
 def _stage_kernel(
     x_ptr,
     ids_ptr,
@@ -32,6 +37,8 @@ def _stage_kernel(
     hx_addr,
     hids_addr,
     hw_addr,
+    ready_addr: tl.int64,  # typed: 0 (no flag) must not compile a variant of its own
+    count_addr: tl.int64,
     stride_x,
     stride_ids,
     stride_w,
@@ -55,6 +62,23 @@ def _stage_kernel(
         ids = tl.load(ids_ptr + t * stride_ids + k, mask=kmask, other=0)
         tl.store(hids + t * K + k, ids.to(tl.int32), mask=kmask)
         tl.store(hw + t * K + k, tl.load(w_ptr + t * stride_w + k, mask=kmask, other=0.0), mask=kmask)
+    if ready_addr != 0:
+        # Every thread's stores come before this program's count (the barrier), every program's
+        # count before the last program's flag (acquire-release), and the flag is a release store
+        # at system scope: the CPU that sees it sees the staged rows.
+        tl.debug_barrier()
+        count = count_addr.to(tl.pointer_type(tl.int32))
+        programs = tl.num_programs(0) * tl.num_programs(1)
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == programs - 1:
+            tl.store(count, 0)  # for the next replay
+            tl.inline_asm_elementwise(
+                "st.release.sys.global.b32 [$1], 1;\n\tmov.b32 $0, 0;",
+                "=r,l",
+                [ready_addr],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
 
 
 def stage_handoff_reference(x, ids, weights, hx, hids, hw) -> None:
@@ -81,11 +105,16 @@ def stage_handoff(
     hx: torch.Tensor,
     hids: torch.Tensor,
     hw: torch.Tensor,
-) -> None:
+    ready: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> bool:
     """Enqueue on the current stream: hx[:T] = x (as float32), hids[:T] = ids (as int32), hw[:T] = weights.
 
     With CUDA inputs, page-locked destinations and at most STORE_MAX_BYTES of hidden states, one
-    kernel storing into host memory; otherwise torch copies. Shapes in the module docstring."""
+    kernel storing into host memory; otherwise torch copies. Shapes in the module docstring.
+
+    ready: (flags, counts, i), flags int32 [N] page-locked, counts int32 [N] zeros on the device:
+    the kernel sets flags[i] once all it stores is in host memory (counts[i] counts its programs,
+    and is zero again after). Returns whether it will (only the kernel does: not the torch copies)."""
     T, H = x.shape
     K = ids.shape[1]
     assert ids.shape == (T, K) and weights.shape == (T, K), (
@@ -94,11 +123,24 @@ def stage_handoff(
     assert hx.shape[1:] == (H,) and hids.shape[1:] == (K,) and hw.shape[1:] == (K,) and hx.shape[0] >= T
     if not (use_triton(x, ids, weights) and _storable(x, ids, weights, hx, hids, hw)):
         stage_handoff_reference(x, ids, weights, hx, hids, hw)
-        return
+        return False
+    ready_addr = count_addr = 0
+    if ready is not None:
+        flags, counts, i = ready
+        assert flags.dtype == torch.int32 and flags.is_pinned() and flags.is_contiguous(), (
+            "flags: pinned int32"
+        )
+        assert (
+            counts.dtype == torch.int32
+            and counts.device == x.device
+            and 0 <= i < min(len(flags), len(counts))
+        )
+        ready_addr, count_addr = flags.data_ptr() + 4 * i, counts.data_ptr() + 4 * i
     block = min(1024, next_pow2(H))
     with torch.cuda.device(x.device):
         _stage_kernel[(T, -(-H // block))](
-            x, ids, weights, hx.data_ptr(), hids.data_ptr(), hw.data_ptr(),
+            x, ids, weights, hx.data_ptr(), hids.data_ptr(), hw.data_ptr(), ready_addr, count_addr,
             x.stride(0), ids.stride(0), weights.stride(0),
             H=H, K=K, BLOCK_H=block, K_PAD=max(2, next_pow2(K)), num_warps=4,
         )  # fmt: skip
+    return ready is not None

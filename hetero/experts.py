@@ -186,7 +186,7 @@ class CPUExperts:
         self.late = None  # numpy float32 [rows, H]: the late experts' output, for the next layer
         self.late_rows = 0  # rows of `late` written by the last call and not yet collected
 
-    def _kernel(self, x, ids, weights, out, signal=None) -> None:
+    def _kernel(self, x, ids, weights, out, signal=None, ready=None) -> None:
         import cpu_kernels
 
         t = x.shape[0]
@@ -203,12 +203,12 @@ class CPUExperts:
             late = self.late[:t]
         cpu_kernels.fused_moe(
             x, ids, weights, self.packed, out=out, defer=self.defer if late is not None else 0, late_out=late,
-            add=add, signal=signal,
+            add=add, signal=signal, ready=ready,
         )  # fmt: skip
         self.late_rows = t if late is not None else 0
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        return self.handoff.submit(self._kernel, x, ids, weights, signals=True)
+        return self.handoff.submit(self._kernel, x, ids, weights, signals=True, waits=True)
 
     def wait(self, handle) -> torch.Tensor:
         return self.handoff.wait(handle)

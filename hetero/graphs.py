@@ -82,6 +82,9 @@ class _Program:
     pool: tuple
     flags: torch.Tensor | None = None  # page-locked [N] int32 the graphs after joins wait on (None: no waits)
     device: torch.device | None = None
+    # page-locked [N] int32 flags the stagings set and device [N] int32 counts of their programs:
+    # a CPU kernel taking ``ready`` waits on its flag itself (None: the host waits on events)
+    ready: tuple[torch.Tensor, torch.Tensor] | None = None
     ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", _Handoff) | ("join", _Handoff)
     graph: torch.cuda.CUDAGraph | None = None
     staged: list = field(default_factory=list)  # hand-offs staged in the graph being captured
@@ -100,14 +103,24 @@ class _Program:
         self.staged.clear()
         self.graph = None
 
-    def handoff(self, fn, args: tuple, worker, layer: int, signals: bool = False) -> _Handoff:
+    def ready_flag(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Where the staging of the next hand-off marks it ready (``stage_handoff``'s ``ready``)."""
+        if self.ready is None:
+            return None
+        if self.handoffs >= self.ready[0].numel():
+            raise RuntimeError(f"a decode step of more than {self.ready[0].numel()} CPU hand-offs")
+        return (*self.ready, self.handoffs)
+
+    def handoff(
+        self, fn, args: tuple, worker, layer: int, signals: bool = False, waits: bool = False
+    ) -> _Handoff:
         """Called after the staging of a CPU hand-off was captured: an event recorded by the graph
         itself marks the staging done, and the graph goes on (the layer's shared and GPU-resident
         experts). Hand-offs may overlap (one joined after a later one is staged); the CPU runs
         them in order."""
         ready = torch.cuda.Event(external=True)  # a node of the graph, recorded at every replay
         ready.record()
-        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals)
+        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits)
         self.staged.append(h)
         self.handoffs += 1
         return h
@@ -139,6 +152,7 @@ class _Handoff:
     slot: int  # its flag in DecodeGraphs.flags: set by the worker when fn is done
     ready: torch.cuda.Event  # recorded by the graph that stages the inputs in the pinned buffers
     signals: bool = False  # fn takes signal=(flags, slot) and sets the flag itself, once its output is whole
+    waits: bool = False  # fn takes ready=(ready flags, slot) and waits for the staging to set it
 
 
 @dataclass
@@ -180,13 +194,18 @@ class DecodeGraphs:
         self.block_size = kv_layers[0][0].shape[1] if kv_layers else 1
         self.max_blocks, self.max_batch = max_blocks, max_batch
         self.device = device or next(model.parameters()).device
-        # captured steps by size, one graph per hand-off (False) or one a step (True: upfront)
-        self._entries: dict[bool, dict[int, _Entry]] = {False: {}, True: {}}
+        # captured steps by (one graph a step (upfront), early_calls), then by size
+        self._entries: dict[tuple[bool, bool], dict[int, _Entry]] = {}
         self.failed: dict[int, str] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.stream_min = _stream_min_tokens(model)
         self._launch = "pipelined"
         self.flags = None  # page-locked flags every captured program waits on (with Triton)
+        self.ready = None  # page-locked flags and device counts the stagings set (with Triton)
+        # CPU kernels that can are called before their inputs are staged and wait on a flag the
+        # staging sets, so that their start (Python, the dispatch) overlaps the GPU's work; off:
+        # the host waits on each staging's event first (steps are captured apart for each)
+        self.early_calls = True
 
     @property
     def launch(self) -> str:
@@ -202,7 +221,7 @@ class DecodeGraphs:
     @property
     def entries(self) -> dict[int, _Entry]:
         """The steps captured for the current launch mode, by size (upfront: one graph a step)."""
-        return self._entries[self._launch == "upfront"]
+        return self._entries.setdefault((self._launch == "upfront", self.early_calls), {})
 
     def usable(self, batch_size: int) -> bool:
         return (
@@ -300,8 +319,9 @@ class DecodeGraphs:
         static_ids, batch, staging, host_tables = self._static(b)
         flags = self._flags()
         program = _Program(
-            self.pool, flags, self.device, single=flags is not None and self.launch == "upfront"
-        )
+            self.pool, flags, self.device, single=flags is not None and self.launch == "upfront",
+            ready=self.ready if self.early_calls else None,
+        )  # fmt: skip
         entry = _Entry(program, static_ids, batch, None, staging, host_tables)
         self._load(entry, ids, positions, slots, context_lens, tables)
         side = torch.cuda.Stream(self.device)
@@ -348,6 +368,10 @@ class DecodeGraphs:
             from gpu_kernels.host_flag import host_flags, wait_host_flag
 
             self.flags = host_flags(MAX_HANDOFFS)
+            self.ready = (
+                host_flags(MAX_HANDOFFS),
+                torch.zeros(MAX_HANDOFFS, dtype=torch.int32, device=self.device),
+            )
             self.flags[0] = 1
             wait_host_flag(self.flags, 0, self.device)  # compiled now, not while capturing
             torch.cuda.synchronize(self.device)
@@ -356,6 +380,7 @@ class DecodeGraphs:
     def _replay(self, program: _Program, live: int) -> None:
         """Replay a step whose first ``live`` rows are real: the CPU experts see only those."""
         flags = program.flags.numpy() if program.flags is not None else None
+        ready = program.ready[0].numpy() if program.ready is not None else None
         mode = self.launch if flags is not None else "in_turn"
         jobs, queued = [], deque()  # hand-offs staged, their CPU kernels not yet run, in slot order
         due = -1  # pipelined: the CPU work up to this slot runs at the next join (its graphs launched)
@@ -367,17 +392,17 @@ class DecodeGraphs:
                 elif kind == "cpu":  # staged by the graph just launched
                     h = op[1]
                     if mode == "ahead":
-                        jobs.append(h.worker.submit(_run_handoff, h, live, flags))
+                        jobs.append(h.worker.submit(_run_handoff, h, live, flags, ready))
                     else:
                         queued.append(h)
                 elif mode in ("in_turn", "pipelined"):  # the host runs the CPU experts itself, in order
                     if mode == "in_turn":
                         due = op[1].slot
                     while queued and queued[0].slot <= due:
-                        _run_handoff(queued.popleft(), live, flags)
+                        _run_handoff(queued.popleft(), live, flags, ready)
                     due = op[1].slot
             while queued:  # pipelined: the last join's; upfront: all of them
-                _run_handoff(queued.popleft(), live, flags)
+                _run_handoff(queued.popleft(), live, flags, ready)
         except BaseException:
             # Launching stopped midway: release the GPU from every flag it may wait on (each wait
             # clears its own), let what was launched drain, and clear the flags no kernel consumed,
@@ -388,6 +413,8 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
             if flags is not None:
                 flags[:] = 0
+            if ready is not None:  # stagings whose CPU kernels never ran
+                ready[:] = 0
             raise
         for job in jobs:  # in order; a failure is raised after its flag released the GPU
             job.result()
@@ -397,21 +424,25 @@ LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront")
 MAX_HANDOFFS = 1024  # per decode step: one per CPU MoE layer, with room to spare
 
 
-def _run_handoff(h: _Handoff, live: int, flags) -> None:
-    """Wait for the hand-off's inputs, run its CPU kernel on the ``live`` rows, then set its flag
-    (always: a stream waits on it), unless the kernel set it itself (``signals``: as soon as its
-    output was whole, before any work it does after)."""
+def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:
+    """Wait for the hand-off's inputs (or have its kernel wait: ``waits``, on the flag the staging
+    sets), run its CPU kernel on the ``live`` rows, then set its flag (always: a stream waits on
+    it), unless the kernel set it itself (``signals``: as soon as its output was whole, before any
+    work it does after)."""
     signaled = False
     try:
         t0 = time.perf_counter()
-        h.ready.synchronize()
+        kw = {}
+        if h.waits and ready is not None:
+            kw["ready"] = (ready, h.slot)
+        else:
+            h.ready.synchronize()
         t1 = time.perf_counter()
         args = [a[:live] for a in h.args]  # [S, ...] pinned buffers -> the live rows
         if h.signals and flags is not None:
-            h.fn(*args, signal=(flags, h.slot))
-            signaled = True
-        else:
-            h.fn(*args)
+            kw["signal"] = (flags, h.slot)
+        h.fn(*args, **kw)
+        signaled = "signal" in kw
         t2 = time.perf_counter()
     finally:
         if flags is not None and not signaled:

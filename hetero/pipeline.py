@@ -106,10 +106,18 @@ class CPUHandoff:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
 
     def submit(
-        self, kernel, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, signals: bool = False
+        self,
+        kernel,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        signals: bool = False,
+        waits: bool = False,
     ) -> Future:
         """signals: the kernel takes ``signal=(flags, index)`` and sets that flag itself once ``out``
-        is whole (it may go on with other work); a decode graph's wait then starts the GPU then."""
+        is whole (it may go on with other work); a decode graph's wait then starts the GPU then.
+        waits: the kernel takes ``ready=(flags, index)`` and waits for that flag before it reads its
+        inputs; a decode graph's staging sets it, and the host calls the kernel without waiting."""
         from gpu_kernels.handoff import stage_handoff
 
         t = x.shape[0]
@@ -121,9 +129,10 @@ class CPUHandoff:
             # Recording a decode graph: the staging (one kernel storing into the pinned buffers)
             # joins the graph being captured, the CPU kernel runs between graphs on those buffers
             # (their storage stays referenced here).
-            stage_handoff(x, ids, weights, hx, hids, hw)
+            ready = program.ready_flag() if waits else None
+            waits = stage_handoff(x, ids, weights, hx, hids, hw, ready=ready)
             args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
-            return _Captured(hout, program.handoff(kernel, args, self.worker, self.layer, signals))
+            return _Captured(hout, program.handoff(kernel, args, self.worker, self.layer, signals, waits))
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()

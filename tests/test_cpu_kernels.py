@@ -277,6 +277,49 @@ def test_deferral_splits_each_token_lightest_pairs(monkeypatch, fmt, g, sym, T, 
         np.testing.assert_allclose(late_out2, late_out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt,g,sym", [("int8", 0, True), ("int4", 64, False), ("bf16", 0, True)])
+@pytest.mark.parametrize("T,K,defer", [(1, 6, 0), (1, 6, 2), (40, 8, 0), (40, 8, 2)])
+def test_call_waits_for_its_inputs_flag(fmt, g, sym, T, K, defer):
+    """With ready=(flags, i), a call made before its inputs are written (another thread writes
+    them, then sets the flag) returns what a call made after does, and clears the flag; in one
+    region, in two (40 tokens) and on the bf16 path, with and without deferral."""
+    H, I, E = 640, 584, 8  # noqa: E741
+    _, experts = packed(fmt, g, sym, E, H, I)
+    x, ids, w = make_batch(T, K, E, H, seed=90 + T)
+    add = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    kw = {"defer": defer, "add": add} if defer else {}
+    want_late = np.zeros_like(x)
+    want = ck.fused_moe(x, ids, w, experts, late_out=want_late if defer else None, **kw)
+    hx, hids, hw = np.full_like(x, np.nan), np.full_like(ids, -7), np.zeros_like(w)
+    ready, signal = np.zeros(3, np.int32), np.zeros(3, np.int32)
+
+    def stage():
+        time.sleep(0.05)
+        hx[:], hids[:], hw[:] = x, ids, w
+        ready[1] = 1
+
+    writer = threading.Thread(target=stage)
+    writer.start()
+    late = np.zeros_like(x)
+    out = ck.fused_moe(
+        hx, hids, hw, experts, late_out=late if defer else None, signal=(signal, 0), ready=(ready, 1), **kw
+    )  # fmt: skip
+    writer.join()
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(late, want_late)
+    assert ready.tolist() == [0, 0, 0] and signal.tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("fmt,T", [("int4", 1), ("int4", 40), ("bf16", 1)])
+def test_call_gives_up_on_inputs_never_staged(monkeypatch, fmt, T):
+    """An input flag never set: the call raises after its polls instead of hanging, and says why."""
+    _, experts = packed(fmt, 64 if fmt == "int4" else 0, True, 4, *ODD)
+    x, ids, w = make_batch(T, 2, 4, ODD[0])
+    monkeypatch.setattr(ck.moe, "READY_POLLS", 1000)
+    with pytest.raises(RuntimeError, match="never marked ready"):
+        ck.fused_moe(x, ids, w, experts, ready=(np.zeros(2, np.int32), 1))
+
+
 @pytest.mark.parametrize("fmt,g", [("int8", 0), ("int4", 64)])
 def test_quantizer_round_trip(fmt, g):
     """Dequantized weights are exactly representable: packing them again gives the same bytes."""
@@ -347,6 +390,8 @@ def _bad_calls():
     yield "add must", (x, ids, w, experts), {"add": x.astype(np.float64)}
     yield "signal must", (x, ids, w, experts), {"signal": (np.zeros(2, np.int64), 0)}
     yield "signal index", (x, ids, w, experts), {"signal": (np.zeros(2, np.int32), 2)}
+    yield "ready must", (x, ids, w, experts), {"ready": (np.zeros(2, np.uint32), 0)}
+    yield "ready index", (x, ids, w, experts), {"ready": (np.zeros(2, np.int32), -1)}
 
 
 @pytest.mark.parametrize("match,args,kw", list(_bad_calls()))

@@ -383,6 +383,34 @@ def test_a_kernel_that_signals_sets_its_own_flag():
     assert flags.tolist() == [0, 0, 1, 0]
 
 
+def test_a_kernel_that_waits_is_called_without_the_event():
+    """A hand-off whose kernel waits for its staging's flag itself is called with that flag and
+    without the host waiting on the staging's event first; one that does not is called after."""
+    from types import SimpleNamespace
+
+    from hetero.graphs import _Handoff, _run_handoff
+    from hetero.pipeline import Timings
+
+    flags, ready = np.zeros(4, np.int32), np.zeros(4, np.int32)
+    log = []
+    event = SimpleNamespace(synchronize=lambda: log.append("event"))
+
+    def kernel(x, ready=None):
+        log.append(("kernel", None if ready is None else ready[1]))
+        assert ready is None or ready[0] is not None
+
+    worker = SimpleNamespace(timings=Timings())
+    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 3, event, waits=True), 1, flags, ready)
+    assert log == [("kernel", 3)] and flags.tolist() == [0, 0, 0, 1]
+    log.clear()
+    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 2, event), 1, flags, ready)
+    assert log == ["event", ("kernel", None)]
+    log.clear()
+    # no ready flags (captured without them): the event, as before
+    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 1, event, waits=True), 1, flags)
+    assert log == ["event", ("kernel", None)]
+
+
 def test_runtime_options_check_the_decode_launch():
     from hetero.runtime import RuntimeOptions
 

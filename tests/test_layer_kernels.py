@@ -179,3 +179,36 @@ def test_add_rms_norm_kernel(T, H):
 )  # the last copies
 def test_stage_handoff_kernel(T, H, K):
     check_stage_handoff(T, H, K, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,K", [(1, 2048, 6), (5, 7168, 8), (16, 100, 2)])
+def test_stage_handoff_marks_ready(T, H, K):
+    """The kernel's ready flag: the host, polling it while the GPU is still busy before the staging,
+    sees the staged rows whole once it is set (no synchronize); every program's count is back to 0."""
+    from cpu_kernels.moe import READY_POLLS, wait_ready
+    from gpu_kernels.host_flag import host_flags
+
+    flags, counts = host_flags(4), torch.zeros(4, dtype=torch.int32, device="cuda")
+    hx, hw = (torch.full((T, n), float("nan"), pin_memory=True) for n in (H, K))
+    hids = torch.full((T, K), -7, dtype=torch.int32, pin_memory=True)
+    for rep in range(3):
+        gen = torch.Generator().manual_seed(rep * 100 + T)
+        x = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+        ids = torch.randint(-1, 64, (T, K), generator=gen).cuda()
+        w = torch.rand(T, K, generator=gen).cuda()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time ahead of the staging
+        assert handoff.stage_handoff(x, ids, w, hx, hids, hw, ready=(flags, counts, 2))
+        assert flags[2] == 0, "set before the GPU got there"
+        assert wait_ready(flags.numpy(), 2, READY_POLLS), "the flag never came"
+        got = (hx.clone(), hids.clone(), hw.clone())  # before any synchronize
+        assert torch.equal(got[0], x.float().cpu()) and torch.equal(got[1], ids.int().cpu())
+        assert torch.equal(got[2], w.cpu())
+        torch.cuda.synchronize()
+        assert flags.tolist() == [0, 0, 0, 0] and counts.tolist() == [0, 0, 0, 0]
+    big = torch.zeros(600, 2048, device="cuda")  # copied with torch: no flag
+    hbig = torch.zeros(600, 2048, pin_memory=True)
+    hid6, hw6 = torch.zeros(600, 6, dtype=torch.int32, pin_memory=True), torch.zeros(600, 6, pin_memory=True)
+    ids6, w6 = torch.zeros(600, 6, dtype=torch.long, device="cuda"), torch.zeros(600, 6, device="cuda")
+    assert not handoff.stage_handoff(big, ids6, w6, hbig, hid6, hw6, ready=(flags, counts, 0))
