@@ -264,13 +264,12 @@ def handoff_timeline(trace: dict, steps: int) -> dict | None:
     staging, and the CPU window after it (until the next host-to-device copy starts).
 
     Reads the kernels and copies of a Chrome trace of ``steps`` decode steps (torch profiler)."""
-    # The kernel spinning on a hand-off's host flag spans the CPU window itself: not GPU work.
+    # The kernel spinning on a hand-off's host flag spans the CPU window itself: not GPU work, but
+    # its end marks the GPU taking up the CPU's result.
     ev = [
         e
         for e in trace.get("traceEvents", [])
-        if e.get("ph") == "X"
-        and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-        and not e["name"].startswith("_wait_kernel")
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
     ]
     if not ev:
         return None
@@ -292,18 +291,22 @@ def handoff_timeline(trace: dict, steps: int) -> dict | None:
             j += 1
         last = ev[d2h[j]]
         end_us = last["ts"] + last["dur"]
-        seg = ev[start : d2h[j] + 1]
+        seg = [e for e in ev[start : d2h[j] + 1] if not _is_wait(e)]
         if seg:
             busy = sum(e["dur"] for e in seg)
             span = end_us - seg[0]["ts"]
             segments.append((span, busy, len(seg)))
             kernels.extend((e["name"], e["dur"]) for e in seg)
         start = max(start, d2h[j] + 1)
-        # The next host-to-device copy (the CPU result coming back) ends the CPU window.
-        nxt = next((k for k in range(start, len(ev)) if "HtoD" in ev[k]["name"]), None)
+        # The end of the next wait on a host flag, or the next host-to-device copy (the CPU result
+        # coming back; in a decode graph the next norm may read it in host memory instead), ends
+        # the CPU window.
+        nxt = next((k for k in range(start, len(ev)) if _is_wait(ev[k]) or "HtoD" in ev[k]["name"]), None)
         if nxt is not None:
-            cpu_windows.append(ev[nxt]["ts"] - end_us)
-            start = nxt
+            e = ev[nxt]
+            waited = _is_wait(e)
+            cpu_windows.append(e["ts"] + (e["dur"] if waited else 0) - end_us)
+            start = nxt + 1 if waited else nxt
         i = j + 1
     if not segments:
         return None
@@ -330,6 +333,10 @@ def handoff_timeline(trace: dict, steps: int) -> dict | None:
     for k in top:
         print(f"  {count[k] / n:5.2f} {dur[k] / n:6.2f}  {k[:100]}")
     return out
+
+
+def _is_wait(e: dict) -> bool:
+    return e["name"].startswith("_wait_kernel")
 
 
 def compare_launch(engine, prompt: list[int], steps: int, reps: int = 3) -> dict:

@@ -6,10 +6,19 @@ rounded to the residual's dtype before it is normalized, as the separate operati
 the residual stream is the same bit for bit; the normed output is computed in float32 and rounded
 once (where the two dtypes match, as torch's fused ``rms_norm`` does).
 
-Shapes (T = tokens, H = hidden): x, delta, residual out, normed out [T, H]; weight [H].
+The delta may also come as ``Parts``: addends not yet summed (a MoE layer's outputs from each of
+its expert backends and its shared experts). Their float32 sum, rounded to the residual's dtype, is
+the delta; on CUDA the one kernel adds them too: between the CPU experts' result reaching the device
+and the next layer's attention, no cast and no adds of their own. (Read in place in page-locked host
+memory instead of copied, the CPU's float32 row of 2048 took the kernel 21.5 us on the H100 machine,
+its loads over PCIe one round trip after another: the copy engine's copy stays.)
+
+Shapes (T = tokens, H = hidden): x, delta, each part, residual out, normed out [T, H]; weight [H].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +35,32 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+MAX_PARTS = 4  # addends the kernel takes
+_PART_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A delta [T, H] not yet summed: its addends in order, each [T, H] (on ``device``; the reference
+    also takes host tensors), summed in float32 and rounded to ``dtype``."""
+
+    tensors: tuple[torch.Tensor, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def total(self) -> torch.Tensor:
+        acc = None
+        for p in self.tensors:
+            p = p.to(self.device, non_blocking=True).float()  # a host part: copied first
+            acc = p if acc is None else acc + p
+        return acc.to(self.dtype)
+
+
 def add_rms_norm_reference(
-    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, delta: torch.Tensor | Parts | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(delta, Parts):
+        delta = delta.total()
     s = x if delta is None else x + delta
     return s, rms_norm_reference(s, weight, eps)
 
@@ -51,6 +83,12 @@ def _add_rms_norm_kernel(
     mask = h < H
     x = tl.load(x_ptr + t * stride_x + h, mask=mask, other=0.0)
     d = tl.load(d_ptr + t * stride_d + h, mask=mask, other=0.0)
+    _add_norm_store(x, d, w_ptr, s_ptr, y_ptr, eps, t, h, mask, H)
+
+
+@triton.jit
+def _add_norm_store(x, d, w_ptr, s_ptr, y_ptr, eps, t, h, mask, H: tl.constexpr):
+    """Row t: s = x + d rounded to x's dtype, stored, then its RMS norm times w, stored."""
     s = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
     tl.store(s_ptr + t * H + h, s, mask=mask)
     f = s.to(tl.float32)
@@ -76,10 +114,96 @@ def add_rms_norm_triton(
     return s, y
 
 
-def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+@triton.jit
+def _load_part(addr, code: tl.constexpr, offs, mask):
+    """A part's row as float32, from its address."""
+    if code == 0:
+        p = addr.to(tl.pointer_type(tl.float32))
+    elif code == 1:
+        p = addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        p = addr.to(tl.pointer_type(tl.float16))
+    return tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+# Addresses as typed integers, never specialized: a part's alignment must not pick a variant that
+# would compile inside a graph capture.
+@triton.jit(do_not_specialize=["a0", "a1", "a2", "a3"])
+def _add_parts_rms_norm_kernel(
+    x_ptr,  # [T, H]
+    a0: tl.int64,  # the parts' addresses, each [T, H] contiguous (0 past N)
+    a1: tl.int64,
+    a2: tl.int64,
+    a3: tl.int64,
+    w_ptr,  # [H]
+    s_ptr,  # [T, H] x + (the parts' sum rounded to x's dtype), rounded to x's dtype
+    y_ptr,  # [T, H] normed
+    eps,
+    stride_x,
+    H: tl.constexpr,
+    BLOCK: tl.constexpr,
+    N: tl.constexpr,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    C3: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.arange(0, BLOCK)
+    mask = h < H
+    offs = t * H + h
+    d = _load_part(a0, C0, offs, mask)
+    if N > 1:
+        d += _load_part(a1, C1, offs, mask)
+    if N > 2:
+        d += _load_part(a2, C2, offs, mask)
+    if N > 3:
+        d += _load_part(a3, C3, offs, mask)
+    x = tl.load(x_ptr + t * stride_x + h, mask=mask, other=0.0)
+    _add_norm_store(x, d.to(x.dtype), w_ptr, s_ptr, y_ptr, eps, t, h, mask, H)
+
+
+def _parts_fit(x: torch.Tensor, parts: Parts, weight: torch.Tensor) -> bool:
+    """Whether the parts kernel takes these: up to MAX_PARTS contiguous [T, H] parts of its dtypes,
+    each on x's device, summed to x's dtype."""
+    if not (use_triton(x, weight) and x.dim() == 2 and parts.dtype == x.dtype == weight.dtype):
+        return False
+    if not 0 < len(parts.tensors) <= MAX_PARTS:
+        return False
+    for p in parts.tensors:
+        if not (p.device == x.device and p.shape == x.shape and p.is_contiguous() and p.dtype in _PART_CODE):
+            return False
+    return True
+
+
+def add_parts_rms_norm_triton(
+    x: torch.Tensor, parts: Parts, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta) * weight): x, delta [T, H], weight [H]. With delta None, (x, norm of x)."""
+    """add_rms_norm with a Parts delta, in one kernel (``_parts_fit`` says when it applies)."""
+    T, H = x.shape
+    assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape == (H,)
+    ps = parts.tensors
+    addrs = [p.data_ptr() for p in ps] + [0] * (MAX_PARTS - len(ps))
+    codes = [_PART_CODE[p.dtype] for p in ps] + [0] * (MAX_PARTS - len(ps))
+    s, y = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x)
+    if T:
+        block = next_pow2(H)
+        _add_parts_rms_norm_kernel[(T,)](
+            x, *addrs, weight, s, y, eps, x.stride(0), H=H, BLOCK=block, N=len(ps),
+            C0=codes[0], C1=codes[1], C2=codes[2], C3=codes[3], num_warps=min(16, max(1, block // 512)),
+        )  # fmt: skip
+    return s, y
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | Parts | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta) * weight): x, delta [T, H], weight [H]. With delta None, (x, norm of x).
+    delta may be ``Parts``: their sum, rounded to x's dtype."""
+    if isinstance(delta, Parts):
+        if _parts_fit(x, delta, weight):
+            return add_parts_rms_norm_triton(x, delta, weight, eps)
+        delta = delta.total()
     if (
         delta is not None
         and use_triton(x, delta, weight)

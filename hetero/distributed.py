@@ -395,7 +395,9 @@ def reduce_outputs(model: nn.Module, par: Parallel) -> None:
     if par.world_size == 1:
         return
 
-    def reduce(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+    def reduce(_module: nn.Module, _inputs: Any, out) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):  # a MoE's addends (gpu_kernels.norm.Parts)
+            out = out.total()
         return par.all_reduce(out)  # [T, H], partial -> full on every rank
 
     for block in model.model.layers:

@@ -703,3 +703,7 @@ class HybridExperts:
         for o in outs[1:]:
             total = total + o.to(total.dtype)
         return total
+
+    def wait_parts(self, handles) -> list[torch.Tensor]:
+        """Each backend's output [T, H], not summed (``MoE.forward`` leaves that to the next norm)."""
+        return [backend.wait(h) for backend, h in reversed(handles)]

@@ -38,7 +38,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         x, out = self.add_forward(x, None, batch, cache)
-        return x + out  # [T, H]
+        return x + (out if isinstance(out, torch.Tensor) else out.total())  # [T, H]
 
     def add_forward(
         self,
@@ -49,7 +49,9 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on the residual stream ``x + pending`` (the previous block's output not yet
         added): returns its residual stream after attention and its MLP's output, not yet added,
-        so that each residual add runs fused with the norm after it (one kernel on CUDA)."""
+        so that each residual add runs fused with the norm after it (one kernel on CUDA). A MoE's
+        output may be its addends, not yet summed (``gpu_kernels.norm.Parts``): the same kernel
+        sums them."""
         from gpu_kernels.norm import add_rms_norm
 
         if isinstance(self.mlp, MoE):

@@ -65,7 +65,12 @@ class MoE(nn.Module):
         if prefetch is not None:
             prefetch(tokens, tokens * self.gate.spec.top_k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """x [T, H] -> the layer's output [T, H]: a tensor, or its addends (``gpu_kernels.norm.Parts``:
+        each backend's routed experts and the shared experts), which the next residual add and norm
+        sum in one kernel."""
+        from gpu_kernels.norm import Parts
+
         ids, weights = self.gate(x)  # [T, K], [T, K]
         # Routed experts may run elsewhere (the CPU); the shared expert runs here meanwhile.
         handle = self.experts.submit(x, ids, weights)
@@ -74,8 +79,13 @@ class MoE(nn.Module):
             shared = self.shared(x)  # [T, H]
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
-        out = self.experts.wait(handle).to(x.dtype)  # [T, H]
-        return out if shared is None else out + shared
+        wait_parts = getattr(self.experts, "wait_parts", None)
+        parts = wait_parts(handle) if wait_parts is not None else [self.experts.wait(handle)]
+        if shared is not None:
+            parts.append(shared)
+        if len(parts) == 1 and parts[0].device == x.device:
+            return parts[0].to(x.dtype)
+        return Parts(tuple(parts), x.dtype, x.device)
 
 
 def defer_experts(model: nn.Module, defer: int) -> None:

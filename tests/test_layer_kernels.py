@@ -71,6 +71,26 @@ def check_add_norm(T: int, H: int, dtype: torch.dtype, device: str, tol: float) 
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
 
 
+def check_add_parts_norm(T: int, H: int, dtypes: list, device: str, host_first: bool) -> None:
+    """A Parts delta: the residual is x + (the parts' float32 sum rounded to x's dtype), bit for bit
+    as the reference; a host part (which the kernel does not take) goes to the reference."""
+    gen = torch.Generator().manual_seed(T + H + len(dtypes))
+    x = (torch.randn(T, H, generator=gen) * 4).to(torch.bfloat16).to(device)
+    w = (torch.rand(H, generator=gen) + 0.5).to(torch.bfloat16).to(device)
+    ps = [torch.randn(T, H, generator=gen).to(dt) for dt in dtypes]
+    want = sum(p.double() for p in ps).float().to(torch.bfloat16).to(device)
+    parts = [p.to(device) for p in ps]
+    if host_first:
+        parts[0] = ps[0].pin_memory() if device == "cuda" else ps[0]
+    delta = norm.Parts(tuple(parts), torch.bfloat16, torch.device(device))
+    s, y = norm.add_rms_norm(x, delta, w, 1e-6)
+    s_ref, y_ref = norm.add_rms_norm_reference(x, delta, w, 1e-6)
+    assert torch.equal(s, s_ref), "the same residual as the reference"
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    # float32 sums of 2-4 parts: at most one bf16 rounding step from the exact sum's rounding
+    torch.testing.assert_close(delta.total().float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 def check_stage_handoff(T: int, H: int, K: int, device: str) -> None:
     gen = torch.Generator().manual_seed(T * H + K)
     x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(device)
@@ -92,6 +112,14 @@ def check_stage_handoff(T: int, H: int, K: int, device: str) -> None:
 
 def test_stage_handoff_reference():
     check_stage_handoff(3, 40, 6, "cpu")
+
+
+def test_add_parts_norm_reference():
+    check_add_parts_norm(3, 40, [torch.float32, torch.bfloat16, torch.bfloat16], "cpu", True)
+    x = torch.randn(2, 8)
+    one = norm.Parts((torch.ones(2, 8), torch.full((2, 8), 2.0)), torch.float32, x.device)
+    s, _ = norm.add_rms_norm(x, one, torch.ones(8), 1e-6)
+    assert torch.equal(s, x + 3.0)
 
 
 def test_references_are_the_model_layers():
@@ -179,6 +207,28 @@ def test_add_rms_norm_kernel(T, H):
 )  # the last copies
 def test_stage_handoff_kernel(T, H, K):
     check_stage_handoff(T, H, K, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "T,H,dtypes",
+    [
+        (1, 2048, [torch.float32, torch.bfloat16, torch.bfloat16]),
+        (5, 7168, [torch.float32, torch.bfloat16]),
+        (16, 100, [torch.float32, torch.float32, torch.float16, torch.bfloat16]),
+        (3, 2048, [torch.bfloat16]),
+    ],
+)
+@pytest.mark.parametrize("host_first", [False, True])
+def test_add_parts_norm_kernel(T, H, dtypes, host_first):
+    check_add_parts_norm(T, H, dtypes, "cuda", host_first)
+    assert norm._parts_fit(
+        torch.zeros(T, H, dtype=torch.bfloat16, device="cuda"),
+        norm.Parts(
+            tuple(torch.zeros(T, H, device="cuda") for _ in dtypes), torch.bfloat16, torch.device("cuda")
+        ),
+        torch.zeros(H, dtype=torch.bfloat16, device="cuda"),
+    ), "the kernel ran, not the reference"
 
 
 @pytest.mark.gpu
