@@ -16,7 +16,10 @@ experts), so the GPU goes on while the CPU still works.
 
 The graph after a join begins with a kernel that spins until the hand-off's flag in page-locked
 memory is set (``gpu_kernels.host_flag``; it clears the flag again), so the GPU may be handed a
-graph before the CPU experts it reads are done. How the host drives a step (``DecodeGraphs.launch``):
+graph before the CPU experts it reads are done. The other way round (``early_calls``, on by
+default), the staging kernel sets a page-locked flag of its own once the rows are in host memory,
+and a CPU kernel that can wait on it (``waits``) is called without the host waiting for the
+staging first: the call's own start overlaps the GPU's work. How the host drives a step (``DecodeGraphs.launch``):
 
 - ``in_turn``: it replays graph by graph and runs the CPU experts itself between them (the
   flag is set before the graph that waits on it is launched).
