@@ -49,8 +49,11 @@ LAYER_OVERHEAD_S = 30e-6
 # (gpu_kernels/norm.py, rope.py, router.py, handoff.py) cut the CPU side's wait for the GPU from 73 to
 # 29 us a layer (int4; e2e-...-fused.json), so ~95 us. Against three later runs (e2e-...-h200-6GiB-int4,
 # -int8, e2e-...-h100-6GiB-int4-defer2) 140 us had priced decode 12%, 20% and 6% under the measurement;
-# 95 us, on the same inputs, 3% and 15% under and 2% over.
-HANDOFF_S = 95e-6
+# 95 us, on the same inputs, 3% and 15% under and 2% over. CPU calls made ahead of their inputs
+# (hetero.graphs.early_calls) took another ~17 us off each (10.15 against 10.61 ms a step of 27
+# hand-offs, decode_early-...-h100-6GiB-int4.json), so ~78 us; the end-to-end run after them
+# (e2e-...-h100-6GiB-early-hostparts.json) had been priced 9% under its int4 decode at 95 us.
+HANDOFF_S = 78e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
 # bytes in place over PCIe (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
