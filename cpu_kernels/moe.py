@@ -200,21 +200,25 @@ def fused_moe(
     if prefer not in ("auto", "decode", "prefill"):
         raise ValueError(f"prefer must be 'auto', 'decode' or 'prefill', got {prefer!r}")
     ex = experts
-    if ready is not None and not all(a.flags.c_contiguous for a in (x, topk_ids, topk_weights)):
-        _wait(ready)  # copied below
+    T, K = topk_ids.shape
+    thresh, decode, prefill = _cfg(ex.fmt, ex.H, ex.I)
+    count = prefer == "auto" and T * K >= thresh * min(ex.E, T * K)  # cheap bound: decode steps never count
+    if ready is not None and not (
+        ex.fmt != "bf16"
+        and T * K <= ONE_REGION_PAIRS
+        and (prefer == "decode" or (prefer == "auto" and not count))
+        and all(a.flags.c_contiguous for a in (x, topk_ids, topk_weights))
+    ):
+        # Only a one-region decode call leaves its inputs unread (and uncopied) until its kernel
+        # waits for them; any other reads them here first.
+        _wait(ready)
         ready = None
     x = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     ids = topk_ids if topk_ids.flags.c_contiguous else np.ascontiguousarray(topk_ids)
     wts = topk_weights if topk_weights.flags.c_contiguous else np.ascontiguousarray(topk_weights)
     if out is None:
         out = np.empty_like(x)
-    T, K = ids.shape
-    thresh, decode, prefill = _cfg(ex.fmt, ex.H, ex.I)
     mode = prefer
-    count = mode == "auto" and T * K >= thresh * min(ex.E, T * K)  # cheap bound: decode steps never count
-    if ready is not None and (count or ex.fmt == "bf16"):
-        _wait(ready)  # the ids are read below, or by a kernel that does not wait itself
-        ready = None
     if mode == "auto":
         mode = "decode"
         if count:
@@ -229,8 +233,6 @@ def fused_moe(
     one_region = ex.fmt != "bf16" and mode == "decode" and T * K <= ONE_REGION_PAIRS
     if not one_region and (defer or add is not None or signal is not None):
         # Two regions (bf16, or many pairs): the late pairs as a call of their own, after out.
-        if ready is not None:
-            _wait(ready)
         late = late_pairs(ids, wts, defer) if defer else None
         now = np.where(late, -1, ids).astype(np.int32) if defer else ids
         _run(x, now, wts, ex, out, mode, rb, tb, nthr, False, 0, None, None, None)

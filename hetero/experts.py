@@ -698,7 +698,7 @@ class HybridExperts:
         return handles
 
     def wait(self, handles) -> torch.Tensor:
-        outs = [backend.wait(h) for backend, h in reversed(handles)]
+        outs = self.wait_parts(handles)
         total = outs[0]
         for o in outs[1:]:
             total = total + o.to(total.dtype)

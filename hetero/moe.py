@@ -83,7 +83,7 @@ class MoE(nn.Module):
         parts = wait_parts(handle) if wait_parts is not None else [self.experts.wait(handle)]
         if shared is not None:
             parts.append(shared)
-        if len(parts) == 1 and parts[0].device == x.device:
+        if len(parts) == 1:
             return parts[0].to(x.dtype)
         return Parts(tuple(parts), x.dtype, x.device)
 
