@@ -432,13 +432,41 @@ def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, ke
             "step_ms": float(np.median([r["step"] for r in rs])),
             "outside_cpu_calls_ms": float(np.median([r["outside_cpu_calls"] for r in rs])),
             "cpu_calls_ms": float(np.median([r["replay_cpu_calls"] for r in rs])),
+            **{
+                f"{k}_ms": float(np.median([r.get(k, 0.0) for r in rs]))
+                for k in ("sample", "load", "step_rest")
+            },
         }
         for v, rs in runs.items()
     ]
-    print(f"{key:>10} {'step ms':>8} {'outside CPU calls':>18} {'CPU calls':>10}")
+    print(
+        f"{key:>10} {'step ms':>8} {'outside CPU calls':>18} {'CPU calls':>10} {'sample':>7} {'load':>6} {'rest':>6}"
+    )
     for t in table:
-        print(f"{t[key]:>10} {t['step_ms']:8.2f} {t['outside_cpu_calls_ms']:18.2f} {t['cpu_calls_ms']:10.2f}")
+        print(
+            f"{t[key]:>10} {t['step_ms']:8.2f} {t['outside_cpu_calls_ms']:18.2f} {t['cpu_calls_ms']:10.2f}"
+            f" {t['sample_ms']:7.2f} {t['load_ms']:6.2f} {t['step_rest_ms']:6.2f}"
+        )
     return {"medians": table, "runs": runs}
+
+
+def host_profile(engine, prompt: list[int], steps: int) -> None:
+    """Decode ``steps`` tokens under cProfile and print the host's time by function, own and cumulative."""
+    import cProfile
+    import pstats
+
+    seq = engine.add_request(prompt, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+    engine.step()  # the prompt
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    while not seq.finished:
+        engine.step()
+    prof.disable()
+    print(f"{(time.perf_counter() - t) / steps * 1e3:.2f} ms a step under cProfile")
+    stats = pstats.Stats(prof).strip_dirs()
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumtime").print_stats(40)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,6 +501,19 @@ def main(argv: list[str] | None = None) -> int:
         "against calls made once the staging's event is done, alternating (hetero.graphs.early_calls)",
     )
     ap.add_argument(
+        "--compare-sample",
+        action="store_true",
+        help="only time greedy tokens picked inside the decode graphs against logits and argmax run "
+        "by the host after the step, alternating (hetero.graphs.sample_greedy)",
+    )
+    ap.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only run N decode steps under cProfile: the host's Python, by function (no CUDA profiler)",
+    )
+    ap.add_argument(
         "--compare-defer",
         type=int,
         nargs="+",
@@ -500,19 +541,25 @@ def main(argv: list[str] | None = None) -> int:
         engine.graphs.launch = args.launch
     prompt = list(range(1000, 1064))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    if args.compare_launch or args.compare_defer or args.compare_threads or args.compare_early:
+    if args.host_profile:
+        host_profile(engine, prompt, args.host_profile)
+        return 0
+    switches = {"early_calls": args.compare_early, "sample_greedy": args.compare_sample}
+    switch = next((name for name, on in switches.items() if on), None)
+    if args.compare_launch or args.compare_defer or args.compare_threads or switch:
         if engine.graphs is None or not torch.cuda.is_available():
             raise SystemExit("--compare-* need CUDA graphs")
         if args.compare_defer:
             row = compare_defer(engine, prompt, args.steps, args.compare_defer)
-        elif args.compare_early:
+        elif switch:  # a switch of the decode graphs, on against off
             graphs = engine.graphs
+            names = {"early_calls": ("early", "after_event"), "sample_greedy": ("device", "host")}[switch]
             variants = {
-                "early": lambda: setattr(graphs, "early_calls", True),
-                "after_event": lambda: setattr(graphs, "early_calls", False),
+                names[0]: lambda: setattr(graphs, switch, True),
+                names[1]: lambda: setattr(graphs, switch, False),
             }
             row = compare(engine, prompt, args.steps, variants, 3, key="variant")
-            graphs.early_calls = True
+            setattr(graphs, switch, True)
         elif args.compare_threads:
             import cpu_kernels
 
@@ -543,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_threads
             else "decode_early"
             if args.compare_early
+            else "decode_sample"
+            if args.compare_sample
             else "decode_launch"
         )
         out = RESULTS / f"{kind}-{name}-{args.experts}-{gpu}.json"

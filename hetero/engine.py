@@ -267,6 +267,7 @@ class Engine:
         self.on_step: list[Callable[[list[tuple[Sequence, int]]], None]] = []
         self.graphs = None  # hetero.graphs.DecodeGraphs: decode steps as CUDA graphs, or None (eager)
         self._speculate = None
+        self._tokens = None  # the decode graphs' tokens of the step being run (``DecodeGraphs.tokens``)
         # Short multi-token steps as one attention row per token (see run); on by default where the
         # decode kernels and graphs are, on CUDA. The CPU's reference attention loops over rows.
         self.per_token_rows = self.device.type == "cuda"
@@ -350,7 +351,7 @@ class Engine:
         hidden = self.run(scheduled)
         for hook in self.on_step:
             hook(scheduled)
-        out = self.postprocess(scheduled, hidden)  # waits for the device: it samples on the host
+        out = self.postprocess(scheduled, hidden)  # waits for the device's logits or tokens
         if decoding:
             self.speculate.timed(len(scheduled), sum(n for _, n in scheduled), time.perf_counter() - start)
         return out
@@ -376,12 +377,17 @@ class Engine:
             tables = [t for t, n in zip(tables, query_lens) for _ in range(n)]
             ctx_lens = [c - n + j + 1 for c, n in zip(ctx_lens, query_lens) for j in range(n)]
             query_lens = [1] * len(ids)
+        self._tokens = None
         if self.graphs is not None and len(ids) == len(query_lens):  # one token per row: decode
-            hidden = self.graphs.run(ids, positions, slots, ctx_lens, tables)
+            # Every row's token the argmax of its logits: the graphs pick it on the device.
+            argmax = self.speculate is None and all(s.params.argmax_only for s, _ in scheduled)
+            hidden = self.graphs.run(ids, positions, slots, ctx_lens, tables, sample=argmax)
             if hidden is not None:
+                if argmax:
+                    self._tokens = self.graphs.tokens
                 if self.speculate is not None:
                     self.speculate.observe(scheduled, hidden)
-                return hidden[rows]
+                return hidden if len(rows) == len(ids) else hidden[rows]
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         dev = self.device
@@ -396,7 +402,7 @@ class Engine:
         hidden = self.model(torch.tensor(ids, device=dev), batch, self.kv.layers)  # [T, H]
         if self.speculate is not None:
             self.speculate.observe(scheduled, hidden)
-        return hidden[rows]
+        return hidden if len(rows) == len(ids) else hidden[rows]
 
     def postprocess(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> StepOutput:
         out: StepOutput = []
@@ -407,7 +413,11 @@ class Engine:
             if seq.num_computed + n == seq.num_tokens + len(seq.draft)
         ]
         sel = [r for i in sampling for r in range(starts[i], starts[i + 1])]
-        logits = self.model.logits(hidden[sel]) if sampling else None  # [S, V]
+        tokens = self._tokens() if self._tokens is not None else None  # [len(scheduled)] or None
+        self._tokens = None
+        logits = None  # [S, V]
+        if sampling and tokens is None:
+            logits = self.model.logits(hidden if len(sel) == hidden.shape[0] else hidden[sel])
         for seq, n in scheduled:
             seq.num_computed += n
             if not seq.draft:
@@ -420,12 +430,15 @@ class Engine:
                 out.append((seq, self._verify(seq, logits[row : row + k + 1])))
                 row += k + 1
                 continue
-            lg = apply_penalties(logits[row], seq.output_ids, seq.params)
-            token = sample(lg, seq.params, seq.generator)
-            if self.speculate is not None:
-                self.speculate.shadow_check(seq, lg, token)
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(top_logprobs(logits[row], token, seq.params.logprobs))
+            if tokens is not None:  # picked on the device: the argmax, nothing else read from the logits
+                token = tokens[i]
+            else:
+                lg = apply_penalties(logits[row], seq.output_ids, seq.params)
+                token = sample(lg, seq.params, seq.generator)
+                if self.speculate is not None:
+                    self.speculate.shadow_check(seq, lg, token)
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(top_logprobs(logits[row], token, seq.params.logprobs))
             seq.output_ids.append(token)
             out.append((seq, [token]))
             self._check_stop(seq, token)

@@ -93,6 +93,7 @@ class _Program:
     staged: list = field(default_factory=list)  # hand-offs staged in the graph being captured
     handoffs: int = 0  # the "cpu" ops so far
     single: bool = False  # one graph for the whole step, its waits inside it (needs flags)
+    last: int = -1  # index in ops of the step's last graph
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -166,8 +167,16 @@ class _Entry:
     ids: torch.Tensor  # [B] int64
     batch: AttentionBatch
     hidden: torch.Tensor  # [B, H] the step's output, written by the last graph
-    staging: torch.Tensor  # pinned [4, B] int64: ids, positions, slots, context lengths
-    tables: torch.Tensor  # pinned [B, W] int32
+    # The step's inputs go over in two copies, pinned -> device, whose targets the tensors above view:
+    longs: tuple[
+        torch.Tensor, torch.Tensor
+    ]  # [3, B'] int64 (B' = B rounded up to even): ids, positions, slots
+    ints: tuple[
+        torch.Tensor, torch.Tensor
+    ]  # [B * W' + B] int32: block tables [B, W] (rows W' apart), context lengths
+    head: torch.cuda.CUDAGraph | None = None  # final logits -> each row's argmax -> tokens
+    tokens: torch.Tensor | None = None  # pinned [B] int64, written by head
+    done: torch.cuda.Event | None = None  # recorded after head
 
 
 def padded_size(rows: int) -> int:
@@ -209,6 +218,12 @@ class DecodeGraphs:
         # staging sets, so that their start (Python, the dispatch) overlaps the GPU's work; off:
         # the host waits on each staging's event first (steps are captured apart for each)
         self.early_calls = True
+        # Greedy rows' tokens picked inside the graphs (``run(sample=True)``, ``tokens``): the final
+        # logits and their argmax run as one more graph launched with the step's last, so the GPU
+        # goes from the last layer to the token without waiting for the host to launch them
+        self.sample_greedy = True
+        self._logits = getattr(model, "logits", None)  # hidden [B, H] -> logits [B, V]
+        self._sampled: tuple[_Entry, int] | None = None  # the last step's entry and rows, if it sampled
 
     @property
     def launch(self) -> str:
@@ -242,8 +257,11 @@ class DecodeGraphs:
         slots: list[int],
         context_lens: list[int],
         tables: list[list[int]],
+        sample: bool = False,
     ) -> torch.Tensor | None:
-        """One decode step; returns the final hidden states [B, H] (a view overwritten by the next step)."""
+        """One decode step; returns the final hidden states [B, H] (a view overwritten by the next step).
+        ``sample``: also pick each row's greedy token on the device (read them with ``tokens``)."""
+        self._sampled = None
         b = len(ids)
         if not self.usable(b):
             return None
@@ -259,8 +277,19 @@ class DecodeGraphs:
             if entry is None:
                 return None
         self._load(entry, ids, positions, slots, context_lens, tables)
-        self._replay(entry.program, b)
+        head = entry if sample and self.sample_greedy and entry.head is not None else None
+        self._replay(entry.program, b, head)
+        self._sampled = (entry, b) if head is not None else None
         return entry.hidden[:b]
+
+    def tokens(self) -> list[int] | None:
+        """The greedy tokens of the last step's rows, if ``run`` picked them and they were not read
+        yet (else None); waits for them."""
+        if self._sampled is None:
+            return None
+        (entry, b), self._sampled = self._sampled, None
+        entry.done.synchronize()
+        return entry.tokens[:b].tolist()
 
     def _size(self, b: int) -> int:
         """The size a step of b rows is captured at: the ladder's, unless that size cannot be."""
@@ -282,50 +311,52 @@ class DecodeGraphs:
         return [s for s in sizes if s in self.entries]
 
     # ------------------------------------------------------------------ internals
-    def _static(self, b: int) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor, torch.Tensor]:
-        dev = self.device
-        ids = torch.zeros(b, dtype=torch.long, device=dev)
+    def _static(self, b: int) -> tuple[torch.Tensor, AttentionBatch, tuple, tuple]:
+        """A size's input tensors, as views of two device buffers that one pinned copy each fills."""
+        dev, w = self.device, self.max_blocks
+        even = b + b % 2  # rows 16-byte aligned
+        longs = torch.zeros(3, even, dtype=torch.long, device=dev)
+        width = -(-w // 4) * 4  # table rows and the context lengths 16-byte aligned
+        ints = torch.zeros(b * width + b, dtype=torch.int32, device=dev)
+        ints[b * width :] = 1
         batch = AttentionBatch(
-            positions=torch.zeros(b, dtype=torch.long, device=dev),
-            slot_mapping=torch.zeros(b, dtype=torch.long, device=dev),
-            block_tables=torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
-            context_lens=torch.ones(b, dtype=torch.int32, device=dev),
+            positions=longs[1, :b],
+            slot_mapping=longs[2, :b],
+            block_tables=ints[: b * width].view(b, width)[:, :w],
+            context_lens=ints[b * width :],
             query_lens=[1] * b,
             context_lens_list=[1] * b,
         )
-        staging = torch.empty(4, b, dtype=torch.long, pin_memory=True)
-        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, pin_memory=True)
-        return ids, batch, staging, tables
+        host = (longs.cpu().pin_memory(), ints.cpu().pin_memory())
+        return longs[0, :b], batch, (longs, host[0]), (ints, host[1])
 
     def _load(self, e: _Entry, ids, positions, slots, context_lens, tables) -> None:
         width = max(len(t) for t in tables)
         if width > self.max_blocks:
             raise ValueError(f"a block table of {width} blocks exceeds the captured width {self.max_blocks}")
-        st = e.staging.numpy()
-        st[0], st[1], st[2], st[3] = ids, positions, slots, context_lens
-        tb = e.tables.numpy()
+        b = len(ids)
+        longs, ints = e.longs[1].numpy(), e.ints[1].numpy()
+        longs[0, :b], longs[1, :b], longs[2, :b] = ids, positions, slots
+        rows = ints[:-b].reshape(b, -1)
         for i, t in enumerate(tables):
-            tb[i, : len(t)] = t
+            rows[i, : len(t)] = t
+        ints[-b:] = context_lens
         # Pinned sources: both copies are asynchronous and ordered before the graphs on this stream.
-        staged = e.staging.to(self.device, non_blocking=True)
-        e.ids.copy_(staged[0])
-        e.batch.positions.copy_(staged[1])
-        e.batch.slot_mapping.copy_(staged[2])
-        e.batch.context_lens.copy_(staged[3])
-        e.batch.block_tables[:, :width].copy_(e.tables[:, :width], non_blocking=True)
+        e.longs[0].copy_(e.longs[1], non_blocking=True)
+        e.ints[0].copy_(e.ints[1], non_blocking=True)
         e.batch.context_lens_list = list(context_lens)
-        # The pinned staging buffers are rewritten next step only after this step's sync (the
-        # CPU hand-offs inside the step, or the caller reading the result).
+        # The pinned buffers are rewritten next step only after this step's sync (the CPU hand-offs
+        # inside the step, or the caller reading the result).
 
     def _capture(self, b, ids, positions, slots, context_lens, tables) -> _Entry | None:
         global _capture
-        static_ids, batch, staging, host_tables = self._static(b)
+        static_ids, batch, longs, ints = self._static(b)
         flags = self._flags()
         program = _Program(
             self.pool, flags, self.device, single=flags is not None and self.launch == "upfront",
             ready=self.ready if self.early_calls else None,
         )  # fmt: skip
-        entry = _Entry(program, static_ids, batch, None, staging, host_tables)
+        entry = _Entry(program, static_ids, batch, None, longs, ints)
         self._load(entry, ids, positions, slots, context_lens, tables)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -344,6 +375,7 @@ class DecodeGraphs:
                     prog.begin()
                     entry.hidden = self.model(static_ids, batch, self.kv_layers)
                     prog.end()
+                    prog.last = max(i for i, op in enumerate(prog.ops) if op[0] == "graph")
                 finally:
                     _capture = None
                     if prog.graph is not None:  # capture failed midway: close it
@@ -352,6 +384,8 @@ class DecodeGraphs:
                         except RuntimeError:
                             pass
                         prog.graph = None
+                if self._logits is not None:
+                    self._capture_head(entry)
         except RuntimeError as err:  # an operation that cannot be captured: this size stays eager
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
@@ -364,6 +398,24 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         self.entries[b] = entry
         return entry
+
+    def _capture_head(self, entry: _Entry) -> None:
+        """Capture the final logits and their argmax over the step's output, the tokens copied to
+        pinned memory; on failure the size samples on the host as before."""
+        b = entry.hidden.shape[0]
+        tokens = torch.zeros(b, dtype=torch.long, pin_memory=True)
+        self._logits(entry.hidden).argmax(-1)  # eager first: the GEMM's library sets up outside capture
+        graph = torch.cuda.CUDAGraph()
+        try:
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                tokens.copy_(self._logits(entry.hidden).argmax(-1), non_blocking=True)
+            finally:
+                graph.capture_end()
+        except RuntimeError as err:
+            log.warning("decode steps of %d rows sample on the host: capturing their head failed: %s", b, err)
+            return
+        entry.head, entry.tokens, entry.done = graph, tokens, torch.cuda.Event()
 
     def _flags(self) -> torch.Tensor | None:
         """The flags captured waits read (allocated, and the wait kernel compiled, on first use)."""
@@ -380,18 +432,22 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
         return self.flags
 
-    def _replay(self, program: _Program, live: int) -> None:
-        """Replay a step whose first ``live`` rows are real: the CPU experts see only those."""
+    def _replay(self, program: _Program, live: int, head: _Entry | None = None) -> None:
+        """Replay a step whose first ``live`` rows are real: the CPU experts see only those. ``head``:
+        the entry whose head graph is launched right after the step's last graph."""
         flags = program.flags.numpy() if program.flags is not None else None
         ready = program.ready[0].numpy() if program.ready is not None else None
         mode = self.launch if flags is not None else "in_turn"
         jobs, queued = [], deque()  # hand-offs staged, their CPU kernels not yet run, in slot order
         due = -1  # pipelined: the CPU work up to this slot runs at the next join (its graphs launched)
         try:
-            for op in program.ops:
+            for i, op in enumerate(program.ops):
                 kind = op[0]
                 if kind == "graph":
                     op[1].replay()
+                    if i == program.last and head is not None:
+                        head.head.replay()
+                        head.done.record()
                 elif kind == "cpu":  # staged by the graph just launched
                     h = op[1]
                     if mode == "ahead":

@@ -36,6 +36,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def argmax_only(self) -> bool:
+        """The token is the raw logits' argmax and nothing else is read from them (no penalties, no
+        logprobs): a decode graph may pick it on the device (``hetero.graphs``)."""
+        return (
+            self.greedy
+            and self.logprobs is None
+            and self.presence_penalty == 0
+            and self.frequency_penalty == 0
+        )
+
 
 def apply_penalties(logits: torch.Tensor, output_ids: list[int], params: SamplingParams) -> torch.Tensor:
     """OpenAI's rule: logit -= presence * [count > 0] + frequency * count, over generated tokens."""

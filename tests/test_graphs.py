@@ -24,9 +24,18 @@ def split(spec, every=3):
 
 
 def run(
-    model, prompts, max_tokens, device, dtype, graphs: bool, stream_min: int | None = None, launch="ahead"
+    model,
+    prompts,
+    max_tokens,
+    device,
+    dtype,
+    graphs: bool,
+    stream_min: int | None = None,
+    launch="ahead",
+    sample_greedy=False,
 ):
-    """Greedy decode of several prompts of different lengths; returns tokens and per-step logits."""
+    """Greedy decode of several prompts of different lengths; returns tokens and per-step logits
+    (``sample_greedy``: the graphs pick the tokens, and decode steps compute no logits on the host)."""
     kv = KVCache.for_tokens(model.spec, 512, 8, dtype, device)
     config = EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8)
     engine = Engine(model, kv, config)
@@ -35,6 +44,7 @@ def run(
             model, kv.layers, max_blocks=128 // 8, max_batch=4, device=torch.device(device)
         )
         engine.graphs.launch = launch
+        engine.graphs.sample_greedy = sample_greedy
     logits = []
     full = model.logits
     model.logits = lambda h: logits.append(full(h).float().cpu()) or logits[-1]
@@ -78,7 +88,7 @@ def test_warm_up_decodes_each_batch_size_and_leaves_no_trace(tiny):
     class Recorder:  # stands in for DecodeGraphs: notes each decode step, then lets it run eagerly
         sizes: list[int] = []
 
-        def run(self, ids, positions, slots, context_lens, tables):
+        def run(self, ids, positions, slots, context_lens, tables, sample=False):
             self.sizes.append(len(ids))
 
     kv = KVCache.for_tokens(spec, 512, 8, torch.float32, "cpu")
@@ -94,6 +104,48 @@ def test_warm_up_decodes_each_batch_size_and_leaves_no_trace(tiny):
     fresh = Engine(model, KVCache.for_tokens(spec, 512, 8, torch.float32, "cpu"), engine.config)
     got, ref = engine.generate(PROMPTS, params), fresh.generate(PROMPTS, params)
     assert [s.output_ids for s in got] == [s.output_ids for s in ref]
+
+
+def test_engine_takes_the_tokens_the_graphs_picked(tiny):
+    """Decode steps whose every row is plain greedy ask the graphs for their tokens and use them,
+    computing no logits; any other row (a temperature, logprobs, a penalty) has the host sample."""
+    path = tiny("qwen3-30b-a3b")
+    spec = ModelSpec.from_pretrained(path)
+    model = load_placed(
+        path, Placement(split(spec), expert_format="bf16"), torch.device("cpu"), torch.float32, progress=False
+    )
+
+    class Picker:  # stands in for DecodeGraphs: a hidden state of zeros, and tokens of its own
+        asked: list[bool] = []
+
+        def run(self, ids, positions, slots, context_lens, tables, sample=False):
+            self.asked.append(sample)
+            self.rows = len(ids)
+            return torch.zeros(len(ids), spec.hidden_size)
+
+        def tokens(self):
+            return [100 + i for i in range(self.rows)]
+
+    kv = KVCache.for_tokens(spec, 512, 8, torch.float32, "cpu")
+    engine = Engine(model, kv, EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8))
+    engine.graphs = Picker()
+    host = []
+    full = model.logits
+    model.logits = lambda h: host.append(h.shape[0]) or full(h)
+    try:
+        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        seqs = engine.generate(PROMPTS[:2], greedy)
+        assert [s.output_ids[1:] for s in seqs] == [[100, 100], [101, 101]]
+        assert Picker.asked == [True, True] and host == [2]  # the prompts' step alone on the host
+        for other in ({"temperature": 0.5, "seed": 1}, {"logprobs": 0}, {"frequency_penalty": 0.5}):
+            Picker.asked.clear()
+            host.clear()
+            params = SamplingParams(max_tokens=3, ignore_eos=True, **{"temperature": 0, **other})
+            seq = engine.generate([PROMPTS[0], PROMPTS[1]], [greedy, params])[1]
+            assert Picker.asked == [False, False] and host == [2, 2, 2]
+            assert 100 not in seq.output_ids and 101 not in seq.output_ids  # sampled from zeros' logits
+    finally:
+        model.logits = full
 
 
 @pytest.mark.gpu
@@ -117,6 +169,26 @@ def test_graph_decode_matches_eager(tiny, preset, fmt, launch):
     for a, b in zip(logits, ref_logits):
         # Same kernels; only attention's split count differs (the captured block table is wider).
         assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("launch", ["pipelined", "upfront"])
+def test_greedy_tokens_picked_inside_the_graphs(tiny, preset, launch):
+    """Greedy decode steps pick their tokens on the device (the head graph after the step's last):
+    the tokens the host picks from the logits, with no logits computed on the host past the prompt."""
+    path = tiny(preset)
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=16)
+    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
+    ref, _, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch=launch)
+    got, logits, engine = run(
+        model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch=launch, sample_greedy=True
+    )
+    assert got == ref
+    assert len(logits) == 1  # the prompts' step alone
+    assert all(e.head is not None for e in engine.graphs.entries.values())
+    assert engine.graphs.tokens() is None  # the last step was read; nothing is left over
 
 
 @pytest.mark.gpu

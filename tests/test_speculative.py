@@ -347,7 +347,7 @@ def test_verify_steps_as_single_token_rows(tiny, preset):
         sizes: list[int] = []
         max_batch = 1
 
-        def run(self, ids, positions, slots, context_lens, tables):
+        def run(self, ids, positions, slots, context_lens, tables, sample=False):
             assert len(ids) == len(positions) == len(slots) == len(context_lens) == len(tables)
             self.sizes.append(len(ids))
 
