@@ -507,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         "by the host after the step, alternating (hetero.graphs.sample_greedy)",
     )
     ap.add_argument(
+        "--compare-router",
+        action="store_true",
+        help="only time the router as one kernel (gpu_kernels.router.route_experts) against a GEMM for "
+        "its logits and a kernel choosing the experts, alternating (the graphs captured anew each time)",
+    )
+    ap.add_argument(
         "--host-profile",
         type=int,
         default=0,
@@ -546,11 +552,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     switches = {"early_calls": args.compare_early, "sample_greedy": args.compare_sample}
     switch = next((name for name, on in switches.items() if on), None)
-    if args.compare_launch or args.compare_defer or args.compare_threads or switch:
+    if args.compare_launch or args.compare_defer or args.compare_threads or args.compare_router or switch:
         if engine.graphs is None or not torch.cuda.is_available():
             raise SystemExit("--compare-* need CUDA graphs")
         if args.compare_defer:
             row = compare_defer(engine, prompt, args.steps, args.compare_defer)
+        elif args.compare_router:
+            from gpu_kernels import router
+
+            def routes(tokens: int):
+                def setup():
+                    if router.ROUTE_MAX_TOKENS != tokens:
+                        router.ROUTE_MAX_TOKENS = tokens
+                        engine.graphs._entries.clear()  # captured anew with this router
+
+                return setup
+
+            fused = router.ROUTE_MAX_TOKENS
+            row = compare(
+                engine, prompt, args.steps, {"one_kernel": routes(fused), "gemm": routes(0)}, 3, "variant"
+            )
+            routes(fused)()
         elif switch:  # a switch of the decode graphs, on against off
             graphs = engine.graphs
             names = {"early_calls": ("early", "after_event"), "sample_greedy": ("device", "host")}[switch]
@@ -592,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_early
             else "decode_sample"
             if args.compare_sample
+            else "decode_router"
+            if args.compare_router
             else "decode_launch"
         )
         out = RESULTS / f"{kind}-{name}-{args.experts}-{gpu}.json"

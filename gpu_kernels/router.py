@@ -23,6 +23,7 @@ choice; the reference keeps torch.topk's order, which is unspecified for the gro
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import next_pow2, tl, triton, use_triton
 
@@ -30,9 +31,12 @@ SCORINGS = ("softmax", "sigmoid")
 METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
-def _check_select(logits, bias, top_k, scoring, method, n_group, topk_group) -> None:
+def _check_logits(logits: torch.Tensor) -> int:
     assert logits.dim() == 2 and logits.is_floating_point(), f"logits {tuple(logits.shape)} {logits.dtype}"
-    E = logits.shape[1]
+    return logits.shape[1]
+
+
+def _check_select(E: int, bias, top_k, scoring, method, n_group, topk_group) -> None:
     assert scoring in SCORINGS, f"scoring {scoring!r} not in {SCORINGS}"
     assert method in METHODS, f"method {method!r} not in {METHODS}"
     assert 1 <= top_k <= E, f"top_k={top_k} with {E} experts"
@@ -96,12 +100,12 @@ def select_experts_reference(
 
 
 @triton.jit
-def _select_experts_kernel(
-    logits_ptr,  # [T, E]
-    bias_ptr,  # [E] (HAS_BIAS only)
-    ids_ptr,  # [T, K] int64
-    weights_ptr,  # [T, K] float32
-    stride_lt,
+def _select_row(
+    x,  # [E_PAD] float32 logits of row t, -inf past E
+    t,
+    bias_ptr,
+    ids_ptr,
+    weights_ptr,
     scale,
     renorm_eps,
     E: tl.constexpr,
@@ -109,16 +113,15 @@ def _select_experts_kernel(
     K: tl.constexpr,
     K_PAD: tl.constexpr,
     SIGMOID: tl.constexpr,
-    METHOD: tl.constexpr,  # 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+    METHOD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     RENORM: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    """Score one row's logits, choose its K experts and store ids [K] int64 and weights [K] at row t."""
     e = tl.arange(0, E_PAD)
     valid = e < E
-    x = tl.load(logits_ptr + t * stride_lt + e, mask=valid, other=float("-inf")).to(tl.float32)
     if SIGMOID:
         scores = tl.where(valid, tl.sigmoid(x), 0.0)
     else:
@@ -172,6 +175,94 @@ def _select_experts_kernel(
     tl.store(weights_ptr + t * K + k_idx, weights, mask=k_mask)
 
 
+@triton.jit
+def _select_experts_kernel(
+    logits_ptr,  # [T, E]
+    bias_ptr,  # [E] (HAS_BIAS only)
+    ids_ptr,  # [T, K] int64
+    weights_ptr,  # [T, K] float32
+    stride_lt,
+    scale,
+    renorm_eps,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    METHOD: tl.constexpr,  # 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+    HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    t = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + t * stride_lt + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    _select_row(
+        x, t, bias_ptr, ids_ptr, weights_ptr, scale, renorm_eps,
+        E, E_PAD, K, K_PAD, SIGMOID, METHOD, HAS_BIAS, N_GROUP, TOPK_GROUP, RENORM,
+    )  # fmt: skip
+
+
+@triton.jit
+def _route_kernel(
+    x_ptr,  # [T, H] hidden states (any float dtype)
+    w_ptr,  # [E, H] router weight (any float dtype)
+    bias_ptr,  # [E] (HAS_BIAS only)
+    logits_ptr,  # [T, E] float32 scratch
+    count_ptr,  # [>= T] int32 zeros: programs of row t done (the last one sets it back to 0)
+    ids_ptr,  # [T, K] int64
+    weights_ptr,  # [T, K] float32
+    stride_x,
+    scale,
+    renorm_eps,
+    H,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    METHOD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    RENORM: tl.constexpr,
+    ROUND: tl.constexpr,  # round each logit to x's dtype first (the product in x's dtype, as Mixtral / Qwen)
+    BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Program (t, j): logits of experts [j * BLOCK_E, (j + 1) * BLOCK_E) for row t in float32; the
+    last of row t's programs to finish scores the row and chooses its experts (_select_row)."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    ex = j * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = ex < E
+    acc = tl.zeros([BLOCK_E, BLOCK_H], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        hmask = h < H
+        xv = tl.load(x_ptr + t * stride_x + h, mask=hmask, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + ex[:, None] * H + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)
+        if ROUND:
+            wv = wv.to(x_ptr.dtype.element_ty)
+        acc += wv.to(tl.float32) * xv[None, :]
+    logit = tl.sum(acc, axis=1)
+    if ROUND:
+        logit = logit.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(logits_ptr + t * E + ex, logit, mask=emask)
+    # Every thread's stores come before this program's count (the barrier), every program's count
+    # before the last one reads the row (acquire-release at device scope; the loads skip L1).
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + t, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+        tl.store(count_ptr + t, 0)  # for the next launch
+        e = tl.arange(0, E_PAD)
+        x = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf"), cache_modifier=".cg")
+        _select_row(
+            x, t, bias_ptr, ids_ptr, weights_ptr, scale, renorm_eps,
+            E, E_PAD, K, K_PAD, SIGMOID, METHOD, HAS_BIAS, N_GROUP, TOPK_GROUP, RENORM,
+        )  # fmt: skip
+
+
 def select_experts_triton(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
@@ -186,7 +277,7 @@ def select_experts_triton(
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E], bias [E] or None -> (ids [T, K] int64, weights [T, K] float32), one program a row."""
-    _check_select(logits, bias, top_k, scoring, method, n_group, topk_group)
+    _check_select(_check_logits(logits), bias, top_k, scoring, method, n_group, topk_group)
     assert logits.stride(-1) == 1, "logits rows must be contiguous"
     assert bias is None or bias.is_contiguous()
     T, E = logits.shape
@@ -251,5 +342,96 @@ def select_experts(
     )
     if use_triton(logits):
         return select_experts_triton(logits, bias, **kw)
-    _check_select(logits, bias, top_k, scoring, method, n_group, topk_group)
+    _check_select(_check_logits(logits), bias, top_k, scoring, method, n_group, topk_group)
     return select_experts_reference(logits, bias, **kw)
+
+
+# Batches up to this many tokens route in one kernel (route_experts); larger ones (prefill) take a
+# GEMM for the logits, then select_experts.
+ROUTE_MAX_TOKENS = 256
+_COUNTS: dict[torch.device, torch.Tensor] = {}  # per device: _route_kernel's counters, zero between launches
+
+
+def router_logits_reference(x: torch.Tensor, weight: torch.Tensor, float_logits: bool) -> torch.Tensor:
+    """x [T, H], weight [E, H] -> logits [T, E] float32: products in float32 (float_logits, as DeepSeek's
+    reference), else in x's dtype (the weight rounded to it, as Mixtral's and Qwen's)."""
+    if float_logits:
+        return F.linear(x.float(), weight.float())
+    return F.linear(x, weight.to(x.dtype)).float()
+
+
+def route_experts_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    float_logits: bool,
+    top_k: int,
+    scoring: str,
+    method: str,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renorm: bool = False,
+    renorm_eps: float = 0.0,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_experts in one kernel (_route_kernel): a row of programs a token computes its logits,
+    the last of them to finish chooses the experts. Its counters (_COUNTS, allocated on first use:
+    not inside a graph capture) are shared by the device's launches, which must not overlap."""
+    T, H = x.shape
+    E = weight.shape[0]
+    assert weight.shape == (E, H), f"weight {tuple(weight.shape)} for x {tuple(x.shape)}"
+    assert 0 < T <= ROUTE_MAX_TOKENS, f"{T} tokens: route at most {ROUTE_MAX_TOKENS} in one launch"
+    _check_select(E, bias, top_k, scoring, method, n_group, topk_group)
+    assert x.stride(-1) == 1 and weight.is_contiguous() and (bias is None or bias.is_contiguous())
+    counts = _COUNTS.get(x.device)
+    if counts is None:
+        counts = _COUNTS[x.device] = torch.zeros(ROUTE_MAX_TOKENS, dtype=torch.int32, device=x.device)
+    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    E_PAD = next_pow2(E)
+    block_e = max(1, min(16, E_PAD // 16))  # 8-16 programs a token
+    _route_kernel[(T, -(-E // block_e))](
+        x, weight, bias if bias is not None else weight, logits, counts, ids, weights,
+        x.stride(0), float(scale), float(renorm_eps), H,
+        E=E, E_PAD=E_PAD, K=top_k, K_PAD=next_pow2(top_k), SIGMOID=scoring == "sigmoid",
+        METHOD=METHODS.index(method), HAS_BIAS=bias is not None,
+        N_GROUP=n_group if method != "greedy" else 1, TOPK_GROUP=topk_group if method != "greedy" else 1,
+        RENORM=bool(renorm), ROUND=not float_logits, BLOCK_E=block_e, BLOCK_H=256, num_warps=4,
+    )  # fmt: skip
+    return ids, weights
+
+
+def route_experts(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    float_logits: bool,
+    top_k: int,
+    scoring: str = "softmax",
+    method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+    renorm: bool = False,
+    renorm_eps: float = 0.0,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router: x [T, H], weight [E, H] -> (ids [T, K] int64, weights [T, K] float32), the logits as
+    router_logits_reference computes them, then chosen as select_experts does. On CUDA with at most
+    ROUTE_MAX_TOKENS tokens, one kernel (route_experts_triton)."""
+    kw = dict(
+        top_k=top_k,
+        scoring=scoring,
+        method=method,
+        n_group=n_group,
+        topk_group=topk_group,
+        renorm=renorm,
+        renorm_eps=renorm_eps,
+        scale=scale,
+    )
+    one = use_triton(x, weight) and 0 < x.shape[0] <= ROUTE_MAX_TOKENS
+    if one and (x.device in _COUNTS or not torch.cuda.is_current_stream_capturing()):
+        return route_experts_triton(x, weight, bias, float_logits=float_logits, **kw)
+    return select_experts(router_logits_reference(x, weight, float_logits), bias, **kw)

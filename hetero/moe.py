@@ -6,7 +6,6 @@ Legend: T = tokens, H = hidden, E = routed experts, K = experts per token (top-k
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hetero.config import ModelSpec
@@ -27,15 +26,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (ids [T, K] int64, weights [T, K] float32)."""
         s = self.spec
-        if s.family in ("deepseek_v2", "deepseek_v3"):
-            logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        else:
-            logits = F.linear(x, self.weight.to(x.dtype)).float()  # [T, E]
-        from gpu_kernels.router import select_experts  # Triton loads with gpu_kernels: on first use
+        from gpu_kernels.router import route_experts  # Triton loads with gpu_kernels: on first use
 
-        return select_experts(
-            logits,
+        return route_experts(
+            x,
+            self.weight,
             getattr(self, "e_score_correction_bias", None),
+            float_logits=s.family in ("deepseek_v2", "deepseek_v3"),  # else products in x's dtype
             top_k=s.top_k,
             scoring=s.scoring_func,
             method=s.topk_method,

@@ -1147,6 +1147,50 @@ def test_select_experts_kernel(case, T):
     check_select_experts(case, T, CUDA)
 
 
+def check_route_experts(case: str, T: int, float_logits: bool, device: str = "cpu") -> None:
+    """route_experts_triton (one kernel: logits, then the last program of a row chooses) against the
+    reference logits and select_experts_reference: the same experts in every row, weights within
+    float32 sums' rounding; the counters are back to zero after. float_logits: random hidden states
+    and weights; else (logits rounded to bf16, where one unit of rounding moves a softmax weight by
+    percents) logits that every order of summation gives exactly, each row's in an order of its own.
+    On CPU tensors it needs TRITON_INTERPRET=1."""
+    E, with_bias, kw = SELECT_CASES[case]
+    H = 300  # not a multiple of the kernel's block
+    gen = torch.Generator(device).manual_seed(7 * T + E)
+    x = torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16)
+    weight = torch.randn(E, H, generator=gen, device=device) * 0.2
+    if not float_logits:  # logit (t, e) = 1 + sign_t * rank_t(e) / 128 (E <= 128): exact in bf16
+        ranks = torch.randperm(E, generator=gen, device=device).float() / 128
+        weight.zero_()
+        weight[:, 0], weight[:, 1] = 1.0, ranks
+        x[:, 0], x[:, 1] = 1.0, torch.tensor([(-1.0) ** t for t in range(T)], device=device)
+    bias = torch.randn(E, generator=gen, device=device) * 0.1 if with_bias else None
+    for _ in range(2):  # a second launch finds its counters reset
+        ids, weights = router.route_experts_triton(x, weight, bias, float_logits=float_logits, **kw)
+        assert ids.shape == weights.shape == (T, kw["top_k"])
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+        logits = router.router_logits_reference(x.cpu(), weight.cpu(), float_logits)
+        ref_bias = bias.cpu() if bias is not None else None
+        ref_ids, ref_weights = by_id(*gk.select_experts_reference(logits, ref_bias, **kw))
+        got_ids, got_weights = by_id(ids.cpu(), weights.cpu())
+        assert torch.equal(got_ids, ref_ids)
+        torch.testing.assert_close(got_weights, ref_weights, rtol=1e-4, atol=1e-5)
+    assert not router._COUNTS[x.device].any()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("case,float_logits", [("v3", True), ("qwen3", False)])
+def test_route_experts_kernel_in_interpreter(case, float_logits):
+    in_interpreter(f"check_route_experts({case!r}, 3, {float_logits})")
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("case", sorted(SELECT_CASES))
+def test_route_experts_kernel(case, T):
+    check_route_experts(case, T, case in ("v2-lite", "v2", "v3"), CUDA)
+
+
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_router_matches_a_per_row_selection(preset):
     """Router on a tiny spec of each family against the routing rules applied one row at a time."""
