@@ -285,28 +285,29 @@ def select_experts_triton(
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     if T == 0:
         return ids, weights
-    E_PAD = next_pow2(E)
+    rules = _choice_constants(E, bias, top_k, scoring, method, n_group, topk_group, renorm)
     _select_experts_kernel[(T,)](
-        logits,
-        bias if bias is not None else logits,
-        ids,
-        weights,
-        logits.stride(0),
-        float(scale),
-        float(renorm_eps),
+        logits, bias if bias is not None else logits, ids, weights, logits.stride(0), float(scale),
+        float(renorm_eps), **rules, num_warps=1 if rules["E_PAD"] <= 256 else 4,
+    )  # fmt: skip
+    return ids, weights
+
+
+def _choice_constants(E, bias, top_k, scoring, method, n_group, topk_group, renorm) -> dict:
+    """_select_row's compile-time arguments."""
+    grouped = method != "greedy"
+    return dict(
         E=E,
-        E_PAD=E_PAD,
+        E_PAD=next_pow2(E),
         K=top_k,
         K_PAD=next_pow2(top_k),
         SIGMOID=scoring == "sigmoid",
         METHOD=METHODS.index(method),
         HAS_BIAS=bias is not None,
-        N_GROUP=n_group if method != "greedy" else 1,
-        TOPK_GROUP=topk_group if method != "greedy" else 1,
+        N_GROUP=n_group if grouped else 1,
+        TOPK_GROUP=topk_group if grouped else 1,
         RENORM=bool(renorm),
-        num_warps=1 if E_PAD <= 256 else 4,
     )
-    return ids, weights
 
 
 def select_experts(
@@ -390,15 +391,12 @@ def route_experts_triton(
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
-    E_PAD = next_pow2(E)
-    block_e = max(1, min(16, E_PAD // 16))  # 8-16 programs a token
+    rules = _choice_constants(E, bias, top_k, scoring, method, n_group, topk_group, renorm)
+    block_e = max(1, min(16, rules["E_PAD"] // 16))  # 8-16 programs a token
     _route_kernel[(T, -(-E // block_e))](
         x, weight, bias if bias is not None else weight, logits, counts, ids, weights,
-        x.stride(0), float(scale), float(renorm_eps), H,
-        E=E, E_PAD=E_PAD, K=top_k, K_PAD=next_pow2(top_k), SIGMOID=scoring == "sigmoid",
-        METHOD=METHODS.index(method), HAS_BIAS=bias is not None,
-        N_GROUP=n_group if method != "greedy" else 1, TOPK_GROUP=topk_group if method != "greedy" else 1,
-        RENORM=bool(renorm), ROUND=not float_logits, BLOCK_E=block_e, BLOCK_H=256, num_warps=4,
+        x.stride(0), float(scale), float(renorm_eps), H, **rules,
+        ROUND=not float_logits, BLOCK_E=block_e, BLOCK_H=256, num_warps=4,
     )  # fmt: skip
     return ids, weights
 
