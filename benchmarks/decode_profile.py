@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-router",
         action="store_true",
         help="only time the router as one kernel (gpu_kernels.router.route_experts) against a GEMM for "
-        "its logits and a kernel choosing the experts, alternating (the graphs captured anew each time)",
+        "its logits and a kernel choosing the experts, alternating (each with graphs captured for it)",
     )
     ap.add_argument(
         "--host-profile",
@@ -560,11 +560,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.compare_router:
             from gpu_kernels import router
 
+            sets: dict[int, dict] = {}  # each setting's captured steps, kept alive (one memory pool)
+
             def routes(tokens: int):
                 def setup():
                     if router.ROUTE_MAX_TOKENS != tokens:
+                        sets[router.ROUTE_MAX_TOKENS] = engine.graphs._entries
                         router.ROUTE_MAX_TOKENS = tokens
-                        engine.graphs._entries.clear()  # captured anew with this router
+                        engine.graphs._entries = sets.get(tokens, {})  # captured on first use
 
                 return setup
 
