@@ -450,6 +450,37 @@ def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, ke
     return {"medians": table, "runs": runs}
 
 
+# A kernel's switch: (module, the largest batch it runs) and its name against what it replaced
+FUSED = {
+    "router": ("gpu_kernels.router", "ROUTE_MAX_TOKENS", ("one_kernel", "gemm")),
+    "absorb": ("gpu_kernels.mla_attention", "ABSORB_MAX_TOKENS", ("one_kernel", "bmm")),
+}
+
+
+def compare_kernel(engine, prompt: list[int], steps: int, name: str) -> dict:
+    """A decode-size kernel (FUSED) on against off (its batch limit 0), alternating; each setting's
+    captured steps are kept alive (all share one memory pool), captured on first use."""
+    import importlib
+
+    module_name, attr, (on, off) = FUSED[name]
+    module = importlib.import_module(module_name)
+    sets: dict[int, dict] = {}
+
+    def limit(tokens: int):
+        def setup():
+            if getattr(module, attr) != tokens:
+                sets[getattr(module, attr)] = engine.graphs._entries
+                setattr(module, attr, tokens)
+                engine.graphs._entries = sets.get(tokens, {})
+
+        return setup
+
+    default = getattr(module, attr)
+    row = compare(engine, prompt, steps, {on: limit(default), off: limit(0)}, 3, key="variant")
+    limit(default)()
+    return row
+
+
 def host_profile(engine, prompt: list[int], steps: int) -> None:
     """Decode ``steps`` tokens under cProfile and print the host's time by function, own and cumulative."""
     import cProfile
@@ -507,10 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         "by the host after the step, alternating (hetero.graphs.sample_greedy)",
     )
     ap.add_argument(
-        "--compare-router",
-        action="store_true",
-        help="only time the router as one kernel (gpu_kernels.router.route_experts) against a GEMM for "
-        "its logits and a kernel choosing the experts, alternating (each with graphs captured for it)",
+        "--compare-kernel",
+        choices=sorted(FUSED),
+        default=None,
+        help="only time a decode-size kernel against what it replaced, alternating (each with graphs "
+        "captured for it): router (gpu_kernels.router.route_experts against a GEMM for the logits and "
+        "a choosing kernel), absorb (gpu_kernels.mla_attention.absorb against batched GEMMs)",
     )
     ap.add_argument(
         "--host-profile",
@@ -552,30 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     switches = {"early_calls": args.compare_early, "sample_greedy": args.compare_sample}
     switch = next((name for name, on in switches.items() if on), None)
-    if args.compare_launch or args.compare_defer or args.compare_threads or args.compare_router or switch:
+    if args.compare_launch or args.compare_defer or args.compare_threads or args.compare_kernel or switch:
         if engine.graphs is None or not torch.cuda.is_available():
             raise SystemExit("--compare-* need CUDA graphs")
         if args.compare_defer:
             row = compare_defer(engine, prompt, args.steps, args.compare_defer)
-        elif args.compare_router:
-            from gpu_kernels import router
-
-            sets: dict[int, dict] = {}  # each setting's captured steps, kept alive (one memory pool)
-
-            def routes(tokens: int):
-                def setup():
-                    if router.ROUTE_MAX_TOKENS != tokens:
-                        sets[router.ROUTE_MAX_TOKENS] = engine.graphs._entries
-                        router.ROUTE_MAX_TOKENS = tokens
-                        engine.graphs._entries = sets.get(tokens, {})  # captured on first use
-
-                return setup
-
-            fused = router.ROUTE_MAX_TOKENS
-            row = compare(
-                engine, prompt, args.steps, {"one_kernel": routes(fused), "gemm": routes(0)}, 3, "variant"
-            )
-            routes(fused)()
+        elif args.compare_kernel:
+            row = compare_kernel(engine, prompt, args.steps, args.compare_kernel)
         elif switch:  # a switch of the decode graphs, on against off
             graphs = engine.graphs
             names = {"early_calls": ("early", "after_event"), "sample_greedy": ("device", "host")}[switch]
@@ -617,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_early
             else "decode_sample"
             if args.compare_sample
-            else "decode_router"
-            if args.compare_router
+            else f"decode_{args.compare_kernel}"
+            if args.compare_kernel
             else "decode_launch"
         )
         out = RESULTS / f"{kind}-{name}-{args.experts}-{gpu}.json"

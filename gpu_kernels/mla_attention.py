@@ -227,3 +227,90 @@ def mla_decode_attention(
         )
     _check_mla(q_latent, q_pe, latent_cache, block_tables, seq_lens)
     return mla_decode_attention_reference(q_latent, q_pe, latent_cache, block_tables, seq_lens, scale)
+
+
+# ---------------------------------------------------------------- the absorbed projections
+
+# Decode batches up to this many rows run the absorbed projections (absorb) as one Triton kernel
+# each; larger ones as a batched GEMM (torch.einsum).
+ABSORB_MAX_TOKENS = 16
+
+
+def absorb_reference(x: torch.Tensor, w: torch.Tensor, contract: int) -> torch.Tensor:
+    if contract == 0:
+        return torch.einsum("thi,hij->thj", x, w)
+    return torch.einsum("thi,hji->thj", x, w)
+
+
+@triton.jit
+def _absorb_kernel(
+    x_ptr,  # [T, Hq, I]
+    w_ptr,  # [Hq, I, J] through its strides
+    o_ptr,  # [T, Hq, J]
+    T,
+    stride_xt,
+    stride_xh,
+    stride_wh,
+    stride_wi,
+    stride_wj,
+    DI: tl.constexpr,
+    DJ: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """Program (h, jb): out[t, h, jb * BLOCK_J + j] = sum_i x[t, h, i] * w[h, i, j] for every row t."""
+    h = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = j < DJ
+    for t in range(T):
+        acc = tl.zeros([BLOCK_J], tl.float32)
+        for i0 in tl.static_range(0, DI, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            imask = i < DI
+            xv = tl.load(x_ptr + t * stride_xt + h * stride_xh + i, mask=imask, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + h * stride_wh + i[:, None] * stride_wi + j[None, :] * stride_wj,
+                mask=imask[:, None] & jmask[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
+        tl.store(o_ptr + (t * HEADS + h) * DJ + j, acc.to(o_ptr.dtype.element_ty), mask=jmask)
+
+
+def _check_absorb(x: torch.Tensor, w: torch.Tensor, contract: int) -> None:
+    T, Hq, A = x.shape
+    assert contract in (0, 1) and w.dim() == 3 and w.shape[0] == Hq and w.shape[1 + contract] == A, (
+        f"x {tuple(x.shape)}, w {tuple(w.shape)}, contract {contract}"
+    )
+
+
+def absorb_triton(x: torch.Tensor, w: torch.Tensor, contract: int) -> torch.Tensor:
+    """absorb in one kernel: each program reads a [A, BLOCK_J] slice of one head's weight (16 KB of
+    bf16) and serves every row."""
+    _check_absorb(x, w, contract)
+    T, Hq, A = x.shape
+    assert x.stride(-1) == 1, "x's rows must be contiguous"
+    J = w.shape[2 - contract]
+    s_i, s_j = (w.stride(1), w.stride(2)) if contract == 0 else (w.stride(2), w.stride(1))
+    out = torch.empty(T, Hq, J, dtype=x.dtype, device=x.device)
+    block_j = min(next_pow2(J), max(16, 8192 // next_pow2(A)))
+    _absorb_kernel[(Hq, cdiv(J, block_j))](
+        x, w, out, T, x.stride(0), x.stride(1), w.stride(0), s_i, s_j,
+        DI=A, DJ=J, HEADS=Hq, BLOCK_I=min(128, next_pow2(A)), BLOCK_J=block_j, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def absorb(x: torch.Tensor, w: torch.Tensor, contract: int) -> torch.Tensor:
+    """MLA's per-head projections in absorbed form, x [T, Hq, A] (unit stride along A), w [Hq, D0, D1]
+    (any strides: a view of kv_b_proj's weight):
+        contract 0: out[t, h] = x[t, h] @ w[h]      A = D0, out [T, Hq, D1]  (q_nope -> q_latent by W_UK)
+        contract 1: out[t, h] = x[t, h] @ w[h].T    A = D1, out [T, Hq, D0]  (o_latent -> o by W_UV)
+    Sums in float32, out in x's dtype. On CUDA with at most ABSORB_MAX_TOKENS rows, one kernel
+    (absorb_triton; cuBLAS's batched GEMVs took 3-6 us each at V2-Lite's sizes on an H100), else a
+    batched GEMM."""
+    if use_triton(x, w) and 0 < x.shape[0] <= ABSORB_MAX_TOKENS:
+        return absorb_triton(x, w, contract)
+    _check_absorb(x, w, contract)
+    return absorb_reference(x, w, contract)

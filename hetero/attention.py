@@ -163,13 +163,14 @@ class MLAttention(nn.Module):
             o = self._expanded(torch.cat([q_nope, q_pe], dim=-1), latent_cache, batch)  # [T, Hq, v]
             return self.o_proj(o.reshape(t, -1))  # [T, H]
         from gpu_kernels import mla_decode_attention
+        from gpu_kernels.mla_attention import absorb
 
         w_uk, w_uv = self._absorbed()
-        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, Hq, R]
+        q_latent = absorb(q_nope, w_uk, 0)  # [T, Hq, R]: q_nope @ W_UK per head
         o_latent = mla_decode_attention(
             q_latent, q_pe, latent_cache, batch.block_tables, batch.context_lens, self.scale
         )
-        o = torch.einsum("thr,hvr->thv", o_latent, w_uv)  # [T, Hq, v]
+        o = absorb(o_latent, w_uv, 1)  # [T, Hq, v]: o_latent @ W_UV^T per head
         return self.o_proj(o.reshape(t, -1))  # [T, H]
 
     def _expanded(self, q: torch.Tensor, latent_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:

@@ -1147,6 +1147,35 @@ def test_select_experts_kernel(case, T):
     check_select_experts(case, T, CUDA)
 
 
+def check_absorb(T: int, device: str = "cpu") -> None:
+    """absorb_triton against float64 products: MLA's two absorbed projections through strided views of
+    one kv_b weight, V2-Lite's head sizes and odd ones. On CPU tensors it needs TRITON_INTERPRET=1."""
+    from gpu_kernels import mla_attention as mla
+
+    gen = torch.Generator(device).manual_seed(T)
+    for H, nope, v, R in ((16, 128, 128, 512), (3, 24, 40, 72)):
+        kvb = torch.randn(H, nope + v, R, generator=gen, device=device).to(torch.bfloat16)
+        w_uk, w_uv = kvb[:, :nope], kvb[:, nope:]
+        q = torch.randn(T, H, nope + 8, generator=gen, device=device).to(torch.bfloat16)[..., :nope]
+        o_latent = torch.randn(T, H, R, generator=gen, device=device).to(torch.bfloat16)
+        for x, w, contract in ((q, w_uk, 0), (o_latent, w_uv, 1)):
+            got = mla.absorb_triton(x, w, contract)
+            want = mla.absorb_reference(x.double(), w.double(), contract)
+            assert got.dtype == x.dtype and got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+def test_absorb_kernel_in_interpreter():
+    in_interpreter("check_absorb(2)")
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 4, 16])
+def test_absorb_kernel(T):
+    check_absorb(T, CUDA)
+
+
 def check_route_experts(case: str, T: int, float_logits: bool, device: str = "cpu") -> None:
     """route_experts_triton (one kernel: logits, then the last program of a row chooses) against the
     reference logits and select_experts_reference: the same experts in every row, weights within
