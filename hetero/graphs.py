@@ -40,6 +40,11 @@ staging first: the call's own start overlaps the GPU's work. How the host drives
 
 Without Triton no waits are captured and every step runs in turn.
 
+Each size also has a head graph (``_Entry.head``): the final logits, their argmax and a copy of the
+tokens to page-locked memory. A step whose rows are all plain greedy (``run(sample=True)``) launches
+it right after its last graph, so the GPU goes from the last layer to the tokens without waiting
+for the host; the host reads them with ``tokens``.
+
 The program is recorded by running the model's own forward once under capture: when a
 CPU hand-off (``hetero.pipeline.CPUHandoff``) is reached it ends the graph being captured
 and starts the next one (``handoff``/``join`` below), so graph and eager steps share one
