@@ -402,34 +402,12 @@ def route_experts_triton(
 
 
 def route_experts(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    float_logits: bool,
-    top_k: int,
-    scoring: str = "softmax",
-    method: str = "greedy",
-    n_group: int = 1,
-    topk_group: int = 1,
-    renorm: bool = False,
-    renorm_eps: float = 0.0,
-    scale: float = 1.0,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, float_logits: bool, **rules
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A router: x [T, H], weight [E, H] -> (ids [T, K] int64, weights [T, K] float32), the logits as
-    router_logits_reference computes them, then chosen as select_experts does. On CUDA with at most
-    ROUTE_MAX_TOKENS tokens, one kernel (route_experts_triton)."""
-    kw = dict(
-        top_k=top_k,
-        scoring=scoring,
-        method=method,
-        n_group=n_group,
-        topk_group=topk_group,
-        renorm=renorm,
-        renorm_eps=renorm_eps,
-        scale=scale,
-    )
+    router_logits_reference computes them, then chosen by ``rules`` (select_experts' keywords) as
+    select_experts does. On CUDA with at most ROUTE_MAX_TOKENS tokens, one kernel (route_experts_triton)."""
     one = use_triton(x, weight) and 0 < x.shape[0] <= ROUTE_MAX_TOKENS
     if one and (x.device in _COUNTS or not torch.cuda.is_current_stream_capturing()):
-        return route_experts_triton(x, weight, bias, float_logits=float_logits, **kw)
-    return select_experts(router_logits_reference(x, weight, float_logits), bias, **kw)
+        return route_experts_triton(x, weight, bias, float_logits=float_logits, **rules)
+    return select_experts(router_logits_reference(x, weight, float_logits), bias, **rules)

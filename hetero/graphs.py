@@ -172,13 +172,12 @@ class _Entry:
     ids: torch.Tensor  # [B] int64
     batch: AttentionBatch
     hidden: torch.Tensor  # [B, H] the step's output, written by the last graph
-    # The step's inputs go over in two copies, pinned -> device, whose targets the tensors above view:
-    longs: tuple[
-        torch.Tensor, torch.Tensor
-    ]  # [3, B'] int64 (B' = B rounded up to even): ids, positions, slots
-    ints: tuple[
-        torch.Tensor, torch.Tensor
-    ]  # [B * W' + B] int32: block tables [B, W] (rows W' apart), context lengths
+    # The step's inputs go over in two copies, pinned -> device, whose targets the tensors above view;
+    # each a (device, pinned) pair of the same shape:
+    #   longs [3, B'] int64 (B' = B rounded up to even): ids, positions, slots
+    #   ints [B * W' + B] int32: block tables [B, W] (rows W' apart), then context lengths
+    longs: tuple[torch.Tensor, torch.Tensor]
+    ints: tuple[torch.Tensor, torch.Tensor]
     head: torch.cuda.CUDAGraph | None = None  # final logits -> each row's argmax -> tokens
     tokens: torch.Tensor | None = None  # pinned [B] int64, written by head
     done: torch.cuda.Event | None = None  # recorded after head

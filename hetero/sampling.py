@@ -37,20 +37,20 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def penalized(self) -> bool:
+        """Whether presence or frequency penalties change the logits (apply_penalties)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
     def argmax_only(self) -> bool:
         """The token is the raw logits' argmax and nothing else is read from them (no penalties, no
         logprobs): a decode graph may pick it on the device (``hetero.graphs``)."""
-        return (
-            self.greedy
-            and self.logprobs is None
-            and self.presence_penalty == 0
-            and self.frequency_penalty == 0
-        )
+        return self.greedy and self.logprobs is None and not self.penalized
 
 
 def apply_penalties(logits: torch.Tensor, output_ids: list[int], params: SamplingParams) -> torch.Tensor:
     """OpenAI's rule: logit -= presence * [count > 0] + frequency * count, over generated tokens."""
-    if not output_ids or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+    if not output_ids or not params.penalized:
         return logits
     ids = torch.tensor(output_ids, device=logits.device)
     counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)  # [V]
