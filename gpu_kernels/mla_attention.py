@@ -205,7 +205,7 @@ def mla_decode_attention_triton(
         **pdl_launch(pdl & 2),
     )
     out = torch.empty(N, H, R, dtype=q_latent.dtype, device=q_latent.device)
-    return merge_splits(o_part, lse_part, out, pdl)
+    return merge_splits(o_part, lse_part, out, seq_lens, part, pdl)
 
 
 def mla_decode_attention(

@@ -304,12 +304,15 @@ def _gqa_decode_kernel(
 
 # The split count follows the context: specialized on its value, the kernel would compile anew
 # as contexts grow (seconds that land in a served step), for nothing its loops gain from it.
-@triton.jit(do_not_specialize=["n_splits"])
+@triton.jit(do_not_specialize=["n_splits", "partition"])
 def _merge_splits_kernel(
     o_ptr,  # [R, S, D] float32 (each split already normalized by its own sum)
     lse_ptr,  # [R, S] float32 (log2 domain)
     out_ptr,  # [R, D]
+    len_ptr,  # [R // HEADS] int32: each row's context; its splits past it were left empty
     n_splits,
+    partition,
+    HEADS: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -319,6 +322,10 @@ def _merge_splits_kernel(
         gdc_wait()
         gdc_launch_dependents()
     r = tl.program_id(0)
+    # Splits cover the context in order, so only the first cdiv(len, partition) hold anything: a
+    # graph captured for the longest context reads a short one's few (at least one: an empty row
+    # comes out as before).
+    used = tl.minimum(tl.maximum(tl.cdiv(tl.load(len_ptr + r // HEADS), partition), 1), n_splits)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = d < D
     s_blk = tl.arange(0, BLOCK_S)
@@ -328,9 +335,9 @@ def _merge_splits_kernel(
     top = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
+    for s0 in range(0, used, BLOCK_S):
         s = s0 + s_blk
-        smask = s < n_splits
+        smask = s < used
         lse = tl.load(base + s, mask=smask, other=float("-inf"))  # [BLOCK_S]
         o = tl.load(
             o_ptr + (r * n_splits + s[:, None]) * D + d[None, :],
@@ -348,14 +355,22 @@ def _merge_splits_kernel(
 
 
 def merge_splits(
-    o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, pdl: int = 0
+    o_part: torch.Tensor,
+    lse_part: torch.Tensor,
+    out: torch.Tensor,
+    seq_lens: torch.Tensor,
+    partition: int,
+    pdl: int = 0,
 ) -> torch.Tensor:
     """o_part [N, H, S, D] float32, lse_part [N, H, S] float32 -> out [N, H, D] (written in place).
 
-    One program per (row, head, BLOCK_D columns), looping over the splits BLOCK_S at a time, so a
-    wide latent (MLA: D = 512) and hundreds of splits never make one register tile. pdl: the split
-    kernel's PDL flags (pdl_flags); bit 1 launches this one while the split kernel runs."""
+    seq_lens [N] int32 and partition (tokens a split) say how many splits each row filled: the
+    rest are not read. One program per (row, head, BLOCK_D columns), looping over the splits
+    BLOCK_S at a time, so a wide latent (MLA: D = 512) and hundreds of splits never make one
+    register tile. pdl: the split kernel's PDL flags (pdl_flags); bit 1 launches this one while the
+    split kernel runs."""
     N, H, S, D = o_part.shape
+    assert seq_lens.shape == (N,) and seq_lens.dtype == torch.int32 and partition > 0
     # Two tile shapes only, so contexts of any length reuse two compiled kernels: eager steps
     # (many rows, few splits each) take the first, long single sequences the second.
     block_s, block_d = (16, 64) if S <= 16 else (64, 32)
@@ -364,7 +379,10 @@ def merge_splits(
         o_part,
         lse_part,
         out,
+        seq_lens,
         S,
+        partition,
+        HEADS=H,
         D=D,
         BLOCK_D=block_d,
         BLOCK_S=block_s,
@@ -510,7 +528,7 @@ def paged_decode_attention_triton(
         **pdl_launch(pdl & 2),
     )
     out = torch.empty(N, Hq, Dv, dtype=q.dtype, device=q.device)
-    return merge_splits(o_part, lse_part, out, pdl)
+    return merge_splits(o_part, lse_part, out, seq_lens, part, pdl)
 
 
 def paged_decode_attention(

@@ -392,11 +392,12 @@ def route_experts_triton(
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     rules = _choice_constants(E, bias, top_k, scoring, method, n_group, topk_group, renorm)
-    block_e = max(1, min(16, rules["E_PAD"] // 16))  # 8-16 programs a token
-    _route_kernel[(T, -(-E // block_e))](
+    # One expert a program and (up to 2048) the whole row in one load: every program's reads are in
+    # flight at once, where a loop over H would wait on one tile after another.
+    _route_kernel[(T, E)](
         x, weight, bias if bias is not None else weight, logits, counts, ids, weights,
         x.stride(0), float(scale), float(renorm_eps), H, **rules,
-        ROUND=not float_logits, BLOCK_E=block_e, BLOCK_H=256, num_warps=4,
+        ROUND=not float_logits, BLOCK_E=1, BLOCK_H=min(2048, next_pow2(H)), num_warps=4,
     )  # fmt: skip
     return ids, weights
 

@@ -718,12 +718,19 @@ def check_decode_attention(kind: str, bt_ahead: int = 0) -> None:
     print(f"{kind}: max error {(out.float() - ref).abs().max():.2e}")
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     assert rel_err(out, ref) < 1e-2
-    if kind == "float32":  # the merge alone, over more splits than it reads at once, some of them empty
+    if kind == "float32":
+        # The merge alone, over more splits than it reads at once, some of them empty: row 0's
+        # context fills 201 of its 300 splits of 4 tokens, row 1's all; what lies past a row's
+        # context (NaN here) is never read.
         o, lse = torch.randn(2, 3, 300, 40, generator=gen), torch.randn(2, 3, 300, generator=gen)
-        lse[0, 1, 7:] = float("-inf")
-        merged = paged_attention.merge_splits(o, lse, torch.empty(2, 3, 40))
-        w = torch.softmax(lse * math.log(2), -1)  # lse is in log2
-        torch.testing.assert_close(merged, (o * w[..., None]).sum(2), rtol=1e-5, atol=1e-5)
+        lse[0, 1, 7:201] = float("-inf")
+        o[0, :, 201:], lse[0, :, 201:] = float("nan"), float("nan")
+        lens = torch.tensor([801, 1200], dtype=torch.int32)
+        merged = paged_attention.merge_splits(o, lse, torch.empty(2, 3, 40), lens, 4)
+        for row, used in ((0, 201), (1, 300)):
+            w = torch.softmax(lse[row, :, :used] * math.log(2), -1)  # lse is in log2
+            want = (o[row, :, :used] * w[..., None]).sum(1)
+            torch.testing.assert_close(merged[row], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
@@ -1176,15 +1183,15 @@ def test_absorb_kernel(T):
     check_absorb(T, CUDA)
 
 
-def check_route_experts(case: str, T: int, float_logits: bool, device: str = "cpu") -> None:
+def check_route_experts(case: str, T: int, float_logits: bool, device: str = "cpu", H: int = 300) -> None:
     """route_experts_triton (one kernel: logits, then the last program of a row chooses) against the
     reference logits and select_experts_reference: the same experts in every row, weights within
     float32 sums' rounding; the counters are back to zero after. float_logits: random hidden states
     and weights; else (logits rounded to bf16, where one unit of rounding moves a softmax weight by
     percents) logits that every order of summation gives exactly, each row's in an order of its own.
-    On CPU tensors it needs TRITON_INTERPRET=1."""
+    H: not a multiple of the kernel's block; over 2048, rows read in several blocks. On CPU tensors
+    it needs TRITON_INTERPRET=1."""
     E, with_bias, kw = SELECT_CASES[case]
-    H = 300  # not a multiple of the kernel's block
     gen = torch.Generator(device).manual_seed(7 * T + E)
     x = torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16)
     weight = torch.randn(E, H, generator=gen, device=device) * 0.2
@@ -1208,16 +1215,17 @@ def check_route_experts(case: str, T: int, float_logits: bool, device: str = "cp
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
-@pytest.mark.parametrize("case,float_logits", [("v3", True), ("qwen3", False)])
-def test_route_experts_kernel_in_interpreter(case, float_logits):
-    in_interpreter(f"check_route_experts({case!r}, 3, {float_logits})")
+@pytest.mark.parametrize("case,float_logits,H", [("v3", True, 2500), ("qwen3", False, 300)])
+def test_route_experts_kernel_in_interpreter(case, float_logits, H):
+    in_interpreter(f"check_route_experts({case!r}, 3, {float_logits}, H={H})")
 
 
 @gpu
 @pytest.mark.parametrize("T", [1, 5, 33])
 @pytest.mark.parametrize("case", sorted(SELECT_CASES))
-def test_route_experts_kernel(case, T):
-    check_route_experts(case, T, case in ("v2-lite", "v2", "v3"), CUDA)
+@pytest.mark.parametrize("H", [300, 7168])
+def test_route_experts_kernel(case, T, H):
+    check_route_experts(case, T, case in ("v2-lite", "v2", "v3"), CUDA, H)
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
