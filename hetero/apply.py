@@ -18,6 +18,7 @@ from hetero.checkpoint import Checkpoint
 from hetero.config import ModelSpec
 from hetero.distributed import SINGLE, Parallel, ZeroExperts, check_divisible, reduce_outputs, shard_dense
 from hetero.experts import CPUExperts, GPUExperts, HybridExperts, PCIeExperts, StreamedExperts
+from hetero.layers import fuse_projections
 from hetero.model import Transformer, checkpoint_names, keep_fp32, load_tensor, named_tensors
 from hetero.moe import MoE
 from hetero.pipeline import CPUHandoff, CPUWorker
@@ -244,6 +245,7 @@ def load_placed(
                 if ".mlp.experts." not in name:
                     _set(model, name, t.to(device))
         _quantize_dense(model, placement)
+        fuse_projections(model)  # after sharding and quantizing: what stays plain and whole fuses
         for i in moe_layers:
             moe = model.model.layers[i].mlp
             assert isinstance(moe, MoE)

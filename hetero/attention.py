@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero.config import ModelSpec
-from hetero.layers import RMSNorm, Rotary, softmax_scale
+from hetero.layers import FusedLinear, RMSNorm, Rotary, softmax_scale
 
 
 @dataclass
@@ -94,14 +94,24 @@ class GQAttention(nn.Module):
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
         self.rotary = Rotary(d, spec.rope_theta, spec.rope_scaling, interleaved=False)
         self.scale = softmax_scale(spec)
+        self.fused: FusedLinear | None = None
+
+    def fuse_inputs(self) -> bool:
+        """q, k and v projections as one product (see ``FusedLinear``), once their weights are in place."""
+        self.fused = FusedLinear.of([self.q_proj, self.k_proj, self.v_proj])
+        return self.fused is not None
 
     def forward(
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.fused is not None and self.fused.live():
+            q, k, v = self.fused(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         from gpu_kernels.rope import gqa_rope_write
 
         cos, sin = self.rotary.cos_sin(batch.positions, q.dtype, batch.rope)
@@ -135,6 +145,14 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(spec.num_heads * self.v_dim, h, bias=False)
         self.rotary = Rotary(self.rope, spec.rope_theta, spec.rope_scaling, interleaved=True)
         self.scale = softmax_scale(spec)
+        self.fused: FusedLinear | None = None
+
+    def fuse_inputs(self) -> bool:
+        """The query projection (q_proj, or q_a_proj with a query LoRA) and kv_a_proj_with_mqa as one
+        product (see ``FusedLinear``), once their weights are in place."""
+        q = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        self.fused = FusedLinear.of([q, self.kv_a_proj_with_mqa])
+        return self.fused is not None
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
@@ -144,12 +162,15 @@ class MLAttention(nn.Module):
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         t = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+        lora = not hasattr(self, "q_proj")
+        if self.fused is not None and self.fused.live():
+            q, kv = self.fused(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_a_proj(x) if lora else self.q_proj(x)
+            kv = self.kv_a_proj_with_mqa(x)  # [T, R + P]: latent, then k_pe
+        if lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(t, self.num_heads, self.nope + self.rope)  # [T, Hq, nope + P]
-        kv = self.kv_a_proj_with_mqa(x)  # [T, R + P]: latent, then k_pe
         from gpu_kernels.rope import mla_rope_write
 
         cos, sin = self.rotary.cos_sin(batch.positions, q.dtype, batch.rope)

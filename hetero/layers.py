@@ -27,6 +27,62 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, self.weight, self.eps)
 
 
+class FusedLinear:
+    """Plain linears that read one input, run as one product: their weights (and biases) become row
+    slices of one matrix, so a decode step makes one launch (and reads one weight) where it made
+    several. The linears stay what the model names and loads; if one of them is given a new tensor
+    later (a reload, a move to another device), ``live`` turns false and callers run them apart."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: list[nn.Linear]):
+        self.weight, self.bias, self.parts = weight, bias, parts
+        self.sizes = [p.out_features for p in parts]
+        self._ptrs = self._views()
+
+    def _views(self) -> list[tuple[int, int]]:
+        return [(p.weight.data_ptr(), p.bias.data_ptr() if p.bias is not None else 0) for p in self.parts]
+
+    @classmethod
+    def of(cls, parts: list[nn.Module]) -> FusedLinear | None:
+        """Fuse ``parts`` (each an ``nn.Linear`` over the same input width, one dtype and device, all
+        with a bias or none), or None where they are not all such."""
+        if len(parts) < 2 or not all(type(p) is nn.Linear for p in parts):
+            return None
+        w0 = parts[0].weight
+        same = all(
+            p.weight.dtype == w0.dtype
+            and p.weight.device == w0.device
+            and p.in_features == parts[0].in_features
+            for p in parts
+        )
+        with_bias = {p.bias is not None for p in parts}
+        if not same or len(with_bias) != 1 or w0.device.type == "meta":
+            return None
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in parts])
+            bias = torch.cat([p.bias for p in parts]) if with_bias == {True} else None
+            row = 0
+            for p in parts:
+                n = p.out_features
+                p.weight = nn.Parameter(weight[row : row + n], requires_grad=p.weight.requires_grad)
+                if bias is not None:
+                    p.bias = nn.Parameter(bias[row : row + n], requires_grad=p.bias.requires_grad)
+                row += n
+        return cls(weight, bias, list(parts))
+
+    def live(self) -> bool:
+        return self._views() == self._ptrs
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [..., K] -> each part's output [..., N_i], as views of one product."""
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse each attention's input projections where they allow it (``fuse_inputs``); returns how
+    many attentions were fused."""
+    return sum(bool(m.fuse_inputs()) for m in model.modules() if hasattr(m, "fuse_inputs"))
+
+
 def embedding(vocab: int, hidden: int) -> nn.Embedding:
     """A token embedding whose table is left unset: the checkpoint fills it. Built on the meta
     device, ``nn.Embedding``'s own random init would import torch's compiler stack (over a

@@ -19,7 +19,7 @@ from torch import nn
 from hetero.attention import AttentionBatch, GQAttention, MLAttention
 from hetero.checkpoint import Checkpoint, CheckpointError
 from hetero.config import ModelSpec
-from hetero.layers import MLP, RMSNorm, embedding
+from hetero.layers import MLP, RMSNorm, embedding, fuse_projections
 from hetero.moe import MoE
 
 
@@ -162,5 +162,6 @@ def load_model(
                 )
             t.data = value.to(device)
             t.requires_grad_(False)
+    fuse_projections(model)
     model.eval()
     return model

@@ -170,3 +170,23 @@ def test_fp8_block_dequantization_is_exact(dtype):
     out = torch.empty(300, 260)
     assert dequantize_fp8_blocks(w, scale_inv, 128, out=out) is out
     assert torch.equal(out[finite], ref[finite])
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite", "deepseek-v3", "qwen3-30b-a3b"])
+def test_fused_input_projections_match_the_separate_ones(tiny, preset):
+    """A loaded model's attention input projections run as one product whose outputs are what the
+    separate linears give, share their storage (no second copy), and fall back to the separate
+    linears once one of them is given a tensor of its own."""
+    from hetero.layers import FusedLinear
+
+    model = load_model(str(tiny(preset)), dtype=torch.float32)
+    attn = model.model.layers[0].self_attn
+    fused = attn.fused
+    assert isinstance(fused, FusedLinear) and fused.live()
+    x = torch.randn(5, model.spec.hidden_size, generator=torch.Generator().manual_seed(1))
+    for part, got in zip(fused.parts, fused(x)):
+        assert part.weight.data_ptr() >= fused.weight.data_ptr()
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, part.weight, part.bias), rtol=0, atol=0)
+    last = fused.parts[-1]
+    last.weight = torch.nn.Parameter(last.weight.detach().clone() * 2, requires_grad=False)
+    assert not fused.live()
