@@ -39,6 +39,8 @@ def _stage_kernel(
     hw_addr,
     ready_addr: tl.int64,  # typed: 0 (no flag) must not compile a variant of its own
     count_addr: tl.int64,
+    map_ptr,  # [map_len] int64 (HAS_MAP): the ids stored are map[ids], negative ids from the end
+    map_len,
     stride_x,
     stride_ids,
     stride_w,
@@ -46,6 +48,7 @@ def _stage_kernel(
     K: tl.constexpr,
     BLOCK_H: tl.constexpr,
     K_PAD: tl.constexpr,
+    HAS_MAP: tl.constexpr,
 ):
     t = tl.program_id(0)
     part = tl.program_id(1)
@@ -60,6 +63,8 @@ def _stage_kernel(
         hids = hids_addr.to(tl.pointer_type(tl.int32))
         hw = hw_addr.to(tl.pointer_type(tl.float32))
         ids = tl.load(ids_ptr + t * stride_ids + k, mask=kmask, other=0)
+        if HAS_MAP:
+            ids = tl.load(map_ptr + tl.where(ids < 0, ids + map_len, ids), mask=kmask, other=0)
         tl.store(hids + t * K + k, ids.to(tl.int32), mask=kmask)
         tl.store(hw + t * K + k, tl.load(w_ptr + t * stride_w + k, mask=kmask, other=0.0), mask=kmask)
     if ready_addr != 0:
@@ -81,8 +86,10 @@ def _stage_kernel(
             )
 
 
-def stage_handoff_reference(x, ids, weights, hx, hids, hw) -> None:
+def stage_handoff_reference(x, ids, weights, hx, hids, hw, id_map=None) -> None:
     t = x.shape[0]
+    if id_map is not None:
+        ids = id_map[ids]
     for dst, src in ((hx, x), (hids, ids), (hw, weights)):
         # device -> page-locked: asynchronous (and so capturable), ordered on the current stream
         dst[:t].copy_(src, non_blocking=src.is_cuda and dst.is_pinned())
@@ -106,8 +113,11 @@ def stage_handoff(
     hids: torch.Tensor,
     hw: torch.Tensor,
     ready: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    id_map: torch.Tensor | None = None,
 ) -> bool:
     """Enqueue on the current stream: hx[:T] = x (as float32), hids[:T] = ids (as int32), hw[:T] = weights.
+    With id_map (int64, on x's device, indexed by every id), hids[:T] = id_map[ids] instead: a
+    layer's expert ids mapped to the CPU backend's own in the same kernel.
 
     With CUDA inputs, page-locked destinations and at most STORE_MAX_BYTES of hidden states, one
     kernel storing into host memory; otherwise torch copies. Shapes in the module docstring.
@@ -121,8 +131,10 @@ def stage_handoff(
         f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
     )
     assert hx.shape[1:] == (H,) and hids.shape[1:] == (K,) and hw.shape[1:] == (K,) and hx.shape[0] >= T
+    if id_map is not None:
+        assert id_map.dim() == 1 and id_map.dtype == torch.int64 and id_map.device == ids.device
     if not (use_triton(x, ids, weights) and _storable(x, ids, weights, hx, hids, hw)):
-        stage_handoff_reference(x, ids, weights, hx, hids, hw)
+        stage_handoff_reference(x, ids, weights, hx, hids, hw, id_map)
         return False
     ready_addr = count_addr = 0
     if ready is not None:
@@ -140,7 +152,8 @@ def stage_handoff(
     with torch.cuda.device(x.device):
         _stage_kernel[(T, -(-H // block))](
             x, ids, weights, hx.data_ptr(), hids.data_ptr(), hw.data_ptr(), ready_addr, count_addr,
+            id_map if id_map is not None else ids, len(id_map) if id_map is not None else 0,
             x.stride(0), ids.stride(0), weights.stride(0),
-            H=H, K=K, BLOCK_H=block, K_PAD=max(2, next_pow2(K)), num_warps=4,
+            H=H, K=K, BLOCK_H=block, K_PAD=max(2, next_pow2(K)), HAS_MAP=id_map is not None, num_warps=4,
         )  # fmt: skip
     return ready is not None

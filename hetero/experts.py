@@ -207,8 +207,11 @@ class CPUExperts:
         )  # fmt: skip
         self.late_rows = t if late is not None else 0
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        return self.handoff.submit(self._kernel, x, ids, weights, signals=True, waits=True)
+    def submit(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, id_map: torch.Tensor | None = None
+    ):
+        """id_map: ids are the layer's, and id_map[ids] these experts' own (mapped as they are staged)."""
+        return self.handoff.submit(self._kernel, x, ids, weights, signals=True, waits=True, id_map=id_map)
 
     def wait(self, handle) -> torch.Tensor:
         return self.handoff.wait(handle)
@@ -674,12 +677,14 @@ class HybridExperts:
             if streams and isinstance(self.cpu, CPUExperts):
                 # no CPU call: nothing deferred here (nor left over from a forward cut short)
                 self.cpu.late_rows = 0
-            local = cpu_local[ids]
             by_pcie = None
             if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:
-                local, by_pcie = pcie_split(local, self.pcie.packed.E, self._share)
+                local, by_pcie = pcie_split(cpu_local[ids], self.pcie.packed.E, self._share)
             try:
-                handle = ram.submit(x, local, weights)
+                if ram is self.cpu and by_pcie is None and isinstance(ram, CPUExperts):
+                    handle = ram.submit(x, ids, weights, id_map=cpu_local)  # mapped as it is staged
+                else:
+                    handle = ram.submit(x, local if by_pcie is not None else cpu_local[ids], weights)
             except torch.OutOfMemoryError:
                 if ram is not self.streamed:
                     raise
@@ -687,7 +692,7 @@ class HybridExperts:
                 # layer instead (slower, nothing lost), and the log says the plan was short of room.
                 _warn_stream_oom()
                 ram = self.cpu
-                handle = ram.submit(x, local, weights)
+                handle = ram.submit(x, cpu_local[ids], weights)
             self.ram_calls["stream" if ram is self.streamed else "cpu"] += 1
             handles.append((ram, handle))
             if by_pcie is not None:  # the GPU reads its share while the CPU computes the rest

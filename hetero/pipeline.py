@@ -113,11 +113,13 @@ class CPUHandoff:
         weights: torch.Tensor,
         signals: bool = False,
         waits: bool = False,
+        id_map: torch.Tensor | None = None,
     ) -> Future:
         """signals: the kernel takes ``signal=(flags, index)`` and sets that flag itself once ``out``
         is whole (it may go on with other work); a decode graph's wait then starts the GPU then.
         waits: the kernel takes ``ready=(flags, index)`` and waits for that flag before it reads its
-        inputs; a decode graph's staging sets it, and the host calls the kernel without waiting."""
+        inputs; a decode graph's staging sets it, and the host calls the kernel without waiting.
+        id_map: the kernel gets id_map[ids] (mapped as they are staged)."""
         from gpu_kernels.handoff import stage_handoff
 
         t = x.shape[0]
@@ -130,7 +132,7 @@ class CPUHandoff:
             # joins the graph being captured, the CPU kernel runs between graphs on those buffers
             # (their storage stays referenced here).
             ready = program.ready_flag() if waits else None
-            waits = stage_handoff(x, ids, weights, hx, hids, hw, ready=ready)
+            waits = stage_handoff(x, ids, weights, hx, hids, hw, ready=ready, id_map=id_map)
             args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
             return _Captured(hout, program.handoff(kernel, args, self.worker, self.layer, signals, waits))
         if self.cuda:
@@ -143,11 +145,11 @@ class CPUHandoff:
                     # their memory to the compute stream's next tensor before the copy has run.
                     t.record_stream(self.copy_stream)
                 # the kernel a captured step stages with, compiled here by the eager warm-up
-                stage_handoff(x, ids, weights, hx, hids, hw)
+                stage_handoff(x, ids, weights, hx, hids, hw, id_map=id_map)
                 copied = torch.cuda.Event()
                 copied.record()
         else:
-            stage_handoff(x, ids, weights, hx, hids, hw)
+            stage_handoff(x, ids, weights, hx, hids, hw, id_map=id_map)
             copied = None
         return self.worker.submit(self._run, kernel, copied, hx, hids, hw, hout)
 

@@ -97,14 +97,18 @@ def check_stage_handoff(T: int, H: int, K: int, device: str) -> None:
     ids = torch.randint(-1, 64, (T, K), generator=gen).to(device)  # int64, -1 = not on the CPU
     w = torch.rand(T, K, generator=gen).to(device)
     pin = device == "cuda"
-    hx, hw = (torch.full((T + 2, n), float("nan"), pin_memory=pin) for n in (H, K))
-    hids = torch.full((T + 2, K), -7, dtype=torch.int32, pin_memory=pin)
-    handoff.stage_handoff(x, ids, w, hx, hids, hw)
-    if pin:
-        torch.cuda.synchronize()
-    assert torch.equal(hx[:T], x.float().cpu()) and torch.equal(hw[:T], w.cpu())
-    assert torch.equal(hids[:T], ids.int().cpu())
-    assert hx[T:].isnan().all() and (hids[T:] == -7).all(), "rows past T untouched"
+    # a layer's ids mapped to a backend's own as they are staged: a permutation, -1 kept
+    id_map = torch.cat([torch.randperm(64, generator=gen) - 3, torch.tensor([-1])]).to(device)
+    for mapped in (None, id_map):
+        hx, hw = (torch.full((T + 2, n), float("nan"), pin_memory=pin) for n in (H, K))
+        hids = torch.full((T + 2, K), -7, dtype=torch.int32, pin_memory=pin)
+        handoff.stage_handoff(x, ids, w, hx, hids, hw, id_map=mapped)
+        if pin:
+            torch.cuda.synchronize()
+        assert torch.equal(hx[:T], x.float().cpu()) and torch.equal(hw[:T], w.cpu())
+        want = ids if mapped is None else mapped[ids]
+        assert torch.equal(hids[:T], want.int().cpu())
+        assert hx[T:].isnan().all() and (hids[T:] == -7).all(), "rows past T untouched"
 
 
 # ---------------------------------------------------------------- CPU: references and the interpreter
