@@ -450,34 +450,52 @@ def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, ke
     return {"medians": table, "runs": runs}
 
 
-# A kernel's switch: (module, the largest batch it runs) and its name against what it replaced
+# A kernel's switch: (module, the largest batch it runs) and its name against what it replaced;
+# "inputs": attention's input projections as one product (hetero.layers.FusedLinear) or apart
 FUSED = {
     "router": ("gpu_kernels.router", "ROUTE_MAX_TOKENS", ("one_kernel", "gemm")),
     "absorb": ("gpu_kernels.mla_attention", "ABSORB_MAX_TOKENS", ("one_kernel", "bmm")),
+    "inputs": (None, None, ("fused", "apart")),
 }
 
 
 def compare_kernel(engine, prompt: list[int], steps: int, name: str) -> dict:
-    """A decode-size kernel (FUSED) on against off (its batch limit 0), alternating; each setting's
-    captured steps are kept alive (all share one memory pool), captured on first use."""
+    """A decode-size kernel (FUSED) on against off (its batch limit 0, or the projections apart),
+    alternating; each setting's captured steps are kept alive (all share one memory pool), captured
+    on first use."""
     import importlib
 
     module_name, attr, (on, off) = FUSED[name]
-    module = importlib.import_module(module_name)
-    sets: dict[int, dict] = {}
+    if module_name is None:
+        attns = [m for m in engine.model.modules() if getattr(m, "fused", None) is not None]
+        fused = [a.fused for a in attns]
 
-    def limit(tokens: int):
+        def apply(value: bool) -> None:
+            for a, f in zip(attns, fused):
+                a.fused = f if value else None
+
+        values, state = (True, False), {"now": True}
+    else:
+        module = importlib.import_module(module_name)
+
+        def apply(value: int) -> None:
+            setattr(module, attr, value)
+
+        values, state = (getattr(module, attr), 0), {"now": getattr(module, attr)}
+    sets: dict = {}
+
+    def setting(value):
         def setup():
-            if getattr(module, attr) != tokens:
-                sets[getattr(module, attr)] = engine.graphs._entries
-                setattr(module, attr, tokens)
-                engine.graphs._entries = sets.get(tokens, {})
+            if state["now"] != value:
+                sets[state["now"]] = engine.graphs._entries
+                apply(value)
+                state["now"] = value
+                engine.graphs._entries = sets.get(value, {})
 
         return setup
 
-    default = getattr(module, attr)
-    row = compare(engine, prompt, steps, {on: limit(default), off: limit(0)}, 3, key="variant")
-    limit(default)()
+    row = compare(engine, prompt, steps, {on: setting(values[0]), off: setting(values[1])}, 3, key="variant")
+    setting(values[0])()
     return row
 
 
