@@ -156,8 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=LAUNCH_MODES,
         default=None,
         help="how the host drives the decode graphs: the CPU experts between launches (in_turn), one "
-        "hand-off behind them (pipelined, the default), on a worker thread with the whole step launched "
-        "(ahead), or after the whole step is launched (upfront, the default with --defer-experts)",
+        "hand-off behind them (pipelined), on a worker thread with the whole step launched "
+        "(ahead), or after the whole step is launched as one graph (upfront, the default)",
     )
     p.add_argument(
         "--pcie-share",
@@ -185,13 +185,6 @@ def _run(args: argparse.Namespace) -> int:
     return launch(_bench, args.gpus, args, backend=backend)[0]  # rank 0 printed; all ran the same steps
 
 
-def _default_launch(defer: int) -> str:
-    """Deferred experts overlap the next layer's GPU work best with the whole step launched first: on
-    the H100 machine (V2-Lite int4, 2 experts deferred) steps took 10.58 ms upfront against 10.89
-    ahead, 11.63 pipelined and 13.32 in turn (decode_launch_defer-...-int4.json)."""
-    return "upfront" if defer > 0 else RuntimeOptions.decode_launch
-
-
 def _share_arg(text: str) -> float | None:
     if text == "auto":
         return None
@@ -217,7 +210,9 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
         max_model_len=args.prompt_len + args.gen + 8,
         max_step_tokens=max(512, args.prompt_len),
         cuda_graphs=not args.eager,
-        decode_launch=args.decode_launch or _default_launch(args.defer_experts),
+        # upfront also suits deferred experts best: on the H100 machine (V2-Lite int4, 2 deferred) 10.58 ms
+        # a step against 10.89 ahead, 11.63 pipelined, 13.32 in turn (decode_launch_defer-...-int4.json)
+        decode_launch=args.decode_launch or RuntimeOptions.decode_launch,
         pcie_share=_share_arg(args.pcie_share),
     )
     rt = load_runtime(args.model, opts, par)

@@ -73,7 +73,7 @@ class RuntimeOptions:
     group_size: int = 64
     gpu_weights: str = "auto"
     cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only; --eager turns them off)
-    decode_launch: str = "pipelined"  # how the host drives those graphs: hetero.graphs.LAUNCH_MODES
+    decode_launch: str = "upfront"  # how the host drives those graphs: hetero.graphs.LAUNCH_MODES
     # Share of a decode step's RAM experts the GPU computes itself, reading them over PCIe while the CPU
     # computes the rest (hetero.experts.PCIeExperts, CUDA only); 0: off (the default: both read one
     # DRAM, see placement.cost); None: the share that balances the two rates

@@ -486,10 +486,6 @@ def test_a_kernel_that_waits_is_called_without_the_event():
 def test_runtime_options_check_the_decode_launch():
     from hetero.runtime import RuntimeOptions
 
-    assert RuntimeOptions().decode_launch == "pipelined"
+    assert RuntimeOptions().decode_launch == "upfront"
     with pytest.raises(ValueError, match="in_turn, pipelined, ahead, upfront"):
         RuntimeOptions(decode_launch="sideways")
-    from hetero.bench import _default_launch
-
-    # hetero bench: deferred experts launch the whole step first unless told otherwise
-    assert _default_launch(0) == "pipelined" and _default_launch(2) == "upfront"
