@@ -274,6 +274,10 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         rt = load_runtime(args.model, opts, par)
         # the read probe again right before and after the timed decode: on a VM the bandwidth drifts
         # between the profile's probe and runs minutes later (ratios to it moved by a third across runs)
+        # One untimed decode first: right after loading (and page-locking the streamed experts) the
+        # host was still settling, and the first timed decode came out 7-60% under the later ones
+        # (Qwen3-30B-A3B int4: 25.0 tok/s, then 57-64 in every launch mode)
+        run_bench(rt, args.prompt_len, args.gen, 1)
         bw_before = adjacent_read_bw(prof, par)
         dec = run_bench(rt, args.prompt_len, args.gen, 1)
         adjacent = (bw_before, adjacent_read_bw(prof, par))
