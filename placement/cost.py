@@ -53,7 +53,14 @@ LAYER_OVERHEAD_S = 30e-6
 # (hetero.graphs.early_calls) took another ~17 us off each (10.15 against 10.61 ms a step of 27
 # hand-offs, decode_early-...-h100-6GiB-int4.json), so ~78 us; the end-to-end run after them
 # (e2e-...-h100-6GiB-early-hostparts.json) had been priced 9% under its int4 decode at 95 us.
-HANDOFF_S = 78e-6
+# The router in one load, fused input projections and the staging mapping ids took a V2-Lite layer's
+# GPU segment from 88.5 to 72.0 us (decode_profile-...-int4-segment-fused.json), and launching the
+# step upfront (the default since) cut the host's time outside the CPU calls from 1.5 to 0.9 ms a
+# step (decode_launch-...-h100-6GiB-int4-fused.json): at 78 us the plans of the next run
+# (e2e-...-h100-6GiB-upfront.json, e2e-qwen3-...-h100-10GiB.json) had measured decode (first and
+# repeated runs) at 1.25-1.14 / 1.01-1.00 of them (V2-Lite int4 / int8) and 1.19-1.14 / 1.01-1.08
+# (Qwen3-30B-A3B); 23 us less a hand-off makes those 1.19-1.08, 0.97-0.96, 1.10-1.05 and 0.96-1.03.
+HANDOFF_S = 55e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
 # bytes in place over PCIe (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
