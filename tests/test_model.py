@@ -172,7 +172,7 @@ def test_fp8_block_dequantization_is_exact(dtype):
     assert torch.equal(out[finite], ref[finite])
 
 
-@pytest.mark.parametrize("preset", ["deepseek-v2-lite", "deepseek-v3", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite", "deepseek-v3", "qwen3-30b-a3b", "qwen2-57b-a14b"])
 def test_fused_input_projections_match_the_separate_ones(tiny, preset):
     """A loaded model's attention input projections run as one product whose outputs are what the
     separate linears give, share their storage (no second copy), and fall back to the separate
