@@ -677,14 +677,16 @@ class HybridExperts:
             if streams and isinstance(self.cpu, CPUExperts):
                 # no CPU call: nothing deferred here (nor left over from a forward cut short)
                 self.cpu.late_rows = 0
-            by_pcie = None
+            local = by_pcie = None  # local: the RAM backend's own ids, unless its staging maps them
             if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:
                 local, by_pcie = pcie_split(cpu_local[ids], self.pcie.packed.E, self._share)
+            elif streams or not isinstance(ram, CPUExperts):
+                local = cpu_local[ids]
             try:
-                if ram is self.cpu and by_pcie is None and isinstance(ram, CPUExperts):
+                if local is None:
                     handle = ram.submit(x, ids, weights, id_map=cpu_local)  # mapped as it is staged
                 else:
-                    handle = ram.submit(x, local if by_pcie is not None else cpu_local[ids], weights)
+                    handle = ram.submit(x, local, weights)
             except torch.OutOfMemoryError:
                 if ram is not self.streamed:
                     raise
