@@ -612,8 +612,8 @@ def test_attention_kernels_compile_for_hopper(quant_kind, kv):
     assert ("prmt.b32" in ptx and ".trans" in ptx) or quant_kind != 1
     assert ("griddepcontrol.wait" in ptx) == bool(shape["PDL"] & 2)
     assert ("griddepcontrol.launch_dependents" in ptx) == bool(shape["PDL"] & 1)
-    merge = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
-    merge_const = {"D": 512, "BLOCK_D": 32, "BLOCK_S": 64, "PDL": quant_kind % 2}
+    merge = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "len_ptr": "*i32"}
+    merge_const = {"HEADS": 16, "D": 512, "BLOCK_D": 32, "BLOCK_S": 64, "PDL": quant_kind % 2}
     compile_for_hopper(paged_attention._merge_splits_kernel, merge_const, merge)
     if quant_kind == 0:
         mla = {"ql_ptr": "*bf16", "qp_ptr": "*bf16", "c_ptr": "*bf16", **_DECODE_OUT}
