@@ -1,5 +1,6 @@
 """CPU expert kernels: decode weight bandwidth against the machine's read bandwidth, prefill
-tokens/s against torch's CPU bf16 matmuls, on DeepSeek-V2-Lite and DeepSeek-V3 layer shapes.
+tokens/s against torch's CPU bf16 matmuls, on DeepSeek-V2-Lite, Qwen3-30B-A3B and DeepSeek-V3
+layer shapes.
 
 Decode calls use fresh random expert ids each time and cycle over enough layers (>= 4x the
 last-level cache) that weights come from DRAM, as in a real decode step.
@@ -178,6 +179,7 @@ def main() -> None:
         "--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)"
     )
     ap.add_argument("--formats", default="int4,int8,bf16")
+    ap.add_argument("--shapes", default="v2-lite,qwen3,v3", help="layer shapes to time, of v2-lite,qwen3,v3")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument(
         "--engine", action="store_true", help="also time T=1 from a worker thread beside a busy main thread"
@@ -201,8 +203,13 @@ def main() -> None:
     big_ram = mem_available() > 64 * GiB
     shapes = {
         "v2-lite": dict(E=64, H=2048, I=1408, K=6),
+        "qwen3": dict(E=128, H=2048, I=768, K=8),  # Qwen3-30B-A3B: small experts, fixed costs weigh more
         "v3": dict(E=256 if big_ram else 64, H=7168, I=2048, K=8),
     }
+    unknown = set(args.shapes.split(",")) - set(shapes)
+    if unknown:
+        raise SystemExit(f"unknown shapes {sorted(unknown)}: choose from {', '.join(shapes)}")
+    shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
     target = max(4 * llc_bytes(), 512 << 20)
     rows, prefill = [], []
     for name, s in shapes.items():

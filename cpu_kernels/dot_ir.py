@@ -16,6 +16,13 @@ int8's +128 code offset and int4's zero points are cancelled exactly in int32 (v
 accumulator starts at minus an offset times the activations' lane sums), so nothing large
 cancels in floating point.
 
+Without VNNI (``vnni`` False: AVX2 machines, or a test of the portable path), the codes are
+kept small enough for AVX2's byte multiply, vpmaddubsw, whose 16-bit pair sums saturate past
+32767: int4 nibbles enter as 0..15 (the high ones shifted down), zero points as a code offset
+of 16 - z (1..31), and int8 codes as signed bytes through their absolute values, with their
+signs moved onto the activations (|a| <= 127). vpmaddwd by ones then sums the pairs into the
+lanes vpdpbusd would fill.
+
 Activation layout shared by the quantized dots (n = padded input length):
   a  int8    [n]        activations, quantized per block of 64
   sa float32 [n // 64]  one scale per block of 64
@@ -45,9 +52,8 @@ V16I16 = ir.VectorType(I16, 16)
 # the fast path falls back to portable IR at code generation time.
 _EMIT_VNNI = has_avx512_vnni()
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
-# Without it, AVX2's vpmaddwd (16-bit products summed in pairs) serves instead; AVX2's byte
-# multiply (vpmaddubsw) would saturate its 16-bit pair sums for the codes here (up to 255 x 127).
-_EMIT_PMADDWD = _X86 and not _EMIT_VNNI and "avx2" in cpu_flags()
+# Small codes (no VNNI): AVX2's vpmaddubsw + vpmaddwd, else plain widened integer IR.
+_EMIT_AVX2 = _X86 and "avx2" in cpu_flags()
 
 
 def _c(ty: ir.Type, v: int | float) -> ir.Constant:
@@ -98,35 +104,50 @@ def _mac_u8s8(
         wv = builder.bitcast(w, vi)
         av = builder.bitcast(a, vi)
         return builder.call(fn, [ir.Constant(vi, None) if acc is None else acc, wv, av])
-    if _EMIT_PMADDWD:
-        # bytes widened to 16 bits (exactly) and multiplied by vpmaddwd, which adds products in pairs:
-        # one pass over bytes 4l, 4l + 1 and one over 4l + 2, 4l + 3, added, give lane l exactly the
-        # sum vpdpbusd gives it (the callers' per-lane offsets cancel within a lane)
-        fn = _intrin(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [V16I16, V16I16])
+    return _mac_wide(builder, w, a, acc, signed=False)
 
-        def pairs(v, first: int, base: int, ext):  # bytes base + 4l + first + {0, 1}, l < 8: [16] i16
-            idx = [base + 4 * lane + first + k for lane in range(8) for k in (0, 1)]
-            picked = builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(V16I32, idx))
-            return ext(picked, V16I16)
 
-        runs = []
-        for base in range(0, nb, 32):  # 8 lanes from each 32 bytes
-            lo, hi = (
-                builder.call(fn, [pairs(w, f, base, builder.zext), pairs(a, f, base, builder.sext)])
-                for f in (0, 2)
-            )
-            runs.append(builder.add(lo, hi))
-        res = runs[0]
-        if len(runs) == 2:
-            res = builder.shuffle_vector(runs[0], runs[1], ir.Constant(vi, list(range(16))))
-        return res if acc is None else builder.add(acc, res)
-    wide = ir.VectorType(I32, nb)
-    prod = builder.mul(builder.zext(w, wide), builder.sext(a, wide))  # [nb]
+def _mac_wide(
+    builder: ir.IRBuilder, w: ir.Value, a: ir.Value, acc: ir.Value | None, signed: bool
+) -> ir.Value:
+    """As _mac_u8s8, any byte values (w unsigned, or signed), through products widened to 32 bits."""
+    nb = w.type.count
+    vi, wide = ir.VectorType(I32, nb // 4), ir.VectorType(I32, nb)
+    wx = builder.sext(w, wide) if signed else builder.zext(w, wide)
+    prod = builder.mul(wx, builder.sext(a, wide))  # [nb]
     for k in range(4):
         mask = ir.Constant(vi, [4 * lane + k for lane in range(nb // 4)])
         part = builder.shuffle_vector(prod, ir.Constant(wide, ir.Undefined), mask)  # [nb / 4]
         acc = part if acc is None else builder.add(acc, part)
     return acc
+
+
+def _mac_small(
+    builder: ir.IRBuilder, w: ir.Value, a: ir.Value, acc: ir.Value | None, signed: bool = False
+) -> ir.Value:
+    """As _mac_u8s8 for operands whose byte products fit AVX2's vpmaddubsw (pairs summed in int16,
+    saturating past 32767): w unsigned <= 128, or signed (any: its signs move onto a), a in
+    [-127, 127]. Each 32 bytes: vpmaddubsw, then vpmaddwd by ones sums the pairs into int32 lanes."""
+    if not _EMIT_AVX2:
+        return _mac_wide(builder, w, a, acc, signed)
+    nb = w.type.count
+    v32, v16, v8 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
+    ubs = _intrin(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [v32, v32])
+    wd = _intrin(builder, "llvm.x86.avx2.pmadd.wd", v8, [v16, v16])
+    ones = ir.Constant(v16, [1] * 16)
+    runs = []
+    for base in range(0, nb, 32):
+        pick = ir.Constant(ir.VectorType(I32, 32), list(range(base, base + 32)))
+        wp, ap = (builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), pick) for v in (w, a))
+        if signed:  # |w| (-128 -> 128, right as unsigned) times a with w's sign
+            absb = _intrin(builder, "llvm.abs.v32i8", v32, [v32, ir.IntType(1)])
+            sgn = _intrin(builder, "llvm.x86.avx2.psign.b", v32, [v32, v32])
+            wp, ap = builder.call(absb, [wp, ir.Constant(ir.IntType(1), 0)]), builder.call(sgn, [ap, wp])
+        runs.append(builder.call(wd, [builder.call(ubs, [wp, ap]), ones]))
+    res = runs[0]
+    if len(runs) == 2:
+        res = builder.shuffle_vector(runs[0], runs[1], ir.Constant(V16I32, list(range(16))))
+    return res if acc is None else builder.add(acc, res)
 
 
 def _hsum(builder: ir.IRBuilder, vecs: list[ir.Value], zero: ir.Value) -> ir.Value:
@@ -428,6 +449,8 @@ def dot_q4_rows(
         in 8..248) and vpdpbusd's accumulator starts at ac for both halves. With g = 32 each
         half runs as two 256-bit quarters, so every scale and offset is a plain broadcast.
     The high halves' scales carry 1 / 16 (symmetric) or 1 / 8 (zero points), exact in float32.
+    Small codes (vnni False): both nibbles as q (0..15), the accumulators seeded with -8 times the
+    lane sums (symmetric) or, with code offsets 16 - z (1..31), -16 times them (ac / 8).
     """
     lits = _literals(nrows, gsize, sym, vnni)
     if lits is None:
@@ -484,7 +507,9 @@ def dot_q4_rows(
             zscr = builder.bitcast(_stack(builder, I32, R * segh), I32.as_pointer())
         mask15 = ir.Constant(vb, [15] * nb)
         mask_hi = ir.Constant(vb, [240 if symv else 120] * nb)
-        hi_mul = 16 if symv else 8  # high nibbles enter vpdpbusd as 16 q (in place) or 8 q
+        # high nibbles enter vpdpbusd as 16 q (in place) or 8 q; small codes (no VNNI): q, shifted down
+        hi_mul = 1 if not vn else 16 if symv else 8
+        zbase = 128 if vn else 16  # code offsets base - z (x hi_mul for high nibbles): 8..248, or 1..31
         unroll = 2 if R == 1 else 1  # blocks per main-loop iteration (independent FMA chains)
 
         def prepass(babs, jloc, nbk):
@@ -504,12 +529,12 @@ def dot_q4_rows(
                 builder.store(builder.fmul(s_m, sa_m), builder.bitcast(dst, _vec(m).as_pointer()), align=4)
                 if symv:
                     continue
-                # 128 - z (low halves), 128 - 8 z (high halves) in each byte of an int32
+                # 128 - z (low halves), 128 - 8 z (high halves), or 16 - z (both), in each byte of an int32
                 zv = _spread(
                     builder, builder.zext(_load_vec(builder, zps[r], goff, _vec(ng, I8)), _vec(ng, I32)), m
                 )
                 per_z = ir.Constant(_vec(m, I32), [hi_mul * 0x01010101 if b else 0x01010101 for b in hib])
-                off = builder.sub(ir.Constant(_vec(m, I32), [128 * 0x01010101] * m), builder.mul(zv, per_z))
+                off = builder.sub(ir.Constant(_vec(m, I32), [zbase * 0x01010101] * m), builder.mul(zv, per_z))
                 zdst = builder.gep(zscr, [builder.add(_c(I64, r * segh), uoff)])
                 builder.store(off, builder.bitcast(zdst, _vec(m, I32).as_pointer()), align=4)
             return []
@@ -527,30 +552,39 @@ def dot_q4_rows(
             av = [[vec_at(ap, 64, h, k, vb) for k in range(nq)] for h in range(2)]
             if symv:  # -8 * lane sums of a (low nibbles), -128 * lane sums = 16 * that (high, 16 q)
                 acs = [vec_at(acp, 16, h, 0, V16I32) for h in range(2)]
-                seed = [[builder.ashr(acs[0], ir.Constant(V16I32, [4] * 16))], [acs[1]]]
-            else:  # -128 * lane sums of a, cancelling the codes' offsets 128 - z, 128 - 8 z
+                eight = ir.Constant(V16I32, [4] * 16)
+                seed = [[builder.ashr(acs[0], eight)], [acs[1] if vn else builder.ashr(acs[1], eight)]]
+            else:  # -128 * lane sums of a, cancelling the codes' offsets 128 - z, 128 - 8 z (or -16 *: 16 - z)
                 seed = [[vec_at(acp, 16, h, k, vi) for k in range(nq)] for h in range(2)]
+                if not vn:
+                    seed = [[builder.ashr(v, ir.Constant(vi, [3] * nl)) for v in row] for row in seed]
             for r in range(R):
                 woff = builder.mul(babs, _c(I64, 64))
                 for k in range(nq):
                     p = _load_vec(
                         builder, wps[r], woff if nq == 1 else builder.add(woff, _c(I64, k * nb)), vb
                     )
-                    if symv:  # q_lo, 16 * q_hi
+                    if symv and vn:  # q_lo, 16 * q_hi
                         q = [builder.and_(p, mask15), builder.and_(p, mask_hi)]
-                    else:  # q_lo, 8 * q_hi (a 16-bit shift: bits crossing bytes are masked off)
+                    else:  # q_lo, 8 * q_hi or q_hi (a 16-bit shift: bits crossing bytes are masked off)
                         vw = _vec(nb // 2, I16)
                         p8 = builder.bitcast(
-                            builder.lshr(builder.bitcast(p, vw), ir.Constant(vw, [1] * (nb // 2))), vb
+                            builder.lshr(
+                                builder.bitcast(p, vw), ir.Constant(vw, [1 if vn else 4] * (nb // 2))
+                            ),
+                            vb,
                         )
-                        q = [builder.and_(p, mask15), builder.and_(p8, mask_hi)]
+                        q = [builder.and_(p, mask15), builder.and_(p8, mask_hi if vn else mask15)]
                     for h in range(2):
                         idx = builder.add(_c(I64, r * segh + h * cw + k), builder.mul(jloc, _c(I64, 2 * cw)))
                         qh = q[h]
                         if not symv:  # + this half's (quarter's) code offsets
                             zo = _splat(builder, _load(builder, zscr, idx), nl)
                             qh = builder.bitcast(builder.add(builder.bitcast(qh, vi), zo), vb)
-                        d = builder.sitofp(_mac_u8s8(builder, qh, av[h][k], vn, seed[h][k]), vf)
+                        if vn:
+                            d = builder.sitofp(_mac_u8s8(builder, qh, av[h][k], vn, seed[h][k]), vf)
+                        else:
+                            d = builder.sitofp(_mac_small(builder, qh, av[h][k], seed[h][k]), vf)
                         if cw == 1 or nq == 2:
                             cs = _splat(builder, _load(builder, scratch, idx), nl)
                         else:
@@ -638,14 +672,20 @@ def dot_q8_rows(typingctx, w, w_off, w_step, w_pair, a, a_off, sa, sa_off, ac, a
         n = i64(10)
         unroll = 4 // R
 
+        flip = ir.Constant(V64I8, [-128] * 64)
+
         def block(b, accs, u):
             out = list(accs)
             off = builder.mul(b, _c(I64, 64))
             av = _load_vec(builder, ap, off, V64I8)
-            cv = _load_vec(builder, acp, builder.mul(b, _c(I64, 16)), V16I32)
+            cv = _load_vec(builder, acp, builder.mul(b, _c(I64, 16)), V16I32) if vn else None
             sb = _splat(builder, _load(builder, sap, b), 16)
             for r in range(R):
-                d = _mac_u8s8(builder, _load_vec(builder, wps[r], off, V64I8), av, vn, cv)
+                wv = _load_vec(builder, wps[r], off, V64I8)
+                if vn:  # codes q + 128, the accumulator seeded with -128 * the lane sums of a
+                    d = _mac_u8s8(builder, wv, av, vn, cv)
+                else:  # codes as signed bytes q (the top bit flipped)
+                    d = _mac_small(builder, builder.xor(wv, flip), av, None, signed=True)
                 out[r * unroll + u] = _fmuladd(builder, builder.sitofp(d, V16F32), sb, out[r * unroll + u])
             return out
 
