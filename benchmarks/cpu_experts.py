@@ -206,10 +206,11 @@ def main() -> None:
         "qwen3": dict(E=128, H=2048, I=768, K=8),  # Qwen3-30B-A3B: small experts, fixed costs weigh more
         "v3": dict(E=256 if big_ram else 64, H=7168, I=2048, K=8),
     }
-    unknown = set(args.shapes.split(",")) - set(shapes)
+    wanted = args.shapes.split(",")
+    unknown = set(wanted) - set(shapes)
     if unknown:
         raise SystemExit(f"unknown shapes {sorted(unknown)}: choose from {', '.join(shapes)}")
-    shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    shapes = {k: v for k, v in shapes.items() if k in wanted}
     target = max(4 * llc_bytes(), 512 << 20)
     rows, prefill = [], []
     for name, s in shapes.items():

@@ -96,15 +96,18 @@ def _fmuladd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir
 def _mac_u8s8(
     builder: ir.IRBuilder, w: ir.Value, a: ir.Value, vnni: bool, acc: ir.Value | None = None
 ) -> ir.Value:
-    """acc + <n x u8> . <n x s8> -> <n / 4 x i32> (n = 64 or 32); lane l adds bytes 4l..4l+3, as vpdpbusd does."""
+    """acc + <n x u8> . <n x s8> -> <n / 4 x i32> (n = 64 or 32); lane l adds bytes 4l..4l+3, as vpdpbusd does.
+    vnni: through vpdpbusd, any codes; else the small codes of _mac_small."""
+    if not vnni:
+        return _mac_small(builder, w, a, acc)
+    if not _EMIT_VNNI:
+        return _mac_wide(builder, w, a, acc, signed=False)
     nb = w.type.count
     vi = ir.VectorType(I32, nb // 4)
-    if vnni and _EMIT_VNNI:
-        fn = _intrin(builder, f"llvm.x86.avx512.vpdpbusd.{nb * 8}", vi, [vi] * 3)
-        wv = builder.bitcast(w, vi)
-        av = builder.bitcast(a, vi)
-        return builder.call(fn, [ir.Constant(vi, None) if acc is None else acc, wv, av])
-    return _mac_wide(builder, w, a, acc, signed=False)
+    fn = _intrin(builder, f"llvm.x86.avx512.vpdpbusd.{nb * 8}", vi, [vi] * 3)
+    wv = builder.bitcast(w, vi)
+    av = builder.bitcast(a, vi)
+    return builder.call(fn, [ir.Constant(vi, None) if acc is None else acc, wv, av])
 
 
 def _mac_wide(
@@ -134,14 +137,14 @@ def _mac_small(
     v32, v16, v8 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
     ubs = _intrin(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [v32, v32])
     wd = _intrin(builder, "llvm.x86.avx2.pmadd.wd", v8, [v16, v16])
+    absb = _intrin(builder, "llvm.abs.v32i8", v32, [v32, ir.IntType(1)])
+    sgn = _intrin(builder, "llvm.x86.avx2.psign.b", v32, [v32, v32])
     ones = ir.Constant(v16, [1] * 16)
     runs = []
     for base in range(0, nb, 32):
         pick = ir.Constant(ir.VectorType(I32, 32), list(range(base, base + 32)))
         wp, ap = (builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), pick) for v in (w, a))
         if signed:  # |w| (-128 -> 128, right as unsigned) times a with w's sign
-            absb = _intrin(builder, "llvm.abs.v32i8", v32, [v32, ir.IntType(1)])
-            sgn = _intrin(builder, "llvm.x86.avx2.psign.b", v32, [v32, v32])
             wp, ap = builder.call(absb, [wp, ir.Constant(ir.IntType(1), 0)]), builder.call(sgn, [ap, wp])
         runs.append(builder.call(wd, [builder.call(ubs, [wp, ap]), ones]))
     res = runs[0]
@@ -552,8 +555,8 @@ def dot_q4_rows(
             av = [[vec_at(ap, 64, h, k, vb) for k in range(nq)] for h in range(2)]
             if symv:  # -8 * lane sums of a (low nibbles), -128 * lane sums = 16 * that (high, 16 q)
                 acs = [vec_at(acp, 16, h, 0, V16I32) for h in range(2)]
-                eight = ir.Constant(V16I32, [4] * 16)
-                seed = [[builder.ashr(acs[0], eight)], [acs[1] if vn else builder.ashr(acs[1], eight)]]
+                by16 = ir.Constant(V16I32, [4] * 16)
+                seed = [[builder.ashr(acs[0], by16)], [acs[1] if vn else builder.ashr(acs[1], by16)]]
             else:  # -128 * lane sums of a, cancelling the codes' offsets 128 - z, 128 - 8 z (or -16 *: 16 - z)
                 seed = [[vec_at(acp, 16, h, k, vi) for k in range(nq)] for h in range(2)]
                 if not vn:
@@ -581,10 +584,7 @@ def dot_q4_rows(
                         if not symv:  # + this half's (quarter's) code offsets
                             zo = _splat(builder, _load(builder, zscr, idx), nl)
                             qh = builder.bitcast(builder.add(builder.bitcast(qh, vi), zo), vb)
-                        if vn:
-                            d = builder.sitofp(_mac_u8s8(builder, qh, av[h][k], vn, seed[h][k]), vf)
-                        else:
-                            d = builder.sitofp(_mac_small(builder, qh, av[h][k], seed[h][k]), vf)
+                        d = builder.sitofp(_mac_u8s8(builder, qh, av[h][k], vn, seed[h][k]), vf)
                         if cw == 1 or nq == 2:
                             cs = _splat(builder, _load(builder, scratch, idx), nl)
                         else:
