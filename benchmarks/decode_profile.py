@@ -2,7 +2,8 @@
 
     python benchmarks/decode_profile.py MODEL_DIR --gpu-mem 6GiB [--experts int4] [--steps 16]
 
-Profiles a few decode steps (torch profiler, CPU and CUDA), then times one layer's CPU expert
+Profiles a few decode steps (torch profiler, CPU and CUDA) and traces their CPU expert calls
+(where a call's time goes, from the kernel's own timestamps), then times one layer's CPU expert
 kernel alone: called from the main thread, and from the engine's worker thread with nothing else
 running. Prints the top operators and a table last; writes JSON under benchmarks/results/.
 """
@@ -141,6 +142,26 @@ def replay_times(engine, steps: int) -> dict:
     }
     print("unprofiled steps:", {k: round(v, 2) for k, v in out.items() if isinstance(v, float)})
     print("step split (ms per step):", {k: round(v, 3) for k, v in split.items()})
+    return out
+
+
+def kernel_trace(engine, steps: int) -> dict:
+    """The CPU expert calls of ``steps`` decode steps traced (``cpu_kernels.moe.set_trace``):
+    medians of their parts in microseconds, from the kernel's entry (made ahead of its inputs)
+    through the wait for them, its preparation, the region's start and work, to out whole."""
+    from cpu_kernels import moe
+    from cpu_kernels.probe import cycle_hz, trace_medians
+
+    hz = cycle_hz()
+    trace = moe.set_trace(steps * len(engine.model.model.layers))
+    try:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    finally:
+        moe.set_trace(0)
+    out = trace_medians(trace, hz)
+    print("in-step kernel trace (us, medians):", {k: round(v, 1) for k, v in out.items()})
     return out
 
 
@@ -669,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         [torch.profiler.ProfilerActivity.CUDA] if cuda else []
     )
     replays = replay_times(engine, args.steps) if cuda else None
+    kernel = kernel_trace(engine, args.steps) if cuda else None
     diagnosis = in_step_calls(engine, args.steps) if cuda else None
     rates = layer_rates(
         [
@@ -713,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         row["timeline"] = timeline
     if replays:
         row["replays"] = replays
+    if kernel:
+        row["kernel_trace"] = kernel
     if diagnosis:
         row["in_step_calls"] = diagnosis
     if rates:

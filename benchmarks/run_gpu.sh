@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests kernels moe cpu threads launch e2e hf profile modes early sample router absorb inputs defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -64,6 +64,7 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
                     print(how, rep, 'T', T, shape, fmt, 'GB/s at', counts, 'threads:', [round(bw(fmt, t, T, shape, 0.3) / 1e9, 1) for t in counts], flush=True)
 " ;;
     cpu) python3 benchmarks/cpu_experts.py --quick 2>&1 | tail -30 ;;
+    items) python3 benchmarks/cpu_items.py ${ITEMS_ARGS:-} 2>&1 | tail -45 ;;
     launch) for combo in ${LAUNCH:--:0 -:16 10000000:16}; do  # GOMP_SPINCOUNT (- = unset) : torch threads
         spin=${combo%%:*}; tt=${combo##*:}
         if [ "$spin" = - ]; then unset GOMP_SPINCOUNT; else export GOMP_SPINCOUNT=$spin; fi

@@ -247,6 +247,18 @@ def bits_to_f32(typingctx, bits):
 
 
 @intrinsic
+def cycles(typingctx):
+    """The CPU's cycle counter (x86: the time-stamp counter, constant rate): timestamps for a
+    kernel's trace of where a call's time goes."""
+    sig = types.int64()
+
+    def codegen(context, builder, sig, args):
+        return builder.call(_intrin(builder, "llvm.readcyclecounter", I64, []), [])
+
+    return sig, codegen
+
+
+@intrinsic
 def fetch_add(typingctx, arr, idx, val):
     """Atomically arr[idx] += val for an int64 array; returns the old value (work-item claiming,
     completion counts). Acquire-release: what this thread wrote before it is visible to a thread

@@ -24,7 +24,17 @@ import numpy as np
 from . import tuning
 from .cpu_info import has_avx512_vnni
 from .formats import PackedExperts
-from .moe_kernels import BAD_IDS, NOT_READY, _moe_bf16, _moe_quant, late_pairs, wait_ready
+from .moe_kernels import (
+    BAD_IDS,
+    DEFAULT_KNOBS,
+    NOT_READY,
+    TR_THREAD,
+    TR_THREADS,
+    _moe_bf16,
+    _moe_quant,
+    late_pairs,
+    wait_ready,
+)
 
 # Quantized decode steps of up to this many (token, expert) pairs run in one parallel region, with
 # per-pair down outputs [P, H] (at most 7 MB for H = 7168); larger calls are long enough that two
@@ -33,7 +43,8 @@ ONE_REGION_PAIRS = 256
 # Polls of an input flag (``ready``) before a call gives up: seconds, far beyond any layer's GPU work.
 READY_POLLS = 1 << 27
 
-_state = {"threads": 0, "vnni": has_avx512_vnni()}  # threads 0: default (see module doc)
+# threads 0: default (see module doc); trace: (int64 [calls, slots], next row) or None
+_state = {"threads": 0, "vnni": has_avx512_vnni(), "trace": None}
 
 
 def set_num_threads(n: int) -> None:
@@ -58,12 +69,40 @@ def set_vnni(enabled: bool) -> None:
     _state["vnni"] = bool(enabled) and has_avx512_vnni()
 
 
+def set_trace(calls: int) -> np.ndarray | None:
+    """Record where the time of the next ``calls`` quantized calls goes (cycle counts, ``moe_kernels``
+    TR_*; rows reused round robin) and return the array they fill; 0 stops and returns None."""
+    if calls <= 0:
+        _state["trace"] = None
+        return None
+    buf = np.zeros((calls, TR_THREADS + TR_THREAD * numba.config.NUMBA_NUM_THREADS), np.int64)
+    _state["trace"] = [buf, 0]
+    return buf
+
+
+def set_knobs(fmt: str, H: int, I: int, **knobs: int) -> None:  # noqa: E741
+    """Override work-item settings (decode_items_per_thread, decode_gate_up_rows, decode_down_rows)
+    of one layer shape for later calls; for benchmarks that compare them side by side."""
+    _cfg(fmt, H, I)
+    thresh, decode, prefill, k = _settings[(fmt, H, I)]
+    names = _KNOBS
+    bad = set(knobs) - set(names)
+    if bad:
+        raise ValueError(f"unknown knobs {sorted(bad)}; known: {list(names)}")
+    vals = [int(knobs.get(n, k[i])) for i, n in enumerate(names)]
+    if vals[0] < 1 or vals[1] < 1 or vals[2] < 1:
+        raise ValueError(f"knobs must be >= 1, got {dict(zip(names, vals, strict=True))}")
+    _settings[(fmt, H, I)] = (thresh, decode, prefill, np.array(vals, np.int64))
+
+
 # ---------------------------------------------------------------- scratch
 
 
 _local = threading.local()
 _NO_PART = np.empty((0, 0), np.float32)  # two regions: no per-pair down outputs (nor add / late_out)
 _NO_FLAG = np.empty(0, np.int32)
+_NO_TRACE = np.empty(0, np.int64)
+_PREFILL_KNOBS = np.array(DEFAULT_KNOBS, np.int64)
 
 
 def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
@@ -147,6 +186,7 @@ def _check_inputs(
 
 
 _settings: dict = {}
+_KNOBS = ("decode_items_per_thread", "decode_gate_up_rows", "decode_down_rows")
 
 
 def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
@@ -154,10 +194,12 @@ def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
     got = _settings.get(key)
     if got is None:
         c = tuning.settings(fmt, H, I)
+        knobs = [c.get(n, d) for n, d in zip(_KNOBS, DEFAULT_KNOBS, strict=True)]
         got = _settings[key] = (
             c["prefill_tokens_per_expert"],
             (c["decode_row_block"], c["decode_token_block"]),
             (c["prefill_row_block"], c["prefill_token_block"]),
+            np.array(knobs, np.int64),
         )
     return got
 
@@ -201,7 +243,7 @@ def fused_moe(
         raise ValueError(f"prefer must be 'auto', 'decode' or 'prefill', got {prefer!r}")
     ex = experts
     T, K = topk_ids.shape
-    thresh, decode, prefill = _cfg(ex.fmt, ex.H, ex.I)
+    thresh, decode, prefill, knobs = _cfg(ex.fmt, ex.H, ex.I)
     count = prefer == "auto" and T * K >= thresh * min(ex.E, T * K)  # cheap bound: decode steps never count
     if ready is not None and not (
         ex.fmt != "bf16"
@@ -226,6 +268,7 @@ def fused_moe(
             if pairs / max(1, min(ex.E, pairs)) >= thresh:
                 mode = "prefill"
     rb, tb = decode if mode == "decode" else prefill
+    knobs = knobs if mode == "decode" else _PREFILL_KNOBS
     nthr = threads or get_num_threads()
     if getattr(_local, "threads", 0) != nthr:  # ~3 us a call otherwise, a decode step's ~1%
         numba.set_num_threads(nthr)  # thread-local in Numba: set by the calling thread
@@ -235,16 +278,16 @@ def fused_moe(
         # Two regions (bf16, or many pairs): the late pairs as a call of their own, after out.
         late = late_pairs(ids, wts, defer) if defer else None
         now = np.where(late, -1, ids).astype(np.int32) if defer else ids
-        _run(x, now, wts, ex, out, mode, rb, tb, nthr, False, 0, None, None, None)
+        _run(x, now, wts, ex, out, rb, tb, knobs, nthr, False, 0, None, None, None)
         if add is not None:
             out += add
         if signal is not None:
             signal[0][signal[1]] = 1
         if defer:
             late_ids = np.where(late, ids, -1).astype(np.int32)
-            _run(x, late_ids, wts, ex, late_out, mode, rb, tb, nthr, False, 0, None, None, None)
+            _run(x, late_ids, wts, ex, late_out, rb, tb, knobs, nthr, False, 0, None, None, None)
         return out
-    return _run(x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal, ready)
+    return _run(x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready)
 
 
 def _wait(ready: tuple[np.ndarray, int]) -> None:
@@ -259,7 +302,7 @@ _NOT_READY = (
 
 
 def _run(
-    x, ids, wts, ex, out, mode, rb, tb, nthr, one_region, defer, late_out, add, signal, ready=None
+    x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready=None
 ) -> np.ndarray:
     T, K = ids.shape
     Hp, Ip, (gus, guz, dns, dnz) = ex.Hp, ex.Ip, ex.flat
@@ -275,10 +318,15 @@ def _run(
             part, ctr = _scratch("part", Hp, 0, 0, T * K)
         flags, idx = signal if signal is not None else (_NO_FLAG, 0)
         rflags, ridx = ready if ready is not None else (_NO_FLAG, 0)
+        trace = _NO_TRACE
+        tr = _state["trace"]
+        if tr is not None:
+            trace = tr[0][tr[1] % tr[0].shape[0]]
+            tr[1] += 1
         status = _moe_quant(
             x, ids, wts, ex.gate_up, gus, guz, ex.down, dns, dnz, out, ex.I, gsel, rb, tb, _state["vnni"], is4,
             ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
-            _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, READY_POLLS,
+            _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, READY_POLLS, knobs, trace,
         )  # fmt: skip
     if status == NOT_READY:
         raise RuntimeError(_NOT_READY)

@@ -46,6 +46,7 @@ from numba import prange
 
 from .dot_ir import (
     bits_to_f32,
+    cycles,
     dot_bf16,
     dot_q4_rows,
     dot_q8_rows,
@@ -56,13 +57,18 @@ from .dot_ir import (
 )  # fmt: skip
 
 QBLK = 64  # activation quantization block, one 512-bit vector of int8
-ITEMS_PER_THREAD = 8  # work items per thread in the gate/up and down regions
 SERIAL_BLOCKS = 256  # input blocks of 64 quantized serially (no parallel region) up to this many
-# Quantized down projection: H rows per work item at least this many (one region: a multiple),
-# so each item's four weight streams (one per quarter of its rows, per expert) run 16+ rows: with
-# 16 threads and H = 2048, ITEMS_PER_THREAD alone gives 16-row items, four streams of 4 rows each.
-DOWN_ROWS = 64
 OK, BAD_IDS, NOT_READY = 0, 1, 2  # what a kernel call returns
+# Work-item sizes (``knobs``, int64 [3], from the tuned settings): about knobs[0] items per thread
+# in the gate/up and down regions; gate/up items of at least knobs[1] rows (a multiple of 64);
+# quantized down items of at least knobs[2] H rows (one region: a multiple), so each item's four
+# weight streams (one per quarter of its rows, per expert) run long enough for the prefetchers:
+# with 16 threads and H = 2048, 8 items a thread alone gives 16-row items, four 4-row streams.
+ITEMS, GATE_UP_ROWS, DOWN_ROWS = 0, 1, 2
+DEFAULT_KNOBS = (8, 64, 64)
+# A call's trace (``trace``, int64, cycle counts; [0]: off): TR_* slots, then TR_THREAD slots a
+# thread from TR_THREADS on: its entry into the region, the end of its last gate/up item, its exit.
+TR_ENTRY, TR_READY, TR_START, TR_OUT, TR_END, TR_NTHR, TR_THREADS, TR_THREAD = 0, 1, 2, 3, 4, 5, 8, 4
 
 # ---------------------------------------------------------------- shared pieces (serial, inlined)
 
@@ -183,14 +189,21 @@ def _quantize_block(v, n, b, q, qs, qc):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _rows_per_item(rows, rb, nthr):
-    """Rows per work item: about ITEMS_PER_THREAD items per thread, at least rb, a multiple of 8.
+def _rows_per_item(rows, rb, nthr, items):
+    """Rows per work item: about ``items`` items per thread, at least rb, a multiple of 8.
 
     Long items keep each weight stream going long enough for the hardware prefetcher (a
     fresh stream every 16 rows cost ~15% at one thread); several items per thread still let
     the others absorb a slow or descheduled one.
     """
-    return max(rb, rows // (ITEMS_PER_THREAD * nthr) // 8 * 8)
+    return max(rb, rows // (items * nthr) // 8 * 8)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gate_up_items(A, I, rb, nthr, knobs):  # noqa: E741
+    """(rows, items per expert) of the gate/up items of A active experts: whole blocks of 64 of h."""
+    rbg = -(-max(_rows_per_item(A * I, rb, nthr, knobs[ITEMS]), knobs[GATE_UP_ROWS]) // 64) * 64
+    return rbg, (I + rbg - 1) // rbg
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -348,7 +361,7 @@ def _down_rows(
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _moe_quant(
     x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr,
-    part, defer, add, late_out, flag, flag_idx, ready, ready_idx, polls,
+    part, defer, add, late_out, flag, flag_idx, ready, ready_idx, polls, knobs, trace,
 ):  # fmt: skip
     """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32. Returns OK, BAD_IDS or NOT_READY.
 
@@ -369,11 +382,20 @@ def _moe_quant(
     set (a GPU storing them into page-locked memory sets it after them); the call waits for it and
     clears it, so that its own start (Python, the dispatch) runs while they are still being made;
     after ``polls`` polls of it, it gives up.
+
+    knobs: work-item sizes (ITEMS, GATE_UP_ROWS, DOWN_ROWS); trace: [0], or int64
+    [>= TR_THREADS + TR_THREAD nthr] that the call fills with cycle counts (see TR_*).
     """
+    tracing = trace.shape[0] > 0
+    if tracing:
+        trace[TR_ENTRY] = cycles()
+        trace[TR_NTHR] = nthr
     if ready.shape[0] > 0:
         if wait_flag(ready, ready_idx, polls) == 0:
             return NOT_READY
         ready[ready_idx] = 0
+    if tracing:
+        trace[TR_READY] = cycles()
     I = inter  # noqa: E741
     xq, xs, xc, h, hq, hs, hc = bufs
     T, H = x.shape
@@ -393,15 +415,18 @@ def _moe_quant(
             t = item // nbx
             _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xc[t])
 
-    rbg = -(-_rows_per_item(A * I, rb, nthr) // 64) * 64  # whole blocks of h
-    nbi = (I + rbg - 1) // rbg
+    if tracing:
+        trace[TR_START] = cycles()
     if part.shape[0] > 0:
         _one_region(
             x, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,
-            add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, rbg, nbi,
+            add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
         )  # fmt: skip
+        if tracing:
+            trace[TR_END] = cycles()
         return OK
 
+    rbg, nbi = _gate_up_items(A, I, rb, nthr, knobs)
     ctr[0] = 0
     ctr[8] = 0
     for _ in prange(nthr):
@@ -415,7 +440,9 @@ def _moe_quant(
                 gsel, rb, tb, vnni, is_int4, sym,
             )  # fmt: skip
 
-    rbd = max(_rows_per_item(H, rb, nthr), min(DOWN_ROWS, H))  # four streams of >= DOWN_ROWS / 4 rows
+    rbd = max(
+        _rows_per_item(H, rb, nthr, knobs[ITEMS]), min(knobs[DOWN_ROWS], H)
+    )  # four streams of >= 1/4 that
     nbh = (H + rbd - 1) // rbd
     for _ in prange(nthr):
         while True:
@@ -455,7 +482,7 @@ def _sum_pairs(dst, r0, r1, T, s0, s1, slot_tok, part, add):
 @numba.njit(cache=True, nogil=True, inline="always")  # its prange runs as the caller's parallel region
 def _one_region(
     x, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,  # noqa: E741
-    add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, rbg, nbi,
+    add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
 ):  # fmt: skip
     """A decode step's work items in one parallel region, claimed in this order from one counter:
     gate/up items of the experts on time, their down items (active expert, block of H rows), then
@@ -476,6 +503,7 @@ def _one_region(
     while a_now < A and active[a_now] < E:
         a_now += 1
     a_late = A - a_now
+    rbg, nbi = _gate_up_items(A, I, rb, nthr, knobs)
     if a_now == 0:  # nothing on time: out is add alone
         _sum_pairs(out, 0, H, T, 0, 0, slot_tok, part, add)
         if flag.shape[0] > 0:
@@ -484,8 +512,9 @@ def _one_region(
         _sum_pairs(late_out, 0, H, T, 0, 0, slot_tok, part, late_out[:0])
     if A == 0:
         return
-    # about ITEMS_PER_THREAD items per thread over all experts, whole multiples of DOWN_ROWS
-    rbd = min(max(_rows_per_item(A * H, rb, nthr) // DOWN_ROWS, 1) * DOWN_ROWS, H)
+    # about knobs[ITEMS] items per thread over all experts, whole multiples of knobs[DOWN_ROWS]
+    dr = knobs[DOWN_ROWS]
+    rbd = min(max(_rows_per_item(A * H, rb, nthr, knobs[ITEMS]) // dr, 1) * dr, H)
     nbh = (H + rbd - 1) // rbd
     n_now = a_now * (nbi + nbh)
     total = A * (nbi + nbh)
@@ -494,10 +523,15 @@ def _one_region(
     # blocks of out summed
     for c in range(2 + A + 2 * nbh):
         ctr[8 * c] = 0
-    for _ in prange(nthr):
+    tracing = trace.shape[0] > 0
+    for tid in prange(nthr):
+        if tracing:
+            trace[TR_THREADS + TR_THREAD * tid] = cycles()
         while True:
             task = fetch_add(ctr, 0, 1)
             if task >= total:
+                if tracing:
+                    trace[TR_THREADS + TR_THREAD * tid + 2] = cycles()
                 break
             late = task >= n_now
             j = task - n_now if late else task
@@ -510,6 +544,8 @@ def _one_region(
                     xc, h, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,
                 )  # fmt: skip
                 fetch_add(ctr, 8 * (1 + ai), 1)
+                if tracing:
+                    trace[TR_THREADS + TR_THREAD * tid + 1] = cycles()
                 continue
             j -= na * nbi
             ai, b = a0 + j // nbh, j % nbh
@@ -526,8 +562,11 @@ def _one_region(
                     _sum_pairs(late_out, r0, r1, T, start[E], start[NE], slot_tok, part, late_out[:0])
                 else:
                     _sum_pairs(out, r0, r1, T, 0, start[E], slot_tok, part, add)
-                    if fetch_add(ctr, 8 * (1 + A + 2 * nbh), 1) == nbh - 1 and flag.shape[0] > 0:
-                        set_flag(flag, flag_idx)
+                    if fetch_add(ctr, 8 * (1 + A + 2 * nbh), 1) == nbh - 1:
+                        if flag.shape[0] > 0:
+                            set_flag(flag, flag_idx)
+                        if tracing:
+                            trace[TR_OUT] = cycles()
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -553,7 +592,7 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
             for j in range(H):
                 xp[t, j] = x[t, j]
 
-    rbg = min(_rows_per_item(active.shape[0] * I, rb, nthr), I)
+    rbg = min(_rows_per_item(active.shape[0] * I, rb, nthr, DEFAULT_KNOBS[ITEMS]), I)
     nbi = (I + rbg - 1) // rbg
     ntask = active.shape[0] * nbi
     for _ in prange(nthr):
@@ -575,7 +614,7 @@ def _moe_bf16(x, ids, wts, gu, dn, out, I, rb, tb, xp, h, ctr, nthr):  # noqa: E
                             uv = dot_bf16(gu, (row + 1) * Hp, xp, t * Hp, Hp // 64)
                             h[s, i] = _silu_mul(np.float64(gv), np.float64(uv))
 
-    rbd = _rows_per_item(H, rb, nthr)
+    rbd = _rows_per_item(H, rb, nthr, DEFAULT_KNOBS[ITEMS])
     nbh = (H + rbd - 1) // rbd
     for _ in prange(nthr):
         while True:

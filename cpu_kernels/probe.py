@@ -17,10 +17,21 @@ import numpy as np
 from numba import prange
 
 from . import moe as _moe
+from .dot_ir import cycles
 from .formats import PackedExperts, padded
 from .moe import fused_moe, set_num_threads
+from .moe_kernels import TR_END, TR_ENTRY, TR_NTHR, TR_OUT, TR_READY, TR_START, TR_THREAD, TR_THREADS
 
-__all__ = ["decode_bandwidth", "llc_bytes", "random_layer", "time_decode", "topk_ids"]
+__all__ = [
+    "cycle_hz",
+    "decode_bandwidth",
+    "llc_bytes",
+    "random_layer",
+    "time_decode",
+    "topk_ids",
+    "trace_medians",
+    "trace_parts",
+]
 
 
 def llc_bytes() -> int:
@@ -130,3 +141,53 @@ def decode_bandwidth(
         if threads:
             set_num_threads(before)
     return gbps * 1e9
+
+
+# ---------------------------------------------------------------- call traces (moe.set_trace)
+
+
+@numba.njit(cache=True)
+def _cycles_now():
+    return cycles()
+
+
+def cycle_hz(seconds: float = 0.05) -> float:
+    """Rate of the cycle counter that call traces record (x86: the constant-rate time-stamp counter)."""
+    _cycles_now()
+    c0, t0 = _cycles_now(), time.perf_counter()
+    time.sleep(seconds)
+    return (_cycles_now() - c0) / (time.perf_counter() - t0)
+
+
+def trace_parts(tr: np.ndarray, hz: float) -> dict[str, float] | None:
+    """One traced call (a row of ``moe.set_trace``'s array) -> microseconds of its parts, or None
+    for a row no one-region call filled: waiting for its inputs (``ready``), grouping the pairs and
+    quantizing the input (prep), the region's start until the first and the last thread are in,
+    the gate/up items' end, out whole (from the region's start), and the join after the last thread."""
+    n = int(tr[TR_NTHR])
+    if n <= 0 or tr[TR_END] == 0 or tr[TR_OUT] == 0:
+        return None
+    us = 1e6 / hz
+    th = tr[TR_THREADS : TR_THREADS + TR_THREAD * n].reshape(n, TR_THREAD)
+    enter, gu_end, leave = th[:, 0], th[:, 1], th[:, 2]
+    return {
+        "wait_inputs_us": (tr[TR_READY] - tr[TR_ENTRY]) * us,
+        "prep_us": (tr[TR_START] - tr[TR_READY]) * us,
+        "first_in_us": (enter.min() - tr[TR_START]) * us,
+        "last_in_us": (enter.max() - tr[TR_START]) * us,
+        "gate_up_us": (gu_end.max() - tr[TR_START]) * us,
+        "out_us": (tr[TR_OUT] - tr[TR_START]) * us,
+        "join_us": (tr[TR_END] - leave.max()) * us,
+        "ready_to_out_us": (tr[TR_OUT] - tr[TR_READY]) * us,
+        "kernel_us": (tr[TR_END] - tr[TR_ENTRY]) * us,
+    }
+
+
+def trace_medians(trace: np.ndarray, hz: float) -> dict[str, float]:
+    """Median of each part over the traced calls (see trace_parts), and how many there were."""
+    parts = [p for p in (trace_parts(r, hz) for r in trace) if p is not None]
+    if not parts:
+        return {"calls": 0}
+    out = {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
+    out["calls"] = len(parts)
+    return out
