@@ -6,9 +6,10 @@ much as its weight stream. Per layer shape and expert count this times one-token
 fresh random ids, cycling over layers that overflow the last-level cache, with the main thread
 spinning ``--gap-us`` between calls as it does while the GPU computes, for each setting of the
 kernels' work-item knobs (items per thread, gate/up rows and down rows a work item), in rounds
-that interleave the settings. Each call's trace (``cpu_kernels.moe.set_trace``) splits it into:
-the Python wrapper and dispatch, the pair grouping and input quantization, the parallel
-region's start (until the first and the last thread arrive), the work, and the join. Next to
+that interleave the settings. Each call's trace (``cpu_kernels.moe.set_trace``,
+``cpu_kernels.probe.trace_parts``) splits it into: the Python wrapper and dispatch, the parallel
+region's start (until the first and the last thread arrive), the pair grouping and input
+quantization, the work until out is whole, and the join. Next to
 it, a plain parallel read of the same bytes (the experts' packed arrays, split evenly over the
 threads) is the ceiling at that size.
 
@@ -172,7 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     path = write_json("cpu_items" + (f"-{args.tag}" if args.tag else ""), data, args.out)
     print(f"wrote {path}")
     cols = ["shape", "K", "items", "gu_rows", "down_rows", "call_us", "GBs", "read_us", "over_read"]
-    cols += ["wrapper_us", "prep_us", "first_in_us", "last_in_us", "gate_up_us", "out_us", "join_us"]
+    cols += [
+        "wrapper_us",
+        "first_in_us",
+        "last_in_us",
+        "inputs_us",
+        "prep_us",
+        "gate_up_us",
+        "out_us",
+        "join_us",
+    ]
     print(format_table(rows, cols))
     return 0
 

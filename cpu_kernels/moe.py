@@ -26,8 +26,10 @@ from .cpu_info import has_avx512_vnni
 from .formats import PackedExperts
 from .moe_kernels import (
     BAD_IDS,
+    C_FIXED,
     DEFAULT_KNOBS,
     NOT_READY,
+    POLLS,
     TR_THREAD,
     TR_THREADS,
     _moe_bf16,
@@ -41,7 +43,7 @@ from .moe_kernels import (
 # regions cost little, and write no per-pair outputs.
 ONE_REGION_PAIRS = 256
 # Polls of an input flag (``ready``) before a call gives up: seconds, far beyond any layer's GPU work.
-READY_POLLS = 1 << 27
+READY_POLLS = DEFAULT_KNOBS[POLLS]
 
 # threads 0: default (see module doc); trace: (int64 [calls, slots], next row) or None
 _state = {"threads": 0, "vnni": has_avx512_vnni(), "trace": None}
@@ -90,9 +92,11 @@ def set_knobs(fmt: str, H: int, I: int, **knobs: int) -> None:  # noqa: E741
     if bad:
         raise ValueError(f"unknown knobs {sorted(bad)}; known: {list(names)}")
     vals = [int(knobs.get(n, k[i])) for i, n in enumerate(names)]
-    if vals[0] < 1 or vals[1] < 1 or vals[2] < 1:
-        raise ValueError(f"knobs must be >= 1, got {dict(zip(names, vals, strict=True))}")
-    _settings[(fmt, H, I)] = (thresh, decode, prefill, np.array(vals, np.int64))
+    if vals[0] < 1 or vals[1] < 64 or vals[2] < 64:
+        raise ValueError(
+            f"items per thread must be >= 1 and rows >= 64, got {dict(zip(names, vals, strict=True))}"
+        )
+    _settings[(fmt, H, I)] = (thresh, decode, prefill, np.array([*vals, k[POLLS]], np.int64))
 
 
 # ---------------------------------------------------------------- scratch
@@ -118,7 +122,7 @@ def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
     if kind == "bf16":
         bufs = (np.zeros((T, Hp), np.float32), np.zeros((P, Ip), np.float32), np.zeros(2, np.int64))
     elif kind == "part":  # one region: per-pair down outputs, counters a cache line apart
-        bufs = (np.empty((P, Hp), np.float32), np.zeros(8 * (4 + P + 2 * (Hp // 64)), np.int64))
+        bufs = (np.empty((P, Hp), np.float32), np.zeros(8 * (C_FIXED + 1 + P + 2 * (Hp // 64)), np.int64))
     else:
         bufs = (
             (
@@ -194,7 +198,7 @@ def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
     got = _settings.get(key)
     if got is None:
         c = tuning.settings(fmt, H, I)
-        knobs = [c.get(n, d) for n, d in zip(_KNOBS, DEFAULT_KNOBS, strict=True)]
+        knobs = [c.get(n, d) for n, d in zip(_KNOBS, DEFAULT_KNOBS, strict=False)] + [DEFAULT_KNOBS[POLLS]]
         got = _settings[key] = (
             c["prefill_tokens_per_expert"],
             (c["decode_row_block"], c["decode_token_block"]),
@@ -318,6 +322,9 @@ def _run(
             part, ctr = _scratch("part", Hp, 0, 0, T * K)
         flags, idx = signal if signal is not None else (_NO_FLAG, 0)
         rflags, ridx = ready if ready is not None else (_NO_FLAG, 0)
+        if ready is not None and knobs[POLLS] != READY_POLLS:
+            knobs = knobs.copy()
+            knobs[POLLS] = READY_POLLS
         trace = _NO_TRACE
         tr = _state["trace"]
         if tr is not None:
@@ -326,7 +333,7 @@ def _run(
         status = _moe_quant(
             x, ids, wts, ex.gate_up, gus, guz, ex.down, dns, dnz, out, ex.I, gsel, rb, tb, _state["vnni"], is4,
             ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
-            _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, READY_POLLS, knobs, trace,
+            _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, knobs, trace,
         )  # fmt: skip
     if status == NOT_READY:
         raise RuntimeError(_NOT_READY)

@@ -18,7 +18,11 @@ keep running for the whole call. Inside it, two parallel regions (three for long
 Pairs are grouped by expert first (counting sort), so each expert's weights are read once.
 
 A quantized decode step (up to ``moe.ONE_REGION_PAIRS`` pairs; the wrapper then passes per-pair
-outputs) runs 2 and 3 in one region: each thread claims gate/up items until none is left, then
+outputs) runs 1, 2 and 3 in one region, started before its inputs are ready (a GPU still making
+them): every thread waits for them, groups the few pairs itself and quantizes a share of the
+input blocks, so neither the threads' start nor a serial preparation (14 and 30 us of a Qwen3
+layer's call in a decode step on a 16-core Xeon) follows the inputs' arrival. Each thread then
+claims gate/up items until none is left, then
 down items (active expert, block of H rows), each waiting for its expert's gate/up items only
 (per-expert completion counters). An item writes its
 pairs' weighted rows to per-pair outputs [P, H]; the last item of a block of H rows to finish
@@ -64,11 +68,18 @@ OK, BAD_IDS, NOT_READY = 0, 1, 2  # what a kernel call returns
 # quantized down items of at least knobs[2] H rows (one region: a multiple), so each item's four
 # weight streams (one per quarter of its rows, per expert) run long enough for the prefetchers:
 # with 16 threads and H = 2048, 8 items a thread alone gives 16-row items, four 4-row streams.
-ITEMS, GATE_UP_ROWS, DOWN_ROWS = 0, 1, 2
-DEFAULT_KNOBS = (8, 64, 64)
+# knobs[POLLS]: polls of the input flag (``ready``) before a call gives up.
+ITEMS, GATE_UP_ROWS, DOWN_ROWS, POLLS = 0, 1, 2, 3
+DEFAULT_KNOBS = (8, 64, 64, 1 << 27)
 # A call's trace (``trace``, int64, cycle counts; [0]: off): TR_* slots, then TR_THREAD slots a
 # thread from TR_THREADS on: its entry into the region, the end of its last gate/up item, its exit.
-TR_ENTRY, TR_READY, TR_START, TR_OUT, TR_END, TR_NTHR, TR_THREADS, TR_THREAD = 0, 1, 2, 3, 4, 5, 8, 4
+# Entry, inputs seen (by the first thread), region started, inputs prepared, out whole, return.
+TR_ENTRY, TR_READY, TR_START, TR_PREP, TR_OUT, TR_END, TR_NTHR = 0, 1, 2, 3, 4, 5, 6
+TR_THREADS, TR_THREAD = 8, 4
+# One region's counters (int64, a cache line apart: index 8 c), the fixed ones first: work items
+# claimed, input blocks claimed and quantized, threads that saw the inputs, failures (inputs never
+# ready, bad ids), blocks of out summed; then per active expert and per block of H rows.
+C_CLAIM, C_QCLAIM, C_QDONE, C_SEEN, C_NOT_READY, C_BAD_IDS, C_SUMMED, C_FIXED = 0, 1, 2, 3, 4, 5, 6, 7
 
 # ---------------------------------------------------------------- shared pieces (serial, inlined)
 
@@ -361,7 +372,7 @@ def _down_rows(
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _moe_quant(
     x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr,
-    part, defer, add, late_out, flag, flag_idx, ready, ready_idx, polls, knobs, trace,
+    part, defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace,
 ):  # fmt: skip
     """x [T, H] f32; ids [T, K] i32; wts [T, K] f32; out [T, H] f32. Returns OK, BAD_IDS or NOT_READY.
 
@@ -371,8 +382,8 @@ def _moe_quant(
           dn u8 [E, H, Ip/2], dns u16 [E * H * Ip/g], dnz u8 same (or [1]); g = 32 << gsel.
     bufs: scratch (xq, xs, xc, h, hq, hs, hc) with at least T / P rows; nthr: the Numba thread
     count of this call. part: per-pair down outputs [>= P, >= H] f32 and ctr int64
-    [>= 8 (4 + P + 2 Hp / 64)] for one region (a decode step), else part [0, 0] and ctr int64 [>= 16]
-    for two regions.
+    [8 (C_FIXED + 1 + P + 2 Hp / 64)] for one region (a decode step), else part [0, 0] and ctr int64
+    [>= 16] for two regions.
 
     One region only (else defer 0, add / late_out [0, 0], flag [0]): each token's ``defer`` lightest
     pairs go to late_out [T, H] instead of out; add [T, H] (or [0, 0]) is added to out; once out is
@@ -380,18 +391,23 @@ def _moe_quant(
 
     ready int32 [N] (or [0]: none): the inputs x, ids, wts are whole only once ready[ready_idx] is
     set (a GPU storing them into page-locked memory sets it after them); the call waits for it and
-    clears it, so that its own start (Python, the dispatch) runs while they are still being made;
-    after ``polls`` polls of it, it gives up.
+    clears it, so that its own start (Python, the dispatch; one region: the region's too) runs
+    while they are still being made; after knobs[POLLS] polls of it, it gives up.
 
-    knobs: work-item sizes (ITEMS, GATE_UP_ROWS, DOWN_ROWS); trace: [0], or int64
+    knobs: work-item sizes (ITEMS, GATE_UP_ROWS, DOWN_ROWS) and POLLS; trace: [0], or int64
     [>= TR_THREADS + TR_THREAD nthr] that the call fills with cycle counts (see TR_*).
     """
     tracing = trace.shape[0] > 0
     if tracing:
         trace[TR_ENTRY] = cycles()
         trace[TR_NTHR] = nthr
+    if part.shape[0] > 0:
+        return _one_region(
+            x, ids, wts, gu, gus, guz, dn, dns, dnz, out, inter, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr,
+            nthr, part, defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace,
+        )  # fmt: skip
     if ready.shape[0] > 0:
-        if wait_flag(ready, ready_idx, polls) == 0:
+        if wait_flag(ready, ready_idx, knobs[POLLS]) == 0:
             return NOT_READY
         ready[ready_idx] = 0
     if tracing:
@@ -406,7 +422,7 @@ def _moe_quant(
         return BAD_IDS
     A = active.shape[0]
     nbx = Hp // 64
-    if T * nbx <= SERIAL_BLOCKS:  # a decode step: cheaper than starting a parallel region
+    if T * nbx <= SERIAL_BLOCKS:  # cheaper than starting a parallel region
         for item in range(T * nbx):
             t = item // nbx
             _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xc[t])
@@ -414,17 +430,8 @@ def _moe_quant(
         for item in prange(T * nbx):
             t = item // nbx
             _quantize_block(x[t], H, item % nbx, xq[t], xs[t], xc[t])
-
     if tracing:
-        trace[TR_START] = cycles()
-    if part.shape[0] > 0:
-        _one_region(
-            x, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,
-            add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
-        )  # fmt: skip
-        if tracing:
-            trace[TR_END] = cycles()
-        return OK
+        trace[TR_START] = trace[TR_PREP] = cycles()
 
     rbg, nbi = _gate_up_items(A, I, rb, nthr, knobs)
     ctr[0] = 0
@@ -481,15 +488,19 @@ def _sum_pairs(dst, r0, r1, T, s0, s1, slot_tok, part, add):
 
 @numba.njit(cache=True, nogil=True, inline="always")  # its prange runs as the caller's parallel region
 def _one_region(
-    x, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,  # noqa: E741
-    add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
+    x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,  # noqa: E741
+    defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace,
 ):  # fmt: skip
-    """A decode step's work items in one parallel region, claimed in this order from one counter:
-    gate/up items of the experts on time, their down items (active expert, block of H rows), then
-    the same two for the late pairs (experts E.. as grouped). A down item waits for its expert's
-    gate/up items only (per-expert completion counters) and writes its pairs' weighted rows to
-    part; the last item of a block of H rows to finish sums them into out (or late_out), in expert
-    order, as two regions add them. The last block of out to be summed sets the flag.
+    """A decode step in one parallel region, started before its inputs are ready, so that the
+    threads are already running when they are. Each thread waits for the input flag (if any),
+    groups the pairs itself (a few, in thread-local arrays), and takes part in quantizing the
+    input (blocks claimed from a counter); then work items, claimed in this order from one
+    counter: gate/up items of the experts on time (each waiting for the input to be quantized),
+    their down items (active expert, block of H rows), then the same two for the late pairs
+    (experts E.. as grouped). A down item waits for its expert's gate/up items only (per-expert
+    completion counters) and writes its pairs' weighted rows to part; the last item of a block of
+    H rows to finish sums them into out (or late_out), in expert order, as two regions add them.
+    The last block of out to be summed sets the flag. Returns OK, BAD_IDS or NOT_READY.
 
     A thread waits only for items claimed before its own, which threads that wait on nothing
     later are running: no deadlock with any number of threads, one included.
@@ -497,76 +508,129 @@ def _one_region(
     xq, xs, xc, h, hq, hs, hc = bufs
     T, H = x.shape
     E = gu.shape[0]
+    nbx = xq.shape[1] // 64
+    nq = T * nbx  # input blocks to quantize
+    for c in range(ctr.shape[0] // 8):  # every counter (the wrapper sizes them for this call)
+        ctr[8 * c] = 0
+    tracing = trace.shape[0] > 0
+    if tracing:
+        trace[TR_START] = cycles()
+    for tid in prange(nthr):
+        if tracing:
+            trace[TR_THREADS + TR_THREAD * tid] = cycles()
+        go = True
+        if ready.shape[0] > 0 and wait_flag(ready, ready_idx, knobs[POLLS]) == 0:
+            fetch_add(ctr, 8 * C_NOT_READY, 1)
+            go = False
+        if go:
+            seen = fetch_add(ctr, 8 * C_SEEN, 1)
+            if seen == 0 and tracing:
+                trace[TR_READY] = cycles()
+            if seen == nthr - 1 and ready.shape[0] > 0:  # the last to see the flag clears it
+                ready[ready_idx] = 0
+            ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, defer)
+            if not ok:
+                fetch_add(ctr, 8 * C_BAD_IDS, 1)
+                go = False
+        if go:
+            while True:  # the input's blocks, a few each
+                q = fetch_add(ctr, 8 * C_QCLAIM, 1)
+                if q >= nq:
+                    break
+                t = q // nbx
+                _quantize_block(x[t], H, q % nbx, xq[t], xs[t], xc[t])
+                if fetch_add(ctr, 8 * C_QDONE, 1) == nq - 1 and tracing:
+                    trace[TR_PREP] = cycles()
+            _region_items(
+                T, H, E, I, gu, gus, guz, dn, dns, dnz, out, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr,
+                nthr, part, add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
+                tid, nq,
+            )  # fmt: skip
+        if tracing:
+            trace[TR_THREADS + TR_THREAD * tid + 2] = cycles()
+    if ctr[8 * C_NOT_READY] > 0:
+        return NOT_READY
+    if ctr[8 * C_BAD_IDS] > 0:
+        return BAD_IDS
+    if tracing:
+        trace[TR_END] = cycles()
+    return OK
+
+
+@numba.njit(cache=True, nogil=True)
+def _region_items(
+    T, H, E, I, gu, gus, guz, dn, dns, dnz, out, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,  # noqa: E741
+    add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace, tid, nq,
+):  # fmt: skip
+    """One thread's part of ``_one_region`` once the input is grouped: work items until none is left."""
+    xq, xs, xc, h, hq, hs, hc = bufs
     NE = start.shape[0] - 1
     A = active.shape[0]
+    tracing = trace.shape[0] > 0
     a_now = 0
     while a_now < A and active[a_now] < E:
         a_now += 1
     a_late = A - a_now
-    rbg, nbi = _gate_up_items(A, I, rb, nthr, knobs)
-    if a_now == 0:  # nothing on time: out is add alone
-        _sum_pairs(out, 0, H, T, 0, 0, slot_tok, part, add)
-        if flag.shape[0] > 0:
-            set_flag(flag, flag_idx)
-    if a_late == 0 and late_out.shape[0] > 0:
-        _sum_pairs(late_out, 0, H, T, 0, 0, slot_tok, part, late_out[:0])
+    if tid == 0:
+        if a_now == 0:  # nothing on time: out is add alone
+            _sum_pairs(out, 0, H, T, 0, 0, slot_tok, part, add)
+            if flag.shape[0] > 0:
+                set_flag(flag, flag_idx)
+        if a_late == 0 and late_out.shape[0] > 0:
+            _sum_pairs(late_out, 0, H, T, 0, 0, slot_tok, part, late_out[:0])
     if A == 0:
         return
+    rbg, nbi = _gate_up_items(A, I, rb, nthr, knobs)
     # about knobs[ITEMS] items per thread over all experts, whole multiples of knobs[DOWN_ROWS]
     dr = knobs[DOWN_ROWS]
     rbd = min(max(_rows_per_item(A * H, rb, nthr, knobs[ITEMS]) // dr, 1) * dr, H)
     nbh = (H + rbd - 1) // rbd
     n_now = a_now * (nbi + nbh)
     total = A * (nbi + nbh)
-    # counters a cache line apart: 0 claims, 8 (1 + a) gate/up items of active expert a done,
-    # 8 (1 + A + b) down items of row block b done (8 (1 + A + nbh + b): late pairs), 8 (1 + A + 2 nbh)
-    # blocks of out summed
-    for c in range(2 + A + 2 * nbh):
-        ctr[8 * c] = 0
-    tracing = trace.shape[0] > 0
-    for tid in prange(nthr):
-        if tracing:
-            trace[TR_THREADS + TR_THREAD * tid] = cycles()
-        while True:
-            task = fetch_add(ctr, 0, 1)
-            if task >= total:
-                if tracing:
-                    trace[TR_THREADS + TR_THREAD * tid + 2] = cycles()
-                break
-            late = task >= n_now
-            j = task - n_now if late else task
-            a0, na = (a_now, a_late) if late else (0, a_now)
-            if j < na * nbi:
-                ai = a0 + j // nbi
-                e = active[ai]
-                _gate_up_item(
-                    e, e - E if late else e, (j % nbi) * rbg, rbg, start, slot_tok, gu, gus, guz, I, xq, xs,
-                    xc, h, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,
-                )  # fmt: skip
-                fetch_add(ctr, 8 * (1 + ai), 1)
-                if tracing:
-                    trace[TR_THREADS + TR_THREAD * tid + 1] = cycles()
-                continue
-            j -= na * nbi
-            ai, b = a0 + j // nbh, j % nbh
+    # counters from C_FIXED on: C_FIXED + a gate/up items of active expert a done, C_FIXED + A + b
+    # down items of row block b done (C_FIXED + A + nbh + b: late pairs)
+    quantized = False
+    while True:
+        task = fetch_add(ctr, 8 * C_CLAIM, 1)
+        if task >= total:
+            break
+        late = task >= n_now
+        j = task - n_now if late else task
+        a0, na = (a_now, a_late) if late else (0, a_now)
+        if j < na * nbi:
+            if not quantized:
+                wait_at_least(ctr, 8 * C_QDONE, nq)
+                quantized = True
+            ai = a0 + j // nbi
             e = active[ai]
-            r0, r1 = b * rbd, min(b * rbd + rbd, H)
-            wait_at_least(ctr, 8 * (1 + ai), nbi)  # this expert's h
-            _down_rows(
-                e - E if late else e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq,
-                hs, hc, gsel, rb, tb, vnni, is_int4, sym, part, False,
+            _gate_up_item(
+                e, e - E if late else e, (j % nbi) * rbg, rbg, start, slot_tok, gu, gus, guz, I, xq, xs,
+                xc, h, hq, hs, hc, gsel, rb, tb, vnni, is_int4, sym,
             )  # fmt: skip
-            # the block's last item sums it: no wait, and the sums spread over the threads
-            if fetch_add(ctr, 8 * (1 + A + b + (nbh if late else 0)), 1) == na - 1:
-                if late:
-                    _sum_pairs(late_out, r0, r1, T, start[E], start[NE], slot_tok, part, late_out[:0])
-                else:
-                    _sum_pairs(out, r0, r1, T, 0, start[E], slot_tok, part, add)
-                    if fetch_add(ctr, 8 * (1 + A + 2 * nbh), 1) == nbh - 1:
-                        if flag.shape[0] > 0:
-                            set_flag(flag, flag_idx)
-                        if tracing:
-                            trace[TR_OUT] = cycles()
+            fetch_add(ctr, 8 * (C_FIXED + ai), 1)
+            if tracing:
+                trace[TR_THREADS + TR_THREAD * tid + 1] = cycles()
+            continue
+        j -= na * nbi
+        ai, b = a0 + j // nbh, j % nbh
+        e = active[ai]
+        r0, r1 = b * rbd, min(b * rbd + rbd, H)
+        wait_at_least(ctr, 8 * (C_FIXED + ai), nbi)  # this expert's h
+        _down_rows(
+            e - E if late else e, r0, r1, start[e], start[e + 1], slot_tok, slot_wt, dn, dns, dnz, H, hq,
+            hs, hc, gsel, rb, tb, vnni, is_int4, sym, part, False,
+        )  # fmt: skip
+        # the block's last item sums it: no wait, and the sums spread over the threads
+        if fetch_add(ctr, 8 * (C_FIXED + A + b + (nbh if late else 0)), 1) == na - 1:
+            if late:
+                _sum_pairs(late_out, r0, r1, T, start[E], start[NE], slot_tok, part, late_out[:0])
+            else:
+                _sum_pairs(out, r0, r1, T, 0, start[E], slot_tok, part, add)
+                if fetch_add(ctr, 8 * C_SUMMED, 1) == nbh - 1:
+                    if flag.shape[0] > 0:
+                        set_flag(flag, flag_idx)
+                    if tracing:
+                        trace[TR_OUT] = cycles()
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

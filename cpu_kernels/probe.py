@@ -20,7 +20,7 @@ from . import moe as _moe
 from .dot_ir import cycles
 from .formats import PackedExperts, padded
 from .moe import fused_moe, set_num_threads
-from .moe_kernels import TR_END, TR_ENTRY, TR_NTHR, TR_OUT, TR_READY, TR_START, TR_THREAD, TR_THREADS
+from .moe_kernels import TR_END, TR_ENTRY, TR_NTHR, TR_OUT, TR_PREP, TR_READY, TR_START, TR_THREAD, TR_THREADS
 
 __all__ = [
     "cycle_hz",
@@ -161,9 +161,10 @@ def cycle_hz(seconds: float = 0.05) -> float:
 
 def trace_parts(tr: np.ndarray, hz: float) -> dict[str, float] | None:
     """One traced call (a row of ``moe.set_trace``'s array) -> microseconds of its parts, or None
-    for a row no one-region call filled: waiting for its inputs (``ready``), grouping the pairs and
-    quantizing the input (prep), the region's start until the first and the last thread are in,
-    the gate/up items' end, out whole (from the region's start), and the join after the last thread."""
+    for a row no one-region call filled. From the kernel's entry: its parallel region's start, the
+    first and the last thread in, the inputs seen by the first thread (``ready``, or the first
+    thread in without one); from then on: the inputs grouped and quantized (prep), the gate/up
+    items' end, out whole; and the join after the last thread left."""
     n = int(tr[TR_NTHR])
     if n <= 0 or tr[TR_END] == 0 or tr[TR_OUT] == 0:
         return None
@@ -171,14 +172,14 @@ def trace_parts(tr: np.ndarray, hz: float) -> dict[str, float] | None:
     th = tr[TR_THREADS : TR_THREADS + TR_THREAD * n].reshape(n, TR_THREAD)
     enter, gu_end, leave = th[:, 0], th[:, 1], th[:, 2]
     return {
-        "wait_inputs_us": (tr[TR_READY] - tr[TR_ENTRY]) * us,
-        "prep_us": (tr[TR_START] - tr[TR_READY]) * us,
+        "start_us": (tr[TR_START] - tr[TR_ENTRY]) * us,
         "first_in_us": (enter.min() - tr[TR_START]) * us,
         "last_in_us": (enter.max() - tr[TR_START]) * us,
-        "gate_up_us": (gu_end.max() - tr[TR_START]) * us,
-        "out_us": (tr[TR_OUT] - tr[TR_START]) * us,
+        "inputs_us": (tr[TR_READY] - tr[TR_ENTRY]) * us,
+        "prep_us": (tr[TR_PREP] - tr[TR_READY]) * us,
+        "gate_up_us": (gu_end.max() - tr[TR_READY]) * us,
+        "out_us": (tr[TR_OUT] - tr[TR_READY]) * us,
         "join_us": (tr[TR_END] - leave.max()) * us,
-        "ready_to_out_us": (tr[TR_OUT] - tr[TR_READY]) * us,
         "kernel_us": (tr[TR_END] - tr[TR_ENTRY]) * us,
     }
 
