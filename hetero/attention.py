@@ -62,17 +62,21 @@ def paged_attention(
     out = []
     start = 0
     for i, (nq, nctx) in enumerate(zip(batch.query_lens, batch.context_lens_list)):
-        qs = q[start : start + nq].transpose(0, 1)  # [Hq, nq, Dk]
-        ks = _gather(k_cache, batch.block_tables[i], nctx).transpose(0, 1)  # [Hkv, nctx, Dk]
-        vs = _gather(v_cache, batch.block_tables[i], nctx).transpose(0, 1)  # [Hkv, nctx, Dv]
+        # [1, heads, len, D]: the fused kernels take 4-D inputs only; 3-D ones fall back to float32
+        # matrices of [Hq, nq, nctx] scores (a Qwen3-30B-A3B layer's 2048-token prefill: 1.9 ms
+        # against 0.1 on an H100).
+        qs = q[None, start : start + nq].transpose(1, 2)  # [1, Hq, nq, Dk]
+        ks = _gather(k_cache, batch.block_tables[i], nctx)[None].transpose(1, 2)  # [1, Hkv, nctx, Dk]
+        vs = _gather(v_cache, batch.block_tables[i], nctx)[None].transpose(1, 2)  # [1, Hkv, nctx, Dv]
         # Query j sits at position nctx - nq + j and sees keys 0 .. nctx - nq + j.
         mask = None
-        if nq > 1:
+        if 1 < nq < nctx:
             mask = torch.ones(nq, nctx, dtype=torch.bool, device=q.device).tril(nctx - nq)
         o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
-        )  # [Hq, nq, Dv]
-        out.append(o.transpose(0, 1))
+            qs, ks, vs, attn_mask=mask, is_causal=1 < nq == nctx, scale=scale,
+            enable_gqa=qs.shape[1] != ks.shape[1],
+        )  # fmt: skip
+        out.append(o[0].transpose(0, 1))  # [nq, Hq, Dv]
         start += nq
     return torch.cat(out, dim=0)  # [T, Hq, Dv]
 
