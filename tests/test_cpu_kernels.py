@@ -320,6 +320,41 @@ def test_call_gives_up_on_inputs_never_staged(monkeypatch, fmt, T):
         ck.fused_moe(x, ids, w, experts, ready=(np.zeros(2, np.int32), 1))
 
 
+def test_work_item_knobs_and_call_trace():
+    """Work-item sizes change how a decode call splits its work, not its numbers; a traced call
+    records when its parts happened; bad knobs are refused with their names."""
+    from cpu_kernels import moe, probe
+    from cpu_kernels import moe_kernels as mk
+
+    H, I = 512, 384  # noqa: E741  (several gate/up and down items an expert at the defaults)
+    w, experts = packed("int4", 64, True, 8, H, I)
+    x, ids, wt = make_batch(1, 4, 8, H)
+    base = ck.fused_moe(x, ids, wt, experts, threads=2)
+    np.testing.assert_allclose(
+        base, reference(x, ids, wt, *ck.dequantize(experts), True), rtol=1e-4, atol=1e-5
+    )
+    try:
+        moe.set_knobs("int4", H, I, decode_items_per_thread=1, decode_gate_up_rows=128, decode_down_rows=256)
+        trace = moe.set_trace(2)
+        got = ck.fused_moe(x, ids, wt, experts, threads=2)
+    finally:
+        moe.set_trace(0)
+        moe._settings.pop(("int4", H, I), None)
+    np.testing.assert_array_equal(got, base)
+    row = trace[0]
+    assert row[mk.TR_NTHR] == 2
+    assert 0 < row[mk.TR_ENTRY] <= row[mk.TR_START] <= row[mk.TR_END]  # the calling thread's own
+    for slot in (mk.TR_READY, mk.TR_PREP, mk.TR_OUT):
+        assert row[mk.TR_ENTRY] <= row[slot] <= row[mk.TR_END], slot
+    parts = probe.trace_parts(row, probe.cycle_hz())
+    assert parts is not None and parts["kernel_us"] > 0
+    assert not trace[1].any(), "one call fills one row"
+    with pytest.raises(ValueError, match="rows >= 64"):
+        moe.set_knobs("int4", H, I, decode_down_rows=8)
+    with pytest.raises(ValueError, match="unknown knobs"):
+        moe.set_knobs("int4", H, I, decode_rows=64)
+
+
 @pytest.mark.parametrize("fmt,g", [("int8", 0), ("int4", 64)])
 def test_quantizer_round_trip(fmt, g):
     """Dequantized weights are exactly representable: packing them again gives the same bytes."""
