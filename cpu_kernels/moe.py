@@ -87,14 +87,13 @@ def set_knobs(fmt: str, H: int, I: int, **knobs: int) -> None:  # noqa: E741
     of one layer shape for later calls; for benchmarks that compare them side by side."""
     _cfg(fmt, H, I)
     thresh, decode, prefill, k = _settings[(fmt, H, I)]
-    names = _KNOBS
-    bad = set(knobs) - set(names)
+    bad = set(knobs) - set(_KNOBS)
     if bad:
-        raise ValueError(f"unknown knobs {sorted(bad)}; known: {list(names)}")
-    vals = [int(knobs.get(n, k[i])) for i, n in enumerate(names)]
+        raise ValueError(f"unknown knobs {sorted(bad)}; known: {list(_KNOBS)}")
+    vals = [int(knobs.get(n, k[i])) for i, n in enumerate(_KNOBS)]
     if vals[0] < 1 or vals[1] < 64 or vals[2] < 64:
         raise ValueError(
-            f"items per thread must be >= 1 and rows >= 64, got {dict(zip(names, vals, strict=True))}"
+            f"items per thread must be >= 1 and rows >= 64, got {dict(zip(_KNOBS, vals, strict=True))}"
         )
     _settings[(fmt, H, I)] = (thresh, decode, prefill, np.array([*vals, k[POLLS]], np.int64))
 
@@ -198,7 +197,7 @@ def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
     got = _settings.get(key)
     if got is None:
         c = tuning.settings(fmt, H, I)
-        knobs = [c.get(n, d) for n, d in zip(_KNOBS, DEFAULT_KNOBS, strict=False)] + [DEFAULT_KNOBS[POLLS]]
+        knobs = [c.get(n, DEFAULT_KNOBS[i]) for i, n in enumerate(_KNOBS)] + [DEFAULT_KNOBS[POLLS]]
         got = _settings[key] = (
             c["prefill_tokens_per_expert"],
             (c["decode_row_block"], c["decode_token_block"]),

@@ -8,7 +8,7 @@ Hp / Ip = H / I padded to 128.
 One Numba entry point per format, compiled nogil so the caller's other Python threads
 keep running for the whole call. Inside it, two parallel regions (three for long prefills):
   1. activations are quantized to int8 per block of 64 (int8 / int4 weights), serially for a
-     decode step, else in parallel;
+     few tokens, else in parallel (a one-region decode step: inside its region, below);
   2. gate+up: work items are (expert, block of I rows); each weight row is used for every
      token of that expert while it sits in L1, token blocks keep activations in L2 (prefill);
      quantized weights: an item's rows are whole blocks of 64, so it also quantizes the
@@ -447,9 +447,8 @@ def _moe_quant(
                 gsel, rb, tb, vnni, is_int4, sym,
             )  # fmt: skip
 
-    rbd = max(
-        _rows_per_item(H, rb, nthr, knobs[ITEMS]), min(knobs[DOWN_ROWS], H)
-    )  # four streams of >= 1/4 that
+    # at least knobs[DOWN_ROWS] rows an item: its four weight streams run a quarter of that each
+    rbd = max(_rows_per_item(H, rb, nthr, knobs[ITEMS]), min(knobs[DOWN_ROWS], H))
     nbh = (H + rbd - 1) // rbd
     for _ in prange(nthr):
         while True:
