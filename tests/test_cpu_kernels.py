@@ -320,6 +320,88 @@ def test_call_gives_up_on_inputs_never_staged(monkeypatch, fmt, T):
         ck.fused_moe(x, ids, w, experts, ready=(np.zeros(2, np.int32), 1))
 
 
+def _step_layers(fmt, g, sym, T, K, n_layers=3, H=640, I=584, rows=16):  # noqa: E741
+    """n_layers layers of a decode step (8 + l experts each, own weights), their page-locked-like
+    buffers of ``rows`` rows (NaN / bad ids until staged) and each layer's batch."""
+    layers, batches = [], []
+    for li in range(n_layers):
+        E = 8 + li
+        w = make_layer(E, H, I, seed=200 + li)
+        ex = ck.pack_experts(*w, fmt=fmt, group_size=g, symmetric=sym)
+        bufs = (
+            np.full((rows, H), np.nan, np.float32), np.full((rows, K), -7, np.int32),
+            np.zeros((rows, K), np.float32), np.full((rows, H), np.nan, np.float32),
+        )  # fmt: skip
+        layers.append((*bufs, ex))
+        batches.append(make_batch(T, K, E, H, seed=300 + li))
+    return layers, batches
+
+
+@pytest.mark.parametrize("T,K", [(1, 6), (3, 2)])
+def test_step_runs_layers_in_turn_as_their_inputs_come(T, K):
+    """MoEStep: each layer waits for its input flag (set by another thread only once the layer
+    before has set its output flag, as a GPU between the two would), gives the numbers of a
+    fused_moe call per layer, sets its own flag and clears its input flag; with 1 and all threads,
+    for two steps in a row on the same buffers. int4 only: the step's kernel compiles for each
+    format (~1.5 min on 2 cores), and int8 shares every line but the dot (the GPU tests run both)."""
+    layers, batches = _step_layers("int4", 64, False, T, K)
+    want = [ck.fused_moe(*b, ex, prefer="decode") for b, (*_, ex) in zip(batches, layers, strict=True)]
+    step = ck.MoEStep(layers)
+    L = len(layers)
+    sig_idx, ready_idx = np.arange(L, dtype=np.int64) + 2, np.arange(L, dtype=np.int64)[::-1].copy()
+    for threads in sorted({1, ck.moe.numba.config.NUMBA_NUM_THREADS}):
+        for rnd in range(2):
+            signal, ready = np.zeros(L + 2, np.int32), np.zeros(L, np.int32)
+            for x, ids, w, out, _ in layers:
+                x[:], ids[:], w[:], out[:] = np.nan, -7, 0, np.nan
+
+            def gpu(signal=signal, ready=ready):
+                for li, ((x, ids, w, _, _), b) in enumerate(zip(layers, batches, strict=True)):
+                    if li > 0:
+                        while signal[sig_idx[li - 1]] == 0:
+                            time.sleep(0.001)
+                    time.sleep(0.01)
+                    x[:T], ids[:T], w[:T] = b
+                    ready[ready_idx[li]] = 1
+
+            writer = threading.Thread(target=gpu)
+            writer.start()
+            step.run(T, (signal, sig_idx), (ready, ready_idx), threads=threads)
+            writer.join()
+            for li in range(L):
+                np.testing.assert_array_equal(
+                    layers[li][3][:T], want[li], err_msg=f"layer {li} threads {threads}"
+                )
+            assert signal.tolist() == [0, 0] + [1] * L and ready.tolist() == [0] * L, rnd
+
+
+def test_step_stops_at_a_failed_layer(monkeypatch):
+    """A layer with bad ids, or whose inputs never come: the step raises naming it; the layers
+    before it ran and set their flags, it and those after did not."""
+    layers, batches = _step_layers("int4", 64, True, 1, 2)
+    step = ck.MoEStep(layers)
+    L = len(layers)
+    idx = np.arange(L, dtype=np.int64)
+    for li, (x, ids, w, _, _) in enumerate(layers):
+        x[:1], ids[:1], w[:1] = batches[li]
+    layers[1][1][0, 0] = 99
+    signal, ready = np.zeros(L, np.int32), np.ones(L, np.int32)
+    with pytest.raises(ValueError, match="topk_ids must be -1"):
+        step.run(1, (signal, idx), (ready, idx))
+    assert signal.tolist() == [1, 0, 0]
+    layers[1][1][0, 0] = 0
+    monkeypatch.setattr(ck.moe, "READY_POLLS", 1000)
+    signal, ready = np.zeros(L, np.int32), np.array([1, 1, 0], np.int32)
+    with pytest.raises(RuntimeError, match="layer 2 of the step: .*never marked ready"):
+        step.run(1, (signal, idx), (ready, idx))
+    assert signal.tolist() == [1, 1, 0]
+    with pytest.raises(ValueError, match="tokens must be in"):
+        step.run(17, (signal, idx), (ready, idx))
+    bf16 = ck.pack_experts(*make_layer(8, 640, 584), fmt="bf16")
+    with pytest.raises(ValueError, match="int4 or int8 experts of one shape"):
+        ck.MoEStep([layers[0], (*layers[1][:4], bf16)])
+
+
 def test_work_item_knobs_and_call_trace():
     """Work-item sizes change how a decode call splits its work, not its numbers; a traced call
     records when its parts happened; bad knobs are refused with their names."""
