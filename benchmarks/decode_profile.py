@@ -170,8 +170,7 @@ def in_step_calls(engine, steps: int) -> dict:
     kernel and, beside it, the same layer on as many other RAM experts (fresh weights, from DRAM),
     alternating which goes first. The first call after the GPU's segment against the second, and
     the step's own ids against fresh ones, tell a cost of the moment (threads, caches after the GPU
-    work) from one of the call itself. Diagnostic only: the extra calls slow the steps, and the
-    layers run as a call each (not as one, ``hetero.graphs.fuse_layers``)."""
+    work) from one of the call itself. Diagnostic only: the extra calls slow the steps."""
     import cpu_kernels
     from hetero import graphs
 
@@ -211,14 +210,12 @@ def in_step_calls(engine, steps: int) -> dict:
         pairs.append(n)
 
     graphs._run_handoff = timed
-    fused, engine.graphs.fuse_layers = engine.graphs.fuse_layers, False  # a kernel call per layer
     try:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
     finally:
         graphs._run_handoff = orig
-        engine.graphs.fuse_layers = fused
 
     def med(v):
         return float(np.median(v)) * 1e6 if v else None
@@ -574,12 +571,6 @@ def main(argv: list[str] | None = None) -> int:
         "against calls made once the staging's event is done, alternating (hetero.graphs.early_calls)",
     )
     ap.add_argument(
-        "--compare-fused",
-        action="store_true",
-        help="only time a step's CPU layers run as one kernel call against a call each, alternating "
-        "(hetero.graphs.fuse_layers)",
-    )
-    ap.add_argument(
         "--compare-sample",
         action="store_true",
         help="only time greedy tokens picked inside the decode graphs against logits and argmax run "
@@ -631,11 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host_profile:
         host_profile(engine, prompt, args.host_profile)
         return 0
-    switches = {
-        "early_calls": args.compare_early,
-        "sample_greedy": args.compare_sample,
-        "fuse_layers": args.compare_fused,
-    }
+    switches = {"early_calls": args.compare_early, "sample_greedy": args.compare_sample}
     switch = next((name for name, on in switches.items() if on), None)
     if args.compare_launch or args.compare_defer or args.compare_threads or args.compare_kernel or switch:
         if engine.graphs is None or not torch.cuda.is_available():
@@ -646,11 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             row = compare_kernel(engine, prompt, args.steps, args.compare_kernel)
         elif switch:  # a switch of the decode graphs, on against off
             graphs = engine.graphs
-            names = {
-                "early_calls": ("early", "after_event"),
-                "sample_greedy": ("device", "host"),
-                "fuse_layers": ("one_call", "per_layer"),
-            }[switch]
+            names = {"early_calls": ("early", "after_event"), "sample_greedy": ("device", "host")}[switch]
             variants = {
                 names[0]: lambda: setattr(graphs, switch, True),
                 names[1]: lambda: setattr(graphs, switch, False),
@@ -689,8 +672,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_early
             else "decode_sample"
             if args.compare_sample
-            else "decode_fused"
-            if args.compare_fused
             else f"decode_{args.compare_kernel}"
             if args.compare_kernel
             else "decode_launch"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests kernels moe cpu items threads launch e2e hf profile modes early sample fused router absorb inputs defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -80,9 +80,8 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 --compare-launch 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
-    early|sample|fused|router|absorb|inputs) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # on against off, alternating:
+    early|sample|router|absorb|inputs) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # on against off, alternating:
         # early: CPU calls made ahead of their inputs; sample: greedy tokens picked on the device;
-        # fused: a step's CPU layers as one kernel call;
         # router, absorb: a decode-size kernel against what it replaced; inputs: fused projections
         case $stage in router|absorb|inputs) what="--compare-kernel $stage" ;; *) what="--compare-$stage" ;; esac
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what ${PROFILE_ARGS:-} 2>&1 \

@@ -20,7 +20,6 @@ import threading
 
 import numba
 import numpy as np
-from numba import typed
 
 from . import tuning
 from .cpu_info import has_avx512_vnni
@@ -35,7 +34,6 @@ from .moe_kernels import (
     TR_THREADS,
     _moe_bf16,
     _moe_quant,
-    _moe_step,
     late_pairs,
     wait_ready,
 )
@@ -122,8 +120,6 @@ def _scratch(kind: str, Hp: int, Ip: int, T: int, P: int) -> tuple:
     T, P = max(T, 1, got[0] if got else 0), max(P, 1, got[1] if got else 0)
     if kind == "bf16":
         bufs = (np.zeros((T, Hp), np.float32), np.zeros((P, Ip), np.float32), np.zeros(2, np.int64))
-    elif kind == "bar":  # MoEStep: threads out of the layer, the layer they may start, a failure
-        bufs = np.zeros(24, np.int64)
     elif kind == "part":  # one region: per-pair down outputs, counters a cache line apart
         bufs = (np.empty((P, Hp), np.float32), np.zeros(8 * (C_FIXED + 1 + P + 2 * (Hp // 64)), np.int64))
     else:
@@ -343,127 +339,3 @@ def _run(
     if status == BAD_IDS:
         raise _bad_ids(ids, ex.E)
     return out
-
-
-# ---------------------------------------------------------------- several layers in one call
-
-
-class MoEStep:
-    """The quantized decode calls of several MoE layers, one after another, as one kernel call.
-
-    A decode step's CPU layers each wait for inputs a GPU stores into page-locked buffers and
-    set a flag the GPU waits on once their output is whole (``fused_moe(ready=..., signal=...)``).
-    Called layer by layer, each call's Python, dispatch and parallel-region start come after the
-    previous call returned; here one region runs every layer, its threads waiting on each
-    layer's input flag in turn, so nothing but the flag stands between the GPU's inputs and the
-    layer's work.
-
-    layers: one (x [S, H] float32, topk_ids [S, K] int32, topk_weights [S, K] float32,
-    out [S, H] float32, experts) per layer, C-contiguous buffers of at least as many rows as any
-    call's tokens (the calls use their first T rows); every experts int4 or int8 of one shape
-    (format, H, I, group size, symmetry). Made once for a captured step, run every step.
-    """
-
-    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, PackedExperts]]):
-        if not layers:
-            raise ValueError("MoEStep needs at least one layer")
-        ex0 = layers[0][4]
-        kind = (
-            (ex0.fmt, ex0.H, ex0.I, ex0.group_size, ex0.symmetric) if isinstance(ex0, PackedExperts) else None
-        )
-        for n, (x, ids, wts, out, ex) in enumerate(layers):
-            _check_inputs(x, ids, wts, ex, out)
-            got = (ex.fmt, ex.H, ex.I, ex.group_size, ex.symmetric)
-            if ex.fmt == "bf16" or got != kind:
-                raise ValueError(
-                    f"layer {n}: MoEStep runs int4 or int8 experts of one shape, got {got} after {kind}"
-                )
-            if not all(a.flags.c_contiguous for a in (x, ids, wts)) or ids.shape[1] != layers[0][1].shape[1]:
-                raise ValueError(f"layer {n}: inputs must be C-contiguous with K = {layers[0][1].shape[1]}")
-        self.fmt, self.H, self.I = ex0.fmt, ex0.H, ex0.I  # noqa: E741
-        self.K = layers[0][1].shape[1]
-        self.rows = min(x.shape[0] for x, *_ in layers)
-        self.layers = len(layers)
-        self._ex = ex0
-        cols = list(zip(*layers, strict=True))
-        self._lists = [typed.List(c) for c in cols[:4]]  # xs, idss, wtss, outs
-        flat = [ex.flat for ex in cols[4]]  # (gate_up scales, zeros, down scales, zeros) each
-        self._weights = (
-            typed.List([ex.gate_up for ex in cols[4]]),
-            *(typed.List([f[i] for f in flat]) for i in (0, 1)),
-            typed.List([ex.down for ex in cols[4]]),
-            *(typed.List([f[i] for f in flat]) for i in (2, 3)),
-        )
-        self._inter = np.array([ex.I for ex in cols[4]], np.int64)
-
-    @staticmethod
-    def fits(experts: list, tokens: int, top_k: int) -> bool:
-        """Whether these layers' calls of ``tokens`` tokens can run as one MoEStep."""
-        if not experts or not all(isinstance(ex, PackedExperts) for ex in experts):
-            return False
-        e = experts[0]
-        kind = (e.fmt, e.H, e.I, e.group_size, e.symmetric)
-        return (
-            e.fmt != "bf16"
-            and tokens * top_k <= ONE_REGION_PAIRS
-            and all((x.fmt, x.H, x.I, x.group_size, x.symmetric) == kind for x in experts)
-        )
-
-    def run(
-        self,
-        tokens: int,
-        signal: tuple[np.ndarray, np.ndarray],
-        ready: tuple[np.ndarray, np.ndarray],
-        threads: int | None = None,
-    ) -> None:
-        """Run every layer on the first ``tokens`` rows of its buffers. signal: (flags int32 [N],
-        index int64 [L]): layer l sets flags[index[l]] once its out is whole; ready: (flags int32
-        [N], index int64 [L]): layer l waits for flags[index[l]] before it reads its inputs, then
-        clears it. Raises (naming the layer) when a layer's inputs never came or held bad ids; the
-        layers after it do not run and their flags stay unset."""
-        L = self.layers
-        if not 0 < tokens <= self.rows or tokens * self.K > ONE_REGION_PAIRS:
-            raise ValueError(
-                f"tokens must be in [1, {min(self.rows, ONE_REGION_PAIRS // self.K)}], got {tokens}"
-            )
-        for name, (flags, idx) in (("signal", signal), ("ready", ready)):
-            if not isinstance(flags, np.ndarray) or flags.dtype != np.int32 or flags.ndim != 1:
-                raise ValueError(f"{name} flags must be a 1-D int32 array")
-            if idx.shape != (L,) or idx.dtype != np.int64 or idx.min() < 0 or idx.max() >= flags.shape[0]:
-                raise ValueError(f"{name} indices must be int64 [{L}] within the {flags.shape[0]} flags")
-        ex = self._ex
-        _, (rb, tb), _, knobs = _cfg(ex.fmt, ex.H, ex.I)
-        if knobs[POLLS] != READY_POLLS:
-            knobs = knobs.copy()
-            knobs[POLLS] = READY_POLLS
-        nthr = threads or get_num_threads()
-        if getattr(_local, "threads", 0) != nthr:
-            numba.set_num_threads(nthr)
-            _local.threads = nthr
-        P = tokens * self.K
-        bufs, _ = _scratch("q", ex.Hp, ex.Ip, tokens, P)
-        part, ctr = _scratch("part", ex.Hp, 0, 0, P)
-        bar = _scratch("bar", 0, 0, 0, 0)
-        traces = _NO_TRACES
-        tr = _state["trace"]
-        if tr is not None:
-            rows = (tr[1] + np.arange(L)) % tr[0].shape[0]
-            traces = np.zeros((L, tr[0].shape[1]), np.int64)
-        is4 = ex.fmt == "int4"
-        xs, idss, wtss, outs = self._lists
-        status = _moe_step(
-            tokens, xs, idss, wtss, *self._weights[:3], *self._weights[3:], outs, self._inter,
-            (ex.group_size // 64) if is4 else 0, rb, tb, _state["vnni"], is4, ex.symmetric, bufs, ctr, bar,
-            nthr, part, _NO_PART, signal[0], signal[1], ready[0], ready[1], knobs, traces,
-        )  # fmt: skip
-        if tr is not None:
-            tr[0][rows] = traces
-            tr[1] += L
-        if status >= 0:
-            layer, code = divmod(int(status), 4)
-            if code == NOT_READY:
-                raise RuntimeError(f"layer {layer} of the step: {_NOT_READY}")
-            raise _bad_ids(self._lists[1][layer][:tokens], ex.E)
-
-
-_NO_TRACES = np.zeros((1, 0), np.int64)

@@ -504,135 +504,56 @@ def _one_region(
     A thread waits only for items claimed before its own, which threads that wait on nothing
     later are running: no deadlock with any number of threads, one included.
     """
-    _clear(ctr)
+    xq, xs, xc, h, hq, hs, hc = bufs
+    T, H = x.shape
+    E = gu.shape[0]
+    nbx = xq.shape[1] // 64
+    nq = T * nbx  # input blocks to quantize
+    for c in range(ctr.shape[0] // 8):  # every counter (the wrapper sizes them for this call)
+        ctr[8 * c] = 0
     tracing = trace.shape[0] > 0
     if tracing:
         trace[TR_START] = cycles()
     for tid in prange(nthr):
-        _thread_layer(
-            x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr,
-            nthr, part, defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace, tid,
-        )  # fmt: skip
-    status = _status(ctr)
-    if tracing and status == OK:
-        trace[TR_END] = cycles()
-    return status
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _clear(ctr):
-    for c in range(ctr.shape[0] // 8):  # every counter (the wrapper sizes them for this call)
-        ctr[8 * c] = 0
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _status(ctr):
+        if tracing:
+            trace[TR_THREADS + TR_THREAD * tid] = cycles()
+        go = True
+        if ready.shape[0] > 0 and wait_flag(ready, ready_idx, knobs[POLLS]) == 0:
+            fetch_add(ctr, 8 * C_NOT_READY, 1)
+            go = False
+        if go:
+            seen = fetch_add(ctr, 8 * C_SEEN, 1)
+            if seen == 0 and tracing:
+                trace[TR_READY] = cycles()
+            if seen == nthr - 1 and ready.shape[0] > 0:  # the last to see the flag clears it
+                ready[ready_idx] = 0
+            ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, defer)
+            if not ok:
+                fetch_add(ctr, 8 * C_BAD_IDS, 1)
+                go = False
+        if go:
+            while True:  # the input's blocks, a few each
+                q = fetch_add(ctr, 8 * C_QCLAIM, 1)
+                if q >= nq:
+                    break
+                t = q // nbx
+                _quantize_block(x[t], H, q % nbx, xq[t], xs[t], xc[t])
+                if fetch_add(ctr, 8 * C_QDONE, 1) == nq - 1 and tracing:
+                    trace[TR_PREP] = cycles()
+            _region_items(
+                T, H, E, I, gu, gus, guz, dn, dns, dnz, out, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr,
+                nthr, part, add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
+                tid, nq,
+            )  # fmt: skip
+        if tracing:
+            trace[TR_THREADS + TR_THREAD * tid + 2] = cycles()
     if ctr[8 * C_NOT_READY] > 0:
         return NOT_READY
     if ctr[8 * C_BAD_IDS] > 0:
         return BAD_IDS
+    if tracing:
+        trace[TR_END] = cycles()
     return OK
-
-
-@numba.njit(cache=True, nogil=True)
-def _thread_layer(
-    x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,  # noqa: E741
-    defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace, tid,
-):  # fmt: skip
-    """Thread ``tid``'s part of one layer in a region (``_one_region``): wait for the inputs, group
-    the pairs, quantize a share of the input, then work items until none is left. A failure
-    (inputs never ready, bad ids) counts in ctr, and the thread does no work."""
-    tracing = trace.shape[0] > 0
-    if tracing:
-        trace[TR_THREADS + TR_THREAD * tid] = cycles()
-    T, H = x.shape
-    E = gu.shape[0]
-    nbx = bufs[0].shape[1] // 64
-    nq = T * nbx  # input blocks to quantize
-    go = True
-    if ready.shape[0] > 0 and wait_flag(ready, ready_idx, knobs[POLLS]) == 0:
-        fetch_add(ctr, 8 * C_NOT_READY, 1)
-        go = False
-    if go:
-        seen = fetch_add(ctr, 8 * C_SEEN, 1)
-        if seen == 0 and tracing:
-            trace[TR_READY] = cycles()
-        if seen == nthr - 1 and ready.shape[0] > 0:  # the last to see the flag clears it
-            ready[ready_idx] = 0
-        ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, defer)
-        if not ok:
-            fetch_add(ctr, 8 * C_BAD_IDS, 1)
-            go = False
-    if go:
-        xq, xs, xc = bufs[0], bufs[1], bufs[2]
-        while True:  # the input's blocks, a few each
-            q = fetch_add(ctr, 8 * C_QCLAIM, 1)
-            if q >= nq:
-                break
-            t = q // nbx
-            _quantize_block(x[t], H, q % nbx, xq[t], xs[t], xc[t])
-            if fetch_add(ctr, 8 * C_QDONE, 1) == nq - 1 and tracing:
-                trace[TR_PREP] = cycles()
-        _region_items(
-            T, H, E, I, gu, gus, guz, dn, dns, dnz, out, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr,
-            nthr, part, add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
-            tid, nq,
-        )  # fmt: skip
-    if tracing:
-        trace[TR_THREADS + TR_THREAD * tid + 2] = cycles()
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _moe_step(
-    T, xs, idss, wtss, gus, guss, guzs, dns, dnss, dnzs, outs, inters, gsel, rb, tb, vnni, is_int4, sym, bufs,
-    ctr, bar, nthr, part, no_part, flag, flag_idx, ready, ready_idx, knobs, traces,
-):  # fmt: skip
-    """The decode calls of L layers (one token batch through each in turn) in one parallel region,
-    started before the first layer's inputs. Layer l reads xs[l][:T], idss[l][:T], wtss[l][:T]
-    (page-locked buffers a GPU stores into, then sets ready[ready_idx[l]]) with the weights
-    gus[l] .. dnzs[l] (as ``_moe_quant`` takes them; inters[l] = I) and writes outs[l][:T], then
-    sets flag[flag_idx[l]]; every thread runs each layer as in ``_one_region``, so a layer's
-    inputs meet threads already waiting for them, with no call, dispatch or region start between
-    layers. After a layer every thread waits for the others (bar[0] counts them out; the last
-    clears the layer's counters and moves bar[8], the layer the threads may start, on): the
-    layers share their scratch and counters, and a thread waits there only while the GPU makes
-    the next layer's inputs. traces: int64 [L, slots] (a trace row a layer) or [1, 0].
-
-    Returns -1, or 4 l + (NOT_READY or BAD_IDS) for the first layer l that failed (no later
-    layer runs; its flag and those after it are left unset).
-    """
-    L = len(xs)
-    _clear(ctr)
-    bar[0] = 0
-    bar[8] = 0
-    bar[16] = -1
-    tracing = traces.shape[1] > 0
-    if tracing:
-        traces[0, TR_ENTRY] = traces[0, TR_START] = cycles()
-    for tid in prange(nthr):
-        for li in range(L):
-            wait_at_least(bar, 8, li)
-            if bar[16] >= 0:
-                break
-            trace = traces[li] if tracing else traces[0]
-            _thread_layer(
-                xs[li][:T], idss[li][:T], wtss[li][:T], gus[li], guss[li], guzs[li], dns[li], dnss[li],
-                dnzs[li], outs[li][:T], inters[li], gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr, part,
-                0, no_part, no_part, flag, flag_idx[li], ready, ready_idx[li], knobs, trace, tid,
-            )  # fmt: skip
-            if fetch_add(bar, 0, 1) == nthr - 1:  # the last thread out of layer li
-                status = _status(ctr)
-                if status != OK:
-                    bar[16] = 4 * li + status
-                if tracing:
-                    trace[TR_NTHR] = nthr
-                    trace[TR_END] = cycles()
-                    if li + 1 < L:
-                        traces[li + 1, TR_ENTRY] = traces[li + 1, TR_START] = trace[TR_END]
-                _clear(ctr)
-                bar[0] = 0
-                fetch_add(bar, 8, 1)  # releases the next layer (and what was written above)
-    return bar[16]
 
 
 @numba.njit(cache=True, nogil=True)

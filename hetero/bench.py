@@ -255,9 +255,7 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
     if res.eager_reasons:
         print(f"decode ran eagerly for batch sizes {res.eager_reasons}")
     for layer, ms in res.per_layer_cpu_ms.items():
-        # graphs.FUSED_LAYERS: the step's CPU layers ran as one call, not timed apart
-        name = f"layer {layer:3d}" if layer >= 0 else "all layers, one call"
-        print(f"  {name}: CPU experts {ms:7.3f} ms/step")
+        print(f"  layer {layer:3d}: CPU experts {ms:7.3f} ms/step")
     return 0
 
 

@@ -211,16 +211,7 @@ class CPUExperts:
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, id_map: torch.Tensor | None = None
     ):
         """id_map: ids are the layer's, and id_map[ids] these experts' own (mapped as they are staged)."""
-        return self.handoff.submit(
-            self._kernel, x, ids, weights, signals=True, waits=True, id_map=id_map, fused=self._fused
-        )
-
-    def _fused(self):
-        """The packed experts when a call now would be a plain one (no deferral, nothing of the layer
-        before to add), else None."""
-        if self.defer or (self.prev is not None and self.prev.late_rows):
-            return None
-        return self.packed
+        return self.handoff.submit(self._kernel, x, ids, weights, signals=True, waits=True, id_map=id_map)
 
     def wait(self, handle) -> torch.Tensor:
         return self.handoff.wait(handle)

@@ -35,10 +35,7 @@ staging first: the call's own start overlaps the GPU's work. How the host drives
 - ``upfront`` (the default): the step is captured as one graph, the waits on the flags inside it;
   the host launches it, then runs the CPU experts itself (all the kernels' threads), each after its
   staging. One launch a step instead of one per hand-off, and none between two CPU calls; a
-  kernel that flags its output early (expert deferral) lets the GPU go on at once. When every
-  hand-off can (quantized experts of one shape, no deferral), the host runs them all as one
-  kernel call (``cpu_kernels.MoEStep``) whose threads wait on each layer's staging flag in turn:
-  no Python, dispatch or parallel-region start between two layers. Its steps are
+  kernel that flags its output early (expert deferral) lets the GPU go on at once. Its steps are
   captured apart from the other modes' (both sets share the memory pool: a step replays one set).
   Once a layer's GPU work between two hand-offs had shrunk to ~72 us, it led: V2-Lite on the H100
   machine, three alternations of 32 steps, int4 9.39 ms a step against 9.84 pipelined, 9.32 ahead
@@ -76,7 +73,6 @@ from collections import deque
 from concurrent import futures
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from hetero.attention import AttentionBatch
@@ -106,8 +102,6 @@ class _Program:
     handoffs: int = 0  # the "cpu" ops so far
     single: bool = False  # one graph for the whole step, its waits inside it (needs flags)
     last: int = -1  # index in ops of the step's last graph
-    # the step's CPU hand-offs as one call (``_run_fused``): (their experts' ids, MoEStep, slots)
-    fused: tuple | None = None
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -130,14 +124,7 @@ class _Program:
         return (*self.ready, self.handoffs)
 
     def handoff(
-        self,
-        fn,
-        args: tuple,
-        worker,
-        layer: int,
-        signals: bool = False,
-        waits: bool = False,
-        fused=None,
+        self, fn, args: tuple, worker, layer: int, signals: bool = False, waits: bool = False
     ) -> _Handoff:
         """Called after the staging of a CPU hand-off was captured: an event recorded by the graph
         itself marks the staging done, and the graph goes on (the layer's shared and GPU-resident
@@ -145,7 +132,7 @@ class _Program:
         them in order."""
         ready = torch.cuda.Event(external=True)  # a node of the graph, recorded at every replay
         ready.record()
-        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits, fused)
+        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits)
         self.staged.append(h)
         self.handoffs += 1
         return h
@@ -178,9 +165,6 @@ class _Handoff:
     ready: torch.cuda.Event  # recorded by the graph that stages the inputs in the pinned buffers
     signals: bool = False  # fn takes signal=(flags, slot) and sets the flag itself, once its output is whole
     waits: bool = False  # fn takes ready=(ready flags, slot) and waits for the staging to set it
-    # () -> the cpu_kernels.PackedExperts fn runs a plain call with right now (no deferral), or
-    # None: hand-offs that all have them may run as one cpu_kernels.MoEStep
-    fused: object = None
 
 
 @dataclass
@@ -245,9 +229,6 @@ class DecodeGraphs:
         # logits and their argmax run as one more graph launched with the step's last, so the GPU
         # goes from the last layer to the token without waiting for the host to launch them
         self.sample_greedy = True
-        # A step's CPU hand-offs (upfront) as one kernel call when they can (``_run_fused``); off:
-        # a call each
-        self.fuse_layers = True
         self._logits = getattr(model, "logits", None)  # hidden [B, H] -> logits [B, V]
         self._sampled: tuple[_Entry, int] | None = None  # the last step's entry and rows, if it sampled
 
@@ -486,9 +467,6 @@ class DecodeGraphs:
                     while queued and queued[0].slot <= due:
                         _run_handoff(queued.popleft(), live, flags, ready)
                     due = op[1].slot
-            fuse = self.fuse_layers and len(queued) > 1
-            if fuse and _run_fused(program, list(queued), live, flags, ready):
-                queued.clear()
             while queued:  # pipelined: the last join's; upfront: all of them
                 _run_handoff(queued.popleft(), live, flags, ready)
         except BaseException:
@@ -541,41 +519,6 @@ def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:
     timings.wait += t2 - t1  # the GPU is idle once the layer's own GPU work is done
     timings.calls += 1
     timings.per_layer[h.layer] = timings.per_layer.get(h.layer, 0.0) + (t2 - t1)
-
-
-def _run_fused(program: _Program, handoffs: list[_Handoff], live: int, flags, ready) -> bool:
-    """Run these hand-offs (in slot order, each waiting for its staging and setting its own flag)
-    as one ``cpu_kernels.MoEStep`` call, if they all can (quantized experts of one shape, no
-    deferral): no Python, dispatch or region start between their layers. Returns whether it ran."""
-    if flags is None or ready is None or not all(h.signals and h.waits and h.fused for h in handoffs):
-        return False
-    experts = [h.fused() for h in handoffs]
-    if any(e is None for e in experts):
-        return False
-    import cpu_kernels
-
-    key = tuple(map(id, experts))
-    if program.fused is None or program.fused[0] != key:
-        if not cpu_kernels.MoEStep.fits(experts, live, handoffs[0].args[1].shape[1]):
-            return False
-        step = cpu_kernels.MoEStep([(*h.args, e) for h, e in zip(handoffs, experts, strict=True)])
-        program.fused = (key, step, np.array([h.slot for h in handoffs], np.int64))
-    _, step, slots = program.fused
-    if live * step.K > cpu_kernels.moe.ONE_REGION_PAIRS:
-        return False
-    t0 = time.perf_counter()
-    step.run(live, (flags, slots), (ready, slots))
-    dt = time.perf_counter() - t0
-    timings = handoffs[0].worker.timings
-    timings.cpu_experts += dt
-    timings.wait += dt
-    timings.calls += len(handoffs)
-    # one call: its layers are not timed apart
-    timings.per_layer[FUSED_LAYERS] = timings.per_layer.get(FUSED_LAYERS, 0.0) + dt
-    return True
-
-
-FUSED_LAYERS = -1  # Timings.per_layer's key for the layers that ran as one call
 
 
 def _has_triton() -> bool:

@@ -33,7 +33,6 @@ def run(
     stream_min: int | None = None,
     launch="ahead",
     sample_greedy=False,
-    fuse_layers=True,
 ):
     """Greedy decode of several prompts of different lengths; returns tokens and per-step logits
     (``sample_greedy``: the graphs pick the tokens, and decode steps compute no logits on the host)."""
@@ -46,7 +45,6 @@ def run(
         )
         engine.graphs.launch = launch
         engine.graphs.sample_greedy = sample_greedy
-        engine.graphs.fuse_layers = fuse_layers
     logits = []
     full = model.logits
     model.logits = lambda h: logits.append(full(h).float().cpu()) or logits[-1]
@@ -290,10 +288,12 @@ def test_padded_graphs_match_eager(tiny):
     assert cpu_rows and set(cpu_rows) == {11}  # batches of 11 -> 7 -> 3: only 11 pads
 
 
-def _int4_graphs(tiny, preset: str) -> tuple[DecodeGraphs, KVCache]:
-    """Decode graphs of up to 2 rows over a tiny model, every third expert on the GPU, the rest int4
-    on the CPU; with its KV cache."""
-    path = tiny(preset)
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "upfront"])
+def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
+    """Launched ahead or pipelined, a CPU kernel that fails releases the GPU from every flag: the
+    step raises instead of the stream waiting forever, and the next step runs."""
+    path = tiny("deepseek-v2")
     spec = ModelSpec.from_pretrained(path)
     placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
     model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
@@ -301,17 +301,7 @@ def _int4_graphs(tiny, preset: str) -> tuple[DecodeGraphs, KVCache]:
     g = DecodeGraphs(
         model, kv.layers, 8, max_batch=2, device=torch.device("cuda"), scratch_block=kv.scratch_block
     )
-    return g, kv
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("launch", ["ahead", "pipelined", "upfront"])
-def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
-    """Launched ahead or pipelined, a CPU kernel that fails releases the GPU from every flag: the
-    step raises instead of the stream waiting forever, and the next step runs."""
-    g, kv = _int4_graphs(tiny, "deepseek-v2")
     g.launch = launch
-    g.fuse_layers = False  # a kernel call per layer: the one that fails
     assert g.prepare(1) == [1]
     slot = kv.scratch_block * 8
     handoffs = [op[1] for op in g.entries[1].program.ops if op[0] == "cpu"]
@@ -328,64 +318,6 @@ def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
     handoffs[1].fn = fn
     assert g.run([5], [0], [slot], [1], [[kv.scratch_block]]) is not None
     torch.cuda.synchronize()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b"])
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_step_as_one_cpu_call_matches_a_call_per_layer(tiny, preset, fmt):
-    """Upfront, a step's CPU layers run as one kernel call (cpu_kernels.MoEStep): the same tokens
-    and logits as a call per layer, over batches of 3, 2 and 1 rows."""
-    from hetero.graphs import FUSED_LAYERS
-
-    path = tiny(preset)
-    spec = ModelSpec.from_pretrained(path)
-    placement = Placement(split(spec), expert_format=fmt, group_size=32, stream_min_tokens=16)
-    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
-    results = {}
-    for fused in (False, True):
-        model.worker.timings.reset()
-        results[fused] = run(
-            model,
-            PROMPTS,
-            [6, 4, 2],
-            "cuda",
-            torch.bfloat16,
-            graphs=True,
-            launch="upfront",
-            fuse_layers=fused,
-        )
-        assert (FUSED_LAYERS in model.worker.timings.per_layer) == fused
-    (ref, ref_logits, _), (got, logits, _) = results[False], results[True]
-    assert got == ref
-    for a, b in zip(logits, ref_logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-def test_failing_step_call_releases_the_gpu(tiny, monkeypatch):
-    """A step whose CPU layers run as one call that fails before any layer: the step raises, every
-    flag is released and consumed, and the next step runs."""
-    import cpu_kernels
-
-    g, kv = _int4_graphs(tiny, "qwen3-30b-a3b")
-    assert g.launch == "upfront" and g.fuse_layers and g.prepare(1) == [1]
-    slot = kv.scratch_block * 8
-    n = sum(op[0] == "cpu" for op in g.entries[1].program.ops)
-    real = cpu_kernels.MoEStep.run
-
-    def broken(self, *a, **kw):
-        raise RuntimeError("step failed")
-
-    monkeypatch.setattr(cpu_kernels.MoEStep, "run", broken)
-    with pytest.raises(RuntimeError, match="step failed"):
-        g.run([5], [0], [slot], [1], [[kv.scratch_block]])
-    torch.cuda.synchronize()  # returns: every flag was set
-    assert g.flags[:n].tolist() == [0] * n and g.ready[0][:n].tolist() == [0] * n
-    monkeypatch.setattr(cpu_kernels.MoEStep, "run", real)
-    assert g.run([5], [0], [slot], [1], [[kv.scratch_block]]) is not None
-    torch.cuda.synchronize()
-    assert g.entries[1].program.fused is not None
 
 
 def test_handoff_sets_its_flag_even_when_its_kernel_fails():
@@ -448,7 +380,7 @@ def _order_of(launch: str, ops_of) -> tuple[list, list[int]]:
     program = _Program(pool=None, flags=flags)
     program.ops = ops_of(Graph, handoff)
     program.handoffs = sum(op[0] == "cpu" for op in program.ops)
-    DecodeGraphs._replay(SimpleNamespace(launch=launch, device=None, fuse_layers=True), program, live=1)
+    DecodeGraphs._replay(SimpleNamespace(launch=launch, device=None), program, live=1)
     return log, flags.tolist()
 
 
