@@ -354,6 +354,10 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "prefill_predicted_tok_s": pred["prefill_tok_s"],
                 "prefill_measured_over_predicted": pre.prefill_tok_s / pred["prefill_tok_s"],
                 "ttft_512_s": dec.prefill_s,
+                # the CPU kernels' rates the plan was priced with (placement's cpu_kernel_bw)
+                "plan_cpu_kernel_GBs": {
+                    k: v / 1e9 for k, v in (rt.plan.profile.get("cpu_kernel_bw") or {}).items()
+                },
                 "ram_expert_bytes_per_token": per_token,
                 "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
                 "cpu_layer_probe": probe,
