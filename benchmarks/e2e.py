@@ -284,7 +284,10 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         # Twice, the second timed: the first pays one-time costs of a new shape (kernel selection).
         first = run_bench(rt, args.prefill_len, 2, 1, seed=1)
         reading = sum(t.name == "hetero-readahead" for t in threading.enumerate())
-        pre = run_bench(rt, args.prefill_len, 2, 1)
+        # The best of two timed runs, so that a one-off stall of the host during one does not set the
+        # row (prefill ratios of one code moved from 0.58 to 0.88 across instances, one run each)
+        pres = [run_bench(rt, args.prefill_len, 2, 1) for _ in range(2)]
+        pre = max(pres, key=lambda r: r.prefill_tok_s)
         print(f"{fmt} prefill {args.prefill_len}: first {first.prefill_tok_s:.0f} tok/s "
               f"{first.prefill_ram_experts}, then {pre.prefill_tok_s:.0f} {pre.prefill_ram_experts} "
               f"({reading} read-ahead threads still running)", flush=True)  # fmt: skip
@@ -366,6 +369,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "decode_detail": asdict(dec),
                 "prefill_detail": asdict(pre),
                 "prefill_first_tok_s": first.prefill_tok_s,
+                "prefill_runs_tok_s": [r.prefill_tok_s for r in pres],
             }
         )
         if par.is_first:
