@@ -504,7 +504,7 @@ def _one_region(
     A thread waits only for items claimed before its own, which threads that wait on nothing
     later are running: no deadlock with any number of threads, one included.
     """
-    xq, xs, xc, h, hq, hs, hc = bufs
+    xq, xs, xc = bufs[0], bufs[1], bufs[2]  # the input's quantized blocks (the rest: _region_items)
     T, H = x.shape
     E = gu.shape[0]
     nbx = xq.shape[1] // 64

@@ -142,8 +142,8 @@ def decode_bandwidth(
     if threads:
         set_num_threads(threads)
     try:
-        rng = np.random.default_rng(0)
-        gbps = max(time_decode(layers, tokens, K, seconds / rounds, rng)[0] for _ in range(max(1, rounds)))
+        rng, rounds = np.random.default_rng(0), max(1, rounds)
+        gbps = max(time_decode(layers, tokens, K, seconds / rounds, rng)[0] for _ in range(rounds))
     finally:
         if threads:
             set_num_threads(before)

@@ -367,7 +367,7 @@ def profile_summary(p: HardwareProfile) -> dict[str, Any]:
         "ram_bytes": p.ram_bytes,
         "cpu_read_bw": p.cpu_read_bw,
         # the CPU expert kernels' measured decode rates by format ("int4", "int4@16"; bytes/s)
-        "cpu_kernel_bw": dict(getattr(p, "cpu_kernel_bw", {}) or {}),
+        "cpu_kernel_bw": dict(p.cpu_kernel_bw),
         "cpu_flops": p.cpu_flops,
         "isa": list(p.isa),
         "measured": list(p.measured),
