@@ -599,11 +599,29 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="only time expert deferral of each N experts a token, alternating, and its effect on the logits",
     )
+    ap.add_argument(
+        "--compare-share",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="only time each PCIe share S (of a step's RAM experts, read by the GPU in place), alternating",
+    )
+    ap.add_argument(
+        "--pcie-share", type=float, default=0.0, help="share of a step's RAM experts the GPU reads over PCIe"
+    )
     args = ap.parse_args(argv)
     cap = parse_size(args.gpu_mem)
     cap_device_memory(cap)
+    # PCIe experts are set up at load when a share is asked for; the graphs then read the share
+    share = max(args.compare_share) if args.compare_share else args.pcie_share
     opts = RuntimeOptions(
-        offload=True, gpu_mem=cap - (1 << 30), experts=args.experts, max_batch=1, max_model_len=1024
+        offload=True,
+        gpu_mem=cap - (1 << 30),
+        experts=args.experts,
+        max_batch=1,
+        max_model_len=1024,
+        pcie_share=share,
     )
     rt = load_runtime(args.model, opts)
     if args.cpu_threads:
@@ -624,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     switches = {"early_calls": args.compare_early, "sample_greedy": args.compare_sample}
     switch = next((name for name, on in switches.items() if on), None)
-    if args.compare_launch or args.compare_defer or args.compare_threads or args.compare_kernel or switch:
+    comparing = args.compare_defer or args.compare_threads or args.compare_kernel or args.compare_share
+    if args.compare_launch or comparing or switch:
         if engine.graphs is None or not torch.cuda.is_available():
             raise SystemExit("--compare-* need CUDA graphs")
         if args.compare_defer:
@@ -645,6 +664,13 @@ def main(argv: list[str] | None = None) -> int:
 
             variants = {
                 f"threads{n}": (lambda n=n: cpu_kernels.set_num_threads(n)) for n in args.compare_threads
+            }
+            row = compare(engine, prompt, args.steps, variants, 3, key="variant")
+        elif args.compare_share:
+            from hetero.experts import set_pcie_share
+
+            variants = {
+                f"share{s:g}": (lambda s=s: set_pcie_share(engine.model, s)) for s in args.compare_share
             }
             row = compare(engine, prompt, args.steps, variants, 3, key="variant")
         else:
@@ -668,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_defer
             else "decode_threads"
             if args.compare_threads
+            else "decode_pcie_share"
+            if args.compare_share
             else "decode_early"
             if args.compare_early
             else "decode_sample"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -72,7 +72,7 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         if [ "$spin" = - ]; then unset GOMP_SPINCOUNT; else export GOMP_SPINCOUNT=$spin; fi
         python3 benchmarks/cpu_launch.py --tag "spin$spin-torch$tt" --calls 100 --torch-threads "$tt" 2>&1 | tail -9
       done; unset GOMP_SPINCOUNT ;;
-    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" 2>&1 | grep -v "^loading" | tail -30 ;;
+    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" --pcie-share "${PCIE_SHARE:-0}" 2>&1 | grep -v "^loading" | tail -30 ;;
     pprofile) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts int4 --gen 32 --tag profile \
         --profile --trace "$out/trace-{part}.json" 2>&1 | grep -v "^loading" | tail -75 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
@@ -87,6 +87,8 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what ${PROFILE_ARGS:-} 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
+    share) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4} \
+        --steps 32 --compare-share ${SHARES:-0 0.2 0.36 0.5} 2>&1 | grep -v "^loading\|step split\|unprofiled" | tail -12 ;;
     defer) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4} \
         --steps 32 --compare-defer ${DEFER:-0 1 2 3} 2>&1 | grep -v "^loading\|step split\|unprofiled" | tail -16 ;;
     hf) bf=/tmp/ckpt-$preset-bf16  # transformers runs the bf16 checkpoint a user downloads
