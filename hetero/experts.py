@@ -502,13 +502,17 @@ PCIE_MAX_EXPERTS = 8  # PCIeExperts of one layer and step, at most
 
 
 class PCIeExperts:
-    """RAM experts the GPU computes itself at decode, reading the CPU kernels' packed arrays where they
-    lie (page-locked and mapped for the device) over PCIe as the kernels go: no copy, no unpacking
-    (``gpu_kernels.moe_gemv.fused_moe_packed``). A decode step's RAM experts split between the two
-    (``HybridExperts``, ``pcie_split``) finish sooner only where the CPU, not the RAM, limits the CPU
-    kernels: both sides read the same DRAM. On the H100 + 16-core Xeon such a kernel read host memory
-    at ~50 GB/s alone, but beside the CPU kernels the two together read no more than those alone, so
-    it is off unless asked for (``RuntimeOptions.pcie_share``; placement.cost prices it).
+    """RAM experts the GPU computes itself at decode, from the CPU kernels' packed arrays (page-locked
+    where they lie and mapped for the device; no second copy in RAM, no unpacking). The experts a step
+    hands the GPU are first gathered over PCIe into a device buffer of ``PCIE_MAX_EXPERTS`` slots, at
+    the link's streaming rate (``gpu_kernels.gather``), then computed there
+    (``gpu_kernels.moe_gemv.fused_moe_packed``): reading them in place, the GEMVs' dependent loads
+    drew ~26 GB/s over a link that streams ~50 (Qwen3-30B-A3B on the H100 + 16-core Xeon,
+    decode_profile-qwen3-...-int4-pcie05.json). The buffer is shared by every layer of a shape on a
+    device (one step's layers run in turn on one stream). A decode step's RAM experts split between the
+    two (``HybridExperts``, ``pcie_split``) finish sooner only where the CPU, not the RAM, limits the
+    CPU kernels: both sides read the same DRAM, so it is off unless asked for
+    (``RuntimeOptions.pcie_share``; placement.cost prices it).
 
     Symmetric int4 and int8 (``supports``). Without CUDA the same math runs in torch on the hit experts.
     """
@@ -527,23 +531,34 @@ class PCIeExperts:
             "gate_up_scale": torch.from_numpy(p.gate_up_scale.view(scale)),
             "down_scale": torch.from_numpy(p.down_scale.view(scale)),
         }
+        self.slots = min(PCIE_MAX_EXPERTS, p.E)
         if self.cuda:
             for n, t in self.host.items():
                 if not pin_in_place(t, read_only=not getattr(p, n).flags.writeable):
                     raise RuntimeError(f"could not page-lock the RAM experts' {n} for the GPU to read")
+            # each array as int32 words an expert (every packed expert is a multiple of 4 bytes)
+            self.words = {n: t.view(p.E, -1).view(torch.int32) for n, t in self.host.items()}
+            self.stage = _pcie_stage(
+                device, {n: (self.slots, *t.shape[1:], t.dtype) for n, t in self.host.items()}
+            )
 
     @staticmethod
     def supports(packed) -> bool:
         return packed.fmt == "int8" or (packed.fmt == "int4" and packed.symmetric)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        p, h = self.packed, self.host
+        p = self.packed
         if self.cuda:
+            from gpu_kernels.gather import gather_rows
             from gpu_kernels.moe_gemv import fused_moe_packed
 
+            sel, slot_ids = pcie_slots(ids, p.E, self.slots)
+            for n, src in self.words.items():
+                gather_rows(src, sel, self.stage[n].view(self.slots, -1).view(torch.int32))
+            st = self.stage
             return fused_moe_packed(
-                x, p.fmt, h["gate_up"], h["down"], h["gate_up_scale"], h["down_scale"], p.group_size,
-                ids.to(torch.int32), weights.float(),
+                x, p.fmt, st["gate_up"], st["down"], st["gate_up_scale"], st["down_scale"], p.group_size,
+                slot_ids, weights.float(),
             )  # fmt: skip
         from hetero.packed import dequantize_packed
 
@@ -557,6 +572,35 @@ class PCIeExperts:
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
+
+
+_PCIE_STAGE: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _pcie_stage(device: torch.device, shapes: dict) -> dict[str, torch.Tensor]:
+    """The device buffer PCIeExperts of these array shapes gather into: name -> [slots, ...] (shared
+    by the layers of one shape; captured decode graphs hold its addresses, so it is never replaced)."""
+    key = (device, tuple((n, *spec) for n, spec in shapes.items()))
+    if key not in _PCIE_STAGE:
+        _PCIE_STAGE[key] = {
+            n: torch.empty(spec[:-1], dtype=spec[-1], device=device) for n, spec in shapes.items()
+        }
+    return _PCIE_STAGE[key]
+
+
+def pcie_slots(ids: torch.Tensor, n_local: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct experts among ids [T, K] (local ids, -1: not here) laid out in ``slots`` buffer slots:
+    (sel [slots] int32, the expert in each slot or -1; ids [T, K] int32 as slot numbers, -1 kept).
+    Fixed shapes and no host sync (graphs capture it); at most ``slots`` distinct experts."""
+    dev = ids.device
+    flat = (ids.long() + 1).reshape(-1)  # 0: not here
+    hit = torch.zeros(n_local + 1, dtype=torch.int32, device=dev).scatter_(0, flat, 1)[1:]  # [E]
+    got, idx = hit.topk(slots)  # the hit experts first
+    sel = torch.where(got > 0, idx, -1)
+    slot_of = torch.full((n_local + 1,), -1, dtype=torch.int32, device=dev)
+    slot_of.scatter_(0, sel + 1, torch.arange(slots, dtype=torch.int32, device=dev))
+    slot_of[:1].fill_(-1)  # empty slots all wrote entry 0 (fill_: no host value copied in a capture)
+    return sel.int(), slot_of[flat].view(ids.shape)
 
 
 def pcie_split(

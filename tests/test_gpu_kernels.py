@@ -450,6 +450,28 @@ def check_moe_packed(fmt: str, group: int) -> None:
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def check_gather_rows() -> None:
+    """Run with TRITON_INTERPRET=1: the gather kernel copies the chosen rows (ragged last block) and
+    leaves the slots of -1 as they were."""
+    from gpu_kernels import gather
+
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randint(
+        -(2**31), 2**31 - 1, (6, 3 * gather.GATHER_BLOCK + 5), generator=gen, dtype=torch.int32
+    )
+    dst = torch.zeros(4, src.shape[1], dtype=torch.int32)
+    sel = torch.tensor([4, -1, 0, 5], dtype=torch.int32)
+    grid = (4, math.ceil(src.shape[1] / gather.GATHER_BLOCK))
+    gather._gather_rows_kernel[grid](src, dst, sel, src.shape[1], BLOCK=gather.GATHER_BLOCK)
+    assert torch.equal(dst[[0, 2, 3]], src[[4, 0, 5]]) and not dst[1].any()
+    assert torch.equal(gather.gather_rows_reference(src, sel, torch.zeros_like(dst)), dst)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+def test_gather_rows_in_interpreter():
+    in_interpreter("check_gather_rows()")
+
+
 def _rows(scales, lo: int, hi: int):
     return None if scales is None else scales[lo:hi]
 
@@ -1014,6 +1036,29 @@ def test_packed_moe_reads_host_memory_in_place(fmt, group, T):
     eager = moe_gemv.fused_moe_packed(xc, fmt, *views, group, idc, wc)
     assert rel_err(eager.double().cpu(), moe_of(xc.cpu(), idc.cpu(), wc.cpu())) < 1e-2
     assert torch.equal(static, eager)
+
+
+@gpu
+def test_gather_rows_reads_host_memory():
+    """The gather reads rows of page-locked host memory (over PCIe) into device memory, also replayed in
+    a CUDA graph with other ids."""
+    from gpu_kernels.gather import gather_rows
+    from hetero.experts import pin_in_place
+
+    gen = torch.Generator().manual_seed(9)
+    src = torch.randint(-(2**31), 2**31 - 1, (12, 70001), generator=gen, dtype=torch.int32)
+    assert pin_in_place(src)
+    sel = torch.tensor([3, -1, 11, 0], dtype=torch.int32, device=CUDA)
+    dst = torch.zeros(4, src.shape[1], dtype=torch.int32, device=CUDA)
+    gather_rows(src, sel, dst)
+    assert torch.equal(dst[[0, 2, 3]].cpu(), src[[3, 11, 0]]) and not dst[1].any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gather_rows(src, sel, dst)
+    sel.copy_(torch.tensor([7, 5, -1, 2], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(dst[[0, 1, 3]].cpu(), src[[7, 5, 2]]) and torch.equal(dst[2].cpu(), src[11])
 
 
 @gpu

@@ -10,7 +10,7 @@ import torch
 from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
-from hetero.experts import HybridExperts, pcie_split
+from hetero.experts import HybridExperts, pcie_slots, pcie_split
 from hetero.kv_cache import KVCache
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
@@ -332,6 +332,23 @@ def test_pcie_split_gives_each_expert_to_one_side(share):
         rest = cpu[cpu >= 0]
         if picked.numel() and rest.numel():
             assert counts[picked].min() >= counts[rest].max()
+
+
+def test_pcie_slots_lay_out_each_expert_once():
+    """The GPU's experts of a step (at most as many as slots, as pcie_split leaves it) in the gather
+    buffer's slots: each distinct expert in one slot, the rest -1, and every choice renumbered to its
+    expert's slot."""
+    g = torch.Generator().manual_seed(3)
+    n, slots = 20, 8
+    for T, K in ((1, 8), (4, 6), (2, 3)):
+        ids = torch.randperm(n, generator=g)[torch.randint(0, slots, (T, K), generator=g)]
+        ids[torch.rand(T, K, generator=g) < 0.4] = -1  # choices the CPU or the GPU's own experts take
+        sel, slot_ids = pcie_slots(ids, n, slots)
+        hit = sorted(ids[ids >= 0].unique().tolist())
+        assert sel.dtype == slot_ids.dtype == torch.int32 and sel.shape == (slots,)
+        assert sorted(sel[sel >= 0].tolist()) == hit and (sel < 0).sum() == slots - len(hit)
+        assert torch.equal(slot_ids < 0, ids < 0)
+        assert torch.equal(sel[slot_ids[ids >= 0].long()].long(), ids[ids >= 0])
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
