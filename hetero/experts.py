@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from placement.cost import PCIE_MAX_PAIRS
+from placement.cost import PCIE_MAX_EXPERTS, PCIE_MAX_PAIRS
 from placement.planner import STREAM_CHUNK_BYTES, STREAM_SLOTS
 
 log = logging.getLogger(__name__)
@@ -497,8 +497,6 @@ def pin_streamed(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- read over PCIe by the GPU
-
-PCIE_MAX_EXPERTS = 8  # PCIeExperts of one layer and step, at most
 
 
 class PCIeExperts:

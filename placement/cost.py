@@ -74,6 +74,9 @@ PCIE_SPLIT_FORMATS = ("int4", "int8")
 # Decode steps of up to this many token-expert choices split (gpu_kernels.moe_gemv.GEMV_MAX_SLOTS: the
 # fused MoE's GEMV sizes); the runtime (hetero.experts) uses this same number
 PCIE_MAX_PAIRS = 64
+# Experts of one layer and step the GPU takes at most; their packed bytes are gathered into a device
+# buffer of this many slots (hetero.experts.PCIeExperts), which the plan's workspace holds
+PCIE_MAX_EXPERTS = 8
 
 # Several GPUs: two all-reduces of the hidden states per layer (attention, then MLP / MoE), each
 # priced as its bf16 bytes over an assumed GPU-to-GPU bandwidth plus a fixed launch latency.

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from placement.cost import (
+    PCIE_MAX_EXPERTS,
+    PCIE_SPLIT_FORMATS,
     Branch,
     CostInputs,
     LayerCost,
@@ -337,7 +339,10 @@ def workspace_bytes(inv: Inventory, opts: PlanOptions, expert_bytes: int) -> int
     # CUDA graphs keep each captured segment's activations in their pool: about 9 hidden-sized
     # bf16 vectors per row and layer (135 MB measured at 144 rows on the V2-Lite shape)
     graphs = rows * inv.num_layers * 9 * inv.hidden_size * 2
-    return GPU_BASE_RESERVE + activations + logits + graphs + stream_bytes(inv, tokens, expert_bytes)
+    # a PCIe share of decode gathers the GPU's RAM experts into PCIE_MAX_EXPERTS slots first
+    shares = opts.pcie_share != 0 and opts.experts in PCIE_SPLIT_FORMATS and opts.gpus == 1
+    gather = PCIE_MAX_EXPERTS * expert_bytes if shares and inv.moe_layers else 0
+    return GPU_BASE_RESERVE + activations + logits + graphs + gather + stream_bytes(inv, tokens, expert_bytes)
 
 
 def stream_bytes(inv: Inventory, tokens: int, expert_bytes: int) -> int:

@@ -400,3 +400,13 @@ def test_decode_splits_ram_experts_with_the_gpu_over_pcie():
     assert decode_step_time(ci, batch=wide).seconds == decode_step_time(alone, batch=wide).seconds
     bf16 = dataclasses.replace(opts, experts="bf16")
     assert make_plan(INV, toy_profile(), bf16).cost_inputs.pcie_share == 0
+    # the GPU's experts are gathered into PCIE_MAX_EXPERTS slots of device memory: the workspace holds them
+    from placement.cost import PCIE_MAX_EXPERTS
+    from placement.planner import _expert_bytes, workspace_bytes
+
+    eb = _expert_bytes(INV.experts(), opts.experts, opts.group_size)
+    off = dataclasses.replace(opts, pcie_share=0.0)
+    assert eb > 0 and workspace_bytes(INV, opts, eb) - workspace_bytes(INV, off, eb) == PCIE_MAX_EXPERTS * eb
+    assert workspace_bytes(INV, bf16, eb) == workspace_bytes(
+        INV, dataclasses.replace(bf16, pcie_share=0.0), eb
+    )
