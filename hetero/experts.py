@@ -650,7 +650,7 @@ class HybridExperts:
     ``gpu_ids`` live on the compute device, the rest in RAM. RAM experts run on the CPU
     worker, or, when a batch is large enough that the cost model prefers it, are streamed
     over PCIe and run on the GPU. At decode sizes, with ``pcie``, the GPU also computes a share
-    of the RAM experts hit, reading them in place over PCIe while the CPU computes the others.
+    of the RAM experts hit, gathering them over PCIe itself while the CPU computes the others.
     """
 
     def __init__(

@@ -180,7 +180,7 @@ def load_runtime(
         # Streaming means copying over PCIe; with no GPU the "device" already is the CPU.
         stream_from = stream_min_tokens(plan.cost_inputs) if device.type == "cuda" else None
         placement = Placement.from_plan(plan, stream_from)
-        # The GPU reads RAM experts in place over PCIe: with CUDA only (the CPU device has no link).
+        # The GPU reads RAM experts over PCIe itself: with CUDA only (the CPU device has no link).
         placement.pcie_share = plan.cost_inputs.pcie_share if device.type == "cuda" else 0.0
         net = load_placed(
             path,

@@ -63,7 +63,7 @@ LAYER_OVERHEAD_S = 30e-6
 HANDOFF_S = 55e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
-# bytes in place over PCIe (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
+# bytes over PCIe itself (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
 # host memory at 46-51 GB/s over the reference machine's PCIe Gen5 x16 (54.5 GB/s pinned copies).
 # Both sides read the same DRAM, so a split step is priced no faster than all its RAM bytes at the
 # measured read bandwidth (``CostInputs.ram_bw``). On that machine (H100 + 16-core Xeon, V2-Lite int4,
@@ -357,7 +357,7 @@ def decode_layer_time(
     """Seconds of one layer for ``n`` tokens (default ``gpu.n``; the branches may be built over
     fewer, ``routed_tokens``), ``batch`` sequences at ``context`` cached tokens; ``stream``: the
     RAM experts cross PCIe to run on the GPU (a step of many rows) instead of on the CPU;
-    ``share``: of the RAM experts' bytes, what the GPU reads in place over PCIe (not streaming), the
+    ``share``: of the RAM experts' bytes, what the GPU reads over PCIe itself (not streaming), the
     two sides together no faster than ``ram_bw`` (when known)."""
     n = gpu.n if n is None else n
     kv = lc.kv_bytes_per_pos * context * batch

@@ -354,7 +354,7 @@ def test_pcie_slots_lay_out_each_expert_once():
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_pcie_experts_share_decode_with_the_cpu(tiny, fmt):
     """Decode with part of each step's RAM experts computed from the packed bytes by the "GPU" (torch
-    here; zero-copy kernels on CUDA): the CPU kernels' numbers within their activation rounding, the
+    here; gathered over PCIe on CUDA): the CPU kernels' numbers within their activation rounding, the
     same greedy tokens, and the shared path did run."""
     path = tiny("deepseek-v2")
     spec = ModelSpec.from_pretrained(path)
