@@ -59,6 +59,52 @@ def prefill_bound_s(model, spec, tokens: int, rates) -> float:
     return total
 
 
+def stream_copy_probe(streamed: list, reps: int = 3) -> dict:
+    """What streamed prefill's copies reach: one layer's packed experts copied chunk by chunk from
+    where they lie (page-locked in place) into the staging buffers, as a prefill copies them but with
+    no computation between, best of ``reps``; beside one 128 MB copy from a cudaHostAlloc buffer
+    (how the hardware profile's pinned rate, and so the prefill bound, is measured: 256 MB there)."""
+    if not streamed or not streamed[0].cuda or not streamed[0].pinned:
+        return {}
+    try:
+        return _stream_copy_probe(streamed[0], reps)
+    except (RuntimeError, torch.OutOfMemoryError) as err:  # a diagnostic: never the run's end
+        print(f"streamed copies: probe failed: {err}")
+        return {"error": str(err)[:300]}
+
+
+def _stream_copy_probe(s, reps: int) -> dict:
+    stream = s.copy_stream
+    best = 0.0
+    nbytes = sum(t.numel() * t.element_size() for t in s.host.values())
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for lo, hi in s._spans():
+            s._fetch(lo, hi)
+        end.record(stream)
+        torch.cuda.synchronize()
+        best = max(best, nbytes / (start.elapsed_time(end) * 1e-3))
+    src = torch.empty(128 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=s.device)
+    alloc = 0.0
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        alloc = max(alloc, src.numel() / (time.perf_counter() - t0))
+    out = {
+        "layer_bytes": nbytes,
+        "chunks": len(s._spans()),
+        "stream_GBs": best / 1e9,
+        "host_alloc_GBs": alloc / 1e9,
+    }
+    print("streamed copies:", {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()})
+    return out
+
+
 def cpu_layer_probe(model, spec, calls: int = 100) -> dict:
     """One MoE layer's CPU kernel alone, one token whose experts all sit in RAM: ms per call and GB/s
     of weights read, with the arrays as loaded and as a fresh copy, at all and at half the threads."""
@@ -323,6 +369,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
             and m.mlp.experts.streamed is not None
         ]
         pinned = sum(s.pinned_bytes for s in streamed), sum(s.packed.nbytes for s in streamed)
+        copies = stream_copy_probe(streamed)
         if args.profile and fmt == args.experts[0]:
             profile_tables(rt, args.prefill_len, args.prompt_len, show=par.is_first, trace=args.trace)
         per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
@@ -365,6 +412,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
                 "cpu_layer_probe": probe,
                 "streamed_bytes_pinned": pinned[0],
+                "stream_copy_probe": copies,  # one layer's chunk copies as prefill makes them, alone
                 "streamed_bytes": pinned[1],
                 "decode_detail": asdict(dec),
                 "prefill_detail": asdict(pre),
