@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         metavar="S",
-        help="only time each PCIe share S (of a step's RAM experts, read by the GPU in place), alternating",
+        help="only time each PCIe share S (of a step's RAM experts, gathered by the GPU), alternating",
     )
     ap.add_argument(
         "--pcie-share", type=float, default=0.0, help="share of a step's RAM experts the GPU reads over PCIe"

@@ -539,6 +539,8 @@ class PCIeExperts:
             self.stage = _pcie_stage(
                 device, {n: (self.slots, *t.shape[1:], t.dtype) for n, t in self.host.items()}
             )
+            # the same buffer as words a slot, what the gather writes
+            self.stage_words = {n: b.view(self.slots, -1).view(torch.int32) for n, b in self.stage.items()}
 
     @staticmethod
     def supports(packed) -> bool:
@@ -552,7 +554,7 @@ class PCIeExperts:
 
             sel, slot_ids = pcie_slots(ids, p.E, self.slots)
             for n, src in self.words.items():
-                gather_rows(src, sel, self.stage[n].view(self.slots, -1).view(torch.int32))
+                gather_rows(src, sel, self.stage_words[n])
             st = self.stage
             return fused_moe_packed(
                 x, p.fmt, st["gate_up"], st["down"], st["gate_up_scale"], st["down_scale"], p.group_size,

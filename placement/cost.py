@@ -329,11 +329,17 @@ def routed_tokens(batch: int, tokens_per_step: int = 1) -> float:
     return batch * tokens_per_step**SEQ_ROUTING_EXPONENT
 
 
+def pcie_splits(expert_format: str, gpus: int = 1, share: float | None = None) -> bool:
+    """Whether decode steps give the GPU a share of their RAM experts: asked for (``share`` not 0;
+    None: balanced), on one GPU, in a format the runtime splits."""
+    return share != 0 and gpus == 1 and expert_format in PCIE_SPLIT_FORMATS
+
+
 def pcie_share(r: Rates, expert_format: str, gpus: int = 1, share: float | None = None) -> float:
     """Share of a decode step's RAM expert bytes the GPU reads itself over PCIe: ``share`` as given,
     or (None) the one that has both sides finish together, PCIe rate over the sum of the two rates;
     0 where the runtime does not split (several GPUs, bf16 experts)."""
-    if gpus != 1 or expert_format not in PCIE_SPLIT_FORMATS:
+    if not pcie_splits(expert_format, gpus, share):
         return 0.0
     if share is not None:
         return share

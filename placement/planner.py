@@ -26,7 +26,6 @@ from typing import Any
 
 from placement.cost import (
     PCIE_MAX_EXPERTS,
-    PCIE_SPLIT_FORMATS,
     Branch,
     CostInputs,
     LayerCost,
@@ -34,6 +33,7 @@ from placement.cost import (
     decode_layer_time,
     decode_step_time,
     pcie_share,
+    pcie_splits,
     prefill_time,
     touch_probability,
 )
@@ -340,8 +340,8 @@ def workspace_bytes(inv: Inventory, opts: PlanOptions, expert_bytes: int) -> int
     # bf16 vectors per row and layer (135 MB measured at 144 rows on the V2-Lite shape)
     graphs = rows * inv.num_layers * 9 * inv.hidden_size * 2
     # a PCIe share of decode gathers the GPU's RAM experts into PCIE_MAX_EXPERTS slots first
-    shares = opts.pcie_share != 0 and opts.experts in PCIE_SPLIT_FORMATS and opts.gpus == 1
-    gather = PCIE_MAX_EXPERTS * expert_bytes if shares and inv.moe_layers else 0
+    shares = pcie_splits(opts.experts, opts.gpus, opts.pcie_share) and inv.moe_layers
+    gather = PCIE_MAX_EXPERTS * expert_bytes if shares else 0
     return GPU_BASE_RESERVE + activations + logits + graphs + gather + stream_bytes(inv, tokens, expert_bytes)
 
 
