@@ -508,7 +508,7 @@ class PCIeExperts:
     drew ~26 GB/s over a link that streams ~50 (Qwen3-30B-A3B on the H100 + 16-core Xeon,
     decode_profile-qwen3-...-int4-pcie05.json). The buffer is shared by every layer of a shape on a
     device (one step's layers run in turn on one stream). A decode step's RAM experts split between the
-    two (``HybridExperts``, ``pcie_split``) finish sooner only where the CPU, not the RAM, limits the
+    two (``HybridExperts``, ``split``) finish sooner only where the CPU, not the RAM, limits the
     CPU kernels: both sides read the same DRAM, so it is off unless asked for
     (``RuntimeOptions.pcie_share``; placement.cost prices it).
 
@@ -546,15 +546,32 @@ class PCIeExperts:
     def supports(packed) -> bool:
         return packed.fmt == "int8" or (packed.fmt == "int4" and packed.symmetric)
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def split(
+        self, ids: torch.Tensor, share: torch.Tensor, id_map: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """A step's choices ids [T, K] (layer ids, mapped to this array's by id_map) -> (the CPU's [T, K]
+        local ids, -1 where the GPU takes them; the GPU's part for ``submit``: slot ids [T, K] and the
+        expert in each slot). The GPU takes round(share * distinct experts hit), at most its slots,
+        those chosen by the most tokens, with all their tokens (each expert is read by one side only);
+        any split gives the same sum, this one balances the two sides' reads. One launch on CUDA, no
+        host sync: decode graphs capture it (``gpu_kernels.gather.choose_rows``)."""
+        from gpu_kernels.gather import choose_rows
+
+        rest, slot, sel = choose_rows(ids, self.packed.E, share, self.slots, id_map)
+        return rest, (slot, sel)
+
+    def submit(
+        self, x: torch.Tensor, part: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The GPU's part of ``split`` ((slot ids [T, K], sel [slots])) computed: [T, H]."""
         p = self.packed
+        slot_ids, sel = part
         if self.cuda:
             from gpu_kernels.gather import gather_rows
             from gpu_kernels.moe_gemv import fused_moe_packed
 
-            sel, slot_ids = pcie_slots(ids, p.E, self.slots)
-            for n, src in self.words.items():
-                gather_rows(src, sel, self.stage_words[n])
+            names = list(self.words)
+            gather_rows([self.words[n] for n in names], sel, [self.stage_words[n] for n in names])
             st = self.stage
             return fused_moe_packed(
                 x, p.fmt, st["gate_up"], st["down"], st["gate_up_scale"], st["down_scale"], p.group_size,
@@ -562,6 +579,7 @@ class PCIeExperts:
             )  # fmt: skip
         from hetero.packed import dequantize_packed
 
+        ids = torch.where(slot_ids >= 0, sel[slot_ids.long()], -1).long()  # the experts themselves
         used = torch.unique(ids[ids >= 0])
         if used.numel() == 0:
             return torch.zeros_like(x)
@@ -586,43 +604,6 @@ def _pcie_stage(device: torch.device, shapes: dict) -> dict[str, torch.Tensor]:
             n: torch.empty(spec[:-1], dtype=spec[-1], device=device) for n, spec in shapes.items()
         }
     return _PCIE_STAGE[key]
-
-
-def pcie_slots(ids: torch.Tensor, n_local: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct experts among ids [T, K] (local ids, -1: not here) laid out in ``slots`` buffer slots:
-    (sel [slots] int32, the expert in each slot or -1; ids [T, K] int32 as slot numbers, -1 kept).
-    Fixed shapes and no host sync (graphs capture it); at most ``slots`` distinct experts."""
-    dev = ids.device
-    flat = (ids.long() + 1).reshape(-1)  # 0: not here
-    hit = torch.zeros(n_local + 1, dtype=torch.int32, device=dev).scatter_(0, flat, 1)[1:]  # [E]
-    got, idx = hit.topk(slots)  # the hit experts first
-    sel = torch.where(got > 0, idx, -1)
-    slot_of = torch.full((n_local + 1,), -1, dtype=torch.int32, device=dev)
-    slot_of.scatter_(0, sel + 1, torch.arange(slots, dtype=torch.int32, device=dev))
-    slot_of[:1].fill_(-1)  # empty slots all wrote entry 0 (fill_: no host value copied in a capture)
-    return sel.int(), slot_of[flat].view(ids.shape)
-
-
-def pcie_split(
-    local: torch.Tensor, n_local: int, share: float | torch.Tensor, cap: int = PCIE_MAX_EXPERTS
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a step's RAM expert choices between the CPU and PCIeExperts: local [T, K] ids of the RAM
-    experts (-1: elsewhere) -> (the CPU's, the GPU's), each -1 where the other has it.
-
-    The GPU takes round(share * distinct experts hit), at most ``cap``, those chosen by the most tokens,
-    with all their tokens (each expert is read by one side only). Any split gives the same sum; this one
-    balances the two sides' reads. Fixed shapes and no host sync, so decode graphs capture it."""
-    dev = local.device
-    flat = (local + 1).reshape(-1)  # 0: not a RAM expert
-    counts = torch.zeros(n_local + 1, dtype=torch.int32, device=dev)
-    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))[1:]  # tokens per expert
-    take = ((counts > 0).sum() * share + 0.5).floor()
-    k = min(cap, n_local)
-    top = counts.topk(k)
-    pick = (top.values > 0) & (torch.arange(k, device=dev) < take)
-    chosen = torch.zeros(n_local + 1, dtype=torch.bool, device=dev).scatter_(0, top.indices + 1, pick)
-    gpu = chosen[flat].view_as(local)
-    return local.masked_fill(gpu, -1), local.masked_fill(~gpu, -1)
 
 
 def set_pcie_share(model: nn.Module, share: float) -> None:
@@ -669,7 +650,7 @@ class HybridExperts:
         self.num_experts = num_experts
         self.gpu, self.cpu, self.streamed = gpu, cpu, streamed
         self.stream_min_tokens = stream_min_tokens
-        # Decode steps: the share of the RAM experts hit that the GPU reads over PCIe itself (pcie_split),
+        # Decode steps: the share of the RAM experts hit that the GPU reads over PCIe itself (PCIeExperts.split),
         # also held on the device (_share), where captured graphs read it
         self.pcie, self.pcie_share = pcie, pcie_share
         self._share: torch.Tensor | None = None
@@ -723,7 +704,7 @@ class HybridExperts:
                 self.cpu.late_rows = 0
             local = by_pcie = None  # local: the RAM backend's own ids, unless its staging maps them
             if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:
-                local, by_pcie = pcie_split(cpu_local[ids], self.pcie.packed.E, self._share)
+                local, by_pcie = self.pcie.split(ids, self._share, cpu_local)
             elif streams or not isinstance(ram, CPUExperts):
                 local = cpu_local[ids]
             try:

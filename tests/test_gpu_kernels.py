@@ -451,20 +451,20 @@ def check_moe_packed(fmt: str, group: int) -> None:
 
 
 def check_gather_rows() -> None:
-    """Run with TRITON_INTERPRET=1: the gather kernel copies the chosen rows (ragged last block) and
-    leaves the slots of -1 as they were."""
+    """Run with TRITON_INTERPRET=1: one launch gathers the chosen rows of one array, then of three
+    arrays of different widths (ragged last blocks), and leaves the slots of -1 as they were."""
     from gpu_kernels import gather
 
     gen = torch.Generator().manual_seed(5)
-    src = torch.randint(
-        -(2**31), 2**31 - 1, (6, 3 * gather.GATHER_BLOCK + 5), generator=gen, dtype=torch.int32
-    )
-    dst = torch.zeros(4, src.shape[1], dtype=torch.int32)
     sel = torch.tensor([4, -1, 0, 5], dtype=torch.int32)
-    grid = (4, math.ceil(src.shape[1] / gather.GATHER_BLOCK))
-    gather._gather_rows_kernel[grid](src, dst, sel, src.shape[1], BLOCK=gather.GATHER_BLOCK)
-    assert torch.equal(dst[[0, 2, 3]], src[[4, 0, 5]]) and not dst[1].any()
-    assert torch.equal(gather.gather_rows_reference(src, sel, torch.zeros_like(dst)), dst)
+    widths = (3 * gather.GATHER_BLOCK + 5, 7, gather.GATHER_BLOCK)
+    srcs = [torch.randint(-(2**31), 2**31 - 1, (6, w), generator=gen, dtype=torch.int32) for w in widths]
+    for n in (1, 3):
+        dsts = [torch.zeros(4, w, dtype=torch.int32) for w in widths[:n]]
+        gather.gather_rows(srcs[:n] if n > 1 else srcs[0], sel, dsts if n > 1 else dsts[0])
+        for src, dst in zip(srcs, dsts):
+            assert torch.equal(dst[[0, 2, 3]], src[[4, 0, 5]]) and not dst[1].any()
+            assert torch.equal(gather.gather_rows_reference(src, sel, torch.zeros_like(dst)), dst)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")

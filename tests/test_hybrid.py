@@ -6,11 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_gpu_kernels import in_interpreter
 
+from gpu_kernels._triton import HAS_TRITON
 from hetero.apply import Placement, load_placed
 from hetero.config import ModelSpec
 from hetero.engine import Engine, EngineConfig
-from hetero.experts import HybridExperts, pcie_slots, pcie_split
+from hetero.experts import HybridExperts
 from hetero.kv_cache import KVCache
 from hetero.model import load_model
 from hetero.sampling import SamplingParams
@@ -312,43 +314,64 @@ def test_pcie_split_covers_the_gemv_sizes():
     assert PCIE_MAX_PAIRS == GEMV_MAX_SLOTS  # the split's kernels are the GEMV path's
 
 
-@pytest.mark.parametrize("share", [0.0, 0.3, 0.5, 0.99])
-def test_pcie_split_gives_each_expert_to_one_side(share):
-    """The GPU's part of a step's RAM choices: round(share * experts hit) experts, the most chosen,
-    each with all its tokens; every choice lands on exactly one side."""
-    g = torch.Generator().manual_seed(int(share * 100))
-    n = 12
-    for T, K in ((1, 6), (3, 4), (9, 6)):
-        local = torch.stack([torch.randperm(n + 4, generator=g)[:K] for _ in range(T)])
-        local = torch.where(local >= n, -1, local)  # some choices are not RAM experts
-        cpu, gpu = pcie_split(local, n, share, cap=4)
-        assert torch.equal(torch.where(cpu >= 0, cpu, gpu), local)
-        assert not ((cpu >= 0) & (gpu >= 0)).any()
-        hit = local[local >= 0].unique()
-        picked = gpu[gpu >= 0].unique()
-        assert not set(picked.tolist()) & set(cpu[cpu >= 0].tolist())  # an expert is read by one side
-        assert picked.numel() == min(4, int(hit.numel() * share + 0.5))
-        counts = torch.bincount(local[local >= 0], minlength=n)
-        rest = cpu[cpu >= 0]
-        if picked.numel() and rest.numel():
-            assert counts[picked].min() >= counts[rest].max()
+def check_choice(ids, n, share, slots, rest, slot, sel, id_map=None) -> None:
+    """What choose_rows promises for a step's choices ids [T, K]: every choice lands on exactly one
+    side, round(share * rows hit) rows (at most slots), the most chosen, each whole in one slot."""
+    local = id_map[ids] if id_map is not None else ids
+    assert rest.dtype == torch.int64 and slot.dtype == sel.dtype == torch.int32 and sel.shape == (slots,)
+    gpu = torch.where(slot >= 0, sel[slot.long().clamp(min=0)].long(), -1)  # the rows themselves
+    assert torch.equal(torch.where(rest >= 0, rest, gpu), local)
+    assert not ((rest >= 0) & (slot >= 0)).any()
+    hit = local[local >= 0].unique()
+    picked = gpu[gpu >= 0].unique()
+    assert not set(picked.tolist()) & set(rest[rest >= 0].tolist())  # a row is read by one side
+    assert picked.numel() == min(slots, int(hit.numel() * share + 0.5))
+    assert sorted(sel[sel >= 0].tolist()) == sorted(picked.tolist())  # each in one slot, the rest -1
+    counts = torch.bincount(local[local >= 0], minlength=n)
+    others = rest[rest >= 0]
+    if picked.numel() and others.numel():
+        assert counts[picked].min() >= counts[others].max()
 
 
-def test_pcie_slots_lay_out_each_expert_once():
-    """The GPU's experts of a step (at most as many as slots, as pcie_split leaves it) in the gather
-    buffer's slots: each distinct expert in one slot, the rest -1, and every choice renumbered to its
-    expert's slot."""
-    g = torch.Generator().manual_seed(3)
-    n, slots = 20, 8
-    for T, K in ((1, 8), (4, 6), (2, 3)):
-        ids = torch.randperm(n, generator=g)[torch.randint(0, slots, (T, K), generator=g)]
-        ids[torch.rand(T, K, generator=g) < 0.4] = -1  # choices the CPU or the GPU's own experts take
-        sel, slot_ids = pcie_slots(ids, n, slots)
-        hit = sorted(ids[ids >= 0].unique().tolist())
-        assert sel.dtype == slot_ids.dtype == torch.int32 and sel.shape == (slots,)
-        assert sorted(sel[sel >= 0].tolist()) == hit and (sel < 0).sum() == slots - len(hit)
-        assert torch.equal(slot_ids < 0, ids < 0)
-        assert torch.equal(sel[slot_ids[ids >= 0].long()].long(), ids[ids >= 0])
+def choice_cases():
+    """(ids [T, K], rows, share, slots, id_map) of decode-size steps, some choices on no row here."""
+    g = torch.Generator().manual_seed(11)
+    for share in (0.0, 0.3, 0.5, 0.99):
+        for T, K in ((1, 6), (3, 4), (9, 6)):
+            n = 12
+            ids = torch.stack([torch.randperm(n + 4, generator=g)[:K] for _ in range(T)])
+            yield torch.where(ids >= n, -1, ids), n, share, 4, None
+    # layer ids mapped to the RAM experts' own through a map (-1: on the GPU), as HybridExperts does
+    n_layer = 40
+    id_map = torch.full((n_layer + 1,), -1, dtype=torch.long)
+    ram = torch.randperm(n_layer, generator=g)[:25]
+    id_map[ram] = torch.arange(25)
+    for T, K in ((1, 8), (8, 8)):
+        yield torch.randint(0, n_layer, (T, K), generator=g), 25, 0.4, 8, id_map
+
+
+def test_choose_rows_gives_each_expert_to_one_side():
+    from gpu_kernels.gather import choose_rows_reference
+
+    for ids, n, share, slots, id_map in choice_cases():
+        out = choose_rows_reference(ids, n, torch.tensor(share), slots, id_map)
+        check_choice(ids, n, share, slots, *out, id_map=id_map)
+
+
+def check_choose_rows_kernel() -> None:
+    """Run with TRITON_INTERPRET=1: the one-launch choice equals the torch reference exactly."""
+    from gpu_kernels.gather import choose_rows, choose_rows_reference
+
+    for ids, n, share, slots, id_map in choice_cases():
+        got = choose_rows(ids, n, share, slots, id_map)
+        check_choice(ids, n, share, slots, *got, id_map=id_map)
+        for a, b in zip(got, choose_rows_reference(ids, n, share, slots, id_map)):
+            assert torch.equal(a, b), (a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+def test_choose_rows_in_interpreter():
+    in_interpreter("check_choose_rows_kernel()", module="test_hybrid")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
