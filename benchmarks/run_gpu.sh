@@ -87,8 +87,10 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what ${PROFILE_ARGS:-} 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
-    share) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4} \
-        --steps 32 --compare-share ${SHARES:-0 0.2 0.36 0.5} 2>&1 | grep -v "^loading\|step split\|unprofiled" | tail -12 ;;
+    share) # LAUNCH: the decode graphs' launch mode; a run stuck past 480 s prints every thread's stack
+      checkpoint && PYTHONFAULTHANDLER=1 timeout -s ABRT 480 python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" \
+        --experts ${EXPERTS:-int4} --steps 32 --compare-share ${SHARES:-0 0.2 0.36 0.5} ${LAUNCH:+--launch $LAUNCH} 2>&1 \
+        | grep -v "^loading\|step split\|unprofiled" | tail -40 ;;
     defer) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4} \
         --steps 32 --compare-defer ${DEFER:-0 1 2 3} 2>&1 | grep -v "^loading\|step split\|unprofiled" | tail -16 ;;
     hf) bf=/tmp/ckpt-$preset-bf16  # transformers runs the bf16 checkpoint a user downloads
