@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests glaunch kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -46,6 +46,7 @@ for stage in "$@"; do
   case $stage in
     tests) python3 -m pytest -q -m gpu --tb=short --continue-on-collection-errors tests/ 2>&1 | tail -30 ;;
     gtests) python3 -m pytest -q -m gpu --tb=line -rf tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py tests/test_gpu_kernels.py tests/test_layer_kernels.py tests/test_mtp.py 2>&1 | tail -40 ;;
+    glaunch) python3 benchmarks/graph_launch.py 2>&1 | tail -14 ;;  # does a long graph's launch block while it waits?
     kernels) python3 benchmarks/gpu_kernels.py ${KERNEL_ARGS:-} 2>&1 | tail -60 ;;  # KERNEL_ARGS=--no-tune: shipped configs only
     moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
     nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;
