@@ -157,7 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="how the host drives the decode graphs: the CPU experts between launches (in_turn), one "
         "hand-off behind them (pipelined), on a worker thread with the whole step launched "
-        "(ahead), or after the whole step is launched as one graph (upfront, the default)",
+        "(ahead), after the whole step is launched as one graph (upfront, the default), or as "
+        "upfront in graphs of 16 CPU layers, two at most launched ahead of the CPU work (chunks)",
     )
     p.add_argument(
         "--pcie-share",

@@ -40,6 +40,12 @@ staging first: the call's own start overlaps the GPU's work. How the host drives
   Once a layer's GPU work between two hand-offs had shrunk to ~72 us, it led: V2-Lite on the H100
   machine, three alternations of 32 steps, int4 9.39 ms a step against 9.84 pipelined, 9.32 ahead
   and 9.97 in turn; int8 15.07 against 17.32, 16.18 and 16.73 (decode_launch-...-h100-6GiB-*-fused.json).
+- ``chunks``: as upfront, but the step is cut into graphs of ``chunk_handoffs`` hand-offs, and the
+  host keeps at most two of them launched ahead of the CPU work it runs: before launching a graph it
+  runs the hand-offs of the graph before the last. The first CPU call starts after a shorter launch
+  (an upfront launch of Qwen3-30B-A3B's 48 layers took ~0.55 ms of host time a step), and a step's
+  launched-but-waiting work stays bounded, should launching a long graph that waits on the host
+  ever block until the GPU moves (benchmarks/graph_launch.py measures where it would).
 
 Without Triton no waits are captured and every step runs in turn.
 
@@ -100,7 +106,8 @@ class _Program:
     graph: torch.cuda.CUDAGraph | None = None
     staged: list = field(default_factory=list)  # hand-offs staged in the graph being captured
     handoffs: int = 0  # the "cpu" ops so far
-    single: bool = False  # one graph for the whole step, its waits inside it (needs flags)
+    single: bool = False  # the waits inside the graphs, no host join between them (needs flags)
+    chunk: int = 0  # with single: a new graph after this many hand-offs (0: one graph a step)
     last: int = -1  # index in ops of the step's last graph
 
     def begin(self) -> None:
@@ -144,6 +151,9 @@ class _Program:
         if not self.single:
             self.end()
             self.ops.append(("join", h))
+            self.begin()
+        elif self.chunk and len(self.staged) >= self.chunk:  # the step's next graph starts here
+            self.end()
             self.begin()
         if self.flags is not None:
             from gpu_kernels.host_flag import wait_host_flag
@@ -213,12 +223,13 @@ class DecodeGraphs:
         self.block_size = kv_layers[0][0].shape[1] if kv_layers else 1
         self.max_blocks, self.max_batch = max_blocks, max_batch
         self.device = device or next(model.parameters()).device
-        # captured steps by (one graph a step (upfront), early_calls), then by size
-        self._entries: dict[tuple[bool, bool], dict[int, _Entry]] = {}
+        # captured steps by (how they were cut into graphs: _cut, early_calls), then by size
+        self._entries: dict[tuple[str, bool], dict[int, _Entry]] = {}
         self.failed: dict[int, str] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.stream_min = _stream_min_tokens(model)
         self._launch = "upfront"
+        self.chunk_handoffs = CHUNK_HANDOFFS  # chunks: CPU hand-offs a graph (set before the first capture)
         self.flags = None  # page-locked flags every captured program waits on (with Triton)
         self.ready = None  # page-locked flags and device counts the stagings set (with Triton)
         # CPU kernels that can are called before their inputs are staged and wait on a flag the
@@ -246,7 +257,13 @@ class DecodeGraphs:
     @property
     def entries(self) -> dict[int, _Entry]:
         """The steps captured for the current launch mode, by size (upfront: one graph a step)."""
-        return self._entries.setdefault((self._launch == "upfront", self.early_calls), {})
+        return self._entries.setdefault((self._cut, self.early_calls), {})
+
+    @property
+    def _cut(self) -> str:
+        """How the current launch mode's steps are cut into graphs: at every join ("joins"), every
+        CHUNK_HANDOFFS hand-offs ("chunks") or not at all ("upfront")."""
+        return self._launch if self._launch in ("upfront", "chunks") else "joins"
 
     def usable(self, batch_size: int) -> bool:
         return (
@@ -359,9 +376,10 @@ class DecodeGraphs:
         global _capture
         static_ids, batch, longs, ints = self._static(b)
         flags = self._flags()
+        single = flags is not None and self._cut != "joins"
         program = _Program(
-            self.pool, flags, self.device, single=flags is not None and self.launch == "upfront",
-            ready=self.ready if self.early_calls else None,
+            self.pool, flags, self.device, single=single, ready=self.ready if self.early_calls else None,
+            chunk=self.chunk_handoffs if single and self._cut == "chunks" else 0,
         )  # fmt: skip
         entry = _Entry(program, static_ids, batch, None, longs, ints)
         self._load(entry, ids, positions, slots, context_lens, tables)
@@ -447,16 +465,22 @@ class DecodeGraphs:
         mode = self.launch if flags is not None else "in_turn"
         jobs, queued = [], deque()  # hand-offs staged, their CPU kernels not yet run, in slot order
         due = -1  # pipelined: the CPU work up to this slot runs at the next join (its graphs launched)
+        seen, staged_before = 0, []  # chunks: the hand-offs staged by the graphs before each launch
         try:
             for i, op in enumerate(program.ops):
                 kind = op[0]
                 if kind == "graph":
+                    if mode == "chunks":  # at most two graphs out: first the CPU work of the one before last
+                        staged_before.append(seen)
+                        if len(staged_before) > 2:
+                            while queued and queued[0].slot < staged_before[-2]:
+                                _run_handoff(queued.popleft(), live, flags, ready)
                     op[1].replay()
                     if i == program.last and head is not None:
                         head.head.replay()
                         head.done.record()
                 elif kind == "cpu":  # staged by the graph just launched
-                    h = op[1]
+                    h, seen = op[1], seen + 1
                     if mode == "ahead":
                         jobs.append(h.worker.submit(_run_handoff, h, live, flags, ready))
                     else:
@@ -467,7 +491,7 @@ class DecodeGraphs:
                     while queued and queued[0].slot <= due:
                         _run_handoff(queued.popleft(), live, flags, ready)
                     due = op[1].slot
-            while queued:  # pipelined: the last join's; upfront: all of them
+            while queued:  # pipelined: the last join's; upfront: all of them; chunks: the last two graphs
                 _run_handoff(queued.popleft(), live, flags, ready)
         except BaseException:
             # Launching stopped midway: release the GPU from every flag it may wait on (each wait
@@ -486,8 +510,9 @@ class DecodeGraphs:
             job.result()
 
 
-LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront")
+LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront", "chunks")
 MAX_HANDOFFS = 1024  # per decode step: one per CPU MoE layer, with room to spare
+CHUNK_HANDOFFS = 16  # chunks: CPU hand-offs a graph (MoE layers)
 
 
 def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:

@@ -44,6 +44,7 @@ def run(
             model, kv.layers, max_blocks=128 // 8, max_batch=4, device=torch.device(device)
         )
         engine.graphs.launch = launch
+        engine.graphs.chunk_handoffs = 1  # chunks: a graph a CPU layer, so tiny models cut too
         engine.graphs.sample_greedy = sample_greedy
     logits = []
     full = model.logits
@@ -151,7 +152,7 @@ def test_engine_takes_the_tokens_the_graphs_picked(tiny):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b", "qwen2-57b-a14b"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
-@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn", "upfront"])
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn", "upfront", "chunks"])
 def test_graph_decode_matches_eager(tiny, preset, fmt, launch):
     path = tiny(preset)
     spec = ModelSpec.from_pretrained(path)
@@ -213,7 +214,7 @@ def test_graph_decode_with_the_gpu_reading_ram_experts_over_pcie(tiny, fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn", "upfront"])
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "in_turn", "upfront", "chunks"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_graph_decode_with_expert_deferral_matches_eager(tiny, launch, fmt):
     """With each token's lightest RAM expert deferred, a layer's CPU kernel flags its output before it
@@ -289,7 +290,7 @@ def test_padded_graphs_match_eager(tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", ["ahead", "pipelined", "upfront"])
+@pytest.mark.parametrize("launch", ["ahead", "pipelined", "upfront", "chunks"])
 def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
     """Launched ahead or pipelined, a CPU kernel that fails releases the GPU from every flag: the
     step raises instead of the stream waiting forever, and the next step runs."""
@@ -302,6 +303,7 @@ def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
         model, kv.layers, 8, max_batch=2, device=torch.device("cuda"), scratch_block=kv.scratch_block
     )
     g.launch = launch
+    g.chunk_handoffs = 1
     assert g.prepare(1) == [1]
     slot = kv.scratch_block * 8
     handoffs = [op[1] for op in g.entries[1].program.ops if op[0] == "cpu"]
@@ -404,6 +406,17 @@ def _deferred(Graph, handoff):
     ]  # fmt: skip
 
 
+def _chunked(Graph, handoff):
+    """A step cut every two hand-offs (launch "chunks"): the waits inside the graphs, no joins."""
+    h = [handoff(i) for i in range(5)]
+    return [
+        ("graph", Graph(0)), ("cpu", h[0]), ("cpu", h[1]),
+        ("graph", Graph(1)), ("cpu", h[2]), ("cpu", h[3]),
+        ("graph", Graph(2)), ("cpu", h[4]),
+        ("graph", Graph(3)),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "launch,ops,want",
     [
@@ -415,6 +428,9 @@ def _deferred(Graph, handoff):
         ("upfront", _deferred, "g0 g1 g2 g3 g4 cpu0 cpu1 cpu2 cpu3"),
         ("in_turn", _deferred, "g0 cpu0 g1 cpu1 cpu2 g2 g3 cpu3 g4"),  # in slot order up to each join
         ("pipelined", _deferred, "g0 g1 cpu0 g2 cpu1 cpu2 g3 g4 cpu3"),
+        # two graphs out at most: a graph's launch waits for the CPU work of the one before last
+        ("chunks", _chunked, "g0 g1 cpu0 cpu1 g2 cpu2 cpu3 g3 cpu4"),
+        ("chunks", _three_layers, "g0 g1 cpu0 g2 cpu1 g3 cpu2"),  # a graph a hand-off
     ],
 )
 def test_launch_modes_order_graphs_and_cpu_work(launch, ops, want):
@@ -422,7 +438,7 @@ def test_launch_modes_order_graphs_and_cpu_work(launch, ops, want):
     and every hand-off's flag set for the graph that waits on it."""
     log, flags = _order_of(launch, ops)
     assert " ".join(log) == want
-    n = 3 if ops is _three_layers else 4
+    n = {_three_layers: 3, _deferred: 4, _chunked: 5}[ops]
     assert flags[:n] == [1] * n and not any(flags[n:])
 
 
