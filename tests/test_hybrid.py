@@ -374,6 +374,19 @@ def test_choose_rows_in_interpreter():
     in_interpreter("check_choose_rows_kernel()", module="test_hybrid")
 
 
+@pytest.mark.gpu
+def test_choose_rows_kernel_on_the_gpu():
+    """The compiled choice on CUDA (share read from device memory, as graphs read it) equals the
+    torch reference on the CPU exactly."""
+    from gpu_kernels.gather import choose_rows, choose_rows_reference
+
+    for ids, n, share, slots, id_map in choice_cases():
+        dev_map = None if id_map is None else id_map.cuda()
+        got = choose_rows(ids.cuda(), n, torch.tensor(share, device="cuda"), slots, dev_map)
+        for a, b in zip(got, choose_rows_reference(ids, n, share, slots, id_map)):
+            assert torch.equal(a.cpu(), b), (a, b)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_pcie_experts_share_decode_with_the_cpu(tiny, fmt):
     """Decode with part of each step's RAM experts computed from the packed bytes by the "GPU" (torch
