@@ -73,32 +73,32 @@ def stream_copy_probe(streamed: list, reps: int = 3) -> dict:
         return {"error": str(err)[:300]}
 
 
-def _stream_copy_probe(s, reps: int) -> dict:
-    stream = s.copy_stream
+def _best_rate(nbytes: int, copy, stream, reps: int) -> float:
+    """Bytes a second of copy() on ``stream``, timed by CUDA events there, best of ``reps``."""
     best = 0.0
-    nbytes = sum(t.numel() * t.element_size() for t in s.host.values())
     for _ in range(reps):
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
-        for lo, hi in s._spans():
-            s._fetch(lo, hi)
+        copy()
         end.record(stream)
         torch.cuda.synchronize()
         best = max(best, nbytes / (start.elapsed_time(end) * 1e-3))
+    return best
+
+
+def _stream_copy_probe(s, reps: int) -> dict:
+    spans = s._spans()
+    nbytes = sum(t.numel() * t.element_size() for t in s.host.values())
+    streamed = _best_rate(nbytes, lambda: [s._fetch(lo, hi) for lo, hi in spans], s.copy_stream, reps)
     src = torch.empty(128 << 20, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device=s.device)
-    alloc = 0.0
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        alloc = max(alloc, src.numel() / (time.perf_counter() - t0))
+    with torch.cuda.stream(s.copy_stream):
+        alloc = _best_rate(src.numel(), lambda: dst.copy_(src, non_blocking=True), s.copy_stream, reps)
     out = {
         "layer_bytes": nbytes,
-        "chunks": len(s._spans()),
-        "stream_GBs": best / 1e9,
+        "chunks": len(spans),
+        "stream_GBs": streamed / 1e9,
         "host_alloc_GBs": alloc / 1e9,
     }
     print("streamed copies:", {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()})

@@ -534,13 +534,13 @@ class PCIeExperts:
             for n, t in self.host.items():
                 if not pin_in_place(t, read_only=not getattr(p, n).flags.writeable):
                     raise RuntimeError(f"could not page-lock the RAM experts' {n} for the GPU to read")
-            # each array as int32 words an expert (every packed expert is a multiple of 4 bytes)
-            self.words = {n: t.view(p.E, -1).view(torch.int32) for n, t in self.host.items()}
             self.stage = _pcie_stage(
                 device, {n: (self.slots, *t.shape[1:], t.dtype) for n, t in self.host.items()}
             )
-            # the same buffer as words a slot, what the gather writes
-            self.stage_words = {n: b.view(self.slots, -1).view(torch.int32) for n, b in self.stage.items()}
+            # what one gather launch copies: each array as int32 words an expert (every packed expert is
+            # a multiple of 4 bytes) into the same buffer as words a slot
+            self.gather_src = [t.view(p.E, -1).view(torch.int32) for t in self.host.values()]
+            self.gather_dst = [self.stage[n].view(self.slots, -1).view(torch.int32) for n in self.host]
 
     @staticmethod
     def supports(packed) -> bool:
@@ -570,8 +570,7 @@ class PCIeExperts:
             from gpu_kernels.gather import gather_rows
             from gpu_kernels.moe_gemv import fused_moe_packed
 
-            names = list(self.words)
-            gather_rows([self.words[n] for n in names], sel, [self.stage_words[n] for n in names])
+            gather_rows(self.gather_src, sel, self.gather_dst)
             st = self.stage
             return fused_moe_packed(
                 x, p.fmt, st["gate_up"], st["down"], st["gate_up_scale"], st["down_scale"], p.group_size,

@@ -262,7 +262,7 @@ class DecodeGraphs:
     @property
     def _cut(self) -> str:
         """How the current launch mode's steps are cut into graphs: at every join ("joins"), every
-        CHUNK_HANDOFFS hand-offs ("chunks") or not at all ("upfront")."""
+        ``chunk_handoffs`` hand-offs ("chunks") or not at all ("upfront")."""
         return self._launch if self._launch in ("upfront", "chunks") else "joins"
 
     def usable(self, batch_size: int) -> bool:
