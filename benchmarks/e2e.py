@@ -67,7 +67,8 @@ def stream_copy_probe(streamed: list, reps: int = 3) -> dict:
     if not streamed or not streamed[0].cuda or not streamed[0].pinned:
         return {}
     try:
-        return _stream_copy_probe(streamed[0], reps)
+        with torch.inference_mode():  # the staging buffers were made as inference tensors
+            return _stream_copy_probe(streamed[0], reps)
     except (RuntimeError, torch.OutOfMemoryError) as err:  # a diagnostic: never the run's end
         print(f"streamed copies: probe failed: {err}")
         return {"error": str(err)[:300]}

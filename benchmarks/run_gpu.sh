@@ -73,12 +73,12 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         if [ "$spin" = - ]; then unset GOMP_SPINCOUNT; else export GOMP_SPINCOUNT=$spin; fi
         python3 benchmarks/cpu_launch.py --tag "spin$spin-torch$tt" --calls 100 --torch-threads "$tt" 2>&1 | tail -9
       done; unset GOMP_SPINCOUNT ;;
-    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" --pcie-share "${PCIE_SHARE:-0}" 2>&1 | grep -v "^loading" | tail -30 ;;
+    e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" --pcie-share "${PCIE_SHARE:-0}" ${E2E_ARGS:-} 2>&1 | grep -v "^loading" | tail -30 ;;
     pprofile) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts int4 --gen 32 --tag profile \
         --profile --trace "$out/trace-{part}.json" 2>&1 | grep -v "^loading" | tail -75 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
     modes) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # the decode graphs' launch modes, alternating
-        python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 --compare-launch 2>&1 \
+        PYTHONFAULTHANDLER=1 timeout -s ABRT "${STUCK_S:-480}" python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 --compare-launch 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
     early|sample|router|absorb|inputs) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # on against off, alternating:
@@ -88,8 +88,8 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what ${PROFILE_ARGS:-} 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
-    share) # LAUNCH: the decode graphs' launch mode; a run stuck past 480 s prints every thread's stack
-      checkpoint && PYTHONFAULTHANDLER=1 timeout -s ABRT 480 python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" \
+    share) # LAUNCH: the decode graphs' launch mode; a run stuck past STUCK_S s prints every thread's stack
+      checkpoint && PYTHONFAULTHANDLER=1 timeout -s ABRT "${STUCK_S:-480}" python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" \
         --experts ${EXPERTS:-int4} --steps 32 --compare-share ${SHARES:-0 0.2 0.36 0.5} ${LAUNCH:+--launch $LAUNCH} 2>&1 \
         | grep -v "^loading\|step split\|unprofiled" | tail -40 ;;
     defer) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4} \
