@@ -60,15 +60,17 @@ def prefill_bound_s(model, spec, tokens: int, rates) -> float:
 
 
 def stream_copy_probe(streamed: list, reps: int = 3) -> dict:
-    """What streamed prefill's copies reach: one layer's packed experts copied chunk by chunk from
+    """What streamed prefill's copies reach: each layer's packed experts copied chunk by chunk from
     where they lie (page-locked in place) into the staging buffers, as a prefill copies them but with
-    no computation between, best of ``reps``; beside one 128 MB copy from a cudaHostAlloc buffer
-    (how the hardware profile's pinned rate, and so the prefill bound, is measured: 256 MB there)."""
+    no computation between, best of ``reps`` a layer; beside one 128 MB copy from a cudaHostAlloc
+    buffer (how the hardware profile's pinned rate, and so the prefill bound, is measured: 256 MB
+    there). With each layer's share of its host arrays backed by transparent huge pages: a DMA over
+    4 KiB pages may read slower than one over 2 MiB pages."""
     if not streamed or not streamed[0].cuda or not streamed[0].pinned:
         return {}
     try:
         with torch.inference_mode():  # the staging buffers were made as inference tensors
-            return _stream_copy_probe(streamed[0], reps)
+            return _stream_copy_probe(streamed, reps)
     except (RuntimeError, torch.OutOfMemoryError) as err:  # a diagnostic: never the run's end
         print(f"streamed copies: probe failed: {err}")
         return {"error": str(err)[:300]}
@@ -88,21 +90,65 @@ def _best_rate(nbytes: int, copy, stream, reps: int) -> float:
     return best
 
 
-def _stream_copy_probe(s, reps: int) -> dict:
-    spans = s._spans()
-    nbytes = sum(t.numel() * t.element_size() for t in s.host.values())
-    streamed = _best_rate(nbytes, lambda: [s._fetch(lo, hi) for lo, hi in spans], s.copy_stream, reps)
+def huge_page_share(tensors: list[torch.Tensor], smaps: list[tuple[int, int, float]]) -> float:
+    """Share of these host tensors' bytes that lie in mappings backed by huge pages, each mapping
+    counted by its AnonHugePages over its size (smaps: (start, end, that share) per mapping)."""
+    total = huge = 0.0
+    for t in tensors:
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        total += hi - lo
+        for a, b, share in smaps:
+            if a < hi and lo < b:
+                huge += (min(b, hi) - max(a, lo)) * share
+    return huge / total if total else 0.0
+
+
+def read_smaps(path: str = "/proc/self/smaps") -> list[tuple[int, int, float]]:
+    """(start, end, share backed by anonymous huge pages) of each mapping of this process."""
+    out: list[tuple[int, int, float]] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    a, b = (int(v, 16) for v in head.split("-"))
+                    out.append((a, b, 0.0))
+                elif head == "AnonHugePages:" and out:
+                    a, b, _ = out[-1]
+                    out[-1] = (a, b, int(line.split()[1]) * 1024 / max(b - a, 1))
+    except OSError:
+        return []
+    return out
+
+
+def _stream_copy_probe(streamed: list, reps: int) -> dict:
+    smaps = read_smaps()
+    layers = []
+    for s in streamed:
+        spans = s._spans()
+        nbytes = sum(t.numel() * t.element_size() for t in s.host.values())
+        rate = _best_rate(
+            nbytes, lambda s=s, spans=spans: [s._fetch(lo, hi) for lo, hi in spans], s.copy_stream, reps
+        )
+        layers.append((rate / 1e9, huge_page_share(list(s.host.values()), smaps)))
+    s = streamed[0]
     src = torch.empty(128 << 20, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device=s.device)
     with torch.cuda.stream(s.copy_stream):
         alloc = _best_rate(src.numel(), lambda: dst.copy_(src, non_blocking=True), s.copy_stream, reps)
+    rates = sorted(r for r, _ in layers)
     out = {
-        "layer_bytes": nbytes,
-        "chunks": len(spans),
-        "stream_GBs": streamed / 1e9,
+        "layer_bytes": sum(t.numel() * t.element_size() for t in s.host.values()),
+        "chunks": len(s._spans()),
+        "stream_GBs": rates[len(rates) // 2],  # the median layer
+        "stream_GBs_min": rates[0],
+        "stream_GBs_max": rates[-1],
         "host_alloc_GBs": alloc / 1e9,
+        "huge_page_share": sum(h for _, h in layers) / len(layers),
     }
-    print("streamed copies:", {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()})
+    print("streamed copies:", {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()})
+    out["layers"] = [{"GBs": r, "huge_page_share": h} for r, h in layers]  # in layer order
     return out
 
 
@@ -413,7 +459,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "gpu_experts_per_layer": {str(k): len(v) for k, v in rt.plan.experts_on_gpu.items()},
                 "cpu_layer_probe": probe,
                 "streamed_bytes_pinned": pinned[0],
-                "stream_copy_probe": copies,  # one layer's chunk copies as prefill makes them, alone
+                "stream_copy_probe": copies,  # each layer's chunk copies as prefill makes them, alone
                 "streamed_bytes": pinned[1],
                 "decode_detail": asdict(dec),
                 "prefill_detail": asdict(pre),
