@@ -2,7 +2,7 @@
 (sm_90) with Triton's own ptxas, on any machine (no GPU): registers, spills, shared memory, and the
 instructions of each kernel's main loop per tile, and what its warps issue per KB of cache read. Issue-bound kernels
 show it here before a GPU run; at batch 1 on an H100 these kernels were bound by latency instead
-(README, GPU kernels).
+(benchmarks/RESULTS.md, GPU kernels).
 
     python benchmarks/kernel_sass.py [--out benchmarks/results]
 
