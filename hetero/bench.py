@@ -137,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-mem", default=None)
     p.add_argument("--experts", choices=["bf16", "int8", "int4"], default="int4")
     p.add_argument("--gpu-weights", default="auto")
+    p.add_argument(
+        "--freq", default=None, help="expert-activation counts (`hetero calibrate`): the most used on the GPU"
+    )
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
@@ -215,6 +218,7 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
         # a step against 10.89 ahead, 11.63 pipelined, 13.32 in turn (decode_launch_defer-...-int4.json)
         decode_launch=args.decode_launch or RuntimeOptions.decode_launch,
         pcie_share=_share_arg(args.pcie_share),
+        expert_freq=args.freq,
     )
     rt = load_runtime(args.model, opts, par)
     if args.defer_experts:

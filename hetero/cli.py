@@ -10,9 +10,9 @@ from hetero.errors import HeteroError
 
 def _commands() -> list:
     # Each module adds its own subcommand; imported here so `hetero --help` lists them all.
-    from hetero import bench, convert, generate, make_model, planning
+    from hetero import bench, calibrate, convert, generate, make_model, planning
 
-    return [generate, make_model, planning, bench, convert, _Serve]
+    return [generate, make_model, planning, bench, calibrate, convert, _Serve]
 
 
 class _Serve:
@@ -37,6 +37,11 @@ class _Serve:
         p.add_argument("--cpu-mem", default=None, help="host memory for experts, e.g. 64GiB")
         p.add_argument(
             "--experts", choices=["bf16", "int8", "int4"], default="int4", help="RAM expert format"
+        )
+        p.add_argument(
+            "--freq",
+            default=None,
+            help="expert-activation counts (`hetero calibrate`): the most used on the GPU",
         )
         p.add_argument("--served-model-name", default=None)
         p.add_argument("--no-prefix-cache", action="store_true", help="recompute shared prompt prefixes")

@@ -78,6 +78,10 @@ class RuntimeOptions:
     # computes the rest (hetero.experts.PCIeExperts, CUDA only); 0: off (the default: both read one
     # DRAM, see placement.cost); None: the share that balances the two rates
     pcie_share: float | None = 0.0
+    # How often each layer's router picks each expert ({"layer": {"expert": count}}, or a JSON file of
+    # it, as `hetero calibrate` writes): the plan puts each layer's most used experts on the GPU.
+    # None: priced as uniform routing.
+    expert_freq: str | dict | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -176,6 +180,7 @@ def load_runtime(
             gpu_weights=opts.gpu_weights,
             gpus=parallel.world_size,
             pcie_share=opts.pcie_share,
+            freq=opts.expert_freq,
         )
         # Streaming means copying over PCIe; with no GPU the "device" already is the CPU.
         stream_from = stream_min_tokens(plan.cost_inputs) if device.type == "cuda" else None
