@@ -276,6 +276,9 @@ def make_plan(inv: Inventory, profile: HardwareProfile, opts: PlanOptions | None
         "prefill_streamed_layers": moe_modes.count("stream"),
         "prefill_cpu_layers": moe_modes.count("cpu"),
         "decode_ms_per_layer": [round(t * 1e3, 4) for t in dec.layers],
+        # share of the routed token-expert choices that the GPU's experts serve (by ``probs``: the
+        # expert frequencies when given, else uniform routing)
+        "gpu_expert_share": gpu_expert_share(probs, on_gpu, inv.top_k),
     }
     return Plan(
         model=inv.model,
@@ -322,6 +325,13 @@ def expert_probs(inv: Inventory, freq: dict[int, dict[int, float]] | None) -> di
         shares = [(1 - FREQ_SMOOTHING) * row.get(e, 0.0) / total + FREQ_SMOOTHING / E for e in range(E)]
         out[layer] = [min(1.0, k * s) for s in shares]
     return out
+
+
+def gpu_expert_share(probs: dict[int, list[float]], on_gpu: dict[int, set | list], top_k: int) -> float:
+    """Mean over MoE layers of the share of a token's routed choices that land on GPU experts."""
+    if not probs or top_k <= 0:
+        return 0.0
+    return sum(sum(row[e] for e in on_gpu.get(i, ())) / top_k for i, row in probs.items()) / len(probs)
 
 
 def workspace_bytes(inv: Inventory, opts: PlanOptions, expert_bytes: int) -> int:

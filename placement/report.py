@@ -73,4 +73,9 @@ def _experts_line(plan: Plan) -> str:
         else:
             runs.append((layer, layer, c))
     body = ", ".join(f"{a}-{b}: {c}" if a != b else f"{a}: {c}" for a, b, c in runs)
-    return f"routed experts on GPU: {total} in all; per layer {body}"
+    line = f"routed experts on GPU: {total} in all; per layer {body}"
+    share = plan.predicted.get("gpu_expert_share")
+    if share is not None:
+        source = "by the expert frequencies" if plan.options.get("freq") else "with uniform routing"
+        line += f"\n  they serve {share:.0%} of the routed choices ({source})"
+    return line

@@ -93,6 +93,16 @@ def test_the_runtime_puts_the_most_used_experts_on_the_gpu(lite, monkeypatch, tm
         lo, hi = (lo, mid) if held(mid) >= 2 * len(spec.moe_layers) else (mid, hi)
     assert 0 < held(hi) < E * len(spec.moe_layers)
 
+    # The plan says how much of the routing its GPU experts serve: most of it with the counts, by
+    # their number alone without (under uniform routing each expert serves top_k / E of a token's).
+    counted = planning.make_plan(spec, profile, gpu_mem=hi, context=64, batch=1, experts="int8", freq=freq)
+    flat = planning.make_plan(spec, profile, gpu_mem=hi, context=64, batch=1, experts="int8")
+    held_flat = sum(map(len, flat.experts_on_gpu.values()))
+    assert flat.predicted["gpu_expert_share"] == pytest.approx(held_flat / (E * len(spec.moe_layers)))
+    # (each token picks top_k = 3 experts, at most 2 of them the hot ones)
+    assert counted.predicted["gpu_expert_share"] == pytest.approx(2 / spec.top_k, rel=0.02)
+    assert counted.predicted["gpu_expert_share"] > 3 * flat.predicted["gpu_expert_share"]
+
     opts = dict(offload=True, experts="int8", gpu_mem=hi, max_model_len=64, max_batch=1, progress=False)
     on_gpu = load_runtime(lite, RuntimeOptions(expert_freq=freq, **opts)).plan.experts_on_gpu
     for i in spec.moe_layers:
