@@ -477,7 +477,10 @@ FUSED = {
     "router": ("gpu_kernels.router", "ROUTE_MAX_TOKENS", ("one_kernel", "gemm")),
     "absorb": ("gpu_kernels.mla_attention", "ABSORB_MAX_TOKENS", ("one_kernel", "bmm")),
     "inputs": (None, None, ("fused", "apart")),
+    # the CPU experts' output brought back by a kernel node against the copy engine's node
+    "fetch": ("gpu_kernels.handoff", "FETCH_MAX_BYTES", ("kernel", "copy_engine")),
 }
+FUSED_ON = {"fetch": 1 << 20}  # the setting on, where the shipped one is off
 
 
 def compare_kernel(engine, prompt: list[int], steps: int, name: str) -> dict:
@@ -502,7 +505,7 @@ def compare_kernel(engine, prompt: list[int], steps: int, name: str) -> dict:
         def apply(value: int) -> None:
             setattr(module, attr, value)
 
-        values, state = (getattr(module, attr), 0), {"now": getattr(module, attr)}
+        values, state = (FUSED_ON.get(name, getattr(module, attr)), 0), {"now": getattr(module, attr)}
     sets: dict = {}
 
     def setting(value):
@@ -582,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="only time a decode-size kernel against what it replaced, alternating (each with graphs "
         "captured for it): router (gpu_kernels.router.route_experts against a GEMM for the logits and "
-        "a choosing kernel), absorb (gpu_kernels.mla_attention.absorb against batched GEMMs)",
+        "a choosing kernel), absorb (gpu_kernels.mla_attention.absorb against batched GEMMs), fetch (the CPU "
+        "experts' output read back by a kernel against the copy engine's copy)",
     )
     ap.add_argument(
         "--host-profile",

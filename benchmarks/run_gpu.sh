@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests glaunch kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests glaunch handback fetch kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -47,6 +47,11 @@ for stage in "$@"; do
     tests) python3 -m pytest -q -m gpu --tb=short --continue-on-collection-errors tests/ 2>&1 | tail -30 ;;
     gtests) python3 -m pytest -q -m gpu --tb=line -rf tests/test_graphs.py tests/test_speculative.py tests/test_hybrid.py tests/test_gpu_kernels.py tests/test_layer_kernels.py tests/test_mtp.py 2>&1 | tail -40 ;;
     glaunch) python3 benchmarks/graph_launch.py 2>&1 | tail -14 ;;  # does a long graph's launch block while it waits?
+    handback) python3 benchmarks/handback.py 2>&1 | tail -8 ;;  # the CPU result back: copy-engine node or fetch kernel
+    fetch) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # the same in decode steps, alternating
+        python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 --compare-kernel fetch 2>&1 \
+          | grep -v "^loading\|step split\|unprofiled" | tail -6
+      done ;;
     kernels) python3 benchmarks/gpu_kernels.py ${KERNEL_ARGS:-} 2>&1 | tail -60 ;;  # KERNEL_ARGS=--no-tune: shipped configs only
     moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
     nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;

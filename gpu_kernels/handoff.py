@@ -11,20 +11,35 @@ done, the last one to finish sets an int32 flag in page-locked memory (a release
 scope), which the CPU experts' call polls (``cpu_kernels.fused_moe(ready=...)``). The CPU call can
 so be made before the GPU has come this far, and its own start overlaps the GPU's work.
 
+The way back (``fetch_host``): the CPU experts' output, page-locked, read onto the device by one
+kernel whose programs each load a slice over PCIe with all their loads in flight. In a decode
+graph the copy engine's node for it sat between two kernels with 4.9 us before it and 8.0 us after
+it for a 2.7 us copy of 8 KB (Qwen3-30B-A3B, H200 machine, trace of e2e.py --profile): a kernel
+node instead waits ~0.5 us on the one before. Off until timed in a decode step (``FETCH_MAX_BYTES``;
+decode_profile.py --compare-kernel fetch). One program reading the row alone, as the add + norm
+kernel after it would, took 21.5 us (gpu_kernels.norm): the slices here spread it over many SMs.
+
 Shapes (T = tokens, H = hidden, K = experts per token):
     x [T, H] (bf16/fp16/fp32), ids [T, K] (int32/int64), weights [T, K] float32  on the device
     hx [>= T, H] float32, hids [>= T, K] int32, hw [>= T, K] float32            page-locked host memory
+    fetch_host: src [...] (4-byte elements) page-locked -> a new tensor like it on the device
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import HAS_TRITON, cdiv, next_pow2, tl, triton, use_triton
 
 # Stores from the SMs cross PCIe slower than the copy engines' DMA: a large hand-off (a prefill
 # chunk on the CPU) is copied instead. Decode steps stage a few kilobytes a row.
 STORE_MAX_BYTES = 4 << 20
+# Hand-backs of at most this many bytes are fetched by a kernel (fetch_host); larger ones, and all
+# while it is 0, by the copy engine.
+FETCH_MAX_BYTES = 0
+FETCH_BLOCK = 128  # 4-byte words a program of the fetch kernel loads
 
 
 # Host addresses as integers, never specialized: a buffer's alignment must not pick a variant that
@@ -157,3 +172,39 @@ def stage_handoff(
             H=H, K=K, BLOCK_H=block, K_PAD=max(2, next_pow2(K)), HAS_MAP=id_map is not None, num_warps=4,
         )  # fmt: skip
     return ready is not None
+
+
+# The host address as an integer, never specialized (as the staging's): no variant by alignment.
+@triton.jit(do_not_specialize=["src_addr"])
+def _fetch_kernel(src_addr: tl.int64, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    src = src_addr.to(tl.pointer_type(tl.int32))
+    # .cv: fetched anew from host memory, never a line cached by an earlier step's read
+    tl.store(dst_ptr + offs, tl.load(src + offs, mask=mask, cache_modifier=".cv"), mask=mask)
+
+
+def fetch_into(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Enqueue on the current stream: dst = src, word by word, by the fetch kernel. src: contiguous,
+    4-byte elements, where dst's device can read it (page-locked host memory on CUDA; any tensor
+    in the interpreter); dst: like src on the device."""
+    assert src.is_contiguous() and dst.is_contiguous() and src.element_size() == 4
+    assert dst.shape == src.shape and dst.dtype == src.dtype, (tuple(dst.shape), dst.dtype)
+    n = src.numel()
+    if n:
+        with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():
+            _fetch_kernel[(cdiv(n, FETCH_BLOCK),)](
+                src.data_ptr(), dst.view(torch.int32), n, BLOCK=FETCH_BLOCK, num_warps=1
+            )
+
+
+def fetch_host(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """src (page-locked host memory) on ``device``, asynchronously on the current stream: fetched
+    by one kernel when it has at most FETCH_MAX_BYTES of 4-byte elements, else copied by torch."""
+    nbytes = src.numel() * src.element_size()
+    fits = src.element_size() == 4 and src.is_contiguous() and 0 < nbytes <= FETCH_MAX_BYTES
+    if not (fits and HAS_TRITON and device.type == "cuda" and src.is_pinned()):
+        return src.to(device, non_blocking=True)
+    dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+    fetch_into(src, dst)
+    return dst

@@ -176,8 +176,10 @@ class CPUHandoff:
 
     def wait(self, future: Future | _Captured) -> torch.Tensor:
         if isinstance(future, _Captured):
+            from gpu_kernels.handoff import fetch_host
+
             graphs.capturing().join(future.handoff)
-            return future.out.to(self.device, non_blocking=True)
+            return fetch_host(future.out, self.device)
         t0 = time.perf_counter()
         out, done = future.result()
         if done is not None:

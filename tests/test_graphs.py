@@ -192,6 +192,35 @@ def test_greedy_tokens_picked_inside_the_graphs(tiny, preset, launch):
     assert engine.graphs.tokens() is None  # the last step was read; nothing is left over
 
 
+def graphs_match_eager(model, launch: str):
+    """Decode PROMPTS eagerly, then through the graphs launched ``launch``: the same greedy tokens and
+    logits within 1% (only attention's split count differs); every batch size captured. The eager
+    logits and the engine."""
+    ref, ref_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
+    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch=launch)
+    assert engine.graphs.failed == {} and sorted(engine.graphs.entries) == [1, 2, 3]
+    assert got == ref
+    for a, b in zip(logits, ref_logits):
+        assert float((a - b).norm() / b.norm()) < 1e-2
+    return ref_logits, engine
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["pipelined", "upfront"])
+def test_graph_decode_with_the_cpu_result_fetched_by_a_kernel(tiny, launch, monkeypatch):
+    """The CPU experts' output read back by the fetch kernel (gpu_kernels.handoff.fetch_host) in the
+    decode graphs: the tokens and logits of eager steps."""
+    from gpu_kernels import handoff
+
+    monkeypatch.setattr(handoff, "FETCH_MAX_BYTES", 1 << 20)
+    path = tiny("qwen3-30b-a3b")
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=16)
+    graphs_match_eager(
+        load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False), launch
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_graph_decode_with_the_gpu_reading_ram_experts_over_pcie(tiny, fmt):
@@ -201,16 +230,9 @@ def test_graph_decode_with_the_gpu_reading_ram_experts_over_pcie(tiny, fmt):
     spec = ModelSpec.from_pretrained(path)
     placement = Placement(split(spec), expert_format=fmt, group_size=32, stream_min_tokens=16, pcie_share=0.5)
     model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
-    ref, ref_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
-    got, logits, engine = run(
-        model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch="pipelined"
-    )
-    assert engine.graphs.failed == {} and sorted(engine.graphs.entries) == [1, 2, 3]
+    graphs_match_eager(model, "pipelined")
     layers = [m.mlp.experts for m in model.model.layers if hasattr(m.mlp, "experts")]
     assert sum(getattr(m, "ram_calls", {}).get("pcie", 0) for m in layers) > 0
-    assert got == ref
-    for a, b in zip(logits, ref_logits):
-        assert float((a - b).norm() / b.norm()) < 1e-2
 
 
 @pytest.mark.gpu
@@ -227,12 +249,7 @@ def test_graph_decode_with_expert_deferral_matches_eager(tiny, launch, fmt):
     model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
     exact, exact_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
     defer_experts(model, 1)
-    ref, ref_logits, _ = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=False)
-    got, logits, engine = run(model, PROMPTS, [6, 4, 2], "cuda", torch.bfloat16, graphs=True, launch=launch)
-    assert engine.graphs.failed == {} and sorted(engine.graphs.entries) == [1, 2, 3]
-    assert got == ref
-    for a, b in zip(logits, ref_logits):
-        assert float((a - b).norm() / b.norm()) < 1e-2
+    ref_logits, _ = graphs_match_eager(model, launch)
     # deferral is on: the numbers moved from the exact model's
     assert max(float((a - b).norm() / b.norm()) for a, b in zip(ref_logits, exact_logits)) > 1e-3
 

@@ -165,6 +165,16 @@ def test_mla_reference_writes_what_the_model_wrote():
     assert torch.equal(q[..., :N], q0[..., :N])
 
 
+def check_fetch(shape: tuple, dtype: torch.dtype, src_device: str, device: str) -> None:
+    """The fetch kernel copies every word, whatever the tail of the last program."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    src = torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32).view(dtype)
+    src = src.pin_memory() if src_device == "pinned" else src
+    dst = torch.full(shape, 7, dtype=torch.int32, device=device).view(dtype)
+    handoff.fetch_into(src, dst)
+    assert torch.equal(dst.cpu().view(torch.int32), src.view(torch.int32))
+
+
 def in_interpreter(call: str) -> None:
     from test_gpu_kernels import in_interpreter as run
 
@@ -177,6 +187,8 @@ def check_in_interpreter() -> None:
     check_gqa(5, 6, 2, True, torch.float32, "cpu", 1e-5)
     check_gqa(3, 4, 4, False, torch.float32, "cpu", 1e-5)
     check_add_norm(3, 100, torch.float32, "cpu", 1e-5)
+    for shape in ((1, 2048), (3, 100), (1, 5)):
+        check_fetch(shape, torch.float32, "cpu", "cpu")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
@@ -233,6 +245,36 @@ def test_add_parts_norm_kernel(T, H, dtypes, host_first):
         ),
         torch.zeros(H, dtype=torch.bfloat16, device="cuda"),
     ), "the kernel ran, not the reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 2048), (5, 7168), (3, 100)])
+def test_fetch_kernel(shape):
+    check_fetch(shape, torch.float32, "pinned", "cuda")
+    check_fetch(shape, torch.int32, "pinned", "cuda")
+
+
+@pytest.mark.gpu
+def test_fetch_host_in_a_graph_reads_what_the_host_wrote_last(monkeypatch):
+    """Captured once, each replay reads the page-locked buffer as the host left it before that replay
+    (no line of an earlier read kept), as the decode graphs read each step's CPU result."""
+    monkeypatch.setattr(handoff, "FETCH_MAX_BYTES", 1 << 20)
+    src = torch.zeros(2, 2048, pin_memory=True)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        handoff.fetch_host(src, torch.device("cuda"))  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = handoff.fetch_host(src, torch.device("cuda"))
+        total = out.sum()
+    for rep in range(4):
+        src.copy_(torch.randn(2, 2048, generator=torch.Generator().manual_seed(rep)))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), src) and torch.isclose(total.cpu(), src.sum(), rtol=1e-4)
+    monkeypatch.setattr(handoff, "FETCH_MAX_BYTES", 0)  # off: the copy engine, the same numbers
+    assert torch.equal(handoff.fetch_host(src, torch.device("cuda")).cpu(), src)
 
 
 @pytest.mark.gpu
