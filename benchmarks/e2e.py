@@ -31,6 +31,7 @@ sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve()
 import torch  # noqa: E402
 
 from hetero.bench import cap_device_memory, ram_expert_bytes_per_token, run_bench  # noqa: E402
+from hetero.calibrate import ExpertCounts, ram_shares  # noqa: E402
 from hetero.distributed import SINGLE, Parallel, launch, rank0_first  # noqa: E402
 from hetero.experts import HybridExperts, set_pcie_share  # noqa: E402
 from hetero.graphs import LAUNCH_MODES  # noqa: E402
@@ -57,6 +58,12 @@ def prefill_bound_s(model, spec, tokens: int, rates) -> float:
         cpu = max(packed.nbytes / rates["cpu_bw"], pairs * flops_per_pair / rates["cpu_flops"])
         total += min(stream, cpu)
     return total
+
+
+def uniform_ram_share(on_gpu: dict[int, list[int]], layers, num_experts: int) -> float:
+    """Mean over these layers of the share of experts in RAM: their share of choices under uniform routing."""
+    layers = list(layers)
+    return sum(1 - len(on_gpu.get(i, [])) / num_experts for i in layers) / len(layers) if layers else 0.0
 
 
 def stream_copy_probe(streamed: list, reps: int = 3) -> dict:
@@ -405,7 +412,12 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 runs[s] = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
             pcie_off, by_launch["pcie_again"] = runs[0.0], runs[share]
         graphs, rt.engine.graphs = rt.engine.graphs, None  # the same decode, kernels launched one by one
+        # its decode steps' expert choices counted (hooks see eager forwards only): how many of them
+        # read RAM experts, against uniform routing's share
+        counts = ExpertCounts(rt.engine.model, max_tokens=1)
         eager = run_bench(rt, args.prompt_len, min(args.gen, 32), 1)
+        counts.detach()
+        shares = ram_shares(rt.engine.model, counts.to_json())
         rt.engine.graphs = graphs
         del graphs
         probe = cpu_layer_probe(rt.engine.model, rt.spec)
@@ -421,6 +433,8 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
             profile_tables(rt, args.prefill_len, args.prompt_len, show=par.is_first, trace=args.trace)
         per_token = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k)
         roof = rates["cpu_bw"] / per_token if per_token else float("inf")
+        routed = ram_expert_bytes_per_token(rt.engine.model, rt.spec.top_k, shares)
+        roof_routed = sum(adjacent) / 2 / routed if routed else float("inf")
         roof_adjacent = sum(adjacent) / 2 / per_token if per_token else float("inf")
         # both links at their measured rates: the CPU's reads and the GPU's over PCIe, added up
         both = (rates["cpu_bw"] + rates["pcie"]) / per_token if per_token else float("inf")
@@ -435,6 +449,14 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 "decode_over_roofline": dec.decode_tok_s / roof,
                 "cpu_read_bw_adjacent_GBs": [bw / 1e9 for bw in adjacent],  # probed before, after
                 "decode_over_adjacent_roofline": dec.decode_tok_s / roof_adjacent,
+                # the roofline with the RAM experts' share of the choices an eager decode made (its
+                # routing, not uniform), at the adjacent probes
+                "ram_expert_bytes_per_token_routed": routed,
+                "ram_choice_share_by_layer": {str(k): v for k, v in shares.items()},
+                "ram_choice_share_uniform": uniform_ram_share(
+                    rt.plan.experts_on_gpu, shares, rt.spec.num_experts
+                ),
+                "decode_over_routed_roofline": dec.decode_tok_s / roof_routed,
                 "pcie_share": share,
                 "decode_pcie_off_tok_s": pcie_off,  # the CPU computing every RAM expert, same run
                 "decode_over_cpu_plus_pcie_roofline": dec.decode_tok_s / both,
@@ -499,6 +521,13 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         )
         if r["decode_detail"]["eager_reasons"]:
             print(f"{r['experts']} decode ran eagerly: {r['decode_detail']['eager_reasons']}")
+        shares = r["ram_choice_share_by_layer"]
+        if shares:
+            print(
+                f"{r['experts']} decode: RAM experts took {sum(shares.values()) / len(shares):.0%} of the "
+                f"choices (uniform routing: {r['ram_choice_share_uniform']:.0%}); "
+                f"{r['decode_over_routed_roofline']:.2f} of the roofline with that routing (adjacent probes)"
+            )
         if "decode_defer" in r:
             acc = r["decode_defer_accuracy"]
             print(

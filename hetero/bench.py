@@ -43,15 +43,19 @@ class BenchResult:
     plan_gpu_bytes: int = 0  # what the plan budgeted for the device
 
 
-def ram_expert_bytes_per_token(model: torch.nn.Module, top_k: int) -> float:
-    """Bytes of RAM-resident expert weights one decoded token reads (uniform routing): the
+def ram_expert_bytes_per_token(
+    model: torch.nn.Module, top_k: int, ram_shares: dict[int, float] | None = None
+) -> float:
+    """Bytes of RAM-resident expert weights one decoded token reads: with uniform routing, or with
+    each layer's measured share of choices that land in RAM (``hetero.calibrate.ram_shares``). The
     decode roofline is the measured CPU read bandwidth over this."""
     total = 0.0
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         experts = getattr(layer.mlp, "experts", None)
         if isinstance(experts, HybridExperts) and experts.cpu is not None:
             packed = experts.cpu.packed
-            total += top_k * (packed.E / experts.num_experts) * packed.expert_nbytes()
+            share = packed.E / experts.num_experts if ram_shares is None else ram_shares.get(i, 0.0)
+            total += top_k * share * packed.expert_nbytes()
     return total
 
 

@@ -26,10 +26,13 @@ from hetero.sampling import SamplingParams
 
 class ExpertCounts:
     """Counts of each MoE layer's router choices while attached: counts[layer] [num_experts] int64,
-    on the model's device, keyed by the layer's index in the model."""
+    on the model's device, keyed by the layer's index in the model; ``max_tokens``: only forwards of
+    at most that many tokens (decode steps), and how many tokens those had (``tokens``)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, max_tokens: int | None = None):
         self.counts: dict[int, torch.Tensor] = {}
+        self.max_tokens, self.tokens = max_tokens, 0
+        self._first = None  # the layer whose forwards count the tokens
         self._hooks = []
         for i, block in enumerate(model.model.layers):
             if not isinstance(block.mlp, MoE):
@@ -37,10 +40,15 @@ class ExpertCounts:
             gate = block.mlp.gate
             device = next(gate.parameters()).device
             self.counts[i] = torch.zeros(gate.spec.num_experts, dtype=torch.int64, device=device)
+            self._first = i if self._first is None else self._first
             self._hooks.append(gate.register_forward_hook(self._hook(i)))
 
     def _hook(self, layer: int):
         def count(module: nn.Module, args, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+            T = out[0].shape[0]
+            if self.max_tokens is not None and T > self.max_tokens:
+                return
+            self.tokens += T if layer == self._first else 0
             ids = out[0].reshape(-1).long()  # [T * K]
             self.counts[layer] += torch.bincount(ids, minlength=self.counts[layer].numel())
 
@@ -54,6 +62,23 @@ class ExpertCounts:
     def to_json(self) -> dict[str, dict[str, int]]:
         """The counts as ``PlanOptions.freq`` reads them: {"layer": {"expert": count}}."""
         return {str(i): {str(e): int(c) for e, c in enumerate(v.tolist())} for i, v in self.counts.items()}
+
+
+def ram_shares(model: nn.Module, freq: dict[str, dict[str, int]]) -> dict[int, float]:
+    """Per MoE layer whose experts are split between the GPU and RAM (``HybridExperts``): the share
+    of the counted choices that picked a RAM-resident expert."""
+    from hetero.experts import HybridExperts
+
+    out = {}
+    for i, block in enumerate(model.model.layers):
+        experts = getattr(block.mlp, "experts", None)
+        row = freq.get(str(i))
+        if not isinstance(experts, HybridExperts) or not row:
+            continue
+        in_ram = experts.cpu_local[: experts.num_experts].cpu() >= 0
+        total = sum(row.values())
+        out[i] = sum(c for e, c in row.items() if in_ram[int(e)]) / total if total else 0.0
+    return out
 
 
 def count_experts(rt: Runtime, prompts: list[list[int]], gen: int = 0) -> dict[str, dict[str, int]]:

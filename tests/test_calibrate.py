@@ -8,7 +8,8 @@ import torch
 
 import placement
 from hetero import planning
-from hetero.calibrate import concentration, count_experts, text_prompts
+from hetero.bench import ram_expert_bytes_per_token
+from hetero.calibrate import ExpertCounts, concentration, count_experts, ram_shares, text_prompts
 from hetero.cli import main
 from hetero.config import ModelSpec
 from hetero.errors import HeteroError
@@ -104,9 +105,28 @@ def test_the_runtime_puts_the_most_used_experts_on_the_gpu(lite, monkeypatch, tm
     assert counted.predicted["gpu_expert_share"] > 3 * flat.predicted["gpu_expert_share"]
 
     opts = dict(offload=True, experts="int8", gpu_mem=hi, max_model_len=64, max_batch=1, progress=False)
-    on_gpu = load_runtime(lite, RuntimeOptions(expert_freq=freq, **opts)).plan.experts_on_gpu
+    rt = load_runtime(lite, RuntimeOptions(expert_freq=freq, **opts))
+    on_gpu = rt.plan.experts_on_gpu
     for i in spec.moe_layers:
         assert set(on_gpu[i]) == hot[i], (i, on_gpu[i])
+
+    # Decode steps' choices counted, and the share of them that read RAM experts, per layer.
+    counts = ExpertCounts(rt.engine.model, max_tokens=1)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    rt.engine.generate([list(range(100, 120))], params)  # the 20-token prompt is not counted
+    counts.detach()
+    decoded = counts.to_json()
+    assert counts.tokens == 4 and all(sum(r.values()) == 4 * spec.top_k for r in decoded.values())
+    shares = ram_shares(rt.engine.model, decoded)
+    assert sorted(shares) == list(spec.moe_layers)
+    for i in spec.moe_layers:
+        in_ram = sum(c for e, c in decoded[str(i)].items() if int(e) not in hot[i])
+        assert shares[i] == in_ram / (4 * spec.top_k)
+    uniform = {i: (E - len(hot[i])) / E for i in spec.moe_layers}
+    model = rt.engine.model
+    assert ram_expert_bytes_per_token(model, spec.top_k, uniform) == ram_expert_bytes_per_token(
+        model, spec.top_k
+    )
     # The same counts from a file, as `hetero calibrate` writes them.
     path = tmp_path / "freq.json"
     path.write_text(json.dumps(freq))
