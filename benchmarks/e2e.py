@@ -269,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gpus", type=int, default=1, help="split the GPU part over N GPUs (--gpu-mem is per GPU)"
     )
     ap.add_argument(
+        "--freq",
+        default=None,
+        help="expert-activation counts (hetero calibrate): the plan puts the most used experts on the GPU",
+    )
+    ap.add_argument(
         "--defer",
         type=int,
         default=0,
@@ -370,6 +375,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
             # their first tokens, which the prefix cache would otherwise serve.
             prefix_caching=False,
             pcie_share=args.pcie_share,
+            expert_freq=args.freq,
         )
         rt = load_runtime(args.model, opts, par)
         # the read probe again right before and after the timed decode: on a VM the bandwidth drifts

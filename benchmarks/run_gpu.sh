@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests glaunch handback fetch kernels moe cpu items threads launch e2e hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests glaunch handback fetch kernels moe cpu items threads launch e2e calib hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -79,6 +79,13 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         python3 benchmarks/cpu_launch.py --tag "spin$spin-torch$tt" --calls 100 --torch-threads "$tt" 2>&1 | tail -9
       done; unset GOMP_SPINCOUNT ;;
     e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" --pcie-share "${PCIE_SHARE:-0}" ${E2E_ARGS:-} 2>&1 | grep -v "^loading" | tail -30 ;;
+    calib) checkpoint && { [ -f "$out/freq.json" ] || {  # sample text like e2e's prompts: random tokens
+          python3 -c "import random, sys; from hetero.tokenizer import Tokenizer; t = Tokenizer.from_pretrained(sys.argv[1]); \
+r = random.Random(0); print(t.decode([r.randrange(t.vocab_size) for _ in range(40000)]))" "$ckpt" > "$out/calib.txt"
+          python3 -m hetero.cli calibrate "$ckpt" --text "$out/calib.txt" --max-tokens 16384 --out "$out/freq.json" \
+            --gpu-mem "$gpu_mem" --experts int4 2>&1 | tail -2; }; } \
+        && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4} --tag "$dtype-freq" \
+          --freq "$out/freq.json" 2>&1 | grep -v "^loading" | tail -12 ;;  # the most used experts on the GPU
     pprofile) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts int4 --gen 32 --tag profile \
         --profile --trace "$out/trace-{part}.json" 2>&1 | grep -v "^loading" | tail -75 ;;
     profile) checkpoint && python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" 2>&1 | grep -v "^loading" | tail -60 ;;
