@@ -50,7 +50,8 @@ class ExpertCounts:
                 return
             self.tokens += T if layer == self._first else 0
             ids = out[0].reshape(-1).long()  # [T * K]
-            self.counts[layer] += torch.bincount(ids, minlength=self.counts[layer].numel())
+            # scatter_add_, not bincount: no wait for the device (bincount reads the largest id first)
+            self.counts[layer].scatter_add_(0, ids, torch.ones_like(ids))
 
         return count
 
@@ -151,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
         raise HeteroError("no sample input: give --text FILE or --prompt TEXT, text like the workload's")
     if args.chunk < 1 or args.max_tokens < 1 or args.gen < 0:
         raise HeteroError("--chunk and --max-tokens must be at least 1, --gen at least 0")
+    out = Path(args.out)
+    if not out.parent.is_dir():  # before the model loads, not after the counting
+        raise HeteroError(
+            f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere"
+        )
     opts = capped_options(
         args.gpu_mem,
         device=args.device,
@@ -168,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     ids = ids[: args.max_tokens]
     prompts = text_prompts(ids, args.chunk)
     freq = count_experts(rt, prompts, args.gen)
-    Path(args.out).write_text(json.dumps(freq))
+    out.write_text(json.dumps(freq))
     decoded = len(prompts) * max(args.gen - 1, 0)
     print(
         f"counted {len(ids)} input tokens ({len(prompts)} prompts) and {decoded} decoded ones over "

@@ -172,3 +172,6 @@ def test_calibrate_without_sample_text_says_what_to_give(lite, tmp_path, capsys)
     assert main(["calibrate", str(lite), "--text", missing, "--out", str(tmp_path / "f.json")]) == 2
     assert f"cannot read the sample text {missing}" in capsys.readouterr().err
     assert not (tmp_path / "f.json").exists()
+    nowhere = str(tmp_path / "no" / "f.json")
+    assert main(["calibrate", str(lite), "--prompt", "Hello", "--out", nowhere, "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
