@@ -164,8 +164,11 @@ class CPUHandoff:
         if not self.cuda:
             out, done = hout.clone(), None
         else:
+            from gpu_kernels.handoff import fetch_host
+
             with torch.cuda.stream(self.copy_stream):
-                out = hout.to(self.device, non_blocking=True)
+                # as a captured step brings it back (compiled here, by the eager warm-up, when on)
+                out = fetch_host(hout, self.device)
                 done = torch.cuda.Event()
                 done.record()
         timings.copies += t1 - t0
