@@ -180,8 +180,8 @@ def _fetch_kernel(src_addr: tl.int64, dst_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     src = src_addr.to(tl.pointer_type(tl.int32))
-    # .cv: fetched anew from host memory, never a line cached by an earlier step's read
-    tl.store(dst_ptr + offs, tl.load(src + offs, mask=mask, cache_modifier=".cv"), mask=mask)
+    # volatile: read from host memory each time, never a line an earlier step's read left cached
+    tl.store(dst_ptr + offs, tl.load(src + offs, mask=mask, volatile=True), mask=mask)
 
 
 def fetch_into(src: torch.Tensor, dst: torch.Tensor) -> None:
