@@ -60,12 +60,6 @@ def prefill_bound_s(model, spec, tokens: int, rates) -> float:
     return total
 
 
-def uniform_ram_share(on_gpu: dict[int, list[int]], layers, num_experts: int) -> float:
-    """Mean over these layers of the share of experts in RAM: their share of choices under uniform routing."""
-    layers = list(layers)
-    return sum(1 - len(on_gpu.get(i, [])) / num_experts for i in layers) / len(layers) if layers else 0.0
-
-
 def stream_copy_probe(streamed: list, reps: int = 3) -> dict:
     """What streamed prefill's copies reach: each layer's packed experts copied chunk by chunk from
     where they lie (page-locked in place) into the staging buffers, as a prefill copies them but with
@@ -423,7 +417,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         counts = ExpertCounts(rt.engine.model, max_tokens=1)
         eager = run_bench(rt, args.prompt_len, min(args.gen, 32), 1)
         counts.detach()
-        shares = ram_shares(rt.engine.model, counts.to_json())
+        shares, uniform = ram_shares(rt.engine.model, counts.to_json()), ram_shares(rt.engine.model)
         rt.engine.graphs = graphs
         del graphs
         probe = cpu_layer_probe(rt.engine.model, rt.spec)
@@ -459,9 +453,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 # routing, not uniform), at the adjacent probes
                 "ram_expert_bytes_per_token_routed": routed,
                 "ram_choice_share_by_layer": {str(k): v for k, v in shares.items()},
-                "ram_choice_share_uniform": uniform_ram_share(
-                    rt.plan.experts_on_gpu, shares, rt.spec.num_experts
-                ),
+                "ram_choice_share_uniform": sum(uniform.values()) / max(len(uniform), 1),
                 "decode_over_routed_roofline": dec.decode_tok_s / roof_routed,
                 "pcie_share": share,
                 "decode_pcie_off_tok_s": pcie_off,  # the CPU computing every RAM expert, same run

@@ -65,18 +65,22 @@ class ExpertCounts:
         return {str(i): {str(e): int(c) for e, c in enumerate(v.tolist())} for i, v in self.counts.items()}
 
 
-def ram_shares(model: nn.Module, freq: dict[str, dict[str, int]]) -> dict[int, float]:
+def ram_shares(model: nn.Module, freq: dict[str, dict[str, int]] | None = None) -> dict[int, float]:
     """Per MoE layer whose experts are split between the GPU and RAM (``HybridExperts``): the share
-    of the counted choices that picked a RAM-resident expert."""
+    of the counted choices that picked a RAM-resident expert (freq None: under uniform routing, the
+    share of the layer's experts in RAM)."""
     from hetero.experts import HybridExperts
 
     out = {}
     for i, block in enumerate(model.model.layers):
         experts = getattr(block.mlp, "experts", None)
-        row = freq.get(str(i))
-        if not isinstance(experts, HybridExperts) or not row:
+        row = None if freq is None else freq.get(str(i))
+        if not isinstance(experts, HybridExperts) or (freq is not None and not row):
             continue
         in_ram = experts.cpu_local[: experts.num_experts].cpu() >= 0
+        if row is None:
+            out[i] = float(in_ram.float().mean())
+            continue
         total = sum(row.values())
         out[i] = sum(c for e, c in row.items() if in_ram[int(e)]) / total if total else 0.0
     return out

@@ -124,6 +124,7 @@ def test_the_runtime_puts_the_most_used_experts_on_the_gpu(lite, monkeypatch, tm
         assert shares[i] == in_ram / (4 * spec.top_k)
     uniform = {i: (E - len(hot[i])) / E for i in spec.moe_layers}
     model = rt.engine.model
+    assert ram_shares(model) == pytest.approx(uniform)  # no counts: the share of experts in RAM
     assert ram_expert_bytes_per_token(model, spec.top_k, uniform) == ram_expert_bytes_per_token(
         model, spec.top_k
     )
