@@ -32,12 +32,11 @@ REPS = 50
 VARIANTS = {"copy_engine": 0, "kernel": 1 << 20}  # FETCH_MAX_BYTES
 
 
-def build(fetch_bytes: int, tokens: int, hidden: int, flags: torch.Tensor, dev: torch.device):
-    """The graph of LAYERS links, and the page-locked rows it brings back (one per link)."""
+def build(fetch_bytes: int, rows: list[torch.Tensor], x: torch.Tensor, flags: torch.Tensor):
+    """The graph of LAYERS links bringing back ``rows`` (page-locked, one per link) into x's residual."""
     handoff.FETCH_MAX_BYTES = fetch_bytes
-    rows = [torch.randn(tokens, hidden).pin_memory() for _ in range(LAYERS)]
-    x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
-    w = torch.ones(hidden, device=dev, dtype=torch.bfloat16)
+    dev = x.device
+    w = torch.ones(x.shape[-1], device=dev, dtype=torch.bfloat16)
 
     def links():
         h = x
@@ -55,7 +54,7 @@ def build(fetch_bytes: int, tokens: int, hidden: int, flags: torch.Tensor, dev: 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = links()
-    return graph, rows, out
+    return graph, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     flags = host_flags(LAYERS)
-    graphs = {name: build(b, args.tokens, args.hidden, flags, dev) for name, b in VARIANTS.items()}
+    torch.manual_seed(0)
+    rows = [torch.randn(args.tokens, args.hidden).pin_memory() for _ in range(LAYERS)]
+    x = torch.randn(args.tokens, args.hidden, device=dev, dtype=torch.bfloat16)
+    graphs = {name: build(b, rows, x, flags) for name, b in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(REPS):
-        for name, (graph, _, _) in graphs.items():
+        for name, (graph, _) in graphs.items():
             flags.fill_(1)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -77,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             end.record()
             torch.cuda.synchronize()
             times[name].append(start.elapsed_time(end) * 1e3 / LAYERS)
-    # The same numbers either way: what each variant's last replay summed.
-    a, b = (graphs[n][2].float() for n in VARIANTS)
-    same = bool(torch.allclose(a, b, rtol=1e-2, atol=1e-2))
+    # The same rows in, so the same numbers out either way: each variant's last replay.
+    a, b = (graphs[n][1].float() for n in VARIANTS)
+    same = bool(torch.equal(a, b))
     gpu = torch.cuda.get_device_name(dev)
     rows = {
         n: {"us_per_link_median": statistics.median(t), "us_per_link_min": min(t)} for n, t in times.items()
