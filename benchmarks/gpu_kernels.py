@@ -473,8 +473,10 @@ def main() -> None:
     TUNE, KERNEL_TIMES = not args.no_tune, args.kernel_times
     MOE_BATCHES, MOE_FORMATS = tuple(args.moe_batches), tuple(args.moe_formats)
     if args.save_configs:
-        for kernel, by_device in json.loads(Path(args.save_configs).read_text())["tuned_configs"].items():
-            print(f"{kernel}: {save_configs(kernel, by_device)}")
+        run = json.loads(Path(args.save_configs).read_text())
+        arch = {run["card"]: run["arch"]} if "arch" in run else None
+        for kernel, by_device in run["tuned_configs"].items():
+            print(f"{kernel}: {save_configs(kernel, by_device, arch)}")
         return
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
@@ -499,6 +501,7 @@ def main() -> None:
         "cpu": cpu_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "arch": "{}.{}".format(*torch.cuda.get_device_capability()),
         "copy_GBps": copy_bw,
         "rows": rows,
         "graph_errors": sorted(set(GRAPH_ERRORS)),

@@ -4,8 +4,13 @@ File layout (`configs/<kernel>.json`)::
 
     {"NVIDIA H100 80GB HBM3": {"E=64,N=1408": {"1": {"BLOCK_M": 16, ...}, "64": {...}}}}
 
-The entry whose batch size is nearest to the asked one (by ratio) wins; a missing device or shape falls back to
-the caller's defaults and says so once in the log.
+and, under ``"_arch"``, each device's compute capability (``{"NVIDIA H100 80GB HBM3": "9.0"}``).
+
+The entry whose batch size is nearest to the asked one (by ratio) wins. A shape a device has no entry for
+takes the entry of a device of the same compute capability (an H200 or H800 those of an H100: the same
+SMs, so much the same best tiles, where the defaults can be far off: an H100's prefill-sized MoE tiles are
+twice the defaults' in each dimension). A shape missing there too falls back to the caller's defaults
+and says so once in the log.
 """
 
 from __future__ import annotations
@@ -30,9 +35,43 @@ def _load(kernel: str) -> dict:
     return json.loads(path.read_text())
 
 
+ARCH = "_arch"  # the files' key for each device's compute capability
+
+
 @functools.cache
 def _warn_once(kernel: str, device: str, shape_key: str) -> None:
     log.info("no tuned %s config for %s on %s; using defaults", kernel, shape_key, device)
+
+
+@functools.cache
+def _note_borrowed(kernel: str, device: str, other: str) -> None:
+    log.info(
+        "%s: shapes not tuned on %s take the settings tuned on %s (same compute capability)",
+        kernel,
+        device,
+        other,
+    )
+
+
+@functools.cache
+def device_arch(device: str) -> str | None:
+    """Compute capability ("9.0") of the CUDA device named ``device`` if it is the current one, else None."""
+    if torch.cuda.is_available() and torch.cuda.get_device_name() == device:
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return None
+
+
+def _device_shapes(kernel: str, device: str) -> list[tuple[str, dict]]:
+    """(device, its tuned shapes) to look in, in order: ``device``'s own, then those of the devices
+    of its compute capability."""
+    stored = _load(kernel)
+    found = [(device, stored[device])] if device in stored else []
+    arch = device_arch(device)
+    for other, other_arch in stored.get(ARCH, {}).items():
+        if arch is not None and other_arch == arch and other != device and other in stored:
+            found.append((other, stored[other]))
+    return found
 
 
 def device_name(device: torch.device | None = None) -> str:
@@ -48,8 +87,13 @@ def get_config(kernel: str, shape_key: str, batch: int, default: dict, device: s
     was tuned at; its launch settings depend on the expert's shape and the rows, not on that count,
     so a key that differs only in ``E`` takes the entry of the nearest ``E``."""
     device = device or device_name()
-    shapes = _load(kernel).get(device, {})
-    by_batch = shapes.get(shape_key) or shapes.get(_nearest_experts(shape_key, shapes))
+    by_batch = None
+    for source, shapes in _device_shapes(kernel, device):
+        by_batch = shapes.get(shape_key) or shapes.get(_nearest_experts(shape_key, shapes))
+        if by_batch:
+            if source != device:
+                _note_borrowed(kernel, device, source)
+            break
     if not by_batch:
         _warn_once(kernel, device, shape_key)
         return dict(default)
@@ -73,11 +117,15 @@ def _nearest_experts(shape_key: str, shapes: dict) -> str | None:
     return best and best[1]
 
 
-def save_configs(kernel: str, by_device: dict) -> Path:
+def save_configs(kernel: str, by_device: dict, arch: dict | None = None) -> Path:
     """Merge ``{device: {shape_key: {batch: config}}}`` into ``configs/<kernel>.json`` (a tuning run's
-    results; entries for the same device, shape and batch are replaced) and return the file."""
+    results; entries for the same device, shape and batch are replaced), with ``{device: compute
+    capability}`` where known, and return the file."""
     path = CONFIG_DIR / f"{kernel}.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
+    stored.setdefault(ARCH, {}).update(arch or {})
+    if not stored[ARCH]:
+        del stored[ARCH]
     for device, shapes in by_device.items():
         for shape_key, batches in shapes.items():
             entry = stored.setdefault(device, {}).setdefault(shape_key, {})

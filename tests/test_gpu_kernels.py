@@ -295,9 +295,34 @@ def test_tuned_config_lookup(tmp_path, monkeypatch):
     tuning._load.cache_clear()
 
 
+def test_tuned_configs_of_the_same_architecture(tmp_path, monkeypatch):
+    """A shape a device has no entry for takes a device's of its compute capability, none of another's."""
+    (tmp_path / "k.json").write_text(
+        '{"_arch": {"big": "9.0", "old": "8.0"}, "old": {"E=8": {"1": {"BLOCK_N": 16}}},'
+        ' "big": {"E=8": {"1": {"BLOCK_N": 32}}}}'
+    )
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tuning, "device_arch", {"bigger": "9.0", "big": "9.0", "odd": "7.5"}.get)
+    tuning._load.cache_clear()
+    try:
+        assert tuning.get_config("k", "E=8", 1, {"BLOCK_N": 64}, device="bigger")["BLOCK_N"] == 32
+        assert tuning.get_config("k", "E=8", 1, {"BLOCK_N": 64}, device="odd")["BLOCK_N"] == 64
+        assert tuning.get_config("k", "E=8", 1, {"BLOCK_N": 64}, device="unknown")["BLOCK_N"] == 64
+        tuning.save_configs("k", {"bigger": {"N=4": {1: {"BLOCK_N": 8}}}}, {"bigger": "9.0"})
+        assert tuning.get_config("k", "N=4", 1, {"BLOCK_N": 64}, device="bigger")["BLOCK_N"] == 8  # its own
+        assert tuning.get_config("k", "E=8", 1, {"BLOCK_N": 64}, device="bigger")["BLOCK_N"] == 32  # borrowed
+        assert tuning._load("k")[tuning.ARCH] == {"big": "9.0", "old": "8.0", "bigger": "9.0"}
+    finally:
+        tuning._load.cache_clear()
+
+
 def test_shipped_configs_parse():
     for path in tuning.CONFIG_DIR.glob("*.json"):
-        for shapes in tuning._load(path.stem).values():
+        stored = tuning._load(path.stem)
+        assert set(stored[tuning.ARCH]) == set(stored) - {tuning.ARCH}  # every device's capability known
+        for device, shapes in stored.items():
+            if device == tuning.ARCH:
+                continue
             for by_batch in shapes.values():
                 assert all(int(b) > 0 and "BLOCK_N" in cfg for b, cfg in by_batch.items())
 
