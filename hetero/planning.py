@@ -37,18 +37,37 @@ def make_plan(
 def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwareProfile:
     """``profile`` with the decode bandwidth of the CPU expert kernels in ``expert_format`` at
     batch 1 and 16, measured here once (a few seconds, plus compiling the kernel the first time)
-    and cached with the profile. Profiles that were not probed (``--no-probe``) stay estimates."""
+    and cached with the profile. Profiles that were not probed (``--no-probe``) stay estimates.
+
+    The kernels stream memory, so their rate is taken as a share of the read bandwidth probed
+    next to them, applied to the profile's: a machine whose bandwidth moves (a VM's from minute to
+    minute; one instance probed 87 GB/s at start, then 73-85 beside its decodes) would otherwise
+    price the kernels at whatever moment they were timed in (one plan came out 23% under its
+    decode that way)."""
     if not profile.measured or expert_format in profile.cpu_kernel_bw:
         return profile
     from cpu_kernels.probe import decode_bandwidth
     from placement.cost import KERNEL_PROBE_BATCHES, PROBE_EXPERTS, PROBE_TOP_K, kernel_key
+    from placement.hardware import probe_cpu_bandwidth
     from placement.planner import cpu_worker_threads
 
     threads = sum(cpu_worker_threads(profile).values())  # the plan's workers: one core drives the GPU
     rates = dict(profile.cpu_kernel_bw)
     shape = (PROBE_EXPERTS, 2048, 1408, PROBE_TOP_K)  # V2-Lite's expert size; kernel_bw scales by routing
-    for batch in KERNEL_PROBE_BATCHES:
-        rates[kernel_key(expert_format, batch)] = decode_bandwidth(expert_format, threads, batch, shape)
+
+    def read_now() -> float | None:
+        return probe_cpu_bandwidth(profile.physical_cores, profile.ram_available, seconds=0.25)
+
+    reads = [read_now()]
+    measured = {
+        kernel_key(expert_format, batch): decode_bandwidth(expert_format, threads, batch, shape)
+        for batch in KERNEL_PROBE_BATCHES
+    }
+    reads.append(read_now())
+    if all(reads) and profile.cpu_read_bw > 0:
+        scale = profile.cpu_read_bw / max(reads)  # the faster probe: a dip lowers only one of them
+        measured = {k: v * scale for k, v in measured.items()}
+    rates.update(measured)
     profile = dataclasses.replace(profile, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw"))
     placement.save_profile(profile)
     return profile

@@ -65,6 +65,7 @@ def _fixed_profile(monkeypatch, tmp_path):
     base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
     monkeypatch.setattr(placement, "detect", lambda *a, **k: base)
     monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1, shape=None: 7e9)
+    monkeypatch.setattr("placement.hardware.probe_cpu_bandwidth", lambda *a, **k: base.cpu_read_bw)
     return planning.with_kernel_rate(base, "int8")
 
 

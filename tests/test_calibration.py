@@ -30,6 +30,7 @@ def test_kernel_rate_measured_once_and_cached(monkeypatch, tmp_path):
 
     monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", fake)
     base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
+    monkeypatch.setattr("placement.hardware.probe_cpu_bandwidth", lambda *a, **k: base.cpu_read_bw)
     prof = planning.with_kernel_rate(base, "int8")
     assert prof.cpu_kernel_bw == {"int8": 12.5e9, "int8@16": 12.5e9 / 16} and "cpu_kernel_bw" in prof.measured
     assert planning.with_kernel_rate(prof, "int8") is prof  # known: not measured again
@@ -41,6 +42,22 @@ def test_kernel_rate_measured_once_and_cached(monkeypatch, tmp_path):
     # A profile of defaults (--no-probe) is not measured behind the user's back.
     assert planning.with_kernel_rate(placement.detect(probe=False), "int4").cpu_kernel_bw == {}
     assert len(calls) == 2
+
+
+def test_kernel_rate_is_a_share_of_the_read_bandwidth_beside_it(monkeypatch, tmp_path):
+    """Timed while the machine reads at half the profile's bandwidth, the kernels are priced at their
+    share of the bandwidth beside them, applied to the profile's (the faster of the probes before
+    and after them); without a probe (no Numba), as timed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1, shape=None: 4e9)
+    base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
+    reads = iter([base.cpu_read_bw / 4, base.cpu_read_bw / 2])
+    monkeypatch.setattr("placement.hardware.probe_cpu_bandwidth", lambda *a, **k: next(reads))
+    prof = planning.with_kernel_rate(base, "int4")
+    assert prof.cpu_kernel_bw == {"int4": 8e9, "int4@16": 8e9}
+    monkeypatch.setattr("placement.hardware.probe_cpu_bandwidth", lambda *a, **k: None)
+    prof = planning.with_kernel_rate(dataclasses.replace(base, key="other"), "int8")
+    assert prof.cpu_kernel_bw == {"int8": 4e9, "int8@16": 4e9}
 
 
 def test_runtime_plans_with_the_kernels_rate(monkeypatch, tmp_path, tiny_checkpoint):
@@ -57,6 +74,7 @@ def test_runtime_plans_with_the_kernels_rate(monkeypatch, tmp_path, tiny_checkpo
     monkeypatch.setattr(
         "cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1, shape=None: 7.25e9
     )
+    monkeypatch.setattr("placement.hardware.probe_cpu_bandwidth", lambda *a, **k: base.cpu_read_bw)
     path = tiny_checkpoint("deepseek-v2-lite", seed=3)
     rt = load_runtime(path, RuntimeOptions(offload=True, experts="int8", gpu_mem=2 << 30, max_model_len=64))
     assert rt.plan.cost_inputs.rates.cpu_bw == 7.25e9
