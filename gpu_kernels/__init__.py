@@ -9,13 +9,14 @@ from .paged_attention import (
     paged_prefill_attention,
     prefill_attention,
 )
-from .quant import QuantLinear, QuantWeight, dequantize_weight, quant_linear, quantize_weight
+from .quant import QuantLinear, QuantWeight, dequantize_weight, fp8_blocks, quant_linear, quantize_weight
 from .router import select_experts, select_experts_reference
 
 __all__ = [
     "QuantLinear",
     "QuantWeight",
     "dequantize_weight",
+    "fp8_blocks",
     "fused_moe",
     "fused_moe_reference",
     "mla_decode_attention",

@@ -2,8 +2,9 @@
 (`linear_gemv`): a weight tile's loads, its dot products with the activations, and the fixed-order sum
 over split-K partials.
 
-Formats (FMT): 0 bf16 / fp16, 1 fp8, 2 int8 (one scale per row), 3 int4 (grouped), and the CPU kernels'
-packed layouts 4 (int4) and 5 (int8). int4 tiles span whole groups ([BLOCK_N, BLOCK_K / GROUP, GROUP / 2]
+Formats (FMT): 0 bf16 / fp16, 1 fp8, 2 int8 (one scale per row), 3 int4 (grouped), the CPU kernels'
+packed layouts 4 (int4) and 5 (int8), and 6 fp8 with a scale per GROUP x GROUP block (a checkpoint's
+own; tiles span whole blocks along K, and each block's sum is scaled once, as int4's groups are). int4 tiles span whole groups ([BLOCK_N, BLOCK_K / GROUP, GROUP / 2]
 packed bytes): the low and high nibbles multiply the even and odd activation columns, each group's sum
 is scaled once. Integer weights become float by placing them in the mantissa of 2^23 (an OR and a
 subtract) rather than converting. With DOT4 int4 and int8 take integer dot products instead: the tile's
@@ -87,7 +88,9 @@ def _gemv_load(
     columns 2j and 2j + 1), or with DOT4 32-bit words [BLOCK_N, NG, GROUP / 8], and scales [BLOCK_N, NG];
     CPU int4: bytes [BLOCK_N, NS, W] and the low and high nibbles' scales joined [BLOCK_N, NS, 2] (fp16 in
     memory); int8 with DOT4: words [BLOCK_N, BLOCK_K / A8, A8 / 4] (_gemv_cols); other formats:
-    [BLOCK_N, BLOCK_K]. Per-row scales (fp8, int8) are applied after the sum: s is then an unused [BLOCK_N].
+    [BLOCK_N, BLOCK_K], block-scaled fp8 with its blocks' scales [BLOCK_N, BLOCK_K / GROUP] (row n's
+    at block row n // GROUP). Per-row scales (fp8, int8) are applied after the sum: s is then an
+    unused [BLOCK_N].
     With DOT4, w_ptr and stride_wn count 32-bit words."""
     if FMT == 2 and DOT4 > 0:
         A8: tl.constexpr = BLOCK_K if BLOCK_K < 128 else 128
@@ -123,13 +126,21 @@ def _gemv_load(
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
-        if FMT == 1:  # no fp8 `other`: _gemv_dot zeroes the masked lanes
+        if FMT == 1 or FMT == 6:  # no fp8 `other`: _gemv_dot zeroes the masked lanes
             w = tl.load(ptrs, mask=nmask[:, None] & (rk[None, :] < KDIM))
         elif FMT == 5:  # code 128 is 0
             w = tl.load(ptrs, mask=nmask[:, None] & (rk[None, :] < KDIM), other=128)
         else:
             w = tl.load(ptrs, mask=nmask[:, None] & (rk[None, :] < KDIM), other=0)
         s = nmask
+        if FMT == 6:
+            rg = tl.arange(0, BLOCK_K // GROUP)
+            gmask = nmask[:, None] & (k0 + rg * GROUP < KDIM)[None, :]  # [BLOCK_N, NG]
+            s = tl.load(
+                s_ptr + (rn // GROUP)[:, None] * stride_sn + (k0 // GROUP + rg)[None, :],
+                mask=gmask,
+                other=0.0,
+            )
     return w, s
 
 
@@ -216,13 +227,18 @@ def _gemv_dot(w, s, nmask, k0, KDIM, xa, xb, FMT: tl.constexpr, BLOCK_K: tl.cons
             wf = (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
         elif FMT == 5:  # the CPU layout's codes already are q + 128
             wf = (w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-        elif FMT == 1:
+        elif FMT == 1 or FMT == 6:
             rk = k0 + tl.arange(0, BLOCK_K)
             # masked lanes may hold fp8 NaN patterns
             wf = tl.where(nmask[:, None] & (rk[None, :] < KDIM), w.to(tl.float32), 0.0)
         else:
             wf = w.to(tl.float32)
-        acc = tl.sum(wf * xa[None, :], axis=1)
+        if FMT == 6:  # each block's sum, scaled
+            NG: tl.constexpr = BLOCK_K // GROUP
+            part = tl.sum(tl.reshape(wf * xa[None, :], [wf.shape[0], NG, GROUP]), axis=2)  # [BLOCK_N, NG]
+            acc = tl.sum(part * s, axis=1)
+        else:
+            acc = tl.sum(wf * xa[None, :], axis=1)
     return acc
 
 
@@ -252,10 +268,12 @@ def _split_sum_kernel(
 
 def _tile_k(block_k: int, fmt: int, group: int) -> int:
     """BLOCK_K as the GEMV kernels take it: a power of two; an int4 tile holds whole groups
-    ([BLOCK_N, BLOCK_K / group, group / 2] bytes), so int4 rounds it up to the group size."""
-    bk = max(block_k, group) if fmt == 3 else block_k
-    assert bk & (bk - 1) == 0 and bk % (group if fmt == 3 else 1) == 0, (
-        f"BLOCK_K={bk} must be a power of two (int4: a multiple of the group size {group})"
+    ([BLOCK_N, BLOCK_K / group, group / 2] bytes), so int4 rounds it up to the group size, as
+    block-scaled fp8 does to its blocks."""
+    whole = fmt in (3, 6)
+    bk = max(block_k, group) if whole else block_k
+    assert bk & (bk - 1) == 0 and bk % (group if whole else 1) == 0, (
+        f"BLOCK_K={bk} must be a power of two (int4, block-scaled fp8: a multiple of the group size {group})"
     )
     return bk
 

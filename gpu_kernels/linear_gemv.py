@@ -2,7 +2,8 @@
 
 Legend: M = rows of x (tokens), N = output rows of the weight, K = input dim.
     x     [M, K]  bf16 / fp16 / fp32
-    qw    QuantWeight [N, K]: fp8 / int8 (one scale per row) or int4 (grouped), as `quant` stores them
+    qw    QuantWeight [N, K]: fp8 / int8 (one scale per row), int4 (grouped) or block-scaled fp8, as
+          `quant` stores them
     bias  [N] or None
     out   [M, N] in x's dtype
 
@@ -23,7 +24,7 @@ import torch
 
 from ._triton import cdiv, tl, triton
 from .gemv_tiles import _dot4, _gemv_cols, _gemv_dot, _gemv_load, _gemv_split, _sum_splits, _tile_k
-from .quant import _FMT_ID, QuantWeight
+from .quant import QuantWeight
 from .tuning import get_config
 
 # rows at or below which quant_linear runs this path for fp8 / int8 / int4 (bf16 keeps tl.dot: its
@@ -37,7 +38,7 @@ _FORMAT = {"int4": {"BLOCK_K": 256, "DP4A": 1}, "int8": {}, "fp8": {}}
 def _linear_gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K] (int4: [N, K / 2] bytes; with DOT4 both as 32-bit words)
-    s_ptr,  # [N] or [N, K / GROUP] float32
+    s_ptr,  # [N], [N, K / GROUP] or (block-scaled fp8) [N / GROUP, K / GROUP] float32
     b_ptr,  # [N]
     o_ptr,  # SPLIT_K == 1: out [M, N]; else partial sums [SPLIT_K, M, N] float32
     M,
@@ -109,7 +110,7 @@ def linear_gemv(
         x2 = x2.contiguous()
     M = x2.shape[0]
     cfg = config or linear_gemv_config(M, N, K, qw.fmt)
-    fmt, data, group = _FMT_ID[qw.fmt], qw.data, qw.group_size
+    fmt, data, group = qw.fmt_id, qw.data, qw.group_size
     bn, bk = cfg["BLOCK_N"], _tile_k(cfg["BLOCK_K"], fmt, group)
     stride_wn = data.stride(0)
     dot4 = _dot4(fmt, cfg, K)
@@ -121,7 +122,7 @@ def linear_gemv(
     scales = qw.scales if qw.scales is not None else data
     _linear_gemv_kernel[(M, cdiv(N, bn), split)](
         x2, data, scales, bias if bias is not None else x2, dst, M, N, K, x2.stride(0), stride_wn,
-        scales.stride(0) if fmt == 3 else 0,
+        scales.stride(0) if fmt in (3, 6) else 0,
         FMT=fmt, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters, SPLIT_K=split,
         DOT4=dot4, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
     )  # fmt: skip

@@ -3,10 +3,14 @@
 Storage of a weight w [..., N, K] (leading dims stack experts; N = output rows, K = input dim):
     bf16   data [..., N, K] bfloat16                 scales None
     fp8    data [..., N, K] float8_e4m3fn            scales [..., N] float32        (sm_89+ on GPU)
+           or, as an FP8 checkpoint ships it (DeepSeek-V3's layout), one scale per block of
+           group_size x group_size:                  scales [..., ceil(N / g), ceil(K / g)] float32
     int8   data [..., N, K] int8                     scales [..., N] float32
     int4   data [..., N, K // 2] uint8 (two nibbles, even k in the low one, stored as q + 8)
            scales [..., N, K // group_size] float32  symmetric, q in [-8, 7]
 Dequantized weight = q * scale. Kernels dequantize tiles in registers and multiply in x's dtype.
+The block-scaled fp8 weight holds a checkpoint's bytes as they are (``fp8_blocks``): no second
+rounding, where re-quantizing its dequantized values per row moved a random layer's output by ~2.6%.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .tuning import get_config
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
 _FMT_ID = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3}
+FP8_BLOCKS = 6  # the kernels' FMT of a block-scaled fp8 weight (moe_gemv takes 4 and 5 for packed layouts)
 _EPS = 1e-8
 
 
@@ -45,8 +50,24 @@ class QuantWeight:
             assert self.scales is not None and tuple(self.scales.shape) == (*lead, n, k // self.group_size)
         else:
             assert tuple(self.data.shape) == tuple(self.shape), (self.data.shape, self.shape)
-        if self.fmt in ("fp8", "int8"):
+        if self.blocked:
+            g = self.group_size
+            assert tuple(self.scales.shape) == (*lead, -(-n // g), -(-k // g)), (
+                self.scales.shape,
+                self.shape,
+            )
+        elif self.fmt in ("fp8", "int8"):
             assert self.scales is not None and tuple(self.scales.shape) == (*lead, n)
+
+    @property
+    def blocked(self) -> bool:
+        """fp8 with one scale per group_size x group_size block (not one per row)."""
+        return self.fmt == "fp8" and self.scales is not None and self.scales.dim() == self.data.dim()
+
+    @property
+    def fmt_id(self) -> int:
+        """The kernels' FMT for this weight."""
+        return FP8_BLOCKS if self.blocked else _FMT_ID[self.fmt]
 
     @property
     def device(self) -> torch.device:
@@ -86,10 +107,24 @@ def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 128) -> QuantWe
     raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
 
 
+def fp8_blocks(data: torch.Tensor, scale_inv: torch.Tensor, block: int) -> QuantWeight:
+    """A checkpoint's fp8 weight as it is: data [N, K] float8_e4m3fn, scale_inv [ceil(N / block),
+    ceil(K / block)] float32 (weight = data * scale_inv of its block), on data's device."""
+    if data.dtype != torch.float8_e4m3fn or data.dim() != 2:
+        raise ValueError(f"fp8_blocks takes a 2-D float8_e4m3fn weight, got {data.dtype} {tuple(data.shape)}")
+    scales = scale_inv.to(data.device, torch.float32).contiguous()
+    return QuantWeight("fp8", data.contiguous(), scales, block, tuple(data.shape))
+
+
 def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """QuantWeight -> dense [..., N, K] in `dtype`."""
     if qw.fmt == "bf16":
         return qw.data.to(dtype)
+    if qw.blocked:
+        *_, n, k = qw.shape
+        g = qw.group_size
+        s = qw.scales.repeat_interleave(g, -2)[..., :n, :].repeat_interleave(g, -1)[..., :k]
+        return (qw.data.float() * s).to(dtype)
     if qw.fmt in ("fp8", "int8"):
         return (qw.data.float() * qw.scales[..., None]).to(dtype)
     *lead, n, k = qw.shape
@@ -106,9 +141,9 @@ def fp8_supported(device: torch.device) -> bool:
 @triton.jit
 def load_weight_tile(
     w_ptr,  # row n starts at w_ptr + n * stride_wn (int4: packed bytes)
-    s_ptr,  # int4 scales, row n at s_ptr + n * stride_sn, one per group
+    s_ptr,  # int4 scales, row n at s_ptr + n * stride_sn, one per group (block-scaled fp8: block row n // GROUP)
     rn,  # [BLOCK_N] output rows
-    k0,  # first input column of the tile
+    k0,  # first input column of the tile (block-scaled fp8: within one block, BLOCK_K <= GROUP)
     nmask,  # [BLOCK_N]
     stride_wn,
     stride_sn,
@@ -119,7 +154,8 @@ def load_weight_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """[BLOCK_N, BLOCK_K] weight tile in `dtype`; fp8/int8 come back unscaled (their scale is per row)."""
+    """[BLOCK_N, BLOCK_K] weight tile in `dtype`; per-row fp8 / int8 come back unscaled (their scale is
+    applied to the sums)."""
     if FMT == 3:
         rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + rk2[None, :], mask=nmask[:, None], other=0x88)
@@ -128,6 +164,12 @@ def load_weight_tile(
         q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # even k from lo, odd k from hi
         s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
         w = (q.to(tl.float32) * s[:, None]).to(dtype)
+    elif FMT == 6:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        wmask = nmask[:, None] & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask)
+        s = tl.load(s_ptr + (rn // GROUP) * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
+        w = tl.where(wmask, (w.to(tl.float32) * s[:, None]).to(dtype), 0.0)
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         wmask = nmask[:, None] & (rk[None, :] < K)
@@ -140,7 +182,7 @@ def load_weight_tile(
 def _quant_linear_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # see module docstring
-    s_ptr,  # [N] or [N, K / GROUP] float32
+    s_ptr,  # [N], [N, K / GROUP] or (block-scaled fp8) [N / GROUP, K / GROUP] float32
     b_ptr,  # [N]
     o_ptr,  # [M, N]
     M,
@@ -187,10 +229,10 @@ def _quant_linear_kernel(
 _DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
 
 
-def quant_linear_config(M: int, N: int, K: int, fmt: str, group_size: int) -> dict:
+def quant_linear_config(M: int, N: int, K: int, fmt: str, group_size: int, blocked: bool = False) -> dict:
     """Launch settings: a config with BLOCK_M runs the tl.dot kernel here, one without it the GEMV path
     (`linear_gemv`). A tuned entry (the nearest batch's) decides; untuned, quantized weights take the
-    GEMV path at up to linear_gemv.GEMV_MAX_ROWS rows."""
+    GEMV path at up to linear_gemv.GEMV_MAX_ROWS rows. blocked: block-scaled fp8."""
     from .linear_gemv import GEMV_MAX_ROWS, gemv_default
 
     tuned = get_config("quant_linear", f"N={N},K={K},fmt={fmt}", M, {})
@@ -202,7 +244,7 @@ def quant_linear_config(M: int, N: int, K: int, fmt: str, group_size: int) -> di
     if M > 16:
         cfg.update(BLOCK_M=min(64, 1 << (M - 1).bit_length()), BLOCK_N=64, BLOCK_K=128)
     cfg.update(tuned)
-    if fmt == "int4":
+    if fmt == "int4" or blocked:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)  # one scale per row per tile
     return cfg
 
@@ -215,7 +257,9 @@ def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | N
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    cfg = config or quant_linear_config(M, N, K, qw.fmt, qw.group_size)
+    cfg = config or quant_linear_config(M, N, K, qw.fmt, qw.group_size, qw.blocked)
+    if "BLOCK_M" in cfg and qw.blocked and cfg["BLOCK_K"] > qw.group_size:
+        cfg = {**cfg, "BLOCK_K": qw.group_size}  # a tile within one block of scales
     if "BLOCK_M" not in cfg:
         from .linear_gemv import linear_gemv
 
@@ -236,9 +280,9 @@ def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | N
         K,
         x2.stride(0),
         data.stride(0),
-        scales.stride(0) if qw.fmt == "int4" else 0,
+        scales.stride(-2) if qw.fmt == "int4" or qw.blocked else 0,
         out.stride(0),
-        FMT=_FMT_ID[qw.fmt],
+        FMT=qw.fmt_id,
         GROUP=qw.group_size,
         HAS_BIAS=bias is not None,
         BLOCK_M=cfg["BLOCK_M"],

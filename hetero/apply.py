@@ -130,6 +130,20 @@ class CheckpointSource:
         first = checkpoint_names(spec, name)[0]
         return first in self.ckpt and self.ckpt.raw(first).dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
+    def fp8_weight(self, spec: ModelSpec, name: str):
+        """A dense weight the checkpoint stores in e4m3 with square block scales, as stored (a
+        ``gpu_kernels`` QuantWeight on the CPU), or None."""
+        src = checkpoint_names(spec, name)[0]
+        rows, cols = self.ckpt.fp8_block
+        if src not in self.ckpt or rows != cols or self.ckpt.raw(src).dtype != torch.float8_e4m3fn:
+            return None
+        scale_name = src.replace(".weight", ".weight_scale_inv")
+        if scale_name not in self.ckpt:
+            return None
+        from gpu_kernels import fp8_blocks
+
+        return fp8_blocks(self.ckpt.raw(src), self.ckpt.raw(scale_name), rows)
+
     def expert_floats(
         self, spec: ModelSpec, layer: int, ids: list[int], dtype, device=None
     ) -> tuple[torch.Tensor, ...]:
@@ -244,7 +258,8 @@ def load_placed(
             for name, t in list(named_tensors(model)):
                 if ".mlp.experts." not in name:
                     _set(model, name, t.to(device))
-        _quantize_dense(model, placement)
+        exact = getattr(source, "fp8_weight", None) if not split else None  # shards would cut blocks
+        _quantize_dense(model, placement, exact and (lambda name: exact(spec, name)))
         fuse_projections(model)  # after sharding and quantizing: what stays plain and whole fuses
         for i in moe_layers:
             moe = model.model.layers[i].mlp
@@ -312,7 +327,10 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
-def _quantize_dense(model: Transformer, p: Placement) -> None:
+def _quantize_dense(model: Transformer, p: Placement, fp8_weight=None) -> None:
+    """The plan's GPU format for the dense linears: quantized from their loaded values, or in fp8 with
+    ``fp8_weight(name)`` giving the checkpoint's own block-scaled weight where it has one (its bytes
+    as they are: re-quantizing the dequantized values per row would round them a second time)."""
     if p.gpu_weights == "bf16":
         return
     from gpu_kernels import QuantLinear
@@ -325,6 +343,11 @@ def _quantize_dense(model: Transformer, p: Placement) -> None:
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        own = fp8_weight(f"{name}.weight") if fp8_weight is not None and p.gpu_weights == "fp8" else None
+        if own is not None and tuple(own.shape) == tuple(mod.weight.shape):
+            bias = None if mod.bias is None else mod.bias.detach()
+            setattr(parent, attr, QuantLinear(own.to(mod.weight.device), bias))
+            continue
         group = next((g for g in (128, 64, 32) if mod.in_features % g == 0), None)
         if group is None and p.gpu_weights == "int4":
             continue  # no group size divides this width; it stays in bf16

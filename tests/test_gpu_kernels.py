@@ -524,14 +524,45 @@ def test_moe_gemv_kernels_in_interpreter(fmt, group):
     in_interpreter(f"check_moe_gemv({fmt!r}, {group})")
 
 
+def make_qweight(w: torch.Tensor, fmt: str, group: int) -> quant.QuantWeight:
+    """quantize_weight, or ("fp8-blocks") an FP8 checkpoint's weight: e4m3 with a scale per group x group
+    block, as hetero make-model writes it."""
+    if fmt != "fp8-blocks":
+        return gk.quantize_weight(w, fmt, group)
+    from hetero.make_model import quantize_fp8
+
+    q, scale_inv = quantize_fp8(w.float().cpu().clone(), group)
+    return gk.fp8_blocks(q.to(w.device), scale_inv, group)
+
+
+def test_fp8_blocks_hold_the_checkpoint_exactly():
+    """A block-scaled fp8 weight dequantizes to what the checkpoint reader makes of the same bytes
+    (rows and columns not multiples of the block); per-row re-quantization of those values does not."""
+    from hetero.checkpoint import dequantize_fp8_blocks
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(72, 200, generator=gen) * 0.05
+    qw = make_qweight(w, "fp8-blocks", 64)
+    assert qw.blocked and qw.fmt_id == quant.FP8_BLOCKS and qw.scales.shape == (2, 4)
+    want = dequantize_fp8_blocks(qw.data, qw.scales, 64)
+    assert torch.equal(gk.dequantize_weight(qw, torch.float32), want.float())
+    again = gk.quantize_weight(want, "fp8")  # per row: a second rounding
+    assert rel_err(gk.dequantize_weight(again, torch.float32), want) > 1e-3
+    assert qw.nbytes() == 72 * 200 + 4 * 2 * 4
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        gk.fp8_blocks(w, qw.scales, 64)
+
+
 def check_linear_gemv(fmt: str, group: int) -> None:
     """Run with TRITON_INTERPRET=1: quant_linear's GEMV path on CPU tensors vs the dequantized weight,
-    N not a multiple of BLOCK_N, K split into partial tiles, with and without a bias, each DP4A way."""
+    N not a multiple of BLOCK_N, K split into partial tiles, with and without a bias, each DP4A way;
+    fmt "fp8-blocks" (a checkpoint's block-scaled fp8) also through the tl.dot path."""
     from gpu_kernels import linear_gemv
 
     gen = torch.Generator().manual_seed(group + len(fmt))
     N, K = 72, 384
-    qw = gk.quantize_weight(torch.randn(N, K, generator=gen) * 0.05, fmt, group)
+    qw = make_qweight(torch.randn(N, K, generator=gen) * 0.05, fmt, group)
+    fmt = qw.fmt
     w = gk.dequantize_weight(qw, torch.float64)
     tiles = [
         {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2},  # 3 tiles: splits of 2 and 1
@@ -559,10 +590,17 @@ def check_linear_gemv(fmt: str, group: int) -> None:
     assert "BLOCK_M" in quant.quant_linear_config(linear_gemv.GEMV_MAX_ROWS + 1, N, K, fmt, group)
     out = quant.quant_linear_triton(x[:1], qw)
     assert out.shape == (1, 3, N) and rel_err(out, x[:1].double() @ w.T) < 3e-2
+    if qw.blocked:  # tl.dot tiles: one block of scales a tile, however wide the config asks
+        x = torch.randn(8, K, generator=gen)
+        for cfg in ({**quant._DEFAULT, "BLOCK_K": 256}, quant.quant_linear_config(8, N, K, fmt, group, True)):
+            out = quant.quant_linear_triton(x, qw, None, cfg)
+            torch.testing.assert_close(out.double(), x.double() @ w.T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
-@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)])
+@pytest.mark.parametrize(
+    "fmt,group", [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128), ("fp8-blocks", 64)]
+)
 def test_linear_gemv_in_interpreter(fmt, group):
     in_interpreter(f"check_linear_gemv({fmt!r}, {group})")
 
@@ -620,6 +658,18 @@ def test_gemv_kernels_compile_for_hopper(fmt, dot4, w, s, group):
 
         lin = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "b_ptr": "*bf16", "o_ptr": "*fp32"}
         compile_for_hopper(linear_gemv._linear_gemv_kernel, {**tiles, "HAS_BIAS": 1}, lin)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+def test_fp8_block_linear_kernels_compile_for_hopper():
+    """The quantized linear's GEMV and tl.dot kernels over block-scaled fp8 compile for sm_90."""
+    from gpu_kernels import linear_gemv
+
+    types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*bf16", "o_ptr": "*fp32"}
+    gemv = {"FMT": quant.FP8_BLOCKS, "GROUP": 128, "BLOCK_N": 32, "BLOCK_K": 256, "ITERS": 2, "SPLIT_K": 4}
+    compile_for_hopper(linear_gemv._linear_gemv_kernel, {**gemv, "DOT4": 0, "HAS_BIAS": 1}, types)
+    dot = {"FMT": quant.FP8_BLOCKS, "GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "HAS_BIAS": 1}
+    compile_for_hopper(quant._quant_linear_kernel, dot, {**types, "o_ptr": "*bf16"})
 
 
 # weight formats as the tl.dot kernels read them: (FMT, data, scales, group)
@@ -977,17 +1027,19 @@ def test_decode_attention_compiles_once_as_contexts_grow():
 @gpu
 @pytest.mark.parametrize("M", [1, 16, 64, 200])
 @pytest.mark.parametrize(
-    "fmt,group", [("bf16", 128), ("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)]
+    "fmt,group",
+    [("bf16", 128), ("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128), ("fp8-blocks", 128)],
 )
 def test_quant_linear_kernel(M, fmt, group):
     gen = torch.Generator(CUDA).manual_seed(M)
     N, K = 320, 1024
     w = torch.randn(N, K, generator=gen, device=CUDA) * 0.05
-    qw = gk.quantize_weight(w, fmt, group)
+    qw = make_qweight(w, fmt, group)
+    fmt = qw.fmt
     x = torch.randn(M, K, generator=gen, device=CUDA).bfloat16()
     b = torch.randn(N, generator=gen, device=CUDA).bfloat16()
     ref = F.linear(x.float(), gk.dequantize_weight(qw, torch.float32), b.float())
-    default = quant.quant_linear_config(M, N, K, fmt, group)
+    default = quant.quant_linear_config(M, N, K, fmt, group, qw.blocked)
     configs = [default]
     if fmt != "bf16" and M <= 16:  # both paths: tl.dot tiles, and the GEMV each DP4A way
         from gpu_kernels import linear_gemv

@@ -420,3 +420,32 @@ def test_bench_rejects_a_bad_pcie_share():
     for bad in ("1.5", "half", "-0.1"):
         with pytest.raises(HeteroError, match="--pcie-share"):
             _share_arg(bad)
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "qwen3-30b-a3b"])
+def test_fp8_checkpoint_weights_stay_as_stored(tiny_checkpoint, preset):
+    """With fp8 GPU weights, an FP8 checkpoint's dense linears keep its e4m3 bytes and block scales
+    (not re-quantized per row from their dequantized values): each computes with exactly the weight
+    the checkpoint holds. Linears the checkpoint keeps in bf16 (lm_head) are quantized as before."""
+    from gpu_kernels import QuantLinear, dequantize_weight
+    from hetero.checkpoint import Checkpoint
+    from hetero.model import checkpoint_names
+
+    path = tiny_checkpoint(preset, dtype="fp8")
+    cpu = torch.device("cpu")
+    ref = load_placed(path, Placement({}, expert_format="bf16"), cpu, torch.float32, progress=False)
+    model = load_placed(
+        path, Placement({}, expert_format="bf16", gpu_weights="fp8"), cpu, torch.float32, progress=False
+    )
+    ckpt = Checkpoint(path)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    blocked = {n: m for n, m in quantized.items() if m.qweight.blocked}
+    assert set(quantized) - set(blocked) == {"lm_head"}  # the one the checkpoint keeps in bf16
+    for name, mod in blocked.items():
+        src = checkpoint_names(model.spec, f"{name}.weight")[0]
+        assert torch.equal(mod.qdata.view(torch.uint8), ckpt.raw(src).view(torch.uint8)), name
+        assert torch.equal(dequantize_weight(mod.qweight, torch.float32), ref.get_submodule(name).weight), (
+            name
+        )
+    prompt = list(range(300, 316))
+    assert decode(model, prompt, steps=3)[0] == decode(ref, prompt, steps=3)[0]
