@@ -28,53 +28,124 @@ class RMSNorm(nn.Module):
 
 
 class FusedLinear:
-    """Plain linears that read one input, run as one product: their weights (and biases) become row
+    """Linears that read one input, run as one product: their weights (and biases) become row
     slices of one matrix, so a decode step makes one launch (and reads one weight) where it made
-    several. The linears stay what the model names and loads; if one of them is given a new tensor
-    later (a reload, a move to another device), ``live`` turns false and callers run them apart."""
+    several. Plain ``nn.Linear`` parts, or quantized ones (``gpu_kernels.QuantLinear``) of one
+    format, whose rows and scales stack the same way. The linears stay what the model names and
+    loads; if one of them is given a new tensor later (a reload, a move to another device),
+    ``live`` turns false and callers run them apart."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: list[nn.Linear]):
+    def __init__(self, weight, bias: torch.Tensor | None, parts: list[nn.Module]):
+        # weight: a tensor [N, K], or a gpu_kernels QuantWeight of the quantized parts
         self.weight, self.bias, self.parts = weight, bias, parts
+        self.quantized = not isinstance(weight, torch.Tensor)
         self.sizes = [p.out_features for p in parts]
         self._ptrs = self._views()
 
     def _views(self) -> list[tuple[int, int]]:
-        return [(p.weight.data_ptr(), p.bias.data_ptr() if p.bias is not None else 0) for p in self.parts]
+        def ptr(p: nn.Module) -> int:
+            return p.qdata.data_ptr() if self.quantized else p.weight.data_ptr()
+
+        return [(ptr(p), p.bias.data_ptr() if p.bias is not None else 0) for p in self.parts]
 
     @classmethod
     def of(cls, parts: list[nn.Module]) -> FusedLinear | None:
-        """Fuse ``parts`` (each an ``nn.Linear`` over the same input width, one dtype and device, all
-        with a bias or none), or None where they are not all such."""
-        if len(parts) < 2 or not all(type(p) is nn.Linear for p in parts):
+        """Fuse ``parts`` (each an ``nn.Linear``, or each a ``QuantLinear`` of one format, group and
+        scale layout, over the same input width, on one device, all with a bias or none), or None
+        where they are not all such."""
+        if len(parts) < 2:
             return None
-        w0 = parts[0].weight
-        same = all(
-            p.weight.dtype == w0.dtype
-            and p.weight.device == w0.device
-            and p.in_features == parts[0].in_features
-            for p in parts
-        )
+        if all(type(p) is nn.Linear for p in parts):
+            w0 = parts[0].weight
+            same = all(
+                p.weight.dtype == w0.dtype
+                and p.weight.device == w0.device
+                and p.in_features == parts[0].in_features
+                for p in parts
+            )
+            if not same or w0.device.type == "meta":
+                return None
+            return cls._fused(parts, [p.weight for p in parts], "weight", None)
+        return cls._fused_quantized(parts)
+
+    @classmethod
+    def _fused(cls, parts, rows: list[torch.Tensor], attr: str, weight) -> FusedLinear | None:
+        """Stack ``rows`` (each part's ``attr`` tensor) and the biases, and give each part views of
+        them; ``weight``: the fused weight to run (None: the stacked rows themselves)."""
         with_bias = {p.bias is not None for p in parts}
-        if not same or len(with_bias) != 1 or w0.device.type == "meta":
+        if len(with_bias) != 1:
             return None
         with torch.no_grad():
-            weight = torch.cat([p.weight for p in parts])
+            stacked = torch.cat(rows)
             bias = torch.cat([p.bias for p in parts]) if with_bias == {True} else None
             row = 0
             for p in parts:
                 n = p.out_features
-                p.weight = nn.Parameter(weight[row : row + n], requires_grad=p.weight.requires_grad)
+                if attr == "weight":
+                    p.weight = nn.Parameter(stacked[row : row + n], requires_grad=p.weight.requires_grad)
+                else:
+                    setattr(p, attr, stacked[row : row + n])
                 if bias is not None:
-                    p.bias = nn.Parameter(bias[row : row + n], requires_grad=p.bias.requires_grad)
+                    p.bias = (
+                        nn.Parameter(bias[row : row + n], requires_grad=p.bias.requires_grad)
+                        if isinstance(p.bias, nn.Parameter)
+                        else bias[row : row + n]
+                    )
                 row += n
-        return cls(weight, bias, list(parts))
+        return cls(stacked if weight is None else weight(stacked), bias, list(parts))
+
+    @classmethod
+    def _fused_quantized(cls, parts) -> FusedLinear | None:
+        from gpu_kernels.quant import QuantLinear, QuantWeight
+
+        if not all(type(p) is QuantLinear for p in parts) or len({p.bias is None for p in parts}) != 1:
+            return None
+        q0 = parts[0].qweight
+        same = all(
+            p.fmt == q0.fmt
+            and p.group_size == q0.group_size
+            and p.qweight.blocked == q0.blocked
+            and p.in_features == parts[0].in_features
+            and p.qdata.device == q0.data.device
+            and (p.qscales is None) == (q0.scales is None)
+            for p in parts
+        )
+        g = q0.group_size
+        # block-scaled rows stack only where each part but the last fills whole blocks of rows
+        if (
+            not same
+            or q0.data.device.type == "meta"
+            or (q0.blocked and any(p.out_features % g for p in parts[:-1]))
+        ):
+            return None
+        scales = None
+        with torch.no_grad():
+            if q0.scales is not None:
+                scales = torch.cat([p.qscales for p in parts])
+                row = 0
+                for p in parts:
+                    n = p.out_features
+                    p.qscales = scales[row // g : -(-(row + n) // g)] if q0.blocked else scales[row : row + n]
+                    row += n
+        n_all, k = sum(p.out_features for p in parts), parts[0].in_features
+
+        def weight(data: torch.Tensor):
+            return QuantWeight(q0.fmt, data, scales, g, (n_all, k))
+
+        return cls._fused(parts, [p.qdata for p in parts], "qdata", weight)
 
     def live(self) -> bool:
         return self._views() == self._ptrs
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [..., K] -> each part's output [..., N_i], as views of one product."""
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        if self.quantized:
+            from gpu_kernels.quant import quant_linear
+
+            y = quant_linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return list(y.split(self.sizes, dim=-1))
 
 
 def fuse_projections(model: nn.Module) -> int:

@@ -449,3 +449,56 @@ def test_fp8_checkpoint_weights_stay_as_stored(tiny_checkpoint, preset):
         )
     prompt = list(range(300, 316))
     assert decode(model, prompt, steps=3)[0] == decode(ref, prompt, steps=3)[0]
+
+
+@pytest.mark.parametrize(
+    "preset,fmt", [("qwen3-30b-a3b", "int8"), ("deepseek-v3", "int4"), ("qwen3-30b-a3b", "fp8")]
+)
+def test_quantized_input_projections_run_as_one_product(tiny_checkpoint, preset, fmt):
+    """Quantized GPU weights: attention's input projections stack into one quantized weight (rows and
+    scales) that the parts view, so one product gives what each part gives alone; a part given a
+    weight of its own ends the fusion."""
+    from gpu_kernels import QuantLinear, quant_linear
+    from hetero.layers import FusedLinear
+
+    path = tiny_checkpoint(preset)
+    placement = Placement({}, expert_format="bf16", gpu_weights=fmt)
+    model = load_placed(path, placement, torch.device("cpu"), torch.float32, progress=False)
+    attn = model.model.layers[0].self_attn
+    fused = attn.fused
+    assert isinstance(fused, FusedLinear) and fused.quantized and fused.live()
+    assert all(isinstance(p, QuantLinear) for p in fused.parts)
+    x = torch.randn(3, model.spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    base = fused.weight.data.data_ptr()
+    for part, got in zip(fused.parts, fused(x)):
+        assert (
+            base
+            <= part.qdata.data_ptr()
+            < base + fused.weight.data.numel() * fused.weight.data.element_size()
+        )
+        torch.testing.assert_close(got, quant_linear(x, part.qweight, part.bias), rtol=1e-6, atol=1e-6)
+    last = fused.parts[-1]
+    last.qdata = last.qdata.clone()
+    assert not fused.live()
+
+
+def test_block_scaled_fp8_parts_fuse_where_blocks_align():
+    """An FP8 checkpoint's block-scaled linears stack when every part but the last fills whole blocks
+    of rows (the last may end mid-block); otherwise they stay apart."""
+    from gpu_kernels import QuantLinear, fp8_blocks, quant_linear
+    from hetero.layers import FusedLinear
+    from hetero.make_model import quantize_fp8
+
+    gen = torch.Generator().manual_seed(4)
+
+    def part(rows: int) -> QuantLinear:
+        return QuantLinear(fp8_blocks(*quantize_fp8(torch.randn(rows, 256, generator=gen) * 0.05, 128), 128))
+
+    parts = [part(256), part(128), part(200)]
+    x = torch.randn(2, 256, generator=gen)
+    want = [quant_linear(x, p.qweight) for p in parts]
+    fused = FusedLinear.of(parts)
+    assert fused is not None and fused.weight.blocked and fused.weight.scales.shape == (5, 2)
+    for got, one in zip(fused(x), want):
+        torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-6)
+    assert FusedLinear.of([part(200), part(128)]) is None
