@@ -42,7 +42,7 @@ SHAPES = {  # E, H, I: the layer shapes of the models whose decode steps call wi
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _read(chunks, nthr, sink):
+def parallel_read(chunks, nthr, sink):
     """Sum of every uint64 word of the chunks (each a 1-D view), split evenly over nthr threads."""
     total = 0
     for c in chunks:
@@ -65,13 +65,13 @@ def _words(a: np.ndarray) -> np.ndarray:
     return flat[: flat.size // 8 * 8].view(np.uint64)
 
 
-def _expert_arrays(layer, e: int) -> list[np.ndarray]:
+def expert_arrays(layer, e: int) -> list[np.ndarray]:
     gus = layer.gate_up_scale.reshape(layer.E, -1)
     dns = layer.down_scale.reshape(layer.E, -1)
     return [_words(layer.gate_up[e]), _words(layer.down[e]), _words(gus[e]), _words(dns[e])]
 
 
-def _spin(seconds: float) -> None:
+def spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(args.calls):
                         layer = layers[(rnd * args.calls + i) % len(layers)]
                         ids = rng.choice(E, K, replace=False).astype(np.int32)
-                        _spin(args.gap_us * 1e-6)
+                        spin(args.gap_us * 1e-6)
                         t = time.perf_counter()
                         ck.fused_moe(x, ids[None], w, layer, out=out, threads=args.threads)
                         wall = time.perf_counter() - t
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                         parts["wrapper_us"] = wall * 1e6 - parts["kernel_us"]  # Python, dispatch
                         res[s]["parts"].append(parts)
                         other = layers[(i + 7) % len(layers)]  # not the one just read
-                        chunks = numba.typed.List([a for e in ids for a in _expert_arrays(other, e)])
-                        _spin(args.gap_us * 1e-6)
+                        chunks = numba.typed.List([a for e in ids for a in expert_arrays(other, e)])
+                        spin(args.gap_us * 1e-6)
                         t = time.perf_counter()
-                        _read(chunks, args.threads, sink)
+                        parallel_read(chunks, args.threads, sink)
                         res[s]["read"].append(time.perf_counter() - t)
                     moe.set_trace(0)
             for s in settings:

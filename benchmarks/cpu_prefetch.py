@@ -22,7 +22,7 @@ from pathlib import Path
 import numba
 import numpy as np
 from common import cpu_count, cpu_model, format_table, machine_name, write_json
-from cpu_items import SHAPES, _expert_arrays, _read, _spin
+from cpu_items import SHAPES, expert_arrays, parallel_read, spin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cpu_kernels as ck  # noqa: E402
@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                     n += 1
                     ids = rng.choice(E, K, replace=False).astype(np.int32)
                     if hot:
-                        chunks = numba.typed.List([a for e in ids[:hot] for a in _expert_arrays(layer, e)])
+                        chunks = numba.typed.List([a for e in ids[:hot] for a in expert_arrays(layer, e)])
                         t = time.perf_counter()
-                        _read(chunks, args.threads, sink)
+                        parallel_read(chunks, args.threads, sink)
                         read[hot].append(time.perf_counter() - t)
-                    _spin(args.gap_us * 1e-6)
+                    spin(args.gap_us * 1e-6)
                     t = time.perf_counter()
                     ck.fused_moe(x, ids[None], w, layer, out=out, threads=args.threads)
                     wall[hot].append(time.perf_counter() - t)

@@ -164,16 +164,13 @@ def load_weight_tile(
         q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # even k from lo, odd k from hi
         s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
         w = (q.to(tl.float32) * s[:, None]).to(dtype)
-    elif FMT == 6:
-        rk = k0 + tl.arange(0, BLOCK_K)
-        wmask = nmask[:, None] & (rk[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask)
-        s = tl.load(s_ptr + (rn // GROUP) * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
-        w = tl.where(wmask, (w.to(tl.float32) * s[:, None]).to(dtype), 0.0)
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         wmask = nmask[:, None] & (rk[None, :] < K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask)
+        if FMT == 6:  # block-scaled fp8: the tile lies in one block column
+            s = tl.load(s_ptr + (rn // GROUP) * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
+            w = w.to(tl.float32) * s[:, None]
         w = tl.where(wmask, w.to(dtype), 0.0)  # masked lanes may hold fp8 NaN patterns
     return w
 

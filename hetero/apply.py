@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hetero.checkpoint import Checkpoint
+from hetero.checkpoint import Checkpoint, scale_inv_name
 from hetero.config import ModelSpec
 from hetero.distributed import SINGLE, Parallel, ZeroExperts, check_divisible, reduce_outputs, shard_dense
 from hetero.experts import CPUExperts, GPUExperts, HybridExperts, PCIeExperts, StreamedExperts
@@ -137,7 +137,7 @@ class CheckpointSource:
         rows, cols = self.ckpt.fp8_block
         if src not in self.ckpt or rows != cols or self.ckpt.raw(src).dtype != torch.float8_e4m3fn:
             return None
-        scale_name = src.replace(".weight", ".weight_scale_inv")
+        scale_name = scale_inv_name(src)
         if scale_name not in self.ckpt:
             return None
         from gpu_kernels import fp8_blocks

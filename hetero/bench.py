@@ -46,16 +46,17 @@ class BenchResult:
 def ram_expert_bytes_per_token(
     model: torch.nn.Module, top_k: int, ram_shares: dict[int, float] | None = None
 ) -> float:
-    """Bytes of RAM-resident expert weights one decoded token reads: with uniform routing, or with
-    each layer's measured share of choices that land in RAM (``hetero.calibrate.ram_shares``). The
-    decode roofline is the measured CPU read bandwidth over this."""
+    """Bytes of RAM-resident expert weights one decoded token reads: with each layer's share of choices
+    that land in RAM (``hetero.calibrate.ram_shares``; by default under uniform routing, the share of
+    its experts in RAM). The decode roofline is the measured CPU read bandwidth over this."""
+    from hetero.calibrate import ram_shares as uniform_shares
+
+    shares = uniform_shares(model) if ram_shares is None else ram_shares
     total = 0.0
     for i, layer in enumerate(model.model.layers):
         experts = getattr(layer.mlp, "experts", None)
         if isinstance(experts, HybridExperts) and experts.cpu is not None:
-            packed = experts.cpu.packed
-            share = packed.E / experts.num_experts if ram_shares is None else ram_shares.get(i, 0.0)
-            total += top_k * share * packed.expert_nbytes()
+            total += top_k * shares.get(i, 0.0) * experts.cpu.packed.expert_nbytes()
     return total
 
 

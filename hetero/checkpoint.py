@@ -18,6 +18,11 @@ from hetero.errors import HeteroError
 FP8_BLOCK = 128
 
 
+def scale_inv_name(name: str) -> str:
+    """The name an FP8 checkpoint gives the block scales of the weight ``name``."""
+    return name.replace(".weight", ".weight_scale_inv")
+
+
 class CheckpointError(HeteroError):
     """A checkpoint that is missing, incomplete or unreadable."""
 
@@ -166,7 +171,7 @@ class Checkpoint:
         ``out`` (of the tensor's shape, in ``dtype``) the result is written there."""
         t = self.raw(name)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale_name = name.replace(".weight", ".weight_scale_inv")
+            scale_name = scale_inv_name(name)
             if scale_name not in self.weight_map:
                 raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r} in {self.path}")
             direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()

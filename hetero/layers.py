@@ -53,52 +53,27 @@ class FusedLinear:
         """Fuse ``parts`` (each an ``nn.Linear``, or each a ``QuantLinear`` of one format, group and
         scale layout, over the same input width, on one device, all with a bias or none), or None
         where they are not all such."""
-        if len(parts) < 2:
+        if len(parts) < 2 or len({p.bias is None for p in parts}) != 1:
             return None
-        if all(type(p) is nn.Linear for p in parts):
-            w0 = parts[0].weight
-            same = all(
-                p.weight.dtype == w0.dtype
-                and p.weight.device == w0.device
-                and p.in_features == parts[0].in_features
-                for p in parts
-            )
-            if not same or w0.device.type == "meta":
-                return None
-            return cls._fused(parts, [p.weight for p in parts], "weight", None)
-        return cls._fused_quantized(parts)
-
-    @classmethod
-    def _fused(cls, parts, rows: list[torch.Tensor], attr: str, weight) -> FusedLinear | None:
-        """Stack ``rows`` (each part's ``attr`` tensor) and the biases, and give each part views of
-        them; ``weight``: the fused weight to run (None: the stacked rows themselves)."""
-        with_bias = {p.bias is not None for p in parts}
-        if len(with_bias) != 1:
+        if not all(type(p) is nn.Linear for p in parts):
+            return cls._fused_quantized(parts)
+        w0 = parts[0].weight
+        same = all(
+            p.weight.dtype == w0.dtype
+            and p.weight.device == w0.device
+            and p.in_features == parts[0].in_features
+            for p in parts
+        )
+        if not same or w0.device.type == "meta":
             return None
         with torch.no_grad():
-            stacked = torch.cat(rows)
-            bias = torch.cat([p.bias for p in parts]) if with_bias == {True} else None
-            row = 0
-            for p in parts:
-                n = p.out_features
-                if attr == "weight":
-                    p.weight = nn.Parameter(stacked[row : row + n], requires_grad=p.weight.requires_grad)
-                else:
-                    setattr(p, attr, stacked[row : row + n])
-                if bias is not None:
-                    p.bias = (
-                        nn.Parameter(bias[row : row + n], requires_grad=p.bias.requires_grad)
-                        if isinstance(p.bias, nn.Parameter)
-                        else bias[row : row + n]
-                    )
-                row += n
-        return cls(stacked if weight is None else weight(stacked), bias, list(parts))
+            return cls(_stack(parts, "weight"), _stack(parts, "bias"), list(parts))
 
     @classmethod
     def _fused_quantized(cls, parts) -> FusedLinear | None:
         from gpu_kernels.quant import QuantLinear, QuantWeight
 
-        if not all(type(p) is QuantLinear for p in parts) or len({p.bias is None for p in parts}) != 1:
+        if not all(type(p) is QuantLinear for p in parts):
             return None
         q0 = parts[0].qweight
         same = all(
@@ -118,21 +93,11 @@ class FusedLinear:
             or (q0.blocked and any(p.out_features % g for p in parts[:-1]))
         ):
             return None
-        scales = None
         with torch.no_grad():
-            if q0.scales is not None:
-                scales = torch.cat([p.qscales for p in parts])
-                row = 0
-                for p in parts:
-                    n = p.out_features
-                    p.qscales = scales[row // g : -(-(row + n) // g)] if q0.blocked else scales[row : row + n]
-                    row += n
-        n_all, k = sum(p.out_features for p in parts), parts[0].in_features
-
-        def weight(data: torch.Tensor):
-            return QuantWeight(q0.fmt, data, scales, g, (n_all, k))
-
-        return cls._fused(parts, [p.qdata for p in parts], "qdata", weight)
+            data = _stack(parts, "qdata")
+            scales = _stack(parts, "qscales", g if q0.blocked else 1)
+            weight = QuantWeight(q0.fmt, data, scales, g, (data.shape[0], parts[0].in_features))
+            return cls(weight, _stack(parts, "bias"), list(parts))
 
     def live(self) -> bool:
         return self._views() == self._ptrs
@@ -146,6 +111,26 @@ class FusedLinear:
         else:
             y = F.linear(x, self.weight, self.bias)
         return list(y.split(self.sizes, dim=-1))
+
+
+def _stack(parts: list[nn.Module], attr: str, rows_per_entry: int = 1) -> torch.Tensor | None:
+    """The parts' ``attr`` tensors (None if the first has none) stacked along dim 0, each part given a
+    view of its own entries in their place (a parameter stays a parameter); an entry covers
+    ``rows_per_entry`` output rows (block scales), so a part's rows must start on an entry."""
+    if getattr(parts[0], attr) is None:
+        return None
+    stacked = torch.cat([getattr(p, attr) for p in parts])
+    row = 0
+    for p in parts:
+        old, n = getattr(p, attr), p.out_features
+        view = stacked[row // rows_per_entry : -(-(row + n) // rows_per_entry)]
+        setattr(
+            p,
+            attr,
+            nn.Parameter(view, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else view,
+        )
+        row += n
+    return stacked
 
 
 def fuse_projections(model: nn.Module) -> int:
