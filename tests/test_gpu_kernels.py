@@ -567,7 +567,7 @@ def check_linear_gemv(fmt: str, group: int) -> None:
     tiles = [
         {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2},  # 3 tiles: splits of 2 and 1
         {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 1},  # unsplit, the last tile partial
-        {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 16},  # int4 g128: rounded up to whole groups
+        {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 16, "ROWS": 2},  # int4 g128: whole groups; 3 rows as 2 + 1
     ]
     variants = ({"DP4A": 0}, {"DP4A": 1}) if fmt in ("int4", "int8") else ({},)
     # a bias on three rows, none on one (every tile and DP4A way both ways would double the interpreter's time)
@@ -657,7 +657,7 @@ def test_gemv_kernels_compile_for_hopper(fmt, dot4, w, s, group):
         from gpu_kernels import linear_gemv
 
         lin = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "b_ptr": "*bf16", "o_ptr": "*fp32"}
-        compile_for_hopper(linear_gemv._linear_gemv_kernel, {**tiles, "HAS_BIAS": 1}, lin)
+        compile_for_hopper(linear_gemv._linear_gemv_kernel, {**tiles, "HAS_BIAS": 1, "ROWS": 4}, lin)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
@@ -667,6 +667,7 @@ def test_fp8_block_linear_kernels_compile_for_hopper():
 
     types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*bf16", "o_ptr": "*fp32"}
     gemv = {"FMT": quant.FP8_BLOCKS, "GROUP": 128, "BLOCK_N": 32, "BLOCK_K": 256, "ITERS": 2, "SPLIT_K": 4}
+    gemv["ROWS"] = 3
     compile_for_hopper(linear_gemv._linear_gemv_kernel, {**gemv, "DOT4": 0, "HAS_BIAS": 1}, types)
     dot = {"FMT": quant.FP8_BLOCKS, "GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "HAS_BIAS": 1}
     compile_for_hopper(quant._quant_linear_kernel, dot, {**types, "o_ptr": "*bf16"})
