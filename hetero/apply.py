@@ -39,6 +39,8 @@ class Placement:
     expert_format: str = "int4"
     group_size: int = 64
     gpu_weights: str = "bf16"
+    # fp8 GPU weights are the checkpoint's own: a linear it stores in bf16 (lm_head) stays in bf16
+    fp8_as_stored: bool = False
     stream_min_tokens: int | None = None  # batches this large stream RAM experts to the GPU; None = never
     pcie_share: float = 0.0  # of a decode step's RAM experts hit, the share the GPU reads over PCIe itself
     cpu_threads: int | None = None
@@ -62,6 +64,7 @@ class Placement:
             expert_format=plan.expert_format,
             group_size=plan.group_size,
             gpu_weights=plan.gpu_weights,
+            fp8_as_stored=getattr(plan, "fp8_as_stored", False),
             stream_min_tokens=stream_min_tokens,
             cpu_threads=threads or None,
         )
@@ -348,6 +351,8 @@ def _quantize_dense(model: Transformer, p: Placement, fp8_weight=None) -> None:
             bias = None if mod.bias is None else mod.bias.detach()
             setattr(parent, attr, QuantLinear(own.to(mod.weight.device), bias))
             continue
+        if own is None and fp8_weight is not None and p.fp8_as_stored:
+            continue  # stored in bf16 (lm_head): the plan keeps it so
         group = next((g for g in (128, 64, 32) if mod.in_features % g == 0), None)
         if group is None and p.gpu_weights == "int4":
             continue  # no group size divides this width; it stays in bf16

@@ -95,6 +95,14 @@ class ModelSpec:
         return self.family in ("deepseek_v2", "deepseek_v3")
 
     @property
+    def fp8_blocks(self) -> bool:
+        """The checkpoint stores its linear weights in fp8 with square block scales (DeepSeek-V3's
+        and Qwen3's FP8 releases: 128 x 128 blocks, ``weight_scale_inv`` beside each weight)."""
+        q = self.quantization or {}
+        block = q.get("weight_block_size") or ()
+        return q.get("quant_method") == "fp8" and len(block) == 2 and block[0] == block[1]
+
+    @property
     def dense_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers) if i not in set(self.moe_layers))
 

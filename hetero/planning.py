@@ -34,6 +34,24 @@ def make_plan(
         raise HeteroError(str(e)) from None
 
 
+def stored_fp8(spec: ModelSpec, gpus: int, device: Any = None) -> bool:
+    """Whether fp8 GPU weights can be the checkpoint's own (PlanOptions.stored_fp8): it stores them
+    in fp8 with square block scales, one GPU holds each weight whole (tensor parallelism would cut
+    the blocks), and that GPU computes in fp8 (compute capability 8.9 or later). ``device``: the
+    torch device the model loads to; None plans for this machine's first GPU, or, with no CUDA,
+    for a pretend card that has fp8."""
+    if not spec.fp8_blocks or gpus != 1:
+        return False
+    import torch
+
+    if device is None:
+        if not torch.cuda.is_available():
+            return True
+        device = torch.device("cuda", 0)
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwareProfile:
     """``profile`` with the decode bandwidth of the CPU expert kernels in ``expert_format`` at
     batch 1 and 16, measured here once (a few seconds, plus compiling the kernel the first time)
@@ -194,6 +212,7 @@ def _plan_cmd(args: argparse.Namespace) -> int:
         experts=experts,
         group_size=group_size,
         gpu_weights=args.gpu_weights,
+        stored_fp8=stored_fp8(spec, args.gpus),
         kv_dtype=args.kv_dtype,
         freq=args.freq,
         prefill_tokens=args.prefill_tokens,

@@ -21,7 +21,7 @@ from hetero.errors import HeteroError
 from hetero.graphs import LAUNCH_MODES
 from hetero.kv_cache import KVCache, kv_bytes_per_token
 from hetero.model import load_model
-from hetero.planning import make_plan, model_formats, with_kernel_rate
+from hetero.planning import make_plan, model_formats, stored_fp8, with_kernel_rate
 from hetero.prefix_cache import TierRates
 from hetero.readahead import read_ahead
 from hetero.tokenizer import Tokenizer
@@ -178,6 +178,7 @@ def load_runtime(
             experts=experts,
             group_size=group_size,
             gpu_weights=opts.gpu_weights,
+            stored_fp8=stored_fp8(spec, parallel.world_size, device),
             gpus=parallel.world_size,
             pcie_share=opts.pcie_share,
             freq=opts.expert_freq,

@@ -72,6 +72,10 @@ class PlanOptions:
     experts: str = "int4"  # routed expert format: bf16 | int8 | int4
     group_size: int = 128  # int4 quantization group
     gpu_weights: str = "auto"  # auto (the most precise that fits) | bf16 | fp8 | int8 | int4
+    # The checkpoint's layers hold their linear weights in block-scaled fp8 that this GPU computes
+    # with as stored: fp8 then loses nothing (lm_head, stored in bf16, stays in bf16), and auto
+    # starts from it, as bf16 would only take twice the bytes for the same values.
+    stored_fp8: bool = False
     kv_dtype: str = "bf16"
     freq: str | dict | None = None  # {"layer": {"expert": count or probability}} or a JSON file of it
     workspace: int | None = None  # GPU bytes for activations and staging; None: sized from the model
@@ -167,6 +171,11 @@ class Plan:
     options: dict[str, Any]
     profile: dict[str, Any]
     cost_inputs: CostInputs
+
+    @property
+    def fp8_as_stored(self) -> bool:
+        """fp8 GPU weights that are the checkpoint's own block-scaled ones (lm_head in bf16)."""
+        return self.gpu_weights == "fp8" and bool(self.options.get("stored_fp8"))
 
     def to_json(self, indent: int | None = None) -> str:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -399,6 +408,8 @@ def _fmt_for(t: Tensor, gpu_fmt: str, opts: PlanOptions) -> str:
         return opts.experts
     if t.kind == "embed":
         return "bf16"  # looked up, never multiplied: no reason to lose precision
+    if t.kind == "lm_head" and gpu_fmt == "fp8" and opts.stored_fp8:
+        return "bf16"  # fp8 as stored: the checkpoint's lm_head is bf16
     return gpu_fmt
 
 
@@ -426,7 +437,9 @@ def _expert_bytes(experts: dict[tuple[int, int], list[Tensor]], fmt: str, gs: in
 def _pick_gpu_format(
     inv: Inventory, fixed: list[Tensor], opts: PlanOptions, budget: int, kv: int, ws: int
 ) -> tuple[str, int]:
-    candidates = WEIGHT_FORMATS if opts.gpu_weights == "auto" else (opts.gpu_weights,)
+    candidates = (opts.gpu_weights,)
+    if opts.gpu_weights == "auto":
+        candidates = WEIGHT_FORMATS[1:] if opts.stored_fp8 else WEIGHT_FORMATS
     need = {}
     for fmt in candidates:
         need[fmt] = sum(_per_gpu_bytes(t, inv, fmt, opts) for t in fixed)

@@ -16,7 +16,9 @@ def format_plan(plan: Plan) -> str:
         + ("  [no GPU here: planned for a pretend card]" if not p["gpus_present"] else ""),
         f"  CPU: {p['cpu_model']}, {p['physical_cores']} cores, {p['numa_nodes']} NUMA node(s), "
         f"{fmt_bytes(p['cpu_read_bw'])}/s read, {fmt_bytes(p['ram_bytes'])} RAM; PCIe {fmt_bytes(p['pcie_pinned_bw'])}/s",
-        f"  formats: GPU weights {plan.gpu_weights}, routed experts {plan.expert_format}"
+        f"  formats: GPU weights {plan.gpu_weights}"
+        + (" (as the checkpoint stores them; lm_head bf16)" if plan.fp8_as_stored else "")
+        + f", routed experts {plan.expert_format}"
         + (f" (group {plan.group_size})" if "int4" in (plan.gpu_weights, plan.expert_format) else "")
         + f", KV cache {plan.kv_dtype}",
         "",

@@ -426,7 +426,8 @@ def test_bench_rejects_a_bad_pcie_share():
 def test_fp8_checkpoint_weights_stay_as_stored(tiny_checkpoint, preset):
     """With fp8 GPU weights, an FP8 checkpoint's dense linears keep its e4m3 bytes and block scales
     (not re-quantized per row from their dequantized values): each computes with exactly the weight
-    the checkpoint holds. Linears the checkpoint keeps in bf16 (lm_head) are quantized as before."""
+    the checkpoint holds. Linears the checkpoint keeps in bf16 (lm_head) are quantized as before,
+    unless the plan takes fp8 as stored, which keeps them in bf16."""
     from gpu_kernels import QuantLinear, dequantize_weight
     from hetero.checkpoint import Checkpoint
     from hetero.model import checkpoint_names
@@ -449,6 +450,27 @@ def test_fp8_checkpoint_weights_stay_as_stored(tiny_checkpoint, preset):
         )
     prompt = list(range(300, 316))
     assert decode(model, prompt, steps=3)[0] == decode(ref, prompt, steps=3)[0]
+    # fp8 as stored (what auto plans for an FP8 checkpoint): the same, and lm_head stays in bf16
+    stored = Placement({}, expert_format="bf16", gpu_weights="fp8", fp8_as_stored=True)
+    model = load_placed(path, stored, cpu, torch.float32, progress=False)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized == set(blocked) and isinstance(model.lm_head, torch.nn.Linear)
+    assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
+
+
+def test_fp8_is_taken_as_stored_only_where_it_can_be(tiny_checkpoint):
+    """A checkpoint with square fp8 blocks, one GPU that computes in fp8 (or, planning without CUDA,
+    the pretend card): fp8 as stored. A bf16 checkpoint, two GPUs (their shards would cut blocks)
+    or the CPU device: not."""
+    from hetero.config import ModelSpec
+    from hetero.planning import stored_fp8
+
+    fp8 = ModelSpec.from_pretrained(tiny_checkpoint("qwen3-30b-a3b", dtype="fp8"))
+    bf16 = ModelSpec.from_pretrained(tiny_checkpoint("qwen3-30b-a3b"))
+    assert fp8.fp8_blocks and not bf16.fp8_blocks
+    gpu = not torch.cuda.is_available() or torch.cuda.get_device_capability(0) >= (8, 9)
+    assert stored_fp8(fp8, 1) == gpu
+    assert not stored_fp8(fp8, 2) and not stored_fp8(fp8, 1, "cpu") and not stored_fp8(bf16, 1)
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,28 @@ def test_auto_picks_the_most_precise_format_that_fits():
         assert plan.gpu_weights == fmt
 
 
+def test_auto_takes_an_fp8_checkpoint_as_stored():
+    """With the layers' weights stored in block-scaled fp8, auto starts from fp8 (bf16 would hold the
+    same values in twice the bytes), keeps lm_head in bf16 as stored, and gives the memory it saves
+    to routed experts; where that does not fit, int8 and int4 follow as before."""
+    budget = fixed_gpu_bytes("bf16") + 3 * EXPERT_BYTES
+    plain = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=budget, **OPTS))
+    stored = make_plan(INV, toy_profile(), PlanOptions(gpu_mem=budget, stored_fp8=True, **OPTS))
+    assert plain.gpu_weights == "bf16" and not plain.fp8_as_stored
+    assert stored.gpu_weights == "fp8" and stored.fp8_as_stored
+    assert Plan.from_json(stored.to_json()).fp8_as_stored
+    assert stored.gpu_breakdown["lm_head"] == plain.gpu_breakdown["lm_head"]  # bf16 bytes
+    assert stored.gpu_breakdown["attention"] < plain.gpu_breakdown["attention"]
+    assert sum(map(len, stored.experts_on_gpu.values())) > sum(map(len, plain.experts_on_gpu.values())) == 3
+    assert stored.predicted["decode_tok_s"] > plain.predicted["decode_tok_s"]
+    assert "as the checkpoint stores them; lm_head bf16" in format_plan(stored)
+    small = fixed_gpu_bytes("int4")
+    assert (
+        make_plan(INV, toy_profile(), PlanOptions(gpu_mem=small, stored_fp8=True, **OPTS)).gpu_weights
+        == "int4"
+    )
+
+
 def test_frequency_file_moves_hottest_experts_first(tmp_path):
     freq = {str(layer): {str(e): 1 for e in range(E)} for layer in range(1, LAYERS)}
     hot = {(3, 11): 500, (5, 2): 400, (1, 7): 300}
