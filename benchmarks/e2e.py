@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import sys
@@ -244,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--tag", default="")
     ap.add_argument(
+        "--gpu-weights",
+        nargs="+",
+        default=["auto"],
+        help="GPU weight formats (auto, bf16, fp8, int8, int4): each expert format runs with each, one after another",
+    )
+    ap.add_argument(
         "--pcie-share",
         type=float,
         default=0.0,
@@ -356,12 +363,13 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
     )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"e2e-{name}-{gpu_name.replace(' ', '_')}.json"
-    for fmt in args.experts:
+    for fmt, gpu_weights in itertools.product(args.experts, args.gpu_weights):
         opts = RuntimeOptions(
             offload=True,
             # The plan gets the cap less 1 GiB: headroom for streamed-expert chunks and the allocator.
             gpu_mem=gpu_mem - (1 << 30),
             experts=fmt,
+            gpu_weights=gpu_weights,
             max_batch=1,
             max_model_len=max(args.prompt_len + args.gen, args.prefill_len) + 16,
             max_step_tokens=args.prefill_len,
@@ -444,6 +452,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         rows.append(
             {
                 "experts": fmt,
+                "gpu_weights": rt.plan.gpu_weights + (" as stored" if rt.plan.fp8_as_stored else ""),
                 "decode_tok_s": dec.decode_tok_s,
                 "decode_roofline_tok_s": roof,
                 "decode_over_roofline": dec.decode_tok_s / roof,
@@ -535,13 +544,13 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 f"{acc['same_tokens']} of {acc['of']}, logits {acc['logits_rel_median']:.3f} apart"
             )
     modes = sorted({k for r in rows for k in r["decode_by_launch_tok_s"]})
-    hdr = f"{'experts':8} {'decode':>8} " + " ".join(f"{m:>12}" for m in modes)
+    hdr = f"{'experts':8} {'GPU weights':15} {'decode':>8} " + " ".join(f"{m:>12}" for m in modes)
     hdr += f" {'no-pcie':>8} {'eager':>8} {'roof':>8} {'ratio':>6} {'adj':>6} {'pred':>8} {'prefill':>9} {'bound':>9} {'ratio':>6} {'pred':>9}"
     print(hdr)
     for r in rows:
         by = r["decode_by_launch_tok_s"]
         print(
-            f"{r['experts']:8} {r['decode_tok_s']:8.2f} "
+            f"{r['experts']:8} {r['gpu_weights']:15} {r['decode_tok_s']:8.2f} "
             + " ".join(f"{by.get(m, float('nan')):12.2f}" for m in modes)
             + f" {r['decode_pcie_off_tok_s'] or float('nan'):8.2f}"
             + f" {r['decode_eager_tok_s']:8.2f} {r['decode_roofline_tok_s']:8.2f} "

@@ -443,6 +443,116 @@ def ql_candidates(M, N, K, fmt) -> list[dict]:
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
+# A decode layer's dense projections at batch 1-4 (N outputs, K inputs), fused as hetero.layers runs them
+PROJECTIONS = (
+    ("qwen3-30b-a3b q/k/v", 5120, 2048),
+    ("qwen3-30b-a3b o", 2048, 4096),
+    ("deepseek-v2-lite q/kv_a", 3648, 2048),
+    ("deepseek-v2-lite o", 2048, 2048),
+    ("deepseek-v2-lite shared gate/up", 5632, 2048),
+    ("deepseek-v2-lite shared down", 2048, 2816),
+    ("deepseek-v3 q_a/kv_a", 2112, 7168),
+    ("deepseek-v3 q_b", 24576, 1536),
+    ("deepseek-v3 o", 7168, 16384),
+    ("deepseek-v3 shared gate/up", 4096, 7168),
+    ("deepseek-v3 shared down", 7168, 2048),
+)
+
+
+def bench_projections(copy_bw: float, rows: list, tuned: dict) -> None:
+    """bf16 weights through cuBLAS (what a bf16 plan runs) next to an FP8 checkpoint's own e4m3 bytes
+    and 128 x 128 block scales through the GEMV path, in graphs of LAYERS calls on distinct weights."""
+    for name, N, K in PROJECTIONS:
+        dense = [torch.randn(N, K, device=DEV).bfloat16() * 0.02 for _ in range(LAYERS)]
+        blocks = [
+            gk.fp8_blocks(w.to(torch.float8_e4m3fn), torch.rand(-(-N // 128), -(-K // 128), device=DEV), 128)
+            for w in dense
+        ]
+        for M in (1, 4):
+            x = torch.randn(M, K, device=DEV).bfloat16()
+            ref_ms = graph_calls_ms(torch.nn.functional.linear, [((x, w), {}) for w in dense])
+            rows.append(row("proj", f"{name} bf16", M, N * K * 2, ref_ms, None, copy_bw, g_ms=ref_ms))
+            best = None
+            cands = (
+                ql_candidates(M, N, K, "fp8")
+                if TUNE
+                else [quant.quant_linear_config(M, N, K, "fp8", 128, True)]
+            )
+            for cfg in cands:
+                if "BLOCK_M" in cfg and M < 16:
+                    continue  # the tl.dot kernel pads to 16 rows: never the pick at decode sizes
+                g = graph_calls_ms(
+                    quant.quant_linear_triton, [((x, q, None, cfg), {}) for q in blocks], rep=50
+                )
+                if best is None or g < best[0]:
+                    best = (g, cfg)
+            g, cfg = best
+            tuned.setdefault("quant_linear", {}).setdefault(f"N={N},K={K},fmt=fp8", {})[str(M)] = cfg
+            rows.append(
+                row(
+                    "proj",
+                    f"{name} fp8 blocks",
+                    M,
+                    blocks[0].nbytes(),
+                    g,
+                    ref_ms,
+                    copy_bw,
+                    {"config": cfg},
+                    g_ms=g,
+                )
+            )
+
+
+# Routers at decode sizes: (name, experts, hidden, float logits, score-correction bias, select_experts keywords)
+ROUTERS = (
+    (
+        "qwen3-30b-a3b",
+        128,
+        2048,
+        False,
+        False,
+        dict(top_k=8, scoring="softmax", method="greedy", renorm=True),
+    ),
+    ("deepseek-v2-lite", 64, 2048, True, False, dict(top_k=6, scoring="softmax", method="greedy")),
+    (
+        "deepseek-v3",
+        256,
+        7168,
+        True,
+        True,
+        dict(top_k=8, scoring="sigmoid", method="noaux_tc", n_group=8, topk_group=4, renorm=True, scale=2.5),
+    ),
+)
+
+
+def _two_kernel_route(x, w, bias, float_logits, **kw):
+    from gpu_kernels import router
+
+    return router.select_experts(router.router_logits_reference(x, w, float_logits), bias, **kw)
+
+
+def bench_route(copy_bw: float, rows: list) -> None:
+    """The one-kernel router (logits, then the last program of a row picks) per launch setting, next to
+    a cuBLAS product followed by select_experts' kernel."""
+    from gpu_kernels import router
+
+    for name, E, H, float_logits, with_bias, kw in ROUTERS:
+        weights = [torch.randn(E, H, device=DEV).bfloat16() * 0.05 for _ in range(LAYERS)]
+        bias = torch.randn(E, device=DEV) * 0.1 if with_bias else None
+        for T in (1, 4):
+            x = torch.randn(T, H, device=DEV).bfloat16()
+            ref = graph_calls_ms(_two_kernel_route, [((x, w, bias, float_logits), kw) for w in weights])
+            for warps in (1, 2, 4):
+                cfg = {"num_warps": warps}
+                g = graph_calls_ms(
+                    router.route_experts_triton,
+                    [((x, w, bias), dict(float_logits=float_logits, config=cfg, **kw)) for w in weights],
+                )
+                rows.append(
+                    row("route", f"{name} {cfg}", T, E * H * 2, g, ref, copy_bw, {"config": cfg}, g_ms=g)
+                )
+
+
 def cpu_name() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -455,7 +565,7 @@ def main() -> None:
     global TUNE, MOE_BATCHES, MOE_FORMATS, KERNEL_TIMES
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--only", default="gqa,mla,moe,qlinear")
+    ap.add_argument("--only", default="gqa,mla,moe,qlinear", help="of gqa,mla,moe,qlinear,proj,route")
     ap.add_argument(
         "--save-configs",
         metavar="RESULT_JSON",
@@ -493,6 +603,10 @@ def main() -> None:
         bench_moe(copy_bw, rows, tuned)
     if "qlinear" in only:
         bench_quant_linear(copy_bw, rows, tuned)
+    if "proj" in only:
+        bench_projections(copy_bw, rows, tuned)
+    if "route" in only:
+        bench_route(copy_bw, rows)
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-")
     out = Path(args.out) / f"gpu_kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
