@@ -459,6 +459,10 @@ PROJECTIONS = (
 )
 
 
+def _dequantized_linear(x, qw):
+    return torch.nn.functional.linear(x, gk.dequantize_weight(qw, x.dtype))
+
+
 def bench_projections(copy_bw: float, rows: list, tuned: dict) -> None:
     """bf16 weights through cuBLAS (what a bf16 plan runs) next to an FP8 checkpoint's own e4m3 bytes
     and 128 x 128 block scales through the GEMV path, in graphs of LAYERS calls on distinct weights."""
@@ -468,9 +472,23 @@ def bench_projections(copy_bw: float, rows: list, tuned: dict) -> None:
             gk.fp8_blocks(w.to(torch.float8_e4m3fn), torch.rand(-(-N // 128), -(-K // 128), device=DEV), 128)
             for w in dense
         ]
-        for M in (1, 4):
+        for M in (1, 4, 2048):
             x = torch.randn(M, K, device=DEV).bfloat16()
             ref_ms = graph_calls_ms(torch.nn.functional.linear, [((x, w), {}) for w in dense])
+            if M > 16:  # a prefill chunk: the weight dequantized whole, then cuBLAS
+                g = graph_calls_ms(_dequantized_linear, [((x, q), {}) for q in blocks])
+                rows.append(
+                    row(
+                        "proj",
+                        f"{name} fp8 dequant+cuBLAS",
+                        M,
+                        blocks[0].nbytes(),
+                        g,
+                        ref_ms,
+                        copy_bw,
+                        g_ms=g,
+                    )
+                )
             rows.append(row("proj", f"{name} bf16", M, N * K * 2, ref_ms, None, copy_bw, g_ms=ref_ms))
             best = None
             cands = (
