@@ -459,10 +459,6 @@ PROJECTIONS = (
 )
 
 
-def _dequantized_linear(x, qw):
-    return torch.nn.functional.linear(x, gk.dequantize_weight(qw, x.dtype))
-
-
 def bench_projections(copy_bw: float, rows: list, tuned: dict) -> None:
     """bf16 weights through cuBLAS (what a bf16 plan runs) next to an FP8 checkpoint's own e4m3 bytes
     and 128 x 128 block scales through the GEMV path, in graphs of LAYERS calls on distinct weights."""
@@ -475,12 +471,12 @@ def bench_projections(copy_bw: float, rows: list, tuned: dict) -> None:
         for M in (1, 4, 2048):
             x = torch.randn(M, K, device=DEV).bfloat16()
             ref_ms = graph_calls_ms(torch.nn.functional.linear, [((x, w), {}) for w in dense])
-            if M > 16:  # a prefill chunk: the weight dequantized whole, then cuBLAS
-                g = graph_calls_ms(_dequantized_linear, [((x, q), {}) for q in blocks])
+            if M > 16:  # a prefill chunk: the weight dequantized in slices, then cuBLAS (quant_linear's way)
+                g = graph_calls_ms(quant.dequant_linear, [((x, q), {}) for q in blocks])
                 rows.append(
                     row(
                         "proj",
-                        f"{name} fp8 dequant+cuBLAS",
+                        f"{name} fp8 dequantized + cuBLAS",
                         M,
                         blocks[0].nbytes(),
                         g,

@@ -223,6 +223,81 @@ def _quant_linear_kernel(
     )
 
 
+@triton.jit
+def _dequant_kernel(
+    w_ptr,  # see module docstring; rows [0, N) of a slice
+    s_ptr,
+    o_ptr,  # [N, K] in its dtype
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # int4 and block-scaled fp8: at most GROUP (one scale a row a tile)
+):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    nmask = rn < N
+    w = load_weight_tile(
+        w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, tl.float32, FMT, GROUP, BLOCK_N, BLOCK_K
+    )
+    if FMT == 1 or FMT == 2:
+        w = w * tl.load(s_ptr + rn, mask=nmask, other=0.0)[:, None]
+    rk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(
+        o_ptr + rn[:, None] * K + rk[None, :],
+        w.to(o_ptr.dtype.element_ty),
+        mask=nmask[:, None] & (rk < K)[None, :],
+    )
+
+
+# From this many rows on (prefill chunks), quant_linear dequantizes the weight a slice at a time and
+# multiplies through cuBLAS: an H200 ran Qwen3-30B-A3B's q/k/v projection over 2048 rows in 65 us
+# that way against 218 us in the tl.dot kernel, which dequantizes every tile once per block of rows.
+DEQUANT_MIN_ROWS = 256
+DEQUANT_SLICE_BYTES = 32 << 20  # of dequantized weight at a time: what the product borrows in memory
+
+
+def dequantize_triton(qw: QuantWeight, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+    """Rows ``rows`` (a slice; block-scaled fp8: starting on a block) of a 2-D QuantWeight, dequantized
+    to [n, K] in ``dtype`` by one kernel: the values dequantize_weight gives."""
+    N, K = qw.shape
+    n0, n1, _ = rows.indices(N)
+    g = qw.group_size
+    if qw.blocked:
+        assert n0 % g == 0, f"block-scaled rows start on a block of {g}, not at {n0}"
+        scales = qw.scales[n0 // g :]
+    else:
+        scales = qw.scales[n0:n1] if qw.scales is not None else qw.data
+    data = qw.data[n0:n1]
+    out = torch.empty(n1 - n0, K, dtype=dtype, device=qw.data.device)
+    bn, bk = 64, min(64, g) if qw.fmt == "int4" or qw.blocked else 128
+    _dequant_kernel[(cdiv(n1 - n0, bn), cdiv(K, bk))](
+        data, scales, out, n1 - n0, K, data.stride(0), scales.stride(0) if scales.dim() > 1 else 0,
+        FMT=qw.fmt_id, GROUP=g, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def dequant_linear(
+    x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, slice_bytes: int = DEQUANT_SLICE_BYTES
+) -> torch.Tensor:
+    """x [M, K] @ dequant(qw)^T (+ bias) through cuBLAS, the weight dequantized (dequantize_triton) in
+    slices of rows of at most ``slice_bytes`` (whole blocks of scales)."""
+    N, K = qw.shape
+    step = max(qw.group_size, slice_bytes // (K * x.element_size()) // qw.group_size * qw.group_size)
+    b = None if bias is None else bias.to(x.dtype)
+    parts = [
+        F.linear(
+            x, dequantize_triton(qw, x.dtype, slice(n0, n0 + step)), None if b is None else b[n0 : n0 + step]
+        )
+        for n0 in range(0, N, step)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 _DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
 
 
@@ -254,6 +329,8 @@ def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | N
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
+    if config is None and M >= DEQUANT_MIN_ROWS and qw.fmt != "bf16":
+        return dequant_linear(x2, qw, bias).reshape(*x.shape[:-1], N)
     cfg = config or quant_linear_config(M, N, K, qw.fmt, qw.group_size, qw.blocked)
     if "BLOCK_M" in cfg and qw.blocked and cfg["BLOCK_K"] > qw.group_size:
         cfg = {**cfg, "BLOCK_K": qw.group_size}  # a tile within one block of scales

@@ -605,6 +605,45 @@ def test_linear_gemv_in_interpreter(fmt, group):
     in_interpreter(f"check_linear_gemv({fmt!r}, {group})")
 
 
+def check_dequant_linear(fmt: str, group: int, device: str = "cpu") -> None:
+    """dequantize_triton gives dequantize_weight's values (whole, and rows from a block on; N
+    and K not multiples of the tiles); dequant_linear in several slices, with a bias, equals the
+    product with the dequantized weight; quant_linear takes that path from DEQUANT_MIN_ROWS rows on.
+    On CPU tensors it needs TRITON_INTERPRET=1."""
+    gen = torch.Generator(device).manual_seed(group + len(fmt))
+    N, K = 200, 384
+    qw = make_qweight(torch.randn(N, K, generator=gen, device=device) * 0.05, fmt, group)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = gk.dequantize_weight(qw, dtype)
+        got, rows = quant.dequantize_triton(qw, dtype), quant.dequantize_triton(qw, dtype, slice(group, None))
+        if dtype == torch.bfloat16 and device == "cpu":  # the interpreter truncates to bf16, CUDA rounds
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+            torch.testing.assert_close(rows, want[group:], rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(got, want) and torch.equal(rows, want[group:])
+    x = torch.randn(quant.DEQUANT_MIN_ROWS, K, generator=gen, device=device).bfloat16()
+    b = torch.randn(N, generator=gen, device=device)
+    w = gk.dequantize_weight(qw, torch.bfloat16)
+    sliced = quant.dequant_linear(x, qw, b, slice_bytes=K * 2 * group)  # a slice a group of rows
+    assert sliced.shape == (x.shape[0], N)
+    assert rel_err(sliced, x.double() @ w.double().T + b.double()) < 1e-2  # bf16 products and output
+    assert torch.equal(quant.quant_linear_triton(x, qw, b), quant.dequant_linear(x, qw, b))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("fp8", 128), ("fp8-blocks", 64)])
+def test_dequant_linear_in_interpreter(fmt, group):
+    in_interpreter(f"check_dequant_linear({fmt!r}, {group})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "fmt,group", [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128), ("fp8-blocks", 128)]
+)
+def test_dequant_linear(fmt, group):
+    check_dequant_linear(fmt, group, "cuda")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 64)])
 def test_moe_packed_kernels_in_interpreter(fmt, group):
