@@ -458,6 +458,43 @@ def test_fp8_checkpoint_weights_stay_as_stored(tiny_checkpoint, preset):
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_quantized_gpu_weights_reach_the_device_quantized(tiny_checkpoint, monkeypatch, fmt):
+    """On CUDA the linears a plan quantizes wait on the host until they go to the device one at a
+    time, quantized (not all in bf16 first); every dense tensor ends on the device, and the prompt's
+    logits match the same placement's on the host (the torch references)."""
+    import hetero.apply as apply
+    from gpu_kernels import QuantLinear
+
+    path = tiny_checkpoint("qwen3-30b-a3b", dtype="fp8")
+    cuda = torch.device("cuda")
+    quantize, waiting = apply._quantize_dense, []
+
+    def check(model, *args, **kwargs):
+        mods = [
+            m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and apply._quantizable(n)
+        ]
+        waiting.extend(m.weight.device.type for m in mods)
+        return quantize(model, *args, **kwargs)
+
+    monkeypatch.setattr(apply, "_quantize_dense", check)
+    placement = Placement({}, expert_format="bf16", gpu_weights=fmt, fp8_as_stored=fmt == "fp8")
+    model = load_placed(path, placement, cuda, torch.float32, progress=False)
+    assert waiting and set(waiting) == {"cpu"}
+    dense = [(n, t) for n, t in model.named_parameters() if ".mlp.experts." not in n]
+    dense += [(n, t) for n, t in model.named_buffers() if ".mlp.experts." not in n and t is not None]
+    assert all(t.device.type == "cuda" for _, t in dense), [n for n, t in dense if t.device.type != "cuda"]
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    prompt = list(range(300, 316))
+    host = load_placed(
+        path, placement, torch.device("cpu"), torch.float32, progress=False
+    )  # torch references
+    got, want = decode(model, prompt, steps=1, device="cuda")[1][0].cpu(), decode(host, prompt, steps=1)[1][0]
+    err = float((got - want).norm() / want.norm())
+    assert err < 1e-3, err
+
+
 def test_fp8_is_taken_as_stored_only_where_it_can_be(tiny_checkpoint):
     """A checkpoint with square fp8 blocks, one GPU that computes in fp8 (or, planning without CUDA,
     the pretend card): fp8 as stored. A bf16 checkpoint, two GPUs (their shards would cut blocks)
