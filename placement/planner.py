@@ -47,6 +47,9 @@ GPU_KINDS = ("attention", "router", "shared_expert", "dense_mlp", "lm_head", "no
 SPLIT_KINDS = ("attention", "shared_expert", "dense_mlp")
 # CUDA context, cuBLAS workspaces and allocator slack.
 GPU_BASE_RESERVE = 768 * MiB
+# A quantized GPU weight multiplied by a prefill chunk is dequantized a slice of this many bytes at a
+# time (gpu_kernels.quant.DEQUANT_SLICE_BYTES).
+DEQUANT_SLICE = 32 * MiB
 # Python, torch, numba and pinned hand-off buffers of the process itself.
 CPU_RESERVE = 2 * GiB
 # Prefill streams experts to the GPU in chunks of about this many packed bytes, through this many
@@ -361,7 +364,15 @@ def workspace_bytes(inv: Inventory, opts: PlanOptions, expert_bytes: int) -> int
     # a PCIe share of decode gathers the GPU's RAM experts into PCIE_MAX_EXPERTS slots first
     shares = pcie_splits(opts.experts, opts.gpus, opts.pcie_share) and inv.moe_layers
     gather = PCIE_MAX_EXPERTS * expert_bytes if shares else 0
-    return GPU_BASE_RESERVE + activations + logits + graphs + gather + stream_bytes(inv, tokens, expert_bytes)
+    return (
+        GPU_BASE_RESERVE
+        + activations
+        + logits
+        + graphs
+        + gather
+        + DEQUANT_SLICE
+        + stream_bytes(inv, tokens, expert_bytes)
+    )
 
 
 def stream_bytes(inv: Inventory, tokens: int, expert_bytes: int) -> int:

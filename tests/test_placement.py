@@ -178,6 +178,13 @@ def test_auto_takes_an_fp8_checkpoint_as_stored():
     )
 
 
+def test_workspace_holds_a_dequantized_slice():
+    from gpu_kernels.quant import DEQUANT_SLICE_BYTES
+    from placement.planner import DEQUANT_SLICE
+
+    assert DEQUANT_SLICE == DEQUANT_SLICE_BYTES  # the planner reserves what a prefill borrows
+
+
 def test_frequency_file_moves_hottest_experts_first(tmp_path):
     freq = {str(layer): {str(e): 1 for e in range(E)} for layer in range(1, LAYERS)}
     hot = {(3, 11): 500, (5, 2): 400, (1, 7): 300}
