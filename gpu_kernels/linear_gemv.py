@@ -32,9 +32,8 @@ from .tuning import get_config
 # rows at or below which quant_linear runs this path for fp8 / int8 / int4 (bf16 keeps tl.dot: its
 # weights need no dequantizing); a tuned config with BLOCK_M picks the tl.dot path, one without the GEMV
 GEMV_MAX_ROWS = 4
-MAX_ROWS = (
-    4  # rows a program takes at most (ROWS in the launch settings): each weight tile is loaded once for them
-)
+# rows a program takes at most (ROWS in the launch settings): each weight tile is loaded once for them
+MAX_ROWS = 4
 _DEFAULT = {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 8, "num_warps": 4, "num_stages": 1}
 _FORMAT = {"int4": {"BLOCK_K": 256, "DP4A": 1}, "int8": {}, "fp8": {}}
 

@@ -8,6 +8,7 @@ no full copy of the checkpoint is ever held in RAM.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -254,23 +255,27 @@ def load_placed(
     # all of them landed in bf16 first, an fp8-as-stored process reserved 124 MB more than its plan
     # at its peak (0.58 GB more than the bf16 process beside it, whose peak was 0.46 GB under).
     later = placement.gpu_weights != "bf16" and not split
+    # fp8 GPU weights take the checkpoint's own where it has them (tensor-parallel shards would cut
+    # its blocks); those are never dequantized on the host
+    exact = getattr(source, "fp8_weight", None) if later and placement.gpu_weights == "fp8" else None
+    stored = functools.cache(lambda name: exact(spec, name)) if exact else None
+    shapes = {n: tuple(t.shape) for n, t in named_tensors(model)}
     with torch.no_grad():
         for name in dense:
+            quantized = later and name.endswith(".weight") and _quantizable(name[: -len(".weight")])
+            if quantized and stored and (w := stored(name)) is not None and tuple(w.shape) == shapes[name]:
+                bar.update()
+                continue  # _quantize_dense takes the stored bytes
             want = torch.float32 if keep_fp32(name) else dtype
             value = source.dense(spec, name, want)
-            _set(
-                model,
-                name,
-                value if split or (later and _quantizable(name[: -len(".weight")])) else value.to(device),
-            )
+            _set(model, name, value if split or quantized else value.to(device))
             bar.update()
         if split:
             shard_dense(model, parallel)  # on the host: the device gets only this rank's share
             for name, t in list(named_tensors(model)):
                 if ".mlp.experts." not in name:
                     _set(model, name, t.to(device))
-        exact = getattr(source, "fp8_weight", None) if not split else None  # shards would cut blocks
-        _quantize_dense(model, placement, device, exact and (lambda name: exact(spec, name)))
+        _quantize_dense(model, placement, device, stored)
         for name, t in list(named_tensors(model)) if later else ():
             if ".mlp.experts." not in name and t.device.type != device.type:  # a host value no linear took
                 _set(model, name, t.to(device))

@@ -44,12 +44,13 @@ def stored_fp8(spec: ModelSpec, gpus: int, device: Any = None) -> bool:
         return False
     import torch
 
+    from gpu_kernels.quant import fp8_supported
+
     if device is None:
         if not torch.cuda.is_available():
             return True
         device = torch.device("cuda", 0)
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return fp8_supported(torch.device(device))
 
 
 def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwareProfile:
