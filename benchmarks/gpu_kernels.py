@@ -11,6 +11,7 @@ candidates are ranked by that graph time, at decode batches and at prefill chunk
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import re
@@ -399,13 +400,18 @@ def bench_quant_linear(copy_bw: float, rows: list, tuned: dict) -> None:
         for M in (1, 16, 64):
             x = torch.randn(M, K, device=DEV).bfloat16()
             best = None
+            # ranked by their time in a graph of calls on distinct weights, as a decode step runs them
+            # (an eager call's time on a machine with slow launches is mostly the launch)
             for cfg in (
                 ql_candidates(M, N, K, fmt) if TUNE else [quant.quant_linear_config(M, N, K, fmt, 128)]
             ):
-                ms = bench_ms(quant.quant_linear_triton, x, qw, None, cfg, rep=100)
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            ms, cfg = best
+                g = graph_calls_ms(
+                    quant.quant_linear_triton, [((x, q, None, cfg), {}) for q in layers], rep=50
+                )
+                if best is None or g < best[0]:
+                    best = (g, cfg)
+            _, cfg = best
+            ms = bench_ms(quant.quant_linear_triton, x, qw, None, cfg, rep=100)
             tuned.setdefault("quant_linear", {}).setdefault(f"N={N},K={K},fmt={fmt}", {})[str(M)] = cfg
             ref_ms = bench_ms(quant.quant_linear_reference, x, qw, rep=50)
             rows.append(
@@ -432,6 +438,12 @@ def ql_candidates(M, N, K, fmt) -> list[dict]:
     for bn, bk, w, st in ((32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4)):
         bk = min(bk, 128) if fmt == "int4" else bk
         out.append({**dot_base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st})
+    if M <= 64:  # a few rows: the tl.dot kernel with K split too, so that a tall weight fills the SMs
+        for (bn, bk), split in itertools.product(
+            ((32, 128), (64, 128), (128, 128), (64, 256)), (2, 4, 8, 16)
+        ):
+            bk = min(bk, 128) if fmt == "int4" else bk
+            out.append({**dot_base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_stages": 3})
     if fmt == "bf16" or M > 16:
         return [c for i, c in enumerate(out) if c not in out[:i]]
     gemv_base = linear_gemv.linear_gemv_config(M, N, K, fmt)
@@ -468,7 +480,7 @@ def bench_projections(copy_bw: float, rows: list, tuned: dict) -> None:
             gk.fp8_blocks(w.to(torch.float8_e4m3fn), torch.rand(-(-N // 128), -(-K // 128), device=DEV), 128)
             for w in dense
         ]
-        for M in (1, 4, 2048):
+        for M in (1, 4, 16, 2048):
             x = torch.randn(M, K, device=DEV).bfloat16()
             ref_ms = graph_calls_ms(torch.nn.functional.linear, [((x, w), {}) for w in dense])
             if M > 16:  # a prefill chunk: the weight dequantized in slices, then cuBLAS (quant_linear's way)
@@ -492,9 +504,7 @@ def bench_projections(copy_bw: float, rows: list, tuned: dict) -> None:
                 if TUNE
                 else [quant.quant_linear_config(M, N, K, "fp8", 128, True)]
             )
-            for cfg in cands:
-                if "BLOCK_M" in cfg and M < 16:
-                    continue  # the tl.dot kernel pads to 16 rows: never the pick at decode sizes
+            for cfg in cands:  # the tl.dot kernel (16-row tiles, padded) competes at every size
                 g = graph_calls_ms(
                     quant.quant_linear_triton, [((x, q, None, cfg), {}) for q in blocks], rep=50
                 )

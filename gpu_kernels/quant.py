@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._triton import cdiv, dot, tl, triton, use_triton
+from .gemv_tiles import _exact_float, _gemv_split, _sum_splits
 from .tuning import get_config
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
@@ -159,15 +160,20 @@ def load_weight_tile(
     if FMT == 3:
         rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + rk2[None, :], mask=nmask[:, None], other=0x88)
-        lo = (packed & 0xF).to(tl.int8) - 8  # [BLOCK_N, BLOCK_K / 2]
-        hi = (packed >> 4).to(tl.int8) - 8
+        # the nibbles become floats by bits (_exact_float), not by integer-to-float conversions
+        q = packed.to(tl.int32)
+        lo = _exact_float(q & 0xF, 8.0)  # [BLOCK_N, BLOCK_K / 2]
+        hi = _exact_float(q >> 4, 8.0)
         q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # even k from lo, odd k from hi
         s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
-        w = (q.to(tl.float32) * s[:, None]).to(dtype)
+        w = (q * s[:, None]).to(dtype)
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         wmask = nmask[:, None] & (rk[None, :] < K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask)
+        if FMT == 2:  # int8 by bits, as _gemv_dot: the byte's top bit flipped is q + 128
+            u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+            w = (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         if FMT == 6:  # block-scaled fp8: the tile lies in one block column
             s = tl.load(s_ptr + (rn // GROUP) * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
             w = w.to(tl.float32) * s[:, None]
@@ -176,15 +182,42 @@ def load_weight_tile(
 
 
 @triton.jit
+def _unscaled_tile(w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, dtype: tl.constexpr, FMT: tl.constexpr,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """int4 (FMT 3) or block-scaled fp8 (FMT 6) tile as load_weight_tile reads it, in `dtype` but without
+    its scales, and those scales [BLOCK_N] (the tile lies in one group / block column): they multiply
+    the tile's BLOCK_M x BLOCK_N product instead of each of its weights. fp8 is read as bytes (0 where
+    masked: +0.0), so no lane needs clearing of NaN patterns."""
+    if FMT == 3:
+        rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + rn[:, None] * stride_wn + rk2[None, :], mask=nmask[:, None], other=0x88)
+        q = packed.to(tl.int32)
+        lo = _exact_float(q & 0xF, 8.0)  # [BLOCK_N, BLOCK_K / 2], exact small integers
+        hi = _exact_float(q >> 4, 8.0)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(dtype)
+        s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0)
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        wmask = nmask[:, None] & (rk[None, :] < K)
+        raw = tl.load(
+            w_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * stride_wn + rk[None, :], mask=wmask, other=0
+        )
+        w = raw.to(tl.float8e4nv, bitcast=True).to(dtype)
+        s = tl.load(s_ptr + (rn // GROUP) * stride_sn + k0 // GROUP, mask=nmask, other=0.0)
+    return w, s
+
+
+@triton.jit
 def _quant_linear_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # see module docstring
     s_ptr,  # [N], [N, K / GROUP] or (block-scaled fp8) [N / GROUP, K / GROUP] float32
     b_ptr,  # [N]
-    o_ptr,  # [M, N]
+    o_ptr,  # SPLIT_K == 1: out [M, N]; else partial sums [SPLIT_K, M, N] float32
     M,
     N,
     K,
+    K_SPLIT,  # input columns a split: a multiple of BLOCK_K (K when SPLIT_K == 1)
     stride_xm,
     stride_wn,
     stride_sn,
@@ -195,32 +228,42 @@ def _quant_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
     nmask = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0
         )
-        w = load_weight_tile(
-            w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
-        )
-        acc = dot(x, tl.trans(w), acc)
+        if FMT == 3 or FMT == 6:  # one scale a column of the product, not one a weight
+            w, sc = _unscaled_tile(
+                w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+            )
+            acc += dot(x, tl.trans(w)) * sc[None, :]
+        else:
+            w = load_weight_tile(
+                w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+            )
+            acc = dot(x, tl.trans(w), acc)
     if FMT == 1 or FMT == 2:
         acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        o_ptr + rm[:, None] * stride_om + rn[None, :],
-        acc.to(o_ptr.dtype.element_ty),
-        mask=mmask[:, None] & nmask[None, :],
-    )
+        if pid_k == 0:
+            acc = acc + tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(o_ptr + (pid_k * M + rm)[:, None] * N + rn[None, :], acc, mask=omask)
 
 
 @triton.jit
@@ -342,29 +385,20 @@ def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | N
     data = qw.data
     assert data.stride(-1) == 1
     scales = qw.scales if qw.scales is not None else data
-    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))
+    # SPLIT_K: K cut into runs of whole tiles, each program's float32 sums added up after, in a fixed
+    # order (_sum_splits); a few rows over a tall weight get enough programs that way
+    split, iters = _gemv_split(K, cfg["BLOCK_K"], cfg.get("SPLIT_K", 1))
+    dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]), split)
     _quant_linear_kernel[grid](
-        x2,
-        data,
-        scales,
-        bias if bias is not None else x2,
-        out,
-        M,
-        N,
-        K,
-        x2.stride(0),
-        data.stride(0),
-        scales.stride(-2) if qw.fmt == "int4" or qw.blocked else 0,
-        out.stride(0),
-        FMT=qw.fmt_id,
-        GROUP=qw.group_size,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"],
+        x2, data, scales, bias if bias is not None else x2, dst, M, N, K, iters * cfg["BLOCK_K"],
+        x2.stride(0), data.stride(0), scales.stride(-2) if qw.fmt == "int4" or qw.blocked else 0, out.stride(0),
+        FMT=qw.fmt_id, GROUP=qw.group_size, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-    )
+    )  # fmt: skip
+    if split > 1:
+        _sum_splits(dst, out, 1, split, 0)
     return out.reshape(*x.shape[:-1], N)
 
 

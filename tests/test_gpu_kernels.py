@@ -501,13 +501,28 @@ def _rows(scales, lo: int, hi: int):
     return None if scales is None else scales[lo:hi]
 
 
+def interpreter_index_fix() -> None:
+    """Triton 3.6's interpreter turns a scalar (a one-element array there) into a loop bound by int() on
+    the array, which numpy >= 2.4 refuses for arrays of one dimension: take the element instead (the
+    fix Triton's later interpreter has)."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
 def in_interpreter(call: str, module: str = "test_gpu_kernels") -> None:
     """Run `<module>.<call>` (a test module here) in a child process under TRITON_INTERPRET=1: the flag
     is read when @triton.jit decorates, so the kernels must be imported afresh."""
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    code = f"import {module} as t; t.{call}"
+    code = f"import test_gpu_kernels as g, {module} as t; g.interpreter_index_fix(); t.{call}"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
 
@@ -585,6 +600,13 @@ def check_linear_gemv(fmt: str, group: int) -> None:
             torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
         if M == 1 and cfg["SPLIT_K"] > 1:  # no atomics: a second call, the same bits
             assert torch.equal(linear_gemv.linear_gemv(x, qw, b, cfg), out)
+    # the tl.dot kernel over the whole K and over splits of whole tiles (the bias added once); int4
+    # tiles within one group
+    x, b = torch.randn(5, K, generator=gen), torch.randn(N, generator=gen)
+    for split in (1, 3):
+        cfg = {**quant._DEFAULT, "BLOCK_N": 32, "BLOCK_K": min(64, group), "SPLIT_K": split}
+        out = quant.quant_linear_triton(x, qw, b, cfg)
+        torch.testing.assert_close(out.double(), x.double() @ w.T + b.double(), rtol=1e-4, atol=1e-4)
     x = torch.randn(2, 3, K, generator=gen).bfloat16()  # leading dims; the default config takes this path
     assert "BLOCK_M" not in quant.quant_linear_config(3, N, K, fmt, group)  # no tuned entry on the CPU
     assert "BLOCK_M" in quant.quant_linear_config(linear_gemv.GEMV_MAX_ROWS + 1, N, K, fmt, group)
@@ -709,7 +731,8 @@ def test_fp8_block_linear_kernels_compile_for_hopper():
     gemv["ROWS"] = 3
     compile_for_hopper(linear_gemv._linear_gemv_kernel, {**gemv, "DOT4": 0, "HAS_BIAS": 1}, types)
     dot = {"FMT": quant.FP8_BLOCKS, "GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "HAS_BIAS": 1}
-    compile_for_hopper(quant._quant_linear_kernel, dot, {**types, "o_ptr": "*bf16"})
+    compile_for_hopper(quant._quant_linear_kernel, {**dot, "SPLIT_K": 1}, {**types, "o_ptr": "*bf16"})
+    compile_for_hopper(quant._quant_linear_kernel, {**dot, "SPLIT_K": 4}, types)  # float32 partial sums
 
 
 # weight formats as the tl.dot kernels read them: (FMT, data, scales, group)
@@ -729,7 +752,7 @@ def test_dot_kernels_compile_for_hopper(fmt, w, s, group):
     down = {"h_ptr": "*bf16", "tw_ptr": "*fp32", "o_ptr": "*bf16", **ptrs}
     compile_for_hopper(moe._moe_down_kernel, tiles, down)
     lin = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "b_ptr": "*bf16", "o_ptr": "*bf16"}
-    compile_for_hopper(quant._quant_linear_kernel, {**tiles, "HAS_BIAS": 1}, lin)
+    compile_for_hopper(quant._quant_linear_kernel, {**tiles, "HAS_BIAS": 1, "SPLIT_K": 1}, lin)
 
 
 _DECODE_OUT = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"}
@@ -1085,7 +1108,7 @@ def test_quant_linear_kernel(M, fmt, group):
         from gpu_kernels import linear_gemv
 
         gemv = linear_gemv.linear_gemv_config(M, N, K, fmt)
-        configs += [gemv, {**quant._DEFAULT, "BLOCK_K": 32}]
+        configs += [gemv, {**quant._DEFAULT, "BLOCK_K": 32}, {**quant._DEFAULT, "BLOCK_K": 32, "SPLIT_K": 4}]
         if fmt in ("int8", "int4"):
             configs.append({**configs[1], "DP4A": 1 - configs[1].get("DP4A", 0)})
     for cfg in configs:
