@@ -8,7 +8,8 @@ Storage of a weight w [..., N, K] (leading dims stack experts; N = output rows, 
     int8   data [..., N, K] int8                     scales [..., N] float32
     int4   data [..., N, K // 2] uint8 (two nibbles, even k in the low one, stored as q + 8)
            scales [..., N, K // group_size] float32  symmetric, q in [-8, 7]
-Dequantized weight = q * scale. Kernels dequantize tiles in registers and multiply in x's dtype.
+Dequantized weight = q * scale. Kernels dequantize tiles in registers and multiply in x's dtype;
+the tl.dot kernel takes int4 and block-scaled fp8 tiles unscaled and scales each tile's product.
 The block-scaled fp8 weight holds a checkpoint's bytes as they are (``fp8_blocks``): no second
 rounding, where re-quantizing its dequantized values per row moved a random layer's output by ~2.6%.
 """
