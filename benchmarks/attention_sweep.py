@@ -4,6 +4,8 @@ graph of calls on distinct KV blocks (gpu_kernels.py's graph timing), as a share
 
 Run on a CUDA machine: python benchmarks/attention_sweep.py [--out FILE] [--ctx 32768 4096] [--quick]
 [--pdl 0 1 3] [--defaults] (the default tiles only, under each programmatic-dependent-launch setting)
+[--save-configs] (store each case's best as this device's launch settings where it beats the default
+by SAVE_MARGIN at the longest context swept: gpu_kernels/configs/gqa_decode.json, mla_decode.json)
 Prints the best candidates per case and a table of the best last; writes every timing as JSON.
 """
 
@@ -20,23 +22,34 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
-from gpu_kernels.mla_attention import mla_decode_attention_triton  # noqa: E402
-from gpu_kernels.paged_attention import paged_decode_attention_triton  # noqa: E402
+from gpu_kernels.mla_attention import mla_decode_attention_triton, mla_key  # noqa: E402
+from gpu_kernels.paged_attention import gqa_key, paged_decode_attention_triton  # noqa: E402
+from gpu_kernels.tuning import device_name, save_configs  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("kernel_bench", Path(__file__).with_name("gpu_kernels.py"))
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 DEV = "cuda"
+SAVE_MARGIN = 0.02  # a swept best must beat the default by this share of its time to be saved
 
 
 def cases(ctxs, only, rows=(1, 16), mla_heads=(16, 128)):
-    """(name, kernel, calls, bytes a call reads, candidate family) for every swept shape."""
+    """(name, kernel, calls, bytes a call reads, candidate family, (settings file, shape key, rows, context))
+    for every swept shape."""
     for ctx, N in itertools.product(ctxs, rows):
         if "gqa" in only:
             for cache in ("bf16", "int8"):
                 calls, nbytes = bench.gqa_calls(cache, ctx, N)
-                yield f"gqa {cache} ctx={ctx} N={N}", paged_decode_attention_triton, calls, nbytes, "gqa"
+                tuned = ("gqa_decode", gqa_key(4, 128, cache), N, ctx)  # gqa_calls: Qwen3-30B-A3B's heads
+                yield (
+                    f"gqa {cache} ctx={ctx} N={N}",
+                    paged_decode_attention_triton,
+                    calls,
+                    nbytes,
+                    "gqa",
+                    tuned,
+                )
         if "mla" in only:
             for H, name in ((16, "V2-Lite"), (128, "V3")):
                 if H not in mla_heads:
@@ -48,6 +61,7 @@ def cases(ctxs, only, rows=(1, 16), mla_heads=(16, 128)):
                     calls,
                     nbytes,
                     f"mla{H}",
+                    ("mla_decode", mla_key(H), N, ctx),
                 )
 
 
@@ -91,12 +105,15 @@ def main() -> None:
         "--pdl", type=int, nargs="+", default=[0], help="programmatic-dependent-launch flags to sweep (0-3)"
     )
     ap.add_argument("--defaults", action="store_true", help="only the default tiles (with each --pdl)")
+    ap.add_argument(
+        "--save-configs", action="store_true", help="store the bests that beat the defaults as this device's"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     copy_bw = bench.copy_bandwidth()
     print(f"copy {copy_bw:.0f} GB/s", flush=True)
-    results, best = {}, []
-    for name, fn, calls, nbytes, kind in cases(args.ctx, args.only, args.rows, args.mla_heads):
+    results, best, saved = {}, [], {}
+    for name, fn, calls, nbytes, kind, tuned in cases(args.ctx, args.only, args.rows, args.mla_heads):
         ref = fn(*calls[0][0], **calls[0][1])
         timings = []
         tiles = [{}] if args.defaults else candidates(kind, args.quick)
@@ -127,7 +144,21 @@ def main() -> None:
         for r in timings[:4]:
             print(f"   {r['us']:8.1f} us {r['pct_copy']:5.1f}%  {r['config']}", flush=True)
         best.append((name, default, timings[0]))
+        kernel, key, rows, ctx = tuned
+        top = timings[0]
+        if (
+            ctx == max(args.ctx)
+            and default
+            and top["config"]
+            and top["us"] < default["us"] * (1 - SAVE_MARGIN)
+        ):
+            saved.setdefault(kernel, {}).setdefault(key, {})[rows] = top["config"]
     Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.save_configs:
+        card = device_name()
+        arch = {card: "{}.{}".format(*torch.cuda.get_device_capability())}
+        for kernel, shapes in saved.items():
+            print(f"{kernel}: {sorted(shapes)} -> {save_configs(kernel, {card: shapes}, arch)}")
     print(f"\n{'case':34s} {'default us':>10s} {'%':>5s} {'best us':>8s} {'%':>5s}  config")
     for name, d, b in best:
         du, dp = (d["us"], d["pct_copy"]) if d else (float("nan"),) * 2

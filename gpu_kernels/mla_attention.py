@@ -26,6 +26,7 @@ from .paged_attention import (
     merge_splits,
     pick_partition,
 )
+from .tuning import get_config
 
 
 def mla_decode_attention_reference(
@@ -145,7 +146,19 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     took 26.3 us against 24.9 with ids per token. Between 16 and 64 heads, blocks of 32. 16 heads at one row take
     32-token tiles, one block id per block and programmatic dependent launch of both kernels (PDL 3, see
     gqa_decode_config): 25.1 -> 24.7 us from the tiles and ids, 23.9 with PDL as well; PDL alone, 25.5
-    (three alternations each way in one run, attention-pdl-b1-confirm-h100.json)."""
+    (three alternations each way in one run, attention-pdl-b1-confirm-h100.json).
+
+    A device's own sweep (`attention_sweep.py --save-configs`, configs/mla_decode.json) replaces these
+    for the head counts it ran, at the nearest row count."""
+    return {**get_config("mla_decode", mla_key(H), n_rows, _mla_default(n_rows, H)), **(config or {})}
+
+
+def mla_key(H: int) -> str:
+    """The tuned-settings key of an MLA decode shape."""
+    return f"H={H}"
+
+
+def _mla_default(n_rows: int, H: int) -> dict:
     if H <= 16 and n_rows == 1:
         cfg = {"BLOCK_H": 16, "BLOCK_N": 32, "WAVES": 2, "num_stages": 3, "BT_AHEAD": 2, "PDL": 3}
     elif H <= 16:
@@ -155,8 +168,7 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
         cfg = {"BLOCK_H": 64, "BLOCK_N": 64, "WAVES": waves, "num_stages": 2, "num_warps": 8, "BT_AHEAD": 2}
     else:
         cfg = {"BLOCK_H": 32, "BLOCK_N": 64, "WAVES": 8 if n_rows * cdiv(H, 32) >= 32 else 2, "num_stages": 3}
-    cfg = {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, **cfg}
-    return {**cfg, **(config or {})}
+    return {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, **cfg}
 
 
 def mla_decode_attention_triton(

@@ -37,6 +37,7 @@ from ._triton import (
     use_triton,
 )
 from .kv_write import dequantize_per_token, is_quantized
+from .tuning import get_config
 
 _LOG2E = 1.4426950408889634
 
@@ -447,7 +448,21 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     cache at one row takes both bits: 24.2 -> 23.4 us, three alternations each way in one run
     (attention-pdl-b1-confirm-h100.json). In that graph of calls each split kernel also starts under
     the merge before it; in a decode step the kernel before it does not signal early, so there bit 2
-    saves less."""
+    saves less.
+
+    A device's own sweep (`attention_sweep.py --save-configs`, configs/gqa_decode.json) replaces these
+    for the shapes it ran, keyed by KV heads, head dim and cache format, at the nearest row count."""
+    default = _gqa_default(n_rows, Hkv, D, quantized)
+    cache = "int8" if quantized else "bf16"
+    return {**get_config("gqa_decode", gqa_key(Hkv, D, cache), n_rows, default), **(config or {})}
+
+
+def gqa_key(Hkv: int, D: int, cache: str) -> str:
+    """The tuned-settings key of a GQA decode shape (cache: "bf16" or the one-byte cache's "int8")."""
+    return f"Hkv={Hkv},D={D},cache={cache}"
+
+
+def _gqa_default(n_rows: int, Hkv: int, D: int, quantized: bool) -> dict:
     if D > 128:
         cfg = {"BLOCK_N": 32, "WAVES": 4, "num_stages": 3}
     elif n_rows * Hkv < 32 and quantized:
@@ -459,7 +474,7 @@ def gqa_decode_config(n_rows: int, Hkv: int, D: int, quantized: bool, config: di
     else:
         cfg = {"BLOCK_N": 64, "WAVES": 8, "num_stages": 3}
     cfg.update(MAX_SPLITS=64 * cfg["WAVES"], num_warps=4)
-    return {**cfg, **(config or {})}
+    return cfg
 
 
 def bt_mode(cfg: dict, block_size: int) -> int:

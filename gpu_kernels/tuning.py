@@ -75,9 +75,18 @@ def _device_shapes(kernel: str, device: str) -> list[tuple[str, dict]]:
 
 
 def device_name(device: torch.device | None = None) -> str:
+    """The name of ``device`` (None: the current CUDA device), or "cpu"."""
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        return torch.cuda.get_device_name(device)
+        index = (
+            device.index if device is not None and device.index is not None else torch.cuda.current_device()
+        )
+        return _cuda_name(index)
     return "cpu"
+
+
+@functools.cache  # asked at every launch that looks up its settings; a device keeps its name
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def get_config(kernel: str, shape_key: str, batch: int, default: dict, device: str | None = None) -> dict:

@@ -842,6 +842,28 @@ def test_decode_partitions_cover_the_context(rows, heads, ctx):
     assert paged_attention.gqa_decode_config(rows, heads, 128, False, {"BLOCK_N": 32})["BLOCK_N"] == 32
 
 
+def test_decode_attention_takes_a_device_sweep(tmp_path, monkeypatch):
+    """A device's swept settings (configs/gqa_decode.json, mla_decode.json) replace the defaults for the
+    shapes swept, at the nearest row count; other shapes keep them, and a config argument still wins."""
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    tuning._load.cache_clear()
+    dev = tuning.device_name()
+    swept = {"BLOCK_N": 64, "WAVES": 3, "MAX_SPLITS": 192}
+    try:
+        tuning.save_configs("gqa_decode", {dev: {paged_attention.gqa_key(4, 128, "int8"): {1: swept}}})
+        tuning.save_configs("mla_decode", {dev: {mla_attention.mla_key(128): {16: {"BLOCK_H": 32}}}})
+        cfg = paged_attention.gqa_decode_config(2, 4, 128, True)
+        assert {k: cfg[k] for k in swept} == swept and cfg["num_warps"] == 4  # the default where silent
+        assert paged_attention.gqa_decode_config(1, 4, 128, False) == paged_attention._gqa_default(
+            1, 4, 128, False
+        )
+        assert paged_attention.gqa_decode_config(1, 4, 128, True, {"BLOCK_N": 32})["BLOCK_N"] == 32
+        assert mla_attention.mla_decode_config(8, 128)["BLOCK_H"] == 32
+        assert mla_attention.mla_decode_config(8, 16) == mla_attention._mla_default(8, 16)
+    finally:
+        tuning._load.cache_clear()
+
+
 def check_decode_attention(kind: str, bt_ahead: int = 0) -> None:
     """Run with TRITON_INTERPRET=1: GQA (bf16 and int8 caches) or MLA decode on CPU tensors against the
     references, with tiles small enough that rows split into more partitions than the merge takes at once.
