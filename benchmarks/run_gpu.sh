@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests glaunch handback fetch kernels moe cpu items threads launch e2e calib hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests glaunch handback fetch kernels moe tune cpu items threads launch e2e calib hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -54,6 +54,12 @@ for stage in "$@"; do
       done ;;
     kernels) python3 benchmarks/gpu_kernels.py ${KERNEL_ARGS:-} 2>&1 | tail -60 ;;  # KERNEL_ARGS=--no-tune: shipped configs only
     moe) python3 benchmarks/gpu_kernels.py --only moe 2>&1 | tail -45 ;;
+    tune) # this device's own launch settings: quantized linears and projections (graph-ranked), then
+      # the decode attention sweep; each saved into gpu_kernels/configs (copy them back from OUT_DIR)
+      python3 benchmarks/gpu_kernels.py --only qlinear,proj --out "$out/tune" 2>&1 | tail -40
+      python3 benchmarks/gpu_kernels.py --save-configs "$out"/tune/gpu_kernels-*.json
+      python3 benchmarks/attention_sweep.py --quick --save-configs --out "$out/attention_sweep.json" 2>&1 | tail -12
+      cp gpu_kernels/configs/*.json "$out/" ;;
     nccl) timeout 300 python3 -m pytest -q -m gpu --tb=short tests/test_distributed.py 2>&1 | tail -15 ;;
     threads) python3 -c "
 import numba
