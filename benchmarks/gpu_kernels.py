@@ -410,7 +410,7 @@ def bench_quant_linear(copy_bw: float, rows: list, tuned: dict) -> None:
                 )
                 if best is None or g < best[0]:
                     best = (g, cfg)
-            _, cfg = best
+            g, cfg = best
             ms = bench_ms(quant.quant_linear_triton, x, qw, None, cfg, rep=100)
             tuned.setdefault("quant_linear", {}).setdefault(f"N={N},K={K},fmt={fmt}", {})[str(M)] = cfg
             ref_ms = bench_ms(quant.quant_linear_reference, x, qw, rep=50)
@@ -424,7 +424,7 @@ def bench_quant_linear(copy_bw: float, rows: list, tuned: dict) -> None:
                     ref_ms,
                     copy_bw,
                     {"config": cfg},
-                    g_ms=graph_calls_ms(quant.quant_linear_triton, [((x, q, None, cfg), {}) for q in layers]),
+                    g_ms=g,
                 )
             )
 

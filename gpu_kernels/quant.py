@@ -141,54 +141,13 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 @triton.jit
-def load_weight_tile(
-    w_ptr,  # row n starts at w_ptr + n * stride_wn (int4: packed bytes)
-    s_ptr,  # int4 scales, row n at s_ptr + n * stride_sn, one per group (block-scaled fp8: block row n // GROUP)
-    rn,  # [BLOCK_N] output rows
-    k0,  # first input column of the tile (block-scaled fp8: within one block, BLOCK_K <= GROUP)
-    nmask,  # [BLOCK_N]
-    stride_wn,
-    stride_sn,
-    K,
-    dtype: tl.constexpr,
-    FMT: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """[BLOCK_N, BLOCK_K] weight tile in `dtype`; per-row fp8 / int8 come back unscaled (their scale is
-    applied to the sums)."""
-    if FMT == 3:
-        rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + rn[:, None] * stride_wn + rk2[None, :], mask=nmask[:, None], other=0x88)
-        # the nibbles become floats by bits (_exact_float), not by integer-to-float conversions
-        q = packed.to(tl.int32)
-        lo = _exact_float(q & 0xF, 8.0)  # [BLOCK_N, BLOCK_K / 2]
-        hi = _exact_float(q >> 4, 8.0)
-        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # even k from lo, odd k from hi
-        s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
-        w = (q * s[:, None]).to(dtype)
-    else:
-        rk = k0 + tl.arange(0, BLOCK_K)
-        wmask = nmask[:, None] & (rk[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask)
-        if FMT == 2:  # int8 by bits, as _gemv_dot: the byte's top bit flipped is q + 128
-            u = w.to(tl.uint8, bitcast=True).to(tl.int32)
-            w = (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        if FMT == 6:  # block-scaled fp8: the tile lies in one block column
-            s = tl.load(s_ptr + (rn // GROUP) * stride_sn + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
-            w = w.to(tl.float32) * s[:, None]
-        w = tl.where(wmask, w.to(dtype), 0.0)  # masked lanes may hold fp8 NaN patterns
-    return w
-
-
-@triton.jit
 def _unscaled_tile(w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, dtype: tl.constexpr, FMT: tl.constexpr,
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """int4 (FMT 3) or block-scaled fp8 (FMT 6) tile as load_weight_tile reads it, in `dtype` but without
-    its scales, and those scales [BLOCK_N] (the tile lies in one group / block column): they multiply
-    the tile's BLOCK_M x BLOCK_N product instead of each of its weights. fp8 is read as bytes (0 where
-    masked: +0.0), so no lane needs clearing of NaN patterns."""
+    """int4 (FMT 3) or block-scaled fp8 (FMT 6) tile [BLOCK_N, BLOCK_K] in `dtype` without its scales,
+    and those scales [BLOCK_N] (the tile lies in one group / block column): the tl.dot kernel applies
+    them to the tile's BLOCK_M x BLOCK_N product instead of to each weight, load_weight_tile to the
+    weights. int4 nibbles become floats by bits (_exact_float), not by integer-to-float conversions;
+    fp8 is read as bytes (0 where masked: +0.0), so no lane needs clearing of NaN patterns."""
     if FMT == 3:
         rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + rk2[None, :], mask=nmask[:, None], other=0x88)
@@ -206,6 +165,40 @@ def _unscaled_tile(w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, dtype: 
         w = raw.to(tl.float8e4nv, bitcast=True).to(dtype)
         s = tl.load(s_ptr + (rn // GROUP) * stride_sn + k0 // GROUP, mask=nmask, other=0.0)
     return w, s
+
+
+@triton.jit
+def load_weight_tile(
+    w_ptr,  # row n starts at w_ptr + n * stride_wn (int4: packed bytes)
+    s_ptr,  # int4 scales, row n at s_ptr + n * stride_sn, one per group (block-scaled fp8: block row n // GROUP)
+    rn,  # [BLOCK_N] output rows
+    k0,  # first input column of the tile (block-scaled fp8: within one block, BLOCK_K <= GROUP)
+    nmask,  # [BLOCK_N]
+    stride_wn,
+    stride_sn,
+    K,
+    dtype: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_K] weight tile in `dtype`; per-row fp8 / int8 come back unscaled (their scale is
+    applied to the sums)."""
+    if FMT == 3 or FMT == 6:  # grouped int4, block-scaled fp8: scaled here, in float32
+        w, s = _unscaled_tile(
+            w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, tl.float32, FMT, GROUP, BLOCK_N, BLOCK_K
+        )
+        w = (w * s[:, None]).to(dtype)
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        wmask = nmask[:, None] & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask)
+        if FMT == 2:  # int8 by bits, as _gemv_dot: the byte's top bit flipped is q + 128
+            u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+            w = (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        w = tl.where(wmask, w.to(dtype), 0.0)  # masked lanes may hold fp8 NaN patterns
+    return w
 
 
 @triton.jit
