@@ -22,8 +22,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
-from gpu_kernels.mla_attention import mla_decode_attention_triton, mla_key  # noqa: E402
-from gpu_kernels.paged_attention import gqa_key, paged_decode_attention_triton  # noqa: E402
+from gpu_kernels.mla_attention import mla_decode_attention_triton, mla_decode_config, mla_key  # noqa: E402
+from gpu_kernels.paged_attention import gqa_decode_config, gqa_key, paged_decode_attention_triton  # noqa: E402
 from gpu_kernels.tuning import device_name, save_configs  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("kernel_bench", Path(__file__).with_name("gpu_kernels.py"))
@@ -35,13 +35,15 @@ SAVE_MARGIN = 0.02  # a swept best must beat the default by this share of its ti
 
 
 def cases(ctxs, only, rows=(1, 16), mla_heads=(16, 128)):
-    """(name, kernel, calls, bytes a call reads, candidate family, (settings file, shape key, rows, context))
-    for every swept shape."""
+    """(name, kernel, calls, bytes a call reads, candidate family, (settings file, shape key, rows, context,
+    the settings a call takes now)) for every swept shape."""
     for ctx, N in itertools.product(ctxs, rows):
         if "gqa" in only:
             for cache in ("bf16", "int8"):
                 calls, nbytes = bench.gqa_calls(cache, ctx, N)
-                tuned = ("gqa_decode", gqa_key(4, 128, cache), N, ctx)  # gqa_calls: Qwen3-30B-A3B's heads
+                # gqa_calls: Qwen3-30B-A3B's heads
+                now = gqa_decode_config(N, 4, 128, cache != "bf16")
+                tuned = ("gqa_decode", gqa_key(4, 128, cache), N, ctx, now)
                 yield (
                     f"gqa {cache} ctx={ctx} N={N}",
                     paged_decode_attention_triton,
@@ -61,7 +63,7 @@ def cases(ctxs, only, rows=(1, 16), mla_heads=(16, 128)):
                     calls,
                     nbytes,
                     f"mla{H}",
-                    ("mla_decode", mla_key(H), N, ctx),
+                    ("mla_decode", mla_key(H), N, ctx, mla_decode_config(N, H)),
                 )
 
 
@@ -112,7 +114,7 @@ def main() -> None:
     torch.manual_seed(0)
     copy_bw = bench.copy_bandwidth()
     print(f"copy {copy_bw:.0f} GB/s", flush=True)
-    results, best, saved = {}, [], {}
+    results, best, saved, swept = {}, [], {}, {}
     for name, fn, calls, nbytes, kind, tuned in cases(args.ctx, args.only, args.rows, args.mla_heads):
         ref = fn(*calls[0][0], **calls[0][1])
         timings = []
@@ -144,20 +146,22 @@ def main() -> None:
         for r in timings[:4]:
             print(f"   {r['us']:8.1f} us {r['pct_copy']:5.1f}%  {r['config']}", flush=True)
         best.append((name, default, timings[0]))
-        kernel, key, rows, ctx = tuned
-        top = timings[0]
-        if (
-            ctx == max(args.ctx)
-            and default
-            and top["config"]
-            and top["us"] < default["us"] * (1 - SAVE_MARGIN)
-        ):
-            saved.setdefault(kernel, {}).setdefault(key, {})[rows] = top["config"]
+        kernel, key, rows, ctx, now = tuned
+        if ctx == max(args.ctx) and default:
+            top = timings[0]
+            beats = top["config"] is not None and top["us"] < default["us"] * (1 - SAVE_MARGIN)
+            # every swept row of a saved key gets its entry (the current settings where they stayed best):
+            # a key's rows without one would take the nearest row's settings instead of their defaults
+            rows_of = swept.setdefault(kernel, {}).setdefault(key, {})
+            rows_of[rows] = top["config"] if beats else now
+            if beats:
+                saved.setdefault(kernel, set()).add(key)
     Path(args.out).write_text(json.dumps(results, indent=1))
     if args.save_configs:
         card = device_name()
         arch = {card: "{}.{}".format(*torch.cuda.get_device_capability())}
-        for kernel, shapes in saved.items():
+        for kernel, keys in saved.items():
+            shapes = {key: swept[kernel][key] for key in keys}
             print(f"{kernel}: {sorted(shapes)} -> {save_configs(kernel, {card: shapes}, arch)}")
     print(f"\n{'case':34s} {'default us':>10s} {'%':>5s} {'best us':>8s} {'%':>5s}  config")
     for name, d, b in best:
