@@ -4,15 +4,17 @@ how long the SMs sit idle while it runs (a grid that ends unevenly, a ramp), and
 issue. The timed benchmarks (gpu_kernels.py) give the graph times the targets are about; this shows why
 they are what they are.
 
-    python benchmarks/kernel_profile.py [--only moe,gqa,mla] [--ncu PATH]
+    python benchmarks/kernel_profile.py [--only moe,gqa,mla] [--rows N] [--ncu PATH]
 
 Runs itself under ncu (``--child``) on the shipped launch settings: the fused-MoE GEMV kernels (int4,
 V2-Lite and Qwen3-30B-A3B experts), GQA decode over bf16 and int8 caches and 16-head MLA decode at 32k
-context. Prints a table last and writes kernel_profile-<machine>.json.
+context (--rows: that many rows of attention, one by default). Each row also names the reasons its warps
+stalled most, as cycles per issued instruction. Prints a table last and writes kernel_profile-<machine>.json.
 
-ncu runs each kernel alone, with the L2 flushed before it and the clocks locked to base (~1.6 GHz on an
-H100 against ~2 GHz in a graph), so durations are longer than the graph's, and kernels that a graph
-overlaps (programmatic dependent launch) run one after the other here.
+ncu runs each kernel alone, with the L2 flushed before it and the clocks left as the driver sets them
+(``--clock-control none``: a graph's ~2 GHz, not the ~1.6 GHz base that ncu locks by default), and kernels
+that a graph overlaps (programmatic dependent launch) run one after the other here, so durations are
+longer than the graph's.
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ METRICS = {
     "cycles_per_issue": ("Warp Cycles Per Issued Instruction", float),
     "l2_hit_pct": ("L2 Hit Rate", float),
 }
+STALLS = (  # warp stall reasons (ncu's names), each as cycles a warp spent on it per issued instruction
+    "long_scoreboard short_scoreboard mio_throttle lg_throttle barrier wait math_pipe_throttle not_selected"
+    " no_instruction dispatch_stall membar sleeping drain branch_resolving misc imc_miss tex_throttle"
+).split()
+STALL_METRIC = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
 
 
-def child(only: list[str]) -> None:
+def child(only: list[str], rows: int) -> None:
     """Build each case's inputs, warm its kernels up, then run each once between profiler start / stop."""
     import importlib.util
 
@@ -76,10 +83,10 @@ def child(only: list[str]) -> None:
             runs.append(lambda a=(x, w13, w2, ids, wts): moe.fused_moe_triton(*a))
     if "gqa" in only:
         for cache in ("bf16", "int8"):
-            (args, kw), *_ = kb.gqa_calls(cache, 32768, 1)[0]
+            (args, kw), *_ = kb.gqa_calls(cache, 32768, rows)[0]
             runs.append(lambda a=args, k=kw: paged_decode_attention_triton(*a, **k))
     if "mla" in only:
-        (args, kw), *_ = kb.mla_calls(16, 32768, 1)[0]
+        (args, kw), *_ = kb.mla_calls(16, 32768, rows)[0]
         runs.append(lambda a=args, k=kw: mla_decode_attention_triton(*a, **k))
     for run in runs:
         for _ in range(3):
@@ -99,14 +106,15 @@ CASES = {  # what each kernel launch belongs to, in the child's order
 }
 
 
-def parse(text: str, only: list[str]) -> list[dict]:
+def parse(text: str, only: list[str], rows_n: int = 1) -> list[dict]:
     """ncu's --csv --page details output -> one row per kernel launch."""
     table = list(csv.DictReader(io.StringIO(text[text.index('"ID"') :])))
     launches: dict[str, dict] = {}
     for r in table:
         got = launches.setdefault(r["ID"], {"kernel": r["Kernel Name"].split("(")[0], "m": {}})
         got["m"][r["Metric Name"]] = r["Metric Value"].replace(",", "")
-    names = [c for k in ("moe", "gqa", "mla") if k in only for c in CASES[k]]
+    suffix = {k: f" N={rows_n}" if k != "moe" and rows_n != 1 else "" for k in CASES}
+    names = [c + suffix[k] for k in ("moe", "gqa", "mla") if k in only for c in CASES[k]]
     rows = []
     for i, (_, got) in enumerate(sorted(launches.items(), key=lambda kv: int(kv[0]))):
         m = got["m"]
@@ -117,6 +125,9 @@ def parse(text: str, only: list[str]) -> list[dict]:
                 row[col] = round(100 * active / elapsed, 1)
             elif spec[0] in m:
                 row[col] = round(spec[1](float(m[spec[0]])), 2)
+        stalls = {r: float(m[STALL_METRIC.format(r)]) for r in STALLS if STALL_METRIC.format(r) in m}
+        top = sorted(stalls.items(), key=lambda kv: -kv[1])[:3]
+        row["top_stalls"] = " ".join(f"{r}:{v:.1f}" for r, v in top)
         rows.append(row)
     return rows
 
@@ -124,26 +135,30 @@ def parse(text: str, only: list[str]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="moe,gqa,mla")
+    ap.add_argument("--rows", type=int, default=1, help="attention rows (decode batch)")
     ap.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     only = args.only.split(",")
     if args.child:
-        child(only)
+        child(only, args.rows)
         return
     if not os.path.exists(args.ncu):
         raise SystemExit(f"ncu not found at {args.ncu}: install Nsight Compute or pass --ncu PATH")
     cmd = [args.ncu, "--profile-from-start", "off", "--csv", "--page", "details", "--print-units", "base"]
+    cmd += ["--clock-control", "none"]
     cmd += [a for s in SECTIONS for a in ("--section", s)]
-    cmd += [sys.executable, __file__, "--child", "--only", args.only]
+    cmd += ["--metrics", ",".join(STALL_METRIC.format(r) for r in STALLS)]
+    cmd += [sys.executable, __file__, "--child", "--only", args.only, "--rows", str(args.rows)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or '"ID"' not in done.stdout:
         raise SystemExit(f"ncu failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    rows = parse(done.stdout, only)
+    rows = parse(done.stdout, only, args.rows)
     card = gpu_name() or "gpu"
-    data = {"machine": machine_name(), "gpu": card, "ncu": "clocks locked to base, L2 flushed per kernel"}
+    data = {"machine": machine_name(), "gpu": card, "ncu": "clocks not locked, L2 flushed per kernel"}
     stem = "kernel_profile-" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    stem += f"-rows{args.rows}" if args.rows != 1 else ""
     path = write_json(stem, {**data, "rows": rows}, Path(args.out) if args.out else None)
     print(f"{card}, under ncu ({data['ncu']}); wrote {path}")
     print(format_table(rows, list(rows[0])))
