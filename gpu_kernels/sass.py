@@ -37,7 +37,7 @@ def compile_for(
 ) -> MachineCode:
     """Compile a @triton.jit kernel for sm_<arch>, no GPU needed.
 
-    const: its constexprs; types: every pointer's type ("*bf16", "*i8", ...) and any scalar's that is
+    const: its constexprs (those with defaults may be left out); types: every pointer's type ("*bf16", "*i8", ...) and any scalar's that is
     not int32; options: num_warps, num_stages. aligned: pointers and the int32 scalars named in
     ``options.pop("aligned_ints", ())`` are specialized as 16-divisible, as at a real launch."""
     from triton.backends.compiler import GPUTarget
@@ -45,6 +45,8 @@ def compile_for(
 
     aligned_ints = set(options.pop("aligned_ints", ()))
     names = kernel.arg_names
+    # constexprs left out take their defaults, as at a launch
+    const = {**{q.name: q.default for q in kernel.params if q.is_constexpr and q.has_default}, **const}
     unknown = (set(const) | set(types) | aligned_ints) - set(names)
     assert not unknown, f"not arguments of {kernel.fn.__name__}: {sorted(unknown)}"
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
