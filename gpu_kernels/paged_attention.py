@@ -319,14 +319,15 @@ def _merge_splits_kernel(
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,  # launched while the split kernel runs: wait for its partials; the next may launch
 ):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
     r = tl.program_id(0)
     # Splits cover the context in order, so only the first cdiv(len, partition) hold anything: a
     # graph captured for the longest context reads a short one's few (at least one: an empty row
-    # comes out as before).
+    # comes out as before). The context lengths were written before the split kernel started, so
+    # under dependent launch they load before the wait: the partials' loads follow it at once.
     used = tl.minimum(tl.maximum(tl.cdiv(tl.load(len_ptr + r // HEADS), partition), 1), n_splits)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = d < D
     s_blk = tl.arange(0, BLOCK_S)
