@@ -133,20 +133,20 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     """Launch settings for MLA decode: BLOCK_H heads share each latent tile of BLOCK_N tokens;
     WAVES x SMs programs, at most MAX_SPLITS splits a row (each split leaves an [H, R] float32 partial).
 
-    Defaults from sweeps on an H100 at 32k context (benchmarks/attention_sweep.py): 16 heads take one
-    head block (a single row: 64-token tiles and half the splits, so half the partials to merge), each
-    tile's block ids loaded with the tile before (BT_AHEAD) and three stages: the KV loads then run
-    ahead of the block-table loads (batch 1: 29.7 -> 25.0 us; 16: 237.7 -> 231.0; either change alone
-    gained nothing; attention_sweep-bt-ahead-h100.json). 64 heads and more take blocks of 64 over 64-token tiles with eight warps, whose dots
-    compile to Hopper's warpgroup MMA (wgmma; blocks of 32 run mma.sync): 128 heads at batch 1 / 16 went
-    from 66.4 / 847 us to 58.7 / 698 (attention_sweep-mla128-h100.json); a single row's two head blocks
-    split the context the least; their block ids come one per block (BT_AHEAD 2), which cut register
-    spills and ~15% of a tile's instructions: 128 heads at batch 1 / 16 in 56.8 / 664 us
-    (gpu_kernels-attention-bt2-h100-80gb-hbm3.json); for 16 heads at one row over 64-token tiles the same
-    took 26.3 us against 24.9 with ids per token. Between 16 and 64 heads, blocks of 32. 16 heads at one row take
-    32-token tiles, one block id per block and programmatic dependent launch of both kernels (PDL 3, see
-    gqa_decode_config): 25.1 -> 24.7 us from the tiles and ids, 23.9 with PDL as well; PDL alone, 25.5
-    (three alternations each way in one run, attention-pdl-b1-confirm-h100.json).
+    Defaults from sweeps on an H100 at 32k context (benchmarks/attention_sweep.py): 16 heads take one head
+    block (a single row: 64-token tiles and half the splits, so half the partials to merge), each tile's
+    block ids loaded with the tile before (BT_AHEAD) and three stages: the KV loads then run ahead of the
+    block-table loads (batch 1: 29.7 -> 25.0 us; 16: 237.7 -> 231.0; either change alone gained nothing;
+    attention_sweep-bt-ahead-h100.json). 64 heads and more take blocks of 64 over 64-token tiles with
+    eight warps, whose dots compile to Hopper's warpgroup MMA (wgmma; blocks of 32 run mma.sync): 128
+    heads at batch 1 / 16 went from 66.4 / 847 us to 58.7 / 698 (attention_sweep-mla128-h100.json); a
+    single row's two head blocks split the context the least; their block ids come one per block (BT_AHEAD
+    2), which cut register spills and ~15% of a tile's instructions: 128 heads at batch 1 / 16 in 56.8 /
+    664 us (gpu_kernels-attention-bt2-h100-80gb-hbm3.json); for 16 heads at one row over 64-token tiles
+    the same took 26.3 us against 24.9 with ids per token. Between 16 and 64 heads, blocks of 32. 16 heads
+    at one row take 32-token tiles, one block id per block and programmatic dependent launch of both
+    kernels (PDL 3, see gqa_decode_config): 25.1 -> 24.7 us from the tiles and ids, 23.9 with PDL as well;
+    PDL alone, 25.5 (three alternations each way in one run, attention-pdl-b1-confirm-h100.json).
 
     A device's own sweep (`attention_sweep.py --save-configs`, configs/mla_decode.json) replaces these
     for the head counts it ran, at the nearest row count."""

@@ -37,9 +37,10 @@ def compile_for(
 ) -> MachineCode:
     """Compile a @triton.jit kernel for sm_<arch>, no GPU needed.
 
-    const: its constexprs (those with defaults may be left out); types: every pointer's type ("*bf16", "*i8", ...) and any scalar's that is
-    not int32; options: num_warps, num_stages. aligned: pointers and the int32 scalars named in
-    ``options.pop("aligned_ints", ())`` are specialized as 16-divisible, as at a real launch."""
+    const: its constexprs (those with defaults may be left out); types: every pointer's type ("*bf16",
+    "*i8", ...) and any scalar's that is not int32; options: num_warps, num_stages. aligned: pointers
+    and the int32 scalars named in ``options.pop("aligned_ints", ())`` are specialized as 16-divisible,
+    as at a real launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
