@@ -243,6 +243,23 @@ def test_moe_align_block_size_invariants(T, K, E, bs):
     assert n == int(((counts + bs - 1) // bs * bs).sum())
 
 
+def check_align_kernel() -> None:
+    """Run with TRITON_INTERPRET=1: the align kernels give the torch version's exact arrays, slots
+    not routed here (-1) and programs with no slots of an expert included."""
+    gen = torch.Generator().manual_seed(3)
+    for T, K, E, bs in ((1, 2, 4, 16), (7, 3, 5, 4), (70, 6, 8, 16), (45, 8, 64, 16), (300, 2, 3, 64)):
+        ids = torch.randint(-1, E, (T, K), generator=gen, dtype=torch.int32)
+        want = gk.moe_align_block_size(ids, bs, E, kernel=False)
+        got = gk.moe_align_block_size(ids, bs, E, kernel=True)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), (T, K, E, bs, a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+def test_moe_align_kernel_in_interpreter():
+    in_interpreter("check_align_kernel()")
+
+
 def moe_per_expert_loop(x, w13, w2, ids, weights):
     """Mixtral-style loop over experts in float64; w13 [E, 2I, H], w2 [E, H, I] dense."""
     out = torch.zeros_like(x)
@@ -733,6 +750,17 @@ def test_fp8_block_linear_kernels_compile_for_hopper():
     dot = {"FMT": quant.FP8_BLOCKS, "GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "HAS_BIAS": 1}
     compile_for_hopper(quant._quant_linear_kernel, {**dot, "SPLIT_K": 1}, {**types, "o_ptr": "*bf16"})
     compile_for_hopper(quant._quant_linear_kernel, {**dot, "SPLIT_K": 4}, types)  # float32 partial sums
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+@pytest.mark.parametrize("ids,ep", [("*i32", 128), ("*i64", 256)])
+def test_align_kernels_compile_for_hopper(ids, ep):
+    """The sorted path's align kernels compile for sm_90 (int32 or int64 expert ids, 256 experts)."""
+    ptrs = {"ids": ids, "counts": "*i32", "sorted_ids": "*i32", "expert_ids": "*i32", "num_padded": "*i32"}
+    count = {"ids": ids, "counts": "*i32"}
+    compile_for_hopper(moe._align_count_kernel, {"SLOTS": 128, "EP": ep}, count, num_warps=4)
+    const = {"BM": 64, "SLOTS": 128, "EP": ep, "ROWS": 16}
+    compile_for_hopper(moe._align_place_kernel, const, ptrs, num_warps=8)
 
 
 # weight formats as the tl.dot kernels read them: (FMT, data, scales, group)
