@@ -8,36 +8,20 @@ The CPU layout (see ``cpu_kernels.formats``), per expert, with Hp = H padded to 
     *_zero   uint8 [..., Hp / g]      zero points (8 when symmetric)
     weight = (code - zero) * scale
 Output, as the fused MoE kernel takes it: w13 [n, 2I, H] (gate rows then up rows), w2 [n, H, I].
-One program per source row; a row's blocks of 128 are read once and written once.
+One program per source row of either projection, one launch; a row's blocks of 128 are read once
+and written once.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton import tl, triton, use_triton
+from ._triton import interpreting, tl, triton, use_triton
 
 
 @triton.jit
-def _unpack_int4_kernel(
-    src,  # uint8 [rows, Hp / 2]
-    scale,  # fp16 [rows, Hp / G]
-    zero,  # uint8 [rows, Hp / G] (ignored when SYM)
-    dst,  # [out rows, N]
-    I,  # noqa: E741 - rows per expert of one projection (gate_up only)
-    N,  # output columns (H or I): padding columns are dropped
-    HALF: tl.constexpr,  # Hp / 2 bytes per source row
-    G: tl.constexpr,
-    SYM: tl.constexpr,
-    GATE_UP: tl.constexpr,
-):
-    r = tl.program_id(0)
-    if GATE_UP:  # source row (e, i, which) -> w13 row e * 2I + which * I + i
-        e = r // (2 * I)
-        i = (r // 2) % I
-        out_row = e * 2 * I + (r % 2) * I + i
-    else:
-        out_row = r
+def _unpack_row(src, scale, zero, dst, r, out_row, N, HALF: tl.constexpr, G: tl.constexpr, SYM: tl.constexpr):
+    """Source row r (HALF bytes, scales and zeros per G inputs) -> dst row out_row of N columns."""
     j = tl.arange(0, 64)
     for b in range(0, HALF // 64):
         byte = tl.load(src + r.to(tl.int64) * HALF + b * 64 + j)
@@ -58,6 +42,36 @@ def _unpack_int4_kernel(
         tl.store(base + col_hi, ((hi - z_hi) * s_hi).to(dst.dtype.element_ty), mask=col_hi < N)
 
 
+@triton.jit
+def _unpack_int4_kernel(
+    gate_up,  # uint8 [gu rows, Hp / 2]
+    gu_scale,  # fp16 [gu rows, Hp / G]
+    gu_zero,  # uint8 [gu rows, Hp / G] (ignored when SYM)
+    w13,  # [n * 2I, H]
+    down,  # uint8 [n * H, Ip / 2]
+    dn_scale,  # fp16 [n * H, Ip / G]
+    dn_zero,  # uint8 [n * H, Ip / G]
+    w2,  # [n * H, I]
+    I,  # noqa: E741 - intermediate size: w2's columns, rows per expert of each half of w13
+    H,  # hidden size: w13's columns (padding columns are dropped)
+    gu_rows,  # source rows of gate_up: programs past them take down's rows
+    HALF_GU: tl.constexpr,  # Hp / 2 bytes per gate_up row
+    HALF_DN: tl.constexpr,  # Ip / 2 bytes per down row
+    G: tl.constexpr,
+    SYM: tl.constexpr,
+):
+    """One program per source row of both projections (one launch for a streamed chunk)."""
+    r = tl.program_id(0)
+    if r < gu_rows:  # source row (e, i, which) -> w13 row e * 2I + which * I + i
+        e = r // (2 * I)
+        i = (r // 2) % I
+        out_row = e * 2 * I + (r % 2) * I + i
+        _unpack_row(gate_up, gu_scale, gu_zero, w13, r, out_row, H, HALF_GU, G, SYM)
+    else:
+        d = r - gu_rows
+        _unpack_row(down, dn_scale, dn_zero, w2, d, d, I, HALF_DN, G, SYM)
+
+
 def unpack_int4(
     gate_up: torch.Tensor,
     down: torch.Tensor,
@@ -73,18 +87,18 @@ def unpack_int4(
     gate_up uint8 [n, I, 2, Hp/2], down uint8 [n, H, Ip/2]; scales as fp16 (or their int16 bits),
     zeros uint8 or None for symmetric codes.
     """
-    if not use_triton(gate_up, down):
+    if not (use_triton(gate_up, down) or interpreting()):
         raise ValueError("unpack_int4 runs on CUDA tensors; the CPU path is hetero.experts.unpack_experts")
     n = gate_up.shape[0]
     w13 = torch.empty(n, 2 * inter, hidden, dtype=dtype, device=gate_up.device)
     w2 = torch.empty(n, hidden, inter, dtype=dtype, device=gate_up.device)
     sym = zeros is None
-    for k, (src, out, cols, gu) in enumerate(((gate_up, w13, hidden, True), (down, w2, inter, False))):
-        half = src.shape[-1]
-        rows = src.numel() // half
-        sc = scales[k].view(torch.float16)
-        z = sc if sym else zeros[k]
-        _unpack_int4_kernel[(rows,)](
-            src, sc, z, out, inter, cols, HALF=half, G=group_size, SYM=sym, GATE_UP=gu, num_warps=2
-        )
+    sc = [a.view(torch.float16) for a in scales]
+    z = sc if sym else zeros
+    gu_rows = gate_up.numel() // gate_up.shape[-1]
+    rows = gu_rows + down.numel() // down.shape[-1]
+    _unpack_int4_kernel[(rows,)](
+        gate_up, sc[0], z[0], w13, down, sc[1], z[1], w2, inter, hidden, gu_rows,
+        HALF_GU=gate_up.shape[-1], HALF_DN=down.shape[-1], G=group_size, SYM=sym, num_warps=2,
+    )  # fmt: skip
     return w13, w2

@@ -141,6 +141,21 @@ class GPUExperts:
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
 
+    def takes_routing(self, x: torch.Tensor) -> bool:
+        """Whether ``add_routed`` can compute these experts (the sorted Triton path on x's device)."""
+        from gpu_kernels.quant import fp8_supported
+
+        w = self.w13
+        if not x.is_cuda or (isinstance(w, torch.Tensor) and w.dtype == torch.float32):
+            return False
+        return self.fmt != "fp8" or fp8_supported(x.device)
+
+    def add_routed(self, routing, x: torch.Tensor, lo: int = 0) -> None:
+        """Compute the slots a layer's MoERouting sent to experts lo .. lo + n - 1 (these n)."""
+        from gpu_kernels.moe import fused_moe_chunk
+
+        fused_moe_chunk(routing, x, self.w13, self.w2, lo)
+
 
 def _stack_like(part, n: int):
     """An uninitialized [n, ...] stack of ``part``'s kind (a tensor or a QuantWeight), on its device."""
@@ -280,6 +295,7 @@ class StreamedExperts:
         self.pinned_bytes = 0  # host bytes page-locked for DMA (0 until the first streamed batch)
         self.copy_stream = None
         self.stage = None  # the device's staging buffers, from the first streamed batch on
+        self.views: dict = {}  # (first expert, slot) -> {array: (staging view, host view)}
         self.early: list[tuple[int, tuple]] = []  # (first expert, _fetch result) started by prefetch
 
     def _pin(self) -> None:
@@ -297,6 +313,7 @@ class StreamedExperts:
         self.stage = _staging(
             self.device, {n: (t.shape[1:], t.dtype) for n, t in self.host.items()}, self.chunk
         )
+        self.views = {}
 
     def _fetch(self, lo: int, hi: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None, int]:
         """Start copying experts lo..hi-1 to the device: (device arrays, ready event, staging slot)."""
@@ -304,16 +321,16 @@ class StreamedExperts:
         if not self.cuda:
             return {n: (t[lo:hi] if t.shape[0] == E else t) for n, t in self.host.items()}, None, -1
         slot, bufs = self.stage.take(self.copy_stream)
+        pairs = self.views.get((lo, slot))
+        if pairs is None:  # made once: slicing on every chunk of every prefill is host time
+            srcs = {n: (t[lo:hi] if t.shape[0] == E else t) for n, t in self.host.items()}
+            pairs = self.views[(lo, slot)] = {n: (bufs[n][: a.shape[0]], a) for n, a in srcs.items()}
         with torch.cuda.stream(self.copy_stream):
-            arrays = {}
-            for n, t in self.host.items():
-                src = t[lo:hi] if t.shape[0] == E else t
-                dst = bufs[n][: src.shape[0]]
+            for dst, src in pairs.values():
                 dst.copy_(src, non_blocking=True)
-                arrays[n] = dst
             ready = torch.cuda.Event()
             ready.record()
-        return arrays, ready, slot
+        return {n: dst for n, (dst, _) in pairs.items()}, ready, slot
 
     def _spans(self) -> list[tuple[int, int]]:
         """Expert ranges [lo, hi) of the chunks, in copy order."""
@@ -335,7 +352,12 @@ class StreamedExperts:
             self._pin()
         self.early = [(lo, self._fetch(lo, hi)) for lo, hi in self._spans()[:STREAM_SLOTS]]
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def submit(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, routing=None, offset: int = 0
+    ) -> torch.Tensor | None:
+        """``routing``: the layer's MoERouting (gpu_kernels.moe.moe_route) in which these experts
+        are ``offset`` .. ``offset + E - 1``: the chunks add their slots into it and return None,
+        the caller finishing it (one sort for the device's own experts and these)."""
         p = self.packed
         # Copies prefetch started (spans[0], spans[1], ... in turn), taken whatever happens next:
         # their buffers are the whole device's, and the next layer's chunks will overwrite them.
@@ -348,8 +370,8 @@ class StreamedExperts:
             # With more, every chunk is hit all but surely, and an unhit one only costs its copy.
             used = torch.bincount(ids.flatten() + 1, minlength=p.E + 1)[1:].cpu()  # tokens per expert
             spans = [(lo, hi) for lo, hi in spans if bool(used[lo:hi].any())]
-        routing = None
-        if self.cuda:
+        owned = routing is None
+        if self.cuda and owned:
             from gpu_kernels.moe import moe_route
             from gpu_kernels.moe_gemv import GEMV_MAX_SLOTS
 
@@ -374,7 +396,7 @@ class StreamedExperts:
             if routing is not None:
                 from gpu_kernels.moe import fused_moe_chunk
 
-                fused_moe_chunk(routing, x, *self._unpack_gpu(arrays, x.dtype), lo)
+                fused_moe_chunk(routing, x, *self._unpack_gpu(arrays, x.dtype), offset + lo)
                 self.stage.done(slot, compute)
                 continue
             local = torch.where((ids >= lo) & (ids < hi), ids - lo, -1)
@@ -392,7 +414,7 @@ class StreamedExperts:
         if routing is not None:
             from gpu_kernels.moe import moe_finish
 
-            return moe_finish(routing)
+            return moe_finish(routing) if owned else None
         return out
 
     def _unpack_gpu(self, arrays: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -660,15 +682,21 @@ class HybridExperts:
         gpu_local[:num_experts][on_gpu] = torch.arange(int(on_gpu.sum()))
         cpu_local = torch.full((num_experts + 1,), -1, dtype=torch.long)
         cpu_local[:num_experts][~on_gpu] = torch.arange(int((~on_gpu).sum()))
-        self.gpu_local, self.cpu_local = gpu_local, cpu_local
+        # Streamed batches sort the device's experts and the streamed ones together: these first,
+        # then the RAM experts (ids E_gpu ..)
+        joint = cpu_local.clone()
+        joint[:num_experts][~on_gpu] += int(on_gpu.sum())
+        joint[:num_experts][on_gpu] = gpu_local[:num_experts][on_gpu]
+        self.gpu_local, self.cpu_local, self.joint_local = gpu_local, cpu_local, joint
         self._device = None
         self.ram_calls = {"cpu": 0, "stream": 0, "pcie": 0}  # how this layer's RAM experts ran, per forward
 
     def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device != device:
-            self.gpu_local, self.cpu_local, self._device = (
+            self.gpu_local, self.cpu_local, self.joint_local, self._device = (
                 self.gpu_local.to(device),
                 self.cpu_local.to(device),
+                self.joint_local.to(device),
                 device,
             )
             if self.pcie is not None:  # where captured decode graphs read the PCIe share
@@ -689,11 +717,46 @@ class HybridExperts:
         if self._streams(tokens):
             self.streamed.prefetch(pairs)
 
+    def _submit_joint(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        """A streamed batch with device experts on the sorted path: one expert sort and one output
+        for both (on the host, where a streamed prefill layer's time goes, one sort is ~half a
+        layer's routing). None where that path does not apply."""
+        from gpu_kernels.moe_gemv import GEMV_MAX_SLOTS
+
+        gpu, streamed = self.gpu, self.streamed
+        if not (
+            isinstance(gpu, GPUExperts)
+            and isinstance(streamed, StreamedExperts)
+            and streamed.cuda
+            and ids.numel() > GEMV_MAX_SLOTS
+            and gpu.takes_routing(x)
+        ):
+            return None
+        from gpu_kernels.moe import moe_finish, moe_route
+
+        n_gpu = gpu.num_experts
+        p = streamed.packed
+        routing = moe_route(
+            x, self.joint_local[ids].to(torch.int32), weights.float(), n_gpu + p.E, p.I, "bf16"
+        )
+        gpu.add_routed(routing, x)  # the resident experts' math first: it runs while chunks cross
+        if isinstance(self.cpu, CPUExperts):
+            self.cpu.late_rows = 0  # no CPU call: nothing deferred here
+        try:
+            streamed.submit(x, self.cpu_local[ids], weights, routing=routing, offset=n_gpu)
+        except torch.OutOfMemoryError:
+            return None  # the caller's path computes the layer again, its RAM experts on the CPU
+        self.ram_calls["stream"] += 1
+        return [(gpu, moe_finish(routing))]
+
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         gpu_local, cpu_local = self._maps(ids.device)
         handles = []
         streams = self._streams(x.shape[0])
         if streams and self.gpu is not None:
+            joint = self._submit_joint(x, ids, weights)
+            if joint is not None:
+                return joint
             # The resident experts' math first: it runs while the streamed chunks are still crossing.
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
         if self.cpu is not None:

@@ -1286,11 +1286,9 @@ def test_fused_moe_graph_replay(T):
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_unpack_int4_matches_the_cpu_layout_reference(sym, group):
-    """The CPU kernels' int4 layout unpacked on the GPU equals the torch unpacking, exactly in float32."""
+def check_unpack_int4(sym: bool, group: int, device: str = "cuda") -> None:
+    """The CPU kernels' int4 layout unpacked by the kernel (one launch, both projections) equals the
+    torch unpacking, exactly in float32."""
     import numpy as np
 
     import cpu_kernels
@@ -1302,14 +1300,27 @@ def test_unpack_int4_matches_the_cpu_layout_reference(sym, group):
     w = [rng.standard_normal((e, *s), dtype=np.float32) for s in ((i, h), (i, h), (h, i))]
     p = cpu_kernels.pack_experts(*w, fmt="int4", group_size=group, symmetric=sym)
     names = ["gate_up", "down", "gate_up_scale", "down_scale", "gate_up_zero", "down_zero"]
-    dev = {n: _as_torch(getattr(p, n)).cuda() for n in names}
+    dev = {n: _as_torch(getattr(p, n)).to(device) for n in names}
     gate, up, down = unpack_experts(dev, "int4", group, h, i, sym)
     zeros = None if sym else (dev["gate_up_zero"], dev["down_zero"])
     scales = (dev["gate_up_scale"], dev["down_scale"])
     w13, w2 = unpack_int4(dev["gate_up"], dev["down"], scales, zeros, group, h, i, torch.float32)
     assert torch.equal(w13, torch.cat([gate, up], dim=1)) and torch.equal(w2, down)
-    b13, _ = unpack_int4(dev["gate_up"], dev["down"], scales, zeros, group, h, i, torch.bfloat16)
-    assert torch.equal(b13, w13.to(torch.bfloat16))
+    if device != "cpu":  # the interpreter's bf16 rounding is not torch's
+        b13, _ = unpack_int4(dev["gate_up"], dev["down"], scales, zeros, group, h, i, torch.bfloat16)
+        assert torch.equal(b13, w13.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_unpack_int4_matches_the_cpu_layout_reference(sym, group):
+    check_unpack_int4(sym, group)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
+def test_unpack_int4_in_interpreter():
+    in_interpreter("check_unpack_int4(False, 32, 'cpu'); t.check_unpack_int4(True, 64, 'cpu')")
 
 
 def test_saved_configs_merge_and_are_read_back(tmp_path, monkeypatch):

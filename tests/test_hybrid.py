@@ -248,6 +248,55 @@ def test_streamed_experts_compute_the_packed_weights(fmt, sym, device):
     assert float((out - ref).norm() / ref.norm()) < tol
 
 
+def joint_layer(device: str, fmt: str = "int4"):
+    """A layer of 7 experts, 0 / 3 / 5 on the device (bf16), the rest packed in RAM and streamed in
+    chunks of 2; its exact MoE in float32."""
+    import cpu_kernels
+    from hetero.experts import GPUExperts, StreamedExperts
+    from hetero.packed import dequantize_packed
+
+    g = torch.Generator().manual_seed(11)
+    e, h, i = 7, 128, 64
+    w = [torch.randn(e, *shape, generator=g) * 0.1 for shape in ((i, h), (i, h), (h, i))]
+    on_gpu, in_ram = [0, 3, 5], [1, 2, 4, 6]
+    dev = torch.device(device)
+    gpu = GPUExperts(*(a[on_gpu].to(torch.bfloat16) for a in w), "bf16", dev)
+    packed = cpu_kernels.pack_experts(*(a[in_ram].numpy() for a in w), fmt=fmt, group_size=32)
+    streamed = StreamedExperts(packed, dev, chunk_bytes=2 * packed.expert_nbytes())
+    cpu = SimpleNamespace()  # present (RAM experts exist), never called: the batch streams
+    layer = HybridExperts(e, on_gpu, gpu=gpu, cpu=cpu, streamed=streamed, stream_min_tokens=16)
+    dense = [a.clone() for a in w]
+    for k, a in enumerate(dequantize_packed(packed, list(range(len(in_ram))), torch.float32)):
+        dense[k][in_ram] = a
+    dense = [a.to(torch.bfloat16).float() for a in dense]  # the device's bf16 experts as they are held
+    return layer, dense
+
+
+def test_joint_map_puts_device_experts_first():
+    layer, _ = joint_layer("cpu")
+    assert layer.joint_local.tolist() == [0, 3, 4, 1, 5, 2, 6, -1]
+
+
+@pytest.mark.gpu
+def test_streamed_batch_sorts_device_and_streamed_experts_once():
+    """A streamed prefill batch routes the device's experts and the streamed ones in one sort and
+    one output; the sum matches the exact MoE of the weights held."""
+    from hetero.experts import torch_moe
+
+    layer, dense = joint_layer("cuda")
+    g = torch.Generator().manual_seed(12)
+    t, k = 40, 3  # 120 slots: the sorted path
+    x = torch.randn(t, 128, generator=g)
+    ids = torch.stack([torch.randperm(7, generator=g)[:k] for _ in range(t)])
+    ids[::6, 1] = -1
+    weights = torch.rand(t, k, generator=g)
+    ref = torch_moe(x, ids, weights, *dense)
+    handles = layer.submit(x.cuda().bfloat16(), ids.cuda(), weights.cuda())
+    assert len(handles) == 1 and layer.ram_calls["stream"] == 1
+    out = layer.wait(handles).float().cpu()
+    assert float((out - ref).norm() / ref.norm()) < 3e-2
+
+
 def test_bench_reports_how_ram_experts_ran(tiny):
     """`hetero bench` times prefill and decode and says how the RAM experts of the prefill ran."""
     from hetero.bench import run_bench
