@@ -682,23 +682,23 @@ class HybridExperts:
         gpu_local[:num_experts][on_gpu] = torch.arange(int(on_gpu.sum()))
         cpu_local = torch.full((num_experts + 1,), -1, dtype=torch.long)
         cpu_local[:num_experts][~on_gpu] = torch.arange(int((~on_gpu).sum()))
-        # Streamed batches sort the device's experts and the streamed ones together: these first,
-        # then the RAM experts (ids E_gpu ..)
-        joint = cpu_local.clone()
-        joint[:num_experts][~on_gpu] += int(on_gpu.sum())
-        joint[:num_experts][on_gpu] = gpu_local[:num_experts][on_gpu]
-        self.gpu_local, self.cpu_local, self.joint_local = gpu_local, cpu_local, joint
+        self.gpu_local, self.cpu_local = gpu_local, cpu_local
+        self.joint_local: torch.Tensor | None = None  # made with the maps on their device (_maps)
         self._device = None
         self.ram_calls = {"cpu": 0, "stream": 0, "pcie": 0}  # how this layer's RAM experts ran, per forward
 
     def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device != device:
-            self.gpu_local, self.cpu_local, self.joint_local, self._device = (
+            self.gpu_local, self.cpu_local, self._device = (
                 self.gpu_local.to(device),
                 self.cpu_local.to(device),
-                self.joint_local.to(device),
                 device,
             )
+            # Streamed batches sort the device's experts and the streamed ones together: these
+            # first, then the RAM experts by their own numbering (which a split over ranks keeps).
+            on_gpu = self.gpu_local >= 0
+            ram = torch.where(self.cpu_local >= 0, self.cpu_local + int(on_gpu.sum()), -1)
+            self.joint_local = torch.where(on_gpu, self.gpu_local, ram)
             if self.pcie is not None:  # where captured decode graphs read the PCIe share
                 self._share = torch.full((), self.pcie_share, dtype=torch.float32, device=device)
         return self.gpu_local, self.cpu_local
@@ -735,6 +735,8 @@ class HybridExperts:
         from gpu_kernels.moe import moe_finish, moe_route
 
         n_gpu = gpu.num_experts
+        if int((self.gpu_local >= 0).sum()) != n_gpu:
+            return None  # the device backend holds other experts than the map's: not sortable together
         p = streamed.packed
         routing = moe_route(
             x, self.joint_local[ids].to(torch.int32), weights.float(), n_gpu + p.E, p.I, "bf16"

@@ -274,7 +274,13 @@ def joint_layer(device: str, fmt: str = "int4"):
 
 def test_joint_map_puts_device_experts_first():
     layer, _ = joint_layer("cpu")
+    layer._maps(torch.device("cpu"))
     assert layer.joint_local.tolist() == [0, 3, 4, 1, 5, 2, 6, -1]
+    # a split over ranks keeps the RAM experts' numbering and drops the other ranks' experts
+    mine = HybridExperts(7, [3], gpu=None, cpu=layer.cpu, streamed=layer.streamed, stream_min_tokens=16)
+    mine.cpu_local = layer.cpu_local.clone()
+    mine._maps(torch.device("cpu"))
+    assert mine.joint_local.tolist() == [-1, 1, 2, 0, 3, -1, 4, -1]
 
 
 @pytest.mark.gpu
