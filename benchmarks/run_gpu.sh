@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests glaunch handback fetch kernels moe tune cpu items threads launch e2e calib hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests glaunch handback fetch kernels moe tune cpu items threads launch e2e prefill calib hf profile modes early sample router absorb inputs share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -85,6 +85,10 @@ for shape in ((64, 2048, 1408, 6), (64, 7168, 2048, 8)):
         python3 benchmarks/cpu_launch.py --tag "spin$spin-torch$tt" --calls 100 --torch-threads "$tt" 2>&1 | tail -9
       done; unset GOMP_SPINCOUNT ;;
     e2e) checkpoint && python3 benchmarks/e2e.py "$ckpt" --gpu-mem "$gpu_mem" --experts ${EXPERTS:-int4 int8} --tag "$dtype" --gpus "${GPUS:-1}" --pcie-share "${PCIE_SHARE:-0}" ${E2E_ARGS:-} 2>&1 | grep -v "^loading" | tail -30 ;;
+    prefill) checkpoint && for f in ${EXPERTS:-int4}; do  # link- or host-bound streamed prefill, variants alternating
+        python3 benchmarks/prefill_host.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --compare "${COMPARE:-align}" \
+          --tag "$preset-$gpu_mem-$f" 2>&1 | grep -v "^loading" | tail -8
+      done ;;
     calib) checkpoint && { [ -f "$out/freq.json" ] || {  # sample text like e2e's prompts: random tokens
           python3 -c "import random, sys; from hetero.tokenizer import Tokenizer; t = Tokenizer.from_pretrained(sys.argv[1]); \
 r = random.Random(0); print(t.decode([r.randrange(t.vocab_size) for _ in range(40000)]))" "$ckpt" > "$out/calib.txt"

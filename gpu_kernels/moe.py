@@ -93,6 +93,8 @@ def _align_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_align_block_size in two launches: per-program expert counts, then each program places its
     own slots (the counts of the programs before it give their offsets) and a share of the padding."""
+    ok = ids.dim() == 1 and ids.is_contiguous() and ids.dtype in (torch.int32, torch.int64)
+    assert ok, (ids.shape, ids.dtype)
     TK, dev = ids.numel(), ids.device
     n_prog = cdiv(TK, _ALIGN_SLOTS)
     EP = next_pow2(max(num_experts, 2))
