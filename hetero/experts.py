@@ -684,6 +684,7 @@ class HybridExperts:
         cpu_local[:num_experts][~on_gpu] = torch.arange(int((~on_gpu).sum()))
         self.gpu_local, self.cpu_local = gpu_local, cpu_local
         self.joint_local: torch.Tensor | None = None  # made with the maps on their device (_maps)
+        self.n_gpu_local = 0
         self._device = None
         self.ram_calls = {"cpu": 0, "stream": 0, "pcie": 0}  # how this layer's RAM experts ran, per forward
 
@@ -697,7 +698,8 @@ class HybridExperts:
             # Streamed batches sort the device's experts and the streamed ones together: these
             # first, then the RAM experts by their own numbering (which a split over ranks keeps).
             on_gpu = self.gpu_local >= 0
-            ram = torch.where(self.cpu_local >= 0, self.cpu_local + int(on_gpu.sum()), -1)
+            self.n_gpu_local = int(on_gpu.sum())  # a host int: counting on the device would sync per call
+            ram = torch.where(self.cpu_local >= 0, self.cpu_local + self.n_gpu_local, -1)
             self.joint_local = torch.where(on_gpu, self.gpu_local, ram)
             if self.pcie is not None:  # where captured decode graphs read the PCIe share
                 self._share = torch.full((), self.pcie_share, dtype=torch.float32, device=device)
@@ -735,7 +737,7 @@ class HybridExperts:
         from gpu_kernels.moe import moe_finish, moe_route
 
         n_gpu = gpu.num_experts
-        if int((self.gpu_local >= 0).sum()) != n_gpu:
+        if self.n_gpu_local != n_gpu:
             return None  # the device backend holds other experts than the map's: not sortable together
         p = streamed.packed
         routing = moe_route(
