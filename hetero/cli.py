@@ -30,6 +30,13 @@ class _Serve:
         p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
         p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
         p.add_argument("--max-model-len", type=int, default=4096)
+        p.add_argument(
+            "--max-step-tokens",
+            type=int,
+            default=None,
+            help="tokens an engine step computes, prompt chunks and decode rows together (default: the "
+            "plan's prefill size, 2048 or the context, when offloading; else 512)",
+        )
         p.add_argument("--device", default="auto")
         p.add_argument(
             "--gpu-mem", default=None, help="device memory to use, e.g. 6GiB (enforced in-process)"

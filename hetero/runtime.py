@@ -61,7 +61,10 @@ class RuntimeOptions:
     max_model_len: int = 4096
     kv_tokens: int | None = None  # cache capacity; default: max_batch * max_model_len, capped
     max_batch: int = 16
-    max_step_tokens: int = 512
+    # Tokens a step computes (prompt chunks and decode rows together). None: with a plan, the prompt
+    # length it sized its workspace and predicted prefill for (a step that streams RAM experts copies
+    # all of them, however few tokens it carries, so smaller chunks would copy them again); else 512.
+    max_step_tokens: int | None = None
     block_size: int = 16
     prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     host_kv_mem: int = 0  # bytes of host memory that keep prefix blocks evicted from the device; 0 = off
@@ -125,6 +128,19 @@ def _resolve(model: str | os.PathLike) -> Path:
             raise HeteroError(f"GGUF file {path} not found")
         return path
     return resolve_model_path(model)
+
+
+DEFAULT_STEP_TOKENS = 512
+
+
+def step_tokens(opts: RuntimeOptions, plan=None) -> int:
+    """The engine's tokens a step: ``opts.max_step_tokens``, else the plan's prefill size (what its
+    workspace holds and its prediction assumes), else DEFAULT_STEP_TOKENS; never under max_batch."""
+    n = opts.max_step_tokens
+    if n is None:
+        predicted = getattr(plan, "predicted", None) or {}
+        n = int(predicted.get("prefill_tokens") or DEFAULT_STEP_TOKENS)
+    return max(n, opts.max_batch)
 
 
 def load_runtime(
@@ -222,7 +238,7 @@ def load_runtime(
         kv.attach_host_tier(host_blocks, TierRates.from_plan(plan) if plan is not None else None)
     config = EngineConfig(
         max_batch=opts.max_batch,
-        max_step_tokens=opts.max_step_tokens,
+        max_step_tokens=step_tokens(opts, plan),
         max_model_len=max_len,
         block_size=opts.block_size,
         prefix_caching=opts.prefix_caching,

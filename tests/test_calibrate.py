@@ -108,6 +108,8 @@ def test_the_runtime_puts_the_most_used_experts_on_the_gpu(lite, monkeypatch, tm
     opts = dict(offload=True, experts="int8", gpu_mem=hi, max_model_len=64, max_batch=1, progress=False)
     rt = load_runtime(lite, RuntimeOptions(expert_freq=freq, **opts))
     on_gpu = rt.plan.experts_on_gpu
+    # a step holds the prompt the plan sized its workspace for (here the whole 64-token context)
+    assert rt.engine.config.max_step_tokens == rt.plan.predicted["prefill_tokens"] == 64
     for i in spec.moe_layers:
         assert set(on_gpu[i]) == hot[i], (i, on_gpu[i])
 

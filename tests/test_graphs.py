@@ -516,6 +516,18 @@ def test_a_kernel_that_waits_is_called_without_the_event():
     assert log == ["event", ("kernel", None)]
 
 
+def test_step_tokens_follow_the_plan_unless_given():
+    from types import SimpleNamespace
+
+    from hetero.runtime import DEFAULT_STEP_TOKENS, RuntimeOptions, step_tokens
+
+    plan = SimpleNamespace(predicted={"prefill_tokens": 2048})
+    assert step_tokens(RuntimeOptions()) == DEFAULT_STEP_TOKENS  # no plan: nothing streams
+    assert step_tokens(RuntimeOptions(), plan) == 2048
+    assert step_tokens(RuntimeOptions(max_step_tokens=256), plan) == 256
+    assert step_tokens(RuntimeOptions(max_step_tokens=8, max_batch=32), plan) == 32  # decode rows fit
+
+
 def test_runtime_options_check_the_decode_launch():
     from hetero.runtime import RuntimeOptions
 
