@@ -17,6 +17,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
@@ -46,17 +47,22 @@ def _e2e():
 
 
 def variants(what: str) -> dict:
-    """name -> (switch on, switch off) for one comparison."""
+    """name -> a context manager under which the engine runs that variant of one comparison."""
     if what == "align":
         orig = moe.moe_align_block_size
 
         def torch_align(ids, bs, num_experts, kernel=None):
             return orig(ids, bs, num_experts, kernel=False)
 
+        @contextlib.contextmanager
         def use(fn):
-            return lambda: setattr(moe, "moe_align_block_size", fn)
+            moe.moe_align_block_size = fn
+            try:
+                yield
+            finally:
+                moe.moe_align_block_size = orig
 
-        return {"kernel": (use(orig), use(orig)), "torch": (use(torch_align), use(orig))}
+        return {"kernel": lambda: use(orig), "torch": lambda: use(torch_align)}
     raise SystemExit(f"--compare: unknown comparison {what!r} (align)")
 
 
@@ -152,17 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = {n: [] for n in names}
     for rep in range(args.reps):  # alternating, each order in turn
         for n in names if rep % 2 == 0 else names[::-1]:
-            on, off = switches[n]
-            on()
-            runs[n].append(run_bench(rt, args.prefill_len, 2, 1, seed=2 + rep).prefill_tok_s)
-            off()
+            with switches[n]():
+                runs[n].append(run_bench(rt, args.prefill_len, 2, 1, seed=2 + rep).prefill_tok_s)
             print(f"rep {rep} {n}: {runs[n][-1]:.0f} tok/s", flush=True)
     rows = []
     for k, n in enumerate(names):
-        on, off = switches[n]
-        on()
-        timeline = profiled_prefill(rt, args.prefill_len, 100 + k)
-        off()
+        with switches[n]():
+            timeline = profiled_prefill(rt, args.prefill_len, 100 + k)
         best = max(runs[n])
         rows.append({"variant": n, "prefill_tok_s": runs[n], "best_over_bound": best / bound, **timeline})
     gpu = torch.cuda.get_device_name(0)

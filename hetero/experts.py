@@ -736,16 +736,12 @@ class HybridExperts:
             return None
         from gpu_kernels.moe import moe_finish, moe_route
 
-        n_gpu = gpu.num_experts
-        if self.n_gpu_local != n_gpu:
-            return None  # the device backend holds other experts than the map's: not sortable together
+        n_gpu = self.n_gpu_local  # the RAM experts' ids follow the device's (joint_local)
         p = streamed.packed
         routing = moe_route(
             x, self.joint_local[ids].to(torch.int32), weights.float(), n_gpu + p.E, p.I, "bf16"
         )
         gpu.add_routed(routing, x)  # the resident experts' math first: it runs while chunks cross
-        if isinstance(self.cpu, CPUExperts):
-            self.cpu.late_rows = 0  # no CPU call: nothing deferred here
         try:
             streamed.submit(x, self.cpu_local[ids], weights, routing=routing, offset=n_gpu)
         except torch.OutOfMemoryError:
@@ -757,6 +753,9 @@ class HybridExperts:
         gpu_local, cpu_local = self._maps(ids.device)
         handles = []
         streams = self._streams(x.shape[0])
+        if streams and isinstance(self.cpu, CPUExperts):
+            # no CPU call: nothing deferred here (nor left over from a forward cut short)
+            self.cpu.late_rows = 0
         if streams and self.gpu is not None:
             joint = self._submit_joint(x, ids, weights)
             if joint is not None:
@@ -765,9 +764,6 @@ class HybridExperts:
             handles.append((self.gpu, self.gpu.submit(x, gpu_local[ids], weights)))
         if self.cpu is not None:
             ram = self.streamed if streams else self.cpu
-            if streams and isinstance(self.cpu, CPUExperts):
-                # no CPU call: nothing deferred here (nor left over from a forward cut short)
-                self.cpu.late_rows = 0
             local = by_pcie = None  # local: the RAM backend's own ids, unless its staging maps them
             if not streams and self.pcie is not None and ids.numel() <= PCIE_MAX_PAIRS:
                 local, by_pcie = self.pcie.split(ids, self._share, cpu_local)
