@@ -22,6 +22,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
+import gpu_kernels._triton  # noqa: E402
 from gpu_kernels.mla_attention import mla_decode_attention_triton, mla_decode_config, mla_key  # noqa: E402
 from gpu_kernels.paged_attention import gqa_decode_config, gqa_key, paged_decode_attention_triton  # noqa: E402
 from gpu_kernels.tuning import device_name, save_configs  # noqa: E402
@@ -31,6 +32,8 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 DEV = "cuda"
+# The PDL settings swept here are the kernels' own: the decode chain's (which sets both bits) stays out.
+gpu_kernels._triton.CHAIN_PDL = False
 SAVE_MARGIN = 0.02  # a swept best must beat the default by this share of its time to be saved
 
 

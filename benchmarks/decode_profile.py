@@ -479,6 +479,8 @@ FUSED = {
     "inputs": (None, None, ("fused", "apart")),
     # the CPU experts' output brought back by a kernel node against the copy engine's node
     "fetch": ("gpu_kernels.handoff", "FETCH_MAX_BYTES", ("kernel", "copy_engine")),
+    # the decode chain's kernels under programmatic dependent launch, or one after another
+    "chain": ("gpu_kernels._triton", "CHAIN_PDL", ("chain", "plain")),
 }
 FUSED_ON = {"fetch": 1 << 20}  # the setting on, where the shipped one is off
 

@@ -51,6 +51,35 @@ def pdl_flags(cfg: dict, device: torch.device) -> int:
     return int(cfg.get("PDL", 0)) if pdl_supported(device) else 0
 
 
+# The decode step's chain of small kernels (add + RMSNorm, the quantized GEMVs and their split sums,
+# rotary + cache write, decode attention, the router) launch with programmatic dependent launch on
+# sm_90+: each lets the next one start at once, and the next loads what no kernel writes (its weights)
+# before waiting (gdc_wait) for the one before. Every kernel so launched waits in every program before
+# it exits, so a finished kernel implies all before it finished. HETERO_CHAIN_PDL=0 turns it off.
+CHAIN_PDL = os.environ.get("HETERO_CHAIN_PDL", "1") != "0"
+
+
+def chain_pdl(device: torch.device) -> int:
+    """1 where the decode chain's kernels launch with programmatic dependent launch (CHAIN_PDL), else 0."""
+    return int(bool(CHAIN_PDL) and pdl_supported(device))
+
+
+def attention_pdl(cfg: dict, device: torch.device) -> int:
+    """Decode attention's PDL bits (see paged_attention._pdl_split): its launch settings', and both bits
+    where the decode chain launches that way (the split kernel waits for the rotary kernel before it, the
+    merge lets the output projection after it start)."""
+    return pdl_flags(cfg, device) | (3 if chain_pdl(device) else 0)
+
+
+@triton.jit
+def chain_start(USE_PDL: tl.constexpr):
+    """A decode-chain kernel's start under dependent launch (chain_pdl): the next kernel may launch now,
+    and this one waits for the one before it (its writes are visible past this)."""
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
 def pdl_launch(on: bool | int) -> dict:
     """Launch keywords for a kernel that starts while the one before it finishes (on), else none."""
     return {"launch_pdl": True} if on else {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, gdc_wait, interpreting, next_pow2, tl, triton
+from ._triton import cdiv, gdc_launch_dependents, gdc_wait, interpreting, next_pow2, tl, triton
 
 
 @triton.jit
@@ -252,11 +252,12 @@ def _split_sum_kernel(
     ROWS: tl.constexpr,  # SPLIT * TOPK partial rows per token
     BLOCK_R: tl.constexpr,  # ROWS rounded up to a power of two
     BLOCK_H: tl.constexpr,
-    USE_PDL: tl.constexpr,  # launched while the kernel writing p runs
+    USE_PDL: tl.constexpr,  # launched while the kernel writing p runs; the next one may launch
 ):
     """out[t] = sum over the splits s and slots k of p[s, t * K + k], in one fixed order (deterministic)."""
     if USE_PDL:
         gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0)
     rh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] hidden columns
     r = tl.arange(0, BLOCK_R)  # [BLOCK_R] = split r // K, slot k = r % K

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, tl, triton
+from ._triton import cdiv, chain_pdl, gdc_launch_dependents, gdc_wait, pdl_launch, tl, triton
 from .gemv_tiles import _dot4, _gemv_cols, _gemv_dot, _gemv_load, _gemv_split, _sum_splits, _tile_k
 from .quant import QuantWeight
 from .tuning import get_config
@@ -88,7 +88,10 @@ def _linear_gemv_kernel(
     SPLIT_K: tl.constexpr,
     ROWS: tl.constexpr,  # rows of x a program multiplies by each weight tile it loads (1 to 4)
     DOT4: tl.constexpr,  # int8 / int4 by integer dot products: 1 dp4a, 2 without PTX (interpreter)
+    USE_PDL: tl.constexpr = 0,  # in the decode chain (chain_pdl): the first weight tile loads before the wait
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
     m0 = tl.program_id(0) * ROWS
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -101,6 +104,8 @@ def _linear_gemv_kernel(
     for it in tl.static_range(ITERS):
         k0 = (pid_k * ITERS + it) * BLOCK_K
         w, s = _gemv_load(w_ptr, s_ptr, rn, nmask, k0, K, stride_wn, stride_sn, FMT, GROUP, BLOCK_K, DOT4)
+        if USE_PDL and it == 0:  # x is the kernel before's output
+            gdc_wait()
         acc0 += _row_dot(x_ptr, m0, M, stride_xm, w, s, nmask, k0, K, FMT, GROUP, BLOCK_K, DOT4)
         if ROWS > 1:
             acc1 += _row_dot(x_ptr, m0 + 1, M, stride_xm, w, s, nmask, k0, K, FMT, GROUP, BLOCK_K, DOT4)
@@ -155,12 +160,14 @@ def linear_gemv(
     dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     scales = qw.scales if qw.scales is not None else data
     rows = min(cfg.get("ROWS", MAX_ROWS), M)
+    pdl = chain_pdl(x.device)
     _linear_gemv_kernel[(cdiv(M, rows), cdiv(N, bn), split)](
         x2, data, scales, bias if bias is not None else x2, dst, M, N, K, x2.stride(0), stride_wn,
         scales.stride(0) if fmt in (3, 6) else 0,
         FMT=fmt, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ITERS=iters, SPLIT_K=split,
-        ROWS=rows, DOT4=dot4, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+        ROWS=rows, DOT4=dot4, USE_PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+        **pdl_launch(pdl),
     )  # fmt: skip
     if split > 1:
-        _sum_splits(dst, out, 1, split, 0)
+        _sum_splits(dst, out, 1, split, pdl, **pdl_launch(pdl))
     return out.reshape(*x.shape[:-1], N)

@@ -15,7 +15,18 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, dot, next_pow2, pdl_flags, pdl_launch, tl, triton, use_triton
+from ._triton import (
+    attention_pdl,
+    cdiv,
+    chain_pdl,
+    chain_start,
+    dot,
+    next_pow2,
+    pdl_launch,
+    tl,
+    triton,
+    use_triton,
+)
 from .paged_attention import (
     _LOG2E,
     _first_blocks,
@@ -180,7 +191,7 @@ def mla_decode_attention_triton(
     assert R == next_pow2(R) and P == next_pow2(P) and P >= 16, "kernel tiles need power-of-two R and P"
     bs = latent_cache.shape[1]
     cfg = mla_decode_config(N, H, config)
-    pdl = pdl_flags(cfg, q_latent.device)
+    pdl = attention_pdl(cfg, q_latent.device)
     block_h, block_n = cfg["BLOCK_H"], cfg["BLOCK_N"]
     n_hb = cdiv(H, block_h)
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
@@ -270,8 +281,10 @@ def _absorb_kernel(
     HEADS: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    USE_PDL: tl.constexpr = 0,  # in the decode chain (chain_pdl)
 ):
     """Program (h, jb): out[t, h, jb * BLOCK_J + j] = sum_i x[t, h, i] * w[h, i, j] for every row t."""
+    chain_start(USE_PDL)
     h = tl.program_id(0)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = j < DJ
@@ -306,10 +319,11 @@ def absorb_triton(x: torch.Tensor, w: torch.Tensor, contract: int) -> torch.Tens
     J = w.shape[2 - contract]
     s_i, s_j = (w.stride(1), w.stride(2)) if contract == 0 else (w.stride(2), w.stride(1))
     out = torch.empty(T, Hq, J, dtype=x.dtype, device=x.device)
-    block_j = min(next_pow2(J), max(16, 8192 // next_pow2(A)))
+    block_j, pdl = min(next_pow2(J), max(16, 8192 // next_pow2(A))), chain_pdl(x.device)
     _absorb_kernel[(Hq, cdiv(J, block_j))](
         x, w, out, T, x.stride(0), x.stride(1), w.stride(0), s_i, s_j,
-        DI=A, DJ=J, HEADS=Hq, BLOCK_I=min(128, next_pow2(A)), BLOCK_J=block_j, num_warps=4,
+        DI=A, DJ=J, HEADS=Hq, BLOCK_I=min(128, next_pow2(A)), BLOCK_J=block_j, USE_PDL=pdl, num_warps=4,
+        **pdl_launch(pdl),
     )  # fmt: skip
     return out
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import chain_pdl, gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch, tl, triton, use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,23 +77,36 @@ def _add_rms_norm_kernel(
     stride_d,
     H: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = 0,  # in the decode chain (chain_pdl): the weight loads before the wait
 ):
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK)
     mask = h < H
+    w = _norm_weight(w_ptr, h, mask, USE_PDL)
     x = tl.load(x_ptr + t * stride_x + h, mask=mask, other=0.0)
     d = tl.load(d_ptr + t * stride_d + h, mask=mask, other=0.0)
-    _add_norm_store(x, d, w_ptr, s_ptr, y_ptr, eps, t, h, mask, H)
+    _add_norm_store(x, d, w, s_ptr, y_ptr, eps, t, h, mask, H)
 
 
 @triton.jit
-def _add_norm_store(x, d, w_ptr, s_ptr, y_ptr, eps, t, h, mask, H: tl.constexpr):
-    """Row t: s = x + d rounded to x's dtype, stored, then its RMS norm times w, stored."""
+def _norm_weight(w_ptr, h, mask, USE_PDL: tl.constexpr):
+    """The norm's weight as float32; under dependent launch the next kernel may start first, and this
+    one waits for the one before it only after loading the weight (which no kernel writes)."""
+    if USE_PDL:
+        gdc_launch_dependents()
+    w = tl.load(w_ptr + h, mask=mask, other=0.0).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()
+    return w
+
+
+@triton.jit
+def _add_norm_store(x, d, w, s_ptr, y_ptr, eps, t, h, mask, H: tl.constexpr):
+    """Row t: s = x + d rounded to x's dtype, stored, then its RMS norm times w (float32), stored."""
     s = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
     tl.store(s_ptr + t * H + h, s, mask=mask)
     f = s.to(tl.float32)
     inv = tl.rsqrt(tl.sum(f * f, axis=0) / H + eps)
-    w = tl.load(w_ptr + h, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * H + h, (f * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -106,10 +119,10 @@ def add_rms_norm_triton(
     assert x.stride(1) == 1 and delta.stride(1) == 1
     s, y = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x)
     if T:
-        block = next_pow2(H)
+        block, pdl = next_pow2(H), chain_pdl(x.device)
         _add_rms_norm_kernel[(T,)](
-            x, delta, weight, s, y, eps, x.stride(0), delta.stride(0), H=H, BLOCK=block,
-            num_warps=min(16, max(1, block // 512)),
+            x, delta, weight, s, y, eps, x.stride(0), delta.stride(0), H=H, BLOCK=block, USE_PDL=pdl,
+            num_warps=min(16, max(1, block // 512)), **pdl_launch(pdl),
         )  # fmt: skip
     return s, y
 
@@ -147,10 +160,12 @@ def _add_parts_rms_norm_kernel(
     C1: tl.constexpr,
     C2: tl.constexpr,
     C3: tl.constexpr,
+    USE_PDL: tl.constexpr = 0,
 ):
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK)
     mask = h < H
+    w = _norm_weight(w_ptr, h, mask, USE_PDL)
     offs = t * H + h
     d = _load_part(a0, C0, offs, mask)
     if N > 1:
@@ -160,7 +175,7 @@ def _add_parts_rms_norm_kernel(
     if N > 3:
         d += _load_part(a3, C3, offs, mask)
     x = tl.load(x_ptr + t * stride_x + h, mask=mask, other=0.0)
-    _add_norm_store(x, d.to(x.dtype), w_ptr, s_ptr, y_ptr, eps, t, h, mask, H)
+    _add_norm_store(x, d.to(x.dtype), w, s_ptr, y_ptr, eps, t, h, mask, H)
 
 
 def _parts_fit(x: torch.Tensor, parts: Parts, weight: torch.Tensor) -> bool:
@@ -187,10 +202,11 @@ def add_parts_rms_norm_triton(
     codes = [_PART_CODE[p.dtype] for p in ps] + [0] * (MAX_PARTS - len(ps))
     s, y = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x)
     if T:
-        block = next_pow2(H)
+        block, pdl = next_pow2(H), chain_pdl(x.device)
         _add_parts_rms_norm_kernel[(T,)](
             x, *addrs, weight, s, y, eps, x.stride(0), H=H, BLOCK=block, N=len(ps),
-            C0=codes[0], C1=codes[1], C2=codes[2], C3=codes[3], num_warps=min(16, max(1, block // 512)),
+            C0=codes[0], C1=codes[1], C2=codes[2], C3=codes[3], USE_PDL=pdl,
+            num_warps=min(16, max(1, block // 512)), **pdl_launch(pdl),
         )  # fmt: skip
     return s, y
 

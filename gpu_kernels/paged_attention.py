@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import (
+    attention_pdl,
     cdiv,
     dot,
     gdc_launch_dependents,
@@ -30,7 +31,6 @@ from ._triton import (
     interpreting,
     next_pow2,
     num_sms,
-    pdl_flags,
     pdl_launch,
     tl,
     triton,
@@ -503,7 +503,7 @@ def paged_decode_attention_triton(
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs
     quant = is_quantized(k_cache)
     cfg = gqa_decode_config(N, Hkv, D, quant, config)
-    pdl = pdl_flags(cfg, q.device)
+    pdl = attention_pdl(cfg, q.device)
     block_n = cfg["BLOCK_N"]
     part = pick_partition(N, Hkv, max_ctx, block_n, q.device, cfg["WAVES"], cfg["MAX_SPLITS"])
     S = cdiv(max_ctx, part)

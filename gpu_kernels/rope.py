@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import chain_pdl, chain_start, next_pow2, pdl_launch, tl, triton, use_triton
 from .norm import rms_norm_reference
 
 
@@ -70,7 +70,9 @@ def _mla_rope_kernel(
     R_PAD: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr = 0,  # in the decode chain (chain_pdl)
 ):
+    chain_start(USE_PDL)
     t = tl.program_id(0)
     i = tl.arange(0, HALF_PAD)
     imask = i < HALF
@@ -181,7 +183,9 @@ def mla_rope_write_triton(q, kv, cos, sin, norm_weight, eps, latent_cache, slot_
         R_PAD=next_pow2(R),
         HALF=half,
         HALF_PAD=max(2, next_pow2(half)),
+        USE_PDL=chain_pdl(q.device),
         num_warps=4,
+        **pdl_launch(chain_pdl(q.device)),
     )
 
 
@@ -209,7 +213,9 @@ def _gqa_rope_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    USE_PDL: tl.constexpr = 0,  # in the decode chain (chain_pdl)
 ):
+    chain_start(USE_PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)  # query heads first, then key heads
     i = tl.arange(0, HALF_PAD)
@@ -334,5 +340,7 @@ def gqa_rope_write_triton(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cac
         HALF=D // 2,
         HALF_PAD=max(2, next_pow2(D // 2)),
         HAS_NORM=q_norm is not None,
+        USE_PDL=chain_pdl(q.device),
         num_warps=1,
+        **pdl_launch(chain_pdl(q.device)),
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import chain_pdl, gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch, tl, triton, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -239,9 +239,12 @@ def _route_kernel(
     ROUND: tl.constexpr,  # round each logit to x's dtype first (the product in x's dtype, as Mixtral / Qwen)
     BLOCK_E: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    USE_PDL: tl.constexpr = 0,  # in the decode chain (chain_pdl): each weight tile loads before the wait
 ):
     """Program (t, j): logits of experts [j * BLOCK_E, (j + 1) * BLOCK_E) for row t in float32; the
     last of row t's programs to finish scores the row and chooses its experts (_select_row)."""
+    if USE_PDL:
+        gdc_launch_dependents()
     t = tl.program_id(0)
     j = tl.program_id(1)
     ex = j * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -250,8 +253,10 @@ def _route_kernel(
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         hmask = h < H
-        xv = tl.load(x_ptr + t * stride_x + h, mask=hmask, other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + ex[:, None] * H + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)
+        if USE_PDL:  # x, the counts and the outputs are the kernels before's (a no-op after the first)
+            gdc_wait()
+        xv = tl.load(x_ptr + t * stride_x + h, mask=hmask, other=0.0).to(tl.float32)
         if ROUND:
             wv = wv.to(x_ptr.dtype.element_ty)
         acc += wv.to(tl.float32) * xv[None, :]
@@ -406,10 +411,12 @@ def route_experts_triton(
     rules = _choice_constants(E, bias, top_k, scoring, method, n_group, topk_group, renorm)
     # One expert a program and (up to 2048) the whole row in one load: every program's reads are in
     # flight at once, where a loop over H would wait on one tile after another.
+    pdl = chain_pdl(x.device)
     _route_kernel[(T, E)](
         x, weight, bias if bias is not None else weight, logits, counts, ids, weights,
         x.stride(0), float(scale), float(renorm_eps), H, **rules,
-        ROUND=not float_logits, BLOCK_E=1, BLOCK_H=min(2048, next_pow2(H)), **{**ROUTE_DEFAULT, **(config or {})},
+        ROUND=not float_logits, BLOCK_E=1, BLOCK_H=min(2048, next_pow2(H)), USE_PDL=pdl,
+        **{**ROUTE_DEFAULT, **(config or {})}, **pdl_launch(pdl),
     )  # fmt: skip
     return ids, weights
 

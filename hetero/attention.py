@@ -109,6 +109,9 @@ class GQAttention(nn.Module):
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         t = x.shape[0]
+        # the angles first (the first layer of a step computes them): the projection's kernels and the
+        # rotary kernel's then follow one another
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype, batch.rope)
         if self.fused is not None and self.fused.live():
             q, k, v = self.fused(x)
         else:
@@ -118,7 +121,6 @@ class GQAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         from gpu_kernels.rope import gqa_rope_write
 
-        cos, sin = self.rotary.cos_sin(batch.positions, q.dtype, batch.rope)
         k_cache, v_cache = cache
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if hasattr(self, "q_norm") else None
         # q normed and rotated in place, k and v into the cache: one kernel on CUDA
@@ -166,6 +168,7 @@ class MLAttention(nn.Module):
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         t = x.shape[0]
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype, batch.rope)  # first: see GQAttention
         lora = not hasattr(self, "q_proj")
         if self.fused is not None and self.fused.live():
             q, kv = self.fused(x)
@@ -177,7 +180,6 @@ class MLAttention(nn.Module):
         q = q.view(t, self.num_heads, self.nope + self.rope)  # [T, Hq, nope + P]
         from gpu_kernels.rope import mla_rope_write
 
-        cos, sin = self.rotary.cos_sin(batch.positions, q.dtype, batch.rope)
         (latent_cache,) = cache
         # q's rope part rotated in place, [normed latent | rotated k_pe] into the cache: one kernel on CUDA
         norm = self.kv_a_layernorm

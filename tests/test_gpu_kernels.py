@@ -794,6 +794,56 @@ def _gqa_signature(kv: str) -> tuple[dict, dict]:
     return types, {**shape, "BLOCK_SIZE": 16, "ASM": 1}
 
 
+def _chain_kernels() -> list[tuple[str, object, dict, dict, bool]]:
+    """(name, kernel, constexprs, pointer / scalar types, whether its weights load before its wait) for
+    the decode chain's kernels (gpu_kernels._triton.chain_pdl)."""
+    from gpu_kernels import gemv_tiles, linear_gemv, norm, rope
+
+    bf = "*bf16"
+    rows = {"x_ptr": bf, "w_ptr": bf, "s_ptr": bf, "y_ptr": bf, "eps": "fp32"}
+    gemv = {"FMT": 1, "GROUP": 128, "HAS_BIAS": 0, "BLOCK_N": 32, "BLOCK_K": 512, "ITERS": 1, "SPLIT_K": 8}
+    gemv.update(ROWS=1, DOT4=0)
+    lin = {"x_ptr": bf, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": bf, "o_ptr": "*fp32"}
+    route = {**router._choice_constants(128, None, 8, "softmax", "greedy", 1, 1, True), "ROUND": 1}
+    route.update(BLOCK_E=1, BLOCK_H=2048)
+    route_types = {"x_ptr": bf, "w_ptr": bf, "bias_ptr": bf, "logits_ptr": "*fp32", "count_ptr": "*i32"}
+    route_types.update({"ids_ptr": "*i64", "weights_ptr": "*fp32", "scale": "fp32", "renorm_eps": "fp32"})
+    gqa_rope = {"HQ": 32, "HKV": 4, "HALF": 64, "HALF_PAD": 64, "HAS_NORM": 1}
+    rope_types = {n: bf for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qw_ptr", "kw_ptr")}
+    rope_types.update({"kc_ptr": bf, "vc_ptr": bf, "slot_ptr": "*i64", "eps": "fp32"})
+    mla_rope = {"H": 16, "H_PAD": 16, "NOPE": 128, "R": 512, "R_PAD": 512, "HALF": 32, "HALF_PAD": 32}
+    mla_types = {n: bf for n in ("q_ptr", "kv_ptr", "cos_ptr", "sin_ptr", "w_ptr", "cache_ptr")}
+    mla_types.update({"slot_ptr": "*i64", "eps": "fp32"})
+    absorb = {"DI": 128, "DJ": 512, "HEADS": 16, "BLOCK_I": 128, "BLOCK_J": 64}
+    parts = {"H": 2048, "BLOCK": 2048, "N": 2, "C0": 0, "C1": 1, "C2": 0, "C3": 0}
+    parts_types = {**rows, **{f"a{i}": "i64" for i in range(4)}}
+    sums = {"TOPK": 1, "ROWS": 8, "BLOCK_R": 8, "BLOCK_H": 256}
+    return [
+        ("add_rms_norm", norm._add_rms_norm_kernel, {"H": 2048, "BLOCK": 2048}, {**rows, "d_ptr": bf}, True),
+        ("add_parts_rms_norm", norm._add_parts_rms_norm_kernel, parts, parts_types, True),
+        ("linear_gemv", linear_gemv._linear_gemv_kernel, gemv, lin, True),
+        ("split_sum", gemv_tiles._split_sum_kernel, sums, {"p_ptr": "*fp32", "o_ptr": bf}, False),
+        ("route", router._route_kernel, route, route_types, True),
+        ("gqa_rope", rope._gqa_rope_kernel, gqa_rope, rope_types, False),
+        ("mla_rope", rope._mla_rope_kernel, mla_rope, mla_types, False),
+        ("absorb", mla_attention._absorb_kernel, absorb, {"x_ptr": bf, "w_ptr": bf, "o_ptr": bf}, False),
+    ]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+@pytest.mark.parametrize("which", range(8))
+def test_decode_chain_kernels_compile_for_hopper(which):
+    """Under the decode chain's dependent launch each kernel lets the next launch and waits for the one
+    before; the norms, GEMV and router issue their weight loads before that wait; without it, neither."""
+    name, kernel, const, types, weights_first = _chain_kernels()[which]
+    ptx = compile_for_hopper(kernel, {**const, "USE_PDL": 1}, types, num_warps=4)
+    assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx, name
+    first_load, wait = ptx.find("ld.global"), ptx.find("griddepcontrol.wait")
+    assert (0 <= first_load < wait) == weights_first, name
+    plain = compile_for_hopper(kernel, {**const, "USE_PDL": 0}, types, num_warps=4)
+    assert "griddepcontrol" not in plain, name
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
 @pytest.mark.parametrize("quant_kind,kv", [(0, "*bf16"), (1, "*i8"), (2, "*fp8e4nv")])
 def test_attention_kernels_compile_for_hopper(quant_kind, kv):
