@@ -7,7 +7,8 @@ it; when the host's own work for a layer (launching attention, routing, each chu
 expert kernels) takes longer than the layer's copies, the link waits. Per variant, alternating:
 prefill tokens/s of a ``--prefill-len`` prompt (best of ``--reps``) against the bound e2e.py
 reports (per layer the faster of streaming and the CPU), then one profiled prefill whose trace
-gives the copies' busy time and how long the link sat idle until the host issued the next copy.
+gives the copies' busy time, how long the link sat idle until the host issued the next copy, and the
+host operations with the most self time.
 
 ``--compare align``: the sorted path's expert sort by the Triton kernels (moe_align_block_size's
 default on CUDA) against its torch operations. Prints a table last; writes JSON under
@@ -37,6 +38,7 @@ from placement import detect  # noqa: E402
 from placement.units import parse_size  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+HOST_TOP = 15  # the host operations with the most self time in a profiled prefill, reported per variant
 
 
 def _e2e():
@@ -119,7 +121,9 @@ def profiled_prefill(rt, tokens: int, seed: int) -> dict:
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     path.unlink()
-    return {"profiled_wall_ms": wall * 1e3, **link_timeline(events)}
+    ops = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:HOST_TOP]
+    host = {a.key: [round(a.self_cpu_time_total / 1e3, 2), a.count] for a in ops}
+    return {"profiled_wall_ms": wall * 1e3, **link_timeline(events), "host_self_ms_calls": host}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "variant   prefill tok/s (runs)        best/bound  profiled ms  copies busy  link idle  idle, host late"
     )
+    for r in rows:
+        top = ", ".join(f"{k} {ms:.1f} ms/{n}" for k, (ms, n) in list(r["host_self_ms_calls"].items())[:8])
+        print(f"{r['variant']} host self time (ms / calls): {top}")
     for r in rows:
         runs_s = " ".join(f"{v:.0f}" for v in r["prefill_tok_s"])
         print(
