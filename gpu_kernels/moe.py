@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ._triton import cdiv, dot, next_pow2, tl, triton, use_triton
 from .moe_gemv import (
     _as_quant,
+    _check_kernel_format,
     _check_moe,
     _moe_args,
     _scales,
@@ -438,6 +439,7 @@ def fused_moe_chunk(
 ) -> None:
     """Slots routed to experts lo .. lo + n - 1, whose weights w13 [n, 2I, H] and w2 [n, H, I] hold."""
     w13, w2 = _as_quant(w13), _as_quant(w2)
+    _check_kernel_format(w13, w2)
     H, inter_dim = x.shape[1], r.inter.shape[1]
     assert w13.shape[1:] == (2 * inter_dim, H) and w2.shape[1:] == (H, inter_dim), (w13.shape, w2.shape)
     assert w13.fmt == w2.fmt and x.stride(-1) == 1 and w13.data.is_contiguous() and w2.data.is_contiguous()

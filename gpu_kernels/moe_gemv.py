@@ -67,7 +67,18 @@ def _check_moe(x, w13, w2, topk_ids, topk_weights) -> None:
 def _moe_args(x, w13, w2, topk_ids, topk_weights) -> tuple[QuantWeight, QuantWeight]:
     w13, w2 = _as_quant(w13), _as_quant(w2)
     _check_moe(x, w13, w2, topk_ids, topk_weights)
+    _check_kernel_format(w13, w2)
     return w13, w2
+
+
+def _check_kernel_format(*ws: QuantWeight) -> None:
+    """The fused-MoE kernels read an fp8 expert with one scale per row; a block-scaled one (an FP8
+    checkpoint's weight as stored) would be read wrong, so it is refused."""
+    if any(w.blocked for w in ws):
+        raise ValueError(
+            "fused MoE kernels take fp8 experts with one scale per row, not block-scaled ones: "
+            "dequantize them and quantize_weight(w, 'fp8') first (the torch reference takes either)"
+        )
 
 
 def _strides(qw: QuantWeight) -> tuple[int, int, int, int]:

@@ -567,6 +567,28 @@ def make_qweight(w: torch.Tensor, fmt: str, group: int) -> quant.QuantWeight:
     return gk.fp8_blocks(q.to(w.device), scale_inv, group)
 
 
+def test_fused_moe_kernels_refuse_block_scaled_fp8():
+    """The fused-MoE kernels read fp8 experts with one scale a row: block-scaled ones (an FP8
+    checkpoint's layout) are refused on both paths, before any launch, with the fix named."""
+    gen = torch.Generator().manual_seed(5)
+    E, inter, H, g = 2, 128, 256, 128
+
+    def blocked(n: int, k: int) -> quant.QuantWeight:
+        data = torch.randn(E, n, k, generator=gen).to(torch.float8_e4m3fn)
+        return quant.QuantWeight("fp8", data, torch.rand(E, n // g, k // g, generator=gen), g, (E, n, k))
+
+    w13, w2 = blocked(2 * inter, H), blocked(H, inter)
+    x = torch.randn(3, H, generator=gen)
+    ids = torch.randint(0, E, (3, 2), generator=gen, dtype=torch.int32)
+    wts = torch.rand(3, 2, generator=gen)
+    for config in (None, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}):
+        with pytest.raises(ValueError, match="one scale per row"):
+            moe.fused_moe_triton(x, w13, w2, ids, wts, config)
+    routing = moe.MoERouting.__new__(moe.MoERouting)
+    with pytest.raises(ValueError, match="block-scaled"):
+        moe.fused_moe_chunk(routing, x, w13, w2, 0)
+
+
 def test_fp8_blocks_hold_the_checkpoint_exactly():
     """A block-scaled fp8 weight dequantizes to what the checkpoint reader makes of the same bytes
     (rows and columns not multiples of the block); per-row re-quantization of those values does not."""
