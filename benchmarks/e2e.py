@@ -44,6 +44,16 @@ from placement.units import parse_size  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
+def bound_rates(prof) -> dict:
+    """The measured rates prefill_bound_s takes, from a hardware profile."""
+    return {
+        "cpu_bw": prof.cpu_read_bw,
+        "cpu_flops": prof.cpu_flops,
+        "pcie": prof.h2d_pinned_bw,
+        "gpu_flops": prof.gpu.bf16_flops if prof.gpu else 1e12,
+    }
+
+
 def prefill_bound_s(model, spec, tokens: int, rates) -> float:
     """Sum over layers of min(stream the layer's RAM experts, compute them on the CPU)."""
     total = 0.0
@@ -339,12 +349,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
     cap_device_memory(gpu_mem, par.rank)
     prof = rank0_first(par, detect)  # measured once, cached for the other ranks
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    rates = {
-        "cpu_bw": prof.cpu_read_bw,
-        "cpu_flops": prof.cpu_flops,
-        "pcie": prof.h2d_pinned_bw,
-        "gpu_flops": prof.gpu.bf16_flops if prof.gpu else 1e12,
-    }
+    rates = bound_rates(prof)
     rows = []
     machine = {
         "gpu": gpu_name,

@@ -149,13 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         prefix_caching=False,
     )
     rt = load_runtime(args.model, opts)
-    rates = {
-        "cpu_bw": prof.cpu_read_bw,
-        "cpu_flops": prof.cpu_flops,
-        "pcie": prof.h2d_pinned_bw,
-        "gpu_flops": prof.gpu.bf16_flops if prof.gpu else 1e12,
-    }
-    bound = args.prefill_len / _e2e().prefill_bound_s(rt.engine.model, rt.spec, args.prefill_len, rates)
+    e2e = _e2e()
+    bound = args.prefill_len / e2e.prefill_bound_s(
+        rt.engine.model, rt.spec, args.prefill_len, e2e.bound_rates(prof)
+    )
     run_bench(rt, args.prefill_len, 2, 1, seed=1)  # one-time costs of the shape, untimed
     switches = variants(args.compare)
     names = list(switches)

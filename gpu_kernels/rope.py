@@ -163,6 +163,7 @@ def mla_rope_write_triton(q, kv, cos, sin, norm_weight, eps, latent_cache, slot_
     T, H, W = q.shape
     R = norm_weight.shape[0]
     half = (kv.shape[1] - R) // 2
+    pdl = chain_pdl(q.device)
     _mla_rope_kernel[(T,)](
         q,
         kv,
@@ -183,9 +184,9 @@ def mla_rope_write_triton(q, kv, cos, sin, norm_weight, eps, latent_cache, slot_
         R_PAD=next_pow2(R),
         HALF=half,
         HALF_PAD=max(2, next_pow2(half)),
-        USE_PDL=chain_pdl(q.device),
+        USE_PDL=pdl,
         num_warps=4,
-        **pdl_launch(chain_pdl(q.device)),
+        **pdl_launch(pdl),
     )
 
 
@@ -317,6 +318,7 @@ def gqa_rope_write_triton(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cac
         return
     T, Hq, D = q.shape
     Hkv = k.shape[1]
+    pdl = chain_pdl(q.device)
     _gqa_rope_kernel[(T, Hq + Hkv)](
         q,
         k,
@@ -340,7 +342,7 @@ def gqa_rope_write_triton(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cac
         HALF=D // 2,
         HALF_PAD=max(2, next_pow2(D // 2)),
         HAS_NORM=q_norm is not None,
-        USE_PDL=chain_pdl(q.device),
+        USE_PDL=pdl,
         num_warps=1,
-        **pdl_launch(chain_pdl(q.device)),
+        **pdl_launch(pdl),
     )
