@@ -576,6 +576,13 @@ def main(argv: list[str] | None = None) -> int:
         "against calls made once the staging's event is done, alternating (hetero.graphs.early_calls)",
     )
     ap.add_argument(
+        "--compare-overlap",
+        action="store_true",
+        help="only time greedy steps launched one ahead, their CPU experts on the worker thread "
+        "(EngineConfig.overlap), on all the kernels' threads and on one fewer, against steps run one "
+        "at a time, alternating",
+    )
+    ap.add_argument(
         "--compare-sample",
         action="store_true",
         help="only time greedy tokens picked inside the decode graphs against logits and argmax run "
@@ -648,7 +655,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     switches = {"early_calls": args.compare_early, "sample_greedy": args.compare_sample}
     switch = next((name for name, on in switches.items() if on), None)
-    comparing = args.compare_defer or args.compare_threads or args.compare_kernel or args.compare_share
+    comparing = (
+        args.compare_defer
+        or args.compare_threads
+        or args.compare_kernel
+        or args.compare_share
+        or args.compare_overlap
+    )
     if args.compare_launch or comparing or switch:
         if engine.graphs is None or not torch.cuda.is_available():
             raise SystemExit("--compare-* need CUDA graphs")
@@ -672,6 +685,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"threads{n}": (lambda n=n: cpu_kernels.set_num_threads(n)) for n in args.compare_threads
             }
             row = compare(engine, prompt, args.steps, variants, 3, key="variant")
+        elif args.compare_overlap:
+            import cpu_kernels
+
+            n = cpu_kernels.get_num_threads()
+
+            def setup(overlap: bool, threads: int):
+                engine.config.overlap = overlap
+                cpu_kernels.set_num_threads(threads)
+
+            variants = {
+                "one_at_a_time": lambda: setup(False, n),
+                "overlap": lambda: setup(True, n),
+                f"overlap_{n - 1}thr": lambda: setup(True, n - 1),
+            }
+            row = compare(engine, prompt, args.steps, variants, 3, key="variant")
+            setup(True, n)
         elif args.compare_share:
             from hetero.experts import set_pcie_share
 
@@ -702,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_threads
             else "decode_pcie_share"
             if args.compare_share
+            else "decode_overlap"
+            if args.compare_overlap
             else "decode_early"
             if args.compare_early
             else "decode_sample"

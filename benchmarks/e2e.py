@@ -413,6 +413,13 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
                 rt.engine.graphs.launch = mode
                 key = f"{mode}_again" if mode == default else mode
                 by_launch[key] = run_bench(rt, args.prompt_len, args.gen, 1).decode_tok_s
+            # and each step run to its tokens before the next is launched (EngineConfig.overlap off)
+            overlap = rt.engine.config.overlap
+            rt.engine.config.overlap = not overlap
+            by_launch["one_at_a_time" if overlap else "overlap"] = run_bench(
+                rt, args.prompt_len, args.gen, 1
+            ).decode_tok_s
+            rt.engine.config.overlap = overlap
         deferred = _deferred_decode(rt, args) if args.defer and rt.engine.graphs is not None else None
         share = rt.plan.cost_inputs.pcie_share if rt.engine.graphs is not None else 0.0
         pcie_off = None

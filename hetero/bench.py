@@ -38,6 +38,7 @@ class BenchResult:
     )  # layer forwards of the timed prefill: cpu / stream
     cuda_graphs: list[int] = field(default_factory=list)  # batch sizes decoded through CUDA graphs
     decode_launch: str | None = None  # how the host drove them (hetero.graphs.LAUNCH_MODES)
+    overlap: bool = False  # greedy steps launched one ahead (EngineConfig.overlap)
     eager_reasons: dict = field(default_factory=dict)  # batch size -> why its capture failed
     gpu_peak_bytes: int = 0  # most device memory torch held so far in this process
     plan_gpu_bytes: int = 0  # what the plan budgeted for the device
@@ -127,6 +128,7 @@ def run_bench(rt: Runtime, prompt_len: int, gen: int, batch: int, seed: int = 0,
     if engine.graphs is not None:
         res.cuda_graphs = sorted(engine.graphs.entries)
         res.decode_launch = engine.graphs.launch
+        res.overlap = engine.config.overlap
         res.eager_reasons = dict(engine.graphs.failed)
     if worker is not None:
         tm = worker.timings
@@ -167,6 +169,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "hand-off behind them (pipelined), on a worker thread with the whole step launched "
         "(ahead), after the whole step is launched as one graph (upfront, the default), or as "
         "upfront in graphs of 16 CPU layers, two at most launched ahead of the CPU work (chunks)",
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="run each greedy decode step to its tokens before launching the next (default: the "
+        "next one launched before the tokens are read, its CPU experts on the worker thread)",
     )
     p.add_argument(
         "--pcie-share",
@@ -222,6 +230,7 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
         # upfront also suits deferred experts best: on the H100 machine (V2-Lite int4, 2 deferred) 10.58 ms
         # a step against 10.89 ahead, 11.63 pipelined, 13.32 in turn (decode_launch_defer-...-int4.json)
         decode_launch=args.decode_launch or RuntimeOptions.decode_launch,
+        overlap=not args.no_overlap,
         pcie_share=_share_arg(args.pcie_share),
         expert_freq=args.freq,
     )
@@ -256,7 +265,12 @@ def _bench(par: Parallel, args: argparse.Namespace) -> int:
     if res.speculation:
         print(f"speculation: {res.speculation}")
     if res.cuda_graphs:
-        print(f"decode ran as CUDA graphs (batch sizes {res.cuda_graphs}), launched {res.decode_launch}")
+        how = (
+            "steps launched one ahead, CPU experts on the worker"
+            if res.overlap
+            else f"launched {res.decode_launch}"
+        )
+        print(f"decode ran as CUDA graphs (batch sizes {res.cuda_graphs}), {how}")
     if res.plan_gpu_bytes:
         print(
             f"device memory: peak {res.gpu_peak_bytes / 2**30:.2f} GiB held by torch, "

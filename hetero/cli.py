@@ -56,6 +56,11 @@ class _Serve:
             "--eager", action="store_true", help="launch decode kernels one by one (no CUDA graphs)"
         )
         p.add_argument(
+            "--no-overlap",
+            action="store_true",
+            help="finish each greedy decode step before launching the next (default: launched one ahead)",
+        )
+        p.add_argument(
             "--host-kv-mem", default="0", help="host memory for KV blocks evicted from the GPU, e.g. 16GiB"
         )
         p.add_argument(

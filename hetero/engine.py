@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,6 +25,8 @@ from hetero.kv_cache import BlockTable, KVCache
 from hetero.model import Transformer
 from hetero.prefix_cache import BlockHash, extend_block_hashes
 from hetero.sampling import SamplingParams, apply_penalties, sample, top_logprobs
+
+log = logging.getLogger(__name__)
 
 
 class Status(Enum):
@@ -74,6 +77,9 @@ class EngineConfig:
     block_size: int = 16
     prefix_caching: bool = True  # share the KV blocks of common prompt prefixes across requests
     host_kv_blocks: int = 0  # RAM tier for evicted prefix blocks; 0 = off
+    # Greedy decode steps under CUDA graphs launched one ahead: the next step goes to the device
+    # before this one's tokens are read, its ids picked there (see Engine.step)
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if (
@@ -268,6 +274,10 @@ class Engine:
         self.graphs = None  # hetero.graphs.DecodeGraphs: decode steps as CUDA graphs, or None (eager)
         self._speculate = None
         self._tokens = None  # the decode graphs' tokens of the step being run (``DecodeGraphs.tokens``)
+        # Overlap (``config.overlap``): the step launched ahead, with its rows (read by the next
+        # ``step``), and one launched for rows that all ended meanwhile (waited for, then dropped)
+        self._ahead: tuple[list[tuple[Sequence, int]], object] | None = None
+        self._orphan = None
         # Short multi-token steps as one attention row per token (see run); on by default where the
         # decode kernels and graphs are, on CUDA. The CPU's reference attention loops over rows.
         self.per_token_rows = self.device.type == "cuda"
@@ -337,6 +347,28 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
     def step(self) -> StepOutput:
+        """One step: schedule -> run -> postprocess.
+
+        Overlap: a step of greedy decode rows alone goes to the device through
+        ``DecodeGraphs.launch_step``, its CPU experts queued on the worker thread; before its tokens
+        are read, the step after it (the same rows, one position on, each id the argmax the device
+        just picked) is launched too, so the GPU and the CPU experts go from one step into the next
+        while the host reads the tokens, checks stops and returns to its caller; the next ``step``
+        picks that step up. Rows that stop on the token just read (an end-of-sequence token, a stop
+        token, an abort in between) have their row of the launched step dropped: its key and value
+        went into a block past their end. Steps that would change the batch (a row ending by
+        length, waiting requests that could join, speculation, sampling) are not launched ahead."""
+        if self._orphan is not None:  # rows all ended: wait for it, so nothing it writes is reused early
+            orphan, self._orphan = self._orphan, None
+            try:
+                self.graphs.finish(orphan)
+                self.graphs.launch_tokens(orphan)
+            except Exception:  # its rows are gone; the step that failed with it has raised already
+                log.warning("a decode step launched ahead for rows that ended failed", exc_info=True)
+        if self._ahead is not None:
+            scheduled, launch = self._ahead
+            self._ahead = None
+            return self._complete(scheduled, launch)
         if self.speculate is not None:
             self.speculate.draft(self)
         # An MTP drafter reads the model's hidden state at every position; cached ones have none.
@@ -345,6 +377,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        launch = self._launch(scheduled)
+        if launch is not None:
+            return self._complete(scheduled, launch)
         # a step of decoding sequences only (each its token and its drafts) is timed for speculation
         decoding = self.speculate is not None and all(n == 1 + len(s.draft) for s, n in scheduled)
         start = time.perf_counter()
@@ -354,6 +389,83 @@ class Engine:
         out = self.postprocess(scheduled, hidden)  # waits for the device's logits or tokens
         if decoding:
             self.speculate.timed(len(scheduled), sum(n for _, n in scheduled), time.perf_counter() - start)
+        return out
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]]):
+        """Launch a step of greedy decode rows without waiting for it (see ``step``), or None."""
+        if not self.config.overlap or self.graphs is None or self.speculate is not None:
+            return None
+        if not all(
+            n == 1 and s.num_computed + 1 == s.num_tokens and s.params.argmax_only for s, n in scheduled
+        ):
+            return None
+        mgr = self.kv.manager
+        return self.graphs.launch_step(
+            [(s.output_ids or s.prompt_ids)[-1] for s, _ in scheduled],
+            [s.num_computed for s, _ in scheduled],
+            [mgr.slots(s.table, s.num_computed, s.num_computed + 1)[0] for s, _ in scheduled],
+            [s.num_computed + 1 for s, _ in scheduled],
+            [s.table.blocks for s, _ in scheduled],
+        )
+
+    def _launch_next(self, scheduled: list[tuple[Sequence, int]], launch):
+        """Launch the step after ``launch`` (its rows, one position on, their ids the tokens it
+        picks on the device) when the scheduler would run exactly that step next, or None."""
+        sched, mgr = self.scheduler, self.kv.manager
+        seqs = [s for s, _ in scheduled]
+        if len(sched.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
+            return None
+        if sched.waiting and (
+            len(sched.running) < self.config.max_batch  # a waiting request would join
+            or sched.waiting[0].priority < max(s.priority for s in seqs)  # or take a row's place
+        ):
+            return None
+        for s in seqs:
+            # the token being read must not end the row by length; a stop token may (dropped then)
+            if len(s.output_ids) + 1 >= s.params.max_tokens or s.num_tokens + 1 >= self.config.max_model_len:
+                return None
+        if sum(mgr.blocks_needed(s.table, s.num_computed + 2) for s in seqs) > mgr.num_free:
+            return None
+        for s in seqs:
+            mgr.grow(s.table, s.num_computed + 2)
+        nxt = self.graphs.launch_step(
+            None,
+            [s.num_computed + 1 for s in seqs],
+            [mgr.slots(s.table, s.num_computed + 1, s.num_computed + 2)[0] for s in seqs],
+            [s.num_computed + 2 for s in seqs],
+            [s.table.blocks for s in seqs],
+            after=launch,
+        )
+        if nxt is None:
+            for s in seqs:
+                mgr.truncate(s.table, s.num_computed + 1)
+            return None
+        sched.stats.computed_tokens += len(seqs)
+        return [(s, 1) for s in seqs], nxt
+
+    def _complete(self, scheduled: list[tuple[Sequence, int]], launch) -> StepOutput:
+        """Finish a launched step: launch the one after it if it may go, wait for this one's CPU
+        experts and tokens, postprocess the rows still running."""
+        ahead = self._launch_next(scheduled, launch)
+        try:
+            self.graphs.finish(launch)
+            tokens = self.graphs.launch_tokens(launch)
+        except BaseException:
+            if ahead is not None:  # it runs on: let it end before the error goes up
+                self._orphan = ahead[1]
+            raise
+        for hook in self.on_step:
+            hook(scheduled)
+        live = [i for i, (s, _) in enumerate(scheduled) if not s.finished]  # some may have been aborted
+        scheduled = [scheduled[i] for i in live]
+        tokens = [tokens[i] for i in live]
+        self._tokens = lambda: tokens
+        out = self.postprocess(scheduled, launch.hidden)
+        if ahead is not None:
+            if all(s.finished for s, _ in ahead[0]):
+                self._orphan = ahead[1]
+            else:
+                self._ahead = ahead
         return out
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:

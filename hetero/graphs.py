@@ -185,15 +185,35 @@ class _Entry:
     ids: torch.Tensor  # [B] int64
     batch: AttentionBatch
     hidden: torch.Tensor  # [B, H] the step's output, written by the last graph
-    # The step's inputs go over in two copies, pinned -> device, whose targets the tensors above view;
-    # each a (device, pinned) pair of the same shape:
+    # The step's inputs go over in two copies, pinned (``hosts``) -> device, whose targets the
+    # tensors above view:
     #   longs [3, B'] int64 (B' = B rounded up to even): ids, positions, slots
     #   ints [B * W' + B] int32: block tables [B, W] (rows W' apart), then context lengths
-    longs: tuple[torch.Tensor, torch.Tensor]
-    ints: tuple[torch.Tensor, torch.Tensor]
-    head: torch.cuda.CUDAGraph | None = None  # final logits -> each row's argmax -> tokens
-    tokens: torch.Tensor | None = None  # pinned [B] int64, written by head
-    done: torch.cuda.Event | None = None  # recorded after head
+    longs: torch.Tensor
+    ints: torch.Tensor
+    head: torch.cuda.CUDAGraph | None = None  # final logits -> each row's argmax -> next_ids
+    next_ids: torch.Tensor | None = None  # device [B] int64, written by head: the next step's ids
+    # Two of everything a step's host side writes or reads while the step may still be queued (a
+    # launch ahead: ``DecodeGraphs.launch_step``): the pinned input sources, the pinned tokens each head
+    # is copied into and the events after those copies; a step uses the pair ``flip`` picks.
+    hosts: list = field(default_factory=list)  # [(longs, ints) pinned] x 2
+    loaded: list = field(default_factory=lambda: [None, None])  # event after each pair's copies
+    tokens: list = field(default_factory=list)  # pinned [B] int64 x 2
+    done: list = field(default_factory=list)  # event after each tokens copy
+    flip: int = 0
+
+
+@dataclass
+class Launch:
+    """A decode step sent to the device with its CPU experts queued on the worker thread
+    (``DecodeGraphs.launch_step``): ``finish`` waits for those, ``launch_tokens`` for the tokens."""
+
+    entry: _Entry
+    rows: int
+    jobs: list  # the CPU hand-offs' futures, in order
+    hidden: torch.Tensor  # [rows, H], a view the next step of this size overwrites
+    tokens: torch.Tensor | None  # pinned [S] int64 the greedy tokens land in (None: not sampled)
+    done: torch.cuda.Event | None
 
 
 def padded_size(rows: int) -> int:
@@ -289,21 +309,14 @@ class DecodeGraphs:
         b = len(ids)
         if not self.usable(b):
             return None
-        s = self._size(b)
-        if s > b:  # padding rows: token 0 at position 0, its key and value written to the scratch block
-            pad = s - b
-            ids, positions = ids + [0] * pad, positions + [0] * pad
-            slots = slots + [self.scratch_block * self.block_size] * pad
-            context_lens, tables = context_lens + [1] * pad, tables + [[self.scratch_block]] * pad
-        entry = self.entries.get(s)
-        if entry is None:
-            entry = self._capture(s, ids, positions, slots, context_lens, tables)
-            if entry is None:
-                return None
-        self._load(entry, ids, positions, slots, context_lens, tables)
+        got = self._entry(ids, positions, slots, context_lens, tables)
+        if got is None:
+            return None
+        entry, inputs = got
+        self._load(entry, *inputs)
         head = entry if sample and self.sample_greedy and entry.head is not None else None
-        self._replay(entry.program, b, head)
-        self._sampled = (entry, b) if head is not None else None
+        picked, _ = self._replay(entry.program, b, head)
+        self._sampled = (picked, b) if head is not None else None
         return entry.hidden[:b]
 
     def tokens(self) -> list[int] | None:
@@ -311,9 +324,83 @@ class DecodeGraphs:
         yet (else None); waits for them."""
         if self._sampled is None:
             return None
-        (entry, b), self._sampled = self._sampled, None
-        entry.done.synchronize()
-        return entry.tokens[:b].tolist()
+        ((tokens, done), b), self._sampled = self._sampled, None
+        done.synchronize()
+        return tokens[:b].tolist()
+
+    @torch.inference_mode()
+    def launch_step(
+        self,
+        ids: list[int] | None,
+        positions: list[int],
+        slots: list[int],
+        context_lens: list[int],
+        tables: list[list[int]],
+        after: Launch | None = None,
+    ) -> Launch | None:
+        """Send a greedy decode step to the device and queue its CPU experts on the worker thread,
+        without waiting for either: the host is free to launch the step after it before this one
+        is done, so the GPU and the CPU experts go from one step to the next without waiting on it
+        (as vLLM's and SGLang's overlapped schedulers do). ``ids`` None: each row's id is the token
+        ``after`` (the step launched before, of the same rows) picks, copied on the device. Returns
+        None where ``run`` would (the caller then runs the step another way), or when the size
+        has no head graph to pick tokens with. ``finish`` waits for the CPU experts, then
+        ``launch_tokens`` for the tokens."""
+        b = len(positions)
+        if not (self.sample_greedy and self.usable(b)):
+            return None
+        if ids is None and (
+            after is None or after.rows != b or after.entry is not self.entries.get(self._size(b))
+        ):
+            raise ValueError("a launch with the ids of the step before needs that step, of the same rows")
+        got = self._entry(ids, positions, slots, context_lens, tables)
+        if got is None:
+            return None
+        entry, inputs = got
+        program = entry.program
+        # Two steps in flight share the hand-offs' flags, which stay in order (each is set and consumed
+        # once a step, the worker runs the hand-offs in order); the events of hand-offs that do not
+        # wait on a flag would not tell one step's staging from the next's.
+        if (
+            entry.head is None
+            or program.flags is None
+            or not all(op[1].waits for op in program.ops if op[0] == "cpu")
+        ):
+            return None
+        self._load(entry, *inputs)
+        (tokens, done), jobs = self._replay(program, b, entry, detach=True)
+        return Launch(entry, b, jobs, entry.hidden[:b], tokens, done)
+
+    def finish(self, launch: Launch) -> torch.Tensor:
+        """Wait for a launched step's CPU experts (raising the first failure); returns its hidden rows."""
+        for job in launch.jobs:
+            job.result()
+        launch.jobs = []
+        return launch.hidden
+
+    @staticmethod
+    def launch_tokens(launch: Launch) -> list[int]:
+        """A launched step's greedy tokens (waits for them)."""
+        launch.done.synchronize()
+        return launch.tokens[: launch.rows].tolist()
+
+    def _entry(self, ids, positions, slots, context_lens, tables) -> tuple[_Entry, tuple] | None:
+        """The captured step a step of these rows replays (captured now if it was not; None if that
+        fails), and its inputs padded to that size: padding rows take token 0 at position 0, their
+        keys and values written to the scratch block. ``ids`` None (taken on the device) stays None."""
+        b = len(positions)
+        s = self._size(b)
+        if s > b:
+            pad = s - b
+            ids = None if ids is None else ids + [0] * pad
+            positions = positions + [0] * pad
+            slots = slots + [self.scratch_block * self.block_size] * pad
+            context_lens, tables = context_lens + [1] * pad, tables + [[self.scratch_block]] * pad
+        inputs = (ids, positions, slots, context_lens, tables)
+        entry = self.entries.get(s)
+        if entry is None:
+            entry = self._capture(s, *inputs)
+        return None if entry is None else (entry, inputs)
 
     def _size(self, b: int) -> int:
         """The size a step of b rows is captured at: the ladder's, unless that size cannot be."""
@@ -351,26 +438,34 @@ class DecodeGraphs:
             query_lens=[1] * b,
             context_lens_list=[1] * b,
         )
-        host = (longs.cpu().pin_memory(), ints.cpu().pin_memory())
-        return longs[0, :b], batch, (longs, host[0]), (ints, host[1])
+        return longs[0, :b], batch, longs, ints
 
     def _load(self, e: _Entry, ids, positions, slots, context_lens, tables) -> None:
+        """Fill the step's inputs (``ids`` None: the ids the last step's head picked, on the device)."""
         width = max(len(t) for t in tables)
         if width > self.max_blocks:
             raise ValueError(f"a block table of {width} blocks exceeds the captured width {self.max_blocks}")
-        b = len(ids)
-        longs, ints = e.longs[1].numpy(), e.ints[1].numpy()
-        longs[0, :b], longs[1, :b], longs[2, :b] = ids, positions, slots
+        b = len(positions)
+        e.flip ^= 1
+        pair = e.hosts[e.flip]
+        if e.loaded[e.flip] is not None:  # the copies from this pair two loads ago (long done, as a rule)
+            e.loaded[e.flip].synchronize()
+        longs, ints = pair[0].numpy(), pair[1].numpy()
+        if ids is not None:
+            longs[0, :b] = ids
+        longs[1, :b], longs[2, :b] = positions, slots
         rows = ints[:-b].reshape(b, -1)
         for i, t in enumerate(tables):
             rows[i, : len(t)] = t
         ints[-b:] = context_lens
-        # Pinned sources: both copies are asynchronous and ordered before the graphs on this stream.
-        e.longs[0].copy_(e.longs[1], non_blocking=True)
-        e.ints[0].copy_(e.ints[1], non_blocking=True)
+        # Pinned sources: the copies are asynchronous and ordered before the graphs on this stream.
+        e.longs.copy_(pair[0], non_blocking=True)
+        e.ints.copy_(pair[1], non_blocking=True)
+        if ids is None:
+            e.ids[:b].copy_(e.next_ids[:b], non_blocking=True)
+        done = e.loaded[e.flip] = e.loaded[e.flip] or torch.cuda.Event()
+        done.record()
         e.batch.context_lens_list = list(context_lens)
-        # The pinned buffers are rewritten next step only after this step's sync (the CPU hand-offs
-        # inside the step, or the caller reading the result).
 
     def _capture(self, b, ids, positions, slots, context_lens, tables) -> _Entry | None:
         global _capture
@@ -382,6 +477,7 @@ class DecodeGraphs:
             chunk=self.chunk_handoffs if single and self._cut == "chunks" else 0,
         )  # fmt: skip
         entry = _Entry(program, static_ids, batch, None, longs, ints)
+        entry.hosts = [(longs.cpu().pin_memory(), ints.cpu().pin_memory()) for _ in range(2)]
         self._load(entry, ids, positions, slots, context_lens, tables)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -428,19 +524,31 @@ class DecodeGraphs:
         """Capture the final logits and their argmax over the step's output, the tokens copied to
         pinned memory; on failure the size samples on the host as before."""
         b = entry.hidden.shape[0]
-        tokens = torch.zeros(b, dtype=torch.long, pin_memory=True)
+        next_ids = torch.zeros(b, dtype=torch.long, device=self.device)
         self._logits(entry.hidden).argmax(-1)  # eager first: the GEMM's library sets up outside capture
         graph = torch.cuda.CUDAGraph()
         try:
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
-                tokens.copy_(self._logits(entry.hidden).argmax(-1), non_blocking=True)
+                next_ids.copy_(self._logits(entry.hidden).argmax(-1))
             finally:
                 graph.capture_end()
         except RuntimeError as err:
             log.warning("decode steps of %d rows sample on the host: capturing their head failed: %s", b, err)
             return
-        entry.head, entry.tokens, entry.done = graph, tokens, torch.cuda.Event()
+        entry.head, entry.next_ids = graph, next_ids
+        entry.tokens = [torch.zeros(b, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        # blocking: a host waiting for the tokens sleeps instead of taking a core from the CPU experts
+        entry.done = [torch.cuda.Event(blocking=True) for _ in range(2)]
+
+    def _head(self, entry: _Entry) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Launch the head after the step's last graph; the tokens go to the pinned buffer of this
+        load's pair. Returns that buffer and the event after its copy."""
+        entry.head.replay()
+        tokens, done = entry.tokens[entry.flip], entry.done[entry.flip]
+        tokens.copy_(entry.next_ids, non_blocking=True)
+        done.record()
+        return tokens, done
 
     def _flags(self) -> torch.Tensor | None:
         """The flags captured waits read (allocated, and the wait kernel compiled, on first use)."""
@@ -457,12 +565,21 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
         return self.flags
 
-    def _replay(self, program: _Program, live: int, head: _Entry | None = None) -> None:
+    def _replay(
+        self, program: _Program, live: int, head: _Entry | None = None, detach: bool = False
+    ) -> tuple[tuple[torch.Tensor, torch.cuda.Event] | None, list]:
         """Replay a step whose first ``live`` rows are real: the CPU experts see only those. ``head``:
-        the entry whose head graph is launched right after the step's last graph."""
+        the entry whose head graph is launched right after the step's last graph. ``detach`` (needs
+        the flags): launch every graph and queue every CPU hand-off on the worker, as ``ahead``
+        does, and return without waiting for them. Returns the head's (tokens, done), if launched,
+        and the hand-offs' futures (waited for already unless ``detach``)."""
         flags = program.flags.numpy() if program.flags is not None else None
         ready = program.ready[0].numpy() if program.ready is not None else None
         mode = self.launch if flags is not None else "in_turn"
+        if detach:
+            assert flags is not None, "a detached step needs the graphs' flags"
+            mode = "ahead"
+        picked = None
         jobs, queued = [], deque()  # hand-offs staged, their CPU kernels not yet run, in slot order
         due = -1  # pipelined: the CPU work up to this slot runs at the next join (its graphs launched)
         seen, staged_before = 0, []  # chunks: the hand-offs staged by the graphs before each launch
@@ -477,8 +594,7 @@ class DecodeGraphs:
                                 _run_handoff(queued.popleft(), live, flags, ready)
                     op[1].replay()
                     if i == program.last and head is not None:
-                        head.head.replay()
-                        head.done.record()
+                        picked = self._head(head)
                 elif kind == "cpu":  # staged by the graph just launched
                     h, seen = op[1], seen + 1
                     if mode == "ahead":
@@ -506,8 +622,10 @@ class DecodeGraphs:
             if ready is not None:  # stagings whose CPU kernels never ran
                 ready[:] = 0
             raise
-        for job in jobs:  # in order; a failure is raised after its flag released the GPU
-            job.result()
+        if not detach:
+            for job in jobs:  # in order; a failure is raised after its flag released the GPU
+                job.result()
+        return picked, jobs
 
 
 LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront", "chunks")

@@ -77,6 +77,8 @@ class RuntimeOptions:
     gpu_weights: str = "auto"
     cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only; --eager turns them off)
     decode_launch: str = "upfront"  # how the host drives those graphs: hetero.graphs.LAUNCH_MODES
+    # Greedy decode steps launched one ahead, their CPU experts on the worker (EngineConfig.overlap)
+    overlap: bool = True
     # Share of a decode step's RAM experts the GPU computes itself, reading them over PCIe while the CPU
     # computes the rest (hetero.experts.PCIeExperts, CUDA only); 0: off (the default: both read one
     # DRAM, see placement.cost); None: the share that balances the two rates
@@ -243,6 +245,7 @@ def load_runtime(
         block_size=opts.block_size,
         prefix_caching=opts.prefix_caching,
         host_kv_blocks=host_blocks,
+        overlap=opts.overlap,
     )
     engine = Engine(net, kv, config, eos_token_ids=tokenizer.eos_token_ids)
     if opts.cuda_graphs and device.type == "cuda" and not split:

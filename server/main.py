@@ -83,6 +83,7 @@ def _options(args: argparse.Namespace, parallel: Parallel = SINGLE) -> RuntimeOp
         prefix_caching=not getattr(args, "no_prefix_cache", False),
         host_kv_mem=parse_size(getattr(args, "host_kv_mem", "0") or "0"),
         cuda_graphs=not getattr(args, "eager", False),
+        overlap=not getattr(args, "no_overlap", False),
         expert_freq=getattr(args, "freq", None),
     )
 

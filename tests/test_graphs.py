@@ -33,12 +33,15 @@ def run(
     stream_min: int | None = None,
     launch="ahead",
     sample_greedy=False,
+    overlap=False,
+    eos=frozenset(),
 ):
     """Greedy decode of several prompts of different lengths; returns tokens and per-step logits
-    (``sample_greedy``: the graphs pick the tokens, and decode steps compute no logits on the host)."""
+    (``sample_greedy``: the graphs pick the tokens, and decode steps compute no logits on the host;
+    ``overlap``: with it, steps launched one ahead; ``eos``: tokens that end a sequence)."""
     kv = KVCache.for_tokens(model.spec, 512, 8, dtype, device)
-    config = EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8)
-    engine = Engine(model, kv, config)
+    config = EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8, overlap=overlap)
+    engine = Engine(model, kv, config, eos_token_ids=eos)
     if graphs:
         engine.graphs = DecodeGraphs(
             model, kv.layers, max_blocks=128 // 8, max_batch=4, device=torch.device(device)
@@ -51,7 +54,7 @@ def run(
     model.logits = lambda h: logits.append(full(h).float().cpu()) or logits[-1]
     try:
         seqs = [
-            engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=not eos))
             for p, n in zip(prompts, max_tokens)
         ]
         while engine.scheduler.has_work:
@@ -93,7 +96,8 @@ def test_warm_up_decodes_each_batch_size_and_leaves_no_trace(tiny):
             self.sizes.append(len(ids))
 
     kv = KVCache.for_tokens(spec, 512, 8, torch.float32, "cpu")
-    engine = Engine(model, kv, EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8))
+    config = EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8, overlap=False)
+    engine = Engine(model, kv, config)
     engine.warm_up([1, 2, 4])  # no graphs: nothing to do
     assert engine.stats.prompt_tokens == 0
     engine.graphs = Recorder()
@@ -128,7 +132,8 @@ def test_engine_takes_the_tokens_the_graphs_picked(tiny):
             return [100 + i for i in range(self.rows)]
 
     kv = KVCache.for_tokens(spec, 512, 8, torch.float32, "cpu")
-    engine = Engine(model, kv, EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8))
+    config = EngineConfig(max_batch=4, max_step_tokens=64, max_model_len=128, block_size=8, overlap=False)
+    engine = Engine(model, kv, config)
     engine.graphs = Picker()
     host = []
     full = model.logits
@@ -190,6 +195,92 @@ def test_greedy_tokens_picked_inside_the_graphs(tiny, preset, launch):
     assert len(logits) == 1  # the prompts' step alone
     assert all(e.head is not None for e in engine.graphs.entries.values())
     assert engine.graphs.tokens() is None  # the last step was read; nothing is left over
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["deepseek-v2", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("launch", ["ahead", "upfront", "chunks"])
+def test_steps_launched_ahead_give_the_same_tokens(tiny, preset, launch):
+    """Greedy steps launched one ahead, their ids picked on the device (``EngineConfig.overlap``): the
+    tokens of eager steps, through rows that end by length and by an end-of-sequence token; the
+    steps captured as ``launch`` cuts them, their CPU experts on the worker thread."""
+    path = tiny(preset)
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=16)
+    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
+    lengths = [9, 6, 3]
+    ref, _, _ = run(model, PROMPTS, lengths, "cuda", torch.bfloat16, graphs=False)
+    launched = []
+    orig = DecodeGraphs.launch_step
+
+    def spy(self, ids, *args, **kwargs):
+        got = orig(self, ids, *args, **kwargs)
+        launched.append((ids is None, got is not None))
+        return got
+
+    DecodeGraphs.launch_step = spy
+    try:
+        got, logits, engine = run(
+            model, PROMPTS, lengths, "cuda", torch.bfloat16, graphs=True, launch=launch, sample_greedy=True,
+            overlap=True,
+        )  # fmt: skip
+        assert got == ref
+        assert len(logits) == 1  # the prompts' step alone
+        assert (True, True) in launched and all(ok for _, ok in launched)
+        assert sum(ahead for ahead, _ in launched) >= 4
+        assert engine.kv.manager.num_used == 0
+        # an end-of-sequence token the longest sequence meets mid-way: its row launched ahead is dropped
+        eos = next(t for t in ref[0][2:-1] if t not in ref[1] + ref[2])
+        want = [ref[0][: ref[0].index(eos) + 1], ref[1], ref[2]]
+        base, _, _ = run(model, PROMPTS, lengths, "cuda", torch.bfloat16, graphs=False, eos={eos})
+        assert base == want
+        got, _, engine = run(
+            model, PROMPTS, lengths, "cuda", torch.bfloat16, graphs=True, launch=launch, sample_greedy=True,
+            overlap=True, eos={eos},
+        )  # fmt: skip
+        assert got == want
+        engine.step()  # reaps a step launched for rows that all ended, if one is left
+        assert engine.kv.manager.num_used == 0
+        torch.cuda.synchronize()
+    finally:
+        DecodeGraphs.launch_step = orig
+
+
+@pytest.mark.gpu
+def test_a_failing_kernel_under_overlap_raises_and_the_engine_goes_on(tiny):
+    """A CPU kernel failing in a step launched ahead: that step raises, the GPU is released, the step
+    launched after it is waited for, and the engine serves the next request."""
+    path = tiny("deepseek-v2")
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
+    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
+    kv = KVCache.for_tokens(spec, 256, 8, torch.bfloat16, "cuda")
+    engine = Engine(model, kv, EngineConfig(max_batch=2, max_step_tokens=64, max_model_len=64, block_size=8))
+    engine.graphs = DecodeGraphs(
+        model, kv.layers, 8, max_batch=2, device=torch.device("cuda"), scratch_block=kv.scratch_block
+    )
+    engine.graphs.launch = "upfront"
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ref = engine.generate([PROMPTS[0]], params)[0].output_ids
+    seq = engine.add_request(PROMPTS[0], params)
+    engine.step()  # the prompt
+    handoffs = [op[1] for op in engine.graphs.entries[1].program.ops if op[0] == "cpu"]
+    fn = handoffs[1].fn
+
+    def broken(*a, **kw):
+        raise ValueError("kernel failed")
+
+    handoffs[1].fn = broken
+    try:
+        with pytest.raises(ValueError, match="kernel failed"):
+            engine.step()  # a decode step, launched with the one after it, fails
+        assert engine._orphan is not None and engine._ahead is None
+    finally:
+        handoffs[1].fn = fn
+    engine.abort(seq)
+    torch.cuda.synchronize()  # returns: every flag was set
+    assert engine.generate([PROMPTS[0]], params)[0].output_ids == ref
+    assert kv.manager.num_used == 0
 
 
 def graphs_match_eager(model, launch: str):
