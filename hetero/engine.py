@@ -451,8 +451,9 @@ class Engine:
             self.graphs.finish(launch)
             tokens = self.graphs.launch_tokens(launch)
         except BaseException:
-            if ahead is not None:  # it runs on: let it end before the error goes up
-                self._orphan = ahead[1]
+            # Let both steps end and clear what a failed hand-off left behind, so the next step
+            # starts clean; the rows stay as they were before this step.
+            self.graphs.drain([launch] + ([ahead[1]] if ahead is not None else []))
             raise
         for hook in self.on_step:
             hook(scheduled)

@@ -371,6 +371,16 @@ class DecodeGraphs:
         (tokens, done), jobs = self._replay(program, b, entry, detach=True)
         return Launch(entry, b, jobs, entry.hidden[:b], tokens, done)
 
+    def drain(self, launches: list[Launch]) -> None:
+        """After a launched step failed: wait for the CPU hand-offs of ``launches`` (each sets its
+        flag, failed or not, so the device runs through) and for the device, then clear every flag
+        still set. A hand-off that failed before it waited for its inputs left its staging's flag
+        set, which the same hand-off of the next step would take for its own."""
+        futures.wait([job for launch in launches for job in launch.jobs])
+        torch.cuda.synchronize(self.device)
+        self.flags.numpy()[:] = 0
+        self.ready[0].numpy()[:] = 0
+
     def finish(self, launch: Launch) -> torch.Tensor:
         """Wait for a launched step's CPU experts (raising the first failure); returns its hidden rows."""
         for job in launch.jobs:
@@ -609,10 +619,14 @@ class DecodeGraphs:
                     due = op[1].slot
             while queued:  # pipelined: the last join's; upfront: all of them; chunks: the last two graphs
                 _run_handoff(queued.popleft(), live, flags, ready)
+            if not detach:
+                for job in jobs:  # in order; a failure is raised after its flag released the GPU
+                    job.result()
         except BaseException:
-            # Launching stopped midway: release the GPU from every flag it may wait on (each wait
-            # clears its own), let what was launched drain, and clear the flags no kernel consumed,
-            # so that the next step waits for its own.
+            # Launching stopped midway, or a CPU kernel failed: release the GPU from every flag it
+            # may wait on (each wait clears its own), let what was launched drain, and clear the
+            # flags no kernel consumed (a kernel that failed before its wait left its staging's), so
+            # that the next step waits for its own.
             futures.wait(jobs)
             if flags is not None:
                 flags[: program.handoffs] = 1
@@ -622,9 +636,6 @@ class DecodeGraphs:
             if ready is not None:  # stagings whose CPU kernels never ran
                 ready[:] = 0
             raise
-        if not detach:
-            for job in jobs:  # in order; a failure is raised after its flag released the GPU
-                job.result()
         return picked, jobs
 
 

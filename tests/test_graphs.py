@@ -248,8 +248,9 @@ def test_steps_launched_ahead_give_the_same_tokens(tiny, preset, launch):
 
 @pytest.mark.gpu
 def test_a_failing_kernel_under_overlap_raises_and_the_engine_goes_on(tiny):
-    """A CPU kernel failing in a step launched ahead: that step raises, the GPU is released, the step
-    launched after it is waited for, and the engine serves the next request."""
+    """A CPU kernel failing (before it waited for its inputs) in a step launched with the one after
+    it: the step raises once both have run through and every flag is clear, and the engine serves
+    the next request as before."""
     path = tiny("deepseek-v2")
     spec = ModelSpec.from_pretrained(path)
     placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
@@ -274,7 +275,7 @@ def test_a_failing_kernel_under_overlap_raises_and_the_engine_goes_on(tiny):
     try:
         with pytest.raises(ValueError, match="kernel failed"):
             engine.step()  # a decode step, launched with the one after it, fails
-        assert engine._orphan is not None and engine._ahead is None
+        assert engine._orphan is None and engine._ahead is None  # the step after it was waited for
     finally:
         handoffs[1].fn = fn
     engine.abort(seq)
