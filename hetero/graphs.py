@@ -580,15 +580,15 @@ class DecodeGraphs:
     ) -> tuple[tuple[torch.Tensor, torch.cuda.Event] | None, list]:
         """Replay a step whose first ``live`` rows are real: the CPU experts see only those. ``head``:
         the entry whose head graph is launched right after the step's last graph. ``detach`` (needs
-        the flags): launch every graph and queue every CPU hand-off on the worker, as ``ahead``
-        does, and return without waiting for them. Returns the head's (tokens, done), if launched,
+        the flags): launch every graph, then queue the CPU hand-offs on the worker as one job, and
+        return without waiting for it. Returns the head's (tokens, done), if launched,
         and the hand-offs' futures (waited for already unless ``detach``)."""
         flags = program.flags.numpy() if program.flags is not None else None
         ready = program.ready[0].numpy() if program.ready is not None else None
         mode = self.launch if flags is not None else "in_turn"
-        if detach:
+        if detach:  # every graph launched first, as upfront; then one job for the worker
             assert flags is not None, "a detached step needs the graphs' flags"
-            mode = "ahead"
+            mode = "upfront"
         picked = None
         jobs, queued = [], deque()  # hand-offs staged, their CPU kernels not yet run, in slot order
         due = -1  # pipelined: the CPU work up to this slot runs at the next join (its graphs launched)
@@ -617,6 +617,11 @@ class DecodeGraphs:
                     while queued and queued[0].slot <= due:
                         _run_handoff(queued.popleft(), live, flags, ready)
                     due = op[1].slot
+            if detach and queued:
+                # One job runs the step's hand-offs in order: one wake-up of the host waiting on
+                # it a step, not one a hand-off, and no queue between two CPU calls.
+                jobs.append(queued[0].worker.submit(_run_handoffs, list(queued), live, flags, ready))
+                queued.clear()
             while queued:  # pipelined: the last join's; upfront: all of them; chunks: the last two graphs
                 _run_handoff(queued.popleft(), live, flags, ready)
             if not detach:
@@ -642,6 +647,19 @@ class DecodeGraphs:
 LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront", "chunks")
 MAX_HANDOFFS = 1024  # per decode step: one per CPU MoE layer, with room to spare
 CHUNK_HANDOFFS = 16  # chunks: CPU hand-offs a graph (MoE layers)
+
+
+def _run_handoffs(handoffs: list[_Handoff], live: int, flags, ready=None) -> None:
+    """Run hand-offs in order (``_run_handoff``); one that fails does not stop the rest, so that
+    every flag gets set and the device runs through the step; the first failure is raised after."""
+    failed = None
+    for h in handoffs:
+        try:
+            _run_handoff(h, live, flags, ready)
+        except Exception as err:
+            failed = failed or err
+    if failed is not None:
+        raise failed
 
 
 def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:
