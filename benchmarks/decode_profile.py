@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-overlap",
         action="store_true",
         help="only time greedy steps launched one ahead, their CPU experts on the worker thread "
-        "(EngineConfig.overlap), on the kernels' threads and on one more, against steps run one at a "
+        "(EngineConfig.overlap), on the kernels' threads and on one fewer, against steps run one at a "
         "time, alternating",
     )
     ap.add_argument(
@@ -695,12 +695,12 @@ def main(argv: list[str] | None = None) -> int:
                 engine.config.overlap = overlap
                 cpu_kernels.set_num_threads(threads)
 
-            # the planner leaves a core to the host thread, which overlap leaves mostly idle: one more too
-            more = min(n + 1, os.cpu_count() or n)
+            # and on one thread fewer (one more where the kernels leave a core), a core for the host
+            other = n - 1 if n >= (os.cpu_count() or n) else n + 1
             variants = {
                 "one_at_a_time": lambda: setup(False, n),
                 "overlap": lambda: setup(True, n),
-                f"overlap_{more}thr": lambda: setup(True, more),
+                f"overlap_{other}thr": lambda: setup(True, other),
             }
             row = compare(engine, prompt, args.steps, variants, 3, key="variant")
             setup(True, n)
