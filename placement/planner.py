@@ -600,16 +600,18 @@ def _breakdown(
 
 
 def cpu_worker_threads(profile: HardwareProfile) -> dict[int, int]:
-    """Threads of the CPU expert workers on each NUMA node: every physical core. The host thread
-    that drives the GPU takes none through a decode step: it runs the CPU experts itself (the
-    launch modes of ``hetero.graphs``), or, with steps launched one ahead, sleeps on an event while
-    the worker does. On the H200 machine (16 cores, Qwen3-30B-A3B int4, steps launched ahead)
-    16 threads decoded at 8.67 ms a step against 9.13 on 15 (``decode_overlap-qwen3-...json``)."""
+    """Threads of the CPU expert workers on each NUMA node: its physical cores, but one of the
+    first node's, left to the host thread that drives the GPU (it launches the next decode step
+    while the worker runs this one's experts). On the H200 machine with steps launched ahead, one
+    thread more or fewer than that moved a step by about 5% either way, one model each way
+    (``decode_overlap-qwen3-...-int4.json``: 16 threads faster; ``decode_overlap-deepseek-v2-lite-
+    ...-int4.json``: 15 faster), so the rule stays."""
     logical = sum(len(n.cpus) for n in profile.numa_nodes)
-    return {
-        node.id: max(1, round(profile.physical_cores * len(node.cpus) / logical))
-        for node in profile.numa_nodes
-    }
+    out = {}
+    for i, node in enumerate(profile.numa_nodes):
+        cores = max(1, round(profile.physical_cores * len(node.cpus) / logical))
+        out[node.id] = cores - 1 if i == 0 and cores > 2 else cores
+    return out
 
 
 def _cpu_message(
