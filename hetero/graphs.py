@@ -49,6 +49,16 @@ staging first: the call's own start overlaps the GPU's work. How the host drives
 
 Without Triton no waits are captured and every step runs in turn.
 
+Steps launched one ahead (``launch_step``, which ``Engine`` uses for greedy rows unless
+``EngineConfig.overlap`` is off): whatever the mode, every graph of the step goes out at once with
+its head, and its CPU hand-offs go to the worker thread as one job; the call returns at once (a
+``Launch``: ``finish`` waits for the job, ``launch_tokens`` for the tokens). The step after it may
+then be launched before its tokens are read: its ids are copied on the device from the head's
+argmax (``_Entry.next_ids``), so the GPU and the worker go from one step into the next while the
+host reads tokens and launches. Two steps may be in flight: the pinned input sources and token
+buffers alternate between two of each, and the flags stay in order (the worker runs the steps'
+hand-offs in order; each flag is set and consumed once a step).
+
 Each size also has a head graph (``_Entry.head``): the final logits, their argmax and a copy of the
 tokens to page-locked memory. A step whose rows are all plain greedy (``run(sample=True)``) launches
 it right after its last graph, so the GPU goes from the last layer to the tokens without waiting
