@@ -603,9 +603,8 @@ def cpu_worker_threads(profile: HardwareProfile) -> dict[int, int]:
     """Threads of the CPU expert workers on each NUMA node: its physical cores, but one of the
     first node's, left to the host thread that drives the GPU (it launches the next decode step
     while the worker runs this one's experts). On the H200 machine with steps launched ahead, one
-    thread more or fewer than that moved a step by about 5% either way, one model each way
-    (``decode_overlap-qwen3-...-int4.json``: 16 threads faster; ``decode_overlap-deepseek-v2-lite-
-    ...-int4.json``: 15 faster), so the rule stays."""
+    thread more made Qwen3-30B-A3B int4 5% faster on one instance and DeepSeek-V2-Lite int4 0-5%
+    slower on two (``decode_overlap-*-int4*.json``), so the rule stays."""
     logical = sum(len(n.cpus) for n in profile.numa_nodes)
     out = {}
     for i, node in enumerate(profile.numa_nodes):
