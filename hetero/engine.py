@@ -413,6 +413,8 @@ class Engine:
         picks on the device) when the scheduler would run exactly that step next, or None."""
         sched, mgr = self.scheduler, self.kv.manager
         seqs = [s for s, _ in scheduled]
+        if not self.config.overlap or self.speculate is not None:  # switched off since the launch
+            return None
         if len(sched.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
             return None
         if sched.waiting and (

@@ -161,3 +161,17 @@ def test_a_full_batch_goes_ahead_with_requests_waiting(model):
     got = [s.output_ids for s in drive(engine, PROMPTS, LENGTHS)]
     assert got == ref
     assert sum(ids is None for ids in engine.graphs.launches) >= 6
+
+
+def test_turning_overlap_off_stops_launching_ahead(model):
+    """Switched off between steps, the step already launched ahead is read, and no other follows."""
+    ref = [s.output_ids for s in drive(engine_for(model, False), PROMPTS[:1], [10])]
+
+    def off(engine, seqs):
+        engine.config.overlap = False
+        del engine.graphs.launches[:]
+
+    engine = engine_for(model, True)
+    got = [s.output_ids for s in drive(engine, PROMPTS[:1], [10], events={4: off})]
+    assert got == ref
+    assert engine.graphs.launches == [], "a step was launched after overlap was turned off"
