@@ -580,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-overlap",
         action="store_true",
         help="only time greedy steps launched one ahead, their CPU experts on the worker thread "
-        "(EngineConfig.overlap), on the kernels' threads and on one more (one fewer on all cores), against steps run one at a "
-        "time, alternating",
+        "(EngineConfig.overlap), on the kernels' threads and on one more (one fewer on all cores), "
+        "against steps run one at a time, alternating",
     )
     ap.add_argument(
         "--compare-sample",
