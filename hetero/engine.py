@@ -457,13 +457,20 @@ class Engine:
             # starts clean; the rows stay as they were before this step.
             self.graphs.drain([launch] + ([ahead[1]] if ahead is not None else []))
             raise
-        for hook in self.on_step:
-            hook(scheduled)
-        live = [i for i, (s, _) in enumerate(scheduled) if not s.finished]  # some may have been aborted
-        scheduled = [scheduled[i] for i in live]
-        tokens = [tokens[i] for i in live]
-        self._tokens = lambda: tokens
-        out = self.postprocess(scheduled, launch.hidden)
+        try:
+            for hook in self.on_step:
+                hook(scheduled)
+            live = [i for i, (s, _) in enumerate(scheduled) if not s.finished]  # some may have been aborted
+            scheduled = [scheduled[i] for i in live]
+            tokens = [tokens[i] for i in live]
+            self._tokens = lambda: tokens
+            out = self.postprocess(scheduled, launch.hidden)
+        except BaseException:
+            # The step after it is dropped (waited for before the next schedule): each row goes on
+            # from what it holds, recomputing a position the dropped step wrote.
+            if ahead is not None:
+                self._orphan = ahead[1]
+            raise
         if ahead is not None:
             if all(s.finished for s, _ in ahead[0]):
                 self._orphan = ahead[1]

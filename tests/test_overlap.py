@@ -175,3 +175,27 @@ def test_turning_overlap_off_stops_launching_ahead(model):
     got = [s.output_ids for s in drive(engine, PROMPTS[:1], [10], events={4: off})]
     assert got == ref
     assert engine.graphs.launches == [], "a step was launched after overlap was turned off"
+
+
+def test_a_hook_failing_after_a_launch_drops_the_step_ahead(model):
+    """A step hook that raises once a step launched ahead is out: the step after the failure waits
+    for the launched one and drops it, and every sequence still gets its tokens."""
+    ref = [s.output_ids for s in drive(engine_for(model, False), PROMPTS[:2], [8, 8])]
+    engine = engine_for(model, True)
+    seqs = [engine.add_request(p, greedy(8)) for p in PROMPTS[:2]]
+    for _ in range(4):
+        engine.step()
+    assert engine._ahead is not None
+
+    def explode(scheduled):
+        engine.on_step.remove(explode)
+        raise RuntimeError("injected")
+
+    engine.on_step.append(explode)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert engine._ahead is None and engine._orphan is not None
+    while engine.scheduler.has_work:
+        engine.step()
+    assert [s.output_ids for s in seqs] == ref
+    assert engine._orphan is None and engine.kv.manager.num_used == 0
