@@ -3,6 +3,10 @@
 Continuous batching: every step, running sequences decode one token and waiting ones join
 with a chunk of their prompt, within a token budget, so a long prompt never stalls the
 streams already running. The CLI, the server and the benchmarks all drive this loop.
+
+Overlap (``EngineConfig.overlap``): with CUDA graphs, a step of greedy decode rows launches the
+step after it before its own tokens are read, so the device never waits for the host between
+two such steps; ``step`` then returns this step's tokens while the next one runs (see ``step``).
 """
 
 from __future__ import annotations
