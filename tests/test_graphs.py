@@ -246,16 +246,22 @@ def test_steps_launched_ahead_give_the_same_tokens(tiny, preset, launch):
         DecodeGraphs.launch_step = orig
 
 
+def _v2_int4_with_cache(tiny):
+    """The tiny DeepSeek-V2 on CUDA, int4 RAM experts that never stream at decode sizes, and a KV
+    cache of 256 tokens in blocks of 8."""
+    path = tiny("deepseek-v2")
+    spec = ModelSpec.from_pretrained(path)
+    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
+    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
+    return model, KVCache.for_tokens(spec, 256, 8, torch.bfloat16, "cuda")
+
+
 @pytest.mark.gpu
 def test_a_failing_kernel_under_overlap_raises_and_the_engine_goes_on(tiny):
     """A CPU kernel failing (before it waited for its inputs) in a step launched with the one after
     it: the step raises once both have run through and every flag is clear, and the engine serves
     the next request as before."""
-    path = tiny("deepseek-v2")
-    spec = ModelSpec.from_pretrained(path)
-    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
-    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
-    kv = KVCache.for_tokens(spec, 256, 8, torch.bfloat16, "cuda")
+    model, kv = _v2_int4_with_cache(tiny)
     # no prefix cache: a prompt served partly from it is computed in other chunks, which may move a
     # greedy token of these random weights
     config = EngineConfig(
@@ -408,11 +414,7 @@ def test_padded_graphs_match_eager(tiny):
 def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
     """Launched ahead or pipelined, a CPU kernel that fails releases the GPU from every flag: the
     step raises instead of the stream waiting forever, and the next step runs."""
-    path = tiny("deepseek-v2")
-    spec = ModelSpec.from_pretrained(path)
-    placement = Placement(split(spec), expert_format="int4", group_size=32, stream_min_tokens=64)
-    model = load_placed(path, placement, torch.device("cuda"), torch.bfloat16, progress=False)
-    kv = KVCache.for_tokens(spec, 256, 8, torch.bfloat16, "cuda")
+    model, kv = _v2_int4_with_cache(tiny)
     g = DecodeGraphs(
         model, kv.layers, 8, max_batch=2, device=torch.device("cuda"), scratch_block=kv.scratch_block
     )
