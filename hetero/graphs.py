@@ -222,8 +222,8 @@ class Launch:
     rows: int
     jobs: list  # the CPU hand-offs' futures, in order
     hidden: torch.Tensor  # [rows, H], a view the next step of this size overwrites
-    tokens: torch.Tensor | None  # pinned [S] int64 the greedy tokens land in (None: not sampled)
-    done: torch.cuda.Event | None
+    tokens: torch.Tensor  # pinned [S] int64 the greedy tokens land in
+    done: torch.cuda.Event  # recorded after they are copied there
 
 
 def padded_size(rows: int) -> int:
@@ -386,10 +386,8 @@ class DecodeGraphs:
         flag, failed or not, so the device runs through) and for the device, then clear every flag
         still set. A hand-off that failed before it waited for its inputs left its staging's flag
         set, which the same hand-off of the next step would take for its own."""
-        futures.wait([job for launch in launches for job in launch.jobs])
-        torch.cuda.synchronize(self.device)
-        self.flags.numpy()[:] = 0
-        self.ready[0].numpy()[:] = 0
+        programs = [launch.entry.program for launch in launches]
+        self._release([job for launch in launches for job in launch.jobs], programs)
 
     def finish(self, launch: Launch) -> torch.Tensor:
         """Wait for a launched step's CPU experts (raising the first failure); returns its hidden rows."""
@@ -642,16 +640,24 @@ class DecodeGraphs:
             # may wait on (each wait clears its own), let what was launched drain, and clear the
             # flags no kernel consumed (a kernel that failed before its wait left its staging's), so
             # that the next step waits for its own.
-            futures.wait(jobs)
-            if flags is not None:
-                flags[: program.handoffs] = 1
-            torch.cuda.synchronize(self.device)
-            if flags is not None:
-                flags[:] = 0
-            if ready is not None:  # stagings whose CPU kernels never ran
-                ready[:] = 0
+            self._release(jobs, [program])
             raise
         return picked, jobs
+
+    def _release(self, jobs: list, programs: list[_Program]) -> None:
+        """Let what was launched of ``programs`` drain after a failure: wait for the CPU ``jobs``, set
+        every flag the device may wait on (each wait clears its own), wait for the device, then clear
+        the flags no wait consumed and the stagings' flags no CPU kernel consumed."""
+        futures.wait(jobs)
+        flags = [p.flags.numpy() for p in programs if p.flags is not None]
+        for p, f in zip(programs, flags):
+            f[: p.handoffs] = 1
+        torch.cuda.synchronize(self.device)
+        for f in flags:
+            f[:] = 0
+        for p in programs:
+            if p.ready is not None:
+                p.ready[0].numpy()[:] = 0
 
 
 LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront", "chunks")
