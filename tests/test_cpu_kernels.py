@@ -310,6 +310,108 @@ def test_call_waits_for_its_inputs_flag(fmt, g, sym, T, K, defer):
     assert ready.tolist() == [0, 0, 0] and signal.tolist() == [1, 0, 0]
 
 
+def _chain_layers(fmt, g, sym, S, K, H, I, n, E=(8, 5, 8)):  # noqa: E741
+    """n layers of a chain: (buffers, experts) each, and each layer's inputs (x, ids, w)."""
+    layers, inputs = [], []
+    for li in range(n):
+        e = E[li % len(E)]
+        w = make_layer(e, H, I, seed=40 + li)
+        ex = ck.pack_experts(*w, fmt=fmt, group_size=g, symmetric=sym)
+        bufs = (
+            np.full((S, H), np.nan, np.float32),
+            np.full((S, K), -7, np.int32),
+            np.zeros((S, K), np.float32),
+        )
+        layers.append((*bufs, np.zeros((S, H), np.float32), ex))
+        inputs.append(make_batch(S, K, e, H, seed=70 + li))
+    return layers, inputs
+
+
+def _stage_layers(layers, inputs, live, ready, signal, bad=-1):
+    """Play a GPU's part for a chain: stage layer i's inputs once layer i - 1's flag is set (and clear
+    it, as the GPU's wait does), then set layer i's input flag; layer ``bad`` gets an id out of range."""
+
+    def run():
+        for li, ((hx, hids, hw, _, ex), (x, ids, w)) in enumerate(zip(layers, inputs)):
+            if li:
+                t = time.perf_counter()
+                while signal[li - 1] == 0:
+                    if time.perf_counter() - t > 300:  # a first call compiles first
+                        return
+                signal[li - 1] = 0
+            time.sleep(0.002)  # the CPU side waits for its inputs
+            hx[:live], hids[:live], hw[:live] = x[:live], ids[:live], w[:live]
+            if li == bad:
+                hids[0, 0] = ex.E
+            ready[li] = 1
+
+    th = threading.Thread(target=run)
+    th.start()
+    return th
+
+
+@pytest.mark.parametrize("fmt,g,sym", [("int8", 0, True), ("int4", 64, False), ("int4", 128, True)])
+@pytest.mark.parametrize("live", [1, 3])
+def test_chain_runs_each_layer_as_its_own_call(fmt, g, sym, live):
+    """A chain of layers (one parallel region, each layer waiting for inputs another thread stages
+    only once the layer before was signaled) gives each layer's out exactly as a call of its own,
+    sets and clears the flags as those calls do, and stamps the time it left each layer."""
+    H, I, K, n = 200, 136, 2, 4  # noqa: E741
+    layers, inputs = _chain_layers(fmt, g, sym, 4, K, H, I, n)
+    want = [ck.fused_moe(x[:live], ids[:live], w[:live], lay[4]) for lay, (x, ids, w) in zip(layers, inputs)]
+    ready, signal = np.zeros(n + 2, np.int32), np.zeros(n + 2, np.int32)
+    chain = ck.MoEChain(layers, (signal, list(range(n))), (ready, list(range(n))))
+    assert chain.fits(live) and not chain.fits(0)
+    for _ in range(2):  # the same chain again: its counters start over
+        th = _stage_layers(layers, inputs, live, ready, signal)
+        stamps = chain(live)
+        th.join()
+        for lay, w in zip(layers, want):
+            np.testing.assert_array_equal(lay[3][:live], w)
+        assert ready.tolist() == [0] * (n + 2)
+        assert signal.tolist() == [0] * (n - 1) + [1, 0, 0]  # the last one is the caller's to clear
+        signal[n - 1] = 0
+        assert (np.diff(stamps) > 0).all()
+
+
+def test_chain_failures_set_every_flag_and_raise():
+    """A layer with bad ids: its flag is set anyway, the layers after it still run, and the call
+    raises the ids' error; inputs that never come: that layer's flag and the rest are set, and the
+    call raises instead of hanging."""
+    H, I, K, n = 200, 136, 2, 3  # noqa: E741
+    layers, inputs = _chain_layers("int4", 64, True, 2, K, H, I, n)
+    ready, signal = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    chain = ck.MoEChain(layers, (signal, list(range(n))), (ready, list(range(n))))
+    th = _stage_layers(layers, inputs, 1, ready, signal, bad=1)
+    with pytest.raises(ValueError, match="topk_ids must be"):
+        chain(1)
+    th.join()
+    last = ck.fused_moe(inputs[2][0][:1], inputs[2][1][:1], inputs[2][2][:1], layers[2][4])
+    np.testing.assert_array_equal(layers[2][3][:1], last)
+    assert signal.tolist() == [0, 0, 1] and ready.tolist() == [0, 0, 0]
+    signal[:] = 0
+    chain.knobs[ck.moe_kernels.POLLS] = 1000
+    with pytest.raises(RuntimeError, match="never marked ready"):
+        chain(1)  # nothing stages
+    assert signal.tolist() == [1, 1, 1]
+
+
+def test_chain_refuses_layers_it_cannot_run():
+    H, I = ODD  # noqa: E741
+    layers, _ = _chain_layers("int4", 64, True, 2, 2, H, I, 2)
+    flags = (np.zeros(4, np.int32), [0, 1])
+    bf16 = ck.pack_experts(*make_layer(4, H, I), fmt="bf16")
+    with pytest.raises(ValueError, match="quantized"):
+        ck.MoEChain([(*layers[0][:4], bf16)], (flags[0], [0]), (flags[0], [1]))
+    int8 = ck.pack_experts(*make_layer(4, H, I), fmt="int8")
+    with pytest.raises(ValueError, match="one format"):
+        ck.MoEChain([layers[0], (*layers[1][:4], int8)], flags, flags)
+    with pytest.raises(ValueError, match="as many"):
+        ck.MoEChain(layers, flags, (flags[0], [0]))
+    with pytest.raises(ValueError, match="outside"):
+        ck.MoEChain(layers, (flags[0], [0, 9]), flags)
+
+
 @pytest.mark.parametrize("fmt,T", [("int4", 1), ("int4", 40), ("bf16", 1)])
 def test_call_gives_up_on_inputs_never_staged(monkeypatch, fmt, T):
     """An input flag never set: the call raises after its polls instead of hanging, and says why."""
