@@ -584,12 +584,6 @@ def main(argv: list[str] | None = None) -> int:
         "against steps run one at a time, alternating",
     )
     ap.add_argument(
-        "--compare-chain",
-        action="store_true",
-        help="only time a step's CPU expert calls run as one chain (one parallel region polling each "
-        "layer's input flag) against a call a layer, alternating (hetero.graphs.chain_calls)",
-    )
-    ap.add_argument(
         "--compare-sample",
         action="store_true",
         help="only time greedy tokens picked inside the decode graphs against logits and argmax run "
@@ -660,11 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host_profile:
         host_profile(engine, prompt, args.host_profile)
         return 0
-    switches = {
-        "early_calls": args.compare_early,
-        "sample_greedy": args.compare_sample,
-        "chain_calls": args.compare_chain,
-    }
+    switches = {"early_calls": args.compare_early, "sample_greedy": args.compare_sample}
     switch = next((name for name, on in switches.items() if on), None)
     comparing = (
         args.compare_defer
@@ -682,11 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             row = compare_kernel(engine, prompt, args.steps, args.compare_kernel)
         elif switch:  # a switch of the decode graphs, on against off
             graphs = engine.graphs
-            names = {
-                "early_calls": ("early", "after_event"),
-                "sample_greedy": ("device", "host"),
-                "chain_calls": ("chain", "per_layer"),
-            }[switch]
+            names = {"early_calls": ("early", "after_event"), "sample_greedy": ("device", "host")}[switch]
             variants = {
                 names[0]: lambda: setattr(graphs, switch, True),
                 names[1]: lambda: setattr(graphs, switch, False),
@@ -754,8 +740,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_early
             else "decode_sample"
             if args.compare_sample
-            else "decode_chain_calls"
-            if args.compare_chain
             else f"decode_{args.compare_kernel}"
             if args.compare_kernel
             else "decode_launch"

@@ -29,14 +29,11 @@ from .moe_kernels import (
     C_FIXED,
     DEFAULT_KNOBS,
     NOT_READY,
-    OK,
     POLLS,
     TR_THREAD,
     TR_THREADS,
     _moe_bf16,
     _moe_quant,
-    _moe_quant_chain,
-    chain_status,
     late_pairs,
     wait_ready,
 )
@@ -342,138 +339,3 @@ def _run(
     if status == BAD_IDS:
         raise _bad_ids(ids, ex.E)
     return out
-
-
-# ---------------------------------------------------------------- chains of decode calls
-
-
-class MoEChain:
-    """The one-region decode calls of several layers (``fused_moe`` with ``signal`` and ``ready``, no
-    deferral), run in order as one call with one parallel region (``moe_kernels._moe_quant_chain``).
-
-    A decode step's layers come one after another, each waiting for a GPU's attention to stage its
-    inputs. Called one by one, each call returns to Python, dispatches the next, and starts a
-    parallel region again (waking the threads); here the threads stay in one region for the whole
-    step and poll each layer's input flag in turn, so a layer's work starts as its inputs land,
-    and the caller holds the GIL once a step rather than once a layer.
-
-    layers: per layer (x f32 [S, H], ids i32 [S, K], weights f32 [S, K], out f32 [S, H], experts),
-    the buffers a call of up to S tokens reads and writes (its first rows); all layers' experts
-    quantized (int8 / int4) in one format, H, I and group size. signal: (flags int32 [N], the
-    index of each layer's flag), set as each layer's out is whole; ready: (flags int32 [N], each
-    layer's input flag), waited for and cleared as in ``fused_moe``.
-    """
-
-    def __init__(
-        self,
-        layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, PackedExperts]],
-        signal: tuple[np.ndarray, list[int]],
-        ready: tuple[np.ndarray, list[int]],
-    ):
-        from numba.typed import List
-
-        if not layers:
-            raise ValueError("a chain needs at least one layer")
-        (flags, sig), (rflags, rdy) = signal, ready
-        if len(sig) != len(layers) or len(rdy) != len(layers):
-            raise ValueError(
-                f"{len(layers)} layers need as many signal and ready flags, got {len(sig)}, {len(rdy)}"
-            )
-        ex0 = layers[0][4]
-        for x, ids, wts, out, ex in layers:
-            _check_inputs(x, ids, wts, ex, out, signal=(flags, 0), ready=(rflags, 0))
-            if ex.fmt == "bf16":
-                raise ValueError("a chain runs quantized experts (int8 / int4), not bf16")
-            if (ex.fmt, ex.H, ex.I, ex.group_size, ex.symmetric) != (
-                ex0.fmt, ex0.H, ex0.I, ex0.group_size, ex0.symmetric,
-            ):  # fmt: skip
-                raise ValueError("a chain's layers need one format, H, I, group size and symmetry")
-            if x.shape[0] != layers[0][0].shape[0] or ids.shape != layers[0][1].shape:
-                raise ValueError("a chain's layers need buffers of one shape")
-            for a in (x, ids, wts):
-                if not a.flags.c_contiguous:
-                    raise ValueError("a chain's inputs must be C-contiguous")
-        for f, idx in ((flags, sig), (rflags, rdy)):
-            if not all(0 <= i < f.shape[0] for i in idx):
-                raise ValueError(f"flag indices {list(idx)} outside the {f.shape[0]} flags")
-        self.L, self.experts = len(layers), ex0
-        S, K = layers[0][1].shape
-        self.K = K
-        thresh, decode, _, knobs = _cfg(ex0.fmt, ex0.H, ex0.I)
-        # the most tokens a call takes as one region in decode mode (fused_moe's "auto" choice) in every layer
-        e_min = min(lay[4].E for lay in layers)
-        self.max_live = max(
-            (t for t in range(1, S + 1) if t * K <= ONE_REGION_PAIRS and t * K < thresh * min(e_min, t * K)),
-            default=0,
-        )
-        self.rb, self.tb = decode
-        self.knobs = knobs.copy()
-        self.knobs[POLLS] = READY_POLLS
-        self.layers = layers
-        self.weights = tuple(
-            List([getattr(lay[4], n) for lay in layers]) for n in ("gate_up", "down")
-        ) + tuple(List([lay[4].flat[i] for lay in layers]) for i in range(4))
-        self.views: dict[int, tuple] = {}  # live -> typed lists of the buffers' first live rows
-        self.flags, self.rflags = flags, rflags
-        self.sig, self.rdy = np.array(sig, np.int64), np.array(rdy, np.int64)
-        P = max(self.max_live, 1) * K
-        per = 8 * (C_FIXED + 1 + P + 2 * (ex0.Hp // 64))
-        self.ctr = np.zeros((self.L, per), np.int64)
-        self.ctrs = List(list(self.ctr))
-        self.abort = np.zeros(8, np.int64)
-        self.stamps = np.zeros(self.L + 1, np.int64)
-
-    def fits(self, live: int) -> bool:
-        """Whether ``live`` tokens run as this chain (else as separate calls)."""
-        return 1 <= live <= self.max_live
-
-    def __call__(self, live: int, threads: int | None = None) -> np.ndarray:
-        """Run the layers on the first ``live`` rows of their buffers; returns the stamps (cycle counts
-        at the start and as each layer was left, ``cpu_kernels.probe.cycle_hz`` a second). A layer
-        whose inputs never came, and those after it, have their flags set here; the first failure is
-        raised once every flag is set."""
-        if not self.fits(live):
-            raise ValueError(f"this chain runs 1 to {self.max_live} tokens, not {live}")
-        ex = self.experts
-        P = live * self.K
-        bufs, _ = _scratch("q", ex.Hp, ex.Ip, live, P)
-        part, _ = _scratch("part", ex.Hp, 0, 0, P)
-        nthr = threads or get_num_threads()
-        if getattr(_local, "threads", 0) != nthr:
-            numba.set_num_threads(nthr)
-            _local.threads = nthr
-        trace = _NO_TRACE2
-        tr = _state["trace"]
-        if tr is not None:
-            buf, row = tr
-            row %= buf.shape[0]
-            if row + self.L > buf.shape[0]:
-                row = 0
-            trace = buf[row : row + self.L]
-            tr[1] = row + self.L
-            trace[:] = 0
-        gsel = (ex.group_size // 64) if ex.fmt == "int4" else 0
-        views = self.views.get(live)
-        if views is None:
-            from numba.typed import List
-
-            views = self.views[live] = tuple(List([lay[i][:live] for lay in self.layers]) for i in range(4))
-        xs, idss, wtss, outs = views
-        gu, dn, gus, guz, dns, dnz = self.weights
-        _moe_quant_chain(
-            xs, idss, wtss, gu, gus, guz, dn, dns, dnz, outs, ex.I, gsel, self.rb, self.tb, _state["vnni"],
-            ex.fmt == "int4", ex.symmetric, bufs, self.ctrs, self.abort, nthr, part, 0, _NO_PART, self.flags,
-            self.sig, self.rflags, self.rdy, self.knobs, trace, _NO_TRACE, self.stamps,
-        )  # fmt: skip
-        status = chain_status(self.ctr)
-        if (status != OK).any():
-            for li in np.flatnonzero((status != OK) & (status != BAD_IDS)):
-                self.flags[self.sig[li]] = 1  # the GPU goes on (bad ids: the kernel set it)
-            li = int(np.flatnonzero(status != OK)[0])
-            if status[li] == BAD_IDS:
-                raise _bad_ids(self.layers[li][1][:live], self.layers[li][4].E)
-            raise RuntimeError(_NOT_READY)
-        return self.stamps
-
-
-_NO_TRACE2 = np.empty((0, 0), np.int64)

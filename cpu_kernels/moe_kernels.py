@@ -78,11 +78,8 @@ TR_ENTRY, TR_READY, TR_START, TR_PREP, TR_OUT, TR_END, TR_NTHR = 0, 1, 2, 3, 4, 
 TR_THREADS, TR_THREAD = 8, 4
 # One region's counters (int64, a cache line apart: index 8 c), the fixed ones first: work items
 # claimed, input blocks claimed and quantized, threads that saw the inputs, failures (inputs never
-# ready, bad ids), blocks of out summed; in a chain (``_moe_quant_chain``) also the layer's flag set
-# after a failure, and threads that entered and left it; then per active expert and per block of H rows.
-C_CLAIM, C_QCLAIM, C_QDONE, C_SEEN, C_NOT_READY, C_BAD_IDS, C_SUMMED = 0, 1, 2, 3, 4, 5, 6
-C_FLAGGED, C_ENTERED, C_LEFT, C_FIXED = 7, 8, 9, 10
-NOT_RUN = 3  # a chain's layer after one whose inputs never came (``_moe_quant_chain``)
+# ready, bad ids), blocks of out summed; then per active expert and per block of H rows.
+C_CLAIM, C_QCLAIM, C_QDONE, C_SEEN, C_NOT_READY, C_BAD_IDS, C_SUMMED, C_FIXED = 0, 1, 2, 3, 4, 5, 6, 7
 
 # ---------------------------------------------------------------- shared pieces (serial, inlined)
 
@@ -494,42 +491,15 @@ def _one_region(
     defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace,
 ):  # fmt: skip
     """A decode step in one parallel region, started before its inputs are ready, so that the
-    threads are already running when they are: each thread runs ``_thread_part``. Returns OK,
-    BAD_IDS or NOT_READY."""
-    for c in range(ctr.shape[0] // 8):  # every counter (the wrapper sizes them for this call)
-        ctr[8 * c] = 0
-    tracing = trace.shape[0] > 0
-    if tracing:
-        trace[TR_START] = cycles()
-    for tid in prange(nthr):
-        _thread_part(
-            tid, x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr,
-            nthr, part, defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace,
-        )  # fmt: skip
-    if ctr[8 * C_NOT_READY] > 0:
-        return NOT_READY
-    if ctr[8 * C_BAD_IDS] > 0:
-        return BAD_IDS
-    if tracing:
-        trace[TR_END] = cycles()
-    return OK
-
-
-@numba.njit(cache=True, nogil=True)
-def _thread_part(
-    tid, x, ids, wts, gu, gus, guz, dn, dns, dnz, out, I, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr, nthr,  # noqa: E741
-    part, defer, add, late_out, flag, flag_idx, ready, ready_idx, knobs, trace,
-):  # fmt: skip
-    """Thread ``tid``'s part of a one-region call (its counters ``ctr`` zeroed before any thread
-    starts): wait for the input flag (if any), group the pairs (a few, in thread-local arrays),
-    take part in quantizing the input (blocks claimed from a counter); then work items, claimed in
-    this order from one counter: gate/up items of the experts on time (each waiting for the input
-    to be quantized), their down items (active expert, block of H rows), then the same two for the
-    late pairs (experts E.. as grouped). A down item waits for its expert's gate/up items only
-    (per-expert completion counters) and writes its pairs' weighted rows to part; the last item of
-    a block of H rows to finish sums them into out (or late_out), in expert order, as two regions
-    add them. The last block of out to be summed sets the flag. Returns OK, BAD_IDS or NOT_READY
-    (counted in ctr as well).
+    threads are already running when they are. Each thread waits for the input flag (if any),
+    groups the pairs itself (a few, in thread-local arrays), and takes part in quantizing the
+    input (blocks claimed from a counter); then work items, claimed in this order from one
+    counter: gate/up items of the experts on time (each waiting for the input to be quantized),
+    their down items (active expert, block of H rows), then the same two for the late pairs
+    (experts E.. as grouped). A down item waits for its expert's gate/up items only (per-expert
+    completion counters) and writes its pairs' weighted rows to part; the last item of a block of
+    H rows to finish sums them into out (or late_out), in expert order, as two regions add them.
+    The last block of out to be summed sets the flag. Returns OK, BAD_IDS or NOT_READY.
 
     A thread waits only for items claimed before its own, which threads that wait on nothing
     later are running: no deadlock with any number of threads, one included.
@@ -539,24 +509,29 @@ def _thread_part(
     E = gu.shape[0]
     nbx = xq.shape[1] // 64
     nq = T * nbx  # input blocks to quantize
+    for c in range(ctr.shape[0] // 8):  # every counter (the wrapper sizes them for this call)
+        ctr[8 * c] = 0
     tracing = trace.shape[0] > 0
     if tracing:
-        trace[TR_THREADS + TR_THREAD * tid] = cycles()
-    status = OK
-    if ready.shape[0] > 0 and wait_flag(ready, ready_idx, knobs[POLLS]) == 0:
-        fetch_add(ctr, 8 * C_NOT_READY, 1)
-        status = NOT_READY
-    if status == OK:
-        seen = fetch_add(ctr, 8 * C_SEEN, 1)
-        if seen == 0 and tracing:
-            trace[TR_READY] = cycles()
-        if seen == nthr - 1 and ready.shape[0] > 0:  # the last to see the flag clears it
-            ready[ready_idx] = 0
-        ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, defer)
-        if not ok:
-            fetch_add(ctr, 8 * C_BAD_IDS, 1)
-            status = BAD_IDS
-        else:
+        trace[TR_START] = cycles()
+    for tid in prange(nthr):
+        if tracing:
+            trace[TR_THREADS + TR_THREAD * tid] = cycles()
+        go = True
+        if ready.shape[0] > 0 and wait_flag(ready, ready_idx, knobs[POLLS]) == 0:
+            fetch_add(ctr, 8 * C_NOT_READY, 1)
+            go = False
+        if go:
+            seen = fetch_add(ctr, 8 * C_SEEN, 1)
+            if seen == 0 and tracing:
+                trace[TR_READY] = cycles()
+            if seen == nthr - 1 and ready.shape[0] > 0:  # the last to see the flag clears it
+                ready[ready_idx] = 0
+            ok, start, slot_tok, slot_wt, active = _group_pairs(ids, wts, E, defer)
+            if not ok:
+                fetch_add(ctr, 8 * C_BAD_IDS, 1)
+                go = False
+        if go:
             while True:  # the input's blocks, a few each
                 q = fetch_add(ctr, 8 * C_QCLAIM, 1)
                 if q >= nq:
@@ -570,81 +545,15 @@ def _thread_part(
                 nthr, part, add, late_out, flag, flag_idx, start, slot_tok, slot_wt, active, knobs, trace,
                 tid, nq,
             )  # fmt: skip
+        if tracing:
+            trace[TR_THREADS + TR_THREAD * tid + 2] = cycles()
+    if ctr[8 * C_NOT_READY] > 0:
+        return NOT_READY
+    if ctr[8 * C_BAD_IDS] > 0:
+        return BAD_IDS
     if tracing:
-        trace[TR_THREADS + TR_THREAD * tid + 2] = cycles()
-    return status
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _moe_quant_chain(
-    xs, idss, wtss, gu_l, gus_l, guz_l, dn_l, dns_l, dnz_l, outs, I, gsel, rb, tb, vnni, is_int4, sym,  # noqa: E741
-    bufs, ctrs, abort, nthr, part, defer, none, flag, flag_idx, ready, ready_idx, knobs, trace, trace0, stamps,
-):  # fmt: skip
-    """The one-region decode calls of L layers, in order, in one parallel region: every thread runs
-    its ``_thread_part`` of layer 0, then of layer 1, ..., waiting for each layer's input flag in
-    turn. Between two layers the threads poll that flag (a GPU computing the next layer's attention
-    sets it), instead of leaving the region, returning to the caller and being woken for the next.
-
-    Typed lists of L arrays, as one-region ``_moe_quant`` calls take them (so that both call one
-    compiled ``_thread_part``): xs f32 [T, H], idss i32 [T, K], wtss f32 [T, K], outs f32 [T, H];
-    gu_l, gus_l, guz_l, dn_l, dns_l, dnz_l: each layer's packed experts (one format, H, I and group
-    size; E may differ); ctrs: each layer's counters (zeroed here). abort int64 [8]: [0] set once a
-    layer's inputs never came. defer: 0; none: f32 [0, 0] (no add, no late_out). flag_idx / ready_idx int64
-    [L]: each layer's flag (set once its out is whole) and input flag. trace: int64 [L, >=
-    TR_THREADS + TR_THREAD nthr] (or [0, 0], with trace0 int64 [0]): each layer's, as a one-region
-    call's, from the first thread that entered it; stamps int64 [L + 1]: the cycle count at the
-    start, then as the last thread left each layer.
-
-    A layer whose ids are bad has its flag set by the first thread that found them (the GPU goes
-    on) and the chain goes on; once a layer's inputs never came, the rest are not run. Each
-    layer's status (OK, BAD_IDS, NOT_READY or NOT_RUN) is left in ctr for the wrapper
-    (``chain_status``); no deferral here (defer 0: nothing runs after a layer's flag, so the
-    threads may reuse bufs and part for the next layer as soon as its inputs came)."""
-    L = len(xs)
-    abort[0] = 0
-    for li in range(L):
-        c = ctrs[li]
-        for i in range(c.shape[0] // 8):
-            c[8 * i] = 0
-    tracing = trace.shape[0] > 0
-    stamps[0] = cycles()
-    for tid in prange(nthr):
-        for li in range(L):
-            if fetch_add(abort, 0, 0) > 0:  # a layer's inputs never came
-                break
-            c = ctrs[li]
-            tr = trace[li] if tracing else trace0
-            if fetch_add(c, 8 * C_ENTERED, 1) == 0 and tracing:
-                tr[TR_ENTRY] = tr[TR_START] = cycles()
-                tr[TR_NTHR] = nthr
-            st = _thread_part(
-                tid, xs[li], idss[li], wtss[li], gu_l[li], gus_l[li], guz_l[li], dn_l[li], dns_l[li], dnz_l[li],
-                outs[li], I, gsel, rb, tb, vnni, is_int4, sym, bufs, c, nthr, part, defer, none, none, flag,
-                flag_idx[li], ready, ready_idx[li], knobs, tr,
-            )  # fmt: skip
-            if st == BAD_IDS and fetch_add(c, 8 * C_FLAGGED, 1) == 0 and flag.shape[0] > 0:
-                set_flag(flag, flag_idx[li])
-            if st == NOT_READY:
-                fetch_add(abort, 0, 1)
-                break
-            if fetch_add(c, 8 * C_LEFT, 1) == nthr - 1:
-                stamps[li + 1] = cycles()
-                if tracing:
-                    tr[TR_END] = cycles()
-
-
-def chain_status(ctrs) -> np.ndarray:
-    """Each layer's status after ``_moe_quant_chain`` (from its counters): int64 [L], OK, BAD_IDS,
-    NOT_READY or NOT_RUN."""
-    out = np.full(len(ctrs), NOT_RUN, np.int64)
-    for li, c in enumerate(ctrs):
-        if c[8 * C_NOT_READY] > 0:
-            out[li] = NOT_READY
-        elif c[8 * C_BAD_IDS] > 0:
-            out[li] = BAD_IDS
-        elif c[8 * C_SEEN] > 0:
-            out[li] = OK
-    return out
+        trace[TR_END] = cycles()
+    return OK
 
 
 @numba.njit(cache=True, nogil=True)

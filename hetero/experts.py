@@ -226,18 +226,7 @@ class CPUExperts:
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, id_map: torch.Tensor | None = None
     ):
         """id_map: ids are the layer's, and id_map[ids] these experts' own (mapped as they are staged)."""
-        return self.handoff.submit(
-            self._kernel, x, ids, weights, signals=True, waits=True, id_map=id_map, joins=self.chain_experts
-        )
-
-    def chain_experts(self):
-        """The packed experts when this layer's call is a plain one, with no experts deferred into or
-        out of it, that may run in a chain of layers (``cpu_kernels.MoEChain``); else None."""
-        import cpu_kernels
-
-        if self.defer or (self.prev is not None and self.prev.late_rows):
-            return None
-        return self.packed if isinstance(self.packed, cpu_kernels.PackedExperts) else None
+        return self.handoff.submit(self._kernel, x, ids, weights, signals=True, waits=True, id_map=id_map)
 
     def wait(self, handle) -> torch.Tensor:
         return self.handoff.wait(handle)

@@ -119,8 +119,6 @@ class _Program:
     single: bool = False  # the waits inside the graphs, no host join between them (needs flags)
     chunk: int = 0  # with single: a new graph after this many hand-offs (0: one graph a step)
     last: int = -1  # index in ops of the step's last graph
-    # hand-offs run as one CPU call (cpu_kernels.MoEChain; None: they cannot), by their slots and experts
-    chains: dict = field(default_factory=dict)
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -143,7 +141,7 @@ class _Program:
         return (*self.ready, self.handoffs)
 
     def handoff(
-        self, fn, args: tuple, worker, layer: int, signals: bool = False, waits: bool = False, joins=None
+        self, fn, args: tuple, worker, layer: int, signals: bool = False, waits: bool = False
     ) -> _Handoff:
         """Called after the staging of a CPU hand-off was captured: an event recorded by the graph
         itself marks the staging done, and the graph goes on (the layer's shared and GPU-resident
@@ -151,7 +149,7 @@ class _Program:
         them in order."""
         ready = torch.cuda.Event(external=True)  # a node of the graph, recorded at every replay
         ready.record()
-        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits, joins)
+        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits)
         self.staged.append(h)
         self.handoffs += 1
         return h
@@ -187,9 +185,6 @@ class _Handoff:
     ready: torch.cuda.Event  # recorded by the graph that stages the inputs in the pinned buffers
     signals: bool = False  # fn takes signal=(flags, slot) and sets the flag itself, once its output is whole
     waits: bool = False  # fn takes ready=(ready flags, slot) and waits for the staging to set it
-    # () -> the packed experts when fn is a plain one-layer decode call that may run in a chain of
-    # layers (``cpu_kernels.MoEChain``) now, else None; None: never
-    joins: object = None
 
 
 @dataclass
@@ -275,10 +270,6 @@ class DecodeGraphs:
         # logits and their argmax run as one more graph launched with the step's last, so the GPU
         # goes from the last layer to the token without waiting for the host to launch them
         self.sample_greedy = True
-        # A step's CPU hand-offs that can run as one CPU call (``cpu_kernels.MoEChain``: one parallel
-        # region for all of them, its threads polling each layer's input flag in turn), instead of
-        # a call each; off: a call each
-        self.chain_calls = True
         self._logits = getattr(model, "logits", None)  # hidden [B, H] -> logits [B, V]
         self._sampled: tuple[_Entry, int] | None = None  # the last step's entry and rows, if it sampled
 
@@ -637,12 +628,7 @@ class DecodeGraphs:
             if detach and queued:
                 # One job runs the step's hand-offs in order: one wake-up of the host waiting on
                 # it a step, not one a hand-off, and no queue between two CPU calls.
-                chains = program.chains if self.chain_calls else None
-                jobs.append(queued[0].worker.submit(_run_handoffs, list(queued), live, flags, ready, chains))
-                queued.clear()
-            if mode == "upfront" and queued:  # the host runs them, as one chain where they can
-                chains = program.chains if self.chain_calls else None
-                _run_handoffs(list(queued), live, flags, ready, chains)
+                jobs.append(queued[0].worker.submit(_run_handoffs, list(queued), live, flags, ready))
                 queued.clear()
             while queued:  # pipelined: the last join's; upfront: all of them; chunks: the last two graphs
                 _run_handoff(queued.popleft(), live, flags, ready)
@@ -679,14 +665,9 @@ MAX_HANDOFFS = 1024  # per decode step: one per CPU MoE layer, with room to spar
 CHUNK_HANDOFFS = 16  # chunks: CPU hand-offs a graph (MoE layers)
 
 
-def _run_handoffs(handoffs: list[_Handoff], live: int, flags, ready=None, chains: dict | None = None) -> None:
-    """Run hand-offs in order: as one chain (``_chain``) where they can, else each by
-    ``_run_handoff``; one that fails does not stop the rest, so that every flag gets set and the
-    device runs through the step; the first failure is raised after."""
-    chain = _chain(handoffs, flags, ready, chains)
-    if chain is not None and chain.fits(live):
-        _run_chain(chain, handoffs, live)
-        return
+def _run_handoffs(handoffs: list[_Handoff], live: int, flags, ready=None) -> None:
+    """Run hand-offs in order (``_run_handoff``); one that fails does not stop the rest, so that
+    every flag gets set and the device runs through the step; the first failure is raised after."""
     failed = None
     for h in handoffs:
         try:
@@ -695,45 +676,6 @@ def _run_handoffs(handoffs: list[_Handoff], live: int, flags, ready=None, chains
             failed = failed or err
     if failed is not None:
         raise failed
-
-
-def _chain(handoffs: list[_Handoff], flags, ready, chains: dict | None):
-    """The ``cpu_kernels.MoEChain`` that runs these hand-offs as one CPU call (made on first use,
-    kept in ``chains``), or None: no chains, fewer than two hand-offs, or one that cannot join."""
-    if chains is None or flags is None or ready is None or len(handoffs) < 2:
-        return None
-    experts = [h.joins() if h.joins is not None and h.waits and h.signals else None for h in handoffs]
-    if any(e is None for e in experts):
-        return None
-    key = tuple((h.slot, id(e)) for h, e in zip(handoffs, experts))
-    if key not in chains:
-        import cpu_kernels
-
-        slots = [h.slot for h in handoffs]
-        try:
-            layers = [(*h.args, e) for h, e in zip(handoffs, experts)]
-            chains[key] = cpu_kernels.MoEChain(layers, (flags, slots), (ready, slots))
-        except ValueError as err:  # layers of other shapes or formats: a call each
-            log.info("a decode step's CPU calls run one by one: %s", err)
-            chains[key] = None
-    return chains[key]
-
-
-def _run_chain(chain, handoffs: list[_Handoff], live: int) -> None:
-    """Run a step's hand-offs as one chain call; each layer's time, from the chain's stamps, is the
-    time from the layer before's end to its own (its wait for the GPU included, as a call's is)."""
-    t0 = time.perf_counter()
-    try:
-        stamps = chain(live)
-    finally:
-        took = time.perf_counter() - t0
-        timings = handoffs[0].worker.timings
-        timings.cpu_experts += took
-        timings.wait += took
-        timings.calls += len(handoffs)
-    span = max(int(stamps[-1] - stamps[0]), 1)
-    for h, a, b in zip(handoffs, stamps[:-1], stamps[1:]):
-        timings.per_layer[h.layer] = timings.per_layer.get(h.layer, 0.0) + took * int(b - a) / span
 
 
 def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:

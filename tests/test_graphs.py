@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -587,68 +585,6 @@ def test_a_kernel_that_signals_sets_its_own_flag():
     with pytest.raises(ValueError, match="bad ids"):
         _run_handoff(_Handoff(failing, (np.zeros(2),), worker, 0, 2, ready, signals=True), 1, flags)
     assert flags.tolist() == [0, 0, 1, 0]
-
-
-def test_a_steps_cpu_handoffs_run_as_one_chain():
-    """A step's hand-offs whose kernels may join run as one chain call (cached on the program's
-    dict) and give every layer's output as calls one by one do, each layer waiting for inputs that a
-    stand-in for the GPU stages only once the layer before was flagged; one that cannot join (its
-    experts deferred) makes the step run them one by one."""
-    import threading
-    from types import SimpleNamespace
-
-    import cpu_kernels as ck
-    from hetero.graphs import _Handoff, _run_handoffs
-    from hetero.pipeline import Timings
-
-    H, I, K, S, n = 192, 128, 2, 4, 3  # noqa: E741
-    rng = np.random.default_rng(0)
-    worker = SimpleNamespace(timings=Timings())
-    ready_ev = SimpleNamespace(synchronize=lambda: None)
-    flags, ready = np.zeros(8, np.int32), np.zeros(8, np.int32)
-    handoffs, inputs, joins = [], [], [True] * n
-    for li in range(n):
-        w = [rng.standard_normal(s).astype(np.float32) / 8 for s in ((4, I, H), (4, I, H), (4, H, I))]
-        ex = ck.pack_experts(*w, fmt="int4", group_size=64)
-        bufs = (np.zeros((S, H), np.float32), np.zeros((S, K), np.int32), np.zeros((S, K), np.float32))
-        args = (*bufs, np.zeros((S, H), np.float32))
-
-        def fn(x, ids, wts, out, signal=None, ready=None, ex=ex):
-            ck.fused_moe(x, ids, wts, ex, out=out, signal=signal, ready=ready)
-
-        h = _Handoff(fn, args, worker, 10 + li, 2 + li, ready_ev, signals=True, waits=True)
-        h.joins = lambda ex=ex, li=li: ex if joins[li] else None
-        handoffs.append(h)
-        x = rng.standard_normal((S, H)).astype(np.float32)
-        inputs.append((x, rng.integers(0, 4, (S, K)).astype(np.int32), rng.random((S, K)).astype(np.float32)))
-
-    def gpu(live):
-        for li, (h, (x, ids, wts)) in enumerate(zip(handoffs, inputs)):
-            if li:
-                while flags[h.slot - 1] == 0:
-                    time.sleep(1e-4)
-                flags[h.slot - 1] = 0
-            h.args[0][:live], h.args[1][:live], h.args[2][:live] = x[:live], ids[:live], wts[:live]
-            ready[h.slot] = 1
-
-    def step(live, chains):
-        th = threading.Thread(target=gpu, args=(live,))
-        th.start()
-        _run_handoffs(handoffs, live, flags, ready, chains)
-        th.join()
-        assert flags[handoffs[-1].slot] == 1 and not ready.any()
-        flags[:] = 0
-        return [h.args[3][:live].copy() for h in handoffs]
-
-    want = step(2, None)  # one by one
-    chains: dict = {}
-    assert all((a == b).all() for a, b in zip(step(2, chains), want))
-    (chain,) = chains.values()
-    assert isinstance(chain, ck.MoEChain) and chain.fits(2)
-    assert set(worker.timings.per_layer) == {10, 11, 12} and worker.timings.calls == 2 * n
-    joins[1] = False
-    assert all((a == b).all() for a, b in zip(step(2, chains), want))
-    assert len(chains) == 1 and worker.timings.calls == 3 * n
 
 
 def test_a_kernel_that_waits_is_called_without_the_event():
