@@ -149,9 +149,10 @@ def replay_times(engine, steps: int) -> dict:
 def kernel_trace(engine, steps: int) -> dict:
     """The CPU expert calls of ``steps`` decode steps traced (``cpu_kernels.moe.set_trace``):
     medians of their parts in microseconds, from the kernel's entry (made ahead of its inputs)
-    through the wait for them, its preparation, the region's start and work, to out whole."""
+    through the wait for them, its preparation, the region's start and work, to out whole; and
+    the gap from one call's out to the next one's inputs (``trace_gaps``)."""
     from cpu_kernels import moe
-    from cpu_kernels.probe import cycle_hz, trace_medians
+    from cpu_kernels.probe import cycle_hz, trace_gaps, trace_medians
 
     hz = cycle_hz()
     trace = moe.set_trace(steps * len(engine.model.model.layers))
@@ -161,7 +162,7 @@ def kernel_trace(engine, steps: int) -> dict:
         torch.cuda.synchronize()
     finally:
         moe.set_trace(0)
-    out = trace_medians(trace, hz)
+    out = {**trace_medians(trace, hz), **trace_gaps(trace, hz)}
     print("in-step kernel trace (us, medians):", {k: round(v, 1) for k, v in out.items()})
     return out
 

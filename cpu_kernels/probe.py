@@ -199,3 +199,26 @@ def trace_medians(trace: np.ndarray, hz: float) -> dict[str, float]:
     out = {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
     out["calls"] = len(parts)
     return out
+
+
+def trace_gaps(trace: np.ndarray, hz: float) -> dict[str, float]:
+    """Between consecutive traced calls (rows in call order, as a decode step's layers make them):
+    microseconds from one call's out whole to the next one's inputs seen by its first thread (the
+    device's round trip: the flag seen, the result fetched, the next layer's attention and staging,
+    plus any time the next call came in late), median and 90th percentile; and how many threads
+    were in the next call's region before its inputs were seen (median). A step's first call after
+    the one before's last counts once a step among them."""
+    rows = [r for r in trace if r[TR_OUT] != 0 and r[TR_READY] != 0 and r[TR_NTHR] > 0]
+    gaps = [(b[TR_READY] - a[TR_OUT]) * 1e6 / hz for a, b in zip(rows, rows[1:]) if b[TR_READY] > a[TR_OUT]]
+    early = []
+    for r in rows:
+        n = int(r[TR_NTHR])
+        enter = r[TR_THREADS : TR_THREADS + TR_THREAD * n].reshape(n, TR_THREAD)[:, 0]
+        early.append(int((enter < r[TR_READY]).sum()))
+    if not gaps:
+        return {}
+    return {
+        "gap_us": float(np.median(gaps)),
+        "gap_p90_us": float(np.percentile(gaps, 90)),
+        "threads_in_before_inputs": float(np.median(early)),
+    }

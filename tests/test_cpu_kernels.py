@@ -320,6 +320,29 @@ def test_call_gives_up_on_inputs_never_staged(monkeypatch, fmt, T):
         ck.fused_moe(x, ids, w, experts, ready=(np.zeros(2, np.int32), 1))
 
 
+def test_trace_gaps_between_calls():
+    """The gap from a call's out to the next call's inputs, in call order, and the threads that were
+    in before the inputs; rows no call filled are skipped."""
+    from cpu_kernels import moe_kernels as mk
+    from cpu_kernels.probe import trace_gaps
+
+    rows = np.zeros((4, mk.TR_THREADS + mk.TR_THREAD * 3), np.int64)
+    calls = [
+        (100, 300, (90, 95, 120)),
+        (340, 500, (330, 335, 338)),
+        (0, 0, (0, 0, 0)),
+        (580, 700, (600, 610, 570)),
+    ]
+    for i, (ready, out, enters) in enumerate(calls):  # the third: a row no call filled
+        rows[i, mk.TR_READY], rows[i, mk.TR_OUT], rows[i, mk.TR_NTHR] = ready, out, 3 if out else 0
+        rows[i, mk.TR_THREADS : mk.TR_THREADS + 3 * mk.TR_THREAD : mk.TR_THREAD] = enters
+    got = trace_gaps(rows, 1e6)  # one cycle a microsecond
+    assert got["gap_us"] == 60.0  # 340 - 300 and 580 - 500
+    assert got["threads_in_before_inputs"] == 2.0  # 2, 3 and 1
+    assert got["gap_p90_us"] == pytest.approx(76.0)
+    assert trace_gaps(rows[:1], 1e6) == {}
+
+
 def test_work_item_knobs_and_call_trace():
     """Work-item sizes change how a decode call splits its work, not its numbers; a traced call
     records when its parts happened; bad knobs are refused with their names."""
