@@ -3,10 +3,11 @@
 from . import _cache  # noqa: F401  (first: the kernels' on-disk cache keys on all their sources)
 from .cpu_info import cpu_flags, cpu_model, has_amx, has_avx512_vnni, machine_name
 from .formats import PackedExperts, dequantize, pack_experts
-from .moe import fused_moe, get_num_threads, set_num_threads, set_vnni
+from .moe import DecodeCall, fused_moe, get_num_threads, set_num_threads, set_vnni
 from .numa import NumaExperts, fused_moe_numa, pack_experts_numa, partition_experts
 
 __all__ = [
+    "DecodeCall",
     "NumaExperts",
     "PackedExperts",
     "cpu_flags",

@@ -29,6 +29,7 @@ from .moe_kernels import (
     C_FIXED,
     DEFAULT_KNOBS,
     NOT_READY,
+    OK,
     POLLS,
     TR_THREAD,
     TR_THREADS,
@@ -304,38 +305,129 @@ _NOT_READY = (
 )
 
 
-def _run(
-    x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready=None
-) -> np.ndarray:
+def _quant_args(
+    x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready
+) -> tuple:
+    """``_moe_quant``'s arguments for a quantized call (scratch of the calling thread; the trace
+    row, if tracing, taken)."""
     T, K = ids.shape
     Hp, Ip, (gus, guz, dns, dnz) = ex.Hp, ex.Ip, ex.flat
-    if ex.fmt == "bf16":
-        xp, h, ctr = _scratch("bf16", Hp, Ip, T, T * K)
-        status = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
-    else:
-        is4 = ex.fmt == "int4"
-        gsel = (ex.group_size // 64) if is4 else 0  # 32 / 64 / 128 -> 0 / 1 / 2
-        bufs, ctr = _scratch("q", Hp, Ip, T, T * K)
-        part = _NO_PART
-        if one_region:
-            part, ctr = _scratch("part", Hp, 0, 0, T * K)
-        flags, idx = signal if signal is not None else (_NO_FLAG, 0)
-        rflags, ridx = ready if ready is not None else (_NO_FLAG, 0)
-        if ready is not None and knobs[POLLS] != READY_POLLS:
-            knobs = knobs.copy()
-            knobs[POLLS] = READY_POLLS
-        trace = _NO_TRACE
-        tr = _state["trace"]
-        if tr is not None:
-            trace = tr[0][tr[1] % tr[0].shape[0]]
-            tr[1] += 1
-        status = _moe_quant(
-            x, ids, wts, ex.gate_up, gus, guz, ex.down, dns, dnz, out, ex.I, gsel, rb, tb, _state["vnni"], is4,
-            ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
-            _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, knobs, trace,
-        )  # fmt: skip
+    is4 = ex.fmt == "int4"
+    gsel = (ex.group_size // 64) if is4 else 0  # 32 / 64 / 128 -> 0 / 1 / 2
+    bufs, ctr = _scratch("q", Hp, Ip, T, T * K)
+    part = _NO_PART
+    if one_region:
+        part, ctr = _scratch("part", Hp, 0, 0, T * K)
+    flags, idx = signal if signal is not None else (_NO_FLAG, 0)
+    rflags, ridx = ready if ready is not None else (_NO_FLAG, 0)
+    if ready is not None and knobs[POLLS] != READY_POLLS:
+        knobs = knobs.copy()
+        knobs[POLLS] = READY_POLLS
+    trace = _NO_TRACE
+    tr = _state["trace"]
+    if tr is not None:
+        trace = tr[0][tr[1] % tr[0].shape[0]]
+        tr[1] += 1
+    return (
+        x, ids, wts, ex.gate_up, gus, guz, ex.down, dns, dnz, out, ex.I, gsel, rb, tb, _state["vnni"], is4,
+        ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
+        _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, knobs, trace,
+    )  # fmt: skip
+
+
+def _check_status(status: int, ids: np.ndarray, ex: PackedExperts) -> None:
     if status == NOT_READY:
         raise RuntimeError(_NOT_READY)
     if status == BAD_IDS:
         raise _bad_ids(ids, ex.E)
+
+
+def _run(
+    x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready=None
+) -> np.ndarray:
+    T, K = ids.shape
+    if ex.fmt == "bf16":
+        xp, h, ctr = _scratch("bf16", ex.Hp, ex.Ip, T, T * K)
+        status = _moe_bf16(x, ids, wts, ex.gate_up, ex.down, out, ex.I, rb, tb, xp, h, ctr, nthr)
+    else:
+        status = _moe_quant(
+            *_quant_args(
+                x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready
+            )
+        )
+    _check_status(status, ids, ex)
     return out
+
+
+class DecodeCall:
+    """``fused_moe(x[:T], ids[:T], weights[:T], experts, out=out[:T], signal=signal, ready=ready)``
+    on the same buffers call after call (a decode graph's hand-off of one layer), with the checks
+    and the set-up done once, not at every call.
+
+    A decode step calls a layer's experts right after the layer before returned, while the GPU
+    computes the layer's attention; the wrapper's checks and set-up (~25 us a call on the CI
+    machine's Zen 4, as long as the call's own dispatch and region on a small layer) delay the
+    call's start, and with it, where the GPU is quicker than them, the layer. Here a call of T
+    rows, with T tokens one region in decode mode would take, is the kernel's dispatch alone (its
+    arguments made at the first call of each T and calling thread); other calls, and calls while
+    ``set_trace`` records, go through ``fused_moe``.
+
+    x f32 [S, H], ids i32 [S, K], weights f32 [S, K], out f32 [S, H]: C-contiguous buffers of up to
+    S tokens; experts: int8 / int4 packed experts; signal, ready: (flags int32 [N], index) as in
+    ``fused_moe``.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        experts: PackedExperts,
+        out: np.ndarray,
+        signal: tuple[np.ndarray, int],
+        ready: tuple[np.ndarray, int],
+    ):
+        _check_inputs(x, ids, weights, experts, out, signal=signal, ready=ready)
+        for name, a in (("x", x), ("ids", ids), ("weights", weights)):
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be C-contiguous")
+        self.buffers, self.experts, self.signal, self.ready = (x, ids, weights, out), experts, signal, ready
+        S, K = ids.shape
+        thresh = _cfg(experts.fmt, experts.H, experts.I)[0]
+        # the most tokens fused_moe runs as one region in decode mode ("auto": see count there)
+        self.max_live = 0
+        if experts.fmt != "bf16":
+            for t in range(1, S + 1):
+                if t * K <= ONE_REGION_PAIRS and t * K < thresh * min(experts.E, t * K):
+                    self.max_live = t
+        self._args: dict[tuple, tuple] = {}  # (T, thread, threads, vnni) -> _moe_quant's arguments
+        self._settings = None  # the layer shape's settings the arguments were made with
+
+    def __call__(self, live: int) -> None:
+        """Run the call on the first ``live`` rows of the buffers."""
+        ex = self.experts
+        if not 0 < live <= self.max_live or _state["trace"] is not None:
+            x, ids, w, out = (a[:live] for a in self.buffers)
+            fused_moe(x, ids, w, ex, out=out, signal=self.signal, ready=self.ready)
+            return
+        nthr = get_num_threads()
+        if getattr(_local, "threads", 0) != nthr:
+            numba.set_num_threads(nthr)
+            _local.threads = nthr
+        settings = _cfg(ex.fmt, ex.H, ex.I)
+        if settings is not self._settings:  # new work-item settings (set_knobs): new arguments
+            self._args.clear()
+            self._settings = settings
+        key = (live, threading.get_ident(), nthr, _state["vnni"])
+        args = self._args.get(key)
+        if args is None:
+            if len(self._args) >= 16:
+                self._args.clear()
+            _, (rb, tb), _, knobs = settings
+            x, ids, w, out = (a[:live] for a in self.buffers)
+            args = self._args[key] = _quant_args(
+                x, ids, w, ex, out, rb, tb, knobs, nthr, True, 0, None, None, self.signal, self.ready
+            )
+        status = _moe_quant(*args)
+        if status != OK:
+            _check_status(status, args[1], ex)

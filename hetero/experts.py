@@ -226,7 +226,18 @@ class CPUExperts:
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, id_map: torch.Tensor | None = None
     ):
         """id_map: ids are the layer's, and id_map[ids] these experts' own (mapped as they are staged)."""
-        return self.handoff.submit(self._kernel, x, ids, weights, signals=True, waits=True, id_map=id_map)
+        return self.handoff.submit(
+            self._kernel, x, ids, weights, signals=True, waits=True, id_map=id_map, plain=self.plain_experts
+        )
+
+    def plain_experts(self):
+        """The packed experts while ``_kernel`` is a plain ``fused_moe`` call of them: no experts
+        deferred out of this layer or into it from the one before; else None."""
+        import cpu_kernels
+
+        if self.defer or (self.prev is not None and self.prev.late_rows):
+            return None
+        return self.packed if isinstance(self.packed, cpu_kernels.PackedExperts) else None
 
     def wait(self, handle) -> torch.Tensor:
         return self.handoff.wait(handle)

@@ -119,6 +119,17 @@ class _Program:
     single: bool = False  # the waits inside the graphs, no host join between them (needs flags)
     chunk: int = 0  # with single: a new graph after this many hand-offs (0: one graph a step)
     last: int = -1  # index in ops of the step's last graph
+    views: tuple | None = None  # flags and ready flags as numpy arrays (``host_flags``)
+
+    def host_flags(self) -> tuple:
+        """The flags and the ready flags as numpy arrays (None: none), the same objects every step, so
+        that a hand-off's prepared call (``_decode_call``) can tell they did not change."""
+        if self.views is None:
+            self.views = (
+                self.flags.numpy() if self.flags is not None else None,
+                self.ready[0].numpy() if self.ready is not None else None,
+            )
+        return self.views
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -141,7 +152,7 @@ class _Program:
         return (*self.ready, self.handoffs)
 
     def handoff(
-        self, fn, args: tuple, worker, layer: int, signals: bool = False, waits: bool = False
+        self, fn, args: tuple, worker, layer: int, signals: bool = False, waits: bool = False, plain=None
     ) -> _Handoff:
         """Called after the staging of a CPU hand-off was captured: an event recorded by the graph
         itself marks the staging done, and the graph goes on (the layer's shared and GPU-resident
@@ -149,7 +160,7 @@ class _Program:
         them in order."""
         ready = torch.cuda.Event(external=True)  # a node of the graph, recorded at every replay
         ready.record()
-        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits)
+        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits, plain)
         self.staged.append(h)
         self.handoffs += 1
         return h
@@ -185,6 +196,11 @@ class _Handoff:
     ready: torch.cuda.Event  # recorded by the graph that stages the inputs in the pinned buffers
     signals: bool = False  # fn takes signal=(flags, slot) and sets the flag itself, once its output is whole
     waits: bool = False  # fn takes ready=(ready flags, slot) and waits for the staging to set it
+    # () -> the packed experts when fn is, right now, a plain ``cpu_kernels.fused_moe`` call of
+    # them on args (no experts deferred), else None; None: never. Such a hand-off runs through a
+    # prepared call (``call``, made on first use: ``_decode_call``).
+    plain: object = None
+    call: object = None
 
 
 @dataclass
@@ -591,8 +607,7 @@ class DecodeGraphs:
         the flags): launch every graph, then queue the CPU hand-offs on the worker as one job, and
         return without waiting for it. Returns the head's (tokens, done), if launched,
         and the hand-offs' futures (waited for already unless ``detach``)."""
-        flags = program.flags.numpy() if program.flags is not None else None
-        ready = program.ready[0].numpy() if program.ready is not None else None
+        flags, ready = program.host_flags()
         mode = self.launch if flags is not None else "in_turn"
         if detach:  # every graph launched first, as upfront; then one job for the worker
             assert flags is not None, "a detached step needs the graphs' flags"
@@ -692,10 +707,13 @@ def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:
         else:
             h.ready.synchronize()
         t1 = time.perf_counter()
-        args = [a[:live] for a in h.args]  # [S, ...] pinned buffers -> the live rows
         if h.signals and flags is not None:
             kw["signal"] = (flags, h.slot)
-        h.fn(*args, **kw)
+        call = _decode_call(h, kw)
+        if call is not None:
+            call(live)
+        else:
+            h.fn(*(a[:live] for a in h.args), **kw)  # [S, ...] pinned buffers -> the live rows
         signaled = "signal" in kw
         t2 = time.perf_counter()
     finally:
@@ -707,6 +725,30 @@ def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:
     timings.wait += t2 - t1  # the GPU is idle once the layer's own GPU work is done
     timings.calls += 1
     timings.per_layer[h.layer] = timings.per_layer.get(h.layer, 0.0) + (t2 - t1)
+
+
+def _decode_call(h: _Handoff, kw: dict):
+    """The hand-off's prepared ``cpu_kernels.DecodeCall`` when its kernel is a plain call waiting on
+    its input flag and setting its own (made on first use and kept, remade if the experts or the
+    flag arrays changed), else None: it then runs ``fn``. Either does the same; the prepared call
+    skips the checks and set-up a call otherwise repeats while the GPU computes the layer's attention."""
+    if h.plain is None or "signal" not in kw or "ready" not in kw:
+        return None
+    packed = h.plain()
+    if packed is None:
+        return None
+    call, signal, ready = h.call, kw["signal"], kw["ready"]
+    if (
+        call is None
+        or call.experts is not packed
+        or call.signal[0] is not signal[0]
+        or call.ready[0] is not ready[0]
+    ):
+        import cpu_kernels
+
+        x, ids, weights, out = h.args
+        call = h.call = cpu_kernels.DecodeCall(x, ids, weights, packed, out, signal=signal, ready=ready)
+    return call
 
 
 def _has_triton() -> bool:

@@ -114,12 +114,15 @@ class CPUHandoff:
         signals: bool = False,
         waits: bool = False,
         id_map: torch.Tensor | None = None,
+        plain=None,
     ) -> Future:
         """signals: the kernel takes ``signal=(flags, index)`` and sets that flag itself once ``out``
         is whole (it may go on with other work); a decode graph's wait then starts the GPU then.
         waits: the kernel takes ``ready=(flags, index)`` and waits for that flag before it reads its
         inputs; a decode graph's staging sets it, and the host calls the kernel without waiting.
-        id_map: the kernel gets id_map[ids] (mapped as they are staged)."""
+        id_map: the kernel gets id_map[ids] (mapped as they are staged). plain: for a captured step,
+        () -> the packed experts while the kernel is a plain fused_moe call of them
+        (``graphs._Handoff.plain``)."""
         from gpu_kernels.handoff import stage_handoff
 
         t = x.shape[0]
@@ -134,7 +137,8 @@ class CPUHandoff:
             ready = program.ready_flag() if waits else None
             waits = stage_handoff(x, ids, weights, hx, hids, hw, ready=ready, id_map=id_map)
             args = (hx.numpy(), hids.numpy(), hw.numpy(), hout.numpy())
-            return _Captured(hout, program.handoff(kernel, args, self.worker, self.layer, signals, waits))
+            h = program.handoff(kernel, args, self.worker, self.layer, signals, waits, plain)
+            return _Captured(hout, h)
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()

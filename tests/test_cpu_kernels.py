@@ -310,6 +310,51 @@ def test_call_waits_for_its_inputs_flag(fmt, g, sym, T, K, defer):
     assert ready.tolist() == [0, 0, 0] and signal.tolist() == [1, 0, 0]
 
 
+@pytest.mark.parametrize("fmt,g,sym", [("int8", 0, True), ("int4", 64, False)])
+def test_decode_call_is_fused_moe_on_its_buffers(monkeypatch, fmt, g, sym):
+    """A prepared decode call on fixed buffers gives fused_moe's out for each row count (one region,
+    and through fused_moe where one region would not run: too many pairs), waits for and clears its
+    input flag and sets its own, follows changed work-item settings, and raises fused_moe's errors."""
+    from cpu_kernels import moe
+
+    H, I, E, K, S = 200, 136, 8, 8, 40  # noqa: E741
+    _, experts = packed(fmt, g, sym, E, H, I)
+    x, ids, w = make_batch(S, K, E, H, seed=5)
+    hx, hids, hw, hout = np.zeros_like(x), np.zeros_like(ids), np.zeros_like(w), np.zeros_like(x)
+    ready, signal = np.zeros(3, np.int32), np.zeros(3, np.int32)
+    call = ck.DecodeCall(hx, hids, hw, experts, hout, signal=(signal, 2), ready=(ready, 1))
+    assert 3 <= call.max_live < S  # S tokens of 8 experts: fused_moe would not take them as one region
+    calls = []
+    monkeypatch.setattr(
+        moe, "fused_moe", lambda *a, **kw: calls.append(a[0].shape[0]) or ck.fused_moe(*a, **kw)
+    )
+    for live in (1, 3, 1, S):  # S * K pairs: more than one region takes
+        hx[:live], hids[:live], hw[:live] = x[:live], ids[:live], w[:live]
+        ready[1] = 1
+        call(live)
+        np.testing.assert_array_equal(hout[:live], ck.fused_moe(x[:live], ids[:live], w[:live], experts))
+        assert ready.tolist() == [0, 0, 0] and signal.tolist() == [0, 0, 1]
+        signal[2] = 0
+    assert calls == [S]
+    moe.set_knobs(fmt, H, I, decode_items_per_thread=1)
+    try:
+        ready[1] = 1
+        call(3)
+        np.testing.assert_array_equal(hout[:3], ck.fused_moe(x[:3], ids[:3], w[:3], experts))
+    finally:
+        moe._settings.pop((fmt, H, I))
+    hids[0, 0] = E
+    ready[1] = 1
+    with pytest.raises(ValueError, match="topk_ids must be"):
+        call(1)
+    monkeypatch.setattr(moe, "READY_POLLS", 1000)
+    late = ck.DecodeCall(hx, hids, hw, experts, hout, signal=(signal, 2), ready=(ready, 1))
+    with pytest.raises(RuntimeError, match="never marked ready"):
+        late(1)
+    with pytest.raises(ValueError, match="float32"):
+        ck.DecodeCall(hx.astype(np.float64), hids, hw, experts, hout, signal=(signal, 2), ready=(ready, 1))
+
+
 @pytest.mark.parametrize("fmt,T", [("int4", 1), ("int4", 40), ("bf16", 1)])
 def test_call_gives_up_on_inputs_never_staged(monkeypatch, fmt, T):
     """An input flag never set: the call raises after its polls instead of hanging, and says why."""

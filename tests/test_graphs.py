@@ -282,13 +282,13 @@ def test_a_failing_kernel_under_overlap_raises_and_the_engine_goes_on(tiny):
     def broken(*a, **kw):
         raise ValueError("kernel failed")
 
-    handoffs[1].fn = broken
+    handoffs[1].fn, plain, handoffs[1].plain = broken, handoffs[1].plain, None  # fn, not a prepared call
     try:
         with pytest.raises(ValueError, match="kernel failed"):
             engine.step()  # a decode step, launched with the one after it, fails
         assert engine._orphan is None and engine._ahead is None  # the step after it was waited for
     finally:
-        handoffs[1].fn = fn
+        handoffs[1].fn, handoffs[1].plain = fn, plain
     engine.abort(seq)
     torch.cuda.synchronize()  # returns: every flag was set
     assert engine.generate([PROMPTS[0]], params)[0].output_ids == ref
@@ -374,7 +374,7 @@ def test_padded_sizes_ladder():
 
 
 @pytest.mark.gpu
-def test_padded_graphs_match_eager(tiny):
+def test_padded_graphs_match_eager(tiny, monkeypatch):
     """A step of 11 rows replays the graphs captured at 16, its 5 padding rows writing the scratch
     block: the same tokens as eager steps, and the CPU experts run on the 11 live rows alone."""
     path = tiny("deepseek-v2")
@@ -400,6 +400,12 @@ def test_padded_graphs_match_eager(tiny):
                 if op[0] == "cpu":
                     fn = op[1].fn
                     op[1].fn = lambda *a, fn=fn, **kw: cpu_rows.append(a[0].shape[0]) or fn(*a, **kw)
+            import cpu_kernels
+
+            run = cpu_kernels.DecodeCall.__call__  # the hand-offs' prepared calls: their rows too
+            monkeypatch.setattr(
+                cpu_kernels.DecodeCall, "__call__", lambda c, live: cpu_rows.append(live) or run(c, live)
+            )
         return [s.output_ids for s in engine.generate(prompts, params)], engine
 
     ref, _ = go(False)
@@ -428,12 +434,12 @@ def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
     def broken(*a, **kw):
         raise ValueError("kernel failed")
 
-    handoffs[1].fn = broken
+    handoffs[1].fn, plain, handoffs[1].plain = broken, handoffs[1].plain, None  # fn, not a prepared call
     with pytest.raises(ValueError, match="kernel failed"):
         g.run([5], [0], [slot], [1], [[kv.scratch_block]])
     torch.cuda.synchronize()  # returns: every flag was set
     assert g.flags[: len(handoffs)].tolist() == [0] * len(handoffs)  # and every one consumed
-    handoffs[1].fn = fn
+    handoffs[1].fn, handoffs[1].plain = fn, plain
     assert g.run([5], [0], [slot], [1], [[kv.scratch_block]]) is not None
     torch.cuda.synchronize()
 
@@ -585,6 +591,47 @@ def test_a_kernel_that_signals_sets_its_own_flag():
     with pytest.raises(ValueError, match="bad ids"):
         _run_handoff(_Handoff(failing, (np.zeros(2),), worker, 0, 2, ready, signals=True), 1, flags)
     assert flags.tolist() == [0, 0, 1, 0]
+
+
+def test_a_plain_handoff_runs_a_prepared_call():
+    """A hand-off whose kernel is a plain fused_moe call runs through a prepared call made once (the
+    same out, its input flag waited for and cleared, its own flag set and not set again), remade
+    when the flag arrays change; one whose experts are deferred runs its kernel."""
+    from types import SimpleNamespace
+
+    import cpu_kernels as ck
+    from hetero.graphs import _Handoff, _run_handoff
+    from hetero.pipeline import Timings
+
+    H, I, K, S = 192, 128, 2, 4  # noqa: E741
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal(s).astype(np.float32) / 8 for s in ((4, I, H), (4, I, H), (4, H, I))]
+    ex = ck.pack_experts(*ws, fmt="int4", group_size=64)
+    x, ids = rng.standard_normal((S, H)).astype(np.float32), rng.integers(0, 4, (S, K)).astype(np.int32)
+    wts = rng.random((S, K)).astype(np.float32)
+    args = (x, ids, wts, np.zeros((S, H), np.float32))
+    ran, plain = [], [True]
+
+    def fn(x, ids, wts, out, signal=None, ready=None):
+        ran.append(x.shape[0])
+        ck.fused_moe(x, ids, wts, ex, out=out, signal=signal, ready=ready)
+
+    worker = SimpleNamespace(timings=Timings())
+    h = _Handoff(
+        fn, args, worker, 0, 1, None, signals=True, waits=True, plain=lambda: ex if plain[0] else None
+    )
+    flags, ready = np.zeros(4, np.int32), np.zeros(4, np.int32)
+    for live, want_ran in ((2, []), (3, []), (2, [2])):
+        ready[1] = 1
+        _run_handoff(h, live, flags, ready)
+        np.testing.assert_array_equal(args[3][:live], ck.fused_moe(x[:live], ids[:live], wts[:live], ex))
+        assert flags.tolist() == [0, 1, 0, 0] and ready.tolist() == [0] * 4 and ran == want_ran
+        flags[1] = 0
+        call = h.call
+        if live == 3:  # new flag arrays: a new prepared call
+            flags, ready = np.zeros(4, np.int32), np.zeros(4, np.int32)
+            plain[0] = False  # and then the layer defers experts: its kernel runs
+    assert isinstance(call, ck.DecodeCall) and call.signal[0] is not flags
 
 
 def test_a_kernel_that_waits_is_called_without_the_event():
