@@ -402,10 +402,14 @@ def test_padded_graphs_match_eager(tiny, monkeypatch):
                     op[1].fn = lambda *a, fn=fn, **kw: cpu_rows.append(a[0].shape[0]) or fn(*a, **kw)
             import cpu_kernels
 
-            run = cpu_kernels.DecodeCall.__call__  # the hand-offs' prepared calls: their rows too
-            monkeypatch.setattr(
-                cpu_kernels.DecodeCall, "__call__", lambda c, live: cpu_rows.append(live) or run(c, live)
-            )
+            run = cpu_kernels.DecodeCall.__call__  # the 16-row steps' prepared calls: their rows too
+
+            def counted(c, live):
+                if c.buffers[0].shape[0] == 16:
+                    cpu_rows.append(live)
+                run(c, live)
+
+            monkeypatch.setattr(cpu_kernels.DecodeCall, "__call__", counted)
         return [s.output_ids for s in engine.generate(prompts, params)], engine
 
     ref, _ = go(False)
