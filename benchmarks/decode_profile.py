@@ -483,6 +483,8 @@ FUSED = {
     "fetch": ("gpu_kernels.handoff", "FETCH_MAX_BYTES", ("kernel", "copy_engine")),
     # the decode chain's kernels under programmatic dependent launch, or one after another
     "chain": ("gpu_kernels._triton", "CHAIN_PDL", ("chain", "plain")),
+    # plain CPU hand-offs as calls prepared once, or through fused_moe's checks every call
+    "prepared": ("hetero.graphs", "PREPARED_CALLS", ("prepared", "fused_moe")),
 }
 FUSED_ON = {"fetch": 1 << 20}  # the setting on, where the shipped one is off
 
@@ -597,7 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only time a decode-size kernel against what it replaced, alternating (each with graphs "
         "captured for it): router (gpu_kernels.router.route_experts against a GEMM for the logits and "
         "a choosing kernel), absorb (gpu_kernels.mla_attention.absorb against batched GEMMs), fetch (the CPU "
-        "experts' output read back by a kernel against the copy engine's copy)",
+        "experts' output read back by a kernel against the copy engine's copy), chain (the decode chain "
+        "under dependent launch against plain launches), prepared (plain CPU hand-offs as calls prepared "
+        "once against fused_moe every call)",
     )
     ap.add_argument(
         "--host-profile",

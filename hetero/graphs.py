@@ -682,6 +682,7 @@ class DecodeGraphs:
 
 LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront", "chunks")
 MAX_HANDOFFS = 1024  # per decode step: one per CPU MoE layer, with room to spare
+PREPARED_CALLS = True  # plain hand-offs run prepared calls (_decode_call); off: their kernels, as any
 CHUNK_HANDOFFS = 16  # chunks: CPU hand-offs a graph (MoE layers)
 
 
@@ -737,7 +738,7 @@ def _decode_call(h: _Handoff, kw: dict):
     its input flag and setting its own (made on first use and kept, remade if the experts or the
     flag arrays changed), else None: it then runs ``fn``. Either does the same; the prepared call
     skips the checks and set-up a call otherwise repeats while the GPU computes the layer's attention."""
-    if h.plain is None or "signal" not in kw or "ready" not in kw:
+    if not PREPARED_CALLS or h.plain is None or "signal" not in kw or "ready" not in kw:
         return None
     packed = h.plain()
     if packed is None:

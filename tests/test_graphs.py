@@ -597,13 +597,14 @@ def test_a_kernel_that_signals_sets_its_own_flag():
     assert flags.tolist() == [0, 0, 1, 0]
 
 
-def test_a_plain_handoff_runs_a_prepared_call():
+def test_a_plain_handoff_runs_a_prepared_call(monkeypatch):
     """A hand-off whose kernel is a plain fused_moe call runs through a prepared call made once (the
     same out, its input flag waited for and cleared, its own flag set and not set again), remade
     when the flag arrays change; one whose experts are deferred runs its kernel."""
     from types import SimpleNamespace
 
     import cpu_kernels as ck
+    from hetero import graphs
     from hetero.graphs import _Handoff, _run_handoff
     from hetero.pipeline import Timings
 
@@ -636,6 +637,11 @@ def test_a_plain_handoff_runs_a_prepared_call():
             flags, ready = np.zeros(4, np.int32), np.zeros(4, np.int32)
             plain[0] = False  # and then the layer defers experts: its kernel runs
     assert isinstance(call, ck.DecodeCall) and call.signal[0] is not flags
+    plain[0] = True
+    monkeypatch.setattr(graphs, "PREPARED_CALLS", False)  # switched off: the kernel runs
+    ready[1] = 1
+    _run_handoff(h, 1, flags, ready)
+    assert ran == [2, 1] and flags[1] == 1
 
 
 def test_a_kernel_that_waits_is_called_without_the_event():
