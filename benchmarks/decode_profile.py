@@ -429,10 +429,16 @@ def deferral_accuracy(engine, prompt: list[int], steps: int, defers: list[int]) 
     return accuracy
 
 
+TRACED_STEPS = 8  # steps of each compared run traced after its timed ones (kernel_trace)
+
+
 def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, key: str) -> dict:
     """Each variant (name -> a function that sets it up), alternating ``reps`` times: the step split of
-    ``replay_times`` per run, and per variant the median step, time outside the CPU calls and in them."""
+    ``replay_times`` per run, then TRACED_STEPS steps' CPU calls traced (``kernel_trace``), and per
+    variant the median step, time outside the CPU calls and in them, a CPU call's part from its
+    inputs to its output whole and the gap from one call's output to the next one's inputs."""
     runs: dict[str, list[dict]] = {v: [] for v in variants}
+    traces: dict[str, list[dict]] = {v: [] for v in variants}
     for setup in variants.values():  # each variant's first steps (flags, the worker's threads) untimed
         setup()
         engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
@@ -442,11 +448,12 @@ def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, ke
         for name, setup in variants.items():
             setup()
             seq = engine.add_request(
-                prompt, SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+                prompt, SamplingParams(max_tokens=steps + TRACED_STEPS + 4, temperature=0, ignore_eos=True)
             )
             while len(seq.output_ids) < 2:  # one decode step first: a mode may capture its graphs anew
                 engine.step()
             runs[name].append(replay_times(engine, steps)["step_split_ms"])
+            traces[name].append(kernel_trace(engine, TRACED_STEPS))
             while not seq.finished:
                 engine.step()
     table = [
@@ -459,18 +466,30 @@ def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, ke
                 f"{k}_ms": float(np.median([r.get(k, 0.0) for r in rs]))
                 for k in ("sample", "load", "step_rest")
             },
+            **{
+                k: float(np.median([t[k] for t in traces[v] if k in t]))
+                if any(k in t for t in traces[v])
+                else None
+                for k in ("out_us", "gap_us")
+            },
         }
         for v, rs in runs.items()
     ]
     print(
         f"{key:>10} {'step ms':>8} {'outside CPU calls':>18} {'CPU calls':>10} {'sample':>7} {'load':>6} {'rest':>6}"
+        f" {'call us':>8} {'gap us':>7}"
     )
+
+    def fmt(v: float | None, w: int) -> str:
+        return f"{v:{w}.1f}" if v is not None else f"{'-':>{w}}"
+
     for t in table:
         print(
             f"{t[key]:>10} {t['step_ms']:8.2f} {t['outside_cpu_calls_ms']:18.2f} {t['cpu_calls_ms']:10.2f}"
-            f" {t['sample_ms']:7.2f} {t['load_ms']:6.2f} {t['step_rest_ms']:6.2f}"
+            f" {t['sample_ms']:7.2f} {t['load_ms']:6.2f} {t['step_rest_ms']:6.2f} {fmt(t['out_us'], 8)}"
+            f" {fmt(t['gap_us'], 7)}"
         )
-    return {"medians": table, "runs": runs}
+    return {"medians": table, "runs": runs, "traces": traces}
 
 
 # A kernel's switch: (module, the largest batch it runs) and its name against what it replaced;

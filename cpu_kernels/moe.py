@@ -306,10 +306,10 @@ _NOT_READY = (
 
 
 def _quant_args(
-    x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready
+    x, ids, wts, ex, out, rb, tb, knobs, nthr, one_region, defer, late_out, add, signal, ready, traced=True
 ) -> tuple:
     """``_moe_quant``'s arguments for a quantized call (scratch of the calling thread; the trace
-    row, if tracing, taken)."""
+    row, if ``traced`` and tracing, taken; the last argument)."""
     T, K = ids.shape
     Hp, Ip, (gus, guz, dns, dnz) = ex.Hp, ex.Ip, ex.flat
     is4 = ex.fmt == "int4"
@@ -323,16 +323,22 @@ def _quant_args(
     if ready is not None and knobs[POLLS] != READY_POLLS:
         knobs = knobs.copy()
         knobs[POLLS] = READY_POLLS
-    trace = _NO_TRACE
-    tr = _state["trace"]
-    if tr is not None:
-        trace = tr[0][tr[1] % tr[0].shape[0]]
-        tr[1] += 1
+    trace = _trace_row() if traced else _NO_TRACE
     return (
         x, ids, wts, ex.gate_up, gus, guz, ex.down, dns, dnz, out, ex.I, gsel, rb, tb, _state["vnni"], is4,
         ex.symmetric, bufs, ctr, nthr, part, defer, _NO_PART if add is None else add,
         _NO_PART if late_out is None else late_out, flags, idx, rflags, ridx, knobs, trace,
     )  # fmt: skip
+
+
+def _trace_row() -> np.ndarray:
+    """The next row of the trace ``set_trace`` records (round robin), or an empty one."""
+    tr = _state["trace"]
+    if tr is None:
+        return _NO_TRACE
+    row = tr[0][tr[1] % tr[0].shape[0]]
+    tr[1] += 1
+    return row
 
 
 def _check_status(status: int, ids: np.ndarray, ex: PackedExperts) -> None:
@@ -369,8 +375,8 @@ class DecodeCall:
     machine's Zen 4, as long as the call's own dispatch and region on a small layer) delay the
     call's start, and with it, where the GPU is quicker than them, the layer. Here a call of T
     rows, with T tokens one region in decode mode would take, is the kernel's dispatch alone (its
-    arguments made at the first call of each T and calling thread); other calls, and calls while
-    ``set_trace`` records, go through ``fused_moe``.
+    arguments made at the first call of each T and calling thread; traced as a call of
+    ``fused_moe`` is); other calls go through ``fused_moe``.
 
     x f32 [S, H], ids i32 [S, K], weights f32 [S, K], out f32 [S, H]: C-contiguous buffers of up to
     S tokens; experts: int8 / int4 packed experts; signal, ready: (flags int32 [N], index) as in
@@ -406,7 +412,7 @@ class DecodeCall:
     def __call__(self, live: int) -> None:
         """Run the call on the first ``live`` rows of the buffers."""
         ex = self.experts
-        if not 0 < live <= self.max_live or _state["trace"] is not None:
+        if not 0 < live <= self.max_live:
             x, ids, w, out = (a[:live] for a in self.buffers)
             fused_moe(x, ids, w, ex, out=out, signal=self.signal, ready=self.ready)
             return
@@ -426,8 +432,10 @@ class DecodeCall:
             _, (rb, tb), _, knobs = settings
             x, ids, w, out = (a[:live] for a in self.buffers)
             args = self._args[key] = _quant_args(
-                x, ids, w, ex, out, rb, tb, knobs, nthr, True, 0, None, None, self.signal, self.ready
+                x, ids, w, ex, out, rb, tb, knobs, nthr, True, 0, None, None, self.signal, self.ready, False
             )
+        if _state["trace"] is not None:
+            args = (*args[:-1], _trace_row())
         status = _moe_quant(*args)
         if status != OK:
             _check_status(status, args[1], ex)

@@ -336,6 +336,17 @@ def test_decode_call_is_fused_moe_on_its_buffers(monkeypatch, fmt, g, sym):
         assert ready.tolist() == [0, 0, 0] and signal.tolist() == [0, 0, 1]
         signal[2] = 0
     assert calls == [S]
+    trace = moe.set_trace(2)  # traced: its row of the trace, then untraced again
+    try:
+        for _ in range(3):
+            ready[1] = 1
+            call(1)
+            signal[2] = 0
+    finally:
+        moe.set_trace(0)
+    assert (trace[:, ck.moe_kernels.TR_OUT] != 0).all() and calls == [S]
+    ready[1] = 1
+    call(1)
     moe.set_knobs(fmt, H, I, decode_items_per_thread=1)
     try:
         ready[1] = 1
