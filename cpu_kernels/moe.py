@@ -371,9 +371,9 @@ class DecodeCall:
     and the set-up done once, not at every call.
 
     A decode step calls a layer's experts right after the layer before returned, while the GPU
-    computes the layer's attention; the wrapper's checks and set-up (~25 us a call on the CI
-    machine's Zen 4, as long as the call's own dispatch and region on a small layer) delay the
-    call's start, and with it, where the GPU is quicker than them, the layer. Here a call of T
+    computes the layer's attention; the wrapper's checks and set-up (~11-15 us a call on the CI
+    machine's Zen 4, half as long as the kernel's own dispatch and region on a small layer) delay
+    the call's start, and with it, where the GPU is quicker than them, the layer. Here a call of T
     rows, with T tokens one region in decode mode would take, is the kernel's dispatch alone (its
     arguments made at the first call of each T and calling thread; traced as a call of
     ``fused_moe`` is); other calls go through ``fused_moe``.
