@@ -208,6 +208,13 @@ def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
     return got
 
 
+def _decode_surely(T: int, K: int, E: int, thresh: float) -> bool:
+    """Whether "auto" takes T tokens of K experts each (of E) in decode mode without counting their
+    pairs: fewer than ``thresh`` pairs an expert even if all T * K hit distinct experts (a cheap
+    bound: decode steps never count)."""
+    return T * K < thresh * min(E, T * K)
+
+
 def fused_moe(
     x: np.ndarray,
     topk_ids: np.ndarray,
@@ -248,7 +255,7 @@ def fused_moe(
     ex = experts
     T, K = topk_ids.shape
     thresh, decode, prefill, knobs = _cfg(ex.fmt, ex.H, ex.I)
-    count = prefer == "auto" and T * K >= thresh * min(ex.E, T * K)  # cheap bound: decode steps never count
+    count = prefer == "auto" and not _decode_surely(T, K, ex.E, thresh)
     if ready is not None and not (
         ex.fmt != "bf16"
         and T * K <= ONE_REGION_PAIRS
@@ -400,11 +407,11 @@ class DecodeCall:
         self.buffers, self.experts, self.signal, self.ready = (x, ids, weights, out), experts, signal, ready
         S, K = ids.shape
         thresh = _cfg(experts.fmt, experts.H, experts.I)[0]
-        # the most tokens fused_moe runs as one region in decode mode ("auto": see count there)
+        # the most tokens fused_moe runs as one region in decode mode ("auto")
         self.max_live = 0
         if experts.fmt != "bf16":
             for t in range(1, S + 1):
-                if t * K <= ONE_REGION_PAIRS and t * K < thresh * min(experts.E, t * K):
+                if t * K <= ONE_REGION_PAIRS and _decode_surely(t, K, experts.E, thresh):
                     self.max_live = t
         self._args: dict[tuple, tuple] = {}  # (T, thread, threads, vnni) -> _moe_quant's arguments
         self._settings = None  # the layer shape's settings the arguments were made with

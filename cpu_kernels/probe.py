@@ -166,6 +166,12 @@ def cycle_hz(seconds: float = 0.05) -> float:
     return (_cycles_now() - c0) / (time.perf_counter() - t0)
 
 
+def _thread_stamps(tr: np.ndarray) -> np.ndarray:
+    """A traced call's per-thread stamps [threads, TR_THREAD]: entry, last gate/up item's end, exit."""
+    n = int(tr[TR_NTHR])
+    return tr[TR_THREADS : TR_THREADS + TR_THREAD * n].reshape(n, TR_THREAD)
+
+
 def trace_parts(tr: np.ndarray, hz: float) -> dict[str, float] | None:
     """One traced call (a row of ``moe.set_trace``'s array) -> microseconds of its parts, or None
     for a row no one-region call filled. From the kernel's entry: its parallel region's start, the
@@ -176,7 +182,7 @@ def trace_parts(tr: np.ndarray, hz: float) -> dict[str, float] | None:
     if n <= 0 or tr[TR_END] == 0 or tr[TR_OUT] == 0:
         return None
     us = 1e6 / hz
-    th = tr[TR_THREADS : TR_THREADS + TR_THREAD * n].reshape(n, TR_THREAD)
+    th = _thread_stamps(tr)
     enter, gu_end, leave = th[:, 0], th[:, 1], th[:, 2]
     return {
         "start_us": (tr[TR_START] - tr[TR_ENTRY]) * us,
@@ -210,11 +216,7 @@ def trace_gaps(trace: np.ndarray, hz: float) -> dict[str, float]:
     the one before's last counts once a step among them."""
     rows = [r for r in trace if r[TR_OUT] != 0 and r[TR_READY] != 0 and r[TR_NTHR] > 0]
     gaps = [(b[TR_READY] - a[TR_OUT]) * 1e6 / hz for a, b in zip(rows, rows[1:]) if b[TR_READY] > a[TR_OUT]]
-    early = []
-    for r in rows:
-        n = int(r[TR_NTHR])
-        enter = r[TR_THREADS : TR_THREADS + TR_THREAD * n].reshape(n, TR_THREAD)[:, 0]
-        early.append(int((enter < r[TR_READY]).sum()))
+    early = [int((_thread_stamps(r)[:, 0] < r[TR_READY]).sum()) for r in rows]
     if not gaps:
         return {}
     return {

@@ -403,14 +403,18 @@ class Engine:
             n == 1 and s.num_computed + 1 == s.num_tokens and s.params.argmax_only for s, n in scheduled
         ):
             return None
-        mgr = self.kv.manager
+        seqs = [s for s, _ in scheduled]
         return self.graphs.launch_step(
-            [(s.output_ids or s.prompt_ids)[-1] for s, _ in scheduled],
-            [s.num_computed for s, _ in scheduled],
-            [mgr.slots(s.table, s.num_computed, s.num_computed + 1)[0] for s, _ in scheduled],
-            [s.num_computed + 1 for s, _ in scheduled],
-            [s.table.blocks for s, _ in scheduled],
+            [(s.output_ids or s.prompt_ids)[-1] for s in seqs], *self._decode_inputs(seqs, 0)
         )
+
+    def _decode_inputs(self, seqs: list[Sequence], ahead: int) -> tuple[list, list, list, list]:
+        """A decode step's positions, slots, context lengths and block tables for rows at their next
+        position plus ``ahead`` (1: the step after the one launched)."""
+        mgr = self.kv.manager
+        pos = [s.num_computed + ahead for s in seqs]
+        slots = [mgr.slots(s.table, p, p + 1)[0] for s, p in zip(seqs, pos)]
+        return pos, slots, [p + 1 for p in pos], [s.table.blocks for s in seqs]
 
     def _launch_next(self, scheduled: list[tuple[Sequence, int]], launch):
         """Launch the step after ``launch`` (its rows, one position on, their ids the tokens it
@@ -434,14 +438,7 @@ class Engine:
             return None
         for s in seqs:
             mgr.grow(s.table, s.num_computed + 2)
-        nxt = self.graphs.launch_step(
-            None,
-            [s.num_computed + 1 for s in seqs],
-            [mgr.slots(s.table, s.num_computed + 1, s.num_computed + 2)[0] for s in seqs],
-            [s.num_computed + 2 for s in seqs],
-            [s.table.blocks for s in seqs],
-            after=launch,
-        )
+        nxt = self.graphs.launch_step(None, *self._decode_inputs(seqs, 1), after=launch)
         if nxt is None:
             for s in seqs:
                 mgr.truncate(s.table, s.num_computed + 1)

@@ -194,7 +194,10 @@ class CPUExperts:
     """
 
     def __init__(self, packed, handoff):
+        import cpu_kernels
+
         self.packed = packed  # cpu_kernels.PackedExperts
+        self._plain = isinstance(packed, cpu_kernels.PackedExperts)  # fused_moe takes them (plain_experts)
         self.handoff = handoff  # hetero.pipeline.CPUHandoff
         self.defer, self.defer_below = 0, 0
         self.prev: CPUExperts | None = None
@@ -233,11 +236,9 @@ class CPUExperts:
     def plain_experts(self):
         """The packed experts while ``_kernel`` is a plain ``fused_moe`` call of them: no experts
         deferred out of this layer or into it from the one before; else None."""
-        import cpu_kernels
-
-        if self.defer or (self.prev is not None and self.prev.late_rows):
+        if not self._plain or self.defer or (self.prev is not None and self.prev.late_rows):
             return None
-        return self.packed if isinstance(self.packed, cpu_kernels.PackedExperts) else None
+        return self.packed
 
     def wait(self, handle) -> torch.Tensor:
         return self.handoff.wait(handle)

@@ -669,15 +669,16 @@ class DecodeGraphs:
         every flag the device may wait on (each wait clears its own), wait for the device, then clear
         the flags no wait consumed and the stagings' flags no CPU kernel consumed."""
         futures.wait(jobs)
-        flags = [p.flags.numpy() for p in programs if p.flags is not None]
-        for p, f in zip(programs, flags):
-            f[: p.handoffs] = 1
+        views = [(p, *p.host_flags()) for p in programs]
+        for p, flags, _ in views:
+            if flags is not None:
+                flags[: p.handoffs] = 1
         torch.cuda.synchronize(self.device)
-        for f in flags:
-            f[:] = 0
-        for p in programs:
-            if p.ready is not None:
-                p.ready[0].numpy()[:] = 0
+        for _, flags, ready in views:
+            if flags is not None:
+                flags[:] = 0
+            if ready is not None:
+                ready[:] = 0
 
 
 LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront", "chunks")
