@@ -60,7 +60,12 @@ LAYER_OVERHEAD_S = 30e-6
 # (e2e-...-h100-6GiB-upfront.json, e2e-qwen3-...-h100-10GiB.json) had measured decode (first and
 # repeated runs) at 1.25-1.14 / 1.01-1.00 of them (V2-Lite int4 / int8) and 1.19-1.14 / 1.01-1.08
 # (Qwen3-30B-A3B); 23 us less a hand-off makes those 1.19-1.08, 0.97-0.96, 1.10-1.05 and 0.96-1.03.
-HANDOFF_S = 55e-6
+# Plain hand-offs called as prepared calls (cpu_kernels.DecodeCall) took the gap between a layer's
+# CPU output and the next layer's inputs from 59 to 43 us (decode_prepared-qwen3-...-int4.json); at
+# 55 us the plans of the run after it (e2e-*-h200-*-prepared.json) had measured decode at 1.22 / 1.04
+# of them (Qwen3-30B-A3B int4 / int8) and 1.10 / 1.00 (V2-Lite); 17 us less a hand-off makes those
+# 1.13 / 0.99 and 1.05 / 0.97.
+HANDOFF_S = 38e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
 # bytes over PCIe itself (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
