@@ -23,8 +23,9 @@ staging first: the call's own start overlaps the GPU's work. A plain call of a l
 experts (no deferral) runs prepared once (``cpu_kernels.DecodeCall``: the wrapper's checks and
 set-up not repeated every step), so that it comes in sooner after the layer before: in Qwen3-30B-A3B
 int4 steps on the H200 machine the next layer's inputs landed 56-64 us after a layer's output
-while the GPU's part alone took 41 us, the rest being the call's own start. How the host drives a
-step (``DecodeGraphs.launch``):
+while the GPU's part alone took 41 us, the rest being the call's own start; prepared, 43 us, and
+the steps took 9.25 ms against 10.24 (benchmarks/results/decode_prepared-*.json). How the host
+drives a step (``DecodeGraphs.launch``):
 
 - ``in_turn``: it replays graph by graph and runs the CPU experts itself between them (the
   flag is set before the graph that waits on it is launched).
