@@ -247,6 +247,20 @@ def bits_to_f32(typingctx, bits):
 
 
 @intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of the float32 ``x`` as an int32 (a register move, as ``bits_to_f32``): no
+    view of an array to read them through, whose reference counting a loop would pay each time."""
+    if not (isinstance(x, types.Float) and x.bitwidth == 32):
+        return None
+    sig = types.int32(x)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], I32)
+
+    return sig, codegen
+
+
+@intrinsic
 def cycles(typingctx):
     """The CPU's cycle counter (x86: the time-stamp counter, constant rate): timestamps for a
     kernel's trace of where a call's time goes."""
