@@ -174,10 +174,10 @@ def in_step_calls(engine, steps: int) -> dict:
     the step's own ids against fresh ones, tell a cost of the moment (threads, caches after the GPU
     work) from one of the call itself. Diagnostic only: the extra calls slow the steps."""
     import cpu_kernels
-    from hetero import graphs
+    from hetero import decode_program
 
     rng = np.random.default_rng(1)
-    orig = graphs._run_handoff
+    orig = decode_program.run_handoff
     rows: list[tuple[int, float, float]] = []  # (first is the step's own call, first, second) seconds
     pairs: list[int] = []
     flip = [0]
@@ -211,13 +211,13 @@ def in_step_calls(engine, steps: int) -> dict:
         rows.append((own_first, took[0], took[1]))
         pairs.append(n)
 
-    graphs._run_handoff = timed
+    decode_program.run_handoff = timed
     try:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
     finally:
-        graphs._run_handoff = orig
+        decode_program.run_handoff = orig
 
     def med(v):
         return float(np.median(v)) * 1e6 if v else None
@@ -503,7 +503,7 @@ FUSED = {
     # the decode chain's kernels under programmatic dependent launch, or one after another
     "chain": ("gpu_kernels._triton", "CHAIN_PDL", ("chain", "plain")),
     # plain CPU hand-offs as calls prepared once, or through fused_moe's checks every call
-    "prepared": ("hetero.graphs", "PREPARED_CALLS", ("prepared", "fused_moe")),
+    "prepared": ("hetero.decode_program", "PREPARED_CALLS", ("prepared", "fused_moe")),
 }
 FUSED_ON = {"fetch": 1 << 20}  # the setting on, where the shipped one is off
 

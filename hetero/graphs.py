@@ -20,7 +20,7 @@ graph before the CPU experts it reads are done. The other way round (``early_cal
 default), the staging kernel sets a page-locked flag of its own once the rows are in host memory,
 and a CPU kernel that can wait on it (``waits``) is called without the host waiting for the
 staging first: the call's own start overlaps the GPU's work. A plain call of a layer's packed
-experts (no deferral) runs prepared once (``cpu_kernels.DecodeCall``: the wrapper's checks and
+experts (no deferral) runs prepared once (``decode_program.decode_call``, ``cpu_kernels.DecodeCall``: the wrapper's checks and
 set-up not repeated every step), so that it comes in sooner after the layer before: in Qwen3-30B-A3B
 int4 steps on the H200 machine the next layer's inputs landed 56-64 us after a layer's output
 while the GPU's part alone took 41 us, the rest being the call's own start; prepared, 43 us, and
@@ -72,7 +72,8 @@ for the host; the host reads them with ``tokens``.
 
 The program is recorded by running the model's own forward once under capture: when a
 CPU hand-off (``hetero.pipeline.CPUHandoff``) is reached it ends the graph being captured
-and starts the next one (``handoff``/``join`` below), so graph and eager steps share one
+and starts the next one (``hetero.decode_program``: the program, its hand-offs and how the host
+runs them), so graph and eager steps share one
 piece of model code and give the same numbers. All graphs of all batch sizes share one
 memory pool and replay in capture order, so a tensor that one graph writes and a later one
 reads stays valid.
@@ -90,130 +91,24 @@ W = block-table width.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import torch
 
+from hetero import decode_program
 from hetero.attention import AttentionBatch
+from hetero.decode_program import MAX_HANDOFFS, Program, recording
 
 log = logging.getLogger(__name__)
-_capture: _Program | None = None  # the program being recorded, if any
-
-
-def capturing() -> _Program | None:
-    """The decode program being captured right now (CPU hand-offs consult this), or None."""
-    return _capture
-
-
-@dataclass
-class _Program:
-    """A decode step: graphs, and between them CPU kernels with their pinned buffers."""
-
-    pool: tuple
-    flags: torch.Tensor | None = None  # page-locked [N] int32 the graphs after joins wait on (None: no waits)
-    device: torch.device | None = None
-    # page-locked [N] int32 flags the stagings set and device [N] int32 counts of their programs:
-    # a CPU kernel taking ``ready`` waits on its flag itself (None: the host waits on events)
-    ready: tuple[torch.Tensor, torch.Tensor] | None = None
-    ops: list = field(default_factory=list)  # ("graph", g) | ("cpu", _Handoff) | ("join", _Handoff)
-    graph: torch.cuda.CUDAGraph | None = None
-    staged: list = field(default_factory=list)  # hand-offs staged in the graph being captured
-    handoffs: int = 0  # the "cpu" ops so far
-    single: bool = False  # the waits inside the graphs, no host join between them (needs flags)
-    chunk: int = 0  # with single: a new graph after this many hand-offs (0: one graph a step)
-    last: int = -1  # index in ops of the step's last graph
-    views: tuple | None = None  # flags and ready flags as numpy arrays (``host_flags``)
-
-    def host_flags(self) -> tuple:
-        """The flags and the ready flags as numpy arrays (None: none), the same objects every step, so
-        that a hand-off's prepared call (``_decode_call``) can tell they did not change."""
-        if self.views is None:
-            self.views = (
-                self.flags.numpy() if self.flags is not None else None,
-                self.ready[0].numpy() if self.ready is not None else None,
-            )
-        return self.views
-
-    def begin(self) -> None:
-        self.graph = torch.cuda.CUDAGraph()
-        self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-
-    def end(self) -> None:
-        assert self.graph is not None
-        self.graph.capture_end()
-        self.ops.append(("graph", self.graph))
-        self.ops += [("cpu", h) for h in self.staged]  # staged inside the graph just ended
-        self.staged.clear()
-        self.graph = None
-
-    def ready_flag(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """Where the staging of the next hand-off marks it ready (``stage_handoff``'s ``ready``)."""
-        if self.ready is None:
-            return None
-        if self.handoffs >= self.ready[0].numel():
-            raise RuntimeError(f"a decode step of more than {self.ready[0].numel()} CPU hand-offs")
-        return (*self.ready, self.handoffs)
-
-    def handoff(
-        self, fn, args: tuple, worker, layer: int, signals: bool = False, waits: bool = False, plain=None
-    ) -> _Handoff:
-        """Called after the staging of a CPU hand-off was captured: an event recorded by the graph
-        itself marks the staging done, and the graph goes on (the layer's shared and GPU-resident
-        experts). Hand-offs may overlap (one joined after a later one is staged); the CPU runs
-        them in order."""
-        ready = torch.cuda.Event(external=True)  # a node of the graph, recorded at every replay
-        ready.record()
-        h = _Handoff(fn, args, worker, layer, self.handoffs, ready, signals, waits, plain)
-        self.staged.append(h)
-        self.handoffs += 1
-        return h
-
-    def join(self, h: _Handoff) -> None:
-        """Called before the host-to-device copy of hand-off ``h``'s result is captured: the next
-        graph starts by waiting for the hand-off's flag (one graph a step: the graph goes on with
-        that wait, and every CPU op follows it)."""
-        if not self.single:
-            self.end()
-            self.ops.append(("join", h))
-            self.begin()
-        elif self.chunk and len(self.staged) >= self.chunk:  # the step's next graph starts here
-            self.end()
-            self.begin()
-        if self.flags is not None:
-            from gpu_kernels.host_flag import wait_host_flag
-
-            if h.slot >= self.flags.numel():
-                raise RuntimeError(f"a decode step of more than {self.flags.numel()} CPU hand-offs")
-            wait_host_flag(self.flags, h.slot, self.device)
-
-
-@dataclass
-class _Handoff:
-    """One CPU hand-off of a program: its kernel on pinned buffers, and how the step meets it."""
-
-    fn: object  # kernel(x, ids, weights, out) on numpy views of pinned buffers
-    args: tuple  # those views, [S, ...] each
-    worker: object  # hetero.pipeline.CPUWorker: runs fn, keeps the timings
-    layer: int
-    slot: int  # its flag in DecodeGraphs.flags: set by the worker when fn is done
-    ready: torch.cuda.Event  # recorded by the graph that stages the inputs in the pinned buffers
-    signals: bool = False  # fn takes signal=(flags, slot) and sets the flag itself, once its output is whole
-    waits: bool = False  # fn takes ready=(ready flags, slot) and waits for the staging to set it
-    # () -> the packed experts when fn is, right now, a plain ``cpu_kernels.fused_moe`` call of
-    # them on args (no experts deferred), else None; None: never. Such a hand-off runs through a
-    # prepared call (``call``, made on first use: ``_decode_call``).
-    plain: object = None
-    call: object = None
 
 
 @dataclass
 class _Entry:
     """Everything captured for one batch size."""
 
-    program: _Program
+    program: Program
     ids: torch.Tensor  # [B] int64
     batch: AttentionBatch
     hidden: torch.Tensor  # [B, H] the step's output, written by the last graph
@@ -508,11 +403,10 @@ class DecodeGraphs:
         e.batch.context_lens_list = list(context_lens)
 
     def _capture(self, b, ids, positions, slots, context_lens, tables) -> _Entry | None:
-        global _capture
         static_ids, batch, longs, ints = self._static(b)
         flags = self._flags()
         single = flags is not None and self._cut != "joins"
-        program = _Program(
+        program = Program(
             self.pool, flags, self.device, single=single, ready=self.ready if self.early_calls else None,
             chunk=self.chunk_handoffs if single and self._cut == "chunks" else 0,
         )  # fmt: skip
@@ -531,14 +425,13 @@ class DecodeGraphs:
                 # A fresh per-step memo, so the rotary angles are computed inside the first graph.
                 batch.rope = {}
                 prog = entry.program
-                _capture = prog
                 try:
-                    prog.begin()
-                    entry.hidden = self.model(static_ids, batch, self.kv_layers)
-                    prog.end()
+                    with recording(prog):
+                        prog.begin()
+                        entry.hidden = self.model(static_ids, batch, self.kv_layers)
+                        prog.end()
                     prog.last = max(i for i, op in enumerate(prog.ops) if op[0] == "graph")
                 finally:
-                    _capture = None
                     if prog.graph is not None:  # capture failed midway: close it
                         try:
                             prog.graph.capture_end()
@@ -606,7 +499,7 @@ class DecodeGraphs:
         return self.flags
 
     def _replay(
-        self, program: _Program, live: int, head: _Entry | None = None, detach: bool = False
+        self, program: Program, live: int, head: _Entry | None = None, detach: bool = False
     ) -> tuple[tuple[torch.Tensor, torch.cuda.Event] | None, list]:
         """Replay a step whose first ``live`` rows are real: the CPU experts see only those. ``head``:
         the entry whose head graph is launched right after the step's last graph. ``detach`` (needs
@@ -630,29 +523,31 @@ class DecodeGraphs:
                         staged_before.append(seen)
                         if len(staged_before) > 2:
                             while queued and queued[0].slot < staged_before[-2]:
-                                _run_handoff(queued.popleft(), live, flags, ready)
+                                decode_program.run_handoff(queued.popleft(), live, flags, ready)
                     op[1].replay()
                     if i == program.last and head is not None:
                         picked = self._head(head)
                 elif kind == "cpu":  # staged by the graph just launched
                     h, seen = op[1], seen + 1
                     if mode == "ahead":
-                        jobs.append(h.worker.submit(_run_handoff, h, live, flags, ready))
+                        jobs.append(h.worker.submit(decode_program.run_handoff, h, live, flags, ready))
                     else:
                         queued.append(h)
                 elif mode in ("in_turn", "pipelined"):  # the host runs the CPU experts itself, in order
                     if mode == "in_turn":
                         due = op[1].slot
                     while queued and queued[0].slot <= due:
-                        _run_handoff(queued.popleft(), live, flags, ready)
+                        decode_program.run_handoff(queued.popleft(), live, flags, ready)
                     due = op[1].slot
             if detach and queued:
                 # One job runs the step's hand-offs in order: one wake-up of the host waiting on
                 # it a step, not one a hand-off, and no queue between two CPU calls.
-                jobs.append(queued[0].worker.submit(_run_handoffs, list(queued), live, flags, ready))
+                jobs.append(
+                    queued[0].worker.submit(decode_program.run_handoffs, list(queued), live, flags, ready)
+                )
                 queued.clear()
             while queued:  # pipelined: the last join's; upfront: all of them; chunks: the last two graphs
-                _run_handoff(queued.popleft(), live, flags, ready)
+                decode_program.run_handoff(queued.popleft(), live, flags, ready)
             if not detach:
                 for job in jobs:  # in order; a failure is raised after its flag released the GPU
                     job.result()
@@ -665,7 +560,7 @@ class DecodeGraphs:
             raise
         return picked, jobs
 
-    def _release(self, jobs: list, programs: list[_Program]) -> None:
+    def _release(self, jobs: list, programs: list[Program]) -> None:
         """Let what was launched of ``programs`` drain after a failure: wait for the CPU ``jobs``, set
         every flag the device may wait on (each wait clears its own), wait for the device, then clear
         the flags no wait consumed and the stagings' flags no CPU kernel consumed."""
@@ -683,80 +578,7 @@ class DecodeGraphs:
 
 
 LAUNCH_MODES = ("in_turn", "pipelined", "ahead", "upfront", "chunks")
-MAX_HANDOFFS = 1024  # per decode step: one per CPU MoE layer, with room to spare
-PREPARED_CALLS = True  # plain hand-offs run prepared calls (_decode_call); off: their kernels, as any
 CHUNK_HANDOFFS = 16  # chunks: CPU hand-offs a graph (MoE layers)
-
-
-def _run_handoffs(handoffs: list[_Handoff], live: int, flags, ready=None) -> None:
-    """Run hand-offs in order (``_run_handoff``); one that fails does not stop the rest, so that
-    every flag gets set and the device runs through the step; the first failure is raised after."""
-    failed = None
-    for h in handoffs:
-        try:
-            _run_handoff(h, live, flags, ready)
-        except Exception as err:
-            failed = failed or err
-    if failed is not None:
-        raise failed
-
-
-def _run_handoff(h: _Handoff, live: int, flags, ready=None) -> None:
-    """Wait for the hand-off's inputs (or have its kernel wait: ``waits``, on the flag the staging
-    sets), run its CPU kernel on the ``live`` rows, then set its flag (always: a stream waits on
-    it), unless the kernel set it itself (``signals``: as soon as its output was whole, before any
-    work it does after)."""
-    signaled = False
-    try:
-        t0 = time.perf_counter()
-        kw = {}
-        if h.waits and ready is not None:
-            kw["ready"] = (ready, h.slot)
-        else:
-            h.ready.synchronize()
-        t1 = time.perf_counter()
-        if h.signals and flags is not None:
-            kw["signal"] = (flags, h.slot)
-        call = _decode_call(h, kw)
-        if call is not None:
-            call(live)
-        else:
-            h.fn(*(a[:live] for a in h.args), **kw)  # [S, ...] pinned buffers -> the live rows
-        signaled = "signal" in kw
-        t2 = time.perf_counter()
-    finally:
-        if flags is not None and not signaled:
-            flags[h.slot] = 1
-    timings = h.worker.timings
-    timings.copies += t1 - t0  # the layer's GPU work and the copy: the CPU waits for both
-    timings.cpu_experts += t2 - t1
-    timings.wait += t2 - t1  # the GPU is idle once the layer's own GPU work is done
-    timings.calls += 1
-    timings.per_layer[h.layer] = timings.per_layer.get(h.layer, 0.0) + (t2 - t1)
-
-
-def _decode_call(h: _Handoff, kw: dict):
-    """The hand-off's prepared ``cpu_kernels.DecodeCall`` when its kernel is a plain call waiting on
-    its input flag and setting its own (made on first use and kept, remade if the experts or the
-    flag arrays changed), else None: it then runs ``fn``. Either does the same; the prepared call
-    skips the checks and set-up a call otherwise repeats while the GPU computes the layer's attention."""
-    if not PREPARED_CALLS or h.plain is None or "signal" not in kw or "ready" not in kw:
-        return None
-    packed = h.plain()
-    if packed is None:
-        return None
-    call, signal, ready = h.call, kw["signal"], kw["ready"]
-    if (
-        call is None
-        or call.experts is not packed
-        or call.signal[0] is not signal[0]
-        or call.ready[0] is not ready[0]
-    ):
-        import cpu_kernels
-
-        x, ids, weights, out = h.args
-        call = h.call = cpu_kernels.DecodeCall(x, ids, weights, packed, out, signal=signal, ready=ready)
-    return call
 
 
 def _has_triton() -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hetero import graphs
+from hetero import decode_program
 
 
 @dataclass
@@ -90,7 +90,7 @@ class HostBuffers:
 @dataclass
 class _Captured:
     """A hand-off recorded into a decode graph: the pinned buffer its CPU kernel writes, and the
-    program's record of it (``hetero.graphs._Handoff``), which the join names."""
+    program's record of it (``hetero.decode_program.Handoff``), which the join names."""
 
     out: torch.Tensor
     handoff: object
@@ -122,14 +122,14 @@ class CPUHandoff:
         inputs; a decode graph's staging sets it, and the host calls the kernel without waiting.
         id_map: the kernel gets id_map[ids] (mapped as they are staged). plain: for a captured step,
         () -> the packed experts while the kernel is a plain fused_moe call of them
-        (``graphs._Handoff.plain``)."""
+        (``decode_program.Handoff.plain``)."""
         from gpu_kernels.handoff import stage_handoff
 
         t = x.shape[0]
         b = self.buffers
         b.ensure(t)
         hx, hids, hw, hout = b.x[:t], b.ids[:t], b.weights[:t], b.out[:t]
-        program = graphs.capturing()
+        program = decode_program.capturing()
         if program is not None:
             # Recording a decode graph: the staging (one kernel storing into the pinned buffers)
             # joins the graph being captured, the CPU kernel runs between graphs on those buffers
@@ -185,7 +185,7 @@ class CPUHandoff:
         if isinstance(future, _Captured):
             from gpu_kernels.handoff import fetch_host
 
-            graphs.capturing().join(future.handoff)
+            decode_program.capturing().join(future.handoff)
             return fetch_host(future.out, self.device)
         t0 = time.perf_counter()
         out, done = future.result()

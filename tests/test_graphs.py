@@ -449,7 +449,7 @@ def test_failing_cpu_kernel_raises_and_releases_the_gpu(tiny, launch):
 
 
 def test_handoff_sets_its_flag_even_when_its_kernel_fails():
-    from hetero.graphs import _Handoff, _run_handoff
+    from hetero.decode_program import Handoff, run_handoff
     from hetero.pipeline import Timings
 
     class Ready:
@@ -461,17 +461,17 @@ def test_handoff_sets_its_flag_even_when_its_kernel_fails():
 
     flags = [0, 0]
     out = []
-    ok = _Handoff(lambda x: out.append(x.tolist()), (torch.arange(4),), Worker(), 3, 0, Ready())
-    _run_handoff(ok, 2, flags)
+    ok = Handoff(lambda x: out.append(x.tolist()), (torch.arange(4),), Worker(), 3, 0, Ready())
+    run_handoff(ok, 2, flags)
     assert flags == [1, 0] and out == [[0, 1]]  # the live rows alone
     assert Worker.timings.calls == 1 and 3 in Worker.timings.per_layer
 
     def broken(x):
         raise ValueError("kernel failed")
 
-    bad = _Handoff(broken, (torch.arange(4),), Worker(), 4, 1, Ready())
+    bad = Handoff(broken, (torch.arange(4),), Worker(), 4, 1, Ready())
     with pytest.raises(ValueError):
-        _run_handoff(bad, 2, flags)
+        run_handoff(bad, 2, flags)
     assert flags == [1, 1]
 
 
@@ -481,7 +481,8 @@ def _order_of(launch: str, ops_of) -> tuple[list, list[int]]:
     from concurrent.futures import Future
     from types import SimpleNamespace
 
-    from hetero.graphs import DecodeGraphs, _Handoff, _Program
+    from hetero.decode_program import Handoff, Program
+    from hetero.graphs import DecodeGraphs
     from hetero.pipeline import Timings
 
     log = []
@@ -502,10 +503,10 @@ def _order_of(launch: str, ops_of) -> tuple[list, list[int]]:
     ready = SimpleNamespace(synchronize=lambda: None)
 
     def handoff(slot):
-        return _Handoff(lambda x: log.append(f"cpu{slot}"), (torch.zeros(2),), worker, slot, slot, ready)
+        return Handoff(lambda x: log.append(f"cpu{slot}"), (torch.zeros(2),), worker, slot, slot, ready)
 
     flags = torch.zeros(8, dtype=torch.int32)
-    program = _Program(pool=None, flags=flags)
+    program = Program(pool=None, flags=flags)
     program.ops = ops_of(Graph, handoff)
     program.handoffs = sum(op[0] == "cpu" for op in program.ops)
     DecodeGraphs._replay(SimpleNamespace(launch=launch, device=None), program, live=1)
@@ -573,7 +574,7 @@ def test_a_kernel_that_signals_sets_its_own_flag():
     flagged again after it returns: the GPU may already have cleared it. One that fails first is."""
     from types import SimpleNamespace
 
-    from hetero.graphs import _Handoff, _run_handoff
+    from hetero.decode_program import Handoff, run_handoff
     from hetero.pipeline import Timings
 
     flags = np.zeros(4, np.int32)
@@ -590,10 +591,10 @@ def test_a_kernel_that_signals_sets_its_own_flag():
 
     worker = SimpleNamespace(timings=Timings())
     ready = SimpleNamespace(synchronize=lambda: None)
-    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 1, ready, signals=True), 1, flags)
+    run_handoff(Handoff(kernel, (np.zeros(2),), worker, 0, 1, ready, signals=True), 1, flags)
     assert seen == [1] and flags.tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="bad ids"):
-        _run_handoff(_Handoff(failing, (np.zeros(2),), worker, 0, 2, ready, signals=True), 1, flags)
+        run_handoff(Handoff(failing, (np.zeros(2),), worker, 0, 2, ready, signals=True), 1, flags)
     assert flags.tolist() == [0, 0, 1, 0]
 
 
@@ -604,8 +605,8 @@ def test_a_plain_handoff_runs_a_prepared_call(monkeypatch):
     from types import SimpleNamespace
 
     import cpu_kernels as ck
-    from hetero import graphs
-    from hetero.graphs import _Handoff, _run_handoff
+    from hetero import decode_program
+    from hetero.decode_program import Handoff, run_handoff
     from hetero.pipeline import Timings
 
     H, I, K, S = 192, 128, 2, 4  # noqa: E741
@@ -622,13 +623,13 @@ def test_a_plain_handoff_runs_a_prepared_call(monkeypatch):
         ck.fused_moe(x, ids, wts, ex, out=out, signal=signal, ready=ready)
 
     worker = SimpleNamespace(timings=Timings())
-    h = _Handoff(
+    h = Handoff(
         fn, args, worker, 0, 1, None, signals=True, waits=True, plain=lambda: ex if plain[0] else None
     )
     flags, ready = np.zeros(4, np.int32), np.zeros(4, np.int32)
     for live, want_ran in ((2, []), (3, []), (2, [2])):
         ready[1] = 1
-        _run_handoff(h, live, flags, ready)
+        run_handoff(h, live, flags, ready)
         np.testing.assert_array_equal(args[3][:live], ck.fused_moe(x[:live], ids[:live], wts[:live], ex))
         assert flags.tolist() == [0, 1, 0, 0] and ready.tolist() == [0] * 4 and ran == want_ran
         flags[1] = 0
@@ -638,9 +639,9 @@ def test_a_plain_handoff_runs_a_prepared_call(monkeypatch):
             plain[0] = False  # and then the layer defers experts: its kernel runs
     assert isinstance(call, ck.DecodeCall) and call.signal[0] is not flags
     plain[0] = True
-    monkeypatch.setattr(graphs, "PREPARED_CALLS", False)  # switched off: the kernel runs
+    monkeypatch.setattr(decode_program, "PREPARED_CALLS", False)  # switched off: the kernel runs
     ready[1] = 1
-    _run_handoff(h, 1, flags, ready)
+    run_handoff(h, 1, flags, ready)
     assert ran == [2, 1] and flags[1] == 1
 
 
@@ -649,7 +650,7 @@ def test_a_kernel_that_waits_is_called_without_the_event():
     without the host waiting on the staging's event first; one that does not is called after."""
     from types import SimpleNamespace
 
-    from hetero.graphs import _Handoff, _run_handoff
+    from hetero.decode_program import Handoff, run_handoff
     from hetero.pipeline import Timings
 
     flags, ready = np.zeros(4, np.int32), np.zeros(4, np.int32)
@@ -661,14 +662,14 @@ def test_a_kernel_that_waits_is_called_without_the_event():
         assert ready is None or ready[0] is not None
 
     worker = SimpleNamespace(timings=Timings())
-    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 3, event, waits=True), 1, flags, ready)
+    run_handoff(Handoff(kernel, (np.zeros(2),), worker, 0, 3, event, waits=True), 1, flags, ready)
     assert log == [("kernel", 3)] and flags.tolist() == [0, 0, 0, 1]
     log.clear()
-    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 2, event), 1, flags, ready)
+    run_handoff(Handoff(kernel, (np.zeros(2),), worker, 0, 2, event), 1, flags, ready)
     assert log == ["event", ("kernel", None)]
     log.clear()
     # no ready flags (captured without them): the event, as before
-    _run_handoff(_Handoff(kernel, (np.zeros(2),), worker, 0, 1, event, waits=True), 1, flags)
+    run_handoff(Handoff(kernel, (np.zeros(2),), worker, 0, 1, event, waits=True), 1, flags)
     assert log == ["event", ("kernel", None)]
 
 
