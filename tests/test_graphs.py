@@ -691,3 +691,18 @@ def test_runtime_options_check_the_decode_launch():
     assert RuntimeOptions().decode_launch == "upfront"
     with pytest.raises(ValueError, match="in_turn, pipelined, ahead, upfront"):
         RuntimeOptions(decode_launch="sideways")
+
+
+def test_recording_names_the_program_only_while_it_records():
+    """CPU hand-offs find the program being captured through ``capturing()``: the program inside
+    ``recording``, None outside it, also after a capture that failed midway."""
+    from hetero.decode_program import Program, capturing, recording
+
+    program = Program(pool=None)
+    assert capturing() is None
+    with recording(program):
+        assert capturing() is program
+    assert capturing() is None
+    with pytest.raises(RuntimeError, match="midway"), recording(program):
+        raise RuntimeError("capture failed midway")
+    assert capturing() is None
