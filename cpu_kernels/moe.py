@@ -208,6 +208,15 @@ def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
     return got
 
 
+def _use_threads(nthr: int) -> int:
+    """Have the calling thread's parallel regions run on ``nthr`` threads (thread-local in Numba),
+    calling Numba only when that changes (~3 us a call otherwise, a decode step's ~1%)."""
+    if getattr(_local, "threads", 0) != nthr:
+        numba.set_num_threads(nthr)
+        _local.threads = nthr
+    return nthr
+
+
 def _decode_surely(T: int, K: int, E: int, thresh: float) -> bool:
     """Whether "auto" takes T tokens of K experts each (of E) in decode mode without counting their
     pairs: fewer than ``thresh`` pairs an expert even if all T * K hit distinct experts (a cheap
@@ -280,10 +289,7 @@ def fused_moe(
                 mode = "prefill"
     rb, tb = decode if mode == "decode" else prefill
     knobs = knobs if mode == "decode" else _PREFILL_KNOBS
-    nthr = threads or get_num_threads()
-    if getattr(_local, "threads", 0) != nthr:  # ~3 us a call otherwise, a decode step's ~1%
-        numba.set_num_threads(nthr)  # thread-local in Numba: set by the calling thread
-        _local.threads = nthr
+    nthr = _use_threads(threads or get_num_threads())
     one_region = ex.fmt != "bf16" and mode == "decode" and T * K <= ONE_REGION_PAIRS
     if not one_region and (defer or add is not None or signal is not None):
         # Two regions (bf16, or many pairs): the late pairs as a call of their own, after out.
@@ -425,10 +431,7 @@ class DecodeCall:
             x, ids, w, out = (a[:live] for a in self.buffers)
             fused_moe(x, ids, w, ex, out=out, signal=self.signal, ready=self.ready)
             return
-        nthr = get_num_threads()
-        if getattr(_local, "threads", 0) != nthr:
-            numba.set_num_threads(nthr)
-            _local.threads = nthr
+        nthr = _use_threads(get_num_threads())
         settings = _cfg(ex.fmt, ex.H, ex.I)
         if settings is not self._settings:  # new work-item settings (set_knobs): new arguments
             self._args.clear()

@@ -183,12 +183,9 @@ def run_handoff(h: Handoff, live: int, flags, ready=None) -> None:
     finally:
         if flags is not None and not signaled:
             flags[h.slot] = 1
-    timings = h.worker.timings
-    timings.copies += t1 - t0  # the layer's GPU work and the copy: the CPU waits for both
-    timings.cpu_experts += t2 - t1
-    timings.wait += t2 - t1  # the GPU is idle once the layer's own GPU work is done
-    timings.calls += 1
-    timings.per_layer[h.layer] = timings.per_layer.get(h.layer, 0.0) + (t2 - t1)
+    # copies: the layer's GPU work and the copy, which the CPU waits for; the GPU is idle once the
+    # layer's own GPU work is done, so all of the kernel's time is waited for
+    h.worker.timings.add_call(h.layer, t1 - t0, t2 - t1, t2 - t1)
 
 
 def decode_call(h: Handoff, kw: dict):

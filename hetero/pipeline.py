@@ -44,6 +44,15 @@ class Timings:
         self.calls = 0
         self.per_layer.clear()
 
+    def add_call(self, layer: int, copies: float, cpu: float, waited: float = 0.0) -> None:
+        """One CPU call of ``layer``: seconds waiting for its inputs (copies), in its kernel (cpu),
+        and of that, the GPU side waiting for it (waited)."""
+        self.copies += copies
+        self.cpu_experts += cpu
+        self.wait += waited
+        self.calls += 1
+        self.per_layer[layer] = self.per_layer.get(layer, 0.0) + cpu
+
 
 class CPUWorker:
     """The one thread that runs CPU expert kernels, in submission order."""
@@ -175,10 +184,7 @@ class CPUHandoff:
                 out = fetch_host(hout, self.device)
                 done = torch.cuda.Event()
                 done.record()
-        timings.copies += t1 - t0
-        timings.cpu_experts += t2 - t1
-        timings.calls += 1
-        timings.per_layer[self.layer] = timings.per_layer.get(self.layer, 0.0) + (t2 - t1)
+        timings.add_call(self.layer, t1 - t0, t2 - t1)
         return out, done
 
     def wait(self, future: Future | _Captured) -> torch.Tensor:
