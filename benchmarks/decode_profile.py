@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -432,6 +433,40 @@ def deferral_accuracy(engine, prompt: list[int], steps: int, defers: list[int]) 
 TRACED_STEPS = 8  # steps of each compared run traced after its timed ones (kernel_trace)
 
 
+class TeamHolder:
+    """A second team of kernel threads, held alive or let go: a thread that ran a parallel region
+    on every core (as bulk work on another thread than the CPU worker's would) and waits."""
+
+    def __init__(self):
+        self.thread, self.stop = None, threading.Event()
+
+    def hold(self) -> None:
+        if self.thread is not None:
+            return
+        import numba
+
+        from cpu_kernels.probe import _random
+
+        started = threading.Event()
+
+        def run():
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+            _random((1 << 20,), np.uint8, 1)  # one parallel region
+            started.set()
+            self.stop.wait()
+
+        self.stop.clear()
+        self.thread = threading.Thread(target=run, name="second-team")
+        self.thread.start()
+        started.wait()
+
+    def release(self) -> None:
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()  # the thread ends, and libgomp frees its pool
+            self.thread = None
+
+
 def compare(engine, prompt: list[int], steps: int, variants: dict, reps: int, key: str) -> dict:
     """Each variant (name -> a function that sets it up), alternating ``reps`` times: the step split of
     ``replay_times`` per run, then TRACED_STEPS steps' CPU calls traced (``kernel_trace``), and per
@@ -606,6 +641,13 @@ def main(argv: list[str] | None = None) -> int:
         "against steps run one at a time, alternating",
     )
     ap.add_argument(
+        "--compare-teams",
+        action="store_true",
+        help="only time steps whose CPU worker's team of kernel threads is the only one against steps "
+        "with a second team alive (a thread that ran a parallel region on every core and waits), "
+        "alternating: what a second pool of workers costs the decode calls (cpu_kernels.threads)",
+    )
+    ap.add_argument(
         "--compare-sample",
         action="store_true",
         help="only time greedy tokens picked inside the decode graphs against logits and argmax run "
@@ -686,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         or args.compare_kernel
         or args.compare_share
         or args.compare_overlap
+        or args.compare_teams
     )
     if args.compare_launch or comparing or switch:
         if engine.graphs is None or not torch.cuda.is_available():
@@ -728,6 +771,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             row = compare(engine, prompt, args.steps, variants, 3, key="variant")
             setup(True, n)
+        elif args.compare_teams:
+            holder = TeamHolder()
+            variants = {"one_team": holder.release, "two_teams": holder.hold}
+            row = compare(engine, prompt, args.steps, variants, 3, key="variant")
+            holder.release()
         elif args.compare_share:
             from hetero.experts import set_pcie_share
 
@@ -758,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_threads
             else "decode_pcie_share"
             if args.compare_share
+            else "decode_teams"
+            if args.compare_teams
             else "decode_overlap"
             if args.compare_overlap
             else "decode_early"

@@ -36,7 +36,7 @@ from hetero.calibrate import ExpertCounts, ram_shares  # noqa: E402
 from hetero.distributed import SINGLE, Parallel, launch, rank0_first  # noqa: E402
 from hetero.experts import HybridExperts, set_pcie_share  # noqa: E402
 from hetero.graphs import LAUNCH_MODES  # noqa: E402
-from hetero.runtime import RuntimeOptions, load_runtime  # noqa: E402
+from hetero.runtime import RuntimeOptions, bulk, load_runtime, separate_openmp  # noqa: E402
 from placement import detect  # noqa: E402
 from placement.hardware import probe_cpu_bandwidth  # noqa: E402
 from placement.units import parse_size  # noqa: E402
@@ -340,14 +340,15 @@ def adjacent_read_bw(prof, par: Parallel) -> float:
     """The profile's CPU read-bandwidth probe run again now (rank 0; the others keep the profile's)."""
     if not par.is_first:
         return prof.cpu_read_bw
-    return probe_cpu_bandwidth(prof.physical_cores, prof.ram_available) or prof.cpu_read_bw
+    return bulk(probe_cpu_bandwidth, prof.physical_cores, prof.ram_available) or prof.cpu_read_bw
 
 
 def measure(par: Parallel, args: argparse.Namespace) -> int:
     """Every rank loads and runs the same steps; rank 0 alone probes, prints and writes."""
     gpu_mem = parse_size(args.gpu_mem)
     cap_device_memory(gpu_mem, par.rank)
-    prof = rank0_first(par, detect)  # measured once, cached for the other ranks
+    separate_openmp()  # before any probe starts Numba's threads (hetero.runtime)
+    prof = rank0_first(par, lambda: bulk(detect))  # measured once, cached for the other ranks
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     rates = bound_rates(prof)
     rows = []
@@ -440,7 +441,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
         shares, uniform = ram_shares(rt.engine.model, counts.to_json()), ram_shares(rt.engine.model)
         rt.engine.graphs = graphs
         del graphs
-        probe = cpu_layer_probe(rt.engine.model, rt.spec)
+        probe = bulk(cpu_layer_probe, rt.engine.model, rt.spec)
         streamed = [
             m.mlp.experts.streamed
             for m in rt.engine.model.model.layers

@@ -39,8 +39,9 @@ drives a step (``DecodeGraphs.launch``):
   with an event to wait for, so the host is free during the step (but the CPU kernels run on a
   thread fewer).
 - ``upfront`` (the default): the step is captured as one graph, the waits on the flags inside it;
-  the host launches it, then runs the CPU experts itself (all the kernels' threads), each after its
-  staging. One launch a step instead of one per hand-off, and none between two CPU calls; a
+  the host launches it, then has the CPU worker thread run the CPU experts, each after its staging,
+  as one job (the worker's team of kernel threads stays the process's only one, which keeps its
+  regions quick to start: ``cpu_kernels.threads``). One launch a step instead of one per hand-off, and none between two CPU calls; a
   kernel that flags its output early (expert deferral) lets the GPU go on at once. Its steps are
   captured apart from the other modes' (both sets share the memory pool: a step replays one set).
   Once a layer's GPU work between two hand-offs had shrunk to ~72 us, it led: V2-Lite on the H100
@@ -539,14 +540,15 @@ class DecodeGraphs:
                     while queued and queued[0].slot <= due:
                         decode_program.run_handoff(queued.popleft(), live, flags, ready)
                     due = op[1].slot
-            if detach and queued:
-                # One job runs the step's hand-offs in order: one wake-up of the host waiting on
-                # it a step, not one a hand-off, and no queue between two CPU calls.
+            if mode == "upfront" and queued:
+                # One job runs the step's hand-offs in order on the CPU worker: one wake-up of the
+                # host waiting on it a step, not one a hand-off, and no queue between two CPU calls;
+                # and its thread's team of kernel threads is the only one (cpu_kernels.threads).
                 jobs.append(
                     queued[0].worker.submit(decode_program.run_handoffs, list(queued), live, flags, ready)
                 )
                 queued.clear()
-            while queued:  # pipelined: the last join's; upfront: all of them; chunks: the last two graphs
+            while queued:  # pipelined: the last join's; chunks: the last two graphs'
                 decode_program.run_handoff(queued.popleft(), live, flags, ready)
             if not detach:
                 for job in jobs:  # in order; a failure is raised after its flag released the GPU

@@ -30,6 +30,33 @@ DEFAULT_PRESET = "deepseek-v3"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def separate_openmp() -> None:
+    """Numba's threading layer on an OpenMP runtime of its own, not torch's (imported above), before
+    any CPU kernel or probe runs: see ``cpu_kernels.threads``."""
+    from cpu_kernels.threads import separate_openmp as separate
+
+    separate()
+
+
+def bulk(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on a thread that ends with it (``cpu_kernels.threads.on_own_thread``),
+    with the caller's CUDA device and grad / inference modes: the load's and the probes' parallel
+    regions leave no team of CPU threads behind besides the CPU worker's, whose decode calls would
+    otherwise start each region by waking its threads one system call at a time."""
+    from cpu_kernels.threads import on_own_thread
+
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run():
+        if device is not None:
+            torch.cuda.set_device(device)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(*args, **kwargs)
+
+    return on_own_thread(run)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetero"
 
@@ -157,6 +184,7 @@ def load_runtime(
     graphs are off: the all-reduces would have to be captured between the graphs' CPU hand-offs.
     """
     opts = options or RuntimeOptions()
+    separate_openmp()
     path = default_model_dir() if model is None else _resolve(model)
     read_ahead(path)  # a no-op when the command line already started it
     gguf = path.suffix == ".gguf"
@@ -184,7 +212,7 @@ def load_runtime(
         from placement.cost import stream_min_tokens
 
         # Measured once (with the CPU kernels' rate in this expert format), cached for the other ranks.
-        profile = rank0_first(parallel, lambda: with_kernel_rate(hardware.detect(), experts))
+        profile = rank0_first(parallel, lambda: bulk(lambda: with_kernel_rate(hardware.detect(), experts)))
         plan = make_plan(
             spec,
             profile,
@@ -206,7 +234,8 @@ def load_runtime(
         placement = Placement.from_plan(plan, stream_from)
         # The GPU reads RAM experts over PCIe itself: with CUDA only (the CPU device has no link).
         placement.pcie_share = plan.cost_inputs.pcie_share if device.type == "cuda" else 0.0
-        net = load_placed(
+        net = bulk(
+            load_placed,
             path,
             placement,
             device,
@@ -221,8 +250,8 @@ def load_runtime(
         from hetero.apply import Placement, load_placed
 
         placement = Placement(expert_format=experts, group_size=group_size)
-        net = load_placed(
-            path, placement, device, dtype, progress=opts.progress, spec=spec, parallel=parallel
+        net = bulk(
+            load_placed, path, placement, device, dtype, progress=opts.progress, spec=spec, parallel=parallel
         )
     elif split:
         # Every expert on the devices, dealt out over the ranks; loaded through the host, split there.
