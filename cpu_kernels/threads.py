@@ -7,9 +7,11 @@ calling thread). libgomp counts every thread of every pool it manages; while the
 CPUs it throttles them: an idle worker polls ~100 times (~1,000 under ``OMP_WAIT_POLICY=active``)
 instead of ~300,000 before it sleeps in the kernel, so every later region starts by waking its
 workers through system calls. A one-token decode call starts a region every layer, ~25-40 us after
-the last one ended, and so pays that wake-up every layer. Measured from a worker thread, an empty
-region of 15 threads on the 16-core Xeon VM (``benchmarks/cpu_teams.py``): 7-10 us unthrottled,
-33-62 us throttled; of 2 threads on a 2-core Zen 4 VM, 3-4 us against 16-32.
+the last one ended, and so pays that wake-up every layer. Measured from a worker thread
+(``benchmarks/cpu_teams.py``), an empty region of 15 threads on a 16-core Xeon VM: 7-10 us
+unthrottled, 33-62 us throttled; of 2 threads on a 2-core VM, 3-6 us against 14-32. In Qwen3-30B-A3B
+int4 decode steps on the 16-core machine the CPU worker's threads then all came in before the
+layer's inputs instead of one of 15 (``benchmarks/decode_profile.py --compare-teams``).
 
 Two things push a decoding process over the count:
   - torch ships a libgomp of its own and loads it where every later library's symbols resolve first,

@@ -1,0 +1,130 @@
+"""What other OpenMP teams in the process cost a parallel region's start (cpu_kernels.threads).
+
+A decode step's CPU worker starts a Numba parallel region every layer, ~25-40 us after the last
+one ended. libgomp throttles its idle workers (a short poll, then sleep in the kernel) while the
+threads of all the pools it manages outnumber the CPUs, and every region then wakes them by system
+calls. Here a worker thread times an empty region of its team (``--threads``, default all cores
+but one, as the CPU worker's) after a busy wait of 0, 40 or 300 us, in a fresh process per setup:
+
+- ``separate``: Numba's layer loaded with ``cpu_kernels.threads.separate_openmp`` (its own
+  libgomp) or plainly (bound to torch's, imported first);
+- ``other team``: none; torch's intra-op pool (a parallel torch op on every core, from the main
+  thread); or a second Numba team on the main thread of every core, or of 2.
+
+    python benchmarks/cpu_teams.py [--threads N] [--reps 600]
+
+Prints a table last (median us per region by gap); writes cpu_teams-<machine>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table, machine_name, write_json  # noqa: E402
+
+GAPS_US = (0, 40, 300)
+
+_CHILD = r"""
+import json, os, statistics, sys, threading, time
+import numpy as np
+separate, other, threads, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import torch
+import numba
+from numba import prange
+if separate == "yes":
+    from cpu_kernels.threads import separate_openmp
+    separate_openmp()
+
+@numba.njit(parallel=True, nogil=True)
+def region(a, n):
+    for i in prange(n):
+        a[i * 8] += 1.0
+    return a[0]
+
+a = np.zeros(8 * 1024)
+cores = os.cpu_count()
+if other == "torch":
+    torch.set_num_threads(cores)
+    x = torch.ones(1 << 24)
+    for _ in range(5):
+        x.sum()
+elif other.startswith("numba"):
+    n = cores if other == "numba-all" else 2
+    numba.set_num_threads(n)
+    region(a, n)
+took = {}
+
+def worker():
+    numba.set_num_threads(threads)
+    region(a, threads)
+    for gap in GAPS:
+        ts = []
+        for _ in range(reps):
+            until = time.perf_counter() + gap * 1e-6
+            while time.perf_counter() < until:
+                pass
+            t = time.perf_counter()
+            region(a, threads)
+            ts.append(time.perf_counter() - t)
+        took[gap] = statistics.median(ts) * 1e6
+
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+print(json.dumps({"layer": numba.threading_layer(), "us": took}))
+"""
+
+
+def run_case(separate: str, other: str, threads: int, reps: int) -> dict:
+    code = f"GAPS = {GAPS_US}\n" + _CHILD
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-c", code, separate, other, str(threads), str(reps)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"{separate}/{other} failed:\n{run.stderr[-2000:]}")
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    row = {"separate": separate, "other_team": other, "layer": got["layer"]}
+    row.update({f"gap{g}_us": round(got["us"][str(g)], 1) for g in GAPS_US})
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--reps", type=int, default=600)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    rows = []
+    for separate in ("no", "yes"):
+        for other in ("none", "torch", "numba-all", "numba-2"):
+            rows.append(run_case(separate, other, args.threads, args.reps))
+            print(rows[-1], flush=True)
+    out = {
+        "machine": machine_name(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "reps": args.reps,
+        "note": "median us of an empty parallel region from a worker thread, after a busy wait of gap us",
+        "rows": rows,
+    }
+    path = write_json("cpu_teams" + (f"-{args.tag}" if args.tag else ""), out)
+    print(f"wrote {path}")
+    print(format_table(rows, ["separate", "other_team", *[f"gap{g}_us" for g in GAPS_US]]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
