@@ -67,3 +67,24 @@ def test_separate_openmp_binds_numba_to_its_own_libgomp():
     ]
     assert bound, "no binding of GOMP_parallel for Numba's OpenMP layer reported"
     assert all("libgomp" in b and not b.startswith(torch_lib) for b in bound), bound
+
+
+def test_bulk_runs_on_a_thread_of_its_own_with_the_callers_modes():
+    """hetero.runtime.bulk: the load's and probes' thread ends with them and sees the caller's grad
+    and inference modes (a tensor made there is an inference tensor when the caller's were)."""
+    import torch
+
+    from hetero.runtime import bulk
+
+    def made():
+        return threading.current_thread(), torch.is_grad_enabled(), torch.ones(2)
+
+    with torch.inference_mode():
+        t, grad, x = bulk(made)
+    assert t is not threading.current_thread() and not t.is_alive()
+    assert not grad and x.is_inference()
+    with torch.no_grad():
+        _, grad, x = bulk(made)
+    assert not grad and not x.is_inference()
+    _, grad, _ = bulk(made)
+    assert grad
