@@ -11,9 +11,14 @@ but one, as the CPU worker's) after a busy wait of 0, 40 or 300 us, in a fresh p
 - ``other team``: none; torch's intra-op pool (a parallel torch op on every core, from the main
   thread); or a second Numba team on the main thread of every core, or of 2.
 
+Then the case against separate runtimes (``alternating``): a model on the CPU, whose torch ops on
+the main thread and the kernels' regions on the worker take turns (a 256 x 1024 by 1024 x 1024
+product, then a region summing 64 rows of 20,000 floats), timed per turn with the runtime shared
+or separate: each unthrottled runtime keeps its idle threads polling on the cores the other needs.
+
     python benchmarks/cpu_teams.py [--threads N] [--reps 600]
 
-Prints a table last (median us per region by gap); writes cpu_teams-<machine>.json.
+Prints the tables last (median us per region by gap; per turn); writes cpu_teams-<machine>.json.
 """
 
 from __future__ import annotations
@@ -83,19 +88,54 @@ print(json.dumps({"layer": numba.threading_layer(), "us": took}))
 """
 
 
-def run_case(separate: str, other: str, threads: int, reps: int) -> dict:
-    code = f"GAPS = {GAPS_US}\n" + _CHILD
+_ALTERNATE = r"""
+import json, statistics, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+separate, reps = sys.argv[1], int(sys.argv[2])
+import torch
+import numba
+from numba import prange
+if separate == "yes":
+    from cpu_kernels.threads import separate_openmp
+    separate_openmp()
+
+@numba.njit(parallel=True, nogil=True)
+def rows(a, n):
+    for i in prange(n):
+        s = 0.0
+        for j in range(a.shape[1]):
+            s += a[i, j]
+        a[i, 0] = s * 1e-9
+    return a[0, 0]
+
+a = np.random.default_rng(0).random((64, 20000))
+x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+worker = ThreadPoolExecutor(1)
+worker.submit(rows, a, 64).result()
+x @ w
+took = []
+for _ in range(reps):
+    t = time.perf_counter()
+    x @ w
+    worker.submit(rows, a, 64).result()
+    took.append(time.perf_counter() - t)
+print(json.dumps({"us": statistics.median(took) * 1e6}))
+"""
+
+
+def _child(code: str, *args) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(
-        [sys.executable, "-c", code, separate, other, str(threads), str(reps)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=600
     )
     if run.returncode != 0:
-        raise SystemExit(f"{separate}/{other} failed:\n{run.stderr[-2000:]}")
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{args} failed:\n{run.stderr[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def run_case(separate: str, other: str, threads: int, reps: int) -> dict:
+    got = _child(f"GAPS = {GAPS_US}\n" + _CHILD, separate, other, threads, reps)
     row = {"separate": separate, "other_team": other, "layer": got["layer"]}
     row.update({f"gap{g}_us": round(got["us"][str(g)], 1) for g in GAPS_US})
     return row
@@ -112,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         for other in ("none", "torch", "numba-all", "numba-2"):
             rows.append(run_case(separate, other, args.threads, args.reps))
             print(rows[-1], flush=True)
+    turns = []
+    for _ in range(2):  # twice each way, alternating
+        for separate in ("no", "yes"):
+            turns.append(
+                {"separate": separate, "us_per_turn": round(_child(_ALTERNATE, separate, 300)["us"])}
+            )
+            print(turns[-1], flush=True)
     out = {
         "machine": machine_name(),
         "cpus": os.cpu_count(),
@@ -119,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "note": "median us of an empty parallel region from a worker thread, after a busy wait of gap us",
         "rows": rows,
+        "alternating": turns,
     }
     path = write_json("cpu_teams" + (f"-{args.tag}" if args.tag else ""), out)
     print(f"wrote {path}")
+    print(format_table(turns, ["separate", "us_per_turn"]))
     print(format_table(rows, ["separate", "other_team", *[f"gap{g}_us" for g in GAPS_US]]))
     return 0
 

@@ -18,7 +18,11 @@ Two things push a decoding process over the count:
     so Numba's layer, loaded after it, runs on torch's runtime: torch's intra-op pool (one thread per
     core once any CPU op ran in parallel) counts against the kernels' team. ``separate_openmp`` loads
     Numba's layer with ``RTLD_DEEPBIND``, so that it binds to the libgomp it was linked against (the
-    system's): a runtime whose pools are the CPU kernels' alone.
+    system's): a runtime whose pools are the CPU kernels' alone. Only for a process whose torch does
+    not compute on the CPU between the kernels' calls (a model on a GPU): where torch's CPU ops and
+    the kernels' regions take turns (a model on the CPU), two unthrottled runtimes each keep their
+    threads polling on the cores the other needs, and one shared, throttled runtime is faster (3.2-4.3
+    against 8.0 ms a turn on the 2-core VM, ``benchmarks/cpu_teams.py``'s alternating rows).
   - bulk work (a checkpoint's dequantization and packing, bandwidth probes) run on a thread other
     than the one that makes the decode calls leaves a pool of its own behind. ``on_own_thread`` runs
     such work on a thread that ends with it, and its pool with it.

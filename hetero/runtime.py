@@ -32,7 +32,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def separate_openmp() -> None:
     """Numba's threading layer on an OpenMP runtime of its own, not torch's (imported above), before
-    any CPU kernel or probe runs: see ``cpu_kernels.threads``."""
+    any CPU kernel or probe runs: see ``cpu_kernels.threads``. For a process whose model runs on a
+    GPU: where torch computes on the CPU too, its ops and the CPU kernels' regions take turns, and
+    two runtimes would each keep their threads polling on the cores the other one needs."""
     from cpu_kernels.threads import separate_openmp as separate
 
     separate()
@@ -184,7 +186,6 @@ def load_runtime(
     graphs are off: the all-reduces would have to be captured between the graphs' CPU hand-offs.
     """
     opts = options or RuntimeOptions()
-    separate_openmp()
     path = default_model_dir() if model is None else _resolve(model)
     read_ahead(path)  # a no-op when the command line already started it
     gguf = path.suffix == ".gguf"
@@ -199,6 +200,8 @@ def load_runtime(
     fixed = model_formats(str(path))  # a converted model or GGUF file already fixes the expert format
     experts, group_size = fixed or (opts.experts, opts.group_size)
     device = opts.torch_device()
+    if device.type == "cuda":
+        separate_openmp()
     split = parallel.world_size > 1
     if split and device.type == "cuda":
         device = torch.device("cuda", parallel.rank)
