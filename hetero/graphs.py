@@ -25,7 +25,9 @@ set-up not repeated every step), so that it comes in sooner after the layer befo
 int4 steps on the H200 machine the next layer's inputs landed 56-64 us after a layer's output
 while the GPU's part alone took 41 us, the rest being the call's own start; prepared, 43 us, and
 the steps took 9.25 ms against 10.24 (benchmarks/results/decode_prepared-*.json). How the host
-drives a step (``DecodeGraphs.launch``):
+drives a step (``DecodeGraphs.launch``; in ``in_turn``, ``pipelined`` and ``chunks`` the host thread
+runs CPU experts itself, a second team of kernel threads besides the worker's, which prefill uses:
+their regions then start throttled, see ``cpu_kernels.threads``):
 
 - ``in_turn``: it replays graph by graph and runs the CPU experts itself between them (the
   flag is set before the graph that waits on it is launched).
