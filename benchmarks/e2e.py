@@ -347,7 +347,8 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
     """Every rank loads and runs the same steps; rank 0 alone probes, prints and writes."""
     gpu_mem = parse_size(args.gpu_mem)
     cap_device_memory(gpu_mem, par.rank)
-    separate_openmp()  # before any probe starts Numba's threads (hetero.runtime)
+    if torch.cuda.is_available():
+        separate_openmp()  # before any probe starts Numba's threads (hetero.runtime)
     prof = rank0_first(par, lambda: bulk(detect))  # measured once, cached for the other ranks
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     rates = bound_rates(prof)

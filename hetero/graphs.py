@@ -43,8 +43,9 @@ their regions then start throttled, see ``cpu_kernels.threads``):
 - ``upfront`` (the default): the step is captured as one graph, the waits on the flags inside it;
   the host launches it, then has the CPU worker thread run the CPU experts, each after its staging,
   as one job (the worker's team of kernel threads stays the process's only one, which keeps its
-  regions quick to start: ``cpu_kernels.threads``). One launch a step instead of one per hand-off, and none between two CPU calls; a
-  kernel that flags its output early (expert deferral) lets the GPU go on at once. Its steps are
+  regions quick to start: ``cpu_kernels.threads``). One launch a step instead of one per
+  hand-off, and none between two CPU calls; a kernel that flags its output early (expert deferral)
+  lets the GPU go on at once. Its steps are
   captured apart from the other modes' (both sets share the memory pool: a step replays one set).
   Once a layer's GPU work between two hand-offs had shrunk to ~72 us, it led: V2-Lite on the H100
   machine, three alternations of 32 steps, int4 9.39 ms a step against 9.84 pipelined, 9.32 ahead
@@ -550,7 +551,7 @@ class DecodeGraphs:
                     queued[0].worker.submit(decode_program.run_handoffs, list(queued), live, flags, ready)
                 )
                 queued.clear()
-            while queued:  # pipelined: the last join's; chunks: the last two graphs'
+            while queued:  # pipelined: the last join's; chunks: the last two graphs
                 decode_program.run_handoff(queued.popleft(), live, flags, ready)
             if not detach:
                 for job in jobs:  # in order; a failure is raised after its flag released the GPU
