@@ -74,7 +74,8 @@ def on_own_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         except BaseException as err:  # noqa: BLE001  (re-raised in the caller)
             box["error"] = err
 
-    t = threading.Thread(target=run, name="cpu-kernels-bulk")
+    # a daemon: an interrupt in the caller (Ctrl-C during a load) ends the process without waiting for it
+    t = threading.Thread(target=run, name="cpu-kernels-bulk", daemon=True)
     t.start()
     t.join()
     if "error" in box:
