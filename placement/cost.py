@@ -64,8 +64,10 @@ LAYER_OVERHEAD_S = 30e-6
 # CPU output and the next layer's inputs from 59 to 43 us (decode_prepared-qwen3-...-int4.json); at
 # 55 us the plans of the run after it (e2e-*-h200-*-prepared.json) had measured decode at 1.22 / 1.04
 # of them (Qwen3-30B-A3B int4 / int8) and 1.10 / 1.00 (V2-Lite); 17 us less a hand-off makes those
-# 1.13 / 0.99 and 1.05 / 0.97.
-HANDOFF_S = 38e-6
+# 1.13 / 0.99 and 1.05 / 0.97. The CPU worker's kernel threads as the process's only OpenMP team
+# (cpu_kernels.threads) took that gap from 46 to 41 us in an alternating comparison
+# (decode_teams-qwen3-...-int4.json; its end-to-end run had a start probe too low to price by), so 33 us.
+HANDOFF_S = 33e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
 # bytes over PCIe itself (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
