@@ -37,16 +37,21 @@ from common import format_table, machine_name, write_json  # noqa: E402
 
 GAPS_US = (0, 40, 300)
 
-_CHILD = r"""
+# Each child: torch imported first, then Numba's layer started on its own runtime or not (argv[1]).
+_PROLOGUE = r"""
 import json, os, statistics, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
-separate, other, threads, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 import torch
 import numba
 from numba import prange
-if separate == "yes":
+if sys.argv[1] == "yes":
     from cpu_kernels.threads import separate_openmp
     separate_openmp()
+"""
+
+_CHILD = r"""
+other, threads, reps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 
 @numba.njit(parallel=True, nogil=True)
 def region(a, n):
@@ -89,16 +94,7 @@ print(json.dumps({"layer": numba.threading_layer(), "us": took}))
 
 
 _ALTERNATE = r"""
-import json, statistics, sys, time
-from concurrent.futures import ThreadPoolExecutor
-import numpy as np
-separate, reps = sys.argv[1], int(sys.argv[2])
-import torch
-import numba
-from numba import prange
-if separate == "yes":
-    from cpu_kernels.threads import separate_openmp
-    separate_openmp()
+reps = int(sys.argv[2])
 
 @numba.njit(parallel=True, nogil=True)
 def rows(a, n):
@@ -127,7 +123,11 @@ print(json.dumps({"us": statistics.median(took) * 1e6}))
 def _child(code: str, *args) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", _PROLOGUE + code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     if run.returncode != 0:
         raise SystemExit(f"{args} failed:\n{run.stderr[-2000:]}")

@@ -31,12 +31,13 @@ sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve()
 
 import torch  # noqa: E402
 
+from cpu_kernels.threads import separate_openmp  # noqa: E402
 from hetero.bench import cap_device_memory, ram_expert_bytes_per_token, run_bench  # noqa: E402
 from hetero.calibrate import ExpertCounts, ram_shares  # noqa: E402
 from hetero.distributed import SINGLE, Parallel, launch, rank0_first  # noqa: E402
 from hetero.experts import HybridExperts, set_pcie_share  # noqa: E402
 from hetero.graphs import LAUNCH_MODES  # noqa: E402
-from hetero.runtime import RuntimeOptions, bulk, load_runtime, separate_openmp  # noqa: E402
+from hetero.runtime import RuntimeOptions, bulk, load_runtime  # noqa: E402
 from placement import detect  # noqa: E402
 from placement.hardware import probe_cpu_bandwidth  # noqa: E402
 from placement.units import parse_size  # noqa: E402
@@ -348,7 +349,7 @@ def measure(par: Parallel, args: argparse.Namespace) -> int:
     gpu_mem = parse_size(args.gpu_mem)
     cap_device_memory(gpu_mem, par.rank)
     if torch.cuda.is_available():
-        separate_openmp()  # before any probe starts Numba's threads (hetero.runtime)
+        separate_openmp()  # before any probe starts Numba's threads, as load_runtime does
     prof = rank0_first(par, lambda: bulk(detect))  # measured once, cached for the other ranks
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     rates = bound_rates(prof)

@@ -30,16 +30,6 @@ DEFAULT_PRESET = "deepseek-v3"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def separate_openmp() -> None:
-    """Numba's threading layer on an OpenMP runtime of its own, not torch's (imported above), before
-    any CPU kernel or probe runs: see ``cpu_kernels.threads``. For a process whose model runs on a
-    GPU: where torch computes on the CPU too, its ops and the CPU kernels' regions take turns, and
-    two runtimes would each keep their threads polling on the cores the other one needs."""
-    from cpu_kernels.threads import separate_openmp as separate
-
-    separate()
-
-
 def bulk(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on a thread that ends with it (``cpu_kernels.threads.on_own_thread``),
     with the caller's CUDA device and grad / inference modes: the load's and the probes' parallel
@@ -201,6 +191,12 @@ def load_runtime(
     experts, group_size = fixed or (opts.experts, opts.group_size)
     device = opts.torch_device()
     if device.type == "cuda":
+        # Numba's threads on an OpenMP runtime of their own, not torch's (imported above), before any
+        # kernel or probe starts them (cpu_kernels.threads). Not with the model on the CPU: there
+        # torch's ops and the kernels take turns, and two runtimes would keep polling on each
+        # other's cores.
+        from cpu_kernels.threads import separate_openmp
+
         separate_openmp()
     split = parallel.world_size > 1
     if split and device.type == "cuda":
