@@ -539,6 +539,9 @@ FUSED = {
     "chain": ("gpu_kernels._triton", "CHAIN_PDL", ("chain", "plain")),
     # plain CPU hand-offs as calls prepared once, or through fused_moe's checks every call
     "prepared": ("hetero.decode_program", "PREPARED_CALLS", ("prepared", "fused_moe")),
+    # split-K GEMV partial sums added by the kernel after the product (rotary, add + norm), or by
+    # a sum kernel of their own
+    "unsummed": ("hetero.layers", "UNSUMMED", ("unsummed", "summed")),
 }
 FUSED_ON = {"fetch": 1 << 20}  # the setting on, where the shipped one is off
 
@@ -662,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         "a choosing kernel), absorb (gpu_kernels.mla_attention.absorb against batched GEMMs), fetch (the CPU "
         "experts' output read back by a kernel against the copy engine's copy), chain (the decode chain "
         "under dependent launch against plain launches), prepared (plain CPU hand-offs as calls prepared "
-        "once against fused_moe every call)",
+        "once against fused_moe every call), unsummed (split-K partial sums added by the next kernel "
+        "against a sum kernel of their own)",
     )
     ap.add_argument(
         "--host-profile",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests glaunch handback fetch kernels moe tune cpu items threads launch e2e prefill calib hf profile modes early sample overlap router absorb inputs prepared teams share defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests glaunch handback fetch kernels moe tune cpu items threads launch e2e prefill calib hf profile modes early sample overlap router absorb inputs prepared teams unsummed share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -103,13 +103,13 @@ r = random.Random(0); print(t.decode([r.randrange(t.vocab_size) for _ in range(4
         PYTHONFAULTHANDLER=1 timeout -s ABRT "${STUCK_S:-480}" python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 --compare-launch 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
-    early|sample|overlap|router|absorb|inputs|prepared|teams) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # on against off, alternating:
+    early|sample|overlap|router|absorb|inputs|prepared|teams|unsummed) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # on against off, alternating:
         # early: CPU calls made ahead of their inputs; sample: greedy tokens picked on the device;
         # overlap: steps launched one ahead (also on one more kernel thread, or one fewer on all cores);
         # router, absorb: a decode-size kernel against what it replaced; inputs: fused projections;
         # prepared: plain CPU hand-offs as calls prepared once against fused_moe every call;
         # teams: the CPU worker's kernel threads the only team, against a second team alive
-        case $stage in router|absorb|inputs|prepared) what="--compare-kernel $stage" ;; *) what="--compare-$stage" ;; esac
+        case $stage in router|absorb|inputs|prepared|unsummed) what="--compare-kernel $stage" ;; *) what="--compare-$stage" ;; esac
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what ${PROFILE_ARGS:-} 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;

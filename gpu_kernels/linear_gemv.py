@@ -136,9 +136,17 @@ def linear_gemv_config(M: int, N: int, K: int, fmt: str) -> dict:
 
 
 def linear_gemv(
-    x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, config: dict | None = None
+    x: torch.Tensor,
+    qw: QuantWeight,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+    summed: bool = True,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(qw)^T (+ bias [N]) -> [..., N] for fp8 / int8 / int4 weights [N, K], by GEMV."""
+    """x [..., K] @ dequant(qw)^T (+ bias [N]) -> [..., N] for fp8 / int8 / int4 weights [N, K], by GEMV.
+
+    summed False: where K is split, the float32 partial sums [SPLIT_K, M, N] instead (M = the rows
+    of x; their sum in order, rounded to x's dtype, is the output), for a kernel after this one to
+    add up (``gpu_kernels.norm.Parts``) in place of the sum's own launch."""
     N, K = qw.shape
     assert len(qw.shape) == 2 and x.shape[-1] == K, f"x {tuple(x.shape)} vs weight {qw.shape}"
     assert qw.fmt in ("fp8", "int8", "int4"), f"the GEMV path takes quantized weights, not {qw.fmt}"
@@ -169,5 +177,7 @@ def linear_gemv(
         **pdl_launch(pdl),
     )  # fmt: skip
     if split > 1:
+        if not summed:
+            return dst
         _sum_splits(dst, out, 1, split, pdl, **pdl_launch(pdl))
     return out.reshape(*x.shape[:-1], N)

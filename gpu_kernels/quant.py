@@ -24,6 +24,7 @@ from torch import nn
 
 from ._triton import cdiv, dot, tl, triton, use_triton
 from .gemv_tiles import _exact_float, _gemv_split, _sum_splits
+from .norm import Parts
 from .tuning import get_config
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
@@ -410,6 +411,21 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     return quant_linear_reference(x, qw, bias)
 
 
+def quant_linear_partials(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """quant_linear(x, qw, bias) -> [T, N] for x [T, K], except where that runs the GEMV path with K
+    split: then its float32 partial sums [SPLIT_K, T, N], not yet added (their sum in order, rounded
+    to x's dtype, is the output), for the kernel that reads the output to add up instead."""
+    fits = qw.fmt != "bf16" and (qw.fmt != "fp8" or fp8_supported(x.device))
+    if x.dim() == 2 and x.shape[0] < DEQUANT_MIN_ROWS and use_triton(x, qw.data) and fits:
+        (T, K), N = x.shape, qw.shape[0]
+        cfg = quant_linear_config(T, N, K, qw.fmt, qw.group_size, qw.blocked)
+        if "BLOCK_M" not in cfg:
+            from .linear_gemv import linear_gemv
+
+            return linear_gemv(x, qw, bias, cfg, summed=False)
+    return quant_linear(x, qw, bias)
+
+
 class QuantLinear(nn.Module):
     """Drop-in for nn.Linear whose weight is a QuantWeight (buffers, so .to() moves them)."""
 
@@ -434,6 +450,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.qweight, self.bias)
+
+    def unsummed(self, x: torch.Tensor) -> torch.Tensor | Parts:
+        """forward(x) for x [T, K], except that where the product runs on the GEMV path with K split,
+        its float32 partial sums come back not yet added, as ``Parts``: the residual add + norm after
+        it adds them in its own kernel, which saves the sum's launch (``quant_linear_partials``)."""
+        y = quant_linear_partials(x, self.qweight, self.bias)
+        return Parts((y,), x.dtype, x.device) if y.dim() == 3 else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

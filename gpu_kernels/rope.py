@@ -191,10 +191,23 @@ def mla_rope_write_triton(q, kv, cos, sin, norm_weight, eps, latent_cache, slot_
 
 
 @triton.jit
+def _load_head(src, i, imask, SPLITS: tl.constexpr, split_stride, ty):
+    """A head's half row: loaded as it is, or (SPLITS > 1) the sum of its float32 partial sums in
+    order, rounded to ty (as the product's own sum would have stored it)."""
+    x = tl.load(src + i, mask=imask, other=0.0)
+    if SPLITS > 1:
+        for sp in tl.static_range(1, SPLITS):
+            x += tl.load(src + sp * split_stride + i, mask=imask, other=0.0)
+        x = x.to(ty)
+    return x
+
+
+@triton.jit(do_not_specialize=["split_stride"])
 def _gqa_rope_kernel(
-    q_ptr,  # [T, Hq, D]
+    q_ptr,  # [T, Hq, D] (SPLITS > 1: [SPLITS, T, Hq, D] float32 partial sums; likewise k and v)
     k_ptr,  # [T, Hkv, D]
     v_ptr,  # [T, Hkv, D]
+    qo_ptr,  # [T, Hq, D] the normed, rotated q (q_ptr itself when SPLITS == 1)
     cos_ptr,  # [T, D / 2]
     sin_ptr,
     qw_ptr,  # [D] q norm weight (HAS_NORM)
@@ -209,11 +222,15 @@ def _gqa_rope_kernel(
     stride_kh,
     stride_vt,
     stride_vh,
+    stride_qot,
+    stride_qoh,
+    split_stride,  # elements between partial sums (SPLITS > 1)
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    SPLITS: tl.constexpr = 1,
     USE_PDL: tl.constexpr = 0,  # in the decode chain (chain_pdl)
 ):
     chain_start(USE_PDL)
@@ -229,8 +246,9 @@ def _gqa_rope_kernel(
     else:
         src = k_ptr + t * stride_kt + (h - HQ) * stride_kh
         w_ptr = kw_ptr
-    x1 = tl.load(src + i, mask=imask, other=0.0)
-    x2 = tl.load(src + HALF + i, mask=imask, other=0.0)
+    ty = qo_ptr.dtype.element_ty
+    x1 = _load_head(src, i, imask, SPLITS, split_stride, ty)
+    x2 = _load_head(src + HALF, i, imask, SPLITS, split_stride, ty)
     if HAS_NORM:  # RMSNorm over the head, rounded to the head's dtype before the rotation
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         inv = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / (2 * HALF) + eps)
@@ -240,7 +258,8 @@ def _gqa_rope_kernel(
         x2 = (f2 * inv * w2).to(x2.dtype)
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     if h < HQ:
-        _rotate_store(x1, x2, c, s, src + i, src + HALF + i, imask)
+        dst = qo_ptr + t * stride_qot + h * stride_qoh
+        _rotate_store(x1, x2, c, s, dst + i, dst + HALF + i, imask)
     else:
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
@@ -249,9 +268,11 @@ def _gqa_rope_kernel(
             _rotate_store(x1, x2, c, s, dst + i, dst + HALF + i, imask)
             vsrc = v_ptr + t * stride_vt + kvh * stride_vh
             vdst = vc_ptr + (slot * HKV + kvh) * (2 * HALF)
-            ty = vc_ptr.dtype.element_ty
-            tl.store(vdst + i, tl.load(vsrc + i, mask=imask, other=0.0).to(ty), mask=imask)
-            tl.store(vdst + HALF + i, tl.load(vsrc + HALF + i, mask=imask, other=0.0).to(ty), mask=imask)
+            cty = vc_ptr.dtype.element_ty
+            v1 = _load_head(vsrc, i, imask, SPLITS, split_stride, ty)
+            v2 = _load_head(vsrc + HALF, i, imask, SPLITS, split_stride, ty)
+            tl.store(vdst + i, v1.to(cty), mask=imask)
+            tl.store(vdst + HALF + i, v2.to(cty), mask=imask)
 
 
 def gqa_rope_write_reference(
@@ -266,7 +287,13 @@ def gqa_rope_write_reference(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    q_out: torch.Tensor | None = None,
 ) -> None:
+    if q.dim() == 4:  # partial sums: added in order, rounded to q_out's dtype
+        q, k, v = (_summed(p, q_out.dtype) for p in (q, k, v))
+    if q_out is not None:
+        q_out.copy_(q)
+        q = q_out
     if q_norm is not None:
         q.copy_(rms_norm_reference(q, q_norm, eps))
         k = rms_norm_reference(k, k_norm, eps)
@@ -277,7 +304,23 @@ def gqa_rope_write_reference(
         cache.view(-1, *cache.shape[2:])[slot_mapping[keep]] = x[keep].to(cache.dtype)
 
 
-def _check_gqa(q, k, v, cos, sin, q_norm, k_norm, k_cache, v_cache, slot_mapping) -> None:
+def _summed(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    acc = parts[0].clone()
+    for p in parts[1:]:
+        acc += p
+    return acc.to(dtype)
+
+
+def _check_gqa(q, k, v, cos, sin, q_norm, k_norm, k_cache, v_cache, slot_mapping, q_out) -> None:
+    if q.dim() == 4:  # partial sums [S, T, H, D], one stride between them
+        assert q_out is not None and q_out.shape == q.shape[1:], "partial sums need q_out [T, Hq, D]"
+        assert q.shape[0] > 1, "partial sums: more than one"
+        assert q.dtype == k.dtype == v.dtype == torch.float32 and k.dim() == 4 and v.dim() == 4
+        assert k.shape[0] == v.shape[0] == q.shape[0] and k.stride(0) == v.stride(0) == q.stride(0)
+        assert q_out.stride(2) == 1
+        q, k, v = q[0], k[0], v[0]
+    elif q_out is not None:
+        assert q_out.shape == q.shape and q_out.stride(2) == 1, f"q_out {tuple(q_out.shape)}"
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     assert k.shape == (T, Hkv, D) and v.shape == (T, Hkv, D), f"q {tuple(q.shape)}, k {tuple(k.shape)}"
@@ -302,47 +345,39 @@ def gqa_rope_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    q_out: torch.Tensor | None = None,
 ) -> None:
-    """GQA's new tokens: norm (when q_norm / k_norm [D] are given) and rotate q in place, and store
-    the normed, rotated k and v at each token's cache slots. Shapes in the module docstring."""
+    """GQA's new tokens: norm (when q_norm / k_norm [D] are given) and rotate q in place (into q_out
+    [T, Hq, D] when given), and store the normed, rotated k and v at each token's cache slots. Shapes
+    in the module docstring; q, k and v may also be a fused projection's float32 partial sums
+    [S, T, H, D] (``gpu_kernels.quant.quant_linear_partials``), which the kernel adds up in order and
+    rounds to q_out's dtype (q_out then required), in place of a launch of their own."""
     if use_triton(q, k, v, k_cache):
-        gqa_rope_write_triton(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping)
+        gqa_rope_write_triton(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping, q_out)
     else:
-        _check_gqa(q, k, v, cos, sin, q_norm, k_norm, k_cache, v_cache, slot_mapping)
-        gqa_rope_write_reference(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping)
+        _check_gqa(q, k, v, cos, sin, q_norm, k_norm, k_cache, v_cache, slot_mapping, q_out)
+        gqa_rope_write_reference(
+            q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping, q_out
+        )
 
 
-def gqa_rope_write_triton(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping) -> None:
-    _check_gqa(q, k, v, cos, sin, q_norm, k_norm, k_cache, v_cache, slot_mapping)
+def gqa_rope_write_triton(
+    q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping, q_out=None
+) -> None:
+    _check_gqa(q, k, v, cos, sin, q_norm, k_norm, k_cache, v_cache, slot_mapping, q_out)
+    splits, split_stride = (q.shape[0], q.stride(0)) if q.dim() == 4 else (1, 0)
+    qo = q if q_out is None else q_out
+    if q.dim() == 4:
+        q, k, v = q[0], k[0], v[0]
     if q.shape[0] == 0:
         return
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     pdl = chain_pdl(q.device)
     _gqa_rope_kernel[(T, Hq + Hkv)](
-        q,
-        k,
-        v,
-        cos,
-        sin,
-        q_norm if q_norm is not None else q,
-        k_norm if k_norm is not None else q,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        eps,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        HQ=Hq,
-        HKV=Hkv,
-        HALF=D // 2,
-        HALF_PAD=max(2, next_pow2(D // 2)),
-        HAS_NORM=q_norm is not None,
-        USE_PDL=pdl,
-        num_warps=1,
-        **pdl_launch(pdl),
-    )
+        q, k, v, qo, cos, sin, q_norm if q_norm is not None else q, k_norm if k_norm is not None else q,
+        k_cache, v_cache, slot_mapping, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), qo.stride(0), qo.stride(1), split_stride,
+        HQ=Hq, HKV=Hkv, HALF=D // 2, HALF_PAD=max(2, next_pow2(D // 2)), HAS_NORM=q_norm is not None,
+        SPLITS=splits, USE_PDL=pdl, num_warps=1, **pdl_launch(pdl),
+    )  # fmt: skip

@@ -11,13 +11,17 @@ the latent [R + P] per token and attention is multi-query over it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hetero.config import ModelSpec
-from hetero.layers import FusedLinear, RMSNorm, Rotary, softmax_scale
+from hetero.layers import FusedLinear, RMSNorm, Rotary, output_projection, softmax_scale
+
+if TYPE_CHECKING:
+    from gpu_kernels.norm import Parts
 
 
 @dataclass
@@ -107,26 +111,33 @@ class GQAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | Parts:
         t = x.shape[0]
         # the angles first (the first layer of a step computes them): the projection's kernels and the
         # rotary kernel's then follow one another
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype, batch.rope)
         if self.fused is not None and self.fused.live():
-            q, k, v = self.fused(x)
+            # a quantized product at decode sizes may leave its partial sums [S, T, N_i] to the
+            # rotary kernel, which adds them up (one launch fewer)
+            q, k, v = self.fused.unsummed(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        lead = q.shape[:-1]  # (T,) or (S, T)
+        q = q.view(*lead, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         from gpu_kernels.rope import gqa_rope_write
 
         k_cache, v_cache = cache
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if hasattr(self, "q_norm") else None
-        # q normed and rotated in place, k and v into the cache: one kernel on CUDA
-        gqa_rope_write(q, k, v, cos, sin, *(norms or (None, None, 0.0)), k_cache, v_cache, batch.slot_mapping)
+        q_out = torch.empty(q.shape[1:], dtype=x.dtype, device=x.device) if q.dim() == 4 else None
+        # q normed and rotated in place (or into q_out), k and v into the cache: one kernel on CUDA
+        gqa_rope_write(
+            q, k, v, cos, sin, *(norms or (None, None, 0.0)), k_cache, v_cache, batch.slot_mapping, q_out
+        )
+        q = q if q_out is None else q_out
         o = paged_attention(q, k_cache, v_cache, batch, self.scale)  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, -1))  # [T, H]
+        return output_projection(self.o_proj, o.reshape(t, -1))  # [T, H] (or its Parts)
 
 
 class MLAttention(nn.Module):
@@ -166,7 +177,7 @@ class MLAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, batch: AttentionBatch, cache: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | Parts:
         t = x.shape[0]
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype, batch.rope)  # first: see GQAttention
         lora = not hasattr(self, "q_proj")
@@ -188,7 +199,7 @@ class MLAttention(nn.Module):
 
         if not (batch.is_decode and x.is_cuda):
             o = self._expanded(torch.cat([q_nope, q_pe], dim=-1), latent_cache, batch)  # [T, Hq, v]
-            return self.o_proj(o.reshape(t, -1))  # [T, H]
+            return output_projection(self.o_proj, o.reshape(t, -1))  # [T, H] (or its Parts)
         from gpu_kernels import mla_decode_attention
         from gpu_kernels.mla_attention import absorb
 
@@ -198,7 +209,7 @@ class MLAttention(nn.Module):
             q_latent, q_pe, latent_cache, batch.block_tables, batch.context_lens, self.scale
         )
         o = absorb(o_latent, w_uv, 1)  # [T, Hq, v]: o_latent @ W_UV^T per head
-        return self.o_proj(o.reshape(t, -1))  # [T, H]
+        return output_projection(self.o_proj, o.reshape(t, -1))  # [T, H] (or its Parts)
 
     def _expanded(self, q: torch.Tensor, latent_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Prefill (and steps off CUDA): each sequence's cached latents expanded by kv_b_proj into

@@ -7,12 +7,16 @@ I = intermediate size.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hetero.config import ModelSpec
+
+if TYPE_CHECKING:
+    from gpu_kernels.norm import Parts
 
 
 class RMSNorm(nn.Module):
@@ -111,6 +115,30 @@ class FusedLinear:
         else:
             y = F.linear(x, self.weight, self.bias)
         return list(y.split(self.sizes, dim=-1))
+
+    def unsummed(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [T, K] -> each part's output [T, N_i]; or, where the quantized product splits K on the GEMV
+        path (``gpu_kernels.quant.quant_linear_partials``), each part's float32 partial sums
+        [SPLIT_K, T, N_i] not yet added, for the kernel that reads them to add up."""
+        if not (self.quantized and UNSUMMED):
+            return self(x)
+        from gpu_kernels.quant import quant_linear_partials
+
+        return list(quant_linear_partials(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+# Quantized products at decode sizes leave their split-K partial sums to the kernel that reads them
+# (attention's rotary kernel, the residual add + norm): one launch fewer for each. Off: each product
+# sums its own.
+UNSUMMED = True
+
+
+def output_projection(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | Parts:
+    """linear(x) for a sublayer's output projection, whose result only the residual add + norm after
+    it reads: a quantized one may leave its partial sums not yet added (``QuantLinear.unsummed``,
+    a ``gpu_kernels.norm.Parts``), which that norm's kernel adds up."""
+    unsummed = getattr(linear, "unsummed", None)
+    return unsummed(x) if unsummed is not None and UNSUMMED else linear(x)
 
 
 def _stack(parts: list[nn.Module], attr: str, rows_per_entry: int = 1) -> torch.Tensor | None:

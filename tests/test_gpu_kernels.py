@@ -639,6 +639,10 @@ def check_linear_gemv(fmt: str, group: int) -> None:
             torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
         if M == 1 and cfg["SPLIT_K"] > 1:  # no atomics: a second call, the same bits
             assert torch.equal(linear_gemv.linear_gemv(x, qw, b, cfg), out)
+        if cfg["SPLIT_K"] > 1:  # the partial sums left for a kernel after it: the same sum
+            part = linear_gemv.linear_gemv(x, qw, b, cfg, summed=False)
+            assert part.dtype == torch.float32 and part.shape[1:] == (M, N) and part.shape[0] > 1
+            torch.testing.assert_close(part.sum(0), out, rtol=1e-5, atol=1e-5)
     # the tl.dot kernel over the whole K and over splits of whole tiles (the bias added once); int4
     # tiles within one group
     x, b = torch.randn(5, K, generator=gen), torch.randn(N, generator=gen)
@@ -831,13 +835,15 @@ def _chain_kernels() -> list[tuple[str, object, dict, dict, bool]]:
     route_types = {"x_ptr": bf, "w_ptr": bf, "bias_ptr": bf, "logits_ptr": "*fp32", "count_ptr": "*i32"}
     route_types.update({"ids_ptr": "*i64", "weights_ptr": "*fp32", "scale": "fp32", "renorm_eps": "fp32"})
     gqa_rope = {"HQ": 32, "HKV": 4, "HALF": 64, "HALF_PAD": 64, "HAS_NORM": 1}
-    rope_types = {n: bf for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qw_ptr", "kw_ptr")}
+    rope_types = {
+        n: bf for n in ("q_ptr", "k_ptr", "v_ptr", "qo_ptr", "cos_ptr", "sin_ptr", "qw_ptr", "kw_ptr")
+    }
     rope_types.update({"kc_ptr": bf, "vc_ptr": bf, "slot_ptr": "*i64", "eps": "fp32"})
     mla_rope = {"H": 16, "H_PAD": 16, "NOPE": 128, "R": 512, "R_PAD": 512, "HALF": 32, "HALF_PAD": 32}
     mla_types = {n: bf for n in ("q_ptr", "kv_ptr", "cos_ptr", "sin_ptr", "w_ptr", "cache_ptr")}
     mla_types.update({"slot_ptr": "*i64", "eps": "fp32"})
     absorb = {"DI": 128, "DJ": 512, "HEADS": 16, "BLOCK_I": 128, "BLOCK_J": 64}
-    parts = {"H": 2048, "BLOCK": 2048, "N": 2, "C0": 0, "C1": 1, "C2": 0, "C3": 0}
+    parts = {"H": 2048, "BLOCK": 2048, "N": 2, "C0": 0, "C1": 1, "C2": 0, "C3": 0, "S0": 8}
     parts_types = {**rows, **{f"a{i}": "i64" for i in range(4)}}
     sums = {"TOPK": 1, "ROWS": 8, "BLOCK_R": 8, "BLOCK_H": 256}
     return [

@@ -61,6 +61,40 @@ def check_gqa(T: int, Hq: int, Hkv: int, norm: bool, dtype: torch.dtype, device:
     assert kc.isnan().sum() == (nb * bs - (T - 1)) * Hkv * D
 
 
+def check_gqa_partials(
+    T: int, Hq: int, Hkv: int, S: int, dtype: torch.dtype, device: str, tol: float, kernel: bool = True
+) -> None:
+    """q, k and v as a fused product's S float32 partial sums (views of one [S, T, N] tensor, as
+    FusedLinear.unsummed gives them): added in order and rounded to q_out's dtype, then as one
+    product's q, k and v."""
+    gen = torch.Generator().manual_seed(T * 5 + Hq + S)
+    D, bs, nb = 32, 4, 16
+    sizes = [Hq * D, Hkv * D, Hkv * D]
+    parts = torch.randn(S, T, sum(sizes), generator=gen).to(device)
+    q, k, v = (p.view(S, T, -1, D) for p in parts.split(sizes, dim=-1))
+    qw, kw = ((torch.rand(D, generator=gen) + 0.5).to(dtype).to(device) for _ in range(2))
+    cos, sin = _angles(T, D // 2, gen, dtype, device)
+    slots = _slots(T, nb * bs, gen, device)
+    kc = torch.full((nb, bs, Hkv, D), float("nan"), dtype=dtype, device=device)
+    vc, kc_ref, vc_ref = kc.clone(), kc.clone(), kc.clone()
+    summed = parts[0].clone()
+    for p in parts[1:]:
+        summed += p
+    q1, k1, v1 = (p.view(T, -1, D) for p in summed.to(dtype).split(sizes, dim=-1))
+    q_ref = q1.clone()
+    rope.gqa_rope_write_reference(q_ref, k1, v1, cos, sin, qw, kw, 1e-6, kc_ref, vc_ref, slots)
+    q_out = torch.full((T, Hq, D), float("nan"), dtype=dtype, device=device)
+    write = rope.gqa_rope_write_triton if kernel else rope.gqa_rope_write
+    write(q, k, v, cos, sin, qw, kw, 1e-6, kc, vc, slots, q_out)
+    torch.testing.assert_close(q_out.float(), q_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(kc.float(), kc_ref.float(), rtol=tol, atol=tol, equal_nan=True)
+    assert torch.equal(vc.nan_to_num(), vc_ref.nan_to_num()), "values summed in order, rounded once"
+    with torch.no_grad():  # the reference takes the partial sums too
+        q_out2, kc2, vc2 = torch.empty_like(q_out), kc_ref.clone().fill_(0), vc_ref.clone().fill_(0)
+        rope.gqa_rope_write_reference(q, k, v, cos, sin, qw, kw, 1e-6, kc2, vc2, slots, q_out2)
+        assert torch.equal(q_out2, q_ref)
+
+
 def check_add_norm(T: int, H: int, dtype: torch.dtype, device: str, tol: float) -> None:
     gen = torch.Generator().manual_seed(T + H)
     x, d = ((torch.randn(T, H, generator=gen) * 4).to(dtype).to(device) for _ in range(2))
@@ -89,6 +123,25 @@ def check_add_parts_norm(T: int, H: int, dtypes: list, device: str, host_first: 
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
     # float32 sums of 2-4 parts: at most one bf16 rounding step from the exact sum's rounding
     torch.testing.assert_close(delta.total().float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def check_stacked_parts(T: int, H: int, S: int, dtype: torch.dtype, device: str, kernel: bool) -> None:
+    """A split-K product's S float32 partial sums [S, T, H] as one part, beside a plain one: added in
+    order with it, rounded to x's dtype, the residual bit for bit as the reference's."""
+    gen = torch.Generator().manual_seed(T + H + S)
+    x = (torch.randn(T, H, generator=gen) * 4).to(dtype).to(device)
+    w = (torch.rand(H, generator=gen) + 0.5).to(dtype).to(device)
+    split = torch.randn(S, T, H, generator=gen).to(device)
+    plain = torch.randn(T, H, generator=gen).to(dtype).to(device)
+    delta = norm.Parts((split, plain), dtype, torch.device(device))
+    acc = split[0].clone()
+    for p in (*split[1:], plain.float()):
+        acc += p
+    assert torch.equal(delta.total(), acc.to(dtype)), "slices first, in order, then the next part"
+    s, y = (norm.add_parts_rms_norm_triton if kernel else norm.add_rms_norm)(x, delta, w, 1e-6)
+    s_ref, y_ref = norm.add_rms_norm_reference(x, delta, w, 1e-6)
+    assert torch.equal(s, s_ref), "the same residual as the reference"
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def check_stage_handoff(T: int, H: int, K: int, device: str) -> None:
@@ -124,6 +177,7 @@ def test_add_parts_norm_reference():
     one = norm.Parts((torch.ones(2, 8), torch.full((2, 8), 2.0)), torch.float32, x.device)
     s, _ = norm.add_rms_norm(x, one, torch.ones(8), 1e-6)
     assert torch.equal(s, x + 3.0)
+    check_stacked_parts(3, 40, 5, torch.bfloat16, "cpu", False)
 
 
 def test_references_are_the_model_layers():
@@ -186,7 +240,10 @@ def check_in_interpreter() -> None:
     check_mla(5, 3, torch.float32, "cpu", 1e-5)
     check_gqa(5, 6, 2, True, torch.float32, "cpu", 1e-5)
     check_gqa(3, 4, 4, False, torch.float32, "cpu", 1e-5)
+    check_gqa_partials(3, 4, 2, 3, torch.float32, "cpu", 1e-5)
     check_add_norm(3, 100, torch.float32, "cpu", 1e-5)
+    check_stacked_parts(3, 100, 8, torch.float32, "cpu", True)
+    check_stacked_parts(1, 64, 1, torch.float32, "cpu", True)
     for shape in ((1, 2048), (3, 100), (1, 5)):
         check_fetch(shape, torch.float32, "cpu", "cpu")
 
@@ -209,6 +266,16 @@ def test_mla_rope_write_kernel(T, H):
 @pytest.mark.parametrize("T,Hq,Hkv,norm", [(1, 32, 4, True), (9, 16, 16, False), (33, 40, 8, True)])
 def test_gqa_rope_write_kernel(T, Hq, Hkv, norm):
     check_gqa(T, Hq, Hkv, norm, torch.bfloat16, "cuda", 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,Hq,Hkv,S", [(1, 32, 4, 8), (3, 16, 16, 2)])
+def test_gqa_rope_write_kernel_adds_partial_sums(T, Hq, Hkv, S):
+    check_gqa_partials(T, Hq, Hkv, S, torch.bfloat16, "cuda", 2e-2)
+
+
+def test_gqa_rope_write_reference_adds_partial_sums():
+    check_gqa_partials(2, 4, 2, 3, torch.bfloat16, "cpu", 2e-2, kernel=False)
 
 
 @pytest.mark.gpu
@@ -245,6 +312,48 @@ def test_add_parts_norm_kernel(T, H, dtypes, host_first):
         ),
         torch.zeros(H, dtype=torch.bfloat16, device="cuda"),
     ), "the kernel ran, not the reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,S", [(1, 2048, 8), (4, 7168, 16), (3, 100, 2)])
+def test_stacked_parts_norm_kernel(T, H, S):
+    check_stacked_parts(T, H, S, torch.bfloat16, "cuda", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_output_projection_leaves_its_partial_sums_to_the_norm(fmt, T):
+    """A quantized output projection on the GEMV path with K split hands its partial sums to the
+    residual add + norm after it (one launch fewer): the same residual and norm as its summed output
+    gives, within one bf16 rounding of the delta (the two add the splits in other orders). Where this
+    device's launch settings run the product unsplit (or on the tiled path), its output as it is."""
+    from gpu_kernels import QuantLinear
+    from gpu_kernels.gemv_tiles import _gemv_split, _tile_k
+    from gpu_kernels.quant import quant_linear_config
+    from hetero.layers import output_projection
+
+    gen = torch.Generator().manual_seed(T)
+    lin = torch.nn.Linear(4096, 2048, bias=False)
+    lin.weight.data = torch.randn(2048, 4096, generator=gen) * 0.02
+    ql = QuantLinear.from_linear(lin.bfloat16(), fmt).cuda()
+    o = torch.randn(T, 4096, generator=gen).bfloat16().cuda()
+    x = (torch.randn(T, 2048, generator=gen) * 4).bfloat16().cuda()
+    w = (torch.rand(2048, generator=gen) + 0.5).bfloat16().cuda()
+    qw = ql.qweight
+    cfg = quant_linear_config(T, 2048, 4096, fmt, qw.group_size, qw.blocked)
+    split = "BLOCK_M" not in cfg and _gemv_split(4096, _tile_k(cfg["BLOCK_K"], qw.fmt_id, qw.group_size), cfg.get("SPLIT_K", 1))[0] > 1  # fmt: skip
+    parts = output_projection(ql, o)
+    if not split:
+        assert not isinstance(parts, norm.Parts)
+        assert torch.equal(parts, ql(o))
+        return
+    assert isinstance(parts, norm.Parts) and parts.tensors[0].shape[0] > 1, "left unsummed"
+    assert norm._parts_fit(x, parts, w), "the kernel adds them, not the reference"
+    s, y = norm.add_rms_norm(x, parts, w, 1e-6)
+    s_ref, y_ref = norm.add_rms_norm(x, ql(o), w, 1e-6)
+    torch.testing.assert_close(s.float(), s_ref.float(), rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
