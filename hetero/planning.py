@@ -62,7 +62,9 @@ def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwarePr
     next to them, applied to the profile's: a machine whose bandwidth moves (a VM's from minute to
     minute; one instance probed 87 GB/s at start, then 73-85 beside its decodes) would otherwise
     price the kernels at whatever moment they were timed in (one plan came out 23% under its
-    decode that way)."""
+    decode that way). Where the probes next to them read faster than the profile's, the profile's
+    is raised to theirs (and the cached rates of other formats with it): a probe can only come out
+    low by chance."""
     if not profile.measured or expert_format in profile.cpu_kernel_bw:
         return profile
     from cpu_kernels.probe import decode_bandwidth
@@ -83,11 +85,20 @@ def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwarePr
         for batch in KERNEL_PROBE_BATCHES
     }
     reads.append(read_now())
-    if all(reads) and profile.cpu_read_bw > 0:
-        scale = profile.cpu_read_bw / max(reads)  # the faster probe: a dip lowers only one of them
+    read_bw = profile.cpu_read_bw
+    if all(reads) and read_bw > 0:
+        # Whatever else runs on the machine only lowers a read probe, so the highest one seen is the
+        # better estimate: the profile's own may have been taken in a dip (a VM probed 76 GB/s at
+        # the start of a process, right after writing a checkpoint; 94-114 in it minutes later).
+        read_bw = max(read_bw, *reads)
+        scale = read_bw / max(reads)  # the faster probe: a dip lowers only one of them
         measured = {k: v * scale for k, v in measured.items()}
+        # the formats measured before keep their shares of the read bandwidth
+        rates = {k: v * read_bw / profile.cpu_read_bw for k, v in rates.items()}
     rates.update(measured)
-    profile = dataclasses.replace(profile, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw"))
+    profile = dataclasses.replace(
+        profile, cpu_read_bw=read_bw, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw")
+    )
     placement.save_profile(profile)
     return profile
 

@@ -60,6 +60,26 @@ def test_kernel_rate_is_a_share_of_the_read_bandwidth_beside_it(monkeypatch, tmp
     assert prof.cpu_kernel_bw == {"int8": 4e9, "int8@16": 4e9}
 
 
+def test_a_faster_read_beside_the_kernels_raises_the_profiles_bandwidth(monkeypatch, tmp_path):
+    """A read probe only comes out low by chance: where the probes beside the kernels read faster
+    than the profile's, the profile (and the cache) take the faster one, and the rates of formats
+    measured before keep their shares of it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1, shape=None: 6e9)
+    base = dataclasses.replace(
+        placement.detect(probe=False), measured=("cpu_read_bw",), key="test", cpu_kernel_bw={"int4": 5e9}
+    )
+    reads = iter([base.cpu_read_bw * 1.5, base.cpu_read_bw * 1.2])
+    monkeypatch.setattr("placement.hardware.probe_cpu_bandwidth", lambda *a, **k: next(reads))
+    prof = planning.with_kernel_rate(base, "int8")
+    assert prof.cpu_read_bw == pytest.approx(base.cpu_read_bw * 1.5)
+    assert prof.cpu_kernel_bw == pytest.approx({"int4": 7.5e9, "int8": 6e9, "int8@16": 6e9})
+    cached = placement.HardwareProfile.from_dict(
+        json.loads((tmp_path / "hetero" / "profile-test.json").read_text())
+    )
+    assert cached.cpu_read_bw == pytest.approx(prof.cpu_read_bw)
+
+
 def test_runtime_plans_with_the_kernels_rate(monkeypatch, tmp_path, tiny_checkpoint):
     """The plan a loaded runtime executes (its predictions, stream threshold and speculation
     prices) uses the CPU kernels' measured rate in its expert format, as `hetero plan` does."""
