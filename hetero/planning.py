@@ -53,10 +53,12 @@ def stored_fp8(spec: ModelSpec, gpus: int, device: Any = None) -> bool:
     return fp8_supported(torch.device(device))
 
 
-def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwareProfile:
+def with_kernel_rate(profile: HardwareProfile, expert_format: str, again: bool = False) -> HardwareProfile:
     """``profile`` with the decode bandwidth of the CPU expert kernels in ``expert_format`` at
     batch 1 and 16, measured here once (a few seconds, plus compiling the kernel the first time)
-    and cached with the profile. Profiles that were not probed (``--no-probe``) stay estimates.
+    and cached with the profile; with ``again`` (a runtime loading onto a GPU), measured anew
+    and the faster of the new and the cached rate kept. Profiles that were not probed
+    (``--no-probe``) stay estimates.
 
     The kernels stream memory, so their rate is taken as a share of the read bandwidth probed
     next to them, applied to the profile's: a machine whose bandwidth moves (a VM's from minute to
@@ -64,8 +66,10 @@ def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwarePr
     price the kernels at whatever moment they were timed in (one plan came out 23% under its
     decode that way). Where the probes next to them read faster than the profile's, the profile's
     is raised to theirs (and the cached rates of other formats with it): a probe can only come out
-    low by chance."""
-    if not profile.measured or expert_format in profile.cpu_kernel_bw:
+    low by chance; so can a kernel's (one VM's first probe in a process right after writing a
+    checkpoint priced int4 at 0.57 of the read bandwidth, 0.83-0.91 on other instances), which
+    is why a load measures again."""
+    if not profile.measured or (expert_format in profile.cpu_kernel_bw and not again):
         return profile
     from cpu_kernels.probe import decode_bandwidth
     from placement.cost import KERNEL_PROBE_BATCHES, PROBE_EXPERTS, PROBE_TOP_K, kernel_key
@@ -95,9 +99,12 @@ def with_kernel_rate(profile: HardwareProfile, expert_format: str) -> HardwarePr
         measured = {k: v * scale for k, v in measured.items()}
         # the formats measured before keep their shares of the read bandwidth
         rates = {k: v * read_bw / profile.cpu_read_bw for k, v in rates.items()}
-    rates.update(measured)
+    rates.update({k: max(v, rates.get(k, 0.0)) for k, v in measured.items()})
     profile = dataclasses.replace(
-        profile, cpu_read_bw=read_bw, cpu_kernel_bw=rates, measured=(*profile.measured, "cpu_kernel_bw")
+        profile,
+        cpu_read_bw=read_bw,
+        cpu_kernel_bw=rates,
+        measured=tuple(dict.fromkeys((*profile.measured, "cpu_kernel_bw"))),
     )
     placement.save_profile(profile)
     return profile

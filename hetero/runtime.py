@@ -210,8 +210,13 @@ def load_runtime(
         from hetero.apply import Placement, load_placed
         from placement.cost import stream_min_tokens
 
-        # Measured once (with the CPU kernels' rate in this expert format), cached for the other ranks.
-        profile = rank0_first(parallel, lambda: bulk(lambda: with_kernel_rate(hardware.detect(), experts)))
+        # Measured once (with the CPU kernels' rate in this expert format), cached for the other ranks;
+        # onto a GPU the kernels' rate is measured again at every load (a second or two): one probe
+        # in a dip would otherwise price every later plan in that format.
+        again = device.type == "cuda"
+        profile = rank0_first(
+            parallel, lambda: bulk(lambda: with_kernel_rate(hardware.detect(), experts, again))
+        )
         plan = make_plan(
             spec,
             profile,

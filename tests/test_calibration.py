@@ -80,6 +80,25 @@ def test_a_faster_read_beside_the_kernels_raises_the_profiles_bandwidth(monkeypa
     assert cached.cpu_read_bw == pytest.approx(prof.cpu_read_bw)
 
 
+def test_measured_again_keeps_the_faster_rate(monkeypatch, tmp_path):
+    """A load onto a GPU measures a known format's rate again; the faster of the two stays."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rates = iter([3e9, 3e9, 5e9, 5e9, 4e9, 4e9])  # batch 1 then 16, three times
+    monkeypatch.setattr(
+        "cpu_kernels.probe.decode_bandwidth", lambda fmt, threads, tokens=1, shape=None: next(rates)
+    )
+    base = dataclasses.replace(placement.detect(probe=False), measured=("cpu_read_bw",), key="test")
+    monkeypatch.setattr("placement.hardware.probe_cpu_bandwidth", lambda *a, **k: base.cpu_read_bw)
+    prof = planning.with_kernel_rate(base, "int4")
+    assert prof.cpu_kernel_bw["int4"] == 3e9
+    assert planning.with_kernel_rate(prof, "int4") is prof  # a plan alone: the cached rate
+    prof = planning.with_kernel_rate(prof, "int4", again=True)
+    assert prof.cpu_kernel_bw == {"int4": 5e9, "int4@16": 5e9}
+    prof = planning.with_kernel_rate(prof, "int4", again=True)
+    assert prof.cpu_kernel_bw == {"int4": 5e9, "int4@16": 5e9}  # slower this time: kept
+    assert prof.measured.count("cpu_kernel_bw") == 1
+
+
 def test_runtime_plans_with_the_kernels_rate(monkeypatch, tmp_path, tiny_checkpoint):
     """The plan a loaded runtime executes (its predictions, stream threshold and speculation
     prices) uses the CPU kernels' measured rate in its expert format, as `hetero plan` does."""
