@@ -211,9 +211,10 @@ def load_runtime(
         from placement.cost import stream_min_tokens
 
         # Measured once (with the CPU kernels' rate in this expert format), cached for the other ranks;
-        # onto a GPU the kernels' rate is measured again at every load (a second or two): one probe
-        # in a dip would otherwise price every later plan in that format.
-        again = device.type == "cuda"
+        # onto a GPU rank 0 measures the kernels' rate again at every load (a second or two): one
+        # probe in a dip would otherwise price every later plan in that format. The other ranks take
+        # what it cached, so that every rank makes the same plan.
+        again = device.type == "cuda" and parallel.is_first
         profile = rank0_first(
             parallel, lambda: bulk(lambda: with_kernel_rate(hardware.detect(), experts, again))
         )
