@@ -631,6 +631,14 @@ def main(argv: list[str] | None = None) -> int:
         help="only time the CPU expert kernels on each N threads, alternating (with --defer as given)",
     )
     ap.add_argument(
+        "--compare-knob",
+        nargs="+",
+        default=None,
+        metavar="NAME_OR_VALUE",
+        help="only time the CPU expert kernels with a work-item setting (cpu_kernels.moe.set_knobs: "
+        "e.g. decode_quant_blocks 1 4) at each value, alternating",
+    )
+    ap.add_argument(
         "--compare-early",
         action="store_true",
         help="only time CPU expert calls made ahead of their inputs (waiting on the staging's flag) "
@@ -733,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         or args.compare_share
         or args.compare_overlap
         or args.compare_teams
+        or args.compare_knob
     )
     if args.compare_launch or comparing or switch:
         if engine.graphs is None or not torch.cuda.is_available():
@@ -775,6 +784,22 @@ def main(argv: list[str] | None = None) -> int:
             }
             row = compare(engine, prompt, args.steps, variants, 3, key="variant")
             setup(True, n)
+        elif args.compare_knob:
+            from cpu_kernels import moe
+
+            knob, values = args.compare_knob[0], [int(v) for v in args.compare_knob[1:]]
+            shapes = {
+                (m.cpu.packed.fmt, m.cpu.packed.H, m.cpu.packed.I)
+                for m in engine.model.modules()
+                if isinstance(m, HybridExperts) and hasattr(m.cpu, "packed")
+            }
+
+            def set_knob(value: int) -> None:
+                for fmt, H, I in shapes:  # noqa: E741
+                    moe.set_knobs(fmt, H, I, **{knob: value})
+
+            variants = {f"{knob}={v}": (lambda v=v: set_knob(v)) for v in values}
+            row = compare(engine, prompt, args.steps, variants, 3, key="variant")
         elif args.compare_teams:
             holder = TeamHolder()
             variants = {"one_team": holder.release, "two_teams": holder.hold}
@@ -812,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_share
             else "decode_teams"
             if args.compare_teams
+            else f"decode_knob_{args.compare_knob[0]}"
+            if args.compare_knob
             else "decode_overlap"
             if args.compare_overlap
             else "decode_early"

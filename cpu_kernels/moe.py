@@ -28,9 +28,13 @@ from .moe_kernels import (
     BAD_IDS,
     C_FIXED,
     DEFAULT_KNOBS,
+    DOWN_ROWS,
+    GATE_UP_ROWS,
+    ITEMS,
     NOT_READY,
     OK,
     POLLS,
+    QUANT_BLOCKS,
     TR_THREAD,
     TR_THREADS,
     _moe_bf16,
@@ -84,19 +88,21 @@ def set_trace(calls: int) -> np.ndarray | None:
 
 
 def set_knobs(fmt: str, H: int, I: int, **knobs: int) -> None:  # noqa: E741
-    """Override work-item settings (decode_items_per_thread, decode_gate_up_rows, decode_down_rows)
-    of one layer shape for later calls; for benchmarks that compare them side by side."""
+    """Override work-item settings (decode_items_per_thread, decode_gate_up_rows, decode_down_rows,
+    decode_quant_blocks) of one layer shape for later calls; for benchmarks that compare them side
+    by side."""
     _cfg(fmt, H, I)
     thresh, decode, prefill, k = _settings[(fmt, H, I)]
     bad = set(knobs) - set(_KNOBS)
     if bad:
         raise ValueError(f"unknown knobs {sorted(bad)}; known: {list(_KNOBS)}")
-    vals = [int(knobs.get(n, k[i])) for i, n in enumerate(_KNOBS)]
-    if vals[0] < 1 or vals[1] < 64 or vals[2] < 64:
-        raise ValueError(
-            f"items per thread must be >= 1 and rows >= 64, got {dict(zip(_KNOBS, vals, strict=True))}"
-        )
-    _settings[(fmt, H, I)] = (thresh, decode, prefill, np.array([*vals, k[POLLS]], np.int64))
+    vals = k.copy()
+    for n, v in knobs.items():
+        vals[_KNOBS[n]] = int(v)
+    if vals[ITEMS] < 1 or vals[GATE_UP_ROWS] < 64 or vals[DOWN_ROWS] < 64 or vals[QUANT_BLOCKS] < 1:
+        named = {n: int(vals[i]) for n, i in _KNOBS.items()}
+        raise ValueError(f"items per thread and blocks must be >= 1 and rows >= 64, got {named}")
+    _settings[(fmt, H, I)] = (thresh, decode, prefill, vals)
 
 
 # ---------------------------------------------------------------- scratch
@@ -190,7 +196,13 @@ def _check_inputs(
 
 
 _settings: dict = {}
-_KNOBS = ("decode_items_per_thread", "decode_gate_up_rows", "decode_down_rows")
+# the tuned settings' names of the knobs (the rest keep DEFAULT_KNOBS)
+_KNOBS = {
+    "decode_items_per_thread": ITEMS,
+    "decode_gate_up_rows": GATE_UP_ROWS,
+    "decode_down_rows": DOWN_ROWS,
+    "decode_quant_blocks": QUANT_BLOCKS,
+}
 
 
 def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
@@ -198,7 +210,9 @@ def _cfg(fmt: str, H: int, I: int) -> tuple:  # noqa: E741
     got = _settings.get(key)
     if got is None:
         c = tuning.settings(fmt, H, I)
-        knobs = [c.get(n, DEFAULT_KNOBS[i]) for i, n in enumerate(_KNOBS)] + [DEFAULT_KNOBS[POLLS]]
+        knobs = list(DEFAULT_KNOBS)
+        for n, i in _KNOBS.items():
+            knobs[i] = c.get(n, knobs[i])
         got = _settings[key] = (
             c["prefill_tokens_per_expert"],
             (c["decode_row_block"], c["decode_token_block"]),

@@ -69,9 +69,11 @@ OK, BAD_IDS, NOT_READY = 0, 1, 2  # what a kernel call returns
 # quantized down items of at least knobs[2] H rows (one region: a multiple), so each item's four
 # weight streams (one per quarter of its rows, per expert) run long enough for the prefetchers:
 # with 16 threads and H = 2048, 8 items a thread alone gives 16-row items, four 4-row streams.
-# knobs[POLLS]: polls of the input flag (``ready``) before a call gives up.
-ITEMS, GATE_UP_ROWS, DOWN_ROWS, POLLS = 0, 1, 2, 3
-DEFAULT_KNOBS = (8, 64, 64, 1 << 27)
+# knobs[POLLS]: polls of the input flag (``ready``) before a call gives up. knobs[QUANT_BLOCKS]:
+# input blocks a thread claims at once in a one-region call (each claim and its completion count
+# are an atomic add on a line all threads share: a Qwen3-30B-A3B input is 32 blocks).
+ITEMS, GATE_UP_ROWS, DOWN_ROWS, POLLS, QUANT_BLOCKS = 0, 1, 2, 3, 4
+DEFAULT_KNOBS = (8, 64, 64, 1 << 27, 1)
 # A call's trace (``trace``, int64, cycle counts; [0]: off): TR_* slots, then TR_THREAD slots a
 # thread from TR_THREADS on: its entry into the region, the end of its last gate/up item, its exit.
 # Entry, inputs seen (by the first thread), region started, inputs prepared, out whole, return.
@@ -536,13 +538,16 @@ def _one_region(
                 fetch_add(ctr, 8 * C_BAD_IDS, 1)
                 go = False
         if go:
-            while True:  # the input's blocks, a few each
-                q = fetch_add(ctr, 8 * C_QCLAIM, 1)
-                if q >= nq:
+            qb = max(knobs[QUANT_BLOCKS], 1)
+            while True:  # the input's blocks, qb a claim
+                q0 = fetch_add(ctr, 8 * C_QCLAIM, qb)
+                if q0 >= nq:
                     break
-                t = q // nbx
-                _quantize_block(x[t], H, q % nbx, xq[t], xs[t], xc[t])
-                if fetch_add(ctr, 8 * C_QDONE, 1) == nq - 1 and tracing:
+                q1 = min(q0 + qb, nq)
+                for q in range(q0, q1):
+                    t = q // nbx
+                    _quantize_block(x[t], H, q % nbx, xq[t], xs[t], xc[t])
+                if fetch_add(ctr, 8 * C_QDONE, q1 - q0) == nq - (q1 - q0) and tracing:
                     trace[TR_PREP] = cycles()
             _region_items(
                 T, H, E, I, gu, gus, guz, dn, dns, dnz, out, gsel, rb, tb, vnni, is_int4, sym, bufs, ctr,

@@ -420,6 +420,12 @@ def test_work_item_knobs_and_call_trace():
         moe.set_trace(0)
         moe._settings.pop(("int4", H, I), None)
     np.testing.assert_array_equal(got, base)
+    for qb in (3, 64):  # the input's 8 blocks claimed 3 at a time (the last claim short), or at once
+        try:
+            moe.set_knobs("int4", H, I, decode_quant_blocks=qb)
+            np.testing.assert_array_equal(ck.fused_moe(x, ids, wt, experts, threads=2), base)
+        finally:
+            moe._settings.pop(("int4", H, I), None)
     row = trace[0]
     assert row[mk.TR_NTHR] == 2
     assert 0 < row[mk.TR_ENTRY] <= row[mk.TR_START] <= row[mk.TR_END]  # the calling thread's own
@@ -430,6 +436,8 @@ def test_work_item_knobs_and_call_trace():
     assert not trace[1].any(), "one call fills one row"
     with pytest.raises(ValueError, match="rows >= 64"):
         moe.set_knobs("int4", H, I, decode_down_rows=8)
+    with pytest.raises(ValueError, match="blocks must be >= 1"):
+        moe.set_knobs("int4", H, I, decode_quant_blocks=0)
     with pytest.raises(ValueError, match="unknown knobs"):
         moe.set_knobs("int4", H, I, decode_rows=64)
 
