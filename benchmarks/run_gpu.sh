@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in stages that each fit one call there.
 #   bash benchmarks/run_gpu.sh OUT_DIR STAGE...
-#   stages: tests gtests glaunch handback fetch kernels moe tune cpu items threads launch e2e prefill calib hf profile modes early sample overlap router absorb inputs prepared teams unsummed share defer pprofile load convert spec serve prefix nccl
+#   stages: tests gtests glaunch handback fetch kernels moe tune cpu items threads launch e2e prefill calib hf profile modes early sample overlap router absorb inputs prepared teams unsummed knob kthreads share defer pprofile load convert spec serve prefix nccl
 #   (GPUS=2: e2e over two GPUs)
 # After `convert` (or `load`, which converts first), later stages load the converted int4 model:
 # mmap instead of quantizing the experts at every load.
@@ -111,6 +111,13 @@ r = random.Random(0); print(t.decode([r.randrange(t.vocab_size) for _ in range(4
         # teams: the CPU worker's kernel threads the only team, against a second team alive
         case $stage in router|absorb|inputs|prepared|unsummed) what="--compare-kernel $stage" ;; *) what="--compare-$stage" ;; esac
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what ${PROFILE_ARGS:-} 2>&1 \
+          | grep -v "^loading\|step split\|unprofiled" | tail -6
+      done ;;
+    knob|kthreads) checkpoint && for f in ${EXPERTS:-int4 int8}; do  # settings alternating in decode steps:
+        # knob: a CPU kernel work-item setting at each value (KNOB="NAME V..."); kthreads: the CPU
+        # kernels on each thread count (KTHREADS="N...")
+        case $stage in knob) what="--compare-knob ${KNOB:-decode_quant_blocks 1 4}" ;; *) what="--compare-threads ${KTHREADS:-15 16}" ;; esac
+        python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what 2>&1 \
           | grep -v "^loading\|step split\|unprofiled" | tail -6
       done ;;
     share) # LAUNCH: the decode graphs' launch mode; a run stuck past STUCK_S s prints every thread's stack
