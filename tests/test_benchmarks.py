@@ -34,3 +34,22 @@ def test_link_timeline_splits_idle_link_time_by_who_was_late():
     assert t["copies_busy_ms"] == pytest.approx(0.250) and t["copies_span_ms"] == pytest.approx(0.305)
     assert t["link_idle_ms"] == pytest.approx(0.055)  # 105 -> 140, 240 -> 260
     assert t["link_idle_host_late_ms"] == pytest.approx(0.030)  # issued at 135, idle since 105
+
+
+def test_e2e_runs_on_the_cpu_and_takes_the_highest_read_probe(monkeypatch, tmp_path, tiny_checkpoint):
+    """benchmarks/e2e.py end to end on a tiny checkpoint with the "GPU" on the CPU: it writes its
+    row, and the row's read bandwidth (the roofline's) is the highest of the run's probes."""
+    import json
+
+    e2e = _script("e2e")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(e2e, "RESULTS", tmp_path / "results")
+    path = tiny_checkpoint("qwen3-30b-a3b", seed=3)
+    argv = [str(path), "--gpu-mem", "3GiB", "--experts", "int4", "--prompt-len", "16", "--gen", "4"]
+    assert e2e.main([*argv, "--prefill-len", "32", "--tag", "t"]) == 0
+    (out,) = (tmp_path / "results").glob("e2e-*-t-*.json")
+    got = json.loads(out.read_text())
+    row, machine = got["rows"][0], got["machine"]
+    probes = [machine["cpu_read_bw_start_GBs"], *row["cpu_read_bw_adjacent_GBs"]]
+    assert row["cpu_read_bw_GBs"] >= max(probes) and machine["cpu_read_bw_GBs"] == row["cpu_read_bw_GBs"]
+    assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["decode_predicted_tok_s"] > 0
