@@ -41,6 +41,10 @@ def test_e2e_runs_on_the_cpu_and_takes_the_highest_read_probe(monkeypatch, tmp_p
     row, and the row's read bandwidth (the roofline's) is the highest of the run's probes."""
     import json
 
+    import cpu_kernels.moe
+
+    # The runtime's CPU worker sets the kernels' thread count process-wide: restored afterwards.
+    monkeypatch.setitem(cpu_kernels.moe._state, "threads", cpu_kernels.moe._state["threads"])
     e2e = _script("e2e")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(e2e, "RESULTS", tmp_path / "results")
