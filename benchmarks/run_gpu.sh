@@ -118,7 +118,7 @@ r = random.Random(0); print(t.decode([r.randrange(t.vocab_size) for _ in range(4
         # kernels on each thread count (KTHREADS="N...")
         case $stage in knob) what="--compare-knob ${KNOB:-decode_quant_blocks 1 4}" ;; *) what="--compare-threads ${KTHREADS:-15 16}" ;; esac
         python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" --experts "$f" --steps 32 $what 2>&1 \
-          | grep -v "^loading\|step split\|unprofiled" | tail -6
+          | grep -v "^loading\|step split\|unprofiled" | tail -12
       done ;;
     share) # LAUNCH: the decode graphs' launch mode; a run stuck past STUCK_S s prints every thread's stack
       checkpoint && PYTHONFAULTHANDLER=1 timeout -s ABRT "${STUCK_S:-480}" python3 benchmarks/decode_profile.py "$ckpt" --gpu-mem "$gpu_mem" \
