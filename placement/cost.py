@@ -38,8 +38,9 @@ SEQ_ROUTING_EXPONENT = 0.85
 # A decode step wide enough to stream runs without CUDA graphs: its launches and the chunks'
 # bookkeeping cost ~1 ms a layer beyond the PCIe time (the verify steps above).
 STREAMED_STEP_LAYER_S = 1.0e-3
-# Per layer and step: kernel launches and Python dispatch on the GPU side.
-LAYER_OVERHEAD_S = 30e-6
+# Per layer and step: kernel launches and Python dispatch on the GPU side (see HANDOFF_S for how
+# the two are measured together now).
+LAYER_OVERHEAD_S = 20e-6
 # Per layer that sends work to the CPU: ending a CUDA graph, the device-to-host copy and the event
 # wait for it, the copy back and the next graph's work up to the next router, unpriced small
 # kernels mostly. Measured: int4 decode on an H100 with a 16-core Xeon (V2-Lite shape, CUDA graphs)
@@ -67,7 +68,16 @@ LAYER_OVERHEAD_S = 30e-6
 # 1.13 / 0.99 and 1.05 / 0.97. The CPU worker's kernel threads as the process's only OpenMP team
 # (cpu_kernels.threads) took that gap from 46 to 41 us in an alternating comparison
 # (decode_teams-qwen3-...-int4.json; its end-to-end run had a start probe too low to price by), so 33 us.
-HANDOFF_S = 33e-6
+# Together with LAYER_OVERHEAD_S (30 us then) and the layer's priced GPU reads (~9 us), a CPU layer's
+# fixed cost came to ~72 us, where the CPU kernels' traces on the H200 machine put the whole GPU
+# segment between two layers' CPU calls at 39 us (Qwen3-30B-A3B) and 50 us (V2-Lite), plus ~4 us
+# of input quantization and ~2 us of the region's join in the call
+# (decode_threads-*-h200-*-int4-one-team.json): the end-to-end runs with both probe fixes measured
+# int4 decode at 1.21 and 1.18 of their plans, int8 at 1.05 and 1.01 (V2-Lite, Qwen3-30B-A3B;
+# e2e-*-h200-*-clean.json). At 20 + 25 us the same plans give 1.15 / 1.09 (int4) and 1.02 / 0.96
+# (int8), and the two earlier V2-Lite int4 runs 0.99 and 0.96 instead of 1.04 and 1.02
+# (e2e-deepseek-v2-lite-...-int4-first.json, -second.json).
+HANDOFF_S = 25e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
 # bytes over PCIe itself (hetero.experts.PCIeExperts; off unless asked for). Such a kernel read
