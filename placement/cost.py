@@ -76,7 +76,9 @@ LAYER_OVERHEAD_S = 20e-6
 # int4 decode at 1.21 and 1.18 of their plans, int8 at 1.05 and 1.01 (V2-Lite, Qwen3-30B-A3B;
 # e2e-*-h200-*-clean.json). At 20 + 25 us the same plans give 1.15 / 1.09 (int4) and 1.02 / 0.96
 # (int8), and the two earlier V2-Lite int4 runs 0.99 and 0.96 instead of 1.04 and 1.02
-# (e2e-deepseek-v2-lite-...-int4-first.json, -second.json).
+# (e2e-deepseek-v2-lite-...-int4-first.json, -second.json). The next V2-Lite int4 run, priced so,
+# came to 1.21 (1.28 at the old costs; e2e-...-int4-fixedcost.json): there the int4 kernel-rate
+# probe, not these, was what priced it low (its whole step took less than the plan's CPU part).
 HANDOFF_S = 25e-6
 
 # Decode steps may split their RAM experts between the CPU kernels and the GPU reading the packed
