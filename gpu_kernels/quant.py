@@ -359,7 +359,9 @@ def quant_linear_config(M: int, N: int, K: int, fmt: str, group_size: int, block
     return cfg
 
 
-def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, config=None):
+def quant_linear_triton(
+    x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, config=None, summed: bool = True
+):
     N, K = qw.shape
     assert x.shape[-1] == K, f"x {tuple(x.shape)} vs weight {qw.shape}"
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -375,7 +377,7 @@ def quant_linear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | N
     if "BLOCK_M" not in cfg:
         from .linear_gemv import linear_gemv
 
-        return linear_gemv(x, qw, bias, cfg)
+        return linear_gemv(x, qw, bias, cfg, summed=summed)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     data = qw.data
     assert data.stride(-1) == 1
@@ -403,27 +405,19 @@ def quant_linear_reference(
     return F.linear(x, dequantize_weight(qw, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(qw)^T (+ bias [N]) -> [..., N], for a 2-D QuantWeight of shape [N, K]."""
+def quant_linear(
+    x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, summed: bool = True
+) -> torch.Tensor:
+    """x [..., K] @ dequant(qw)^T (+ bias [N]) -> [..., N], for a 2-D QuantWeight of shape [N, K].
+
+    summed False (x [T, K]): where the product runs on the GEMV path with K split, its float32
+    partial sums [SPLIT_K, T, N] instead, not yet added (their sum in order, rounded to x's dtype,
+    is the output), for the kernel that reads the output to add up (``linear_gemv``)."""
     assert len(qw.shape) == 2 and x.shape[-1] == qw.shape[1], f"x {tuple(x.shape)} vs weight {qw.shape}"
+    assert summed or x.dim() == 2, f"partial sums of a 2-D x only, got {tuple(x.shape)}"
     if use_triton(x, qw.data) and (qw.fmt != "fp8" or fp8_supported(x.device)):
-        return quant_linear_triton(x, qw, bias)
+        return quant_linear_triton(x, qw, bias, summed=summed)
     return quant_linear_reference(x, qw, bias)
-
-
-def quant_linear_partials(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """quant_linear(x, qw, bias) -> [T, N] for x [T, K], except where that runs the GEMV path with K
-    split: then its float32 partial sums [SPLIT_K, T, N], not yet added (their sum in order, rounded
-    to x's dtype, is the output), for the kernel that reads the output to add up instead."""
-    fits = qw.fmt != "bf16" and (qw.fmt != "fp8" or fp8_supported(x.device))
-    if x.dim() == 2 and x.shape[0] < DEQUANT_MIN_ROWS and use_triton(x, qw.data) and fits:
-        (T, K), N = x.shape, qw.shape[0]
-        cfg = quant_linear_config(T, N, K, qw.fmt, qw.group_size, qw.blocked)
-        if "BLOCK_M" not in cfg:
-            from .linear_gemv import linear_gemv
-
-            return linear_gemv(x, qw, bias, cfg, summed=False)
-    return quant_linear(x, qw, bias)
 
 
 class QuantLinear(nn.Module):
@@ -454,8 +448,8 @@ class QuantLinear(nn.Module):
     def unsummed(self, x: torch.Tensor) -> torch.Tensor | Parts:
         """forward(x) for x [T, K], except that where the product runs on the GEMV path with K split,
         its float32 partial sums come back not yet added, as ``Parts``: the residual add + norm after
-        it adds them in its own kernel, which saves the sum's launch (``quant_linear_partials``)."""
-        y = quant_linear_partials(x, self.qweight, self.bias)
+        it adds them in its own kernel, which saves the sum's launch (``quant_linear``, summed False)."""
+        y = quant_linear(x, self.qweight, self.bias, summed=False)
         return Parts((y,), x.dtype, x.device) if y.dim() == 3 else y
 
     def extra_repr(self) -> str:

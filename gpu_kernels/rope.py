@@ -350,7 +350,7 @@ def gqa_rope_write(
     """GQA's new tokens: norm (when q_norm / k_norm [D] are given) and rotate q in place (into q_out
     [T, Hq, D] when given), and store the normed, rotated k and v at each token's cache slots. Shapes
     in the module docstring; q, k and v may also be a fused projection's float32 partial sums
-    [S, T, H, D] (``gpu_kernels.quant.quant_linear_partials``), which the kernel adds up in order and
+    [S, T, H, D] (``gpu_kernels.quant.quant_linear``, summed False), which the kernel adds up in order and
     rounds to q_out's dtype (q_out then required), in place of a launch of their own."""
     if use_triton(q, k, v, k_cache):
         gqa_rope_write_triton(q, k, v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping, q_out)

@@ -118,13 +118,13 @@ class FusedLinear:
 
     def unsummed(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [T, K] -> each part's output [T, N_i]; or, where the quantized product splits K on the GEMV
-        path (``gpu_kernels.quant.quant_linear_partials``), each part's float32 partial sums
+        path (``gpu_kernels.quant.quant_linear``, summed False), each part's float32 partial sums
         [SPLIT_K, T, N_i] not yet added, for the kernel that reads them to add up."""
         if not (self.quantized and UNSUMMED):
             return self(x)
-        from gpu_kernels.quant import quant_linear_partials
+        from gpu_kernels.quant import quant_linear
 
-        return list(quant_linear_partials(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        return list(quant_linear(x, self.weight, self.bias, summed=False).split(self.sizes, dim=-1))
 
 
 # Quantized products at decode sizes leave their split-K partial sums to the kernel that reads them
