@@ -87,11 +87,11 @@ def candidates(kind: str, quick: bool) -> list[dict]:
             if not quick or (st == 3 and ahead)
         ]
     heads = (16,) if kind == "mla16" else (32, 64)
-    grid = itertools.product(heads, (16, 32, 64), (4, 8), (1, 2, 3), splits, (0, 1, 2))
+    grid = itertools.product(heads, (16, 32, 64), (4, 8), (1, 2, 3), splits, (0, 1, 2), (1, 4))
     return [
         {"BLOCK_H": bh, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": wv, "MAX_SPLITS": ms}
-        | {"BT_AHEAD": ahead}
-        for bh, bn, w, st, (wv, ms), ahead in grid
+        | {"BT_AHEAD": ahead, "CHUNKS": chunks}
+        for bh, bn, w, st, (wv, ms), ahead, chunks in grid
         # 64 heads by 64 tokens: two stages fit (144 KB of shared memory), eight warps hold the accumulator
         if not (bh == 64 and bn == 64 and (w, st) != (8, 2)) and (not quick or st == 2 + min(ahead, 1))
     ]

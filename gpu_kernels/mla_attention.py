@@ -53,6 +53,22 @@ def mla_decode_attention_reference(
     return out
 
 
+@triton.jit
+def _load_chunks(ptrs, mask, RC: tl.constexpr, CHUNKS: tl.constexpr):
+    """The tile at ptrs and the CHUNKS - 1 tiles RC, 2 RC, ... columns on it (0 where masked); where
+    CHUNKS < 4 the missing ones repeat the first (never read)."""
+    a = tl.load(ptrs, mask=mask, other=0.0)
+    b = a
+    c = a
+    d = a
+    if CHUNKS >= 2:
+        b = tl.load(ptrs + RC, mask=mask, other=0.0)
+    if CHUNKS == 4:
+        c = tl.load(ptrs + 2 * RC, mask=mask, other=0.0)
+        d = tl.load(ptrs + 3 * RC, mask=mask, other=0.0)
+    return a, b, c, d
+
+
 @triton.jit(do_not_specialize=["stride_btn", "partition", "S"])  # all three follow the context
 def _mla_decode_kernel(
     ql_ptr,  # [N, H, R]
@@ -78,6 +94,7 @@ def _mla_decode_kernel(
     S,
     BT_AHEAD: tl.constexpr,  # load each tile's block ids one tile ahead
     PDL: tl.constexpr,  # programmatic dependent launch (sm_90+), as _pdl_split
+    CHUNKS: tl.constexpr = 1,  # the latent in 1, 2 or 4 column chunks, each its own dots (see below)
 ):
     _pdl_split(PDL)
     row = tl.program_id(0)
@@ -94,17 +111,24 @@ def _mla_decode_kernel(
         tl.store(lse_ptr + out_rows, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=hmask)
         return
 
-    r = tl.arange(0, R)
+    # With CHUNKS > 1 the latent's R columns are CHUNKS chunks of RC, each with its own query slice, score
+    # dot and accumulator: a score dot over all of R is one chain of R / 16 dependent MMA steps per warp;
+    # chunks make that CHUNKS independent chains of R / (16 * CHUNKS), added after (the warps split each
+    # dot's output as before, so no sum crosses warps).
+    RC: tl.constexpr = R // CHUNKS
+    r = tl.arange(0, RC)
     p = tl.arange(0, P)
-    ql = tl.load(
-        ql_ptr + row * stride_qln + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0
-    )
+    ql_row = ql_ptr + row * stride_qln + h[:, None] * stride_qlh + r[None, :]
+    ql0, ql1, ql2, ql3 = _load_chunks(ql_row, hmask[:, None], RC, CHUNKS)  # each [BLOCK_H, RC]
     qp = tl.load(
         qp_ptr + row * stride_qpn + h[:, None] * stride_qph + p[None, :], mask=hmask[:, None], other=0.0
     )
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, RC], tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     offs = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + row * stride_btn
     ahead = _first_blocks(bt_row, start, end, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
@@ -113,18 +137,39 @@ def _mla_decode_kernel(
         tmask = t < end
         blk, ahead = _tile_blocks(bt_row, t0, end, ahead, BLOCK_SIZE, BLOCK_N, BT_AHEAD)
         base = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (R + P)  # [BLOCK_N]
-        c = tl.load(c_ptr + base[:, None] + r[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, R]
+        c_row = c_ptr + base[:, None] + r[None, :]
+        c0, c1, c2, c3 = _load_chunks(c_row, tmask[:, None], RC, CHUNKS)  # each [BLOCK_N, RC]
         kpe = tl.load(c_ptr + base[:, None] + R + p[None, :], mask=tmask[:, None], other=0.0)  # [BLOCK_N, P]
-        s = dot(ql, tl.trans(c)) + dot(qp, tl.trans(kpe))  # [BLOCK_H, BLOCK_N]
+        s = dot(qp, tl.trans(kpe))  # [BLOCK_H, BLOCK_N]
+        if CHUNKS == 1:
+            s += dot(ql0, tl.trans(c0))
+        elif CHUNKS == 2:
+            s += dot(ql0, tl.trans(c0)) + dot(ql1, tl.trans(c1))
+        else:
+            s += (dot(ql0, tl.trans(c0)) + dot(ql1, tl.trans(c1))) + (
+                dot(ql2, tl.trans(c2)) + dot(ql3, tl.trans(c3))
+            )
         s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         pr = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         denom = denom * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + dot(pr.to(c.dtype), c)
+        pr = pr.to(c0.dtype)
+        acc0 = acc0 * alpha[:, None] + dot(pr, c0)
+        if CHUNKS >= 2:
+            acc1 = acc1 * alpha[:, None] + dot(pr, c1)
+        if CHUNKS == 4:
+            acc2 = acc2 * alpha[:, None] + dot(pr, c2)
+            acc3 = acc3 * alpha[:, None] + dot(pr, c3)
         m = m_new
 
-    tl.store(o_ptr + out_rows[:, None] * R + r[None, :], acc / denom[:, None], mask=hmask[:, None])
+    o_row = o_ptr + out_rows[:, None] * R + r[None, :]
+    tl.store(o_row, acc0 / denom[:, None], mask=hmask[:, None])
+    if CHUNKS >= 2:
+        tl.store(o_row + RC, acc1 / denom[:, None], mask=hmask[:, None])
+    if CHUNKS == 4:
+        tl.store(o_row + 2 * RC, acc2 / denom[:, None], mask=hmask[:, None])
+        tl.store(o_row + 3 * RC, acc3 / denom[:, None], mask=hmask[:, None])
     tl.store(lse_ptr + out_rows, m + tl.log2(denom), mask=hmask)
 
 
@@ -158,6 +203,10 @@ def mla_decode_config(n_rows: int, H: int, config: dict | None = None) -> dict:
     at one row take 32-token tiles, one block id per block and programmatic dependent launch of both
     kernels (PDL 3, see gqa_decode_config): 25.1 -> 24.7 us from the tiles and ids, 23.9 with PDL as well;
     PDL alone, 25.5 (three alternations each way in one run, attention-pdl-b1-confirm-h100.json).
+    CHUNKS 4 cuts the latent into four column chunks with their own dots (one dependent chain of MMA
+    steps a warp becomes four a quarter as long): on an H200 at 32k, three alternations each way, 16
+    heads 20.6 -> 20.0 us at one row and 167 -> 160.5 at 16 (with 64-token tiles two stages deep), 128
+    heads 55.7 -> 53.2 and 649 -> 633 (attention_sweep-mla-chunks-h200.json); not measured on an H100.
 
     A device's own sweep (`attention_sweep.py --save-configs`, configs/mla_decode.json) replaces these
     for the head counts it ran, at the nearest row count."""
@@ -179,7 +228,7 @@ def _mla_default(n_rows: int, H: int) -> dict:
         cfg = {"BLOCK_H": 64, "BLOCK_N": 64, "WAVES": waves, "num_stages": 2, "num_warps": 8, "BT_AHEAD": 2}
     else:
         cfg = {"BLOCK_H": 32, "BLOCK_N": 64, "WAVES": 8 if n_rows * cdiv(H, 32) >= 32 else 2, "num_stages": 3}
-    return {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, **cfg}
+    return {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, "CHUNKS": 4, **cfg}
 
 
 def mla_decode_attention_triton(
@@ -223,6 +272,7 @@ def mla_decode_attention_triton(
         S=S,
         BT_AHEAD=bt_mode(cfg, bs),
         PDL=pdl,
+        CHUNKS=cfg.get("CHUNKS", 1),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_launch(pdl & 2),

@@ -892,7 +892,7 @@ def test_attention_kernels_compile_for_hopper(quant_kind, kv):
         for H in (16, 128):  # each head count's default settings; 128 heads' dots take warpgroup MMA
             cfg = mla_attention.mla_decode_config(1, H)
             const = {"H": H, "R": 512, "P": 64, "BLOCK_SIZE": 16, "PDL": cfg.get("PDL", 0)}
-            const.update({k: cfg[k] for k in ("BLOCK_H", "BLOCK_N", "BT_AHEAD")})
+            const.update({k: cfg[k] for k in ("BLOCK_H", "BLOCK_N", "BT_AHEAD", "CHUNKS")})
             launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
             ptx = compile_for_hopper(mla_attention._mla_decode_kernel, const, mla, **launch)
             assert ("wgmma" in ptx) == (cfg["BLOCK_H"] >= 64)
@@ -970,11 +970,11 @@ def test_decode_attention_takes_a_device_sweep(tmp_path, monkeypatch):
         tuning._load.cache_clear()
 
 
-def check_decode_attention(kind: str, bt_ahead: int = 0) -> None:
+def check_decode_attention(kind: str, bt_ahead: int = 0, chunks: int = 1) -> None:
     """Run with TRITON_INTERPRET=1: GQA (bf16 and int8 caches) or MLA decode on CPU tensors against the
     references, with tiles small enough that rows split into more partitions than the merge takes at once.
     The interpreter's bf16 dots are wrong, so tiles are float32 (fp16 queries for the int8 cache).
-    bt_ahead: the kernels' BT_AHEAD (block ids loaded one tile ahead)."""
+    bt_ahead: the kernels' BT_AHEAD (block ids loaded one tile ahead); chunks: MLA's latent chunks."""
     gen = torch.Generator().manual_seed(len(kind))
     bs, lens = 16, [700, 1, 333]
     nb = sum(math.ceil(n / bs) for n in lens) + 2
@@ -986,7 +986,8 @@ def check_decode_attention(kind: str, bt_ahead: int = 0) -> None:
         R, P, H = 64, 16, 5
         cache = torch.randn(nb, bs, R + P, generator=gen)
         ql, qp = torch.randn(3, H, R, generator=gen), torch.randn(3, H, P, generator=gen)
-        out = mla_decode_attention_triton(ql, qp, cache, table, seq_lens, 0.1, config={**cfg, "BLOCK_H": 16})
+        cfg.update(BLOCK_H=16, CHUNKS=chunks)
+        out = mla_decode_attention_triton(ql, qp, cache, table, seq_lens, 0.1, config=cfg)
         ref = gk.mla_decode_attention_reference(ql, qp, cache, table, seq_lens, 0.1)
     else:
         Hq, Hkv, D = 6, 2, 32
@@ -1029,11 +1030,12 @@ def check_decode_attention(kind: str, bt_ahead: int = 0) -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
 @pytest.mark.parametrize(
-    "kind,bt_ahead",
-    [("float32", 0), ("int8", 0), ("mla", 0), ("int8", 1), ("mla", 1), ("float32", 2), ("mla", 2)],
+    "kind,bt_ahead,chunks",
+    [("float32", 0, 1), ("int8", 0, 1), ("mla", 0, 1), ("int8", 1, 1), ("mla", 1, 4), ("float32", 2, 1)]
+    + [("mla", 2, 2)],
 )
-def test_decode_attention_kernels_in_interpreter(kind, bt_ahead):
-    in_interpreter(f"check_decode_attention({kind!r}, {bt_ahead})")
+def test_decode_attention_kernels_in_interpreter(kind, bt_ahead, chunks):
+    in_interpreter(f"check_decode_attention({kind!r}, {bt_ahead}, {chunks})")
 
 
 # ---------------------------------------------------------------- GPU: Triton kernels vs references
