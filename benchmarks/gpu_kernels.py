@@ -6,6 +6,10 @@ Prints one table last and writes gpu_kernels-<gpu>.json (card, CPU, every row) u
 "us" is one eager call; "graph us" is a call's share of one CUDA graph of LAYERS calls, each on its own
 data (KV blocks, experts, weights), as a decode step replays them layer after layer. Fused-MoE
 candidates are ranked by that graph time, at decode batches and at prefill chunks (512, 2048 tokens).
+"of read" is a bare read of the row's bytes (read_words) in that same graph timing over the row's graph
+time: at one token or row a call's start and drain keep even a plain read well under the large-copy
+bandwidth (benchmarks/read_ceiling.py), so this says how close the kernel comes to any kernel that
+reads as much.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import gpu_kernels as gk  # noqa: E402
 from gpu_kernels import linear_gemv, moe, moe_gemv, quant  # noqa: E402
@@ -77,6 +82,7 @@ def graph_calls_ms(fn, calls: list[tuple[tuple, dict]], rep: int = 200) -> float
         return float("nan")
 
 
+READ_CEILING = True  # --no-read-ceiling: leave out each row's bare read of its bytes (read_ceiling_us)
 KERNEL_TIMES = False  # --kernel-times: each row also gets its kernels' device time inside the graph
 
 
@@ -112,6 +118,49 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / GB
 
 
+@triton.jit
+def _read_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Sum ITERS tiles of BLOCK int32 words (this program's share of x [n]) into o [programs, BLOCK]."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.int32)
+    for i in tl.static_range(ITERS):
+        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
+    tl.store(o_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def read_words(x: torch.Tensor, out: torch.Tensor, block: int, iters: int, warps: int) -> None:
+    """A bare read of x (int32 words): _read_kernel over all of it."""
+    n = x.numel()
+    _read_kernel[(triton.cdiv(n, block * iters),)](x, out, n, BLOCK=block, ITERS=iters, num_warps=warps)
+
+
+# the bare read's settings: tile words, tiles a program, warps (the best at 20 MB - 1 GiB on the H200
+# came from these, read_ceiling-nvidia-h200.json)
+READ_SETTINGS = ((1024, 8, 8), (1024, 16, 8), (2048, 8, 8), (1024, 8, 4))
+_READ_US: dict[int, tuple[float, tuple]] = {}
+
+
+def read_ceiling_us(nbytes: int, settings=READ_SETTINGS) -> tuple[float, tuple]:
+    """(microseconds, settings) of the fastest bare read of nbytes, a call's share of a graph of LAYERS
+    calls on distinct buffers (2 above 256 MB) as the kernels are timed: what any kernel reading that
+    many bytes in that timing could reach. Cached by size."""
+    if nbytes not in _READ_US:
+        layers = 2 if nbytes > 256 << 20 else LAYERS
+        words = max(1, nbytes // 4)
+        bufs = [
+            torch.randint(-(2**31), 2**31 - 1, (words,), dtype=torch.int32, device=DEV) for _ in range(layers)
+        ]
+        best = None
+        for block, iters, warps in settings:
+            out = torch.empty(triton.cdiv(words, block * iters) * block, dtype=torch.int32, device=DEV)
+            us = 1e3 * graph_calls_ms(read_words, [((b, out, block, iters, warps), {}) for b in bufs], rep=50)
+            if best is None or us < best[0]:
+                best = (us, (block, iters, warps))
+        _READ_US[nbytes] = best
+    return _READ_US[nbytes]
+
+
 def paged_setup(N: int, ctx: int, bs: int = 16):
     nblk = ctx // bs
     table = torch.randperm(N * nblk, device=DEV).view(N, nblk).int()  # scattered blocks, as after churn
@@ -124,6 +173,9 @@ def row(kind, shape, batch, nbytes, ms, ref_ms, copy_bw, extra=None, g_ms=None):
     extra = dict(extra or {})
     if g_ms is not None:
         extra.update(graph_ms=g_ms, graph_pct_copy=100 * nbytes / (g_ms * 1e-3) / GB / copy_bw)
+        if READ_CEILING and g_ms == g_ms:  # not NaN (a failed capture)
+            read_us, _ = read_ceiling_us(nbytes)
+            extra.update(read_ceiling_us=read_us, graph_over_read=read_us / (g_ms * 1e3))
     r = {
         "kernel": kind,
         "shape": shape,
@@ -586,7 +638,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    global TUNE, MOE_BATCHES, MOE_FORMATS, KERNEL_TIMES
+    global TUNE, MOE_BATCHES, MOE_FORMATS, KERNEL_TIMES, READ_CEILING
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="gqa,mla,moe,qlinear", help="of gqa,mla,moe,qlinear,proj,route")
@@ -603,8 +655,13 @@ def main() -> None:
         action="store_true",
         help="profile each attention / MoE row's kernels inside its graph",
     )
+    ap.add_argument(
+        "--no-read-ceiling",
+        action="store_true",
+        help="leave out each row's bare read of the same bytes in the same graph timing",
+    )
     args = ap.parse_args()
-    TUNE, KERNEL_TIMES = not args.no_tune, args.kernel_times
+    TUNE, KERNEL_TIMES, READ_CEILING = not args.no_tune, args.kernel_times, not args.no_read_ceiling
     MOE_BATCHES, MOE_FORMATS = tuple(args.moe_batches), tuple(args.moe_formats)
     if args.save_configs:
         run = json.loads(Path(args.save_configs).read_text())
@@ -650,7 +707,8 @@ def main() -> None:
     print(f"\n{card} | {result['cpu']} | copy bandwidth {copy_bw:.0f} GB/s")
     print(
         f"{'kernel':10s} {'shape':40s} {'batch':>5s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s} {'ref us':>9s} {'x ref':>6s}"
-        f" {'graph us':>9s} {'%copy':>6s}  (graph: per call, {LAYERS} calls a graph)"
+        f" {'graph us':>9s} {'%copy':>6s} {'of read':>7s}  (graph: per call, {LAYERS} calls a graph; of read: a"
+        " bare read of the same bytes in the same timing over the call)"
     )
     for r in rows:
         ref = "" if r["ref_ms"] is None else f"{r['ref_ms'] * 1e3:9.1f}"
@@ -658,6 +716,7 @@ def main() -> None:
         print(
             f"{r['kernel']:10s} {r['shape']:40s} {r['batch']:5d} {r['ms'] * 1e3:9.1f} {r['GB/s']:7.0f} "
             f"{r['pct_copy']:6.1f} {ref:>9s} {sp:>6s} {r.get('graph_ms', float('nan')) * 1e3:9.1f} {r.get('graph_pct_copy', float('nan')):6.1f}"
+            f" {r.get('graph_over_read', float('nan')):7.2f}"
         )
     for err in sorted(set(GRAPH_ERRORS)):
         print(f"graph capture failed: {err[:300]}")

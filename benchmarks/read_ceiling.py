@@ -1,9 +1,10 @@
 """How fast this GPU reads a decode kernel's worth of bytes: the ceiling a one-token kernel of that size
 can reach, next to the large-copy bandwidth that gpu_kernels.py takes its shares of.
 
-A bare read kernel (every program sums its share of int32 words and writes one word back per lane,
-a few settings of tile and tiles a program, the best kept) and device-to-device copies, each timed as
-a call's share of one CUDA graph of LAYERS calls on distinct buffers (gpu_kernels.py's graph timing),
+A bare read kernel (gpu_kernels.py's read_words: every program sums its share of int32 words and
+writes one word back per lane; 30 settings of tile, tiles a program and warps, the best kept) and
+device-to-device copies, each timed as a call's share of one CUDA graph of LAYERS calls on distinct
+buffers (gpu_kernels.py's graph timing),
 at the byte counts of the decode-path cases there: the fused MoE at one token (int4 / int8 / bf16
 experts of V2-Lite and Qwen3-30B-A3B), 16-head MLA and GQA at 32k context; and at 1 GiB. (A copy
 captured into a graph runs as the graph's copy node, not the kernel an eager copy launches, and
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("kernel_bench", Path(__file__).with_name("gpu_kernels.py"))
 bench = importlib.util.module_from_spec(_spec)
@@ -48,22 +48,6 @@ SIZES = (
 )
 
 
-@triton.jit
-def _read_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Sum ITERS tiles of BLOCK int32 words (this program's share of x [n]) into o [programs, BLOCK]."""
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.int32)
-    for i in tl.static_range(ITERS):
-        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
-    tl.store(o_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
-
-
-def read(x: torch.Tensor, out: torch.Tensor, block: int, iters: int, warps: int) -> None:
-    n = x.numel()
-    _read_kernel[(triton.cdiv(n, block * iters),)](x, out, n, BLOCK=block, ITERS=iters, num_warps=warps)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
@@ -79,9 +63,11 @@ def main() -> None:
             for _ in range(layers)
         ]
         best = None
-        for block, iters, warps in itertools.product((1024, 2048, 4096), (1, 2, 4, 8), (4, 8)):
+        for block, iters, warps in itertools.product((1024, 2048, 4096), (2, 4, 8, 16, 32), (4, 8)):
             out = torch.empty(triton.cdiv(nbytes // 4, block * iters) * block, dtype=torch.int32, device=DEV)
-            us = 1e3 * bench.graph_calls_ms(read, [((b, out, block, iters, warps), {}) for b in bufs], rep=50)
+            us = 1e3 * bench.graph_calls_ms(
+                bench.read_words, [((b, out, block, iters, warps), {}) for b in bufs], rep=50
+            )
             if best is None or us < best[0]:
                 best = (us, {"BLOCK": block, "ITERS": iters, "num_warps": warps})
         dsts = [torch.empty_like(b) for b in bufs]
