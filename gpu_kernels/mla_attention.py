@@ -231,6 +231,15 @@ def _mla_default(n_rows: int, H: int) -> dict:
     return {"MAX_SPLITS": 64 * cfg["WAVES"], "num_warps": 4, "CHUNKS": 4, **cfg}
 
 
+def _chunks(R: int, chunks: int) -> int:
+    """The latent chunks a launch takes: the setting's (1, 2 or 4), halved while a chunk would be
+    narrower than a tensor-core dot's 16 columns."""
+    assert chunks in (1, 2, 4), f"CHUNKS={chunks}: 1, 2 or 4"
+    while chunks > 1 and R // chunks < 16:
+        chunks //= 2
+    return chunks
+
+
 def mla_decode_attention_triton(
     q_latent, q_pe, latent_cache, block_tables, seq_lens, scale, max_seq_len=None, config=None
 ) -> torch.Tensor:
@@ -272,7 +281,7 @@ def mla_decode_attention_triton(
         S=S,
         BT_AHEAD=bt_mode(cfg, bs),
         PDL=pdl,
-        CHUNKS=cfg.get("CHUNKS", 1),
+        CHUNKS=_chunks(R, cfg.get("CHUNKS", 1)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_launch(pdl & 2),

@@ -1028,6 +1028,14 @@ def check_decode_attention(kind: str, bt_ahead: int = 0, chunks: int = 1) -> Non
             torch.testing.assert_close(merged[row], want, rtol=1e-5, atol=1e-5)
 
 
+def test_mla_latent_chunks_stay_a_dot_wide():
+    """A latent narrower than four 16-column dots takes fewer chunks; a setting other than 1, 2, 4 is refused."""
+    assert [mla_attention._chunks(R, 4) for R in (512, 64, 32, 16)] == [4, 4, 2, 1]
+    assert mla_attention._chunks(512, 1) == 1
+    with pytest.raises(AssertionError):
+        mla_attention._chunks(512, 3)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its CPU interpreter runs the kernels)")
 @pytest.mark.parametrize(
     "kind,bt_ahead,chunks",
