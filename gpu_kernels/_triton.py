@@ -55,8 +55,10 @@ def pdl_flags(cfg: dict, device: torch.device) -> int:
 # rotary + cache write, decode attention, the router) launch with programmatic dependent launch on
 # sm_90+: each lets the next one start at once, and the next loads what no kernel writes (its weights)
 # before waiting (gdc_wait) for the one before. Every kernel so launched waits in every program before
-# it exits, so a finished kernel implies all before it finished. HETERO_CHAIN_PDL=0 turns it off.
-CHAIN_PDL = os.environ.get("HETERO_CHAIN_PDL", "1") != "0"
+# it exits, so a finished kernel implies all before it finished. On by default; benchmarks that compare
+# without it set this False before the kernels they time are captured (decode_profile.py,
+# attention_sweep.py).
+CHAIN_PDL = True
 
 
 def chain_pdl(device: torch.device) -> int:
