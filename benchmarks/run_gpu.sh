@@ -38,7 +38,7 @@ start=$(mktemp)  # results written after this are the ones to bring back (8 file
 checkpoint() {
   # sync: the 16-31 GB just written would still be flushing during the first read-bandwidth probe
   # (one instance probed 56 GB/s right after make-model, 82-97 GB/s later in the same run)
-  [ -f "$ckpt/config.json" ] || { /usr/bin/time -f "make-model %e s" python3 -m hetero.cli make-model "$preset" "$ckpt" --dtype "$dtype" 2>&1 | tail -2; sync; }
+  [ -f "$ckpt/config.json" ] || { /usr/bin/time -f "make-model %e s" python3 -m hetero.cli make-model "$preset" "$ckpt" --dtype "$dtype" 2>&1 | tail -4; sync; }
 }
 
 for stage in "$@"; do
