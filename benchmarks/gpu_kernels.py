@@ -138,27 +138,34 @@ def read_words(x: torch.Tensor, out: torch.Tensor, block: int, iters: int, warps
 # the bare read's settings: tile words, tiles a program, warps (the best at 20 MB - 1 GiB on the H200
 # came from these, read_ceiling-nvidia-h200.json)
 READ_SETTINGS = ((1024, 8, 8), (1024, 16, 8), (2048, 8, 8), (1024, 8, 4))
-_READ_US: dict[int, tuple[float, tuple]] = {}
+_READ_US: dict[tuple, tuple[float, tuple]] = {}
+
+
+def read_buffers(nbytes: int) -> list[torch.Tensor]:
+    """Random int32 buffers of nbytes each, as many as a timed graph takes calls (LAYERS; 2 above 256 MB)."""
+    layers = 2 if nbytes > 256 << 20 else LAYERS
+    words = max(1, nbytes // 4)
+    return [
+        torch.randint(-(2**31), 2**31 - 1, (words,), dtype=torch.int32, device=DEV) for _ in range(layers)
+    ]
 
 
 def read_ceiling_us(nbytes: int, settings=READ_SETTINGS) -> tuple[float, tuple]:
-    """(microseconds, settings) of the fastest bare read of nbytes, a call's share of a graph of LAYERS
-    calls on distinct buffers (2 above 256 MB) as the kernels are timed: what any kernel reading that
-    many bytes in that timing could reach. Cached by size."""
-    if nbytes not in _READ_US:
-        layers = 2 if nbytes > 256 << 20 else LAYERS
-        words = max(1, nbytes // 4)
-        bufs = [
-            torch.randint(-(2**31), 2**31 - 1, (words,), dtype=torch.int32, device=DEV) for _ in range(layers)
-        ]
+    """(microseconds, (block, iters, warps)) of the fastest bare read of nbytes over ``settings``, a
+    call's share of a graph of calls on distinct buffers (read_buffers) as the kernels are timed: what
+    any kernel reading that many bytes in that timing could reach. Cached by size and settings."""
+    key = (nbytes, tuple(settings))
+    if key not in _READ_US:
+        bufs = read_buffers(nbytes)
+        words = bufs[0].numel()
         best = None
         for block, iters, warps in settings:
             out = torch.empty(triton.cdiv(words, block * iters) * block, dtype=torch.int32, device=DEV)
             us = 1e3 * graph_calls_ms(read_words, [((b, out, block, iters, warps), {}) for b in bufs], rep=50)
             if best is None or us < best[0]:
                 best = (us, (block, iters, warps))
-        _READ_US[nbytes] = best
-    return _READ_US[nbytes]
+        _READ_US[key] = best
+    return _READ_US[key]
 
 
 def paged_setup(N: int, ctx: int, bs: int = 16):
