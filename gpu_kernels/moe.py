@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, dot, next_pow2, tl, triton, use_triton
+from ._triton import cdiv, next_pow2, tl, triton, use_triton
 from .moe_gemv import (
     _as_quant,
     _check_kernel_format,
@@ -40,8 +40,9 @@ from .quant import (
     _FMT_ID,
     QuantWeight,
     dequantize_weight,
+    dot_weight_tile,
     fp8_supported,
-    load_weight_tile,
+    int4_asm,
 )
 
 
@@ -206,33 +207,6 @@ def fused_moe_reference(x, w13, w2, topk_ids, topk_weights, block_size: int = 16
 
 
 @triton.jit
-def _gate_up_tiles(
-    we,  # one expert's w13 rows
-    se,  # its scales
-    rn,  # [BLOCK_N] intermediate columns
-    k0,
-    nmask,
-    inter_dim,
-    stride_wn,
-    stride_sn,
-    HID,
-    dtype: tl.constexpr,
-    FMT: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Gate rows rn and up rows I + rn: two [BLOCK_N, BLOCK_K] tiles as load_weight_tile gives them."""
-    wg = load_weight_tile(
-        we, se, rn, k0, nmask, stride_wn, stride_sn, HID, dtype, FMT, GROUP, BLOCK_N, BLOCK_K
-    )
-    wu = load_weight_tile(
-        we, se, rn + inter_dim, k0, nmask, stride_wn, stride_sn, HID, dtype, FMT, GROUP, BLOCK_N, BLOCK_K
-    )
-    return wg, wu
-
-
-@triton.jit
 def _moe_gate_up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, 2I, H] (int4: [E, 2I, H / 2] bytes)
@@ -257,6 +231,7 @@ def _moe_gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ASM: tl.constexpr = 0,  # int4 tiles by PTX (quant.int4_words_to_half)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -282,11 +257,26 @@ def _moe_gate_up_kernel(
             mask=rmask[:, None] & (rk[None, :] < HID),
             other=0.0,
         )
-        wg, wu = _gate_up_tiles(
-            we, se, rn, k0, nmask, inter_dim, stride_wn, stride_sn, HID, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+        acc_g = dot_weight_tile(
+            acc_g, x, we, se, rn, k0, nmask, stride_wn, stride_sn, HID, FMT, GROUP, BLOCK_N, BLOCK_K, ASM
         )
-        acc_g = dot(x, tl.trans(wg), acc_g)
-        acc_u = dot(x, tl.trans(wu), acc_u)
+        acc_u = dot_weight_tile(  # up rows: I rows on
+            acc_u,
+            x,
+            we,
+            se,
+            rn + inter_dim,
+            k0,
+            nmask,
+            stride_wn,
+            stride_sn,
+            HID,
+            FMT,
+            GROUP,
+            BLOCK_N,
+            BLOCK_K,
+            ASM,
+        )
     if FMT == 1 or FMT == 2:
         acc_g = acc_g * tl.load(se + rn, mask=nmask, other=0.0)[None, :]
         acc_u = acc_u * tl.load(se + inter_dim + rn, mask=nmask, other=0.0)[None, :]
@@ -322,6 +312,7 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ASM: tl.constexpr = 0,  # int4 tiles by PTX (quant.int4_words_to_half)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -345,10 +336,9 @@ def _moe_down_kernel(
             mask=rmask[:, None] & (rk[None, :] < inter_dim),
             other=0.0,
         )
-        w = load_weight_tile(
-            we, se, rn, k0, nmask, stride_wn, stride_sn, inter_dim, h.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+        acc = dot_weight_tile(
+            acc, h, we, se, rn, k0, nmask, stride_wn, stride_sn, inter_dim, FMT, GROUP, BLOCK_N, BLOCK_K, ASM
         )
-        acc = dot(h, tl.trans(w), acc)
     if FMT == 1 or FMT == 2:
         acc = acc * tl.load(se + rn, mask=nmask, other=0.0)[None, :]
     acc = acc * tl.load(tw_ptr + rows, mask=rmask, other=0.0)[:, None]
@@ -448,15 +438,16 @@ def fused_moe_chunk(
     bk = min(bk, w13.group_size) if fmt == 3 else bk  # an int4 tile stays inside one scale group
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     n_m, TK = r.expert_ids.shape[0], r.T * r.K
+    asm = int4_asm(w13, cfg, r.T) & int4_asm(w2, cfg, r.T)
     _moe_gate_up_kernel[(n_m, cdiv(inter_dim, bn))](
         x, w13.data, _scales(w13), r.sorted_ids, r.expert_ids, r.num_padded,
         r.inter, lo, hi, TK, inter_dim, H, x.stride(0), *_strides(w13),
-        TOPK=r.K, FMT=fmt, GROUP=w13.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        TOPK=r.K, FMT=fmt, GROUP=w13.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ASM=asm, **launch,
     )  # fmt: skip
     _moe_down_kernel[(n_m, cdiv(H, bn))](
         r.inter, w2.data, _scales(w2), r.sorted_ids, r.expert_ids, r.num_padded,
         r.weights, r.out, lo, hi, TK, inter_dim, H, *_strides(w2),
-        FMT=fmt, GROUP=w2.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        FMT=fmt, GROUP=w2.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ASM=asm, **launch,
     )  # fmt: skip
 
 

@@ -9,7 +9,8 @@ Storage of a weight w [..., N, K] (leading dims stack experts; N = output rows, 
     int4   data [..., N, K // 2] uint8 (two nibbles, even k in the low one, stored as q + 8)
            scales [..., N, K // group_size] float32  symmetric, q in [-8, 7]
 Dequantized weight = q * scale. Kernels dequantize tiles in registers and multiply in x's dtype;
-the tl.dot kernel takes int4 and block-scaled fp8 tiles unscaled and scales each tile's product.
+the tl.dot kernel takes int4 and block-scaled fp8 tiles unscaled and scales each tile's product
+(dot_weight_tile, shared with the sorted fused MoE), from INT4_ASM_MIN_ROWS rows int4 tiles by PTX.
 The block-scaled fp8 weight holds a checkpoint's bytes as they are (``fp8_blocks``): no second
 rounding, where re-quantizing its dequantized values per row moved a random layer's output by ~2.6%.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._triton import cdiv, dot, tl, triton, use_triton
+from ._triton import cdiv, dot, interpreting, tl, triton, use_triton
 from .gemv_tiles import _exact_float, _gemv_split, _sum_splits
 from .norm import Parts
 from .tuning import get_config
@@ -141,15 +142,58 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+# bfloat16 / float16 by bits (int4_words_to_half): each nibble q under the mantissa of 128.0 / 1024.0 (a mask
+# and an OR, two values to a register), then one packed operation takes 136 / 1032 off both: q - 8, exact
+_INT4_HALF = (
+    "{{.reg .b32 a, b, c, d, m, n; mov.b32 m, {m}; mov.b32 n, {n};"
+    " and.b32 a, $8, 0x000F000F; shr.b32 b, $8, 4; shr.b32 c, $8, 8; shr.b32 d, $8, 12;"
+    " and.b32 b, b, 0x000F000F; and.b32 c, c, 0x000F000F; and.b32 d, d, 0x000F000F;"
+    " or.b32 a, a, {base}; or.b32 b, b, {base}; or.b32 c, c, {base}; or.b32 d, d, {base};"
+    " fma.rn.{t}x2 a, a, m, n; fma.rn.{t}x2 b, b, m, n; fma.rn.{t}x2 c, c, m, n; fma.rn.{t}x2 d, d, m, n;"
+    " mov.b32 {{$0, $4}}, a; mov.b32 {{$1, $5}}, b; mov.b32 {{$2, $6}}, c; mov.b32 {{$3, $7}}, d;}}"
+)
+# bfloat16: 128 + q, times 1.0 plus -136; float16: 1024 + q, times 1.0 plus -1032
+_INT4_BF16 = tl.constexpr(_INT4_HALF.format(base="0x43004300", t="bf16", m="0x3F803F80", n="0xC308C308"))
+_INT4_F16 = tl.constexpr(_INT4_HALF.format(base="0x64006400", t="f16", m="0x3C003C00", n="0xE408E408"))
+
+
+@triton.jit
+def int4_words_to_half(w, dtype: tl.constexpr):
+    """int32 words [R, C], eight int4 codes each (column 8c + j in nibble j, stored as q + 8) -> q - 8
+    [R, 8C] in dtype (bfloat16 or float16), exact, by PTX: ~1.4 instructions a weight, where float32
+    and a conversion (_exact_float) take ~5 and an interleave of the low and high nibbles."""
+    if dtype == tl.bfloat16:
+        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+            _INT4_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
+        )
+    else:
+        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+            _INT4_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+        )
+    # [R, C, 2, 2, 2]: index (a, b, i) holds nibble 4a + 2b + i, column 8c + 4a + 2b + i once flattened
+    t = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7)))
+    return tl.reshape(t, [w.shape[0], w.shape[1] * 8])
+
+
 @triton.jit
 def _unscaled_tile(w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, dtype: tl.constexpr, FMT: tl.constexpr,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr = 0):  # fmt: skip
     """int4 (FMT 3) or block-scaled fp8 (FMT 6) tile [BLOCK_N, BLOCK_K] in `dtype` without its scales,
     and those scales [BLOCK_N] (the tile lies in one group / block column): the tl.dot kernel applies
     them to the tile's BLOCK_M x BLOCK_N product instead of to each weight, load_weight_tile to the
-    weights. int4 nibbles become floats by bits (_exact_float), not by integer-to-float conversions;
+    weights. int4 nibbles become floats by bits (_exact_float), not by integer-to-float conversions,
+    or with ASM and a 16-bit dtype straight from 32-bit words (int4_words_to_half; rows of whole words);
     fp8 is read as bytes (0 where masked: +0.0), so no lane needs clearing of NaN patterns."""
-    if FMT == 3:
+    if FMT == 3 and ASM and dtype != tl.float32:
+        rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(
+            w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (stride_wn // 4) + rw[None, :],
+            mask=nmask[:, None],
+            other=-2004318072,  # code 8 (a zero weight) in every nibble
+        )
+        w = int4_words_to_half(words, dtype)
+        s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0)
+    elif FMT == 3:
         rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + rk2[None, :], mask=nmask[:, None], other=0x88)
         q = packed.to(tl.int32)
@@ -203,6 +247,25 @@ def load_weight_tile(
 
 
 @triton.jit
+def dot_weight_tile(acc, x, w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, FMT: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N] + x [BLOCK_M, BLOCK_K] times the weight tile at (rn, k0) transposed, in x's
+    dtype. int4 and block-scaled fp8 tiles go in unscaled and their scales multiply the tile's product
+    (one scale a column of it, not one a weight); per-row fp8 / int8 scales are the caller's, for the sums."""
+    if FMT == 3 or FMT == 6:
+        w, sc = _unscaled_tile(
+            w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K, ASM
+        )
+        acc += dot(x, tl.trans(w)) * sc[None, :]
+    else:
+        w = load_weight_tile(
+            w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
+        )
+        acc = dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def _quant_linear_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # see module docstring
@@ -224,6 +287,7 @@ def _quant_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr = 0,  # int4 tiles by PTX (int4_words_to_half; not in Triton's interpreter)
 ):
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)
@@ -239,16 +303,9 @@ def _quant_linear_kernel(
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0
         )
-        if FMT == 3 or FMT == 6:  # one scale a column of the product, not one a weight
-            w, sc = _unscaled_tile(
-                w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
-            )
-            acc += dot(x, tl.trans(w)) * sc[None, :]
-        else:
-            w = load_weight_tile(
-                w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, x.dtype, FMT, GROUP, BLOCK_N, BLOCK_K
-            )
-            acc = dot(x, tl.trans(w), acc)
+        acc = dot_weight_tile(
+            acc, x, w_ptr, s_ptr, rn, k0, nmask, stride_wn, stride_sn, K, FMT, GROUP, BLOCK_N, BLOCK_K, ASM
+        )
     if FMT == 1 or FMT == 2:
         acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -359,6 +416,22 @@ def quant_linear_config(M: int, N: int, K: int, fmt: str, group_size: int, block
     return cfg
 
 
+# Rows (tokens) from which the tl.dot kernels take int4 tiles by PTX unless a config says (INT4_ASM). On an
+# H200, graphs of 8 calls, the best tile each way (int4_tiles_ptx-h200.json): the sorted fused MoE at 512
+# and 2048 tokens ran 1.21-1.24x faster (V2-Lite, Qwen3-30B-A3B), the 8192 x 4096 linear at 256 rows
+# 1.14x; at 64 rows the MoE ran 0.93-0.95x (the linear 1.05x) and the linear at 16 rows 0.91x.
+INT4_ASM_MIN_ROWS = 128
+
+
+def int4_asm(qw: QuantWeight, cfg: dict, rows: int) -> int:
+    """The tl.dot kernels' ASM for an int4 weight and `rows` rows of input: its tiles by PTX
+    (int4_words_to_half) where its rows are whole 32-bit words and the config's INT4_ASM (default: rows
+    >= INT4_ASM_MIN_ROWS) says so; never in Triton's interpreter."""
+    words = qw.data.stride(-2) % 4 == 0 and qw.data.data_ptr() % 16 == 0
+    on = cfg.get("INT4_ASM", rows >= INT4_ASM_MIN_ROWS)
+    return int(qw.fmt == "int4" and words and bool(on) and not interpreting())
+
+
 def quant_linear_triton(
     x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, config=None, summed: bool = True
 ):
@@ -391,8 +464,8 @@ def quant_linear_triton(
         x2, data, scales, bias if bias is not None else x2, dst, M, N, K, iters * cfg["BLOCK_K"],
         x2.stride(0), data.stride(0), scales.stride(-2) if qw.fmt == "int4" or qw.blocked else 0, out.stride(0),
         FMT=qw.fmt_id, GROUP=qw.group_size, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, ASM=int4_asm(qw, cfg, M),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if split > 1:
         _sum_splits(dst, out, 1, split, 0)

@@ -779,6 +779,22 @@ def test_fp8_block_linear_kernels_compile_for_hopper():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
+@pytest.mark.parametrize("half,code", [("*bf16", "fma.rn.bf16x2"), ("*fp16", "fma.rn.f16x2")])
+def test_int4_ptx_tiles_compile_for_hopper(half, code):
+    """The tl.dot kernels' int4 tiles by PTX (ASM; Triton's interpreter cannot run it, the GPU tests
+    check its bits against the float path) compile for sm_90, in the activations' 16-bit type."""
+    tiles = {"FMT": 3, "GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "ASM": 1}
+    types = {"x_ptr": half, "w_ptr": "*u8", "s_ptr": "*fp32", "b_ptr": half, "o_ptr": half}
+    ptx = compile_for_hopper(quant._quant_linear_kernel, {**tiles, "HAS_BIAS": 1, "SPLIT_K": 1}, types)
+    assert code in ptx
+    ptrs = {"w_ptr": "*u8", "s_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32"}
+    gate_up = {**ptrs, "x_ptr": half, "h_ptr": half, "stride_we": "i64"}
+    assert code in compile_for_hopper(moe._moe_gate_up_kernel, {**tiles, "TOPK": 6}, gate_up)
+    down = {**ptrs, "h_ptr": half, "tw_ptr": "*fp32", "o_ptr": half, "stride_we": "i64"}
+    assert code in compile_for_hopper(moe._moe_down_kernel, tiles, down)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
 @pytest.mark.parametrize("ids,ep", [("*i32", 128), ("*i64", 256)])
 def test_align_kernels_compile_for_hopper(ids, ep):
     """The sorted path's align kernels compile for sm_90 (int32 or int64 expert ids, 256 experts)."""
@@ -1256,6 +1272,12 @@ def test_quant_linear_kernel(M, fmt, group):
         else:
             torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
             assert rel_err(out, ref) < 1e-2
+        if fmt == "int4" and "BLOCK_M" in cfg:  # tiles by PTX or by float32: both exact, the same bits
+            on = {**cfg, "INT4_ASM": 1}
+            assert quant.int4_asm(qw, on, M) and quant.int4_asm(qw, cfg, M) == (M >= quant.INT4_ASM_MIN_ROWS)
+            for xt, bt in ((x, b), (x.half(), b.half())):  # bfloat16 and float16 each by its own code
+                plain = quant.quant_linear_triton(xt, qw, bt, {**cfg, "INT4_ASM": 0})
+                assert torch.equal(quant.quant_linear_triton(xt, qw, bt, on), plain)
     assert torch.equal(quant.quant_linear_triton(x, qw, b), quant.quant_linear_triton(x, qw, b, default))
 
 
@@ -1286,6 +1308,11 @@ def test_fused_moe_kernel(T, E, K, fmt, group, path):
         else:
             torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
             assert rel_err(out, ref) < 2e-2
+        if fmt == "int4" and path == "sorted":  # tiles by PTX or by float32: both exact, the same bits
+            on = {**cfg, "INT4_ASM": 1}
+            assert quant.int4_asm(w13, on, T) and quant.int4_asm(w2, on, T)
+            plain = moe.fused_moe_triton(x, w13, w2, ids, weights, {**cfg, "INT4_ASM": 0})
+            assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights, on), plain)
     out = moe.fused_moe_triton(x, w13, w2, ids, weights, default)
     if moe_gemv.takes_gemv(T * K, fmt) == (path == "gemv"):  # the path a call without a config takes
         assert torch.equal(moe.fused_moe_triton(x, w13, w2, ids, weights), out)
