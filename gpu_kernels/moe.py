@@ -11,7 +11,9 @@ Legend: T = tokens, K = experts per token (top-k), E = experts held here, H = hi
 The (token, k) pairs are sorted by expert and each expert's run is padded to BLOCK_M
 (`moe_align_block_size`), so every BLOCK_M-row tile belongs to one expert and a program reads just that
 expert's weights. Kernel 1 writes silu(gate) * up to an intermediate [T*K, I]; kernel 2 applies the
-down projection and the routing weight; the K slots of a token are summed at the end.
+down projection and the routing weight; the K slots of a token are summed at the end. Weight tiles meet
+the activations as the quantized linear's do (quant.dot_weight_tile: int4 unscaled, its group scales on
+each tile's product; from quant.INT4_ASM_MIN_ROWS tokens int4 tiles by PTX).
 
 At decode sizes (moe_gemv.takes_gemv: T*K <= 64, bf16 / int8 / int4 128) the GEMV path of moe_gemv.py runs
 instead.
