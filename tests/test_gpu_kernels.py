@@ -778,6 +778,55 @@ def test_fp8_block_linear_kernels_compile_for_hopper():
     compile_for_hopper(quant._quant_linear_kernel, {**dot, "SPLIT_K": 4}, types)  # float32 partial sums
 
 
+def run_ptx(code: str, word: int, half: torch.dtype) -> dict[str, float]:
+    """Step through the straight-line PTX of an inline_asm_elementwise string (the operations
+    int4_words_to_half uses) on one 32-bit input $8: its 16-bit outputs {"$k": value in `half`}."""
+    import re
+
+    regs, outs = {"$8": word}, {}
+
+    def val(x: str) -> int:
+        return int(x, 0) if x[0].isdigit() else regs[x]
+
+    def halves(v: int) -> torch.Tensor:
+        return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(half).float()
+
+    for stmt in (s.strip() for s in code.strip("{}").split(";")):
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        pair = re.fullmatch(r"mov\.b32 \{(\$\d), (\$\d)\}, (\w+)", stmt)
+        if pair:
+            lo, hi = halves(val(pair[3]))
+            outs[pair[1]], outs[pair[2]] = float(lo), float(hi)
+            continue
+        op, args = stmt.split(None, 1)
+        d, *a = [x.strip() for x in args.split(",")]
+        if op == "mov.b32":
+            regs[d] = val(a[0])
+        elif op in ("and.b32", "or.b32", "shr.b32"):
+            x, y = val(a[0]), val(a[1])
+            regs[d] = {"and.b32": x & y, "or.b32": x | y, "shr.b32": x >> y}[op]
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            r = (halves(val(a[0])) * halves(val(a[1])) + halves(val(a[2]))).to(half).view(torch.int16)
+            regs[d] = (int(r[0]) & 0xFFFF) | ((int(r[1]) & 0xFFFF) << 16)
+        else:
+            raise AssertionError(f"no model of {op!r}")
+    return outs
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the PTX strings are triton constexprs)")
+@pytest.mark.parametrize("name,half", [("_INT4_BF16", torch.bfloat16), ("_INT4_F16", torch.float16)])
+def test_int4_ptx_gives_each_nibble_minus_eight(name, half):
+    """int4_words_to_half's PTX, stepped through here (the interpreter cannot run it): output $k is
+    nibble k of the word (column 8c + k of its row) less 8, exactly, in the 16-bit type."""
+    code = getattr(quant, name).value
+    gen = torch.Generator().manual_seed(5)
+    words = [0, 0xFFFFFFFF, 0x76543210, 0x88888888] + torch.randint(0, 2**32, (60,), generator=gen).tolist()
+    for word in words:
+        outs = run_ptx(code, word, half)
+        assert outs == {f"${k}": float(((word >> 4 * k) & 0xF) - 8) for k in range(8)}, hex(word)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (compiles without a GPU)")
 @pytest.mark.parametrize("half,code", [("*bf16", "fma.rn.bf16x2"), ("*fp16", "fma.rn.f16x2")])
 def test_int4_ptx_tiles_compile_for_hopper(half, code):
