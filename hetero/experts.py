@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -490,24 +491,94 @@ def _staging(device: torch.device, shapes: dict, chunk: int) -> _Staging:
     return st
 
 
+# Page ranges this process registered with the driver: start -> [end, tensors using it]. The driver
+# registers whole pages and refuses a range that overlaps a registered one, which neighbouring arrays
+# do (a converted model's arrays follow each other in one mapped file; small arrays share heap pages):
+# so each range is registered once, the pages a tensor needs that no range holds yet get one of their
+# own, and a range is unregistered when the last tensor using it is freed.
+_REGISTERED: dict[int, list[int]] = {}
+_REGISTRY_LOCK = threading.Lock()
+# Ranges whose tensors were freed, released under the lock: a tensor's finalizer only queues them
+# (the garbage collector may run it inside pin_in_place, with the lock held), then releases them if
+# the lock is free; else whoever holds it does, before letting go.
+_RELEASED: list[list[int]] = []
+
+
 def pin_in_place(t: torch.Tensor, read_only: bool = False) -> bool:
     """Page-lock a host tensor's memory where it lies (cudaHostRegister), mapped for the devices to
-    read; False when the driver refuses.
+    read; False when the driver refuses (its error cleared, so no later CUDA call reports it).
 
-    The memory is unregistered when the tensor object is freed (it keeps the memory alive until then).
+    Pages are registered once however many tensors share them (_REGISTERED); they stay registered
+    while any tensor pinned here that lies on them lives (each keeps the memory alive until then).
     """
+    import mmap
     import weakref
 
-    if t.is_pinned() or t.numel() == 0:
+    if t.numel() == 0:
         return True
     ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    # Mapped (cudaHostRegisterMapped, 2): kernels may read it in place (PCIeExperts) as well as copy it.
-    # A read-only mapping (a converted model's mmap'd files) adds cudaHostRegisterReadOnly (8).
-    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 2 | (8 if read_only else 0))
-    if int(getattr(err, "value", err)) != 0:
-        return False
-    weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, ptr)
+    lo, hi = ptr // mmap.PAGESIZE * mmap.PAGESIZE, -(-(ptr + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    cudart = torch.cuda.cudart()
+    with _REGISTRY_LOCK:
+        _release_queued()
+        held = sorted((s, e) for s, (e, _) in _REGISTERED.items() if s < hi and e > lo)
+        if not held and t.is_pinned():  # page-locked by others (pin_memory=True): nothing to do
+            return True
+        gaps, at = [], lo
+        for s, e in held:
+            if s > at:
+                gaps.append((at, s))
+            at = max(at, e)
+        if at < hi:
+            gaps.append((at, hi))
+        for n, (s, e) in enumerate(gaps):
+            # Mapped (cudaHostRegisterMapped, 2): kernels may read it in place (PCIeExperts) as well as
+            # copy it. A read-only mapping (a converted model's mmap'd files) adds cudaHostRegisterReadOnly (8).
+            err = cudart.cudaHostRegister(s, e - s, 2 | (8 if read_only else 0))
+            if int(getattr(err, "value", err)) != 0:
+                _clear_cuda_error()
+                for s2, _ in gaps[:n]:
+                    del _REGISTERED[s2]
+                    cudart.cudaHostUnregister(s2)
+                _release_queued()
+                return False
+            _REGISTERED[s] = [e, 0]
+        used = [s for s in _REGISTERED if s < hi and _REGISTERED[s][0] > lo]
+        for s in used:
+            _REGISTERED[s][1] += 1
+        weakref.finalize(t, _release_pages, used)
+        _release_queued()
     return True
+
+
+def _release_pages(starts: list[int]) -> None:
+    _RELEASED.append(starts)
+    if _REGISTRY_LOCK.acquire(blocking=False):
+        try:
+            _release_queued()
+        finally:
+            _REGISTRY_LOCK.release()
+
+
+def _release_queued() -> None:
+    """With the lock held: one use less of each queued range; a range no tensor uses is unregistered."""
+    while _RELEASED:
+        for s in _RELEASED.pop():
+            entry = _REGISTERED[s]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _REGISTERED[s]
+                torch.cuda.cudart().cudaHostUnregister(s)
+
+
+def _clear_cuda_error() -> None:
+    """A runtime call's failure stays the thread's last CUDA error until it is read, and torch reads it
+    after its next kernel launch, where it would be raised as that kernel's: launch one here and let
+    it take the error."""
+    try:
+        torch.empty(1, device="cuda").zero_()
+    except RuntimeError:  # torch.AcceleratorError: the failure just handled
+        pass
 
 
 def _as_torch(a) -> torch.Tensor:

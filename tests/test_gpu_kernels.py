@@ -1416,6 +1416,25 @@ def test_gather_rows_reads_host_memory():
 
 
 @gpu
+def test_neighbours_sharing_a_page_pin_and_read_in_place():
+    """Two host arrays on one page (neighbours in a file or on the heap): both pin (the driver would
+    refuse the second range whole), no CUDA error is left behind, and the GPU reads both in place."""
+    from gpu_kernels.gather import gather_rows
+    from hetero.experts import pin_in_place
+
+    buf = torch.randint(
+        -(2**31), 2**31 - 1, (9, 1000), generator=torch.Generator().manual_seed(3), dtype=torch.int32
+    )
+    a, b = buf[:4], buf[4:]  # 16 KB and 20 KB, the page at 16 KB shared unless aligned there
+    assert pin_in_place(a) and pin_in_place(b)
+    torch.ones(1, device=CUDA).add_(1)  # a kernel launch: would raise a pending registration error
+    for src in (a, b):
+        dst = torch.zeros(src.shape, dtype=torch.int32, device=CUDA)
+        gather_rows(src, torch.arange(src.shape[0], dtype=torch.int32, device=CUDA), dst)
+        assert torch.equal(dst.cpu(), src)
+
+
+@gpu
 @pytest.mark.parametrize("T", [1, 32])
 def test_fused_moe_graph_replay(T):
     """Both paths capture into a CUDA graph (T = 1 takes the GEMV path, 32 the sorted one): new ids and

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from test_gpu_kernels import in_interpreter
@@ -621,3 +623,66 @@ def test_block_scaled_fp8_parts_fuse_where_blocks_align():
     for got, one in zip(fused(x), want):
         torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-6)
     assert FusedLinear.of([part(200), part(128)]) is None
+
+
+class FakeCudart:
+    """cudaHostRegister / cudaHostUnregister as the driver does them: whole pages, and a range that
+    overlaps a registered one refused (cudaErrorHostMemoryAlreadyRegistered)."""
+
+    def __init__(self, refuse: int | None = None):
+        self.ranges: dict[int, int] = {}  # start -> end, registered
+        self.refuse = refuse  # a start address the driver refuses for another reason
+        self.calls: list[tuple] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:
+        self.calls.append(("register", ptr, size, flags))
+        assert ptr % mmap.PAGESIZE == 0 and size % mmap.PAGESIZE == 0  # hetero registers whole pages
+        if ptr == self.refuse or any(s < ptr + size and e > ptr for s, e in self.ranges.items()):
+            return 712
+        self.ranges[ptr] = ptr + size
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.calls.append(("unregister", ptr))
+        del self.ranges[ptr]
+        return 0
+
+
+def test_pinning_registers_each_page_once_and_releases_it_with_the_last_user(monkeypatch):
+    """Arrays that share pages (neighbours in one mapped file, small heap arrays) are pinned by one
+    registration of each page range; pages are unregistered when the last tensor on them is freed; a
+    range the driver refuses leaves nothing registered and no CUDA error behind."""
+    import gc
+
+    from hetero import experts
+
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    cleared = []
+    monkeypatch.setattr(experts, "_clear_cuda_error", lambda: cleared.append(1))
+    page = mmap.PAGESIZE
+    buf = np.zeros(6 * page, dtype=np.uint8)
+    base = -(-buf.ctypes.data // page) * page - buf.ctypes.data  # the first page boundary in buf
+    a = torch.from_numpy(buf[base + 100 : base + page + 200])  # pages 0-1
+    b = torch.from_numpy(buf[base + page + 300 : base + 3 * page])  # pages 1-2: shares page 1 with a
+    c = torch.from_numpy(buf[base + 10 : base + 20])  # inside page 0
+    p0 = buf.ctypes.data + base
+    assert experts.pin_in_place(a) and experts.pin_in_place(b, read_only=True) and experts.pin_in_place(c)
+    assert fake.ranges == {p0: p0 + 2 * page, p0 + 2 * page: p0 + 3 * page}  # page 2 alone, for b
+    assert fake.calls[1] == ("register", p0 + 2 * page, page, 2 | 8)
+    del a
+    gc.collect()
+    assert len(fake.ranges) == 2  # b and c still lie on pages 0-1
+    del b, c
+    gc.collect()
+    assert fake.ranges == {} and [op for op, *_ in fake.calls].count("unregister") == 2
+    # refused: what was registered for the tensor comes off again, and the error is cleared
+    e = torch.from_numpy(buf[base + page : base + 2 * page])
+    assert experts.pin_in_place(e) and fake.ranges == {p0 + page: p0 + 2 * page}
+    fake.refuse = p0 + 2 * page  # d's second gap: its first (page 0) was registered by then
+    d = torch.from_numpy(buf[base : base + 3 * page])
+    assert not experts.pin_in_place(d) and cleared == [1]
+    assert fake.ranges == {p0 + page: p0 + 2 * page} and fake.calls[-1] == ("unregister", p0)
+    del e
+    gc.collect()
+    assert fake.ranges == {} and experts._REGISTERED == {}
