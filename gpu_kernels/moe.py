@@ -250,6 +250,7 @@ def _moe_gate_up_kernel(
     nmask = rn < inter_dim
     we = w_ptr + e * stride_we
     se = s_ptr + e * stride_se
+    ru = rn + inter_dim  # the up rows: I rows on
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, HID, BLOCK_K):
@@ -262,22 +263,8 @@ def _moe_gate_up_kernel(
         acc_g = dot_weight_tile(
             acc_g, x, we, se, rn, k0, nmask, stride_wn, stride_sn, HID, FMT, GROUP, BLOCK_N, BLOCK_K, ASM
         )
-        acc_u = dot_weight_tile(  # up rows: I rows on
-            acc_u,
-            x,
-            we,
-            se,
-            rn + inter_dim,
-            k0,
-            nmask,
-            stride_wn,
-            stride_sn,
-            HID,
-            FMT,
-            GROUP,
-            BLOCK_N,
-            BLOCK_K,
-            ASM,
+        acc_u = dot_weight_tile(
+            acc_u, x, we, se, ru, k0, nmask, stride_wn, stride_sn, HID, FMT, GROUP, BLOCK_N, BLOCK_K, ASM
         )
     if FMT == 1 or FMT == 2:
         acc_g = acc_g * tl.load(se + rn, mask=nmask, other=0.0)[None, :]

@@ -543,7 +543,7 @@ def pin_in_place(t: torch.Tensor, read_only: bool = False) -> bool:
                 _release_queued()
                 return False
             _REGISTERED[s] = [e, 0]
-        used = [s for s in _REGISTERED if s < hi and _REGISTERED[s][0] > lo]
+        used = [s for s, _ in held + gaps]  # the ranges [lo, hi) lies on
         for s in used:
             _REGISTERED[s][1] += 1
         weakref.finalize(t, _release_pages, used)
